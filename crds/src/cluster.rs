@@ -1,0 +1,288 @@
+//! `GpuCluster`: a buyer's request for a Ray cluster on marketplace GPUs.
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{GpuTier, Placement, parse_duration};
+
+/// A buyer's request: a gang of GPUs matching the selector, run as a KubeRay RayCluster for the
+/// given duration, paid from the buyer's escrow. The fields the match depends on are immutable
+/// once the request has been matched.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "gpumarket.io",
+    version = "v1alpha1",
+    kind = "GpuCluster",
+    namespaced,
+    status = "GpuClusterStatus",
+    shortname = "gpuc",
+    category = "gpumarket",
+    doc = "A buyer's request for a Ray cluster on marketplace GPUs",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Workers", type_ = "integer", json_path = ".spec.workers"),
+    printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.gpus"),
+    printcolumn(
+        name = "Rate/h",
+        type_ = "integer",
+        description = "what the whole cluster costs per hour, in base units of the settlement mint",
+        json_path = ".status.hourlyRate"
+    ),
+    printcolumn(
+        name = "Cost",
+        type_ = "integer",
+        description = "cost accrued so far, in base units of the settlement mint",
+        json_path = ".status.costAccrued"
+    ),
+    printcolumn(name = "Dashboard", type_ = "string", priority = 1, json_path = ".status.dashboard"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(
+        "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || (self.spec.gpu == oldSelf.spec.gpu && self.spec.workers == oldSelf.spec.workers && self.spec.gpusPerWorker == oldSelf.spec.gpusPerWorker && self.spec.maxPricePerGpuHour == oldSelf.spec.maxPricePerGpuHour && self.spec.duration == oldSelf.spec.duration && has(self.spec.location) == has(oldSelf.spec.location) && (!has(self.spec.location) || self.spec.location == oldSelf.spec.location) && self.spec.minReputation == oldSelf.spec.minReputation && self.spec.placement == oldSelf.spec.placement)"
+    ).message("gpu, workers, gpusPerWorker, maxPricePerGpuHour, duration, location, minReputation and placement cannot change once the cluster is matched: delete it and apply a new GpuCluster")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuClusterSpec {
+    /// Which GPUs qualify.
+    pub gpu: GpuSelector,
+
+    /// Number of Ray workers; each gets `gpusPerWorker` GPUs on one node.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1024").message("spec.workers must be between 1 and 1024"))]
+    pub workers: u32,
+
+    /// GPUs per worker (all on the same node), 1–16.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 16").message("spec.gpusPerWorker must be between 1 and 16 (all of a worker's GPUs sit on one node)"))]
+    pub gpus_per_worker: u32,
+
+    /// How long the cluster runs once it is provisioned, e.g. `2h`, `90m`, `720h`; 10m to 90 days.
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(h|m|s))+$') && duration(self) >= duration('10m') && duration(self) <= duration('2160h')").message("spec.duration must be between 10m and 2160h (90 days), written like 90m, 2h30m or 720h"))]
+    pub duration: String,
+
+    /// Highest price per GPU-hour the buyer accepts, in base units of the settlement mint.
+    #[x_kube(validation = Rule::new("self > 0").message("spec.maxPricePerGpuHour must be greater than 0 (base units of the settlement mint per GPU-hour)"))]
+    pub max_price_per_gpu_hour: u64,
+
+    /// Where the GPUs must be; anywhere when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<LocationConstraint>,
+
+    /// Lowest supplier reputation score accepted, 0–1000 (0 accepts every supplier).
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 1000").message("spec.minReputation is a score from 0 to 1000"))]
+    pub min_reputation: u32,
+
+    /// Pack workers on few nodes, or spread them over many.
+    #[serde(default)]
+    pub placement: Placement,
+
+    /// Ray version, image and pod settings.
+    #[serde(default)]
+    pub ray: RaySettings,
+
+    /// Who pays, and how much they deposit into escrow.
+    pub payment: Payment,
+}
+
+/// Which GPUs qualify: explicit models, or a minimum tier of the hierarchy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.models) != has(self.minTier)").message("set exactly one of spec.gpu.models (e.g. [H100, A100]) or spec.gpu.minTier (e.g. A100)"))]
+pub struct GpuSelector {
+    /// Accepted models, e.g. `[H100, A100]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("size(self) > 0 && size(self) <= 16 && self.all(m, m.matches('^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$'))").message("spec.gpu.models must list 1 to 16 model names such as H100 or RTX4090"))]
+    pub models: Option<Vec<String>>,
+
+    /// Lowest tier accepted: H100 > A100 > A6000 > RTX4090 > RTX3090 > Other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_tier: Option<GpuTier>,
+
+    /// Lowest device memory accepted, in MiB.
+    #[serde(default)]
+    pub min_memory_mib: u64,
+}
+
+impl GpuSelector {
+    /// Whether a GPU of this model and memory qualifies.
+    pub fn accepts(&self, model: &str, memory_mib: u64) -> bool {
+        let model_ok = match (&self.models, self.min_tier) {
+            (Some(models), _) => models.iter().any(|m| m.eq_ignore_ascii_case(model)),
+            (None, Some(tier)) => GpuTier::of_model(model) >= tier,
+            (None, None) => true,
+        };
+        model_ok && memory_mib >= self.min_memory_mib
+    }
+}
+
+/// Region and optionally zone the GPUs must be in.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LocationConstraint {
+    /// Region, e.g. `eu-west`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$')").message("spec.location.region must be lower-case letters, digits and '-', e.g. eu-west"))]
+    pub region: String,
+
+    /// Zone within the region, e.g. `eu-west-1a`; any zone of the region when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$')").message("spec.location.zone must be lower-case letters, digits and '-', e.g. eu-west-1a"))]
+    pub zone: Option<String>,
+}
+
+/// Ray settings of the provisioned RayCluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RaySettings {
+    /// Ray version, e.g. `2.41.0`.
+    #[serde(default = "default_ray_version")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+[.][0-9]+[.][0-9]+$')").message("spec.ray.version must be a Ray release such as 2.41.0"))]
+    pub version: String,
+
+    /// Container image for head and workers; `rayproject/ray:<version>-gpu` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// Resources of the head pod (CPU only unless `headGpus` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_resources: Option<ResourceRequirements>,
+
+    /// GPUs for the head pod; 0 keeps the head on CPU.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 8").message("spec.ray.headGpus must be between 0 and 8"))]
+    pub head_gpus: u32,
+
+    /// Overrides for each worker pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<WorkerOverrides>,
+}
+
+fn default_ray_version() -> String {
+    "2.41.0".into()
+}
+
+impl Default for RaySettings {
+    fn default() -> Self {
+        RaySettings {
+            version: default_ray_version(),
+            image: None,
+            head_resources: None,
+            head_gpus: 0,
+            worker: None,
+        }
+    }
+}
+
+/// Settings applied to every worker pod.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerOverrides {
+    /// CPU and memory of a worker; GPUs are always `gpusPerWorker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+
+    /// Extra `ray start` parameters, e.g. `{"object-store-memory": "1000000000"}`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ray_start_params: std::collections::BTreeMap<String, String>,
+}
+
+/// Who pays and how much is put in escrow.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Payment {
+    /// Buyer's Solana wallet (base-58 public key): deposits come from it, refunds go to it.
+    #[x_kube(validation = Rule::new("self.matches('^[1-9A-HJ-NP-Za-km-z]{32,44}$')").message("spec.payment.buyerWallet must be a base-58 Solana public key (32 to 44 characters, no 0, O, I or l)"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.payment.buyerWallet is immutable"))]
+    pub buyer_wallet: String,
+
+    /// Amount the buyer deposits into escrow, in base units; must cover
+    /// price × GPUs × duration (plus the operator's margin) before the cluster is provisioned.
+    #[x_kube(validation = Rule::new("self > 0").message("spec.payment.deposit must be greater than 0 (base units of the settlement mint)"))]
+    pub deposit: u64,
+}
+
+impl GpuClusterSpec {
+    pub fn total_gpus(&self) -> u32 {
+        self.workers.saturating_mul(self.gpus_per_worker)
+    }
+
+    /// The requested duration; the schema guarantees it parses on objects the API server accepted.
+    pub fn duration(&self) -> Result<std::time::Duration, crate::common::DurationError> {
+        parse_duration(&self.duration)
+    }
+}
+
+/// Lifecycle of a GpuCluster.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ClusterPhase {
+    /// Waiting for supply or for the deposit.
+    #[default]
+    Pending,
+    /// GPUs bound (leases created), RayCluster not created yet.
+    Matched,
+    /// RayCluster created, not ready yet.
+    Provisioning,
+    /// RayCluster ready.
+    Running,
+    /// Duration is up: tearing down and settling.
+    Expiring,
+    /// Ran its duration and was settled.
+    Completed,
+    /// Cannot continue (see conditions).
+    Failed,
+}
+
+/// Observed state of a GpuCluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuClusterStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<ClusterPhase>,
+
+    /// `Matched`, `Funded`, `RayReady`, `Degraded`, with reasons and messages.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// Names of the cluster's active GpuLeases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<String>,
+
+    /// GPUs currently leased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+
+    /// Name of the RayCluster in the same namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ray_cluster: Option<String>,
+
+    /// Ray dashboard address (`http://<head service>:8265`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard: Option<String>,
+
+    /// Sum over leases of price × GPUs: what the cluster costs per hour, in base units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hourly_rate: Option<u64>,
+
+    /// When the cluster started running (leases bound); it ends at start + duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+
+    /// Metered cost so far over all leases, in base units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_accrued: Option<u64>,
+
+    /// Paid to suppliers so far, in base units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_settled: Option<u64>,
+
+    /// Refunded to the buyer, in base units, once the cluster has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_refunded: Option<u64>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

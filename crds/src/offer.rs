@@ -1,0 +1,193 @@
+//! `GpuOffer`: what one supplier node puts on the market.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{GpuTier, Interconnect, OfferMode};
+
+/// The GPUs of one supplier node, offered at one price. Cluster-scoped, one per node, named after
+/// the node. The supplier agent writes the spec and the health/heartbeat part of the status; the
+/// controller writes allocation, availability, reputation and stake.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "gpumarket.io",
+    version = "v1alpha1",
+    kind = "GpuOffer",
+    status = "GpuOfferStatus",
+    shortname = "gpuo",
+    shortname = "offers",
+    category = "gpumarket",
+    doc = "GPUs of one supplier node offered on the gpumarket",
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeName"),
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.gpus[0].model"),
+    printcolumn(name = "Free", type_ = "integer", json_path = ".status.freeGpus"),
+    printcolumn(
+        name = "Price/h",
+        type_ = "integer",
+        description = "price per GPU-hour in base units of the settlement mint",
+        json_path = ".spec.pricePerGpuHour"
+    ),
+    printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
+    printcolumn(
+        name = "Available",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Available\")].status"
+    ),
+    printcolumn(name = "Score", type_ = "integer", json_path = ".status.reputation.score"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name == self.spec.nodeName").message("a GpuOffer is named after its node: set metadata.name to spec.nodeName")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuOfferSpec {
+    /// Name of the Kubernetes node whose GPUs are offered. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.nodeName is immutable: delete the offer and create one for the other node"))]
+    pub node_name: String,
+
+    /// Supplier's Solana wallet (base-58 public key) that receives payouts.
+    #[x_kube(validation = Rule::new("self.matches('^[1-9A-HJ-NP-Za-km-z]{32,44}$')").message("spec.wallet must be a base-58 Solana public key (32 to 44 characters, no 0, O, I or l)"))]
+    pub wallet: String,
+
+    /// The GPUs of the node, one entry per device. May be empty while a node has lost its GPUs.
+    #[schemars(length(max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["uuid".into()]))]
+    pub gpus: Vec<OfferedGpu>,
+
+    /// Price per GPU-hour, in base units of the settlement mint (1000000 = 1 token with 6 decimals).
+    #[x_kube(validation = Rule::new("self > 0").message("spec.pricePerGpuHour must be greater than 0 (base units of the settlement mint per GPU-hour)"))]
+    pub price_per_gpu_hour: u64,
+
+    /// Region the node runs in, e.g. `eu-west`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$')").message("spec.region must be lower-case letters, digits and '-', e.g. eu-west"))]
+    pub region: String,
+
+    /// Zone within the region, e.g. `eu-west-1a`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$')").message("spec.zone must be lower-case letters, digits and '-', e.g. eu-west-1a"))]
+    pub zone: Option<String>,
+
+    /// How the node's GPUs are connected to each other.
+    #[serde(default)]
+    pub interconnect: Interconnect,
+
+    /// NVIDIA driver version reported by NVML, e.g. `560.35.03`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<String>,
+
+    /// Highest CUDA version the driver supports, e.g. `12.6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_version: Option<String>,
+
+    /// Whether the gpumarket agent is the node's device plugin or only publishes this offer.
+    #[serde(default)]
+    pub mode: OfferMode,
+}
+
+/// One GPU of an offer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OfferedGpu {
+    /// NVML uuid of the device, e.g. `GPU-5d2f...`.
+    #[x_kube(validation = Rule::new("size(self) > 0 && size(self) <= 128").message("gpus[].uuid must be the device's NVML uuid (1 to 128 characters)"))]
+    pub uuid: String,
+
+    /// Canonical model name, e.g. `H100`, `A100`, `A6000`, `RTX4090`, `RTX3090`.
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$')").message("gpus[].model must be a model name such as H100, A100 or RTX4090"))]
+    pub model: String,
+
+    /// Device memory in MiB.
+    #[x_kube(validation = Rule::new("self > 0").message("gpus[].memoryMiB must be greater than 0"))]
+    pub memory_mib: u64,
+}
+
+impl OfferedGpu {
+    pub fn tier(&self) -> GpuTier {
+        GpuTier::of_model(&self.model)
+    }
+}
+
+/// Observed state of an offer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuOfferStatus {
+    /// `Available` (offer can be matched: fresh heartbeat, healthy GPUs) and `Healthy`.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// Per-GPU health (written by the agent) and allocation (written by the controller).
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["uuid".into()]))]
+    pub gpus: Vec<GpuState>,
+
+    /// GPUs that are healthy and not leased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_gpus: Option<u32>,
+
+    /// When the agent last reported that the node is alive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<Time>,
+
+    /// Supplier reputation, computed by the controller from uptime and lease outcomes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reputation: Option<Reputation>,
+
+    /// Stake bonded by the supplier for this node, in base units, as seen on chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stake: Option<u64>,
+
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Health and allocation of one offered GPU.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuState {
+    /// NVML uuid of the device.
+    pub uuid: String,
+
+    /// Health reported by the agent; absent means not reported yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<GpuHealth>,
+
+    /// Why the GPU is unhealthy, e.g. `XID 79: GPU has fallen off the bus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+
+    /// Name of the GpuLease this GPU is allocated to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+}
+
+/// Health of a GPU as the device plugin API knows it.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GpuHealth {
+    Healthy,
+    Unhealthy,
+}
+
+/// Supplier reputation. Integers so that matching is exact and reproducible.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Reputation {
+    /// Share of the observed time the node heartbeated, in per-mille (0–1000).
+    pub uptime_permille: u32,
+    /// Leases that ran to their end without a supplier failure.
+    pub leases_completed: u64,
+    /// Leases ended by a supplier failure.
+    pub leases_failed: u64,
+    /// Reputation score, 0–1000; requests set a minimum (spec.minReputation).
+    pub score: u32,
+}
+
+impl GpuOffer {
+    /// Whether the offer's `Available` condition is `True`.
+    pub fn is_available(&self) -> bool {
+        self.status.as_ref().is_some_and(|s| {
+            s.conditions.iter().any(|c| c.type_ == "Available" && c.status == "True")
+        })
+    }
+}

@@ -1,0 +1,139 @@
+//! gpumarket-validator: a real Solana validator (Agave `TestValidatorGenesis`) for gpumarket's
+//! local testbed. SPL Token, Token-2022, Memo (v1 + v3) and ATA are in genesis by default.
+//! stdout carries exactly one line, `READY rpc=http://127.0.0.1:PORT faucet=<pubkey>`; logs go
+//! to `<ledger>/validator.log` (filter: RUST_LOG), anything else to stderr.
+use {
+    anyhow::{anyhow, bail, Context, Result},
+    clap::Parser,
+    signal_hook::{consts::signal::*, iterator::Signals},
+    solana_keypair::{read_keypair_file, write_keypair_file, Keypair},
+    solana_signer::Signer,
+    solana_streamer::socket::SocketAddrSpace,
+    solana_test_validator::TestValidatorGenesis,
+    std::time::{Duration, Instant},
+    std::{fs::File, io::Write, os::fd::FromRawFd, path::PathBuf, thread},
+};
+
+/// Solana test validator for gpumarket's local testbed.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Ledger directory (created if missing; an existing ledger is reused).
+    #[arg(long)]
+    ledger: PathBuf,
+    /// JSON-RPC port (bound on 0.0.0.0); PubSub takes PORT+1. Keep both outside --port-range.
+    #[arg(long)]
+    rpc_port: u16,
+    /// Port range A-B for gossip/TPU/TVU/repair (26 sockets; give it 100+; avoid 8000-10000).
+    #[arg(long, value_parser = parse_range)]
+    port_range: (u16, u16),
+    /// Mint (faucet) keypair: read if the file exists, else generated and written there.
+    /// Default: <ledger>/faucet-keypair.json.
+    #[arg(long)]
+    faucet_keypair: Option<PathBuf>,
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| p.parse::<u16>().map_err(|e| format!("{p:?}: {e}"));
+    match s.split_once('-') {
+        Some((a, b)) if port(a)? < port(b)? => Ok((port(a)?, port(b)?)),
+        _ => Err("expected A-B with A < B".into()),
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let (a, b) = args.port_range;
+    if (a..=b).contains(&args.rpc_port) || (a..=b).contains(&args.rpc_port.wrapping_add(1)) {
+        bail!(
+            "--rpc-port {} and {} must lie outside --port-range {a}-{b}",
+            args.rpc_port,
+            args.rpc_port.wrapping_add(1)
+        );
+    }
+    // The library println!s progress ("Waiting for fees to stabilize"): keep a private copy of
+    // stdout for the READY line and point fd 1 at stderr.
+    let mut ready_out = unsafe {
+        let fd = libc::fcntl(libc::STDOUT_FILENO, libc::F_DUPFD_CLOEXEC, 3);
+        if fd < 0 || libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) < 0 {
+            bail!("redirecting stdout: {}", std::io::Error::last_os_error());
+        }
+        File::from_raw_fd(fd)
+    };
+    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+
+    std::fs::create_dir_all(&args.ledger)
+        .with_context(|| format!("creating {}", args.ledger.display()))?;
+    agave_logger::setup_file_with_default(
+        &args.ledger.join("validator.log"),
+        "solana=info,agave=info,solana_metrics=warn",
+    );
+    let faucet_path =
+        args.faucet_keypair.unwrap_or_else(|| args.ledger.join("faucet-keypair.json"));
+    let mint = if faucet_path.exists() {
+        read_keypair_file(&faucet_path)
+            .map_err(|e| anyhow!("reading {}: {e}", faucet_path.display()))?
+    } else {
+        if TestValidatorGenesis::ledger_exists(&args.ledger) {
+            bail!(
+                "ledger {} exists but faucet keypair {} does not",
+                args.ledger.display(),
+                faucet_path.display()
+            );
+        }
+        let kp = Keypair::new();
+        write_keypair_file(&kp, &faucet_path)
+            .map_err(|e| anyhow!("writing {}: {e}", faucet_path.display()))?;
+        kp
+    };
+
+    let started = Instant::now();
+    let validator = TestValidatorGenesis::default()
+        .ledger_path(&args.ledger)
+        .rpc_port(args.rpc_port)
+        .port_range(args.port_range)
+        .gossip_port(0) // otherwise gossip binds the *default* range's first port, not ours
+        .start_with_mint_address(mint.pubkey(), SocketAddrSpace::Unspecified)
+        .map_err(|e| anyhow!("validator failed to start: {e}"))?;
+
+    // Ready = slots are advancing, a blockhash is available and the faucet holds SOL.
+    let rpc = validator.get_rpc_client();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if signals.pending().next().is_some() {
+            return Ok(()); // `validator` is dropped: clean shutdown
+        }
+        let slot = rpc.get_slot().unwrap_or(0);
+        if slot > 2
+            && rpc.get_latest_blockhash().is_ok()
+            && rpc.get_balance(&mint.pubkey()).unwrap_or(0) > 0
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "validator not ready after 180 s (slot {slot}); see {}/validator.log",
+                args.ledger.display()
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("[gpumarket-validator] ready in {:.1} s", started.elapsed().as_secs_f64());
+    writeln!(ready_out, "READY rpc=http://127.0.0.1:{} faucet={}", args.rpc_port, mint.pubkey())?;
+    ready_out.flush()?;
+
+    let sig = signals.forever().next();
+    eprintln!("[gpumarket-validator] signal {sig:?}, shutting down");
+    thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            std::process::exit(1); // second signal: give up on a clean shutdown
+        }
+    });
+    thread::spawn(|| {
+        thread::sleep(Duration::from_secs(30));
+        eprintln!("[gpumarket-validator] shutdown took over 30 s, exiting anyway");
+        std::process::exit(0);
+    });
+    drop(validator); // Validator::close(): stops services, flushes the ledger, joins threads
+    Ok(())
+}
