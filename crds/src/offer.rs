@@ -97,7 +97,7 @@ pub struct OfferedGpu {
     pub model: String,
 
     /// Device memory in MiB.
-    #[x_kube(validation = Rule::new("self > 0").message("gpus[].memoryMiB must be greater than 0"))]
+    #[x_kube(validation = Rule::new("self > 0").message("gpus[].memoryMib must be greater than 0"))]
     pub memory_mib: u64,
 }
 
