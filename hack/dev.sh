@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# gpumarket's two entry points, for a fresh machine or a warm one:
+#   hack/dev.sh demo   the local environment (control plane, KWOK GPU nodes, Solana validator),
+#                      simulated suppliers and the controller; runs until Ctrl-C
+#   hack/dev.sh test   the whole test suite (what .ci/run calls)
+# Everything slow is cached outside the checkout under ${GPUMARKET_CACHE:-~/.cache/gpumarket}:
+# Kubernetes tools (hack/tools/build.sh), the validator (hack/solana-validator/build.sh) and
+# the cargo target directory. Extra arguments after `demo` go to `gpumarket-env up`.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${GPUMARKET_CACHE:-$HOME/.cache/gpumarket}"
+export GPUMARKET_CACHE="$cache"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+cd "$root"
+
+step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Debian packages the builds and tests need: jq (tool build script), libclang/compilers/perl
+# (validator's RocksDB), lua5.4 (Argo CD health-check tests).
+install_packages() {
+  local missing=()
+  for pkg in jq build-essential libclang-dev perl pkg-config lua5.4; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  ((${#missing[@]})) || return 0
+  step "installing Debian packages: ${missing[*]}"
+  local sudo=""
+  [[ "$(id -u)" -eq 0 ]] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+prepare() {
+  command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+  command -v go >/dev/null || die "go not found: install Go >= 1.26 (https://go.dev/dl)"
+  install_packages
+  step "Kubernetes tools (cached after the first build, ~20 min cold)"
+  eval "$(hack/tools/build.sh)"
+  step "Solana test validator (cached after the first build, ~35 min cold)"
+  hack/solana-validator/build.sh
+  export PATH="$GPUMARKET_TOOLS_BIN:$PATH"
+  export GPUMARKET_TOOLS_BIN
+}
+
+case "${1:-}" in
+  demo)
+    shift
+    prepare
+    step "building gpumarket"
+    cargo build --release --bins
+    step "starting the local environment (Ctrl-C stops it and cleans up)"
+    exec "$CARGO_TARGET_DIR/release/gpumarket-env" up --demo "$@"
+    ;;
+  test)
+    prepare
+    step "building the workspace and its tests"
+    cargo build --workspace --all-targets
+    step "running the tests"
+    cargo test --workspace --no-fail-fast
+    ;;
+  *)
+    die "usage: hack/dev.sh demo|test"
+    ;;
+esac
