@@ -1,0 +1,802 @@
+//! The Helm chart: it lints and renders for the default and every example values file, the real
+//! API server accepts what it renders, RBAC is least privilege, the supplier-isolation policy
+//! holds against an impersonated agent, and the Argo CD health checks (run by a real Lua
+//! interpreter) answer for every phase.
+// A failing expectation is meant to panic, in helpers as in tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use gpumarket_crds::{ClusterPhase, GpuCluster, GpuClusterStatus, GpuOffer, GpuOfferStatus};
+use gpumarket_tests::{Env, GpuNode};
+use k8s_openapi::api::core::v1::{Node, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde_json::{Value, json};
+
+const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
+const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn chart_dir() -> PathBuf {
+    repo_root().join("charts/gpumarket")
+}
+
+fn example(file: &str) -> String {
+    repo_root().join("examples").join(file).display().to_string()
+}
+
+/// The pinned tools `hack/tools/build.sh` builds (helm, kubectl).
+fn tool(name: &str) -> PathBuf {
+    let bin = std::env::var_os("GPUMARKET_TOOLS_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("GPUMARKET_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gpumarket")
+        });
+        cache.join("tools/bin")
+    });
+    let path = bin.join(name);
+    assert!(path.is_file(), "{} missing: run hack/tools/build.sh", path.display());
+    path
+}
+
+/// Runs a command, feeding it `stdin`; returns (success, stdout, stderr).
+fn run(cmd: &mut Command, stdin: &str) -> (bool, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.success(), text(out.stdout), text(out.stderr))
+}
+
+/// Values every agent-enabled render needs.
+const AGENT: &[&str] = &[
+    "agent.enabled=true",
+    "agent.wallet=7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV",
+    "agent.prices.H100=2200000",
+];
+
+fn helm_args(values: &[&str], sets: &[&str]) -> Vec<String> {
+    let mut args = Vec::new();
+    for file in values {
+        args.extend(["-f".to_owned(), example(file)]);
+    }
+    for set in sets {
+        args.extend(["--set".to_owned(), (*set).to_owned()]);
+    }
+    args
+}
+
+/// `helm template` output, or helm's error message.
+fn try_render(namespace: &str, values: &[&str], sets: &[&str]) -> Result<String, String> {
+    let (ok, stdout, stderr) = run(
+        Command::new(tool("helm"))
+            .args(["template", "gpumarket"])
+            .arg(chart_dir())
+            .args(["--namespace", namespace])
+            .args(helm_args(values, sets)),
+        "",
+    );
+    if ok { Ok(stdout) } else { Err(stderr) }
+}
+
+/// The rendered objects, as JSON.
+fn render(values: &[&str], sets: &[&str]) -> Vec<Value> {
+    let yaml = try_render("gpumarket", values, sets).unwrap_or_else(|e| panic!("{e}"));
+    serde_yaml::Deserializer::from_str(&yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .filter(|doc: &Value| !doc.is_null())
+        .collect()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+fn has_kind(objects: &[Value], kind: &str) -> bool {
+    objects.iter().any(|o| o["kind"] == kind)
+}
+
+fn args_of(workload: &Value) -> Vec<String> {
+    let args = &workload["spec"]["template"]["spec"]["containers"][0]["args"];
+    serde_json::from_value(args.clone()).unwrap()
+}
+
+/// Every (values files, extra --set) combination the chart ships or documents.
+fn shipped_values() -> Vec<(Vec<&'static str>, Vec<&'static str>)> {
+    vec![
+        (vec![], vec![]),
+        (vec![], AGENT.to_vec()),
+        (vec!["values-local.yaml"], vec![]),
+        (vec!["values-supplier-offer-only.yaml"], vec![]),
+    ]
+}
+
+#[test]
+fn helm_lint_passes_for_default_and_example_values() {
+    for (values, sets) in shipped_values() {
+        let (ok, stdout, stderr) = run(
+            Command::new(tool("helm"))
+                .arg("lint")
+                .arg(chart_dir())
+                .arg("--strict")
+                .args(helm_args(&values, &sets)),
+            "",
+        );
+        assert!(ok, "helm lint {values:?} {sets:?}:\n{stdout}{stderr}");
+    }
+}
+
+#[test]
+fn rbac_is_least_privilege_without_wildcards() {
+    let objects = render(&[], AGENT);
+    for role in objects.iter().filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role") {
+        for rule in role["rules"].as_array().unwrap() {
+            for field in ["apiGroups", "resources", "verbs"] {
+                let values = rule[field].as_array().unwrap();
+                assert!(!values.iter().any(|v| v == "*"), "wildcard in {role}");
+            }
+        }
+    }
+    let rules = |name: &str| -> Vec<(String, String, Vec<String>)> {
+        let role = find(&objects, "ClusterRole", name);
+        let mut out = Vec::new();
+        for rule in role["rules"].as_array().unwrap() {
+            let verbs: Vec<String> = serde_json::from_value(rule["verbs"].clone()).unwrap();
+            for group in rule["apiGroups"].as_array().unwrap() {
+                for resource in rule["resources"].as_array().unwrap() {
+                    let (g, r) = (group.as_str().unwrap(), resource.as_str().unwrap());
+                    out.push((g.to_owned(), r.to_owned(), verbs.clone()));
+                }
+            }
+        }
+        out
+    };
+    let verbs = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        rules("gpumarket-agent"),
+        vec![
+            (
+                "gpumarket.io".into(),
+                "gpuoffers".into(),
+                verbs(&["create", "get", "list", "watch", "patch", "update"])
+            ),
+            ("gpumarket.io".into(), "gpuoffers/status".into(), verbs(&["get", "patch", "update"])),
+            ("".into(), "nodes".into(), verbs(&["get", "patch"])),
+        ]
+    );
+    let controller = rules("gpumarket-controller");
+    let resources: Vec<&str> = controller.iter().map(|(_, r, _)| r.as_str()).collect();
+    assert!(!resources.contains(&"secrets"), "the controller reads no Secrets: {resources:?}");
+    for needed in ["gpuclusters/status", "gpuoffers/status", "gpuleases", "rayclusters", "events"] {
+        assert!(resources.contains(&needed), "controller lacks {needed}");
+    }
+    // The controller reads offers and nodes but never writes their spec.
+    for (_, resource, verbs) in &controller {
+        if resource == "gpuoffers" || resource == "nodes" {
+            assert_eq!(verbs, &["get", "list", "watch"], "{resource}");
+        }
+    }
+}
+
+#[test]
+fn leader_election_follows_the_replica_count() {
+    let single = render(&[], &[]);
+    let deployment = find(&single, "Deployment", "gpumarket-controller");
+    assert!(!args_of(deployment).contains(&"--leader-election".to_owned()));
+    assert!(!has_kind(&single, "Role"), "no lease permissions without leader election");
+
+    let replicated = render(&[], &["controller.replicas=3"]);
+    let deployment = find(&replicated, "Deployment", "gpumarket-controller");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    assert!(args_of(deployment).contains(&"--leader-election".to_owned()));
+    let role = find(&replicated, "Role", "gpumarket-controller-leader-election");
+    assert_eq!(role["rules"][0]["resources"], json!(["leases"]));
+}
+
+#[test]
+fn settlement_key_and_rpc_url_come_from_the_existing_secret() {
+    let objects = render(&[], &["settlement.existingSecret=my-keys"]);
+    assert!(!has_kind(&objects, "Secret"), "the chart must never render a Secret");
+    let pod = &find(&objects, "Deployment", "gpumarket-controller")["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let rpc =
+        container["env"].as_array().unwrap().iter().find(|e| e["name"] == "GPUMARKET_RPC_URL");
+    assert_eq!(
+        rpc.unwrap()["valueFrom"]["secretKeyRef"],
+        json!({"name": "my-keys", "key": "rpc-url"})
+    );
+    let args = args_of(find(&objects, "Deployment", "gpumarket-controller"));
+    assert!(args.contains(&"--rpc-url=$(GPUMARKET_RPC_URL)".to_owned()), "{args:?}");
+    assert!(
+        args.contains(
+            &"--settlement-keypair=/var/run/secrets/gpumarket/settlement/keypair.json".to_owned()
+        ),
+        "{args:?}"
+    );
+    assert_eq!(pod["volumes"][0]["secret"]["secretName"], "my-keys");
+    assert_eq!(
+        pod["volumes"][0]["secret"]["items"],
+        json!([{"key": "keypair.json", "path": "keypair.json"}])
+    );
+}
+
+#[test]
+fn containers_are_hardened() {
+    let objects = render(&["values-supplier-offer-only.yaml"], &["controller.enabled=true"]);
+    for (kind, name) in [("Deployment", "gpumarket-controller"), ("DaemonSet", "gpumarket-agent")] {
+        let pod = &find(&objects, kind, name)["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
+        assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault", "{name}");
+        let security = &pod["containers"][0]["securityContext"];
+        assert_eq!(security["readOnlyRootFilesystem"], true, "{name}");
+        assert_eq!(security["allowPrivilegeEscalation"], false, "{name}");
+        assert_eq!(security["capabilities"]["drop"], json!(["ALL"]), "{name}");
+    }
+    let probes = &find(&objects, "Deployment", "gpumarket-controller")["spec"]["template"]["spec"]
+        ["containers"][0];
+    assert_eq!(probes["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(probes["readinessProbe"]["httpGet"]["path"], "/readyz");
+}
+
+#[test]
+fn only_plugin_mode_mounts_the_kubelet_device_plugin_directory() {
+    let plugin = render(&[], AGENT);
+    let agent = find(&plugin, "DaemonSet", "gpumarket-agent");
+    let pod = &agent["spec"]["template"]["spec"];
+    assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/var/lib/kubelet/device-plugins");
+    let args = args_of(agent);
+    for expected in [
+        "--node-name=$(NODE_NAME)",
+        "--mode=plugin",
+        "--price=H100=2200000",
+        "--socket-dir=/var/lib/kubelet/device-plugins",
+    ] {
+        assert!(args.contains(&expected.to_owned()), "{expected} missing from {args:?}");
+    }
+    let tolerated: Vec<&Value> =
+        pod["tolerations"].as_array().unwrap().iter().map(|t| &t["key"]).collect();
+    assert!(
+        tolerated.contains(&&json!("gpumarket.io/supplier")),
+        "the agent must tolerate its own taint"
+    );
+
+    let offer_only = render(&["values-supplier-offer-only.yaml"], &[]);
+    assert!(!has_kind(&offer_only, "Deployment"), "a supplier fleet runs no controller");
+    let agent = find(&offer_only, "DaemonSet", "gpumarket-agent");
+    assert!(
+        agent["spec"]["template"]["spec"].get("volumes").is_none(),
+        "offer-only mounts nothing"
+    );
+    let args = args_of(agent);
+    assert!(args.contains(&"--mode=offer-only".to_owned()));
+    assert!(!args.iter().any(|a| a.starts_with("--socket-dir")), "{args:?}");
+}
+
+#[test]
+fn bad_values_are_refused_with_a_message_that_says_what_to_change() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["agent.enabled=true", "agent.prices.H100=1"],
+            "agent.wallet must be the supplier's Solana wallet",
+        ),
+        (
+            &["agent.enabled=true", "agent.wallet=7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV"],
+            "agent.prices must give at least one price",
+        ),
+        (
+            &["agent.enabled=true", "agent.mode=daemon"],
+            "value must be one of 'plugin', 'offer-only'",
+        ),
+        (&["agent.wallet=0OIl0OIl"], "does not match pattern"),
+        (&["controller.replicas=0"], "minimum"),
+    ];
+    for (sets, expected) in cases {
+        let error = try_render("gpumarket", &[], sets).expect_err("must be refused");
+        assert!(error.contains(expected), "{sets:?}: {error}");
+    }
+}
+
+#[test]
+fn supplier_isolation_policy_matches_only_the_agent() {
+    let objects = render(&[], AGENT);
+    let policy = find(&objects, "ValidatingAdmissionPolicy", "gpumarket-supplier-isolation");
+    assert_eq!(
+        policy["spec"]["matchConditions"][0]["expression"],
+        "request.userInfo.username == \"system:serviceaccount:gpumarket:gpumarket-agent\""
+    );
+    let binding =
+        find(&objects, "ValidatingAdmissionPolicyBinding", "gpumarket-supplier-isolation");
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    // Without an agent there is nothing to isolate.
+    assert!(!has_kind(&render(&[], &[]), "ValidatingAdmissionPolicy"));
+}
+
+#[test]
+fn argocd_applications_point_at_files_that_exist() {
+    let text = std::fs::read_to_string(example("argocd/gpucluster-application.yaml")).unwrap();
+    let app: Value = serde_yaml::from_str(&text).unwrap();
+    let source = &app["spec"]["source"];
+    let file = repo_root()
+        .join(source["path"].as_str().unwrap())
+        .join(source["directory"]["include"].as_str().unwrap());
+    let cluster: GpuCluster = serde_yaml::from_str(
+        std::fs::read_to_string(&file).unwrap().split("\n---").next().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(app["spec"]["destination"]["namespace"], json!(cluster.metadata.namespace));
+    assert!(app["spec"].get("ignoreDifferences").is_none());
+
+    let text = std::fs::read_to_string(example("argocd/supplier-application.yaml")).unwrap();
+    let app: Value = serde_yaml::from_str(&text).unwrap();
+    let chart = repo_root().join(app["spec"]["source"]["path"].as_str().unwrap());
+    assert_eq!(chart, chart_dir());
+    for values in app["spec"]["source"]["helm"]["valueFiles"].as_array().unwrap() {
+        assert!(chart.join(values.as_str().unwrap()).is_file(), "{values}");
+    }
+}
+
+// ---- Argo CD health checks, run by a real Lua interpreter ----
+
+/// A Lua table constructor for a JSON value (what Argo CD hands the script as `obj`).
+fn lua_literal(value: &Value) -> String {
+    let string = |s: &str| format!("\"{}\"", s.escape_default());
+    match value {
+        Value::Null => "nil".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => string(s),
+        Value::Array(items) => {
+            format!("{{{}}}", items.iter().map(lua_literal).collect::<Vec<_>>().join(", "))
+        }
+        Value::Object(fields) => format!(
+            "{{{}}}",
+            fields
+                .iter()
+                .map(|(k, v)| format!("[{}] = {}", string(k), lua_literal(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Runs an Argo CD health script on `obj`; returns (status, message).
+fn argocd_health(script: &str, obj: &Value) -> (String, String) {
+    let path = chart_dir().join("argocd").join(script);
+    let program = format!(
+        "obj = {}\nlocal hs = dofile(\"{}\")\nio.write(hs.status, \"\\n\", hs.message or \"\")\n",
+        lua_literal(obj),
+        path.display().to_string().escape_default()
+    );
+    let (ok, stdout, stderr) = run(Command::new("lua5.4").arg("-"), &program);
+    assert!(
+        ok,
+        "{script} failed on {obj}:\n{stderr}\n(lua5.4 comes from Debian; hack/dev.sh installs it)"
+    );
+    let (status, message) = stdout.split_once('\n').unwrap_or((&stdout, ""));
+    (status.to_owned(), message.to_owned())
+}
+
+fn condition(type_: &str, status: &str, message: &str) -> Value {
+    json!({"type": type_, "status": status, "reason": "Test", "message": message,
+           "lastTransitionTime": "2026-01-01T00:00:00Z"})
+}
+
+fn cluster(generation: i64, status: Option<GpuClusterStatus>) -> Value {
+    json!({"apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuCluster",
+           "metadata": {"name": "c", "namespace": "default", "generation": generation},
+           "status": status.map(|s| serde_json::to_value(s).unwrap())})
+}
+
+fn cluster_status(phase: ClusterPhase, conditions: Vec<Value>) -> GpuClusterStatus {
+    GpuClusterStatus {
+        phase: Some(phase),
+        conditions: serde_json::from_value(Value::Array(conditions)).unwrap(),
+        observed_generation: Some(1),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn gpucluster_health_follows_phase_and_conditions() {
+    use ClusterPhase::*;
+    let cases = [
+        (cluster(1, None), "Progressing", "Waiting for the gpumarket controller"),
+        (
+            cluster(1, Some(cluster_status(Pending, vec![]))),
+            "Progressing",
+            "Waiting for matching GPUs",
+        ),
+        (
+            cluster(
+                1,
+                Some(cluster_status(
+                    Pending,
+                    vec![
+                        condition("Matched", "False", "no H100 offers in eu-west"),
+                        condition("Funded", "False", "deposit 10 is below the 20 required"),
+                    ],
+                )),
+            ),
+            "Progressing",
+            "deposit 10 is below the 20 required",
+        ),
+        (
+            cluster(1, Some(cluster_status(Matched, vec![]))),
+            "Progressing",
+            "GPUs bound, Ray cluster starting",
+        ),
+        (
+            cluster(
+                1,
+                Some(cluster_status(
+                    Provisioning,
+                    vec![condition("RayReady", "False", "head pod pending")],
+                )),
+            ),
+            "Progressing",
+            "head pod pending",
+        ),
+        (
+            cluster(1, Some(cluster_status(Running, vec![condition("Degraded", "False", "")]))),
+            "Healthy",
+            "Ray cluster running",
+        ),
+        (
+            cluster(
+                1,
+                Some(cluster_status(
+                    Running,
+                    vec![condition("Degraded", "True", "1 of 8 GPUs lost, replacing")],
+                )),
+            ),
+            "Degraded",
+            "1 of 8 GPUs lost, replacing",
+        ),
+        (
+            cluster(2, Some(cluster_status(Running, vec![]))),
+            "Progressing",
+            "Waiting for the gpumarket controller to observe the latest spec",
+        ),
+        (
+            cluster(1, Some(cluster_status(Expiring, vec![]))),
+            "Progressing",
+            "Duration is up: tearing down and settling",
+        ),
+        (
+            cluster(1, Some(cluster_status(Completed, vec![]))),
+            "Healthy",
+            "Ran its duration and was settled",
+        ),
+        (
+            cluster(
+                1,
+                Some(cluster_status(
+                    Failed,
+                    vec![condition("Degraded", "True", "RayCluster deleted")],
+                )),
+            ),
+            "Degraded",
+            "RayCluster deleted",
+        ),
+        (cluster(1, Some(cluster_status(Failed, vec![]))), "Degraded", "Failed"),
+    ];
+    for (obj, status, message) in cases {
+        let phase = &obj["status"]["phase"];
+        assert_eq!(
+            argocd_health("gpucluster-health.lua", &obj),
+            (status.into(), message.into()),
+            "{phase}"
+        );
+    }
+}
+
+fn offer(status: Option<Value>) -> Value {
+    let mut obj = serde_json::to_value(GpuOffer::new(
+        "n1",
+        serde_json::from_value(json!({
+            "nodeName": "n1", "wallet": WALLET, "pricePerGpuHour": 1, "region": "eu-west",
+            "gpus": [{"uuid": "GPU-1", "model": "H100", "memoryMib": 81559},
+                     {"uuid": "GPU-2", "model": "H100", "memoryMib": 81559}]
+        }))
+        .unwrap(),
+    ))
+    .unwrap();
+    if let Some(status) = status {
+        // Through the status type, so the script reads the field names the controller writes.
+        let typed: GpuOfferStatus = serde_json::from_value(status).unwrap();
+        obj["status"] = serde_json::to_value(typed).unwrap();
+    }
+    obj
+}
+
+#[test]
+fn gpuoffer_health_follows_conditions_and_gpu_health() {
+    let healthy_gpus = json!([{"uuid": "GPU-1", "health": "Healthy", "lease": "l-1"}, {"uuid": "GPU-2", "health": "Healthy"}]);
+    let cases = [
+        (offer(None), "Progressing", "Waiting for the first heartbeat of the supplier agent"),
+        (
+            offer(Some(json!({"gpus": healthy_gpus}))),
+            "Progressing",
+            "Waiting for the gpumarket controller to assess the offer",
+        ),
+        (
+            offer(Some(json!({"gpus": healthy_gpus, "freeGpus": 1,
+                "conditions": [condition("Available", "True", ""), condition("Healthy", "True", "")]}))),
+            "Healthy",
+            "1 GPUs free",
+        ),
+        (
+            offer(Some(json!({"gpus": healthy_gpus,
+                "conditions": [condition("Available", "False", "no heartbeat for 3m")]}))),
+            "Degraded",
+            "no heartbeat for 3m",
+        ),
+        (
+            offer(Some(
+                json!({"conditions": [condition("Healthy", "False", "XID 79 on GPU-2"), condition("Available", "True", "")]}),
+            )),
+            "Degraded",
+            "XID 79 on GPU-2",
+        ),
+        (
+            offer(Some(
+                json!({"gpus": [{"uuid": "GPU-1", "health": "Healthy"}, {"uuid": "GPU-2", "health": "Unhealthy", "reason": "XID 79"}],
+                "conditions": [condition("Available", "True", "")]}),
+            )),
+            "Degraded",
+            "1 of 2 GPUs unhealthy",
+        ),
+    ];
+    for (obj, status, message) in cases {
+        assert_eq!(
+            argocd_health("gpuoffer-health.lua", &obj),
+            (status.into(), message.into()),
+            "{}",
+            obj["status"]
+        );
+    }
+}
+
+#[test]
+fn argocd_health_configmap_carries_the_lua_files_under_argocd_cm_keys() {
+    let objects = render(&[], &[]);
+    let data = &find(&objects, "ConfigMap", "gpumarket-argocd-health")["data"];
+    for (kind, file) in
+        [("GpuCluster", "gpucluster-health.lua"), ("GpuOffer", "gpuoffer-health.lua")]
+    {
+        let script = std::fs::read_to_string(chart_dir().join("argocd").join(file)).unwrap();
+        let key = format!("resource.customizations.health.gpumarket.io_{kind}");
+        assert_eq!(data[&key].as_str().map(str::trim_end), Some(script.trim_end()), "{key}");
+    }
+}
+
+// ---- Against the real API server ----
+
+fn kubectl(env: &Env) -> Command {
+    let mut cmd = Command::new(tool("kubectl"));
+    cmd.arg("--kubeconfig").arg(env.kubeconfig());
+    cmd
+}
+
+#[tokio::test]
+async fn the_api_server_accepts_every_rendered_manifest() -> anyhow::Result<()> {
+    let env = Env::shared().await;
+    let ns = env.namespace("chart-dry-run").await?;
+    for (values, sets) in shipped_values() {
+        // With the CRDs: the API server must accept the committed schemas (CEL cost budget).
+        let (ok, yaml, stderr) = run(
+            Command::new(tool("helm"))
+                .args(["template", "gpumarket"])
+                .arg(chart_dir())
+                .args(["--namespace", &ns, "--include-crds"])
+                .args(helm_args(&values, &sets)),
+            "",
+        );
+        assert!(ok, "{stderr}");
+        let (ok, stdout, stderr) = run(
+            kubectl(env).args([
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--dry-run=server",
+                "-f",
+                "-",
+            ]),
+            &yaml,
+        );
+        assert!(ok, "{values:?} {sets:?} refused by the API server:\n{stdout}\n{stderr}");
+    }
+    Ok(())
+}
+
+/// A client that acts as `user` (a service account) with the node-name extra of a pod-bound
+/// token when `node` is given, the way the API server sees the agent's requests.
+async fn impersonating(env: &Env, user: &str, node: Option<&str>) -> anyhow::Result<kube::Client> {
+    let kubeconfig = Kubeconfig::read_from(env.kubeconfig())?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    let namespace = user.split(':').nth(2).unwrap_or_default();
+    config.auth_info.impersonate = Some(user.to_owned());
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        format!("system:serviceaccounts:{namespace}"),
+        "system:authenticated".into(),
+    ]);
+    config.auth_info.impersonate_user_extra =
+        node.map(|n| HashMap::from([(NODE_NAME_EXTRA.to_owned(), vec![n.to_owned()])]));
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The message of the API error a write must fail with.
+fn refusal<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> String {
+    match result {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "{status:?}");
+            status.message
+        }
+        other => panic!("expected the write to be refused, got {other:?}"),
+    }
+}
+
+fn heartbeat() -> Patch<Value> {
+    Patch::Merge(json!({"status": {"lastHeartbeat": "2026-01-01T00:00:00Z"}}))
+}
+
+#[tokio::test]
+async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controller_off_secrets()
+-> anyhow::Result<()> {
+    let env = Env::shared().await;
+    let ns = env.namespace("chart-install").await?;
+    env.add_gpu_nodes(&[GpuNode::new("chart-a", "H100", 2), GpuNode::new("chart-b", "H100", 2)])
+        .await?;
+    let admin = env.client().await?;
+
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "gpumarket-settlement"},
+        "stringData": {"keypair.json": "[]", "rpc-url": "http://127.0.0.1:1"}
+    }))?;
+    Api::<Secret>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &secret).await?;
+    let other: Secret = serde_json::from_value(json!({"metadata": {"name": "buyer-credentials"}}))?;
+    Api::<Secret>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &other).await?;
+
+    // Installed for real: KWOK runs the controller and agent pods as simulated pods. The
+    // environment has installed the CRDs already (the same files, see crds/tests/generated.rs).
+    let (ok, stdout, stderr) = run(
+        Command::new(tool("helm"))
+            .args(["install", "gpumarket"])
+            .arg(chart_dir())
+            .args(["--namespace", &ns, "--skip-crds", "--kubeconfig"])
+            .arg(env.kubeconfig())
+            .args(helm_args(&["values-local.yaml"], &[])),
+        "",
+    );
+    assert!(ok, "helm install:\n{stdout}\n{stderr}");
+
+    // Offers as the controller leaves them: reputation, stake and a leased GPU.
+    let offers_admin: Api<GpuOffer> = Api::all(admin.clone());
+    for node in ["chart-a", "chart-b"] {
+        let offer: GpuOffer = serde_json::from_value(offer(None))?;
+        let mut offer = offer;
+        offer.metadata.name = Some(node.into());
+        offer.spec.node_name = node.into();
+        offers_admin.create(&PostParams::default(), &offer).await?;
+        let status = json!({"status": {
+            "stake": 5_000_000,
+            "reputation": {"uptimePermille": 990, "leasesCompleted": 3, "leasesFailed": 0, "score": 900},
+            "gpus": [{"uuid": "GPU-1", "health": "Healthy", "lease": "lease-1"}, {"uuid": "GPU-2", "health": "Healthy"}]
+        }});
+        offers_admin.patch_status(node, &PatchParams::default(), &Patch::Merge(status)).await?;
+    }
+
+    let agent_user = format!("system:serviceaccount:{ns}:gpumarket-agent");
+    let agent = impersonating(env, &agent_user, Some("chart-a")).await?;
+    let offers: Api<GpuOffer> = Api::all(agent.clone());
+    let pp = PatchParams::default();
+
+    // The policy takes effect once the API server has loaded it.
+    let mut message = String::new();
+    for _ in 0..60 {
+        match offers.patch_status("chart-b", &pp, &heartbeat()).await {
+            Err(e) => {
+                message = refusal::<GpuOffer>(Err(e));
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    assert_eq!(
+        message,
+        format!(
+            "gpuoffers.gpumarket.io \"chart-b\" is forbidden: ValidatingAdmissionPolicy \
+             'gpumarket-supplier-isolation' with binding 'gpumarket-supplier-isolation' denied \
+             request: the gpumarket supplier agent of node chart-a may write only its own \
+             GpuOffer named chart-a, not chart-b"
+        )
+    );
+
+    // Its own heartbeat, GPU health and price are the agent's to write.
+    offers.patch_status("chart-a", &pp, &heartbeat()).await?;
+    let health = json!({"status": {"gpus": [
+        {"uuid": "GPU-1", "health": "Unhealthy", "reason": "XID 79", "lease": "lease-1"},
+        {"uuid": "GPU-2", "health": "Healthy"}]}});
+    offers.patch_status("chart-a", &pp, &Patch::Merge(health)).await?;
+    offers
+        .patch("chart-a", &pp, &Patch::Merge(json!({"spec": {"pricePerGpuHour": 2_300_000}})))
+        .await?;
+
+    let forbidden = [
+        (
+            json!({"status": {"reputation": {"uptimePermille": 1000, "leasesCompleted": 9, "leasesFailed": 0, "score": 1000}}}),
+            "status.reputation of a GpuOffer is written only by the gpumarket controller",
+        ),
+        (
+            json!({"status": {"stake": 1}}),
+            "status.stake of a GpuOffer is written only by the gpumarket controller",
+        ),
+        (
+            json!({"status": {"gpus": [{"uuid": "GPU-1", "health": "Healthy"}, {"uuid": "GPU-2", "health": "Healthy"}]}}),
+            "status.gpus[].lease of a GpuOffer is written only by the gpumarket controller",
+        ),
+        (
+            json!({"status": {"gpus": [{"uuid": "GPU-1", "health": "Healthy", "lease": "lease-1"}, {"uuid": "GPU-2", "health": "Healthy", "lease": "mine"}]}}),
+            "status.gpus[].lease of a GpuOffer is written only by the gpumarket controller",
+        ),
+    ];
+    for (patch, expected) in forbidden {
+        let message =
+            refusal(offers.patch_status("chart-a", &pp, &Patch::Merge(patch.clone())).await);
+        assert!(message.contains(expected), "{patch}: {message}");
+    }
+    let unchanged = offers_admin.get_status("chart-a").await?.status.unwrap_or_default();
+    assert_eq!(unchanged.stake, Some(5_000_000));
+    assert_eq!(unchanged.reputation.map(|r| r.score), Some(900));
+
+    // Nodes: its own, not another.
+    let nodes: Api<Node> = Api::all(agent.clone());
+    let label = Patch::Merge(json!({"metadata": {"labels": {"gpumarket.io/offer": "true"}}}));
+    nodes.patch("chart-a", &pp, &label).await?;
+    let message = refusal(nodes.patch("chart-b", &pp, &label).await);
+    assert!(
+        message.contains("may write only its own Node named chart-a, not chart-b"),
+        "{message}"
+    );
+
+    // A token that is not bound to a node (e.g. `kubectl create token`) writes nothing.
+    let unbound = impersonating(env, &agent_user, None).await?;
+    let message =
+        refusal(Api::<GpuOffer>::all(unbound).patch_status("chart-a", &pp, &heartbeat()).await);
+    assert!(
+        message.contains("must authenticate with the service-account token of a pod"),
+        "{message}"
+    );
+
+    // The controller reads no Secret, not even its own key Secret (that one is a mounted file).
+    let controller =
+        impersonating(env, &format!("system:serviceaccount:{ns}:gpumarket-controller"), None)
+            .await?;
+    let secrets: Api<Secret> = Api::namespaced(controller.clone(), &ns);
+    for name in ["buyer-credentials", "gpumarket-settlement"] {
+        refusal(secrets.get(name).await);
+    }
+    refusal(secrets.list(&ListParams::default()).await);
+    // ...while it does reach what it reconciles.
+    Api::<GpuCluster>::all(controller.clone()).list(&ListParams::default()).await?;
+    let stake = Patch::Merge(json!({"status": {"stake": 6_000_000}}));
+    Api::<GpuOffer>::all(controller).patch_status("chart-b", &pp, &stake).await?;
+    Ok(())
+}
