@@ -676,9 +676,11 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
 
     // Installed for real: KWOK runs the controller and agent pods as simulated pods. The
     // environment has installed the CRDs already (the same files, see crds/tests/generated.rs).
+    // The release is named after the namespace so its cluster-scoped objects are unique too.
+    let fullname = format!("{ns}-gpumarket");
     let (ok, stdout, stderr) = run(
         Command::new(tool("helm"))
-            .args(["install", "gpumarket"])
+            .args(["install", &ns])
             .arg(chart_dir())
             .args(["--namespace", &ns, "--skip-crds", "--kubeconfig"])
             .arg(env.kubeconfig())
@@ -703,7 +705,7 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
         offers_admin.patch_status(node, &PatchParams::default(), &Patch::Merge(status)).await?;
     }
 
-    let agent_user = format!("system:serviceaccount:{ns}:gpumarket-agent");
+    let agent_user = format!("system:serviceaccount:{ns}:{fullname}-agent");
     let agent = impersonating(env, &agent_user, Some("chart-a")).await?;
     let offers: Api<GpuOffer> = Api::all(agent.clone());
     let pp = PatchParams::default();
@@ -723,7 +725,7 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
         message,
         format!(
             "gpuoffers.gpumarket.io \"chart-b\" is forbidden: ValidatingAdmissionPolicy \
-             'gpumarket-supplier-isolation' with binding 'gpumarket-supplier-isolation' denied \
+             '{fullname}-supplier-isolation' with binding '{fullname}-supplier-isolation' denied \
              request: the gpumarket supplier agent of node chart-a may write only its own \
              GpuOffer named chart-a, not chart-b"
         )
@@ -787,7 +789,7 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
 
     // The controller reads no Secret, not even its own key Secret (that one is a mounted file).
     let controller =
-        impersonating(env, &format!("system:serviceaccount:{ns}:gpumarket-controller"), None)
+        impersonating(env, &format!("system:serviceaccount:{ns}:{fullname}-controller"), None)
             .await?;
     let secrets: Api<Secret> = Api::namespaced(controller.clone(), &ns);
     for name in ["buyer-credentials", "gpumarket-settlement"] {
