@@ -57,6 +57,7 @@ pub struct GpuClusterSpec {
 
     /// How long the cluster runs once it is provisioned, e.g. `2h`, `90m`, `720h`; 10m to 90 days.
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(h|m|s))+$') && duration(self) >= duration('10m') && duration(self) <= duration('2160h')").message("spec.duration must be between 10m and 2160h (90 days), written like 90m, 2h30m or 720h"))]
+    #[schemars(length(max = 32))]
     pub duration: String,
 
     /// Highest price per GPU-hour the buyer accepts, in base units of the settlement mint.
@@ -92,6 +93,7 @@ pub struct GpuSelector {
     /// Accepted models, e.g. `[H100, A100]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("size(self) > 0 && size(self) <= 16 && self.all(m, m.matches('^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$'))").message("spec.gpu.models must list 1 to 16 model names such as H100 or RTX4090"))]
+    #[schemars(length(max = 16), inner(length(max = 63)))]
     pub models: Option<Vec<String>>,
 
     /// Lowest tier accepted: H100 > A100 > A6000 > RTX4090 > RTX3090 > Other.
@@ -121,11 +123,13 @@ impl GpuSelector {
 pub struct LocationConstraint {
     /// Region, e.g. `eu-west`.
     #[x_kube(validation = Rule::new("self.matches('^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$')").message("spec.location.region must be lower-case letters, digits and '-', e.g. eu-west"))]
+    #[schemars(length(max = 63))]
     pub region: String,
 
     /// Zone within the region, e.g. `eu-west-1a`; any zone of the region when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$')").message("spec.location.zone must be lower-case letters, digits and '-', e.g. eu-west-1a"))]
+    #[schemars(length(max = 63))]
     pub zone: Option<String>,
 }
 
@@ -136,6 +140,7 @@ pub struct RaySettings {
     /// Ray version, e.g. `2.41.0`.
     #[serde(default = "default_ray_version")]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+[.][0-9]+[.][0-9]+$')").message("spec.ray.version must be a Ray release such as 2.41.0"))]
+    #[schemars(length(max = 32))]
     pub version: String,
 
     /// Container image for head and workers; `rayproject/ray:<version>-gpu` when absent.
@@ -196,6 +201,7 @@ pub struct Payment {
     /// Buyer's Solana wallet (base-58 public key): deposits come from it, refunds go to it.
     #[x_kube(validation = Rule::new("self.matches('^[1-9A-HJ-NP-Za-km-z]{32,44}$')").message("spec.payment.buyerWallet must be a base-58 Solana public key (32 to 44 characters, no 0, O, I or l)"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.payment.buyerWallet is immutable"))]
+    #[schemars(length(max = 44))]
     pub buyer_wallet: String,
 
     /// Amount the buyer deposits into escrow, in base units; must cover

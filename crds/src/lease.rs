@@ -34,10 +34,12 @@ pub struct GpuLeaseSpec {
 
     /// Name of the GpuOffer (and node) the GPUs belong to.
     #[x_kube(validation = Rule::new("size(self) > 0").message("spec.offer must name a GpuOffer"))]
+    #[schemars(length(max = 253))]
     pub offer: String,
 
     /// Supplier wallet that receives this lease's payouts, copied from the offer at binding.
     #[x_kube(validation = Rule::new("self.matches('^[1-9A-HJ-NP-Za-km-z]{32,44}$')").message("spec.supplierWallet must be a base-58 Solana public key"))]
+    #[schemars(length(max = 44))]
     pub supplier_wallet: String,
 
     /// NVML uuids of the bound GPUs.

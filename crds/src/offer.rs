@@ -43,10 +43,12 @@ use crate::common::{GpuTier, Interconnect, OfferMode};
 pub struct GpuOfferSpec {
     /// Name of the Kubernetes node whose GPUs are offered. Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.nodeName is immutable: delete the offer and create one for the other node"))]
+    #[schemars(length(max = 253))]
     pub node_name: String,
 
     /// Supplier's Solana wallet (base-58 public key) that receives payouts.
     #[x_kube(validation = Rule::new("self.matches('^[1-9A-HJ-NP-Za-km-z]{32,44}$')").message("spec.wallet must be a base-58 Solana public key (32 to 44 characters, no 0, O, I or l)"))]
+    #[schemars(length(max = 44))]
     pub wallet: String,
 
     /// The GPUs of the node, one entry per device. May be empty while a node has lost its GPUs.
@@ -60,11 +62,13 @@ pub struct GpuOfferSpec {
 
     /// Region the node runs in, e.g. `eu-west`.
     #[x_kube(validation = Rule::new("self.matches('^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$')").message("spec.region must be lower-case letters, digits and '-', e.g. eu-west"))]
+    #[schemars(length(max = 63))]
     pub region: String,
 
     /// Zone within the region, e.g. `eu-west-1a`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$')").message("spec.zone must be lower-case letters, digits and '-', e.g. eu-west-1a"))]
+    #[schemars(length(max = 63))]
     pub zone: Option<String>,
 
     /// How the node's GPUs are connected to each other.
@@ -90,10 +94,12 @@ pub struct GpuOfferSpec {
 pub struct OfferedGpu {
     /// NVML uuid of the device, e.g. `GPU-5d2f...`.
     #[x_kube(validation = Rule::new("size(self) > 0 && size(self) <= 128").message("gpus[].uuid must be the device's NVML uuid (1 to 128 characters)"))]
+    #[schemars(length(max = 128))]
     pub uuid: String,
 
     /// Canonical model name, e.g. `H100`, `A100`, `A6000`, `RTX4090`, `RTX3090`.
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$')").message("gpus[].model must be a model name such as H100, A100 or RTX4090"))]
+    #[schemars(length(max = 63))]
     pub model: String,
 
     /// Device memory in MiB.
