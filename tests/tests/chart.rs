@@ -689,21 +689,14 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
     );
     assert!(ok, "helm install:\n{stdout}\n{stderr}");
 
-    // Offers as the controller leaves them: reputation, stake and a leased GPU.
     let offers_admin: Api<GpuOffer> = Api::all(admin.clone());
-    for node in ["chart-a", "chart-b"] {
-        let offer: GpuOffer = serde_json::from_value(offer(None))?;
-        let mut offer = offer;
+    let offer_for = |node: &str| -> GpuOffer {
+        let mut offer: GpuOffer = serde_json::from_value(offer(None)).unwrap();
         offer.metadata.name = Some(node.into());
         offer.spec.node_name = node.into();
-        offers_admin.create(&PostParams::default(), &offer).await?;
-        let status = json!({"status": {
-            "stake": 5_000_000,
-            "reputation": {"uptimePermille": 990, "leasesCompleted": 3, "leasesFailed": 0, "score": 900},
-            "gpus": [{"uuid": "GPU-1", "health": "Healthy", "lease": "lease-1"}, {"uuid": "GPU-2", "health": "Healthy"}]
-        }});
-        offers_admin.patch_status(node, &PatchParams::default(), &Patch::Merge(status)).await?;
-    }
+        offer
+    };
+    offers_admin.create(&PostParams::default(), &offer_for("chart-b")).await?;
 
     let agent_user = format!("system:serviceaccount:{ns}:{fullname}-agent");
     let agent = impersonating(env, &agent_user, Some("chart-a")).await?;
@@ -730,6 +723,19 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
              GpuOffer named chart-a, not chart-b"
         )
     );
+
+    // The agent creates its own node's offer, and no other.
+    offers.create(&PostParams::default(), &offer_for("chart-a")).await?;
+    let message = refusal(offers.create(&PostParams::default(), &offer_for("chart-c")).await);
+    assert!(message.contains("may write only its own GpuOffer named chart-a, not chart-c"));
+
+    // The controller's share of the status: reputation, stake and a leased GPU.
+    let controlled = json!({"status": {
+        "stake": 5_000_000,
+        "reputation": {"uptimePermille": 990, "leasesCompleted": 3, "leasesFailed": 0, "score": 900},
+        "gpus": [{"uuid": "GPU-1", "health": "Healthy", "lease": "lease-1"}, {"uuid": "GPU-2", "health": "Healthy"}]
+    }});
+    offers_admin.patch_status("chart-a", &pp, &Patch::Merge(controlled)).await?;
 
     // Its own heartbeat, GPU health and price are the agent's to write.
     offers.patch_status("chart-a", &pp, &heartbeat()).await?;
