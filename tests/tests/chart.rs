@@ -209,6 +209,18 @@ fn leader_election_follows_the_replica_count() {
 }
 
 #[test]
+fn service_monitor_is_opt_in_and_scrapes_the_metrics_port() {
+    assert!(!has_kind(&render(&[], &[]), "ServiceMonitor"));
+    let objects = render(&[], &["controller.serviceMonitor.enabled=true"]);
+    let monitor = find(&objects, "ServiceMonitor", "gpumarket-controller");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
+    let service = find(&objects, "Service", "gpumarket-controller-metrics");
+    assert_eq!(service["spec"]["ports"][0]["name"], "metrics");
+    assert_eq!(monitor["spec"]["selector"]["matchLabels"], service["spec"]["selector"]);
+}
+
+#[test]
 fn settlement_key_and_rpc_url_come_from_the_existing_secret() {
     let objects = render(&[], &["settlement.existingSecret=my-keys"]);
     assert!(!has_kind(&objects, "Secret"), "the chart must never render a Secret");
