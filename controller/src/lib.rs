@@ -1,4 +1,133 @@
 //! gpumarket controller: matches GpuClusters to supplier offers, provisions KubeRay clusters on
 //! the matched nodes and settles GPU time on Solana.
+//!
+//! [`run`] is the whole controller as a library call, so tests start it in-process (and stop it
+//! by dropping the future), and can race two replicas.
 
+#![cfg_attr(test, allow(clippy::expect_used))]
+
+pub mod binding;
+pub mod cluster;
+pub mod context;
+mod engine_stub;
+pub mod error;
+pub mod leader;
 pub mod matching;
+pub mod metrics;
+pub mod offer;
+pub mod raycluster;
+pub mod supply;
+#[cfg(test)]
+mod testing;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use gpumarket_crds::{GpuLease, GpuOffer};
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+
+pub use context::Settings;
+pub use error::Error;
+pub use leader::LeaderElection;
+
+/// Everything [`run`] needs besides the client.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    pub settings: Settings,
+    /// Serve `/metrics`, `/healthz`, `/readyz` here; no HTTP server when `None`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Elect a leader before reconciling; every replica reconciles when `None`.
+    pub leader_election: Option<LeaderElection>,
+}
+
+/// Why the controller stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("leader election: {0}")]
+    LeaderElection(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("lost leadership; stopping so that the new leader reconciles alone")]
+    LeadershipLost,
+}
+
+/// Run the controller until the future is dropped (or, with leader election, leadership is lost).
+pub async fn run(client: Client, config: Config) -> Result<(), RunError> {
+    let metrics = Arc::new(metrics::Metrics::new()?);
+    let _server = config.metrics_addr.map(|addr| {
+        let metrics = metrics.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, metrics).await {
+                tracing::error!(error = %e, %addr, "metrics server stopped");
+            }
+        }))
+    });
+    match &config.leader_election {
+        None => {
+            run_controllers(client, config.settings, metrics).await;
+            Ok(())
+        }
+        Some(election) => {
+            let mut leadership = leader::Leadership::start(client.clone(), election).await?;
+            // A standby replica is ready: it serves its purpose by waiting.
+            metrics.ready.store(true, Ordering::Relaxed);
+            tracing::info!(identity = %election.identity, "waiting for leadership");
+            leadership.acquired().await;
+            tracing::info!(identity = %election.identity, "leading");
+            metrics.ready.store(false, Ordering::Relaxed);
+            tokio::select! {
+                () = run_controllers(client, config.settings, metrics) => Ok(()),
+                () = leadership.lost() => Err(RunError::LeadershipLost),
+            }
+        }
+    }
+}
+
+async fn run_controllers(client: Client, settings: Settings, metrics: Arc<metrics::Metrics>) {
+    let (offer_store, offer_writer) = reflector::store();
+    let offers = watcher(Api::<GpuOffer>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(offer_writer)
+        .touched_objects();
+    let (lease_store, lease_writer) = reflector::store();
+    let leases = watcher(Api::<GpuLease>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(lease_writer)
+        .touched_objects();
+    let ctx = Arc::new(context::Context::new(client, metrics, settings, offer_store, lease_store));
+    let clusters = cluster::controller(&ctx, offers, leases);
+    let cluster_store = clusters.store();
+
+    let inventory = {
+        let ctx = ctx.clone();
+        async move {
+            let (offers, leases, clusters) = tokio::join!(
+                ctx.offers.wait_until_ready(),
+                ctx.leases.wait_until_ready(),
+                cluster_store.wait_until_ready()
+            );
+            ctx.metrics
+                .ready
+                .store(offers.is_ok() && leases.is_ok() && clusters.is_ok(), Ordering::Relaxed);
+            let mut ticks = tokio::time::interval(metrics::INVENTORY_PERIOD);
+            loop {
+                ticks.tick().await;
+                let (o, l, c) = (ctx.offers.state(), ctx.leases.state(), cluster_store.state());
+                ctx.metrics.refresh_inventory(&o, &l, &c);
+            }
+        }
+    };
+    let offer_controller = offer::run(ctx.clone());
+    futures::future::join3(cluster::run(clusters, ctx), offer_controller, inventory).await;
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,328 @@
+//! Binding GPUs to a GpuCluster without ever handing one GPU to two clusters.
+//!
+//! Choice: the allocation is recorded on the GpuOffer's status (`status.gpus[].lease`) with a
+//! `resourceVersion` precondition, and the API server is the arbiter. Every claim is a
+//! read-modify-replace of the offer status carrying the resourceVersion that was read: if another
+//! reconcile or another replica (or the agent's heartbeat) wrote the offer in between, the API
+//! server answers 409 Conflict, nothing is written, and the cluster is matched again against
+//! fresh supply. A GPU therefore names at most one lease at any time. Deterministic lease names
+//! alone would not do: two different gangs can share a GPU without sharing a name.
+//!
+//! Order and crash safety: all claims of a gang first (rolled back if one fails), then the
+//! GpuLease objects, named deterministically from (cluster uid, node, GPU set) so a retry finds
+//! the lease it already created. A crash after the claims but before the leases leaves claims
+//! naming leases that do not exist: the cluster's next reconcile releases its own such claims
+//! before matching (`release_orphan_claims`), and the offer controller releases any claim whose
+//! lease is missing past a grace period or has ended (so even a deleted cluster's claims return).
+
+use std::collections::BTreeMap;
+
+use gpumarket_crds::{
+    ClusterRef, GpuCluster, GpuLease, GpuLeaseSpec, GpuOffer, GpuOfferStatus, GpuState,
+};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{Api, ObjectMeta, PostParams};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::matching::Assignment;
+use crate::raycluster::CLUSTER_LABEL;
+
+/// Label on a lease carrying the GpuCluster's uid, for listing a cluster's leases.
+pub const CLUSTER_UID_LABEL: &str = "gpumarket.io/cluster-uid";
+
+/// Prefix of every lease name of `cluster`: its name (shortened) and the start of its uid, so a
+/// re-created cluster of the same name never claims the old one's leases.
+pub fn lease_prefix(cluster: &GpuCluster) -> String {
+    let name: String = cluster.name_any().chars().take(40).collect();
+    let uid: String = cluster.uid().unwrap_or_default().chars().take(8).collect();
+    format!("{}-{uid}-", name.trim_end_matches(['-', '.']))
+}
+
+/// Deterministic lease name for `gpus` of `node` bound to `cluster`.
+pub fn lease_name(cluster: &GpuCluster, node: &str, gpus: &[String]) -> String {
+    let mut sorted = gpus.to_vec();
+    sorted.sort();
+    let mut hasher = Sha256::new();
+    hasher.update(cluster.uid().unwrap_or_default());
+    hasher.update([0]);
+    hasher.update(node);
+    for gpu in &sorted {
+        hasher.update([0]);
+        hasher.update(gpu);
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
+    format!("{}{hex}", lease_prefix(cluster))
+}
+
+/// The leases for an assignment: one per node, holding all of that node's workers.
+pub fn plan_leases(
+    cluster: &GpuCluster,
+    assignment: &Assignment,
+    wallets: &BTreeMap<String, String>,
+    now: Timestamp,
+) -> Result<Vec<GpuLease>> {
+    let mut per_node: BTreeMap<&str, (Vec<String>, u32, u64)> = BTreeMap::new();
+    for slot in &assignment.workers {
+        let entry = per_node.entry(&slot.node).or_insert((Vec::new(), 0, slot.price_per_gpu_hour));
+        entry.0.extend(slot.gpus.iter().cloned());
+        entry.1 += 1;
+    }
+    let cluster_ref = ClusterRef {
+        namespace: cluster.namespace().unwrap_or_default(),
+        name: cluster.name_any(),
+        uid: cluster.uid().unwrap_or_default(),
+    };
+    per_node
+        .into_iter()
+        .map(|(node, (gpus, workers, price))| {
+            let wallet = wallets.get(node).ok_or_else(|| {
+                Error::InvalidSpec(format!("offer {node} vanished while binding"))
+            })?;
+            Ok(GpuLease {
+                metadata: ObjectMeta {
+                    name: Some(lease_name(cluster, node, &gpus)),
+                    labels: Some(BTreeMap::from([
+                        (CLUSTER_LABEL.to_string(), cluster_ref.name.clone()),
+                        (CLUSTER_UID_LABEL.to_string(), cluster_ref.uid.clone()),
+                    ])),
+                    ..Default::default()
+                },
+                spec: GpuLeaseSpec {
+                    cluster: cluster_ref.clone(),
+                    offer: node.to_string(),
+                    supplier_wallet: wallet.clone(),
+                    gpus,
+                    workers,
+                    price_per_gpu_hour: price,
+                    start_time: Time(now),
+                },
+                status: None,
+            })
+        })
+        .collect()
+}
+
+/// Why GPUs could not be claimed on an offer as read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClaimRefused {
+    /// The GPU is allocated to another lease.
+    Taken { gpu: String, lease: String },
+    /// The GPU is not (or no longer) offered, or is unhealthy.
+    Unavailable { gpu: String },
+}
+
+/// The offer status with `gpus` allocated to `lease`. Pure; a GPU already allocated to `lease`
+/// is accepted (a retried bind).
+pub fn claim(
+    offer: &GpuOffer,
+    gpus: &[String],
+    lease: &str,
+) -> Result<GpuOfferStatus, ClaimRefused> {
+    let mut status = offer.status.clone().unwrap_or_default();
+    for gpu in gpus {
+        if !offer.spec.gpus.iter().any(|g| &g.uuid == gpu)
+            || !crate::supply::gpu_healthy(offer, gpu)
+        {
+            return Err(ClaimRefused::Unavailable { gpu: gpu.clone() });
+        }
+        match status.gpus.iter_mut().find(|g| &g.uuid == gpu) {
+            Some(state) => match &state.lease {
+                Some(other) if other != lease => {
+                    return Err(ClaimRefused::Taken { gpu: gpu.clone(), lease: other.clone() });
+                }
+                _ => state.lease = Some(lease.to_string()),
+            },
+            None => status.gpus.push(GpuState {
+                uuid: gpu.clone(),
+                health: None,
+                reason: None,
+                lease: Some(lease.to_string()),
+            }),
+        }
+    }
+    status.free_gpus = Some(count_free(offer, &status));
+    Ok(status)
+}
+
+/// The offer status with every allocation to a lease in `leases` removed, or `None` if there
+/// was none. Pure.
+pub fn release(offer: &GpuOffer, is_released: impl Fn(&str) -> bool) -> Option<GpuOfferStatus> {
+    let mut status = offer.status.clone()?;
+    let mut changed = false;
+    for state in &mut status.gpus {
+        if state.lease.as_deref().is_some_and(&is_released) {
+            state.lease = None;
+            changed = true;
+        }
+    }
+    status.free_gpus = Some(count_free(offer, &status));
+    changed.then_some(status)
+}
+
+fn count_free(offer: &GpuOffer, status: &GpuOfferStatus) -> u32 {
+    let with_status = GpuOffer {
+        metadata: Default::default(),
+        spec: offer.spec.clone(),
+        status: Some(status.clone()),
+    };
+    crate::supply::free_gpus(&with_status).len() as u32
+}
+
+/// Write `status` to the offer, conditional on the resourceVersion it was read at.
+async fn replace_offer_status(
+    api: &Api<GpuOffer>,
+    read: &GpuOffer,
+    status: GpuOfferStatus,
+) -> Result<()> {
+    let mut updated = read.clone();
+    updated.status = Some(status);
+    updated.metadata.managed_fields = None;
+    match api.replace_status(&read.name_any(), &PostParams::default(), &updated).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            Err(Error::AllocationConflict { offer: read.name_any() })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Claim every lease's GPUs on its offer (all or nothing), then create the leases.
+/// Returns the created (or already existing) leases.
+pub async fn bind(
+    offers: &Api<GpuOffer>,
+    leases_api: &Api<GpuLease>,
+    planned: &[GpuLease],
+) -> Result<Vec<GpuLease>> {
+    let mut claimed: Vec<&GpuLease> = Vec::new();
+    for lease in planned {
+        let outcome = claim_on_fresh_offer(offers, lease).await;
+        if let Err(e) = outcome {
+            for done in &claimed {
+                release_lease_claims(offers, done).await?;
+            }
+            return Err(e);
+        }
+        claimed.push(lease);
+    }
+    let mut created = Vec::new();
+    for lease in planned {
+        let lease = match leases_api.create(&PostParams::default(), lease).await {
+            Ok(lease) => lease,
+            Err(kube::Error::Api(e)) if e.code == 409 => leases_api.get(&lease.name_any()).await?,
+            Err(e) => return Err(e.into()),
+        };
+        created.push(lease);
+    }
+    Ok(created)
+}
+
+async fn claim_on_fresh_offer(offers: &Api<GpuOffer>, lease: &GpuLease) -> Result<()> {
+    let offer = offers.get(&lease.spec.offer).await?;
+    match claim(&offer, &lease.spec.gpus, &lease.name_any()) {
+        Ok(status) => replace_offer_status(offers, &offer, status).await,
+        Err(refused) => {
+            tracing::debug!(offer = %lease.spec.offer, ?refused, "claim refused");
+            Err(Error::AllocationConflict { offer: lease.spec.offer.clone() })
+        }
+    }
+}
+
+/// Remove the lease's allocations from its offer, retrying on write races. A missing offer has
+/// nothing to release.
+pub async fn release_lease_claims(offers: &Api<GpuOffer>, lease: &GpuLease) -> Result<()> {
+    let name = lease.name_any();
+    release_claims(offers, &lease.spec.offer, |l| l == name).await
+}
+
+/// Remove allocations on `offer_name` for which `is_released` holds, retrying on write races.
+pub async fn release_claims(
+    offers: &Api<GpuOffer>,
+    offer_name: &str,
+    is_released: impl Fn(&str) -> bool,
+) -> Result<()> {
+    const ATTEMPTS: usize = 5;
+    for _ in 0..ATTEMPTS {
+        let Some(offer) = offers.get_opt(offer_name).await? else {
+            return Ok(());
+        };
+        let Some(status) = release(&offer, &is_released) else {
+            return Ok(());
+        };
+        match replace_offer_status(offers, &offer, status).await {
+            Err(Error::AllocationConflict { .. }) => continue,
+            other => return other,
+        }
+    }
+    Err(Error::AllocationConflict { offer: offer_name.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matching::WorkerSlot;
+    use crate::testing::{mk_cluster, mk_offer, now};
+
+    #[test]
+    fn lease_names_are_deterministic_and_distinct_per_gpu_set() {
+        let cluster = mk_cluster("train", 1, 2);
+        let a = lease_name(&cluster, "node-a", &["g2".into(), "g1".into()]);
+        assert_eq!(a, lease_name(&cluster, "node-a", &["g1".into(), "g2".into()]));
+        assert_ne!(a, lease_name(&cluster, "node-a", &["g1".into(), "g3".into()]));
+        assert!(a.starts_with(&lease_prefix(&cluster)));
+        let mut recreated = mk_cluster("train", 1, 2);
+        recreated.metadata.uid = Some("99999999-other".into());
+        assert_ne!(a, lease_name(&recreated, "node-a", &["g1".into(), "g2".into()]));
+    }
+
+    #[test]
+    fn one_lease_per_node_holding_its_workers() {
+        let cluster = mk_cluster("train", 3, 1);
+        let assignment = Assignment {
+            workers: vec![
+                WorkerSlot { node: "b".into(), gpus: vec!["b1".into()], price_per_gpu_hour: 7 },
+                WorkerSlot { node: "a".into(), gpus: vec!["a1".into()], price_per_gpu_hour: 5 },
+                WorkerSlot { node: "a".into(), gpus: vec!["a2".into()], price_per_gpu_hour: 5 },
+            ],
+        };
+        let wallets = BTreeMap::from([
+            ("a".to_string(), "wa".to_string()),
+            ("b".to_string(), "wb".to_string()),
+        ]);
+        let leases = plan_leases(&cluster, &assignment, &wallets, now()).expect("plans");
+        assert_eq!(leases.len(), 2);
+        assert_eq!((leases[0].spec.offer.as_str(), leases[0].spec.workers), ("a", 2));
+        assert_eq!(leases[0].spec.gpus, ["a1", "a2"]);
+        assert_eq!(leases[0].spec.supplier_wallet, "wa");
+        assert_eq!((leases[1].spec.offer.as_str(), leases[1].spec.workers), ("b", 1));
+        assert_eq!(leases[1].spec.cluster.uid, cluster.uid().unwrap_or_default());
+    }
+
+    #[test]
+    fn a_gpu_is_never_claimed_for_two_leases() {
+        let offer = mk_offer("n", "H100", 2, now());
+        let gpus = vec!["n-gpu-0".to_string()];
+        let status = claim(&offer, &gpus, "lease-1").expect("free");
+        assert_eq!(status.free_gpus, Some(1));
+        let taken = GpuOffer { status: Some(status), ..offer.clone() };
+        assert_eq!(
+            claim(&taken, &gpus, "lease-1").map(|s| s.free_gpus),
+            Ok(Some(1)),
+            "retry is idempotent"
+        );
+        assert_eq!(
+            claim(&taken, &gpus, "lease-2"),
+            Err(ClaimRefused::Taken { gpu: "n-gpu-0".into(), lease: "lease-1".into() })
+        );
+        assert_eq!(
+            claim(&offer, &["ghost".to_string()], "lease-1"),
+            Err(ClaimRefused::Unavailable { gpu: "ghost".into() })
+        );
+        let released = release(&taken, |l| l == "lease-1").expect("had a claim");
+        assert_eq!(released.free_gpus, Some(2));
+        assert!(release(&taken, |l| l == "other").is_none());
+    }
+}

@@ -1,0 +1,102 @@
+//! The GpuCluster controller: owns the cluster's GpuLeases and its RayCluster.
+
+pub mod reconcile;
+pub mod status;
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer};
+use kube::api::{Api, DynamicObject};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, watcher};
+
+use crate::context::Context;
+use crate::raycluster;
+
+/// Build the controller. `offers` and `leases` are the reflected watch streams whose stores are
+/// in `ctx`, so one watch feeds both the caches and the triggers.
+pub fn controller(
+    ctx: &Arc<Context>,
+    offers: impl Stream<Item = Result<GpuOffer, watcher::Error>> + Send + 'static,
+    leases: impl Stream<Item = Result<GpuLease, watcher::Error>> + Send + 'static,
+) -> Controller<GpuCluster> {
+    let client = ctx.client.clone();
+    let controller =
+        Controller::new(Api::<GpuCluster>::all(client.clone()), watcher::Config::default());
+    let clusters = controller.store();
+    let lease_store = ctx.leases.clone();
+    controller
+        .owns_with(
+            Api::<DynamicObject>::all_with(client, &raycluster::api_resource()),
+            raycluster::api_resource(),
+            watcher::Config::default(),
+        )
+        .watches_stream(leases, |lease| {
+            Some(ObjectRef::new(&lease.spec.cluster.name).within(&lease.spec.cluster.namespace))
+        })
+        .watches_stream(
+            offers.predicate_filter(offer_market_state, PredicateConfig::default()),
+            move |offer| clusters_affected_by(&offer, &clusters, &lease_store),
+        )
+}
+
+/// Hash of what matters to clusters about an offer: its spec, availability, and per-GPU health
+/// and allocation. Heartbeats alone do not wake every pending cluster.
+fn offer_market_state(offer: &GpuOffer) -> Option<u64> {
+    let mut hasher = DefaultHasher::new();
+    offer.metadata.generation.hash(&mut hasher);
+    offer.is_available().hash(&mut hasher);
+    if let Some(status) = &offer.status {
+        for gpu in &status.gpus {
+            (&gpu.uuid, gpu.health.map(|h| h == gpumarket_crds::GpuHealth::Healthy), &gpu.lease)
+                .hash(&mut hasher);
+        }
+    }
+    Some(hasher.finish())
+}
+
+/// A change to an offer concerns the clusters leasing from it (failure, recovery) and every
+/// cluster still looking for GPUs (new supply).
+fn clusters_affected_by(
+    offer: &GpuOffer,
+    clusters: &Store<GpuCluster>,
+    leases: &Store<GpuLease>,
+) -> Vec<ObjectRef<GpuCluster>> {
+    let node = offer.spec.node_name.as_str();
+    let mut refs: Vec<ObjectRef<GpuCluster>> = leases
+        .state()
+        .iter()
+        .filter(|l| l.spec.offer == node && status::is_active(l))
+        .map(|l| ObjectRef::new(&l.spec.cluster.name).within(&l.spec.cluster.namespace))
+        .collect();
+    refs.extend(
+        clusters.state().iter().filter(|c| wants_supply(c)).map(|c| ObjectRef::from(c.as_ref())),
+    );
+    refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    refs.dedup();
+    refs
+}
+
+/// Pending, or running short of workers.
+fn wants_supply(cluster: &GpuCluster) -> bool {
+    let Some(status) = &cluster.status else { return true };
+    match status.phase.unwrap_or_default() {
+        ClusterPhase::Pending => true,
+        ClusterPhase::Completed | ClusterPhase::Failed | ClusterPhase::Expiring => false,
+        _ => status.conditions.iter().any(|c| c.type_ == status::DEGRADED && c.status == "True"),
+    }
+}
+
+/// Run the controller until the stream ends.
+pub async fn run(controller: Controller<GpuCluster>, ctx: Arc<Context>) {
+    controller
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "gpucluster reconcile");
+            }
+        })
+        .await;
+}

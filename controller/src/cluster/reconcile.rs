@@ -1,0 +1,432 @@
+//! The GpuCluster reconcile as named steps: read → validate → match → bind → build → apply →
+//! status, wrapped in a finalizer whose cleanup ends the leases before anything disappears.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpumarket_crds::{ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer};
+use jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use serde_json::json;
+
+use super::status::{
+    Observation, build_status, ended_status, expires_at, is_active, missing_workers,
+    supplier_failure,
+};
+use crate::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
+use crate::context::{Context, MANAGER};
+use crate::engine_stub::{self as matching, Outcome};
+use crate::error::{Error, Result};
+use crate::raycluster::{self, build_ray_cluster, dashboard_address, is_ready, ray_cluster_name};
+use crate::supply::{market_offer, market_request};
+
+pub const FINALIZER: &str = "gpumarket.io/leases";
+const CONTROLLER: &str = "gpucluster";
+/// A request that found no supply is looked at again this often even without an offer event.
+const PENDING_RECHECK: Duration = Duration::from_secs(60);
+/// A running cluster's status (accrued cost) is refreshed at least this often.
+const STATUS_REFRESH: Duration = Duration::from_secs(300);
+/// Retry delay after losing a race for GPUs: short, the next match sees fresh supply.
+const CONFLICT_RETRY: Duration = Duration::from_millis(200);
+
+pub async fn reconcile(cluster: Arc<GpuCluster>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_duration.with_label_values(&[CONTROLLER]).start_timer();
+    ctx.metrics.reconciles.with_label_values(&[CONTROLLER]).inc();
+    let api: Api<GpuCluster> =
+        Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER, cluster, |event| async {
+        match event {
+            Finalizer::Apply(cluster) => apply(&cluster, &ctx).await,
+            Finalizer::Cleanup(cluster) => cleanup(&cluster, &ctx).await,
+        }
+    })
+    .await
+    .map_err(Error::from)
+}
+
+pub fn error_policy(cluster: Arc<GpuCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.errors.with_label_values(&[CONTROLLER, error.metric_label()]).inc();
+    tracing::warn!(cluster = %cluster.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// What the read step gathers.
+struct Read {
+    leases: Vec<GpuLease>,
+    ray_cluster: Option<DynamicObject>,
+}
+
+async fn read(cluster: &GpuCluster, ctx: &Context) -> Result<Read> {
+    // Leases come from the API, not the cache: a lease created by the previous reconcile may not
+    // have reached the cache yet, and matching again for it would over-provision the cluster.
+    let leases = Api::<GpuLease>::all(ctx.client.clone())
+        .list(
+            &ListParams::default()
+                .labels(&format!("{CLUSTER_UID_LABEL}={}", cluster.uid().unwrap_or_default())),
+        )
+        .await?
+        .items;
+    let ray_cluster = ray_api(cluster, ctx).get_opt(&ray_cluster_name(cluster)).await?;
+    Ok(Read { leases, ray_cluster })
+}
+
+fn ray_api(cluster: &GpuCluster, ctx: &Context) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        ctx.client.clone(),
+        &cluster.namespace().unwrap_or_default(),
+        &raycluster::api_resource(),
+    )
+}
+
+async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
+    let now = Timestamp::now();
+    let phase = cluster.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
+    if matches!(phase, ClusterPhase::Completed | ClusterPhase::Failed) {
+        return Ok(Action::await_change());
+    }
+
+    // Match only against a complete picture of the supply.
+    let _ = ctx.offers.wait_until_ready().await;
+    let Read { mut leases, ray_cluster } = read(cluster, ctx).await?;
+
+    // validate
+    if let Err(e) = cluster.spec.duration() {
+        let message = format!("spec.duration: {e}");
+        ctx.event(cluster, EventType::Warning, "InvalidSpec", "Validate", message.clone()).await;
+        let refs: Vec<&GpuLease> = leases.iter().collect();
+        write_status(
+            cluster,
+            ctx,
+            ended_status(cluster, &refs, ClusterPhase::Failed, "InvalidSpec", message, now),
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
+
+    if let Some(at) = expires_at(cluster).filter(|at| *at <= now) {
+        return expire(cluster, ctx, leases, ray_cluster.is_some(), at).await;
+    }
+
+    // Supplier failures end the affected leases; their workers are matched again below.
+    for lease in leases.iter_mut().filter(|l| is_active(l)) {
+        let offer = ctx.offers.get(&ObjectRef::<GpuOffer>::new(&lease.spec.offer));
+        if let Some(why) =
+            supplier_failure(lease, offer.as_deref(), now, ctx.settings.heartbeat_timeout)
+        {
+            *lease = end_lease(ctx, lease, EndReason::SupplierFailure, now).await?;
+            ctx.event(
+                cluster,
+                EventType::Warning,
+                "SupplierFailure",
+                "Recover",
+                format!("lease {} ended: {why}", lease.name_any()),
+            )
+            .await;
+        }
+    }
+
+    // match + bind
+    let mut unmatched = None;
+    let active: Vec<&GpuLease> = leases.iter().filter(|l| is_active(l)).collect();
+    let missing = missing_workers(cluster, &active);
+    let replacing = cluster.status.as_ref().is_some_and(|s| s.start_time.is_some())
+        || leases.iter().any(|l| !is_active(l));
+    if missing > 0 {
+        release_orphan_claims(cluster, ctx, &leases).await?;
+        match match_workers(cluster, ctx, missing) {
+            Outcome::Unmatched(why) => {
+                let why = why.to_string();
+                ctx.event(cluster, EventType::Normal, "Unmatched", "Match", why.clone()).await;
+                unmatched = Some(why);
+            }
+            Outcome::Matched(assignment) => {
+                let wallets = offer_wallets(ctx);
+                let planned = plan_leases(cluster, &assignment, &wallets, now)?;
+                let bound = match binding::bind(
+                    &offers_api(ctx),
+                    &Api::all(ctx.client.clone()),
+                    &planned,
+                )
+                .await
+                {
+                    Ok(bound) => bound,
+                    Err(Error::AllocationConflict { offer }) => {
+                        tracing::debug!(cluster = %cluster.name_any(), %offer, "lost a race for GPUs, matching again");
+                        return Ok(Action::requeue(CONFLICT_RETRY));
+                    }
+                    Err(e) => return Err(e),
+                };
+                let placed = describe_placement(&bound);
+                if replacing {
+                    ctx.metrics.replacements.inc_by(u64::from(missing));
+                    ctx.event(
+                        cluster,
+                        EventType::Normal,
+                        "Replaced",
+                        "Bind",
+                        format!("{missing} workers re-placed on {placed}"),
+                    )
+                    .await;
+                } else {
+                    ctx.event(
+                        cluster,
+                        EventType::Normal,
+                        "Matched",
+                        "Bind",
+                        format!("{missing} workers bound on {placed}"),
+                    )
+                    .await;
+                }
+                leases.extend(bound);
+            }
+        }
+    }
+
+    // build + apply
+    let active: Vec<&GpuLease> = leases.iter().filter(|l| is_active(l)).collect();
+    let name = ray_cluster_name(cluster);
+    let namespace = cluster.namespace().unwrap_or_default();
+    let ray_ready = if active.is_empty() && ray_cluster.is_none() {
+        None
+    } else {
+        let desired = build_ray_cluster(cluster, &active)?;
+        let applied = ray_api(cluster, ctx)
+            .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
+            .await?;
+        if ray_cluster.is_none() {
+            ctx.event(
+                cluster,
+                EventType::Normal,
+                "Provisioning",
+                "Apply",
+                format!("RayCluster {name} created with {} worker groups", active.len()),
+            )
+            .await;
+        }
+        let ready = serde_json::to_value(&applied).map(|v| is_ready(&v)).unwrap_or(false);
+        if ready && cluster.status.as_ref().and_then(|s| s.phase) != Some(ClusterPhase::Running) {
+            ctx.event(
+                cluster,
+                EventType::Normal,
+                "Running",
+                "Status",
+                format!("RayCluster {name} is ready"),
+            )
+            .await;
+        }
+        Some(ready)
+    };
+
+    // status
+    let refs: Vec<&GpuLease> = leases.iter().collect();
+    let status = build_status(&Observation {
+        cluster,
+        leases: &refs,
+        ray_ready,
+        ray_cluster: ray_ready.map(|_| name.clone()),
+        dashboard: ray_ready.map(|_| dashboard_address(&name, &namespace)),
+        unmatched,
+        unfunded: None,
+        now,
+    });
+    let pending = status.phase == Some(ClusterPhase::Pending);
+    let still_missing = missing_workers(
+        cluster,
+        &refs.iter().copied().filter(|l| is_active(l)).collect::<Vec<_>>(),
+    ) > 0;
+    let with_start = GpuCluster { status: Some(status.clone()), ..cluster.clone() };
+    write_status(cluster, ctx, status).await?;
+
+    let mut next = if pending || still_missing { PENDING_RECHECK } else { STATUS_REFRESH };
+    if let Some(at) = expires_at(&with_start) {
+        let until = at.duration_since(now).unsigned_abs();
+        next = next.min(until + Duration::from_millis(100));
+    }
+    Ok(Action::requeue(next))
+}
+
+/// Run the matching engine for `workers` more workers of the cluster against the cached supply.
+fn match_workers(cluster: &GpuCluster, ctx: &Context, workers: u32) -> Outcome {
+    let now = Timestamp::now();
+    let supply: Vec<_> = ctx
+        .offers
+        .state()
+        .iter()
+        .filter_map(|o| market_offer(o, now, ctx.settings.heartbeat_timeout))
+        .collect();
+    let request = market_request(cluster, workers);
+    let _timer = ctx.metrics.match_latency.start_timer();
+    matching::quote(&supply, &request)
+}
+
+fn offer_wallets(ctx: &Context) -> BTreeMap<String, String> {
+    ctx.offers.state().iter().map(|o| (o.name_any(), o.spec.wallet.clone())).collect()
+}
+
+fn offers_api(ctx: &Context) -> Api<GpuOffer> {
+    Api::all(ctx.client.clone())
+}
+
+fn describe_placement(leases: &[GpuLease]) -> String {
+    leases
+        .iter()
+        .map(|l| format!("{} ({} GPUs)", l.spec.offer, l.spec.gpus.len()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Release allocations that name a lease of this cluster that does not exist: left by a crash
+/// between claiming GPUs and creating their lease. `leases` is read from the API, so a claim
+/// without a lease there is a true orphan (this cluster's reconciles never run concurrently).
+async fn release_orphan_claims(
+    cluster: &GpuCluster,
+    ctx: &Context,
+    leases: &[GpuLease],
+) -> Result<()> {
+    let prefix = lease_prefix(cluster);
+    let live: BTreeSet<String> =
+        leases.iter().filter(|l| is_active(l)).map(|l| l.name_any()).collect();
+    let is_orphan = |lease: &str| lease.starts_with(&prefix) && !live.contains(lease);
+    for offer in ctx.offers.state() {
+        let has_orphan = offer
+            .status
+            .iter()
+            .flat_map(|s| &s.gpus)
+            .any(|g| g.lease.as_deref().is_some_and(is_orphan));
+        if has_orphan {
+            tracing::info!(cluster = %cluster.name_any(), offer = %offer.name_any(), "releasing orphaned GPU allocations");
+            binding::release_claims(&offers_api(ctx), &offer.name_any(), is_orphan).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Close a lease's meter (phase Ended) and return its GPUs to the offer. Metering is closed
+/// first: if the release fails, the offer controller reclaims allocations of ended leases.
+pub async fn end_lease(
+    ctx: &Context,
+    lease: &GpuLease,
+    reason: EndReason,
+    now: Timestamp,
+) -> Result<GpuLease> {
+    let api: Api<GpuLease> = Api::all(ctx.client.clone());
+    let mut ended_view = lease.clone();
+    ended_view.status.get_or_insert_default().end_time =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+    let patch = json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuLease",
+        "status": {
+            "phase": "Ended",
+            "endTime": now,
+            "endReason": reason,
+            "meteredGpuSeconds": super::status::metered_gpu_seconds(&ended_view, now),
+        },
+    });
+    let ended = api
+        .patch_status(
+            &lease.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    binding::release_lease_claims(&offers_api(ctx), lease).await?;
+    Ok(ended)
+}
+
+/// Duration is up: Expiring, RayCluster deleted, leases ended (Expired), Completed.
+async fn expire(
+    cluster: &GpuCluster,
+    ctx: &Context,
+    leases: Vec<GpuLease>,
+    has_ray_cluster: bool,
+    at: Timestamp,
+) -> Result<Action> {
+    let now = Timestamp::now();
+    let refs: Vec<&GpuLease> = leases.iter().collect();
+    let expiring = GpuClusterStatus {
+        phase: Some(ClusterPhase::Expiring),
+        ..cluster.status.clone().unwrap_or_default()
+    };
+    write_status(cluster, ctx, expiring).await?;
+    if has_ray_cluster {
+        delete_ray_cluster(cluster, ctx).await?;
+    }
+    let mut ended = Vec::new();
+    for lease in refs.into_iter() {
+        ended.push(if is_active(lease) {
+            end_lease(ctx, lease, EndReason::Expired, now).await?
+        } else {
+            lease.clone()
+        });
+    }
+    let refs: Vec<&GpuLease> = ended.iter().collect();
+    let message = format!("ran its duration {} (until {at})", cluster.spec.duration);
+    ctx.event(
+        cluster,
+        EventType::Normal,
+        "Expired",
+        "Expire",
+        format!("{message}: RayCluster deleted, {} leases ended", refs.len()),
+    )
+    .await;
+    write_status(
+        cluster,
+        ctx,
+        ended_status(cluster, &refs, ClusterPhase::Completed, "Expired", message, now),
+    )
+    .await?;
+    Ok(Action::await_change())
+}
+
+/// Finalizer: end every active lease (reason Deleted) before the GpuCluster and its RayCluster go.
+async fn cleanup(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
+    let now = Timestamp::now();
+    let Read { leases, ray_cluster } = read(cluster, ctx).await?;
+    let mut count = 0;
+    for lease in leases.iter().filter(|l| is_active(l)) {
+        end_lease(ctx, lease, EndReason::Deleted, now).await?;
+        count += 1;
+    }
+    release_orphan_claims(cluster, ctx, &[]).await?;
+    if ray_cluster.is_some() {
+        delete_ray_cluster(cluster, ctx).await?;
+    }
+    ctx.event(
+        cluster,
+        EventType::Normal,
+        "Deleted",
+        "Cleanup",
+        format!("{count} leases ended before deletion"),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+async fn delete_ray_cluster(cluster: &GpuCluster, ctx: &Context) -> Result<()> {
+    match ray_api(cluster, ctx).delete(&ray_cluster_name(cluster), &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn write_status(cluster: &GpuCluster, ctx: &Context, status: GpuClusterStatus) -> Result<()> {
+    let api: Api<GpuCluster> =
+        Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
+    let patch =
+        json!({"apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuCluster", "status": status});
+    api.patch_status(
+        &cluster.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}

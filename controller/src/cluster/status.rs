@@ -1,0 +1,397 @@
+//! Pure computations of a GpuCluster's lifecycle: when it expires, which leases a supplier
+//! failure has cost it, which phase it is in and the status that says so.
+
+use std::time::Duration;
+
+use gpumarket_crds::{ClusterPhase, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, LeasePhase};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::supply::{gpu_healthy, heartbeat_fresh};
+
+pub const MATCHED: &str = "Matched";
+pub const FUNDED: &str = "Funded";
+pub const RAY_READY: &str = "RayReady";
+pub const DEGRADED: &str = "Degraded";
+
+/// When the cluster's duration runs out: start time + duration, once it has started.
+pub fn expires_at(cluster: &GpuCluster) -> Option<Timestamp> {
+    let start = cluster.status.as_ref()?.start_time.as_ref()?.0;
+    let duration = jiff::SignedDuration::try_from(cluster.spec.duration().ok()?).ok()?;
+    start.checked_add(duration).ok()
+}
+
+/// Whether a lease is still metering.
+pub fn is_active(lease: &GpuLease) -> bool {
+    lease.status.as_ref().and_then(|s| s.phase).unwrap_or_default() == LeasePhase::Active
+}
+
+/// Why an active lease can no longer serve: its offer is gone, its heartbeat is stale, or one of
+/// its GPUs is unhealthy. `None` while the lease is fine.
+pub fn supplier_failure(
+    lease: &GpuLease,
+    offer: Option<&GpuOffer>,
+    now: Timestamp,
+    heartbeat_timeout: Duration,
+) -> Option<String> {
+    let Some(offer) = offer else {
+        return Some(format!("offer {} was withdrawn", lease.spec.offer));
+    };
+    if !heartbeat_fresh(offer, now, heartbeat_timeout) {
+        return Some(format!("node {} stopped heartbeating", lease.spec.offer));
+    }
+    let sick: Vec<&str> =
+        lease.spec.gpus.iter().filter(|g| !gpu_healthy(offer, g)).map(String::as_str).collect();
+    (!sick.is_empty())
+        .then(|| format!("GPU {} on node {} is unhealthy", sick.join(", "), lease.spec.offer))
+}
+
+/// Workers still to be placed: the spec's count minus those of the active leases.
+pub fn missing_workers(cluster: &GpuCluster, active: &[&GpuLease]) -> u32 {
+    let placed: u32 = active.iter().map(|l| l.spec.workers).sum();
+    cluster.spec.workers.saturating_sub(placed)
+}
+
+/// GPU-seconds metered by a lease up to `now` (or its end).
+pub fn metered_gpu_seconds(lease: &GpuLease, now: Timestamp) -> u64 {
+    let end = lease.status.as_ref().and_then(|s| s.end_time.as_ref()).map_or(now, |t| t.0);
+    let seconds = end.as_second().saturating_sub(lease.spec.start_time.0.as_second()).max(0);
+    seconds as u64 * lease.spec.gpus.len() as u64
+}
+
+/// What the reconcile saw, for `build_status`.
+#[derive(Debug)]
+pub struct Observation<'a> {
+    pub cluster: &'a GpuCluster,
+    /// Every lease of the cluster, active or ended.
+    pub leases: &'a [&'a GpuLease],
+    /// `None` while no RayCluster exists; otherwise whether it is ready.
+    pub ray_ready: Option<bool>,
+    pub ray_cluster: Option<String>,
+    pub dashboard: Option<String>,
+    /// The matching engine's explanation when the (remaining) workers found no supply.
+    pub unmatched: Option<String>,
+    /// `Some(message)` when the deposit does not cover the match.
+    pub unfunded: Option<String>,
+    pub now: Timestamp,
+}
+
+/// Phase of a cluster that has not ended: by what exists so far.
+pub fn live_phase(active_leases: usize, ray_ready: Option<bool>) -> ClusterPhase {
+    match (active_leases, ray_ready) {
+        (0, None) => ClusterPhase::Pending,
+        (_, None) => ClusterPhase::Matched,
+        (_, Some(false)) => ClusterPhase::Provisioning,
+        (_, Some(true)) => ClusterPhase::Running,
+    }
+}
+
+/// The status of a cluster that has not ended.
+pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
+    let cluster = obs.cluster;
+    let previous = cluster.status.clone().unwrap_or_default();
+    let active: Vec<&GpuLease> = obs.leases.iter().copied().filter(|l| is_active(l)).collect();
+    let started = previous.start_time.is_some() || !active.is_empty();
+    let phase = if started && active.is_empty() && obs.ray_ready.is_none() {
+        // Every worker lost and nothing to replace it with: still the same cluster, degraded.
+        ClusterPhase::Provisioning
+    } else {
+        live_phase(active.len(), obs.ray_ready)
+    };
+    let missing = missing_workers(cluster, &active);
+    let gpus: u32 = active.iter().map(|l| l.spec.gpus.len() as u32).sum();
+    let hourly_rate: u64 =
+        active.iter().map(|l| l.spec.price_per_gpu_hour * l.spec.gpus.len() as u64).sum();
+    let cost: u64 = obs
+        .leases
+        .iter()
+        .map(|l| {
+            let gpu_seconds = u128::from(metered_gpu_seconds(l, obs.now));
+            (gpu_seconds * u128::from(l.spec.price_per_gpu_hour) / 3600) as u64
+        })
+        .sum();
+    let start_time = previous
+        .start_time
+        .clone()
+        .or_else(|| active.iter().map(|l| l.spec.start_time.clone()).min_by_key(|t| t.0));
+
+    let mut conditions = previous.conditions.clone();
+    let generation = cluster.metadata.generation;
+    let mut set = |type_: &str, ok: bool, reason: &str, message: String| {
+        set_condition(&mut conditions, type_, ok, reason, message, obs.now, generation);
+    };
+    match (&obs.unmatched, started) {
+        (Some(why), false) => set(MATCHED, false, "NoMatchingSupply", why.clone()),
+        (None, false) => set(MATCHED, false, "Matching", "looking for GPUs".into()),
+        (_, true) => set(
+            MATCHED,
+            true,
+            "Bound",
+            format!("{gpus} GPUs bound through {} leases", active.len()),
+        ),
+    }
+    match &obs.unfunded {
+        Some(why) => set(FUNDED, false, "DepositShort", why.clone()),
+        None if started => {
+            set(FUNDED, true, "DepositCovers", "the escrow covers the bound GPUs".into())
+        }
+        None => {}
+    }
+    match obs.ray_ready {
+        Some(true) => set(RAY_READY, true, "Ready", "the RayCluster is ready".into()),
+        Some(false) => {
+            set(RAY_READY, false, "Provisioning", "waiting for KubeRay to start the pods".into())
+        }
+        None => set(
+            RAY_READY,
+            false,
+            "NoRayCluster",
+            "the RayCluster is created once GPUs are bound".into(),
+        ),
+    }
+    if started && missing > 0 {
+        let why = obs.unmatched.clone().unwrap_or_else(|| "looking for replacement GPUs".into());
+        set(
+            DEGRADED,
+            true,
+            "MissingWorkers",
+            format!("{missing} of {} workers have no GPUs: {why}", cluster.spec.workers),
+        );
+    } else if started {
+        set(
+            DEGRADED,
+            false,
+            "AllWorkersPlaced",
+            format!("all {} workers have GPUs", cluster.spec.workers),
+        );
+    }
+
+    GpuClusterStatus {
+        phase: Some(phase),
+        conditions,
+        leases: active.iter().filter_map(|l| l.metadata.name.clone()).collect(),
+        gpus: Some(gpus),
+        ray_cluster: obs.ray_cluster.clone(),
+        dashboard: obs.dashboard.clone(),
+        hourly_rate: Some(hourly_rate),
+        start_time,
+        cost_accrued: Some(cost),
+        amount_settled: previous.amount_settled,
+        amount_refunded: previous.amount_refunded,
+        observed_generation: generation,
+    }
+}
+
+/// The status of a cluster that has ended (`Completed` or `Failed`): no leases, no RayCluster.
+pub fn ended_status(
+    cluster: &GpuCluster,
+    leases: &[&GpuLease],
+    phase: ClusterPhase,
+    reason: &str,
+    message: String,
+    now: Timestamp,
+) -> GpuClusterStatus {
+    let previous = cluster.status.clone().unwrap_or_default();
+    let mut conditions = previous.conditions.clone();
+    let generation = cluster.metadata.generation;
+    set_condition(&mut conditions, RAY_READY, false, reason, message.clone(), now, generation);
+    if phase == ClusterPhase::Failed {
+        set_condition(&mut conditions, MATCHED, false, reason, message, now, generation);
+    }
+    let cost: u64 = leases
+        .iter()
+        .map(|l| {
+            (u128::from(metered_gpu_seconds(l, now)) * u128::from(l.spec.price_per_gpu_hour) / 3600)
+                as u64
+        })
+        .sum();
+    GpuClusterStatus {
+        phase: Some(phase),
+        conditions,
+        leases: Vec::new(),
+        gpus: Some(0),
+        ray_cluster: None,
+        dashboard: None,
+        hourly_rate: Some(0),
+        start_time: previous.start_time,
+        cost_accrued: Some(cost),
+        amount_settled: previous.amount_settled,
+        amount_refunded: previous.amount_refunded,
+        observed_generation: generation,
+    }
+}
+
+/// Set a condition, keeping its transition time when the status did not change.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    now: Timestamp,
+    generation: Option<i64>,
+) {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = conditions
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or(Time(now), |c| c.last_transition_time.clone());
+    conditions.retain(|c| c.type_ != type_);
+    conditions.push(Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    });
+    conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mk_cluster, mk_lease, mk_offer, now};
+    use gpumarket_crds::{GpuHealth, GpuLeaseStatus, GpuState};
+
+    fn cond<'a>(s: &'a GpuClusterStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).expect("condition present")
+    }
+
+    fn obs<'a>(
+        cluster: &'a GpuCluster,
+        leases: &'a [&'a GpuLease],
+        ray_ready: Option<bool>,
+    ) -> Observation<'a> {
+        Observation {
+            cluster,
+            leases,
+            ray_ready,
+            ray_cluster: None,
+            dashboard: None,
+            unmatched: None,
+            unfunded: None,
+            now: now(),
+        }
+    }
+
+    #[test]
+    fn expiry_is_start_plus_duration() {
+        let mut cluster = mk_cluster("c", 1, 1);
+        assert_eq!(expires_at(&cluster), None, "not started, no expiry");
+        cluster.status =
+            Some(GpuClusterStatus { start_time: Some(Time(now())), ..Default::default() });
+        cluster.spec.duration = "2h30m".into();
+        assert_eq!(expires_at(&cluster), Some(now() + jiff::SignedDuration::from_secs(9000)));
+    }
+
+    #[test]
+    fn phases_follow_what_exists() {
+        assert_eq!(live_phase(0, None), ClusterPhase::Pending);
+        assert_eq!(live_phase(2, None), ClusterPhase::Matched);
+        assert_eq!(live_phase(2, Some(false)), ClusterPhase::Provisioning);
+        assert_eq!(live_phase(2, Some(true)), ClusterPhase::Running);
+    }
+
+    #[test]
+    fn unmatched_request_stays_pending_with_the_explanation() {
+        let cluster = mk_cluster("c", 2, 1);
+        let mut o = obs(&cluster, &[], None);
+        o.unmatched = Some("no H100 offers in eu-west".into());
+        let status = build_status(&o);
+        assert_eq!(status.phase, Some(ClusterPhase::Pending));
+        let matched = cond(&status, MATCHED);
+        assert_eq!(
+            (matched.status.as_str(), matched.reason.as_str()),
+            ("False", "NoMatchingSupply")
+        );
+        assert_eq!(matched.message, "no H100 offers in eu-west");
+        assert!(status.start_time.is_none());
+    }
+
+    #[test]
+    fn running_cluster_reports_rate_cost_and_start() {
+        let cluster = mk_cluster("c", 2, 2);
+        let mut a = mk_lease(&cluster, "a", &["a1", "a2"], 1);
+        a.spec.start_time = Time(now() - jiff::SignedDuration::from_secs(1800));
+        let b = mk_lease(&cluster, "b", &["b1", "b2"], 1);
+        let leases = [&a, &b];
+        let status = build_status(&obs(&cluster, &leases, Some(true)));
+        assert_eq!(status.phase, Some(ClusterPhase::Running));
+        assert_eq!(status.gpus, Some(4));
+        assert_eq!(status.hourly_rate, Some(4_000_000));
+        // Half an hour of 2 GPUs at 1 token per GPU-hour.
+        assert_eq!(status.cost_accrued, Some(1_000_000));
+        assert_eq!(status.start_time, Some(a.spec.start_time.clone()));
+        assert_eq!(cond(&status, DEGRADED).status, "False");
+        assert_eq!(cond(&status, RAY_READY).status, "True");
+    }
+
+    #[test]
+    fn lost_workers_without_replacement_mark_the_cluster_degraded() {
+        let mut cluster = mk_cluster("c", 2, 1);
+        cluster.status =
+            Some(GpuClusterStatus { start_time: Some(Time(now())), ..Default::default() });
+        let a = mk_lease(&cluster, "a", &["a1"], 1);
+        let mut lost = mk_lease(&cluster, "b", &["b1"], 1);
+        lost.status = Some(GpuLeaseStatus {
+            phase: Some(LeasePhase::Ended),
+            end_time: Some(Time(now())),
+            ..Default::default()
+        });
+        let leases = [&a, &lost];
+        let mut o = obs(&cluster, &leases, Some(true));
+        o.unmatched = Some("no free H100".into());
+        let status = build_status(&o);
+        assert_eq!(status.phase, Some(ClusterPhase::Running));
+        assert_eq!(status.leases, vec![a.metadata.name.clone().expect("named")]);
+        let degraded = cond(&status, DEGRADED);
+        assert_eq!(degraded.status, "True");
+        assert!(degraded.message.contains("1 of 2 workers"), "{}", degraded.message);
+    }
+
+    #[test]
+    fn supplier_failures_are_stale_heartbeats_unhealthy_gpus_or_withdrawn_offers() {
+        let cluster = mk_cluster("c", 1, 2);
+        let lease = mk_lease(&cluster, "n", &["n-gpu-0", "n-gpu-1"], 1);
+        let timeout = Duration::from_secs(30);
+        let fresh = mk_offer("n", "H100", 4, now());
+        assert_eq!(supplier_failure(&lease, Some(&fresh), now(), timeout), None);
+        let stale = mk_offer("n", "H100", 4, now() - jiff::SignedDuration::from_secs(31));
+        assert!(
+            supplier_failure(&lease, Some(&stale), now(), timeout)
+                .is_some_and(|m| m.contains("heartbeat"))
+        );
+        assert!(
+            supplier_failure(&lease, None, now(), timeout).is_some_and(|m| m.contains("withdrawn"))
+        );
+        let mut sick = fresh.clone();
+        sick.status.get_or_insert_default().gpus.push(GpuState {
+            uuid: "n-gpu-1".into(),
+            health: Some(GpuHealth::Unhealthy),
+            reason: Some("XID 79".into()),
+            lease: None,
+        });
+        assert!(
+            supplier_failure(&lease, Some(&sick), now(), timeout)
+                .is_some_and(|m| m.contains("n-gpu-1"))
+        );
+        // An unhealthy GPU that the lease does not hold does not affect it.
+        let other = mk_lease(&cluster, "n", &["n-gpu-2"], 1);
+        assert_eq!(supplier_failure(&other, Some(&sick), now(), timeout), None);
+    }
+
+    #[test]
+    fn transition_time_is_kept_while_a_condition_holds() {
+        let mut conditions = Vec::new();
+        let t0 = now();
+        set_condition(&mut conditions, MATCHED, false, "NoMatchingSupply", "a".into(), t0, None);
+        let later = t0 + jiff::SignedDuration::from_secs(60);
+        set_condition(&mut conditions, MATCHED, false, "NoMatchingSupply", "b".into(), later, None);
+        assert_eq!(conditions[0].last_transition_time.0, t0);
+        assert_eq!(conditions[0].message, "b");
+        set_condition(&mut conditions, MATCHED, true, "Bound", "c".into(), later, None);
+        assert_eq!(conditions[0].last_transition_time.0, later);
+        assert_eq!(conditions.len(), 1);
+    }
+}

@@ -1,0 +1,96 @@
+//! What every reconcile is handed: the client, the caches, the event recorder, the metrics and
+//! the settings. One value in an `Arc`, no globals.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use kube::Client;
+use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+
+use crate::metrics::Metrics;
+
+/// Field manager of every write, and the reporting controller of Events.
+pub const MANAGER: &str = "gpumarket-controller";
+
+/// Settings of the controllers (the flags that shape behaviour, not wiring).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// An offer whose agent has not heartbeated for this long is treated as failed.
+    pub heartbeat_timeout: Duration,
+    /// How long a GPU may stay allocated to a lease that does not exist before the allocation is
+    /// reclaimed (covers the moment between claiming GPUs and creating their lease).
+    pub orphan_grace: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            heartbeat_timeout: Duration::from_secs(60),
+            orphan_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    pub offers: Store<GpuOffer>,
+    pub leases: Store<GpuLease>,
+    /// When each allocation to a missing lease was first seen, by lease name (offer controller).
+    pub orphans_seen: Mutex<HashMap<String, Instant>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        offers: Store<GpuOffer>,
+        leases: Store<GpuLease>,
+    ) -> Self {
+        let reporter =
+            Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            settings,
+            offers,
+            leases,
+            orphans_seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cluster's leases (active and ended), from the cache.
+    pub fn leases_of(&self, cluster: &GpuCluster) -> Vec<Arc<GpuLease>> {
+        let uid = cluster.metadata.uid.as_deref().unwrap_or_default();
+        self.leases.state().into_iter().filter(|l| l.spec.cluster.uid == uid).collect()
+    }
+
+    /// Publish an Event on the cluster. Events are best effort: a failure is logged, never fatal.
+    pub async fn event(
+        &self,
+        cluster: &GpuCluster,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &cluster.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "publishing event");
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! `gpumarket-controller`: flags (with environment fallbacks) parsed once, then the library's
+//! `run`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use gpumarket_controller::{Config, LeaderElection, Settings};
+use gpumarket_crds::common::parse_duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gpumarket-controller",
+    version,
+    about = "gpumarket controller: GpuCluster lifecycle on KubeRay"
+)]
+struct Args {
+    /// Kubeconfig file; in-cluster configuration (or ~/.kube/config) when absent.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+
+    /// Address of the /metrics, /healthz and /readyz endpoint.
+    #[arg(long, env = "GPUMARKET_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+
+    /// A supplier node that has not heartbeated for this long is treated as failed (e.g. 60s, 2m).
+    #[arg(long, env = "GPUMARKET_HEARTBEAT_TIMEOUT", default_value = "60s", value_parser = duration)]
+    heartbeat_timeout: Duration,
+
+    /// Elect a leader through a coordination.k8s.io Lease before reconciling (for several replicas).
+    #[arg(long, env = "GPUMARKET_LEADER_ELECTION")]
+    leader_election: bool,
+
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "GPUMARKET_LEADER_ELECTION_LEASE", default_value = "gpumarket-controller")]
+    leader_election_lease: String,
+
+    /// This replica's identity in the election (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
+
+    /// How long a leader holds the Lease without renewing it (e.g. 15s).
+    #[arg(long, env = "GPUMARKET_LEADER_ELECTION_DURATION", default_value = "15s", value_parser = duration)]
+    leader_election_duration: Duration,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+
+    let client = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let config =
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+            kube::Client::try_from(config)?
+        }
+        None => kube::Client::try_default().await.context("no kubeconfig and not in a cluster")?,
+    };
+
+    let leader_election = args.leader_election.then(|| LeaderElection {
+        namespace: args.leader_election_namespace.clone(),
+        lease_name: args.leader_election_lease.clone(),
+        identity: args.leader_election_identity.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "gpumarket".into()),
+                std::process::id()
+            )
+        }),
+        lease_duration: args.leader_election_duration,
+    });
+    let config = Config {
+        settings: Settings { heartbeat_timeout: args.heartbeat_timeout, ..Settings::default() },
+        metrics_addr: Some(args.metrics_addr),
+        leader_election,
+    };
+
+    tokio::select! {
+        result = gpumarket_controller::run(client, config) => result.context("controller stopped"),
+        () = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+/// SIGINT or SIGTERM (what the kubelet sends).
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the controller");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

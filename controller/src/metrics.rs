@@ -1,0 +1,197 @@
+//! Prometheus metrics, and the HTTP endpoint serving them with health and readiness.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::cluster::status::is_active;
+use crate::supply::{gpu_healthy, gpu_lease};
+
+/// Every metric of the controller, registered in its own registry (no globals).
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub reconcile_duration: HistogramVec,
+    pub pending_requests: IntGauge,
+    pub gpus: IntGaugeVec,
+    pub match_latency: Histogram,
+    pub active_leases: IntGauge,
+    pub replacements: IntCounter,
+    /// Set once the caches are filled (and, with leader election, while leading).
+    pub ready: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("gpumarket".into()), None)?;
+        let reconciles =
+            IntCounterVec::new(Opts::new("reconciles_total", "Reconciles run"), &["controller"])?;
+        let errors = IntCounterVec::new(
+            Opts::new("reconcile_errors_total", "Reconciles that failed, by error kind"),
+            &["controller", "error"],
+        )?;
+        let reconcile_duration = HistogramVec::new(
+            HistogramOpts::new("reconcile_duration_seconds", "Time spent in one reconcile")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            &["controller"],
+        )?;
+        let pending_requests = IntGauge::new("pending_requests", "GpuClusters waiting for supply")?;
+        let gpus = IntGaugeVec::new(
+            Opts::new("gpus", "Offered GPUs by model and state"),
+            &["model", "state"],
+        )?;
+        let match_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "match_latency_seconds",
+                "Time the matching engine takes for one request",
+            )
+            .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5]),
+        )?;
+        let active_leases = IntGauge::new("active_leases", "GpuLeases currently metering")?;
+        let replacements =
+            IntCounter::new("replacements_total", "Workers re-placed after a supplier failure")?;
+        registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(pending_requests.clone()))?;
+        registry.register(Box::new(gpus.clone()))?;
+        registry.register(Box::new(match_latency.clone()))?;
+        registry.register(Box::new(active_leases.clone()))?;
+        registry.register(Box::new(replacements.clone()))?;
+        Ok(Metrics {
+            registry,
+            reconciles,
+            errors,
+            reconcile_duration,
+            pending_requests,
+            gpus,
+            match_latency,
+            active_leases,
+            replacements,
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// Update the inventory gauges from the caches.
+    pub fn refresh_inventory(
+        &self,
+        offers: &[Arc<GpuOffer>],
+        leases: &[Arc<GpuLease>],
+        clusters: &[Arc<GpuCluster>],
+    ) {
+        self.gpus.reset();
+        for ((model, state), count) in gpu_inventory(offers) {
+            self.gpus.with_label_values(&[model.as_str(), state]).set(count);
+        }
+        self.active_leases.set(leases.iter().filter(|l| is_active(l)).count() as i64);
+        let pending = clusters
+            .iter()
+            .filter(|c| {
+                c.status.as_ref().and_then(|s| s.phase).unwrap_or_default() == ClusterPhase::Pending
+            })
+            .count();
+        self.pending_requests.set(pending as i64);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+}
+
+/// Offered GPUs counted by (model, state), state one of `free`, `leased`, `unhealthy`.
+pub fn gpu_inventory(offers: &[Arc<GpuOffer>]) -> BTreeMap<(String, &'static str), i64> {
+    let mut counts = BTreeMap::new();
+    for offer in offers {
+        for gpu in &offer.spec.gpus {
+            let state = if !gpu_healthy(offer, &gpu.uuid) {
+                "unhealthy"
+            } else if gpu_lease(offer, &gpu.uuid).is_some() {
+                "leased"
+            } else {
+                "free"
+            };
+            *counts.entry((gpu.model.clone(), state)).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `addr` until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(|State(m): State<Arc<Metrics>>| async move { m.encode() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                if m.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        )
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics");
+    axum::serve(listener, app).await
+}
+
+/// How often the inventory gauges are recomputed from the caches.
+pub const INVENTORY_PERIOD: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mk_offer, now};
+    use gpumarket_crds::{GpuHealth, GpuState};
+
+    #[test]
+    fn inventory_counts_free_leased_and_unhealthy_gpus_by_model() {
+        let mut a = mk_offer("a", "H100", 3, now());
+        a.status.get_or_insert_default().gpus = vec![
+            GpuState {
+                uuid: "a-gpu-0".into(),
+                health: Some(GpuHealth::Unhealthy),
+                reason: None,
+                lease: None,
+            },
+            GpuState {
+                uuid: "a-gpu-1".into(),
+                health: Some(GpuHealth::Healthy),
+                reason: None,
+                lease: Some("l".into()),
+            },
+        ];
+        let b = mk_offer("b", "A100", 2, now());
+        let counts = gpu_inventory(&[Arc::new(a), Arc::new(b)]);
+        assert_eq!(counts.get(&("H100".into(), "unhealthy")), Some(&1));
+        assert_eq!(counts.get(&("H100".into(), "leased")), Some(&1));
+        assert_eq!(counts.get(&("H100".into(), "free")), Some(&1));
+        assert_eq!(counts.get(&("A100".into(), "free")), Some(&2));
+
+        let metrics = Metrics::new().expect("registers");
+        metrics.refresh_inventory(&[Arc::new(mk_offer("c", "H100", 1, now()))], &[], &[]);
+        metrics.replacements.inc();
+        let text = metrics.encode();
+        assert!(text.contains("gpumarket_gpus{model=\"H100\",state=\"free\"} 1"), "{text}");
+        assert!(text.contains("gpumarket_replacements_total 1"), "{text}");
+    }
+}

@@ -1,0 +1,214 @@
+//! The GpuOffer controller: decides whether an offer can be matched (`Available`: fresh
+//! heartbeat, at least one healthy GPU), keeps `freeGpus` current, wakes up when a heartbeat is
+//! due so a silent node is noticed, and reclaims allocations whose lease ended or never came to
+//! exist.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use gpumarket_crds::{GpuLease, GpuOffer, LeasePhase};
+use jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::binding;
+use crate::cluster::status::set_condition;
+use crate::context::{Context, MANAGER};
+use crate::error::{Error, Result};
+use crate::supply::{free_gpus, gpu_healthy, heartbeat_deadline, heartbeat_fresh};
+
+pub const AVAILABLE: &str = "Available";
+const CONTROLLER: &str = "gpuoffer";
+/// An offer with a fresh heartbeat is looked at again at least this often.
+const RECHECK: Duration = Duration::from_secs(60);
+
+/// Availability of an offer as (available, reason, message). Pure.
+pub fn availability(
+    offer: &GpuOffer,
+    now: Timestamp,
+    heartbeat_timeout: Duration,
+) -> (bool, &'static str, String) {
+    if offer.spec.gpus.is_empty() {
+        return (false, "NoGpus", "the offer lists no GPUs".into());
+    }
+    if !heartbeat_fresh(offer, now, heartbeat_timeout) {
+        return (
+            false,
+            "HeartbeatStale",
+            format!("no heartbeat from the node's agent within {}s", heartbeat_timeout.as_secs()),
+        );
+    }
+    let healthy = offer.spec.gpus.iter().filter(|g| gpu_healthy(offer, &g.uuid)).count();
+    if healthy == 0 {
+        return (false, "NoHealthyGpus", "every GPU of the offer is reported unhealthy".into());
+    }
+    (true, "Ready", format!("{healthy} of {} GPUs healthy", offer.spec.gpus.len()))
+}
+
+pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_duration.with_label_values(&[CONTROLLER]).start_timer();
+    ctx.metrics.reconciles.with_label_values(&[CONTROLLER]).inc();
+    let now = Timestamp::now();
+    let timeout = ctx.settings.heartbeat_timeout;
+
+    reclaim_allocations(&offer, &ctx).await?;
+
+    let (available, reason, message) = availability(&offer, now, timeout);
+    let status = offer.status.clone().unwrap_or_default();
+    let mut conditions = status.conditions.clone();
+    set_condition(
+        &mut conditions,
+        AVAILABLE,
+        available,
+        reason,
+        message.clone(),
+        now,
+        offer.metadata.generation,
+    );
+    let available_condition = conditions.iter().find(|c| c.type_ == AVAILABLE).cloned();
+    let previous = status.conditions.iter().find(|c| c.type_ == AVAILABLE);
+    let free = free_gpus(&offer).len() as u32;
+    let changed = previous.map(|c| (&c.status, &c.reason, &c.message))
+        != available_condition.as_ref().map(|c| (&c.status, &c.reason, &c.message))
+        || status.free_gpus != Some(free)
+        || status.observed_generation != offer.metadata.generation;
+    if changed {
+        if !available && previous.is_some_and(|c| c.status == "True")
+            || reason == "NoGpus" && previous.is_none()
+        {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: reason.into(),
+                note: Some(message),
+                action: "Check".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &offer.object_ref(&())).await {
+                tracing::warn!(error = %e, "publishing event");
+            }
+        }
+        let patch = json!({
+            "apiVersion": "gpumarket.io/v1alpha1",
+            "kind": "GpuOffer",
+            "status": {
+                "conditions": available_condition.into_iter().collect::<Vec<_>>(),
+                "freeGpus": free,
+                "observedGeneration": offer.metadata.generation,
+            },
+        });
+        Api::<GpuOffer>::all(ctx.client.clone())
+            .patch_status(
+                &offer.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+    }
+
+    let next = match heartbeat_deadline(&offer, timeout).filter(|_| available) {
+        Some(deadline) => {
+            deadline.duration_since(now).unsigned_abs().min(RECHECK) + Duration::from_millis(200)
+        }
+        None => RECHECK,
+    };
+    Ok(Action::requeue(next))
+}
+
+/// Release allocations to leases that ended, or that are missing for longer than the grace
+/// period (checked against the API, not only the cache, before anything is released).
+async fn reclaim_allocations(offer: &GpuOffer, ctx: &Context) -> Result<()> {
+    let Some(status) = &offer.status else { return Ok(()) };
+    let leases: Api<GpuLease> = Api::all(ctx.client.clone());
+    let mut stale = Vec::new();
+    for name in status.gpus.iter().filter_map(|g| g.lease.as_deref()) {
+        if stale.iter().any(|s: &String| s == name) {
+            continue;
+        }
+        let cached = ctx.leases.get(&ObjectRef::new(name));
+        let ended = |l: &GpuLease| {
+            l.status.as_ref().and_then(|s| s.phase).unwrap_or_default() != LeasePhase::Active
+        };
+        match cached {
+            Some(lease) if ended(&lease) => stale.push(name.to_string()),
+            Some(_) => {}
+            None => {
+                let first_seen = *ctx
+                    .orphans_seen
+                    .lock()
+                    .map_err(|_| Error::InvalidSpec("orphan tracker poisoned".into()))?
+                    .entry(name.to_string())
+                    .or_insert_with(Instant::now);
+                if first_seen.elapsed() >= ctx.settings.orphan_grace {
+                    match leases.get_opt(name).await? {
+                        None => stale.push(name.to_string()),
+                        Some(lease) if ended(&lease) => stale.push(name.to_string()),
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+    }
+    if stale.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(offer = %offer.name_any(), leases = ?stale, "reclaiming GPU allocations of ended or missing leases");
+    binding::release_claims(&Api::all(ctx.client.clone()), &offer.name_any(), |l| {
+        stale.iter().any(|s| s == l)
+    })
+    .await?;
+    if let Ok(mut seen) = ctx.orphans_seen.lock() {
+        for name in &stale {
+            seen.remove(name);
+        }
+    }
+    Ok(())
+}
+
+pub fn error_policy(offer: Arc<GpuOffer>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.errors.with_label_values(&[CONTROLLER, error.metric_label()]).inc();
+    tracing::warn!(offer = %offer.name_any(), %error, "offer reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+pub async fn run(ctx: Arc<Context>) {
+    Controller::new(Api::<GpuOffer>::all(ctx.client.clone()), watcher::Config::default())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "gpuoffer reconcile");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mk_offer, now};
+    use gpumarket_crds::{GpuHealth, GpuState};
+
+    #[test]
+    fn availability_needs_gpus_a_fresh_heartbeat_and_a_healthy_gpu() {
+        let timeout = Duration::from_secs(30);
+        assert_eq!(availability(&mk_offer("n", "H100", 2, now()), now(), timeout).1, "Ready");
+        assert_eq!(availability(&mk_offer("n", "H100", 0, now()), now(), timeout).1, "NoGpus");
+        let stale = mk_offer("n", "H100", 2, now() - jiff::SignedDuration::from_secs(31));
+        assert_eq!(availability(&stale, now(), timeout).1, "HeartbeatStale");
+        let mut sick = mk_offer("n", "H100", 1, now());
+        sick.status.get_or_insert_default().gpus = vec![GpuState {
+            uuid: "n-gpu-0".into(),
+            health: Some(GpuHealth::Unhealthy),
+            reason: None,
+            lease: None,
+        }];
+        let (ok, reason, _) = availability(&sick, now(), timeout);
+        assert!(!ok);
+        assert_eq!(reason, "NoHealthyGpus");
+    }
+}

@@ -1,0 +1,322 @@
+//! The KubeRay `RayCluster` of a GpuCluster, built by a pure function of the GpuCluster and its
+//! active leases (like KubeRay's own pod builders), and read back for readiness.
+//!
+//! The RayCluster is handled as JSON (`DynamicObject`) rather than through a KubeRay crate: only
+//! a handful of fields matter here and the CRD stays the operator's business.
+
+use std::collections::BTreeMap;
+
+use gpumarket_crds::common::{GPU_RESOURCE, SUPPLIER_TAINT};
+use gpumarket_crds::{GpuCluster, GpuLease};
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::Resource;
+use kube::api::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+
+/// Label on every object the controller creates for a GpuCluster, naming it.
+pub const CLUSTER_LABEL: &str = "gpumarket.io/cluster";
+/// Pod annotation naming the lease a worker runs under (the supplier agent can check it).
+pub const LEASE_ANNOTATION: &str = "gpumarket.io/lease";
+/// Port of the Ray dashboard on the head service.
+pub const DASHBOARD_PORT: u16 = 8265;
+
+/// `ray.io/v1` `RayCluster`.
+pub fn api_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("ray.io", "v1", "RayCluster"),
+        "rayclusters",
+    )
+}
+
+/// The RayCluster is named after its GpuCluster (same namespace).
+pub fn ray_cluster_name(cluster: &GpuCluster) -> String {
+    cluster.metadata.name.clone().unwrap_or_default()
+}
+
+/// Address of the Ray dashboard of the RayCluster `name` in `namespace` (KubeRay's head service).
+pub fn dashboard_address(name: &str, namespace: &str) -> String {
+    format!("http://{name}-head-svc.{namespace}.svc:{DASHBOARD_PORT}")
+}
+
+/// Name of the worker group serving `lease`: the node (what an operator looks for) plus the
+/// lease's unique suffix, within the 63 characters of a label value (KubeRay labels pods with it).
+pub fn worker_group_name(lease: &GpuLease) -> String {
+    let lease_name = lease.metadata.name.as_deref().unwrap_or_default();
+    let suffix = lease_name.rsplit('-').next().unwrap_or(lease_name);
+    let node: String = lease.spec.offer.chars().take(50).collect();
+    format!("{}-{suffix}", node.trim_end_matches(['-', '.']))
+}
+
+/// The desired RayCluster: a head group (CPU only unless `spec.ray.headGpus`) and one worker
+/// group per active lease, pinned to the lease's node and tolerating the supplier taint.
+/// Leases are taken in name order so the output does not depend on list order.
+pub fn build_ray_cluster(cluster: &GpuCluster, leases: &[&GpuLease]) -> Result<Value> {
+    let ray = &cluster.spec.ray;
+    let image = ray.image.clone().unwrap_or_else(|| format!("rayproject/ray:{}-gpu", ray.version));
+    let owner = cluster
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::InvalidSpec("GpuCluster has no name or uid yet".into()))?;
+    let name = ray_cluster_name(cluster);
+
+    let head_resources =
+        with_gpus(ray.head_resources.clone().unwrap_or_else(default_head_resources), ray.head_gpus);
+    let mut head_pod = json!({
+        "containers": [{
+            "name": "ray-head",
+            "image": image,
+            "resources": to_value(&head_resources, "head resources")?,
+            "ports": [
+                {"name": "gcs", "containerPort": 6379},
+                {"name": "dashboard", "containerPort": DASHBOARD_PORT},
+                {"name": "client", "containerPort": 10001},
+            ],
+        }],
+    });
+    if ray.head_gpus > 0 {
+        head_pod["tolerations"] = json!([supplier_toleration()]);
+    }
+
+    let overrides = ray.worker.clone().unwrap_or_default();
+    let mut sorted: Vec<&GpuLease> = leases.to_vec();
+    sorted.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let worker_groups = sorted
+        .iter()
+        .map(|lease| {
+            let mut start_params: BTreeMap<String, String> = overrides.ray_start_params.clone();
+            start_params.insert("num-gpus".into(), cluster.spec.gpus_per_worker.to_string());
+            let resources = with_gpus(
+                overrides.resources.clone().unwrap_or_default(),
+                cluster.spec.gpus_per_worker,
+            );
+            Ok(json!({
+                "groupName": worker_group_name(lease),
+                "replicas": lease.spec.workers,
+                "minReplicas": lease.spec.workers,
+                "maxReplicas": lease.spec.workers,
+                "rayStartParams": start_params,
+                "template": {
+                    "metadata": {
+                        "labels": {CLUSTER_LABEL: name},
+                        "annotations": {LEASE_ANNOTATION: lease.metadata.name},
+                    },
+                    "spec": {
+                        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [{"matchExpressions": [{
+                                "key": "kubernetes.io/hostname",
+                                "operator": "In",
+                                "values": [lease.spec.offer],
+                            }]}],
+                        }}},
+                        "tolerations": [supplier_toleration()],
+                        "containers": [{
+                            "name": "ray-worker",
+                            "image": image,
+                            "resources": to_value(&resources, "worker resources")?,
+                            "env": to_value(&overrides.env, "worker env")?,
+                        }],
+                    },
+                },
+            }))
+        })
+        .collect::<Result<Vec<Value>>>()?;
+
+    Ok(json!({
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {
+            "name": name,
+            "namespace": cluster.metadata.namespace,
+            "labels": {CLUSTER_LABEL: name},
+            "ownerReferences": [to_value(&owner, "owner reference")?],
+        },
+        "spec": {
+            "rayVersion": ray.version,
+            "headGroupSpec": {
+                "rayStartParams": {
+                    "dashboard-host": "0.0.0.0",
+                    "num-gpus": ray.head_gpus.to_string(),
+                },
+                "template": {
+                    "metadata": {"labels": {CLUSTER_LABEL: name}},
+                    "spec": head_pod,
+                },
+            },
+            "workerGroupSpecs": worker_groups,
+        },
+    }))
+}
+
+/// Whether KubeRay reports the RayCluster ready: `status.state: ready`, or (the newer API) both
+/// `HeadPodReady` and `RayClusterProvisioned` conditions true.
+pub fn is_ready(ray_cluster: &Value) -> bool {
+    let status = &ray_cluster["status"];
+    if status["state"].as_str() == Some("ready") {
+        return true;
+    }
+    let condition_true = |type_: &str| {
+        status["conditions"].as_array().is_some_and(|conds| {
+            conds
+                .iter()
+                .any(|c| c["type"].as_str() == Some(type_) && c["status"].as_str() == Some("True"))
+        })
+    };
+    condition_true("HeadPodReady") && condition_true("RayClusterProvisioned")
+}
+
+fn supplier_toleration() -> Value {
+    json!({"key": SUPPLIER_TAINT, "operator": "Exists", "effect": "NoSchedule"})
+}
+
+fn default_head_resources() -> ResourceRequirements {
+    let quantities = BTreeMap::from([
+        ("cpu".to_string(), Quantity("1".into())),
+        ("memory".to_string(), Quantity("2Gi".into())),
+    ]);
+    ResourceRequirements {
+        requests: Some(quantities.clone()),
+        limits: Some(quantities),
+        ..Default::default()
+    }
+}
+
+/// `resources` with `nvidia.com/gpu` requested and limited to `gpus` (removed when 0): the GPU
+/// count always comes from the spec, whatever the overrides say.
+fn with_gpus(mut resources: ResourceRequirements, gpus: u32) -> ResourceRequirements {
+    for list in [&mut resources.requests, &mut resources.limits] {
+        let map = list.get_or_insert_with(BTreeMap::new);
+        if gpus == 0 {
+            map.remove(GPU_RESOURCE);
+        } else {
+            map.insert(GPU_RESOURCE.into(), Quantity(gpus.to_string()));
+        }
+    }
+    resources
+}
+
+fn to_value<T: serde::Serialize>(value: &T, what: &'static str) -> Result<Value> {
+    serde_json::to_value(value).map_err(|source| Error::Serialize { what, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mk_cluster, mk_lease};
+
+    #[test]
+    fn workers_are_pinned_to_their_lease_nodes_with_gpu_requests() {
+        let cluster = mk_cluster("train", 3, 2);
+        let a = mk_lease(&cluster, "node-a", &["g1", "g2", "g3", "g4"], 2);
+        let b = mk_lease(&cluster, "node-b", &["g9", "g8"], 1);
+        let rc = build_ray_cluster(&cluster, &[&b, &a]).expect("builds");
+
+        let groups = rc["spec"]["workerGroupSpecs"].as_array().expect("groups");
+        assert_eq!(groups.len(), 2);
+        let nodes: Vec<&str> = groups
+            .iter()
+            .map(|g| {
+                g["template"]["spec"]["affinity"]["nodeAffinity"]
+                    ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+                    ["matchExpressions"][0]["values"][0]
+                    .as_str()
+                    .expect("node")
+            })
+            .collect();
+        let mut sorted_nodes = nodes.clone();
+        sorted_nodes.sort();
+        assert_eq!(sorted_nodes, ["node-a", "node-b"]);
+        for g in groups {
+            let replicas = g["replicas"].as_u64().expect("replicas");
+            let node = g["template"]["spec"]["affinity"]["nodeAffinity"]
+                ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+                ["matchExpressions"][0]["values"][0]
+                .as_str();
+            assert_eq!(replicas, if node == Some("node-a") { 2 } else { 1 });
+            assert_eq!(g["rayStartParams"]["num-gpus"], "2");
+            let res = &g["template"]["spec"]["containers"][0]["resources"];
+            assert_eq!(res["limits"][GPU_RESOURCE], "2");
+            assert_eq!(g["template"]["spec"]["tolerations"][0]["key"], SUPPLIER_TAINT);
+            assert!(g["groupName"].as_str().expect("name").len() <= 63);
+        }
+        assert_eq!(rc["metadata"]["ownerReferences"][0]["kind"], "GpuCluster");
+        assert_eq!(rc["metadata"]["ownerReferences"][0]["controller"], true);
+    }
+
+    #[test]
+    fn head_is_cpu_only_unless_asked_and_image_follows_the_version() {
+        let mut cluster = mk_cluster("train", 1, 1);
+        let rc = build_ray_cluster(&cluster, &[]).expect("builds");
+        let head = &rc["spec"]["headGroupSpec"]["template"]["spec"];
+        assert!(head["containers"][0]["resources"]["limits"].get(GPU_RESOURCE).is_none());
+        assert!(head.get("tolerations").is_none());
+        assert_eq!(head["containers"][0]["image"], "rayproject/ray:2.41.0-gpu");
+        assert_eq!(rc["spec"]["rayVersion"], "2.41.0");
+
+        cluster.spec.ray.head_gpus = 1;
+        cluster.spec.ray.image = Some("my/ray:custom".into());
+        let rc = build_ray_cluster(&cluster, &[]).expect("builds");
+        let head = &rc["spec"]["headGroupSpec"]["template"]["spec"];
+        assert_eq!(head["containers"][0]["resources"]["limits"][GPU_RESOURCE], "1");
+        assert_eq!(head["containers"][0]["image"], "my/ray:custom");
+        assert_eq!(rc["spec"]["headGroupSpec"]["rayStartParams"]["num-gpus"], "1");
+    }
+
+    #[test]
+    fn worker_overrides_apply_but_cannot_change_the_gpu_count() {
+        let mut cluster = mk_cluster("train", 1, 4);
+        cluster.spec.ray.worker = Some(gpumarket_crds::WorkerOverrides {
+            resources: Some(ResourceRequirements {
+                limits: Some(BTreeMap::from([
+                    ("cpu".into(), Quantity("8".into())),
+                    (GPU_RESOURCE.into(), Quantity("1".into())),
+                ])),
+                ..Default::default()
+            }),
+            env: vec![k8s_openapi::api::core::v1::EnvVar {
+                name: "NCCL_DEBUG".into(),
+                value: Some("INFO".into()),
+                ..Default::default()
+            }],
+            ray_start_params: BTreeMap::from([
+                ("object-store-memory".into(), "1000".into()),
+                ("num-gpus".into(), "1".into()),
+            ]),
+        });
+        let lease = mk_lease(&cluster, "node-a", &["g1", "g2", "g3", "g4"], 1);
+        let rc = build_ray_cluster(&cluster, &[&lease]).expect("builds");
+        let group = &rc["spec"]["workerGroupSpecs"][0];
+        let container = &group["template"]["spec"]["containers"][0];
+        assert_eq!(container["resources"]["limits"]["cpu"], "8");
+        assert_eq!(container["resources"]["limits"][GPU_RESOURCE], "4");
+        assert_eq!(container["env"][0]["name"], "NCCL_DEBUG");
+        assert_eq!(group["rayStartParams"]["object-store-memory"], "1000");
+        assert_eq!(group["rayStartParams"]["num-gpus"], "4");
+    }
+
+    #[test]
+    fn output_does_not_depend_on_lease_order() {
+        let cluster = mk_cluster("train", 2, 1);
+        let a = mk_lease(&cluster, "node-a", &["g1"], 1);
+        let b = mk_lease(&cluster, "node-b", &["g2"], 1);
+        assert_eq!(
+            build_ray_cluster(&cluster, &[&a, &b]).ok(),
+            build_ray_cluster(&cluster, &[&b, &a]).ok()
+        );
+    }
+
+    #[test]
+    fn readiness_reads_state_or_conditions() {
+        assert!(is_ready(&json!({"status": {"state": "ready"}})));
+        assert!(!is_ready(&json!({"status": {"state": "suspended"}})));
+        assert!(!is_ready(&json!({})));
+        assert!(is_ready(&json!({"status": {"conditions": [
+            {"type": "HeadPodReady", "status": "True"},
+            {"type": "RayClusterProvisioned", "status": "True"},
+        ]}})));
+        assert!(!is_ready(&json!({"status": {"conditions": [
+            {"type": "HeadPodReady", "status": "True"},
+        ]}})));
+    }
+}

@@ -1,0 +1,148 @@
+//! Conversions between the Kubernetes objects and the matching engine's plain types, and the
+//! health rules that decide which offered GPUs are usable. Pure.
+
+use std::time::Duration;
+
+use gpumarket_crds::{GpuCluster, GpuHealth, GpuOffer, GpuState};
+use jiff::Timestamp;
+
+use crate::matching::{ModelFilter, Offer, Request};
+
+/// Whether the offer's agent has heartbeated within `timeout` of `now`.
+pub fn heartbeat_fresh(offer: &GpuOffer, now: Timestamp, timeout: Duration) -> bool {
+    let Some(last) = offer.status.as_ref().and_then(|s| s.last_heartbeat.as_ref()) else {
+        return false;
+    };
+    let age = now.duration_since(last.0);
+    age.is_negative() || age.unsigned_abs() <= timeout
+}
+
+/// When the offer's heartbeat goes stale, if it is fresh now.
+pub fn heartbeat_deadline(offer: &GpuOffer, timeout: Duration) -> Option<Timestamp> {
+    let last = offer.status.as_ref()?.last_heartbeat.as_ref()?.0;
+    last.checked_add(jiff::SignedDuration::try_from(timeout).ok()?).ok()
+}
+
+/// Per-GPU state from the offer status, if reported.
+pub fn gpu_state<'a>(offer: &'a GpuOffer, uuid: &str) -> Option<&'a GpuState> {
+    offer.status.as_ref()?.gpus.iter().find(|g| g.uuid == uuid)
+}
+
+/// A GPU is usable unless the agent reported it unhealthy.
+pub fn gpu_healthy(offer: &GpuOffer, uuid: &str) -> bool {
+    gpu_state(offer, uuid).and_then(|g| g.health) != Some(GpuHealth::Unhealthy)
+}
+
+/// Name of the lease a GPU is allocated to, if any.
+pub fn gpu_lease<'a>(offer: &'a GpuOffer, uuid: &str) -> Option<&'a str> {
+    gpu_state(offer, uuid).and_then(|g| g.lease.as_deref())
+}
+
+/// GPUs of the offer that are offered, healthy and not allocated, in offer order.
+pub fn free_gpus(offer: &GpuOffer) -> Vec<String> {
+    offer
+        .spec
+        .gpus
+        .iter()
+        .filter(|g| gpu_healthy(offer, &g.uuid) && gpu_lease(offer, &g.uuid).is_none())
+        .map(|g| g.uuid.clone())
+        .collect()
+}
+
+/// The offer as supply for matching, or `None` when it cannot be matched now (stale heartbeat,
+/// no GPUs). A node offers one model; GPUs of another model on the same node are left out.
+pub fn market_offer(offer: &GpuOffer, now: Timestamp, timeout: Duration) -> Option<Offer> {
+    if !heartbeat_fresh(offer, now, timeout) {
+        return None;
+    }
+    let first = offer.spec.gpus.first()?;
+    let same_model =
+        |uuid: &str| offer.spec.gpus.iter().any(|g| g.uuid == uuid && g.model == first.model);
+    let free: Vec<String> = free_gpus(offer).into_iter().filter(|u| same_model(u)).collect();
+    let memory_mib = offer
+        .spec
+        .gpus
+        .iter()
+        .filter(|g| g.model == first.model)
+        .map(|g| g.memory_mib)
+        .min()
+        .unwrap_or(first.memory_mib);
+    let status = offer.status.as_ref();
+    Some(Offer {
+        node: offer.spec.node_name.clone(),
+        free_gpus: free,
+        model: first.model.clone(),
+        tier: first.tier(),
+        memory_mib,
+        price_per_gpu_hour: offer.spec.price_per_gpu_hour,
+        region: offer.spec.region.clone(),
+        zone: offer.spec.zone.clone().unwrap_or_default(),
+        interconnect: offer.spec.interconnect,
+        reputation: status.and_then(|s| s.reputation.as_ref()).map_or(0, |r| r.score),
+        stake: status.and_then(|s| s.stake).unwrap_or(0),
+    })
+}
+
+/// The request for `workers` workers of `cluster` (all of them at first, the lost ones when
+/// replacing).
+pub fn market_request(cluster: &GpuCluster, workers: u32) -> Request {
+    let spec = &cluster.spec;
+    let models = match (&spec.gpu.models, spec.gpu.min_tier) {
+        (Some(models), _) => ModelFilter::Models(models.clone()),
+        (None, Some(tier)) => ModelFilter::MinTier(tier),
+        (None, None) => ModelFilter::MinTier(gpumarket_crds::GpuTier::Other),
+    };
+    Request {
+        key: format!(
+            "{}/{}",
+            cluster.metadata.namespace.as_deref().unwrap_or_default(),
+            cluster.metadata.name.as_deref().unwrap_or_default()
+        ),
+        models,
+        min_memory_mib: spec.gpu.min_memory_mib,
+        workers,
+        gpus_per_worker: spec.gpus_per_worker,
+        max_price_per_gpu_hour: spec.max_price_per_gpu_hour,
+        region: spec.location.as_ref().map(|l| l.region.clone()),
+        zone: spec.location.as_ref().and_then(|l| l.zone.clone()),
+        min_reputation: spec.min_reputation,
+        placement: spec.placement,
+        created: cluster.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mk_offer, now};
+
+    #[test]
+    fn stale_heartbeat_takes_the_offer_off_the_market() {
+        let offer = mk_offer("node-a", "H100", 4, now() - jiff::SignedDuration::from_secs(61));
+        assert!(market_offer(&offer, now(), Duration::from_secs(60)).is_none());
+        assert!(market_offer(&offer, now(), Duration::from_secs(120)).is_some());
+    }
+
+    #[test]
+    fn unhealthy_and_allocated_gpus_are_not_free() {
+        let mut offer = mk_offer("node-a", "H100", 4, now());
+        let status = offer.status.get_or_insert_default();
+        status.gpus = vec![
+            GpuState {
+                uuid: "node-a-gpu-0".into(),
+                health: Some(GpuHealth::Unhealthy),
+                reason: None,
+                lease: None,
+            },
+            GpuState {
+                uuid: "node-a-gpu-1".into(),
+                health: Some(GpuHealth::Healthy),
+                reason: None,
+                lease: Some("x".into()),
+            },
+        ];
+        let market = market_offer(&offer, now(), Duration::from_secs(60)).expect("fresh");
+        assert_eq!(market.free_gpus, ["node-a-gpu-2", "node-a-gpu-3"]);
+        assert_eq!(market.model, "H100");
+    }
+}

@@ -1,0 +1,94 @@
+//! Small builders for unit tests (`mk_*`), so tests read as the situation they set up.
+
+use gpumarket_crds::{
+    ClusterRef, GpuCluster, GpuClusterSpec, GpuLease, GpuLeaseSpec, GpuOffer, GpuOfferSpec,
+    GpuOfferStatus, GpuSelector, OfferedGpu, Payment,
+};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::ObjectMeta;
+
+pub fn now() -> Timestamp {
+    Timestamp::from_second(1_800_000_000).expect("valid")
+}
+
+pub fn mk_cluster(name: &str, workers: u32, gpus_per_worker: u32) -> GpuCluster {
+    let mut cluster = GpuCluster::new(
+        name,
+        GpuClusterSpec {
+            gpu: GpuSelector {
+                models: Some(vec!["H100".into()]),
+                min_tier: None,
+                min_memory_mib: 0,
+            },
+            workers,
+            gpus_per_worker,
+            duration: "1h".into(),
+            max_price_per_gpu_hour: 10_000_000,
+            location: None,
+            min_reputation: 0,
+            placement: Default::default(),
+            ray: Default::default(),
+            payment: Payment {
+                buyer_wallet: "11111111111111111111111111111111".into(),
+                deposit: 1,
+            },
+        },
+    );
+    cluster.metadata.namespace = Some("ns".into());
+    cluster.metadata.uid = Some(format!("{name}-0000-uid"));
+    cluster
+}
+
+pub fn mk_lease(cluster: &GpuCluster, node: &str, gpus: &[&str], workers: u32) -> GpuLease {
+    let gpus: Vec<String> = gpus.iter().map(|g| g.to_string()).collect();
+    GpuLease {
+        metadata: ObjectMeta {
+            name: Some(crate::binding::lease_name(cluster, node, &gpus)),
+            ..Default::default()
+        },
+        spec: GpuLeaseSpec {
+            cluster: ClusterRef {
+                namespace: "ns".into(),
+                name: cluster.metadata.name.clone().unwrap_or_default(),
+                uid: cluster.metadata.uid.clone().unwrap_or_default(),
+            },
+            offer: node.into(),
+            supplier_wallet: "11111111111111111111111111111111".into(),
+            gpus,
+            workers,
+            price_per_gpu_hour: 1_000_000,
+            start_time: Time(now()),
+        },
+        status: None,
+    }
+}
+
+/// An offer of `count` GPUs named `<node>-gpu-<i>`, heartbeating at `heartbeat`.
+pub fn mk_offer(node: &str, model: &str, count: usize, heartbeat: Timestamp) -> GpuOffer {
+    GpuOffer {
+        metadata: ObjectMeta { name: Some(node.into()), ..Default::default() },
+        spec: GpuOfferSpec {
+            node_name: node.into(),
+            wallet: "11111111111111111111111111111111".into(),
+            gpus: (0..count)
+                .map(|i| OfferedGpu {
+                    uuid: format!("{node}-gpu-{i}"),
+                    model: model.into(),
+                    memory_mib: 81_920,
+                })
+                .collect(),
+            price_per_gpu_hour: 1_000_000,
+            region: "eu-west".into(),
+            zone: Some("eu-west-1a".into()),
+            interconnect: Default::default(),
+            driver_version: None,
+            cuda_version: None,
+            mode: Default::default(),
+        },
+        status: Some(GpuOfferStatus {
+            last_heartbeat: Some(Time(heartbeat)),
+            ..Default::default()
+        }),
+    }
+}
