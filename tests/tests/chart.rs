@@ -204,8 +204,18 @@ fn leader_election_follows_the_replica_count() {
     let deployment = find(&replicated, "Deployment", "gpumarket-controller");
     assert_eq!(deployment["spec"]["replicas"], 3);
     assert!(args_of(deployment).contains(&"--leader-election".to_owned()));
+    assert!(
+        args_of(deployment).contains(&"--leader-election-lease=gpumarket-controller".to_owned())
+    );
     let role = find(&replicated, "Role", "gpumarket-controller-leader-election");
-    assert_eq!(role["rules"][0]["resources"], json!(["leases"]));
+    assert_eq!(
+        role["rules"],
+        json!([
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+             "resourceNames": ["gpumarket-controller"], "verbs": ["get", "patch", "update"]},
+        ])
+    );
 }
 
 #[test]
