@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use gpumarket_controller::simulate::Simulation;
 use gpumarket_controller::{Config, LeaderElection, Settings};
 use gpumarket_crds::common::parse_duration;
 
@@ -47,6 +48,19 @@ struct Args {
     /// How long a leader holds the Lease without renewing it (e.g. 15s).
     #[arg(long, env = "GPUMARKET_LEADER_ELECTION_DURATION", default_value = "15s", value_parser = duration)]
     leader_election_duration: Duration,
+
+    /// Also act as the agent of every node labelled gpumarket.io/gpu-model (KWOK nodes in the
+    /// local environment): publish and heartbeat its GpuOffer.
+    #[arg(long, env = "GPUMARKET_SIMULATE_SUPPLIERS")]
+    simulate_suppliers: bool,
+
+    /// Price per GPU-hour of simulated suppliers, in base units of the mint.
+    #[arg(long, default_value_t = 2_000_000)]
+    simulated_price: u64,
+
+    /// Wallet of simulated suppliers (base-58 public key).
+    #[arg(long, default_value = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV")]
+    simulated_wallet: String,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -91,6 +105,19 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: Some(args.metrics_addr),
         leader_election,
     };
+
+    let simulation = args.simulate_suppliers.then(|| Simulation {
+        price_per_gpu_hour: args.simulated_price,
+        wallet: args.simulated_wallet.clone(),
+        heartbeat: args.heartbeat_timeout / 4,
+    });
+    if let Some(simulation) = simulation {
+        tracing::info!(
+            "simulating suppliers for nodes labelled {}",
+            gpumarket_controller::simulate::MODEL_LABEL
+        );
+        tokio::spawn(gpumarket_controller::simulate::run(client.clone(), simulation));
+    }
 
     tokio::select! {
         result = gpumarket_controller::run(client, config) => result.context("controller stopped"),

@@ -1,0 +1,127 @@
+//! Simulated suppliers for the local environment, until every node runs the real agent: a
+//! GpuOffer for each node labelled with a GPU model (KWOK nodes), heartbeating like an agent.
+
+use std::time::Duration;
+
+use gpumarket_crds::GpuOffer;
+use gpumarket_crds::common::{GPU_RESOURCE, REGION_LABEL, ZONE_LABEL};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+/// Label naming the GPU model of a node.
+pub const MODEL_LABEL: &str = "gpumarket.io/gpu-model";
+/// Label with the memory of each GPU, in MiB (80 GiB when absent).
+pub const MEMORY_LABEL: &str = "gpumarket.io/gpu-memory-mib";
+const FIELD_MANAGER: &str = "gpumarket-simulated-agent";
+
+/// What every simulated supplier asks and where it is paid.
+#[derive(Clone, Debug)]
+pub struct Simulation {
+    pub price_per_gpu_hour: u64,
+    pub wallet: String,
+    pub heartbeat: Duration,
+}
+
+/// The offer (spec) a simulated agent publishes for `node`, if it has GPUs and a model label.
+pub fn offer_for(node: &Node, sim: &Simulation) -> Option<serde_json::Value> {
+    let labels = node.labels();
+    let model = labels.get(MODEL_LABEL)?;
+    let count: usize =
+        node.status.as_ref()?.capacity.as_ref()?.get(GPU_RESOURCE)?.0.parse().ok()?;
+    let memory: u64 = labels.get(MEMORY_LABEL).and_then(|m| m.parse().ok()).unwrap_or(81_920);
+    let name = node.name_any();
+    let gpus: Vec<_> = (0..count)
+        .map(
+            |i| json!({"uuid": format!("GPU-sim-{name}-{i}"), "model": model, "memoryMib": memory}),
+        )
+        .collect();
+    let mut spec = json!({
+        "nodeName": name,
+        "wallet": sim.wallet,
+        "gpus": gpus,
+        "pricePerGpuHour": sim.price_per_gpu_hour,
+        "region": labels.get(REGION_LABEL).map_or("local", String::as_str),
+    });
+    if let Some(zone) = labels.get(ZONE_LABEL) {
+        spec["zone"] = json!(zone);
+    }
+    Some(
+        json!({"apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuOffer", "metadata": {"name": name}, "spec": spec}),
+    )
+}
+
+/// Publish and heartbeat offers for every GPU node, until the future is dropped.
+pub async fn run(client: Client, sim: Simulation) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let offers: Api<GpuOffer> = Api::all(client);
+    let mut ticks = tokio::time::interval(sim.heartbeat);
+    loop {
+        ticks.tick().await;
+        let listed = match nodes.list(&ListParams::default().labels(MODEL_LABEL)).await {
+            Ok(list) => list.items,
+            Err(e) => {
+                tracing::warn!(error = %e, "simulated suppliers: listing nodes");
+                continue;
+            }
+        };
+        for node in listed {
+            let Some(offer) = offer_for(&node, &sim) else { continue };
+            let name = node.name_any();
+            let apply = PatchParams::apply(FIELD_MANAGER).force();
+            let gpus: Vec<_> = offer["spec"]["gpus"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|g| json!({"uuid": g["uuid"], "health": "Healthy"}))
+                .collect();
+            let status = json!({
+                "apiVersion": "gpumarket.io/v1alpha1",
+                "kind": "GpuOffer",
+                "status": {"gpus": gpus, "lastHeartbeat": jiff::Timestamp::now()},
+            });
+            let result = async {
+                offers.patch(&name, &apply, &Patch::Apply(&offer)).await?;
+                offers.patch_status(&name, &apply, &Patch::Apply(&status)).await
+            };
+            if let Err(e) = result.await {
+                tracing::warn!(error = %e, node = %name, "simulated supplier heartbeat");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::NodeStatus;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use std::collections::BTreeMap;
+
+    fn sim() -> Simulation {
+        Simulation { price_per_gpu_hour: 5, wallet: "w".into(), heartbeat: Duration::from_secs(1) }
+    }
+
+    #[test]
+    fn gpu_nodes_get_an_offer_of_their_capacity() {
+        let mut node = Node::default();
+        node.metadata.name = Some("kwok-h100".into());
+        node.metadata.labels = Some(BTreeMap::from([
+            (MODEL_LABEL.to_string(), "H100".to_string()),
+            (REGION_LABEL.to_string(), "eu-west".to_string()),
+        ]));
+        node.status = Some(NodeStatus {
+            capacity: Some(BTreeMap::from([(GPU_RESOURCE.to_string(), Quantity("2".into()))])),
+            ..Default::default()
+        });
+        let offer = offer_for(&node, &sim()).expect("a GPU node");
+        assert_eq!(offer["spec"]["gpus"].as_array().map(Vec::len), Some(2));
+        assert_eq!(offer["spec"]["region"], "eu-west");
+        assert_eq!(offer["spec"]["gpus"][1]["model"], "H100");
+        assert!(offer["spec"].get("zone").is_none());
+
+        node.metadata.labels = None;
+        assert!(offer_for(&node, &sim()).is_none(), "no model label, no offer");
+    }
+}
