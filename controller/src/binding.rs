@@ -18,14 +18,16 @@
 use std::collections::BTreeMap;
 
 use gpumarket_crds::{
-    ClusterRef, GpuCluster, GpuLease, GpuLeaseSpec, GpuOffer, GpuOfferStatus, GpuState,
+    ClusterRef, GpuCluster, GpuLease, GpuLeaseSpec, GpuOffer, GpuOfferStatus, GpuState, LeasePhase,
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::context::MANAGER;
 use crate::error::{Error, Result};
 use crate::matching::Assignment;
 use crate::raycluster::CLUSTER_LABEL;
@@ -210,11 +212,25 @@ pub async fn bind(
     }
     let mut created = Vec::new();
     for lease in planned {
-        let lease = match leases_api.create(&PostParams::default(), lease).await {
+        let mut lease = match leases_api.create(&PostParams::default(), lease).await {
             Ok(lease) => lease,
             Err(kube::Error::Api(e)) if e.code == 409 => leases_api.get(&lease.name_any()).await?,
             Err(e) => return Err(e.into()),
         };
+        if lease.status.as_ref().and_then(|s| s.phase).is_none() {
+            let active = json!({
+                "apiVersion": "gpumarket.io/v1alpha1",
+                "kind": "GpuLease",
+                "status": {"phase": LeasePhase::Active},
+            });
+            lease = leases_api
+                .patch_status(
+                    &lease.name_any(),
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&active),
+                )
+                .await?;
+        }
         created.push(lease);
     }
     Ok(created)

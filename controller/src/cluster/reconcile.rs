@@ -232,7 +232,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         ray_cluster: ray_ready.map(|_| name.clone()),
         dashboard: ray_ready.map(|_| dashboard_address(&name, &namespace)),
         unmatched,
-        unfunded: None,
+        funding: None,
         now,
     });
     let pending = status.phase == Some(ClusterPhase::Pending);
@@ -359,12 +359,14 @@ async fn expire(
         delete_ray_cluster(cluster, ctx).await?;
     }
     let mut ended = Vec::new();
-    for lease in refs.into_iter() {
-        ended.push(if is_active(lease) {
-            end_lease(ctx, lease, EndReason::Expired, now).await?
+    let mut ended_now = 0;
+    for lease in refs {
+        if is_active(lease) {
+            ended.push(end_lease(ctx, lease, EndReason::Expired, now).await?);
+            ended_now += 1;
         } else {
-            lease.clone()
-        });
+            ended.push(lease.clone());
+        }
     }
     let refs: Vec<&GpuLease> = ended.iter().collect();
     let message = format!("ran its duration {} (until {at})", cluster.spec.duration);
@@ -373,7 +375,7 @@ async fn expire(
         EventType::Normal,
         "Expired",
         "Expire",
-        format!("{message}: RayCluster deleted, {} leases ended", refs.len()),
+        format!("{message}: RayCluster deleted, {ended_now} leases ended"),
     )
     .await;
     write_status(

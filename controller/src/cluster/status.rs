@@ -71,8 +71,9 @@ pub struct Observation<'a> {
     pub dashboard: Option<String>,
     /// The matching engine's explanation when the (remaining) workers found no supply.
     pub unmatched: Option<String>,
-    /// `Some(message)` when the deposit does not cover the match.
-    pub unfunded: Option<String>,
+    /// Outcome of the deposit check, when settlement is on: `Ok(message)` when the escrow
+    /// covers the cluster, `Err(message)` when it is short.
+    pub funding: Option<Result<String, String>>,
     pub now: Timestamp,
 }
 
@@ -102,11 +103,16 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
     let gpus: u32 = active.iter().map(|l| l.spec.gpus.len() as u32).sum();
     let hourly_rate: u64 =
         active.iter().map(|l| l.spec.price_per_gpu_hour * l.spec.gpus.len() as u64).sum();
+    // Accrued cost moves in whole minutes: a status that changed on every reconcile would
+    // trigger the next reconcile through its own watch event.
+    let meter_time =
+        Timestamp::from_second(obs.now.as_second() - obs.now.as_second().rem_euclid(60))
+            .unwrap_or(obs.now);
     let cost: u64 = obs
         .leases
         .iter()
         .map(|l| {
-            let gpu_seconds = u128::from(metered_gpu_seconds(l, obs.now));
+            let gpu_seconds = u128::from(metered_gpu_seconds(l, meter_time));
             (gpu_seconds * u128::from(l.spec.price_per_gpu_hour) / 3600) as u64
         })
         .sum();
@@ -130,11 +136,9 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
             format!("{gpus} GPUs bound through {} leases", active.len()),
         ),
     }
-    match &obs.unfunded {
-        Some(why) => set(FUNDED, false, "DepositShort", why.clone()),
-        None if started => {
-            set(FUNDED, true, "DepositCovers", "the escrow covers the bound GPUs".into())
-        }
+    match &obs.funding {
+        Some(Ok(message)) => set(FUNDED, true, "DepositCovers", message.clone()),
+        Some(Err(why)) => set(FUNDED, false, "DepositShort", why.clone()),
         None => {}
     }
     match obs.ray_ready {
@@ -270,7 +274,7 @@ mod tests {
             ray_cluster: None,
             dashboard: None,
             unmatched: None,
-            unfunded: None,
+            funding: None,
             now: now(),
         }
     }
@@ -325,6 +329,19 @@ mod tests {
         assert_eq!(status.start_time, Some(a.spec.start_time.clone()));
         assert_eq!(cond(&status, DEGRADED).status, "False");
         assert_eq!(cond(&status, RAY_READY).status, "True");
+    }
+
+    #[test]
+    fn status_does_not_change_between_reconciles_within_a_minute() {
+        let cluster = mk_cluster("c", 1, 1);
+        let a = mk_lease(&cluster, "a", &["a1"], 1);
+        let leases = [&a];
+        let first = build_status(&obs(&cluster, &leases, Some(true)));
+        let mut later = obs(&cluster, &leases, Some(true));
+        later.now = now() + jiff::SignedDuration::from_secs(59);
+        let cluster = GpuCluster { status: Some(first.clone()), ..cluster.clone() };
+        later.cluster = &cluster;
+        assert_eq!(build_status(&later), first);
     }
 
     #[test]
