@@ -11,9 +11,9 @@
 //! Order and crash safety: all claims of a gang first (rolled back if one fails), then the
 //! GpuLease objects, named deterministically from (cluster uid, node, GPU set) so a retry finds
 //! the lease it already created. A crash after the claims but before the leases leaves claims
-//! naming leases that do not exist: the cluster's next reconcile releases its own such claims
-//! before matching (`release_orphan_claims`), and the offer controller releases any claim whose
-//! lease is missing past a grace period or has ended (so even a deleted cluster's claims return).
+//! naming leases that do not exist: the offer controller releases a claim whose lease has ended,
+//! or has been missing (confirmed against the API, not only the cache) for a grace period longer
+//! than any bind takes; a deleted cluster releases its claims in its finalizer.
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! The GpuCluster reconcile as named steps: read → validate → match → bind → build → apply →
 //! status, wrapped in a finalizer whose cleanup ends the leases before anything disappears.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::status::{
     Observation, build_status, ended_status, expires_at, is_active, missing_workers,
-    supplier_failure,
+    supplier_failure, surplus_leases,
 };
 use crate::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
 use crate::context::{Context, MANAGER};
@@ -53,7 +53,13 @@ pub async fn reconcile(cluster: Arc<GpuCluster>, ctx: Arc<Context>) -> Result<Ac
 pub fn error_policy(cluster: Arc<GpuCluster>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.errors.with_label_values(&[CONTROLLER, error.metric_label()]).inc();
     tracing::warn!(cluster = %cluster.name_any(), %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+    match error {
+        // Lost a write race (e.g. another replica added the finalizer first): retry soon.
+        Error::Finalizer(_) | Error::AllocationConflict { .. } => {
+            Action::requeue(Duration::from_secs(1))
+        }
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
 }
 
 /// What the read step gathers.
@@ -131,6 +137,18 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         }
     }
 
+    // Replicas racing without leader election can each bind the same cluster (never the same
+    // GPU): the extra leases are ended before they serve any worker.
+    let active: Vec<&GpuLease> = leases.iter().filter(|l| is_active(l)).collect();
+    let surplus: Vec<String> =
+        surplus_leases(cluster, &active).iter().map(|l| l.name_any()).collect();
+    for lease in leases.iter_mut().filter(|l| surplus.contains(&l.name_any())) {
+        *lease = end_lease(ctx, lease, EndReason::Deleted, now).await?;
+        let note =
+            format!("lease {} ended: more workers were bound than requested", lease.name_any());
+        ctx.event(cluster, EventType::Warning, "SurplusLease", "Bind", note).await;
+    }
+
     // match + bind
     let mut unmatched = None;
     let active: Vec<&GpuLease> = leases.iter().filter(|l| is_active(l)).collect();
@@ -138,7 +156,6 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     let replacing = cluster.status.as_ref().is_some_and(|s| s.start_time.is_some())
         || leases.iter().any(|l| !is_active(l));
     if missing > 0 {
-        release_orphan_claims(cluster, ctx, &leases).await?;
         match match_workers(cluster, ctx, missing) {
             Outcome::Unmatched(why) => {
                 let why = why.to_string();
@@ -281,27 +298,19 @@ fn describe_placement(leases: &[GpuLease]) -> String {
         .join(", ")
 }
 
-/// Release allocations that name a lease of this cluster that does not exist: left by a crash
-/// between claiming GPUs and creating their lease. `leases` is read from the API, so a claim
-/// without a lease there is a true orphan (this cluster's reconciles never run concurrently).
-async fn release_orphan_claims(
-    cluster: &GpuCluster,
-    ctx: &Context,
-    leases: &[GpuLease],
-) -> Result<()> {
+/// Release every allocation naming a lease of this cluster (the cluster is going away, so none
+/// of them can still be needed, including claims left by a crash before their lease existed).
+async fn release_cluster_claims(cluster: &GpuCluster, ctx: &Context) -> Result<()> {
     let prefix = lease_prefix(cluster);
-    let live: BTreeSet<String> =
-        leases.iter().filter(|l| is_active(l)).map(|l| l.name_any()).collect();
-    let is_orphan = |lease: &str| lease.starts_with(&prefix) && !live.contains(lease);
+    let is_ours = |lease: &str| lease.starts_with(&prefix);
     for offer in ctx.offers.state() {
-        let has_orphan = offer
+        let holds_ours = offer
             .status
             .iter()
             .flat_map(|s| &s.gpus)
-            .any(|g| g.lease.as_deref().is_some_and(is_orphan));
-        if has_orphan {
-            tracing::info!(cluster = %cluster.name_any(), offer = %offer.name_any(), "releasing orphaned GPU allocations");
-            binding::release_claims(&offers_api(ctx), &offer.name_any(), is_orphan).await?;
+            .any(|g| g.lease.as_deref().is_some_and(is_ours));
+        if holds_ours {
+            binding::release_claims(&offers_api(ctx), &offer.name_any(), is_ours).await?;
         }
     }
     Ok(())
@@ -396,7 +405,7 @@ async fn cleanup(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         end_lease(ctx, lease, EndReason::Deleted, now).await?;
         count += 1;
     }
-    release_orphan_claims(cluster, ctx, &[]).await?;
+    release_cluster_claims(cluster, ctx).await?;
     if ray_cluster.is_some() {
         delete_ray_cluster(cluster, ctx).await?;
     }

@@ -52,6 +52,26 @@ pub fn missing_workers(cluster: &GpuCluster, active: &[&GpuLease]) -> u32 {
     cluster.spec.workers.saturating_sub(placed)
 }
 
+/// Active leases beyond what the spec asks for, newest first, each only if the rest still
+/// hold every worker.
+pub fn surplus_leases<'a>(cluster: &GpuCluster, active: &[&'a GpuLease]) -> Vec<&'a GpuLease> {
+    let mut newest_first = active.to_vec();
+    newest_first.sort_by(|a, b| {
+        (b.spec.start_time.0, &b.metadata.name).cmp(&(a.spec.start_time.0, &a.metadata.name))
+    });
+    let mut placed: u32 = active.iter().map(|l| l.spec.workers).sum();
+    newest_first
+        .into_iter()
+        .filter(|lease| {
+            let surplus = placed - lease.spec.workers >= cluster.spec.workers;
+            if surplus {
+                placed -= lease.spec.workers;
+            }
+            surplus
+        })
+        .collect()
+}
+
 /// GPU-seconds metered by a lease up to `now` (or its end).
 pub fn metered_gpu_seconds(lease: &GpuLease, now: Timestamp) -> u64 {
     let end = lease.status.as_ref().and_then(|s| s.end_time.as_ref()).map_or(now, |t| t.0);
@@ -342,6 +362,23 @@ mod tests {
         let cluster = GpuCluster { status: Some(first.clone()), ..cluster.clone() };
         later.cluster = &cluster;
         assert_eq!(build_status(&later), first);
+    }
+
+    #[test]
+    fn surplus_is_the_newest_leases_beyond_the_spec() {
+        let cluster = mk_cluster("c", 2, 1);
+        let a = mk_lease(&cluster, "a", &["a1"], 1);
+        let b = mk_lease(&cluster, "b", &["b1"], 1);
+        let mut c = mk_lease(&cluster, "c", &["c1"], 1);
+        c.spec.start_time = Time(now() + jiff::SignedDuration::from_secs(1));
+        let names = |leases: Vec<&GpuLease>| -> Vec<String> {
+            leases.iter().filter_map(|l| l.metadata.name.clone()).collect()
+        };
+        assert_eq!(names(surplus_leases(&cluster, &[&a, &b, &c])), names(vec![&c]));
+        assert!(surplus_leases(&cluster, &[&a, &b]).is_empty());
+        let two = mk_lease(&cluster, "d", &["d1", "d2"], 2);
+        // Ending `two` would leave one worker: only the one-worker leases can go.
+        assert_eq!(names(surplus_leases(&cluster, &[&two, &a])), names(vec![&a]));
     }
 
     #[test]
