@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use futures::StreamExt;
 use gpumarket_crds::{GpuLease, GpuOffer};
 use kube::Client;
 use kube::api::Api;
@@ -88,31 +89,36 @@ pub async fn run(client: Client, config: Config) -> Result<(), RunError> {
 }
 
 async fn run_controllers(client: Client, settings: Settings, metrics: Arc<metrics::Metrics>) {
+    // The caches are filled by their own tasks, so a reconcile can wait for them without
+    // depending on the controller polling its trigger streams; the controllers have their own
+    // watches as triggers.
     let (offer_store, offer_writer) = reflector::store();
-    let offers = watcher(Api::<GpuOffer>::all(client.clone()), watcher::Config::default())
+    let offer_cache = watcher(Api::<GpuOffer>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .reflect(offer_writer)
-        .touched_objects();
+        .for_each(|_| std::future::ready(()));
     let (lease_store, lease_writer) = reflector::store();
-    let leases = watcher(Api::<GpuLease>::all(client.clone()), watcher::Config::default())
+    let lease_cache = watcher(Api::<GpuLease>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .reflect(lease_writer)
-        .touched_objects();
-    let ctx = Arc::new(context::Context::new(client, metrics, settings, offer_store, lease_store));
-    let clusters = cluster::controller(&ctx, offers, leases);
-    let cluster_store = clusters.store();
+        .for_each(|_| std::future::ready(()));
+    let _caches = (AbortOnDrop(tokio::spawn(offer_cache)), AbortOnDrop(tokio::spawn(lease_cache)));
+    if offer_store.wait_until_ready().await.is_err()
+        || lease_store.wait_until_ready().await.is_err()
+    {
+        tracing::error!("offer or lease cache stopped before it was filled");
+        return;
+    }
 
+    let ctx = Arc::new(context::Context::new(client, metrics, settings, offer_store, lease_store));
+    let clusters = cluster::controller(&ctx);
+    let cluster_store = clusters.store();
     let inventory = {
         let ctx = ctx.clone();
         async move {
-            let (offers, leases, clusters) = tokio::join!(
-                ctx.offers.wait_until_ready(),
-                ctx.leases.wait_until_ready(),
-                cluster_store.wait_until_ready()
-            );
-            ctx.metrics
-                .ready
-                .store(offers.is_ok() && leases.is_ok() && clusters.is_ok(), Ordering::Relaxed);
+            if cluster_store.wait_until_ready().await.is_ok() {
+                ctx.metrics.ready.store(true, Ordering::Relaxed);
+            }
             let mut ticks = tokio::time::interval(metrics::INVENTORY_PERIOD);
             loop {
                 ticks.tick().await;

@@ -6,7 +6,7 @@ pub mod status;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer};
 use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -15,31 +15,28 @@ use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, watcher};
 use crate::context::Context;
 use crate::raycluster;
 
-/// Build the controller. `offers` and `leases` are the reflected watch streams whose stores are
-/// in `ctx`, so one watch feeds both the caches and the triggers.
-pub fn controller(
-    ctx: &Arc<Context>,
-    offers: impl Stream<Item = Result<GpuOffer, watcher::Error>> + Send + 'static,
-    leases: impl Stream<Item = Result<GpuLease, watcher::Error>> + Send + 'static,
-) -> Controller<GpuCluster> {
+/// Build the controller: triggered by its GpuClusters, their RayClusters, their leases, and
+/// offers (see `clusters_affected_by`).
+pub fn controller(ctx: &Arc<Context>) -> Controller<GpuCluster> {
     let client = ctx.client.clone();
     let controller =
         Controller::new(Api::<GpuCluster>::all(client.clone()), watcher::Config::default());
     let clusters = controller.store();
     let lease_store = ctx.leases.clone();
+    let offers = watcher(Api::<GpuOffer>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(offer_market_state, PredicateConfig::default());
     controller
         .owns_with(
-            Api::<DynamicObject>::all_with(client, &raycluster::api_resource()),
+            Api::<DynamicObject>::all_with(client.clone(), &raycluster::api_resource()),
             raycluster::api_resource(),
             watcher::Config::default(),
         )
-        .watches_stream(leases, |lease| {
+        .watches(Api::<GpuLease>::all(client), watcher::Config::default(), |lease| {
             Some(ObjectRef::new(&lease.spec.cluster.name).within(&lease.spec.cluster.namespace))
         })
-        .watches_stream(
-            offers.predicate_filter(offer_market_state, PredicateConfig::default()),
-            move |offer| clusters_affected_by(&offer, &clusters, &lease_store),
-        )
+        .watches_stream(offers, move |offer| clusters_affected_by(&offer, &clusters, &lease_store))
 }
 
 /// Hash of what matters to clusters about an offer: its spec, availability, and per-GPU health

@@ -97,8 +97,6 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
 
-    // Match only against a complete picture of the supply.
-    let _ = ctx.offers.wait_until_ready().await;
     let Read { mut leases, ray_cluster } = read(cluster, ctx).await?;
 
     // validate
