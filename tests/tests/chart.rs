@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use gpumarket_crds::{ClusterPhase, GpuCluster, GpuClusterStatus, GpuOffer, GpuOfferStatus};
+use gpumarket_crds::{
+    ClusterPhase, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, GpuOfferStatus,
+};
 use gpumarket_tests::{Env, GpuNode};
 use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -675,6 +677,34 @@ fn refusal<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> String {
     }
 }
 
+/// Installs the chart with `examples/values-local.yaml` into `ns` for real (KWOK runs its
+/// controller and agent pods as simulated pods), with a settlement Secret; returns the prefix
+/// of its object names. The release is named after the namespace so that its cluster-scoped
+/// objects are unique too. The environment has installed the CRDs already (the same files, see
+/// crds/tests/generated.rs).
+async fn install_chart(env: &Env, admin: &kube::Client, ns: &str) -> anyhow::Result<String> {
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "gpumarket-settlement"},
+        "stringData": {"keypair.json": "[]", "rpc-url": "http://127.0.0.1:1"}
+    }))?;
+    Api::<Secret>::namespaced(admin.clone(), ns).create(&PostParams::default(), &secret).await?;
+    let (ok, stdout, stderr) = run(
+        Command::new(tool("helm"))
+            .args(["install", ns])
+            .arg(chart_dir())
+            .args(["--namespace", ns, "--skip-crds", "--kubeconfig"])
+            .arg(env.kubeconfig())
+            .args(helm_args(&["values-local.yaml"], &[])),
+        "",
+    );
+    assert!(ok, "helm install:\n{stdout}\n{stderr}");
+    Ok(format!("{ns}-gpumarket"))
+}
+
+/// Tests that install the chart take turns: the controller started by one would otherwise
+/// write the status of the other's offers.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn heartbeat() -> Patch<Value> {
     Patch::Merge(json!({"status": {"lastHeartbeat": "2026-01-01T00:00:00Z"}}))
 }
@@ -682,34 +712,16 @@ fn heartbeat() -> Patch<Value> {
 #[tokio::test]
 async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controller_off_secrets()
 -> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
     let env = Env::shared().await;
     let ns = env.namespace("chart-install").await?;
     env.add_gpu_nodes(&[GpuNode::new("chart-a", "H100", 2), GpuNode::new("chart-b", "H100", 2)])
         .await?;
     let admin = env.client().await?;
 
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "gpumarket-settlement"},
-        "stringData": {"keypair.json": "[]", "rpc-url": "http://127.0.0.1:1"}
-    }))?;
-    Api::<Secret>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &secret).await?;
+    let fullname = install_chart(env, &admin, &ns).await?;
     let other: Secret = serde_json::from_value(json!({"metadata": {"name": "buyer-credentials"}}))?;
     Api::<Secret>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &other).await?;
-
-    // Installed for real: KWOK runs the controller and agent pods as simulated pods. The
-    // environment has installed the CRDs already (the same files, see crds/tests/generated.rs).
-    // The release is named after the namespace so its cluster-scoped objects are unique too.
-    let fullname = format!("{ns}-gpumarket");
-    let (ok, stdout, stderr) = run(
-        Command::new(tool("helm"))
-            .args(["install", &ns])
-            .arg(chart_dir())
-            .args(["--namespace", &ns, "--skip-crds", "--kubeconfig"])
-            .arg(env.kubeconfig())
-            .args(helm_args(&["values-local.yaml"], &[])),
-        "",
-    );
-    assert!(ok, "helm install:\n{stdout}\n{stderr}");
 
     let offers_admin: Api<GpuOffer> = Api::all(admin.clone());
     let offer_for = |node: &str| -> GpuOffer {
@@ -828,5 +840,110 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
     Api::<GpuCluster>::all(controller.clone()).list(&ListParams::default()).await?;
     let stake = Patch::Merge(json!({"status": {"stake": 6_000_000}}));
     Api::<GpuOffer>::all(controller).patch_status("chart-b", &pp, &stake).await?;
+    Ok(())
+}
+
+/// The controller, run in-process with the permissions the chart gives its service account
+/// (impersonated) and with leader election on the chart's Lease, takes a GpuCluster from
+/// Pending to a created RayCluster; the supplier's offer is published and heartbeated by an
+/// impersonated agent through the supplier-isolation policy. A missing permission stalls it.
+#[tokio::test]
+async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let ns = env.namespace("chart-rbac").await?;
+    let (node, region) = ("chart-rbac-h100", "chart-rbac");
+    env.add_gpu_nodes(&[GpuNode::new(node, "H100", 2).region(region)]).await?;
+    let admin = env.client().await?;
+    let fullname = install_chart(env, &admin, &ns).await?;
+
+    let agent =
+        impersonating(env, &format!("system:serviceaccount:{ns}:{fullname}-agent"), Some(node))
+            .await?;
+    let offers: Api<GpuOffer> = Api::all(agent);
+    let mut offer: GpuOffer = serde_json::from_value(offer(None))?;
+    offer.metadata.name = Some(node.into());
+    offer.spec.node_name = node.into();
+    offer.spec.region = region.into();
+    // The policy may still be loading: the create is allowed either way.
+    offers.create(&PostParams::default(), &offer).await?;
+    let heartbeat = {
+        let offers = offers.clone();
+        tokio::spawn(async move {
+            loop {
+                let beat = json!({"apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuOffer", "status": {
+                    "lastHeartbeat": jiff::Timestamp::now(),
+                    "gpus": [{"uuid": "GPU-1", "health": "Healthy"}, {"uuid": "GPU-2", "health": "Healthy"}]}});
+                let apply = PatchParams::apply("gpumarket-agent").force();
+                if let Err(e) = offers.patch_status(node, &apply, &Patch::Apply(&beat)).await {
+                    eprintln!("agent heartbeat: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(700)).await;
+            }
+        })
+    };
+
+    let as_controller =
+        impersonating(env, &format!("system:serviceaccount:{ns}:{fullname}-controller"), None)
+            .await?;
+    let config = gpumarket_controller::Config {
+        settings: gpumarket_controller::Settings {
+            heartbeat_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
+        metrics_addr: None,
+        leader_election: Some(gpumarket_controller::LeaderElection {
+            namespace: ns.clone(),
+            lease_name: format!("{fullname}-controller"),
+            identity: "chart-test".into(),
+            lease_duration: Duration::from_secs(15),
+        }),
+    };
+    // RBAC caches catch up with the new bindings within moments; start once they have.
+    for _ in 0..40 {
+        let probe = Api::<GpuLease>::all(as_controller.clone()).list(&ListParams::default()).await;
+        if probe.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let controller = tokio::spawn(gpumarket_controller::run(as_controller, config));
+
+    let cluster: GpuCluster = serde_json::from_value(json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuCluster",
+        "metadata": {"name": "rbac"},
+        "spec": {"gpu": {"models": ["H100"]}, "workers": 1, "gpusPerWorker": 2, "duration": "1h",
+                 "maxPricePerGpuHour": 5_000_000, "location": {"region": region},
+                 "payment": {"buyerWallet": WALLET, "deposit": 1_000_000_000u64}}
+    }))?;
+    let clusters: Api<GpuCluster> = Api::namespaced(admin.clone(), &ns);
+    clusters.create(&PostParams::default(), &cluster).await?;
+
+    let ray = kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("ray.io", "v1", "RayCluster"),
+        "rayclusters",
+    );
+    let rays: Api<kube::api::DynamicObject> = Api::namespaced_with(admin.clone(), &ns, &ray);
+    // Provisioning: leases bound, the RayCluster created.
+    let mut phase = None;
+    for _ in 0..120 {
+        if controller.is_finished() {
+            panic!("the controller stopped: {:?}", controller.await);
+        }
+        phase = clusters.get_status("rbac").await?.status.and_then(|s| s.phase);
+        if phase == Some(ClusterPhase::Provisioning) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(phase, Some(ClusterPhase::Provisioning), "after 30 s");
+    assert_eq!(rays.list(&ListParams::default()).await?.items.len(), 1);
+    let leases = Api::<GpuLease>::all(admin.clone()).list(&ListParams::default()).await?;
+    assert!(leases.items.iter().any(|l| l.spec.offer == node), "no GpuLease on {node}");
+    let lease: k8s_openapi::api::coordination::v1::Lease =
+        Api::namespaced(admin, &ns).get(&format!("{fullname}-controller")).await?;
+    assert_eq!(lease.spec.and_then(|s| s.holder_identity).as_deref(), Some("chart-test"));
+    controller.abort();
+    heartbeat.abort();
     Ok(())
 }
