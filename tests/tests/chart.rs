@@ -201,6 +201,7 @@ fn leader_election_follows_the_replica_count() {
     let deployment = find(&single, "Deployment", "gpumarket-controller");
     assert!(!args_of(deployment).contains(&"--leader-election".to_owned()));
     assert!(!has_kind(&single, "Role"), "no lease permissions without leader election");
+    assert!(!has_kind(&single, "PodDisruptionBudget"));
 
     let replicated = render(&[], &["controller.replicas=3"]);
     let deployment = find(&replicated, "Deployment", "gpumarket-controller");
@@ -209,6 +210,8 @@ fn leader_election_follows_the_replica_count() {
     assert!(
         args_of(deployment).contains(&"--leader-election-lease=gpumarket-controller".to_owned())
     );
+    let budget = find(&replicated, "PodDisruptionBudget", "gpumarket-controller");
+    assert_eq!(budget["spec"]["minAvailable"], 1);
     let role = find(&replicated, "Role", "gpumarket-controller-leader-election");
     assert_eq!(
         role["rules"],
