@@ -1,1 +1,23 @@
+//! gpumarket supplier agent: discovers the node's GPUs (NVML, or a fake for simulation), serves
+//! them to the kubelet as a device plugin, and offers them on the market as the node's
+//! `GpuOffer`, heartbeating it with per-GPU health.
+//!
+//! The node is tainted `gpumarket.io/supplier:NoSchedule` and labelled
+//! `gpumarket.io/gpu-model=<model>` so that only marketplace pods land on offered GPUs (see
+//! [`node`]).
 
+pub mod agent;
+pub mod allocation;
+pub mod config;
+pub mod health;
+pub mod node;
+pub mod offer;
+pub mod plugin;
+pub mod registration;
+pub mod source;
+
+/// The kubelet device-plugin API v1beta1 (client and server), generated from `proto/api.proto`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod api {
+    tonic::include_proto!("v1beta1");
+}

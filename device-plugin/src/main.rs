@@ -1,0 +1,49 @@
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use gpumarket_device_plugin::agent::{Agent, AgentConfig};
+use gpumarket_device_plugin::config::{Args, SourceSpec, Supplier};
+use gpumarket_device_plugin::source::DeviceSource;
+use gpumarket_device_plugin::source::fake::FakeSource;
+use gpumarket_device_plugin::source::nvml::NvmlSource;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let supplier = Supplier::from_args(&args)?;
+    let source: Arc<dyn DeviceSource> = match &args.source {
+        SourceSpec::Nvml => Arc::new(NvmlSource::default()),
+        SourceSpec::Fake(path) => Arc::new(FakeSource::from_file(path)?),
+    };
+    let agent = Agent::prepare(AgentConfig::new(&args, supplier), source)?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes client configuration (in-cluster or kubeconfig)")?;
+    tokio::select! {
+        result = agent.run(Some(client)) => result?,
+        () = shutdown() => tracing::info!("stopping"),
+    }
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
