@@ -16,6 +16,7 @@
 //! than any bind takes; a deleted cluster releases its claims in its finalizer.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use gpumarket_crds::{
     ClusterRef, GpuCluster, GpuLease, GpuLeaseSpec, GpuOffer, GpuOfferStatus, GpuState, LeasePhase,
@@ -192,16 +193,23 @@ async fn replace_offer_status(
     }
 }
 
-/// Claim every lease's GPUs on its offer (all or nothing), then create the leases.
-/// Returns the created (or already existing) leases.
-pub async fn bind(
+/// Claim every planned lease's GPUs on its offer, all or nothing (claims already made are
+/// rolled back when one fails). `cached` gives the offer as last seen, which saves a read when
+/// it is current; a stale copy costs a 409 and one fresh read.
+pub async fn claim_all(
     offers: &Api<GpuOffer>,
-    leases_api: &Api<GpuLease>,
+    cached: impl Fn(&str) -> Option<Arc<GpuOffer>>,
     planned: &[GpuLease],
-) -> Result<Vec<GpuLease>> {
+) -> Result<()> {
     let mut claimed: Vec<&GpuLease> = Vec::new();
     for lease in planned {
-        let outcome = claim_on_fresh_offer(offers, lease).await;
+        let outcome = match cached(&lease.spec.offer) {
+            Some(offer) => match claim_on(offers, &offer, lease).await {
+                Err(Error::AllocationConflict { .. }) => claim_on_fresh_offer(offers, lease).await,
+                other => other,
+            },
+            None => claim_on_fresh_offer(offers, lease).await,
+        };
         if let Err(e) = outcome {
             for done in &claimed {
                 release_lease_claims(offers, done).await?;
@@ -210,6 +218,15 @@ pub async fn bind(
         }
         claimed.push(lease);
     }
+    Ok(())
+}
+
+/// Create the planned leases (their GPUs claimed), Active. A lease that already exists (a
+/// retried bind) is taken as it is.
+pub async fn create_leases(
+    leases_api: &Api<GpuLease>,
+    planned: &[GpuLease],
+) -> Result<Vec<GpuLease>> {
     let mut created = Vec::new();
     for lease in planned {
         let mut lease = match leases_api.create(&PostParams::default(), lease).await {
@@ -238,8 +255,12 @@ pub async fn bind(
 
 async fn claim_on_fresh_offer(offers: &Api<GpuOffer>, lease: &GpuLease) -> Result<()> {
     let offer = offers.get(&lease.spec.offer).await?;
-    match claim(&offer, &lease.spec.gpus, &lease.name_any()) {
-        Ok(status) => replace_offer_status(offers, &offer, status).await,
+    claim_on(offers, &offer, lease).await
+}
+
+async fn claim_on(offers: &Api<GpuOffer>, offer: &GpuOffer, lease: &GpuLease) -> Result<()> {
+    match claim(offer, &lease.spec.gpus, &lease.name_any()) {
+        Ok(status) => replace_offer_status(offers, offer, status).await,
         Err(refused) => {
             tracing::debug!(offer = %lease.spec.offer, ?refused, "claim refused");
             Err(Error::AllocationConflict { offer: lease.spec.offer.clone() })

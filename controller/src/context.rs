@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
 use kube::Client;
-use kube::Resource;
+use kube::{Resource, ResourceExt};
+
+use crate::matching::Offer;
+use crate::supply::{gpu_lease, market_offer};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 
@@ -44,7 +47,14 @@ pub struct Context {
     pub leases: Store<GpuLease>,
     /// When each allocation to a missing lease was first seen, by lease name (offer controller).
     pub orphans_seen: Mutex<HashMap<String, Instant>>,
+    /// Held while matching and binding, so this replica's reconciles do not race each other.
+    pub bind_lock: tokio::sync::Mutex<()>,
+    /// GPUs this replica claimed, by (offer, uuid), until the offer cache shows the claim.
+    recent_claims: Mutex<HashMap<(String, String), Instant>>,
 }
+
+/// The cache shows a claim within this time, or the claim was undone (rolled back, released).
+const RECENT_CLAIM_TTL: Duration = Duration::from_secs(30);
 
 impl Context {
     pub fn new(
@@ -64,6 +74,8 @@ impl Context {
             offers,
             leases,
             orphans_seen: Mutex::new(HashMap::new()),
+            bind_lock: tokio::sync::Mutex::new(()),
+            recent_claims: Mutex::new(HashMap::new()),
         }
     }
 
@@ -71,6 +83,43 @@ impl Context {
     pub fn leases_of(&self, cluster: &GpuCluster) -> Vec<Arc<GpuLease>> {
         let uid = cluster.metadata.uid.as_deref().unwrap_or_default();
         self.leases.state().into_iter().filter(|l| l.spec.cluster.uid == uid).collect()
+    }
+
+    /// Free supply for matching: the cached offers, less the GPUs this replica claimed that the
+    /// cache does not show yet.
+    pub fn supply(&self, now: jiff::Timestamp) -> Vec<Offer> {
+        let offers = self.offers.state();
+        let mut recent = match self.recent_claims.lock() {
+            Ok(recent) => recent,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let by_name: HashMap<String, &GpuOffer> =
+            offers.iter().map(|o| (o.name_any(), o.as_ref())).collect();
+        recent.retain(|(offer, gpu), at| {
+            at.elapsed() < RECENT_CLAIM_TTL
+                && by_name.get(offer).is_some_and(|o| gpu_lease(o, gpu).is_none())
+        });
+        offers
+            .iter()
+            .filter_map(|o| market_offer(o, now, self.settings.heartbeat_timeout))
+            .map(|mut offer| {
+                offer.free_gpus.retain(|g| !recent.contains_key(&(offer.node.clone(), g.clone())));
+                offer
+            })
+            .collect()
+    }
+
+    /// Note the GPUs of freshly bound leases (see `supply`).
+    pub fn remember_claims(&self, leases: &[GpuLease]) {
+        let mut recent = match self.recent_claims.lock() {
+            Ok(recent) => recent,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for lease in leases {
+            for gpu in &lease.spec.gpus {
+                recent.insert((lease.spec.offer.clone(), gpu.clone()), Instant::now());
+            }
+        }
     }
 
     /// Publish an Event on the cluster. Events are best effort: a failure is logged, never fatal.

@@ -16,6 +16,7 @@ pub mod matching;
 pub mod metrics;
 pub mod offer;
 pub mod raycluster;
+pub mod settlement;
 pub mod simulate;
 pub mod supply;
 #[cfg(test)]

@@ -3,17 +3,20 @@
 pub mod reconcile;
 pub mod status;
 
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer};
+use kube::ResourceExt;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, watcher};
 
 use crate::context::Context;
 use crate::raycluster;
+use crate::supply::free_gpus;
 
 /// Build the controller: triggered by its GpuClusters, their RayClusters, their leases, and
 /// offers (see `clusters_affected_by`).
@@ -23,6 +26,7 @@ pub fn controller(ctx: &Arc<Context>) -> Controller<GpuCluster> {
         Controller::new(Api::<GpuCluster>::all(client.clone()), watcher::Config::default());
     let clusters = controller.store();
     let lease_store = ctx.leases.clone();
+    let free_seen = Mutex::new(HashMap::new());
     let offers = watcher(Api::<GpuOffer>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .touched_objects()
@@ -36,7 +40,10 @@ pub fn controller(ctx: &Arc<Context>) -> Controller<GpuCluster> {
         .watches(Api::<GpuLease>::all(client), watcher::Config::default(), |lease| {
             Some(ObjectRef::new(&lease.spec.cluster.name).within(&lease.spec.cluster.namespace))
         })
-        .watches_stream(offers, move |offer| clusters_affected_by(&offer, &clusters, &lease_store))
+        .watches_stream(offers, move |offer| {
+            let grew = supply_grew(&free_seen, &offer);
+            clusters_affected_by(&offer, grew, &clusters, &lease_store)
+        })
 }
 
 /// Hash of what matters to clusters about an offer: its spec, availability, and per-GPU health
@@ -54,10 +61,22 @@ fn offer_market_state(offer: &GpuOffer) -> Option<u64> {
     Some(hasher.finish())
 }
 
-/// A change to an offer concerns the clusters leasing from it (failure, recovery) and every
-/// cluster still looking for GPUs (new supply).
+/// Whether the offer has more matchable GPUs than when last seen (`free_seen` remembers).
+fn supply_grew(free_seen: &Mutex<HashMap<String, usize>>, offer: &GpuOffer) -> bool {
+    let free = if offer.is_available() { free_gpus(offer).len() } else { 0 };
+    let mut seen = match free_seen.lock() {
+        Ok(seen) => seen,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let before = seen.insert(offer.name_any(), free).unwrap_or(0);
+    free > before
+}
+
+/// A change to an offer concerns the clusters leasing from it (failure, recovery) and, when it
+/// brings more free GPUs, every cluster still looking for GPUs.
 fn clusters_affected_by(
     offer: &GpuOffer,
+    supply_grew: bool,
     clusters: &Store<GpuCluster>,
     leases: &Store<GpuLease>,
 ) -> Vec<ObjectRef<GpuCluster>> {
@@ -68,9 +87,15 @@ fn clusters_affected_by(
         .filter(|l| l.spec.offer == node && status::is_active(l))
         .map(|l| ObjectRef::new(&l.spec.cluster.name).within(&l.spec.cluster.namespace))
         .collect();
-    refs.extend(
-        clusters.state().iter().filter(|c| wants_supply(c)).map(|c| ObjectRef::from(c.as_ref())),
-    );
+    if supply_grew {
+        refs.extend(
+            clusters
+                .state()
+                .iter()
+                .filter(|c| wants_supply(c))
+                .map(|c| ObjectRef::from(c.as_ref())),
+        );
+    }
     refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     refs.dedup();
     refs

@@ -24,7 +24,7 @@ use crate::context::{Context, MANAGER};
 use crate::engine_stub::{self as matching, Outcome};
 use crate::error::{Error, Result};
 use crate::raycluster::{self, build_ray_cluster, dashboard_address, is_ready, ray_cluster_name};
-use crate::supply::{market_offer, market_request};
+use crate::supply::market_request;
 
 pub const FINALIZER: &str = "gpumarket.io/leases";
 const CONTROLLER: &str = "gpucluster";
@@ -154,50 +154,30 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     let replacing = cluster.status.as_ref().is_some_and(|s| s.start_time.is_some())
         || leases.iter().any(|l| !is_active(l));
     if missing > 0 {
-        match match_workers(cluster, ctx, missing) {
-            Outcome::Unmatched(why) => {
-                let why = why.to_string();
-                ctx.event(cluster, EventType::Normal, "Unmatched", "Match", why.clone()).await;
+        match match_and_bind(cluster, ctx, missing, now).await? {
+            Bind::Unmatched(why) => {
+                let previous = cluster
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == super::status::MATCHED));
+                if previous.is_none_or(|c| c.message != why) {
+                    ctx.event(cluster, EventType::Normal, "Unmatched", "Match", why.clone()).await;
+                }
                 unmatched = Some(why);
             }
-            Outcome::Matched(assignment) => {
-                let wallets = offer_wallets(ctx);
-                let planned = plan_leases(cluster, &assignment, &wallets, now)?;
-                let bound = match binding::bind(
-                    &offers_api(ctx),
-                    &Api::all(ctx.client.clone()),
-                    &planned,
-                )
-                .await
-                {
-                    Ok(bound) => bound,
-                    Err(Error::AllocationConflict { offer }) => {
-                        tracing::debug!(cluster = %cluster.name_any(), %offer, "lost a race for GPUs, matching again");
-                        return Ok(Action::requeue(CONFLICT_RETRY));
-                    }
-                    Err(e) => return Err(e),
-                };
+            Bind::Conflict(offer) => {
+                tracing::debug!(cluster = %cluster.name_any(), %offer, "lost a race for GPUs, matching again");
+                return Ok(Action::requeue(CONFLICT_RETRY));
+            }
+            Bind::Bound(bound) => {
                 let placed = describe_placement(&bound);
-                if replacing {
+                let (reason, note) = if replacing {
                     ctx.metrics.replacements.inc_by(u64::from(missing));
-                    ctx.event(
-                        cluster,
-                        EventType::Normal,
-                        "Replaced",
-                        "Bind",
-                        format!("{missing} workers re-placed on {placed}"),
-                    )
-                    .await;
+                    ("Replaced", format!("{missing} workers re-placed on {placed}"))
                 } else {
-                    ctx.event(
-                        cluster,
-                        EventType::Normal,
-                        "Matched",
-                        "Bind",
-                        format!("{missing} workers bound on {placed}"),
-                    )
-                    .await;
-                }
+                    ("Matched", format!("{missing} workers bound on {placed}"))
+                };
+                ctx.event(cluster, EventType::Normal, reason, "Bind", note).await;
                 leases.extend(bound);
             }
         }
@@ -266,18 +246,47 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(next))
 }
 
-/// Run the matching engine for `workers` more workers of the cluster against the cached supply.
-fn match_workers(cluster: &GpuCluster, ctx: &Context, workers: u32) -> Outcome {
-    let now = Timestamp::now();
-    let supply: Vec<_> = ctx
-        .offers
-        .state()
-        .iter()
-        .filter_map(|o| market_offer(o, now, ctx.settings.heartbeat_timeout))
-        .collect();
-    let request = market_request(cluster, workers);
-    let _timer = ctx.metrics.match_latency.start_timer();
-    matching::quote(&supply, &request)
+enum Bind {
+    Unmatched(String),
+    /// Another replica took GPUs of the match first (offer named).
+    Conflict(String),
+    Bound(Vec<GpuLease>),
+}
+
+/// Match `workers` more workers against the cached supply and bind the result. Reconciles of
+/// this replica match and bind one at a time: they would otherwise all pick the same cheapest
+/// GPUs and all but one lose the race; GPUs this replica has just claimed are left out until
+/// the cache shows the claim. Other replicas are kept out by the API server (see `binding`).
+async fn match_and_bind(
+    cluster: &GpuCluster,
+    ctx: &Context,
+    workers: u32,
+    now: Timestamp,
+) -> Result<Bind> {
+    let planned = {
+        let _turn = ctx.bind_lock.lock().await;
+        let supply = ctx.supply(now);
+        let request = market_request(cluster, workers);
+        let outcome = {
+            let _timer = ctx.metrics.match_latency.start_timer();
+            matching::quote(&supply, &request)
+        };
+        let assignment = match outcome {
+            Outcome::Unmatched(why) => return Ok(Bind::Unmatched(why.to_string())),
+            Outcome::Matched(assignment) => assignment,
+        };
+        let planned = plan_leases(cluster, &assignment, &offer_wallets(ctx), now)?;
+        let cached = |name: &str| ctx.offers.get(&ObjectRef::new(name));
+        match binding::claim_all(&offers_api(ctx), cached, &planned).await {
+            Ok(()) => ctx.remember_claims(&planned),
+            Err(Error::AllocationConflict { offer }) => return Ok(Bind::Conflict(offer)),
+            Err(e) => return Err(e),
+        }
+        planned
+    };
+    // The GPUs are ours once claimed: the leases are created without holding up other binds.
+    let bound = binding::create_leases(&Api::all(ctx.client.clone()), &planned).await?;
+    Ok(Bind::Bound(bound))
 }
 
 fn offer_wallets(ctx: &Context) -> BTreeMap<String, String> {

@@ -1,0 +1,1 @@
+//! Settlement on Solana (work in progress).
