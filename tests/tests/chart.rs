@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use clap::Parser as _;
+
 use gpumarket_crds::{
     ClusterPhase, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, GpuOfferStatus,
 };
@@ -846,10 +848,10 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
     Ok(())
 }
 
-/// The controller, run in-process with the permissions the chart gives its service account
-/// (impersonated) and with leader election on the chart's Lease, takes a GpuCluster from
-/// Pending to a created RayCluster; the supplier's offer is published and heartbeated by an
-/// impersonated agent through the supplier-isolation policy. A missing permission stalls it.
+/// The controller and the supplier agent, run in-process with exactly the permissions the chart
+/// gives their service accounts (impersonated; the agent with its node's token, so through the
+/// supplier-isolation policy), and the controller with leader election on the chart's Lease,
+/// take a GpuCluster from Pending to a created RayCluster. A missing permission stalls them.
 #[tokio::test]
 async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyhow::Result<()> {
     let _turn = TURN.lock().await;
@@ -860,31 +862,42 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
     let admin = env.client().await?;
     let fullname = install_chart(env, &admin, &ns).await?;
 
-    let agent =
+    // The real agent (offer-only, a fake device file), as the chart's agent service account
+    // with its node's token: it taints its node and publishes and heartbeats the node's offer.
+    let as_agent =
         impersonating(env, &format!("system:serviceaccount:{ns}:{fullname}-agent"), Some(node))
             .await?;
-    let offers: Api<GpuOffer> = Api::all(agent);
-    let mut offer: GpuOffer = serde_json::from_value(offer(None))?;
-    offer.metadata.name = Some(node.into());
-    offer.spec.node_name = node.into();
-    offer.spec.region = region.into();
-    // The policy may still be loading: the create is allowed either way.
-    offers.create(&PostParams::default(), &offer).await?;
-    let heartbeat = {
-        let offers = offers.clone();
-        tokio::spawn(async move {
-            loop {
-                let beat = json!({"apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuOffer", "status": {
-                    "lastHeartbeat": jiff::Timestamp::now(),
-                    "gpus": [{"uuid": "GPU-1", "health": "Healthy"}, {"uuid": "GPU-2", "health": "Healthy"}]}});
-                let apply = PatchParams::apply("gpumarket-agent").force();
-                if let Err(e) = offers.patch_status(node, &apply, &Patch::Apply(&beat)).await {
-                    eprintln!("agent heartbeat: {e}");
-                }
-                tokio::time::sleep(Duration::from_millis(700)).await;
-            }
-        })
-    };
+    let devices = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        devices.path(),
+        "gpus:\n  - {uuid: GPU-1, productName: NVIDIA H100 80GB HBM3, memoryMib: 81559}\n  \
+         - {uuid: GPU-2, productName: NVIDIA H100 80GB HBM3, memoryMib: 81559}\n",
+    )?;
+    let source = format!("fake:{}", devices.path().display());
+    let args = gpumarket_device_plugin::config::Args::parse_from([
+        "gpumarket-device-plugin",
+        "--node-name",
+        node,
+        "--mode",
+        "offer-only",
+        "--source",
+        &source,
+        "--wallet",
+        WALLET,
+        "--price",
+        "H100=2200000",
+        "--heartbeat-interval",
+        "1s",
+    ]);
+    let supplier = gpumarket_device_plugin::config::Supplier::from_args(&args)?;
+    let devices_source = std::sync::Arc::new(
+        gpumarket_device_plugin::source::fake::FakeSource::from_file(devices.path())?,
+    );
+    let agent = gpumarket_device_plugin::agent::Agent::prepare(
+        gpumarket_device_plugin::agent::AgentConfig::new(&args, supplier),
+        devices_source,
+    )?;
+    let agent = tokio::spawn(agent.run(Some(as_agent)));
 
     let as_controller =
         impersonating(env, &format!("system:serviceaccount:{ns}:{fullname}-controller"), None)
@@ -944,9 +957,14 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
     let leases = Api::<GpuLease>::all(admin.clone()).list(&ListParams::default()).await?;
     assert!(leases.items.iter().any(|l| l.spec.offer == node), "no GpuLease on {node}");
     let lease: k8s_openapi::api::coordination::v1::Lease =
-        Api::namespaced(admin, &ns).get(&format!("{fullname}-controller")).await?;
+        Api::namespaced(admin.clone(), &ns).get(&format!("{fullname}-controller")).await?;
     assert_eq!(lease.spec.and_then(|s| s.holder_identity).as_deref(), Some("chart-test"));
+    let taints = Api::<Node>::all(admin.clone()).get(node).await?.spec.and_then(|s| s.taints);
+    assert!(
+        taints.unwrap_or_default().iter().any(|t| t.key == "gpumarket.io/supplier"),
+        "the agent taints its own node"
+    );
     controller.abort();
-    heartbeat.abort();
+    agent.abort();
     Ok(())
 }
