@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use gpumarket_crds::Amount;
+use gpumarket_crds::{Amount, GpuTier};
 
 use super::model::{Assignment, ModelFilter, Request};
 
@@ -89,10 +89,12 @@ impl fmt::Display for Shortage {
         let r = &self.request;
         write!(f, "need {} GPUs", self.needed())?;
         if r.gpus_per_worker > 1 {
-            write!(f, " ({} workers × {} on one node)", r.workers, r.gpus_per_worker)?;
+            let workers = if r.workers == 1 { "worker" } else { "workers" };
+            write!(f, " ({} {workers} × {} on one node)", r.workers, r.gpus_per_worker)?;
         }
         match &r.models {
             ModelFilter::Models(models) => write!(f, " of model {}", models.join(" or "))?,
+            ModelFilter::MinTier(GpuTier::Other) => f.write_str(" of any model")?,
             ModelFilter::MinTier(tier) => write!(f, " of tier ≥ {tier}")?,
         }
         if r.min_memory_mib > 0 {
@@ -120,7 +122,7 @@ impl fmt::Display for Shortage {
         }
         match self.binding {
             Some((constraint, gpus)) => write!(f, ", {gpus} more {}", excluded_by(constraint, r)),
-            None => f.write_str(", no other free GPU is within one constraint of it"),
+            None => f.write_str(", no other free GPU misses only one constraint"),
         }
     }
 }
@@ -136,6 +138,8 @@ fn excluded_by(constraint: Constraint, r: &Request) -> String {
         Constraint::Memory => format!("have less than {} MiB", r.min_memory_mib),
         Constraint::Region => "are in other regions".to_owned(),
         Constraint::Zone => "are in other zones".to_owned(),
-        Constraint::Reputation => format!("are from suppliers below reputation {}", r.min_reputation),
+        Constraint::Reputation => {
+            format!("are from suppliers below reputation {}", r.min_reputation)
+        }
     }
 }

@@ -27,7 +27,7 @@ pub struct Offer {
 /// What a request accepts, mirroring `GpuClusterSpec.gpu`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelFilter {
-    /// Any of these model names (exact match).
+    /// Any of these model names (ASCII case ignored).
     Models(Vec<String>),
     /// Any model of this tier or better.
     MinTier(GpuTier),
@@ -68,9 +68,6 @@ pub struct Assignment {
 impl Assignment {
     /// Total price per hour of all GPUs in the assignment, in base units.
     pub fn hourly_cost(&self) -> u64 {
-        self.workers
-            .iter()
-            .map(|w| w.price_per_gpu_hour * w.gpus.len() as u64)
-            .sum()
+        self.workers.iter().map(|w| w.price_per_gpu_hour * w.gpus.len() as u64).sum()
     }
 }

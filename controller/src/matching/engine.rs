@@ -1,0 +1,228 @@
+//! Matching over a standing market: a pass over all pending requests, oldest first with
+//! backfill, and quotes for requests not applied yet against what the pass left.
+//!
+//! Anti-starvation: backfill alone lets a stream of small requests take every GPU that frees up
+//! while an old large request waits for enough of them to be free at once. So the oldest
+//! unmatched request that has waited [`HoldPolicy::after_secs`] holds the free GPUs it could use
+//! (its cheapest usable slots, never more than its gang needs): younger requests backfill only
+//! on the rest, and the holder is matched as soon as enough of its GPUs are free together. One
+//! request holds at a time, which bounds what is held to one gang. A request that the market
+//! can never serve must not block it for good, so a request holds for at most
+//! [`HoldPolicy::for_secs`]; the next oldest waiting request holds after it.
+
+use super::explain::{Constraint, Explanation, Outcome, Shortage};
+use super::index::{Entry, Index};
+use super::model::{Assignment, Offer, Request, WorkerSlot};
+use super::select::{Gang, Pick, Selection, cheapest_slots};
+
+/// When a waiting request may hold GPUs (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldPolicy {
+    /// Seconds since the epoch, on the same clock as `Request::created`.
+    pub now: i64,
+    /// A request holds once it has waited this long.
+    pub after_secs: i64,
+    /// ...and for at most this long.
+    pub for_secs: i64,
+}
+
+impl HoldPolicy {
+    pub const DEFAULT_AFTER_SECS: i64 = 10 * 60;
+    pub const DEFAULT_FOR_SECS: i64 = 6 * 60 * 60;
+
+    /// The default policy at `now`.
+    pub fn at(now: i64) -> Self {
+        HoldPolicy { now, after_secs: Self::DEFAULT_AFTER_SECS, for_secs: Self::DEFAULT_FOR_SECS }
+    }
+
+    fn may_hold(&self, request: &Request) -> bool {
+        let waited = self.now.saturating_sub(request.created);
+        waited >= self.after_secs && waited - self.after_secs < self.for_secs
+    }
+}
+
+/// Free supply indexed once, and what has been matched or held on it since.
+pub struct Market<'a> {
+    index: Index<'a>,
+    /// Key of the request holding GPUs (`Entry::held`), if any.
+    holder: Option<String>,
+}
+
+impl<'a> Market<'a> {
+    pub fn new(offers: &'a [Offer]) -> Self {
+        Market { index: Index::new(offers), holder: None }
+    }
+
+    /// The request holding GPUs after the last pass, if any.
+    pub fn holder(&self) -> Option<&str> {
+        self.holder.as_deref()
+    }
+
+    /// Match every request, oldest first (then by key); a request that cannot be matched does
+    /// not stop younger ones that can (backfill), within the hold rule. GPUs matched are taken
+    /// from the market; any earlier hold is replaced by this pass's.
+    pub fn match_all(&mut self, requests: &[Request], hold: HoldPolicy) -> Vec<(String, Outcome)> {
+        self.release_hold();
+        let mut order: Vec<&Request> = requests.iter().collect();
+        order.sort_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)));
+        order
+            .into_iter()
+            .map(|request| {
+                let outcome = match self.select(request) {
+                    Err(invalid) => Outcome::Unmatched(Explanation::Invalid(invalid)),
+                    Ok(Selection::Complete(picks)) => {
+                        let assignment = self.assignment(request, &picks);
+                        self.take(request, &picks);
+                        Outcome::Matched(assignment)
+                    }
+                    Ok(Selection::Partial(picks)) => {
+                        let why = self.shortage(request);
+                        if self.holder.is_none() && hold.may_hold(request) {
+                            self.hold(request, &picks);
+                        }
+                        Outcome::Unmatched(Explanation::Short(why))
+                    }
+                };
+                (request.key.clone(), outcome)
+            })
+            .collect()
+    }
+
+    /// What the request would get now, without taking anything: the cheapest complete gang on
+    /// the supply not matched or held for others, or why there is none.
+    pub fn quote(&self, request: &Request) -> Outcome {
+        match self.select(request) {
+            Err(invalid) => Outcome::Unmatched(Explanation::Invalid(invalid)),
+            Ok(Selection::Complete(picks)) => Outcome::Matched(self.assignment(request, &picks)),
+            Ok(Selection::Partial(_)) => {
+                Outcome::Unmatched(Explanation::Short(self.shortage(request)))
+            }
+        }
+    }
+
+    /// The request's cheapest slots, or why it is invalid.
+    fn select(&self, request: &Request) -> Result<Selection, String> {
+        if request.gpus_per_worker == 0 {
+            return Err(format!("{}: gpusPerWorker must be at least 1", request.key));
+        }
+        let gang = Gang {
+            workers: request.workers,
+            gpus_per_worker: request.gpus_per_worker,
+            placement: request.placement,
+        };
+        let need = self.index.need(request);
+        Ok(cheapest_slots(&self.index, &need, &gang, |e| self.usable(e, request)))
+    }
+
+    /// GPUs of the entry that the request may take: all unassigned ones for the holder, the
+    /// unassigned and unheld ones for everyone else.
+    fn usable(&self, entry: &Entry, request: &Request) -> u32 {
+        if self.holder.as_deref() == Some(request.key.as_str()) {
+            entry.unassigned()
+        } else {
+            entry.unassigned() - entry.held
+        }
+    }
+
+    /// The picks as workers with their GPUs: the first unassigned GPUs of each offer (held
+    /// GPUs are the last ones, see `hold`).
+    fn assignment(&self, request: &Request, picks: &[Pick]) -> Assignment {
+        let g = request.gpus_per_worker as usize;
+        let workers = picks
+            .iter()
+            .flat_map(|pick| {
+                let entry = &self.index.entries[pick.entry];
+                let offer = self.index.offer(entry);
+                let first = entry.taken as usize;
+                (0..pick.workers as usize).map(move |w| WorkerSlot {
+                    node: offer.node.clone(),
+                    gpus: offer.free_gpus[first + w * g..first + (w + 1) * g].to_vec(),
+                    price_per_gpu_hour: offer.price_per_gpu_hour,
+                })
+            })
+            .collect();
+        Assignment { workers }
+    }
+
+    fn take(&mut self, request: &Request, picks: &[Pick]) {
+        if self.holder.as_deref() == Some(request.key.as_str()) {
+            self.release_hold();
+        }
+        for pick in picks {
+            self.index.entries[pick.entry].taken += pick.workers * request.gpus_per_worker;
+        }
+    }
+
+    /// Hold the slots the request could use. Held GPUs are the last unassigned ones of each
+    /// offer, so others keep taking from the front.
+    fn hold(&mut self, request: &Request, picks: &[Pick]) {
+        for pick in picks {
+            self.index.entries[pick.entry].held = pick.workers * request.gpus_per_worker;
+        }
+        self.holder = Some(request.key.clone());
+    }
+
+    fn release_hold(&mut self) {
+        self.index.entries.iter_mut().for_each(|e| e.held = 0);
+        self.holder = None;
+    }
+
+    /// Count the supply as the request sees it, for its explanation.
+    fn shortage(&self, request: &Request) -> Shortage {
+        let need = self.index.need(request);
+        let g = request.gpus_per_worker;
+        let whole = |gpus: u32| u64::from(gpus / g * g);
+        let mut why = Shortage {
+            request: request.clone(),
+            free_matching: 0,
+            usable: 0,
+            held: None,
+            taken_by_older: 0,
+            binding: None,
+        };
+        let mut held = 0;
+        let mut relaxed = [0u64; Constraint::ALL.len()];
+        for entry in &self.index.entries {
+            let usable = self.usable(entry, request);
+            match need.failures(entry) {
+                0 => {
+                    why.free_matching += u64::from(usable);
+                    why.usable += whole(usable);
+                    held += whole(entry.unassigned()) - whole(usable);
+                    why.taken_by_older += whole(entry.free) - whole(entry.unassigned());
+                }
+                one if one.is_power_of_two() => {
+                    relaxed[one.trailing_zeros() as usize] += whole(usable);
+                }
+                _ => {}
+            }
+        }
+        if let Some(holder) = self.holder.as_ref().filter(|_| held > 0) {
+            why.held = Some((holder.clone(), held));
+        }
+        // The first constraint (in `Constraint::ALL` order) of the largest count wins ties.
+        why.binding = Constraint::ALL
+            .into_iter()
+            .map(|c| (c, relaxed[c as usize]))
+            .filter(|&(_, gpus)| gpus > 0)
+            .fold(None, |best, (c, gpus)| match best {
+                Some((_, most)) if most >= gpus => best,
+                _ => Some((c, gpus)),
+            });
+        why
+    }
+}
+
+/// Match every pending request against the offers (see [`Market::match_all`]).
+pub fn match_all(
+    offers: &[Offer],
+    requests: &[Request],
+    hold: HoldPolicy,
+) -> Vec<(String, Outcome)> {
+    Market::new(offers).match_all(requests, hold)
+}
+
+/// What the request would get on these offers now (see [`Market::quote`]).
+pub fn quote(offers: &[Offer], request: &Request) -> Outcome {
+    Market::new(offers).quote(request)
+}

@@ -1,0 +1,504 @@
+use std::collections::HashSet;
+
+use gpumarket_crds::{GpuTier, Interconnect, Placement};
+use proptest::prelude::*;
+
+use super::brute_force::{accepts, best_gang, best_total};
+use super::*;
+
+const DOLLAR: u64 = 1_000_000;
+
+fn mk_offer(node: &str, model: &str, gpus: u32, price: u64) -> Offer {
+    Offer {
+        node: node.to_owned(),
+        free_gpus: (0..gpus).map(|i| format!("{node}-gpu-{i}")).collect(),
+        model: model.to_owned(),
+        tier: GpuTier::of_model(model),
+        memory_mib: 81_920,
+        price_per_gpu_hour: price,
+        region: "eu-west".to_owned(),
+        zone: "eu-west-1a".to_owned(),
+        interconnect: Interconnect::NvLink,
+        reputation: 500,
+        stake: 0,
+    }
+}
+
+fn mk_request(key: &str, workers: u32, gpus_per_worker: u32, max_price: u64) -> Request {
+    Request {
+        key: key.to_owned(),
+        models: ModelFilter::MinTier(GpuTier::A100),
+        min_memory_mib: 0,
+        workers,
+        gpus_per_worker,
+        max_price_per_gpu_hour: max_price,
+        region: None,
+        zone: None,
+        min_reputation: 0,
+        placement: Placement::Pack,
+        created: 0,
+    }
+}
+
+fn matched(outcome: &Outcome) -> &Assignment {
+    match outcome {
+        Outcome::Matched(a) => a,
+        Outcome::Unmatched(why) => panic!("expected a match, got: {why}"),
+    }
+}
+
+fn shortage(outcome: &Outcome) -> &Shortage {
+    match outcome {
+        Outcome::Unmatched(Explanation::Short(s)) => s,
+        other => panic!("expected a shortage, got {other:?}"),
+    }
+}
+
+/// Workers per node, in assignment order.
+fn nodes(a: &Assignment) -> Vec<(&str, usize)> {
+    let mut out: Vec<(&str, usize)> = Vec::new();
+    for w in &a.workers {
+        match out.last_mut() {
+            Some((node, n)) if *node == w.node => *n += 1,
+            _ => out.push((w.node.as_str(), 1)),
+        }
+    }
+    out
+}
+
+fn no_hold() -> HoldPolicy {
+    HoldPolicy::at(0)
+}
+
+#[test]
+fn takes_the_cheapest_slots_and_the_first_free_gpus_of_each_node() {
+    let offers = vec![
+        mk_offer("dear", "H100", 8, 3 * DOLLAR),
+        mk_offer("cheap", "A100", 2, DOLLAR),
+        mk_offer("mid", "A100", 4, 2 * DOLLAR),
+    ];
+    let a = matched(&quote(&offers, &mk_request("ns/a", 3, 2, 3 * DOLLAR))).clone();
+    assert_eq!(nodes(&a), vec![("cheap", 1), ("mid", 2)]);
+    assert_eq!(a.workers[1].gpus, vec!["mid-gpu-0", "mid-gpu-1"]);
+    assert_eq!(a.workers[2].gpus, vec!["mid-gpu-2", "mid-gpu-3"]);
+    assert_eq!(a.hourly_cost(), 2 * DOLLAR + 8 * DOLLAR);
+}
+
+#[test]
+fn a_worker_never_spans_nodes() {
+    let offers = vec![mk_offer("a", "A100", 3, DOLLAR), mk_offer("b", "A100", 3, DOLLAR)];
+    let two = matched(&quote(&offers, &mk_request("ns/a", 2, 2, DOLLAR))).clone();
+    assert_eq!(nodes(&two), vec![("a", 1), ("b", 1)]);
+    let three = quote(&offers, &mk_request("ns/a", 3, 2, DOLLAR));
+    assert_eq!(
+        shortage(&three).to_string(),
+        "need 6 GPUs (3 workers × 2 on one node) of tier ≥ A100 at ≤ 1.000000/h; 6 free match \
+         all constraints but only 4 of them form whole workers, no other free GPU misses only one \
+         constraint"
+    );
+}
+
+#[test]
+fn one_worker_of_any_model_reads_naturally() {
+    let offers = vec![mk_offer("a", "T4", 3, DOLLAR)];
+    let request = Request {
+        models: ModelFilter::MinTier(GpuTier::Other),
+        ..mk_request("ns/a", 1, 4, DOLLAR)
+    };
+    assert!(shortage(&quote(&offers, &request)).to_string().starts_with(
+        "need 4 GPUs (1 worker × 4 on one node) of any model at ≤ 1.000000/h; 3 free"
+    ));
+}
+
+#[test]
+fn pack_fills_few_nodes_and_spread_many_at_equal_cost() {
+    let offers = vec![
+        mk_offer("a", "A100", 2, DOLLAR),
+        mk_offer("b", "A100", 4, DOLLAR),
+        mk_offer("c", "A100", 2, DOLLAR),
+        mk_offer("cheapest", "A100", 1, DOLLAR / 2),
+    ];
+    let mut request = mk_request("ns/a", 5, 1, DOLLAR);
+    let pack = matched(&quote(&offers, &request)).clone();
+    assert_eq!(nodes(&pack), vec![("cheapest", 1), ("b", 4)]);
+    request.placement = Placement::Spread;
+    let spread = matched(&quote(&offers, &request)).clone();
+    assert_eq!(nodes(&spread), vec![("cheapest", 1), ("a", 2), ("b", 1), ("c", 1)]);
+    assert_eq!(pack.hourly_cost(), spread.hourly_cost());
+}
+
+#[test]
+fn higher_reputation_wins_a_tie_then_the_node_name() {
+    let mut offers = vec![
+        mk_offer("a", "A100", 4, DOLLAR),
+        mk_offer("b", "A100", 4, DOLLAR),
+        mk_offer("c", "A100", 4, DOLLAR),
+    ];
+    offers[2].reputation = 900;
+    let request = mk_request("ns/a", 2, 4, DOLLAR);
+    assert_eq!(nodes(matched(&quote(&offers, &request))), vec![("a", 1), ("c", 1)]);
+}
+
+#[test]
+fn model_names_match_regardless_of_case() {
+    let offers = vec![mk_offer("a", "RTX4090", 4, DOLLAR)];
+    let mut request = mk_request("ns/a", 1, 4, DOLLAR);
+    request.models = ModelFilter::Models(vec!["rtx4090".to_owned()]);
+    matched(&quote(&offers, &request));
+}
+
+#[test]
+fn no_workers_is_an_empty_match_and_no_gpus_per_worker_is_refused() {
+    let offers = vec![mk_offer("a", "A100", 4, DOLLAR)];
+    assert_eq!(
+        quote(&offers, &mk_request("ns/a", 0, 1, DOLLAR)),
+        Outcome::Matched(Assignment { workers: vec![] })
+    );
+    let Outcome::Unmatched(why @ Explanation::Invalid(_)) =
+        quote(&offers, &mk_request("ns/a", 1, 0, DOLLAR))
+    else {
+        panic!("zero GPUs per worker must be refused");
+    };
+    assert_eq!(why.to_string(), "ns/a: gpusPerWorker must be at least 1");
+}
+
+// Explanations: one constraint at a time is the one that cuts the supply.
+
+/// 12 A100s at $2 in eu-west that match everything, beside `others` that do not.
+fn explain_with(others: Vec<Offer>, request: &Request) -> Shortage {
+    let mut offers =
+        vec![mk_offer("fit-a", "A100", 8, 2 * DOLLAR), mk_offer("fit-b", "A100", 4, 2 * DOLLAR)];
+    offers.extend(others);
+    let why = shortage(&quote(&offers, request)).clone();
+    assert_eq!((why.free_matching, why.usable), (12, 12));
+    why
+}
+
+fn bulk(prefix: &str, count: usize, model: &str, price: u64) -> Vec<Offer> {
+    (0..count).map(|i| mk_offer(&format!("{prefix}-{i}"), model, 8, price)).collect()
+}
+
+fn eu_west_request() -> Request {
+    Request { region: Some("eu-west".to_owned()), ..mk_request("ns/big", 32, 1, 5 * DOLLAR / 2) }
+}
+
+#[test]
+fn explains_the_price() {
+    let mut others = bulk("dear", 5, "H100", 3 * DOLLAR);
+    others.push(mk_offer("dear-and-old", "RTX3090", 8, 3 * DOLLAR)); // fails two constraints
+    let why = explain_with(others, &eu_west_request());
+    assert_eq!(why.binding, Some((Constraint::Price, 40)));
+    assert_eq!(
+        why.to_string(),
+        "need 32 GPUs of tier ≥ A100 at ≤ 2.500000/h in eu-west; 12 free match all \
+         constraints, 40 more exceed the price"
+    );
+}
+
+#[test]
+fn explains_the_model_tier_and_names() {
+    let why = explain_with(bulk("old", 3, "RTX4090", DOLLAR), &eu_west_request());
+    assert_eq!(why.binding, Some((Constraint::Model, 24)));
+    assert!(
+        why.to_string().ends_with("12 free match all constraints, 24 more are below tier A100")
+    );
+
+    let request =
+        Request { models: ModelFilter::Models(vec!["A100".to_owned()]), ..eu_west_request() };
+    let why = explain_with(bulk("h", 2, "H100", DOLLAR), &request);
+    assert_eq!(why.binding, Some((Constraint::Model, 16)));
+    assert!(why.to_string().starts_with("need 32 GPUs of model A100 at"));
+    assert!(why.to_string().ends_with(", 16 more are other models"));
+}
+
+#[test]
+fn explains_memory() {
+    let mut small = bulk("small", 3, "A100", DOLLAR);
+    small.iter_mut().for_each(|o| o.memory_mib = 40_960);
+    let request = Request { min_memory_mib: 81_920, ..eu_west_request() };
+    let why = explain_with(small, &request);
+    assert_eq!(why.binding, Some((Constraint::Memory, 24)));
+    assert!(why.to_string().contains(" with ≥ 81920 MiB at ≤ 2.500000/h"));
+    assert!(why.to_string().ends_with(", 24 more have less than 81920 MiB"));
+}
+
+#[test]
+fn explains_region_and_zone() {
+    let mut elsewhere = bulk("us", 4, "A100", DOLLAR);
+    elsewhere.iter_mut().for_each(|o| o.region = "us-east".to_owned());
+    let why = explain_with(elsewhere, &eu_west_request());
+    assert_eq!(why.binding, Some((Constraint::Region, 32)));
+    assert!(why.to_string().ends_with(", 32 more are in other regions"));
+
+    let mut other_zone = bulk("b", 2, "A100", DOLLAR);
+    other_zone.iter_mut().for_each(|o| o.zone = "eu-west-1b".to_owned());
+    let request = Request { zone: Some("eu-west-1a".to_owned()), ..eu_west_request() };
+    let why = explain_with(other_zone, &request);
+    assert_eq!(why.binding, Some((Constraint::Zone, 16)));
+    assert!(why.to_string().contains(" in eu-west/eu-west-1a;"));
+    assert!(why.to_string().ends_with(", 16 more are in other zones"));
+}
+
+#[test]
+fn explains_reputation() {
+    let mut unproven = bulk("new", 3, "A100", DOLLAR);
+    unproven.iter_mut().for_each(|o| o.reputation = 100);
+    let request = Request { min_reputation: 400, ..eu_west_request() };
+    let why = explain_with(unproven, &request);
+    assert_eq!(why.binding, Some((Constraint::Reputation, 24)));
+    assert!(why.to_string().contains(" from reputation ≥ 400;"));
+    assert!(why.to_string().ends_with(", 24 more are from suppliers below reputation 400"));
+}
+
+#[test]
+fn the_constraint_excluding_most_is_named() {
+    let mut others = bulk("dear", 1, "A100", 3 * DOLLAR);
+    others.extend(bulk("old", 2, "RTX3090", DOLLAR));
+    let why = explain_with(others, &eu_west_request());
+    assert_eq!(why.binding, Some((Constraint::Model, 16)));
+}
+
+// Across requests.
+
+#[test]
+fn the_oldest_request_is_served_first_whatever_the_input_order() {
+    let offers =
+        vec![mk_offer("cheap", "A100", 4, DOLLAR), mk_offer("dear", "A100", 4, 2 * DOLLAR)];
+    let old = Request { created: 10, ..mk_request("ns/z-old", 1, 4, 2 * DOLLAR) };
+    let young = Request { created: 20, ..mk_request("ns/a-young", 1, 4, 2 * DOLLAR) };
+    for requests in [vec![old.clone(), young.clone()], vec![young.clone(), old.clone()]] {
+        let results = match_all(&offers, &requests, no_hold());
+        assert_eq!(results[0].0, "ns/z-old");
+        assert_eq!(nodes(matched(&results[0].1)), vec![("cheap", 1)]);
+        assert_eq!(nodes(matched(&results[1].1)), vec![("dear", 1)]);
+    }
+}
+
+#[test]
+fn younger_requests_backfill_behind_one_that_cannot_be_matched() {
+    let offers = vec![mk_offer("a", "A100", 4, DOLLAR)];
+    let big = Request { created: 10, ..mk_request("ns/big", 8, 1, DOLLAR) };
+    let small = Request { created: 20, ..mk_request("ns/small", 2, 1, DOLLAR) };
+    let results = match_all(&offers, &[big, small], no_hold());
+    assert_eq!(shortage(&results[0].1).usable, 4);
+    assert_eq!(matched(&results[1].1).workers.len(), 2);
+}
+
+#[test]
+fn a_request_that_waited_long_enough_holds_the_gpus_it_can_use() {
+    let offers =
+        vec![mk_offer("a100", "A100", 4, DOLLAR), mk_offer("gaming", "RTX4090", 4, DOLLAR)];
+    let big = Request { created: 0, ..mk_request("ns/big", 8, 1, DOLLAR) };
+    let small = Request {
+        created: 100,
+        models: ModelFilter::MinTier(GpuTier::Other),
+        ..mk_request("ns/small", 6, 1, DOLLAR)
+    };
+    let policy = |now| HoldPolicy { now, after_secs: 600, for_secs: 3600 };
+
+    // Not waited long enough: the small request backfills onto the A100s too.
+    let results = match_all(&offers, &[big.clone(), small.clone()], policy(599));
+    assert_eq!(nodes(matched(&results[1].1)), vec![("a100", 4), ("gaming", 2)]);
+
+    // Waited: the A100s are held for it; the small request may only use what it cannot.
+    let mut market = Market::new(&offers);
+    let results = market.match_all(&[big.clone(), small.clone()], policy(600));
+    assert_eq!(market.holder(), Some("ns/big"));
+    let why = shortage(&results[1].1);
+    assert_eq!((why.free_matching, why.held.clone()), (4, Some(("ns/big".to_owned(), 4))));
+    assert!(why.to_string().contains(", 4 more are held for the older request ns/big"));
+    let fits_beside = Request { workers: 4, ..small.clone() };
+    assert_eq!(nodes(matched(&market.quote(&fits_beside))), vec![("gaming", 4)]);
+    // The holder still sees its GPUs.
+    assert_eq!(shortage(&market.quote(&big)).usable, 4);
+
+    // The hold lapses after `for_secs`, so a request the market cannot serve does not block it.
+    let results = match_all(&offers, &[big.clone(), small.clone()], policy(600 + 3600));
+    matched(&results[1].1);
+}
+
+#[test]
+fn the_holder_is_matched_once_enough_gpus_are_free_and_holds_no_more_than_its_gang() {
+    let offers = vec![mk_offer("a", "A100", 8, DOLLAR), mk_offer("b", "A100", 8, 2 * DOLLAR)];
+    let waited = HoldPolicy { now: 1000, after_secs: 600, for_secs: 3600 };
+    let big = Request { created: 0, ..mk_request("ns/big", 3, 4, 2 * DOLLAR) };
+    let small = Request { created: 10, ..mk_request("ns/small", 1, 4, 2 * DOLLAR) };
+    let cheap_only = Request { created: 10, ..mk_request("ns/cheap-only", 1, 2, DOLLAR) };
+    // Needs 12 of 16 free: matched, and the rest backfills.
+    let results = match_all(&offers, &[big.clone(), small.clone()], waited);
+    assert_eq!(nodes(matched(&results[0].1)), vec![("a", 2), ("b", 1)]);
+    matched(&results[1].1);
+
+    // 20 GPUs wanted, 16 free: it holds its 4 slots' GPUs and nothing is left to others.
+    let bigger = Request { workers: 5, ..big };
+    let mut market = Market::new(&offers);
+    let results = market.match_all(&[bigger, small, cheap_only], waited);
+    assert_eq!(results[1].0, "ns/cheap-only");
+    assert_eq!(shortage(&results[1].1).held, Some(("ns/big".to_owned(), 8)));
+    assert_eq!(shortage(&results[2].1).held, Some(("ns/big".to_owned(), 16)));
+}
+
+// Properties on random small markets.
+
+/// The outcome is the brute-force cheapest gang on `offers`, on the nodes its placement wants,
+/// or explains correctly that there is none.
+fn prop_assert_optimal(
+    outcome: &Outcome,
+    offers: &[Offer],
+    request: &Request,
+) -> Result<(), TestCaseError> {
+    match (outcome, best_gang(offers, request)) {
+        (Outcome::Matched(assignment), Some(best)) => {
+            prop_assert_eq!(assignment.hourly_cost(), best.cost);
+            let used: HashSet<&str> = assignment.workers.iter().map(|w| w.node.as_str()).collect();
+            let wanted = match request.placement {
+                Placement::Pack => best.min_nodes,
+                Placement::Spread => best.max_nodes,
+            };
+            prop_assert_eq!(used.len(), wanted);
+        }
+        (Outcome::Unmatched(Explanation::Short(why)), None) => {
+            prop_assert!(why.usable < why.needed());
+            let free_matching: usize =
+                offers.iter().filter(|o| accepts(o, request)).map(|o| o.free_gpus.len()).sum();
+            prop_assert_eq!(why.free_matching, free_matching as u64);
+        }
+        (outcome, best) => prop_assert!(false, "engine {:?} but brute force {:?}", outcome, best),
+    }
+    Ok(())
+}
+
+const MODELS: [&str; 4] = ["H100", "A100", "RTX4090", "a100"];
+
+fn arb_offers() -> impl Strategy<Value = Vec<Offer>> {
+    let offer = (0..MODELS.len(), 0u32..=8, 0..3usize, 1u64..=4, 0..2usize, 0..2usize, 0..3u32);
+    prop::collection::vec(offer, 0..7).prop_map(|offers| {
+        offers
+            .into_iter()
+            .enumerate()
+            .map(|(i, (model, gpus, memory, price, region, zone, reputation))| Offer {
+                memory_mib: [24_576, 40_960, 81_920][memory],
+                region: ["eu-west", "us-east"][region].to_owned(),
+                zone: ["z1", "z2"][zone].to_owned(),
+                reputation: reputation * 400,
+                ..mk_offer(&format!("node-{i}"), MODELS[model], gpus, price * DOLLAR)
+            })
+            .collect()
+    })
+}
+
+fn arb_request() -> impl Strategy<Value = Request> {
+    let models = prop_oneof![
+        1 => prop::sample::subsequence(MODELS.to_vec(), 1..3)
+            .prop_map(|m| ModelFilter::Models(m.into_iter().map(str::to_owned).collect())),
+        3 => prop::sample::select(GpuTier::ALL.to_vec()).prop_map(ModelFilter::MinTier),
+    ];
+    // Loose more often than not, so that many offers compete and ties are common.
+    let location = (prop::option::weighted(0.3, 0..2usize), prop::option::weighted(0.2, 0..2usize));
+    let place = (location, prop::sample::select(vec![0, 0, 1, 2u32]), any::<bool>());
+    let memory = prop::sample::select(vec![0, 0, 1, 2usize]);
+    (models, memory, 1u32..=4, 1u32..=4, 1u64..=4, place, 0i64..4).prop_map(
+        |(models, memory, workers, g, price, ((region, zone), rep, spread), created)| Request {
+            models,
+            min_memory_mib: [0, 40_960, 81_920][memory],
+            region: region.map(|r| ["eu-west", "us-east"][r].to_owned()),
+            zone: zone.map(|z| ["z1", "z2"][z].to_owned()),
+            min_reputation: rep * 400,
+            placement: if spread { Placement::Spread } else { Placement::Pack },
+            created,
+            ..mk_request("", workers, g, price * DOLLAR)
+        },
+    )
+}
+
+fn arb_requests() -> impl Strategy<Value = Vec<Request>> {
+    prop::collection::vec(arb_request(), 0..6).prop_map(|requests| {
+        requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| Request { key: format!("ns/r{i}"), ..r })
+            .collect()
+    })
+}
+
+proptest! {
+    #[test]
+    fn every_assignment_is_a_complete_gang_within_every_constraint_and_no_gpu_is_used_twice(
+        offers in arb_offers(),
+        requests in arb_requests(),
+        now in 0i64..2000,
+    ) {
+        let hold = HoldPolicy { now, after_secs: 1000, for_secs: 500 };
+        let results = match_all(&offers, &requests, hold);
+        prop_assert_eq!(results.len(), requests.len());
+        let mut used = HashSet::new();
+        for (key, outcome) in &results {
+            let Outcome::Matched(assignment) = outcome else { continue };
+            let request = requests.iter().find(|r| r.key == *key).expect("known key");
+            prop_assert_eq!(assignment.workers.len(), request.workers as usize);
+            for worker in &assignment.workers {
+                let offer = offers.iter().find(|o| o.node == worker.node).expect("known node");
+                prop_assert!(accepts(offer, request), "{} breaks a constraint of {}", offer.node, key);
+                prop_assert_eq!(worker.price_per_gpu_hour, offer.price_per_gpu_hour);
+                prop_assert_eq!(worker.gpus.len(), request.gpus_per_worker as usize);
+                for gpu in &worker.gpus {
+                    prop_assert!(offer.free_gpus.contains(gpu), "{} is not free on {}", gpu, offer.node);
+                    prop_assert!(used.insert(gpu.clone()), "{} assigned twice", gpu);
+                }
+            }
+        }
+        // No feasible way to serve the same requests is cheaper than the optimum.
+        let served: Vec<Request> = results
+            .iter()
+            .filter(|(_, outcome)| matches!(outcome, Outcome::Matched(_)))
+            .map(|(key, _)| requests.iter().find(|r| r.key == *key).expect("known key").clone())
+            .collect();
+        let cost: u64 = results
+            .iter()
+            .filter_map(|(_, outcome)| match outcome {
+                Outcome::Matched(a) => Some(a.hourly_cost()),
+                Outcome::Unmatched(_) => None,
+            })
+            .sum();
+        prop_assert!(cost >= best_total(&offers, &served).expect("the engine served them"));
+    }
+
+    #[test]
+    fn the_same_input_in_any_order_gives_the_same_answer(
+        (offers, shuffled_offers) in arb_offers().prop_flat_map(|o| (Just(o.clone()), Just(o).prop_shuffle())),
+        (requests, shuffled_requests) in arb_requests().prop_flat_map(|r| (Just(r.clone()), Just(r).prop_shuffle())),
+    ) {
+        let hold = HoldPolicy { now: 3, after_secs: 1, for_secs: 100 };
+        prop_assert_eq!(
+            match_all(&offers, &requests, hold),
+            match_all(&shuffled_offers, &shuffled_requests, hold)
+        );
+    }
+
+    #[test]
+    fn each_request_of_a_pass_is_as_cheap_as_what_older_ones_left_allows(
+        offers in arb_offers(),
+        requests in arb_requests(),
+    ) {
+        let results = match_all(&offers, &requests, no_hold());
+        let mut age_order = requests.clone();
+        age_order.sort_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)));
+        let mut left = offers.clone();
+        for ((key, outcome), request) in results.iter().zip(&age_order) {
+            prop_assert_eq!(key, &request.key);
+            prop_assert_optimal(outcome, &left, request)?;
+            if let Outcome::Matched(assignment) = outcome {
+                let taken: HashSet<&String> = assignment.workers.iter().flat_map(|w| &w.gpus).collect();
+                left.iter_mut().for_each(|o| o.free_gpus.retain(|g| !taken.contains(g)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_quote_costs_the_brute_force_optimum_on_the_nodes_its_placement_wants(
+        offers in arb_offers(),
+        request in arb_request(),
+    ) {
+        prop_assert_optimal(&quote(&offers, &request), &offers, &request)?;
+    }
+}
