@@ -5,6 +5,8 @@
 //! The node is tainted `gpumarket.io/supplier:NoSchedule` and labelled
 //! `gpumarket.io/gpu-model=<model>` so that only marketplace pods land on offered GPUs (see
 //! [`node`]).
+// A failing expectation is meant to panic in unit tests.
+#![cfg_attr(test, allow(clippy::expect_used))]
 
 pub mod agent;
 pub mod allocation;

@@ -203,10 +203,10 @@ impl DeviceSource for FakeSource {
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
                 };
-                if let Some(event) = fault.event(&uuid) {
-                    if events.send(event).await.is_err() {
-                        return;
-                    }
+                if let Some(event) = fault.event(&uuid)
+                    && events.send(event).await.is_err()
+                {
+                    return;
                 }
             }
         });

@@ -183,10 +183,10 @@ fn watch_events(nvml: &Nvml, events: &mpsc::Sender<HealthEvent>) -> Result<(), S
                 }),
             }
         };
-        if let Some(event) = event {
-            if events.blocking_send(event).is_err() {
-                break;
-            }
+        if let Some(event) = event
+            && events.blocking_send(event).is_err()
+        {
+            break;
         }
     }
     Ok(())
