@@ -89,7 +89,8 @@ impl<'a> Market<'a> {
     }
 
     /// What the request would get now, without taking anything: the cheapest complete gang on
-    /// the supply not matched or held for others, or why there is none.
+    /// the supply not matched or held for others, or why there is none. For requests that are
+    /// not in the last pass (a pass has already taken the GPUs of those it matched).
     pub fn quote(&self, request: &Request) -> Outcome {
         match self.select(request) {
             Err(invalid) => Outcome::Unmatched(Explanation::Invalid(invalid)),

@@ -50,6 +50,8 @@ pub(super) struct Index<'a> {
 impl<'a> Index<'a> {
     pub fn new(offers: &'a [Offer]) -> Self {
         let mut models = HashMap::new();
+        // Spellings seen, so that each is lower-cased once rather than once per offer.
+        let mut spellings: HashMap<&str, u32> = HashMap::new();
         let mut regions = HashMap::new();
         let mut zones = HashMap::new();
         let mut entries: Vec<Entry> = offers
@@ -62,7 +64,9 @@ impl<'a> Index<'a> {
                 free: u32::try_from(o.free_gpus.len()).unwrap_or(u32::MAX),
                 taken: 0,
                 held: 0,
-                model: intern(&mut models, o.model.to_ascii_lowercase()),
+                model: *spellings
+                    .entry(&o.model)
+                    .or_insert_with(|| intern(&mut models, o.model.to_ascii_lowercase())),
                 tier: o.tier,
                 region: intern(&mut regions, o.region.as_str()),
                 zone: intern(&mut zones, o.zone.as_str()),
@@ -70,7 +74,7 @@ impl<'a> Index<'a> {
             })
             .collect();
         // Node names are unique; the input position only orders duplicates, should any appear.
-        entries.sort_by(|a, b| {
+        entries.sort_unstable_by(|a, b| {
             let node = |e: &Entry| offers[e.offer as usize].node.as_str();
             (a.price, node(a), a.offer).cmp(&(b.price, node(b), b.offer))
         });
