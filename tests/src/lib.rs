@@ -1,1 +1,321 @@
+//! gpumarket's local environment, shared by the integration tests (one per test binary, see
+//! [`Env::shared`]) and by `gpumarket-env up`: etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler and KWOK on loopback ports, the gpumarket and KubeRay CRDs, fake GPU nodes,
+//! and (on demand) a Solana test validator with the settlement mint and funded wallets.
+//!
+//! No process outlives the process that started the environment, however it ends (see
+//! [`process`]); its directory (certificates, etcd data, ledger, logs) goes with it unless
+//! `GPUMARKET_KEEP_ENV=1`.
 
+pub mod certs;
+pub mod control_plane;
+pub mod crds;
+pub mod kwok;
+pub mod node_mix;
+pub mod ports;
+pub mod process;
+pub mod solana;
+pub mod tools;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+pub use kwok::GpuNode;
+pub use solana::Solana;
+
+use process::{Process, Reaper};
+use tools::Tools;
+
+/// Where an environment lives and whether its directory survives it.
+#[derive(Clone, Debug, Default)]
+pub struct EnvOptions {
+    /// The environment's directory; a fresh temporary one when `None`.
+    pub dir: Option<PathBuf>,
+    /// Keep the directory (logs, etcd data, ledger) after the environment stops.
+    pub keep_dir: bool,
+}
+
+/// A running environment. See the crate documentation.
+pub struct Env {
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    tools: Tools,
+    reaper: Reaper,
+    processes: Mutex<Vec<Process>>,
+    solana: tokio::sync::OnceCell<Solana>,
+    namespaces: AtomicUsize,
+    /// How long the steps of the start took, for the record.
+    pub timings: Mutex<Vec<(String, Duration)>>,
+}
+
+/// Where to find a running environment: what `gpumarket-env up` writes to its env file.
+#[derive(Clone, Debug)]
+pub struct Coordinates {
+    pub kubeconfig: PathBuf,
+    /// kubectl, helm, ... of the environment's Kubernetes version.
+    pub tools_bin: PathBuf,
+    pub solana: Solana,
+}
+
+impl Coordinates {
+    /// Shell `export` lines for the environment.
+    pub fn env_file(&self) -> String {
+        let suppliers: Vec<String> =
+            self.solana.suppliers.iter().map(|p| p.display().to_string()).collect();
+        format!(
+            "export PATH={}:$PATH\nexport KUBECONFIG={}\nexport SOLANA_RPC_URL={}\nexport GPUMARKET_MINT={}\n\
+             export GPUMARKET_MINT_AUTHORITY={}\nexport GPUMARKET_BUYER_KEYPAIR={}\n\
+             export GPUMARKET_SUPPLIER_KEYPAIRS={}\nexport GPUMARKET_FAUCET_KEYPAIR={}\n",
+            self.tools_bin.display(),
+            self.kubeconfig.display(),
+            self.solana.rpc_url,
+            self.solana.mint,
+            self.solana.mint_authority.display(),
+            self.solana.buyer.display(),
+            suppliers.join(","),
+            self.solana.faucet.display(),
+        )
+    }
+}
+
+static SHARED: tokio::sync::OnceCell<Result<Env, String>> = tokio::sync::OnceCell::const_new();
+static SHARED_LOGS: OnceLock<PathBuf> = OnceLock::new();
+
+impl Env {
+    /// The environment of this test binary, started by the first test that asks for it.
+    /// Panics (failing the test) when it cannot start; every later caller gets the same error.
+    pub async fn shared() -> &'static Env {
+        let env = SHARED
+            .get_or_init(|| async {
+                let keep_dir = std::env::var_os("GPUMARKET_KEEP_ENV").is_some_and(|v| v == "1");
+                let env = Env::start(EnvOptions { dir: None, keep_dir })
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                install_log_printer(env.dir.join("logs"));
+                Ok(env)
+            })
+            .await;
+        match env {
+            Ok(env) => env,
+            Err(e) => panic!("the test environment did not start: {e}"),
+        }
+    }
+
+    /// Start the control plane and KWOK and install the CRDs.
+    pub async fn start(options: EnvOptions) -> Result<Env> {
+        let tools = Tools::locate();
+        let dir = match options.dir {
+            Some(dir) => prepare_dir(&dir)?,
+            None => tempfile::Builder::new().prefix("gpumarket-env-").tempdir()?.keep(),
+        };
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let reaper = Reaper::start((!options.keep_dir).then_some(dir.as_path()))?;
+        let mut processes = Vec::new();
+        let mut timings = Vec::new();
+        let started = Instant::now();
+        let kubeconfig = match control_plane::start(&dir, &tools, &reaper, &mut processes).await {
+            Ok(kubeconfig) => kubeconfig,
+            Err(e) => return Err(abandon(e, &dir, &reaper)),
+        };
+        timings.push(("control plane ready".to_string(), started.elapsed()));
+        let env = Env {
+            dir,
+            kubeconfig,
+            tools,
+            reaper,
+            processes: Mutex::new(processes),
+            solana: tokio::sync::OnceCell::new(),
+            namespaces: AtomicUsize::new(0),
+            timings: Mutex::new(timings),
+        };
+        if let Err(e) = env.start_kwok_and_crds().await {
+            return Err(abandon(e, &env.dir, &env.reaper));
+        }
+        env.record("KWOK started and CRDs established", started.elapsed());
+        Ok(env)
+    }
+
+    async fn start_kwok_and_crds(&self) -> Result<()> {
+        let kwok = kwok::start(&self.dir, &self.tools, &self.kubeconfig, &self.reaper)?;
+        self.lock_processes()?.push(kwok);
+        crds::install(&self.client().await?, &self.tools.kuberay_crds).await
+    }
+
+    /// A new client for the admin identity (`system:masters`).
+    pub async fn client(&self) -> Result<kube::Client> {
+        control_plane::client(&self.kubeconfig).await
+    }
+
+    /// The admin kubeconfig, for child processes (controller, agents, kubectl, helm).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The environment's directory (logs in `logs/`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The prebuilt tools this environment runs (kubectl, helm, kuberay-operator, ...).
+    pub fn tools(&self) -> &Tools {
+        &self.tools
+    }
+
+    /// A fresh namespace `<prefix>-<n>`, with its `default` ServiceAccount (which pods need).
+    pub async fn namespace(&self, prefix: &str) -> Result<String> {
+        let n = self.namespaces.fetch_add(1, Ordering::Relaxed);
+        let prefix: String = prefix.to_lowercase().chars().take(50).collect();
+        let name = format!("{prefix}-{n}");
+        let client = self.client().await?;
+        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        let accounts: Api<ServiceAccount> = Api::namespaced(client, &name);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while accounts.get_opt("default").await?.is_none() {
+            if Instant::now() > deadline {
+                bail!(
+                    "no default ServiceAccount in {name} after 60 s: is kube-controller-manager running?"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(name)
+    }
+
+    /// Run `command` as part of the environment: output in `logs/<name>.log` (use a unique
+    /// name), stopped with the environment and never outliving it.
+    pub fn spawn(&self, name: &str, command: std::process::Command) -> Result<()> {
+        let process = Process::spawn(&self.reaper, &self.dir.join("logs"), name, command)?;
+        self.lock_processes()?.push(process);
+        Ok(())
+    }
+
+    /// Create KWOK GPU nodes and wait until each is Ready with its GPUs allocatable.
+    pub async fn add_gpu_nodes(&self, nodes: &[GpuNode]) -> Result<()> {
+        kwok::add_gpu_nodes(&self.client().await?, nodes).await
+    }
+
+    /// The Solana validator, mint and wallets, started on first use.
+    pub async fn solana(&self) -> Result<&Solana> {
+        self.solana
+            .get_or_try_init(|| async {
+                let started = Instant::now();
+                let mut processes = Vec::new();
+                let solana =
+                    solana::start(&self.dir, &self.tools, &self.reaper, &mut processes).await;
+                self.lock_processes()?.append(&mut processes);
+                let solana = solana?;
+                self.record("validator, mint and wallets ready", started.elapsed());
+                Ok(solana)
+            })
+            .await
+    }
+
+    /// Everything needed to use the environment from outside, starting Solana if needed.
+    pub async fn coordinates(&self) -> Result<Coordinates> {
+        Ok(Coordinates {
+            kubeconfig: self.kubeconfig.clone(),
+            tools_bin: self.tools.bin.clone(),
+            solana: self.solana().await?.clone(),
+        })
+    }
+
+    /// Stop every process (newest first: KWOK and the validator before the control plane, etcd
+    /// last) and remove the directory unless it is kept.
+    pub fn shutdown(&self) -> Result<()> {
+        let mut processes = self.lock_processes()?;
+        while let Some(process) = processes.pop() {
+            process.stop(Duration::from_secs(5))?;
+        }
+        self.reaper.finish()
+    }
+
+    /// Fail if a process of the environment has died.
+    pub fn ensure_running(&self) -> Result<()> {
+        self.lock_processes()?.iter().try_for_each(Process::ensure_running)
+    }
+
+    fn lock_processes(&self) -> Result<std::sync::MutexGuard<'_, Vec<Process>>> {
+        self.processes.lock().map_err(|_| anyhow!("environment lock poisoned"))
+    }
+
+    fn record(&self, step: &str, elapsed: Duration) {
+        if let Ok(mut timings) = self.timings.lock() {
+            timings.push((step.to_string(), elapsed));
+        }
+    }
+}
+
+/// A start failed: print where the logs are and let the reaper clean up at exit.
+fn abandon(error: anyhow::Error, dir: &Path, reaper: &Reaper) -> anyhow::Error {
+    let tails = log_tails(&dir.join("logs"), 20);
+    let _ = reaper.finish();
+    error.context(format!("environment in {} failed to start; logs:\n{tails}", dir.display()))
+}
+
+/// A directory for `up`: created, or emptied if it holds an earlier environment; refused if it
+/// holds anything else (it is removed when the environment stops).
+fn prepare_dir(dir: &Path) -> Result<PathBuf> {
+    const MARKER: &str = ".gpumarket-env";
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)?.next().is_none();
+        if !empty && !dir.join(MARKER).exists() {
+            bail!(
+                "{} exists and is not a gpumarket environment: choose another --dir",
+                dir.display()
+            );
+        }
+        let owner = std::fs::read_to_string(dir.join(MARKER)).unwrap_or_default();
+        if !owner.trim().is_empty() && Path::new("/proc").join(owner.trim()).exists() {
+            bail!(
+                "an environment is already running in {} (pid {}): stop it or choose another --dir",
+                dir.display(),
+                owner.trim()
+            );
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join(MARKER), std::process::id().to_string())?;
+    Ok(dir.canonicalize()?)
+}
+
+/// The last `lines` lines of every log in `logs`, each under its name.
+pub fn log_tails(logs: &Path, lines: usize) -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(logs)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .map(|file| {
+            let name = file.file_name().unwrap_or_default().to_string_lossy();
+            format!("==== {name} (last {lines} lines) ====\n{}\n", process::log_tail(file, lines))
+        })
+        .collect()
+}
+
+/// When a test panics, print the end of the shared environment's logs (captured with the
+/// test's output, so shown only for failing tests).
+fn install_log_printer(logs: PathBuf) {
+    if SHARED_LOGS.set(logs).is_err() {
+        return;
+    }
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        if let Some(logs) = SHARED_LOGS.get() {
+            eprintln!("\nenvironment logs ({}):\n{}", logs.display(), log_tails(logs, 15));
+        }
+    }));
+}

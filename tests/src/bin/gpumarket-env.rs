@@ -1,0 +1,120 @@
+//! `gpumarket-env up`: the local environment (control plane, KWOK GPU nodes, KubeRay CRDs,
+//! Solana validator with the settlement mint and wallets), until Ctrl-C or SIGTERM.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use gpumarket_tests::node_mix::NodeMix;
+use gpumarket_tests::{Coordinates, Env, EnvOptions, tools};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(about = "gpumarket's local environment")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the environment, write its kubeconfig and env file, run until Ctrl-C.
+    Up(Up),
+}
+
+#[derive(clap::Args)]
+struct Up {
+    /// Fake GPU nodes as MODEL=NODESxGPUS, comma separated.
+    #[arg(long, default_value = "h100=4x8,a100=4x8,rtx4090=8x1")]
+    nodes: NodeMix,
+    /// Regions the nodes are dealt over, round-robin.
+    #[arg(long, value_delimiter = ',', default_value = "eu-west,us-east")]
+    regions: Vec<String>,
+    /// Zones per region (`<region>-a`, `<region>-b`, ...).
+    #[arg(long, default_value_t = 2)]
+    zones_per_region: u32,
+    /// Directory of the environment (kubeconfig, env file, logs); removed when it stops.
+    /// Default: ${GPUMARKET_CACHE:-~/.cache/gpumarket}/env.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep the directory (logs, etcd data, ledger) after stopping.
+    #[arg(long)]
+    keep_dir: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Up(up) => run_up(up).await,
+    }
+}
+
+async fn run_up(up: Up) -> Result<()> {
+    let nodes = up.nodes.nodes(&up.regions, up.zones_per_region)?;
+    let dir = up.dir.unwrap_or_else(|| tools::cache_dir().join("env"));
+    let mut terminate = signal(SignalKind::terminate())?;
+    let started = Instant::now();
+    eprintln!("starting the environment in {}", dir.display());
+    let env = Env::start(EnvOptions { dir: Some(dir), keep_dir: up.keep_dir }).await?;
+    let result = tokio::select! {
+        result = bring_up(&env, &nodes, started) => result,
+        _ = tokio::signal::ctrl_c() => Ok(false),
+        _ = terminate.recv() => Ok(false),
+    };
+    let result = match result {
+        Ok(true) => tokio::select! {
+            error = watch(&env) => Err(error),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = terminate.recv() => Ok(()),
+        },
+        Ok(false) => Ok(()),
+        Err(e) => Err(e),
+    };
+    eprintln!("stopping the environment");
+    env.shutdown().context("stopping the environment")?;
+    if !up.keep_dir {
+        eprintln!("stopped; {} removed", env.dir().display());
+    }
+    result
+}
+
+/// Nodes, validator and wallets, then the coordinates written and printed. `Ok(true)` when up.
+async fn bring_up(env: &Env, nodes: &[gpumarket_tests::GpuNode], started: Instant) -> Result<bool> {
+    let (solana, added) = tokio::join!(env.coordinates(), env.add_gpu_nodes(nodes));
+    let coordinates: Coordinates = solana?;
+    added?;
+    let env_file = env.dir().join("env");
+    std::fs::write(&env_file, coordinates.env_file())
+        .with_context(|| format!("writing {}", env_file.display()))?;
+    if let Ok(timings) = env.timings.lock() {
+        for (step, elapsed) in timings.iter() {
+            eprintln!("  {step}: {:.1} s", elapsed.as_secs_f64());
+        }
+    }
+    let gpus: u32 = nodes.iter().map(|n| n.gpus).sum();
+    println!(
+        "\ngpumarket environment up in {:.1} s: {} KWOK nodes with {gpus} GPUs, validator at {}\n\
+         \n  source {}    # PATH (kubectl), KUBECONFIG, SOLANA_RPC_URL, GPUMARKET_MINT, keypairs\
+         \n  kubectl get nodes -L gpumarket.io/gpu-model,topology.kubernetes.io/region\
+         \n  kubectl get gpuoffers,gpuclusters -A\n\
+         \nlogs: {}\nCtrl-C stops everything and removes {}",
+        started.elapsed().as_secs_f64(),
+        nodes.len(),
+        coordinates.solana.rpc_url,
+        env_file.display(),
+        env.dir().join("logs").display(),
+        env.dir().display(),
+    );
+    Ok(true)
+}
+
+/// Returns the first failure of a process of the environment.
+async fn watch(env: &Env) -> anyhow::Error {
+    loop {
+        if let Err(e) = env.ensure_running() {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}

@@ -1,0 +1,96 @@
+//! The environment's PKI: one CA, the API server's serving certificate, an admin client
+//! certificate (`system:masters`) and the service-account signing key, written as PEM files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+/// Paths of the PEM files of one environment.
+#[derive(Clone, Debug)]
+pub struct Pki {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub serving_cert: PathBuf,
+    pub serving_key: PathBuf,
+    pub admin_cert: PathBuf,
+    pub admin_key: PathBuf,
+    pub service_account_key: PathBuf,
+    pub service_account_public_key: PathBuf,
+}
+
+/// The in-cluster names of the API server (`kubernetes.default.svc`, its service IP) as well
+/// as the loopback names clients use.
+const SERVING_NAMES: &[&str] = &[
+    "127.0.0.1",
+    "localhost",
+    "10.96.0.1",
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+];
+
+impl Pki {
+    /// Generate every key and certificate into `dir`.
+    pub fn generate(dir: &Path) -> Result<Pki> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let write = |name: &str, pem: String| -> Result<PathBuf> {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+            Ok(path)
+        };
+
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name.push(DnType::CommonName, "gpumarket-env-ca");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let ca_cert_path = write("ca.crt", ca_cert.pem())?;
+        let ca_key_path = write("ca.key", ca_key.serialize_pem())?;
+        let issuer = Issuer::new(ca, ca_key);
+
+        let serving_key = KeyPair::generate()?;
+        let mut serving = CertificateParams::new(Vec::<String>::new())?;
+        serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+        serving.subject_alt_names = SERVING_NAMES
+            .iter()
+            .map(|name| match name.parse() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName((*name).try_into()?)),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let serving_cert = serving.signed_by(&serving_key, &issuer)?;
+
+        let admin_key = KeyPair::generate()?;
+        let mut admin = CertificateParams::new(Vec::<String>::new())?;
+        admin.distinguished_name.push(DnType::CommonName, "gpumarket-admin");
+        admin.distinguished_name.push(DnType::OrganizationName, "system:masters");
+        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let admin_cert = admin.signed_by(&admin_key, &issuer)?;
+
+        let service_account = KeyPair::generate()?;
+        Ok(Pki {
+            ca_cert: ca_cert_path,
+            ca_key: ca_key_path,
+            serving_cert: write("apiserver.crt", serving_cert.pem())?,
+            serving_key: write("apiserver.key", serving_key.serialize_pem())?,
+            admin_cert: write("admin.crt", admin_cert.pem())?,
+            admin_key: write("admin.key", admin_key.serialize_pem())?,
+            service_account_key: write("service-account.key", service_account.serialize_pem())?,
+            service_account_public_key: write(
+                "service-account.pub",
+                service_account.public_key_pem(),
+            )?,
+        })
+    }
+}

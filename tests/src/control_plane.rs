@@ -1,0 +1,160 @@
+//! etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback ports, with a
+//! kubeconfig for the admin (`system:masters`) identity.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde_json::json;
+
+use crate::certs::Pki;
+use crate::ports::free_tcp_ports;
+use crate::process::{Process, Reaper};
+use crate::tools::Tools;
+
+/// The largest object etcd accepts; above the API server's own 3 MiB request limit so that
+/// large CRDs (KubeRay's RayCluster is close to 1 MiB, stored with managed fields) fit.
+const ETCD_MAX_REQUEST_BYTES: u32 = 4 * 1024 * 1024;
+const SERVICE_CIDR: &str = "10.96.0.0/16";
+const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// Start etcd, the API server, controller-manager and scheduler; returns when the API server
+/// is ready and the controller-manager has created the `default` ServiceAccount.
+pub async fn start(
+    dir: &Path,
+    tools: &Tools,
+    reaper: &Reaper,
+    processes: &mut Vec<Process>,
+) -> Result<PathBuf> {
+    let logs = dir.join("logs");
+    let pki = Pki::generate(&dir.join("pki"))?;
+    let [etcd_client, etcd_peer, apiserver_port] = free_tcp_ports(3)?[..] else {
+        bail!("expected three free ports");
+    };
+    let server = format!("https://127.0.0.1:{apiserver_port}");
+    let kubeconfig = dir.join("kubeconfig");
+    write_kubeconfig(&kubeconfig, &server, &pki)?;
+
+    let etcd_url = format!("http://127.0.0.1:{etcd_client}");
+    let peer_url = format!("http://127.0.0.1:{etcd_peer}");
+    let mut etcd = tools.command("etcd")?;
+    etcd.arg("--name=env")
+        .arg(format!("--data-dir={}", dir.join("etcd").display()))
+        .arg(format!("--listen-client-urls={etcd_url}"))
+        .arg(format!("--advertise-client-urls={etcd_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=env={peer_url}"))
+        .arg(format!("--max-request-bytes={ETCD_MAX_REQUEST_BYTES}"))
+        .arg("--quota-backend-bytes=8589934592")
+        .arg("--unsafe-no-fsync")
+        .arg("--log-level=warn");
+    processes.push(Process::spawn(reaper, &logs, "etcd", etcd)?);
+
+    let path = |p: &PathBuf| p.display().to_string();
+    let mut apiserver = tools.command("kube-apiserver")?;
+    apiserver
+        .arg(format!("--etcd-servers={etcd_url}"))
+        .arg("--bind-address=127.0.0.1")
+        .arg("--advertise-address=127.0.0.1")
+        .arg(format!("--secure-port={apiserver_port}"))
+        .arg(format!("--cert-dir={}", dir.join("apiserver").display()))
+        .arg(format!("--tls-cert-file={}", path(&pki.serving_cert)))
+        .arg(format!("--tls-private-key-file={}", path(&pki.serving_key)))
+        .arg(format!("--client-ca-file={}", path(&pki.ca_cert)))
+        .arg("--authorization-mode=Node,RBAC")
+        .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
+        .arg(format!("--service-account-key-file={}", path(&pki.service_account_public_key)))
+        .arg(format!("--service-account-signing-key-file={}", path(&pki.service_account_key)))
+        .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+        .arg("--allow-privileged=true")
+        .arg("--profiling=false");
+    processes.push(Process::spawn(reaper, &logs, "kube-apiserver", apiserver)?);
+
+    let mut controller_manager = tools.command("kube-controller-manager")?;
+    controller_manager
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .arg(format!("--authentication-kubeconfig={}", kubeconfig.display()))
+        .arg(format!("--authorization-kubeconfig={}", kubeconfig.display()))
+        .arg("--leader-elect=false")
+        .arg("--secure-port=0")
+        .arg(format!("--root-ca-file={}", path(&pki.ca_cert)))
+        .arg(format!("--service-account-private-key-file={}", path(&pki.service_account_key)))
+        .arg(format!("--cluster-signing-cert-file={}", path(&pki.ca_cert)))
+        .arg(format!("--cluster-signing-key-file={}", path(&pki.ca_key)))
+        .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+        .arg("--use-service-account-credentials=false");
+    processes.push(Process::spawn(reaper, &logs, "kube-controller-manager", controller_manager)?);
+
+    let mut scheduler = tools.command("kube-scheduler")?;
+    scheduler
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .arg(format!("--authentication-kubeconfig={}", kubeconfig.display()))
+        .arg(format!("--authorization-kubeconfig={}", kubeconfig.display()))
+        .arg("--leader-elect=false")
+        .arg("--secure-port=0");
+    processes.push(Process::spawn(reaper, &logs, "kube-scheduler", scheduler)?);
+
+    wait_ready(&kubeconfig, processes).await?;
+    Ok(kubeconfig)
+}
+
+/// A client for the admin identity of a kubeconfig written by this module.
+pub async fn client(kubeconfig: &Path) -> Result<kube::Client> {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<()> {
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "gpumarket", "cluster": {
+            "server": server,
+            "certificate-authority": pki.ca_cert,
+        }}],
+        "users": [{"name": "admin", "user": {
+            "client-certificate": pki.admin_cert,
+            "client-key": pki.admin_key,
+        }}],
+        "contexts": [{"name": "gpumarket", "context": {"cluster": "gpumarket", "user": "admin"}}],
+        "current-context": "gpumarket",
+    });
+    std::fs::write(path, serde_yaml::to_string(&config)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// `/readyz` answers ok (etcd, RBAC bootstrap roles, every post-start hook), and the
+/// controller-manager is working: the `default` ServiceAccount exists.
+async fn wait_ready(kubeconfig: &Path, processes: &[Process]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let client = client(kubeconfig).await?;
+    let mut last_error;
+    loop {
+        for process in processes {
+            process.ensure_running()?;
+        }
+        let readyz = http::Request::get("/readyz").body(Vec::new())?;
+        match client.request_text(readyz).await {
+            Ok(body) if body.trim() == "ok" => {
+                let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+                match accounts.get_opt("default").await {
+                    Ok(Some(_)) => return Ok(()),
+                    Ok(None) => last_error = "no default ServiceAccount yet".into(),
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            Ok(body) => last_error = body,
+            Err(e) => last_error = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            bail!("the control plane was not ready within 120 s: {last_error}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,168 @@
+//! Child processes that never outlive the process that started them.
+//!
+//! Rust never drops statics, so the shared test environment cannot rely on `Drop`, and
+//! `PR_SET_PDEATHSIG` fires when the spawning *thread* exits (test threads do). Instead each
+//! environment starts a reaper: a tiny shell in its own process group that reads the process
+//! group ids of the environment's children from a pipe. The parent holds the pipe's write end
+//! until it exits — however it exits, even SIGKILL — and the kernel then closes it: the reaper
+//! reads EOF, terminates every group (SIGTERM, then SIGKILL), and removes the environment's
+//! directory.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use std::os::unix::process::CommandExt;
+
+const REAPER_SCRIPT: &str = r#"
+trap '' INT TERM HUP
+dir="$1"
+groups=""
+while read -r group; do groups="$groups $group"; done
+for g in $groups; do kill -s TERM -- "-$g" 2>/dev/null; done
+i=0
+while [ "$i" -lt 30 ]; do
+  alive=""
+  for g in $groups; do kill -s 0 -- "-$g" 2>/dev/null && alive=1; done
+  [ -z "$alive" ] && break
+  sleep 0.1
+  i=$((i + 1))
+done
+for g in $groups; do kill -s KILL -- "-$g" 2>/dev/null; done
+[ -n "$dir" ] && rm -rf -- "$dir"
+exit 0
+"#;
+
+/// Kills the registered process groups, and removes a directory, when the parent goes away.
+pub struct Reaper {
+    pipe: Mutex<Option<ChildStdin>>,
+    shell: Mutex<Child>,
+}
+
+impl Reaper {
+    /// Start a reaper; `remove` is the directory to delete after the children are gone.
+    pub fn start(remove: Option<&Path>) -> Result<Reaper> {
+        let mut shell = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(REAPER_SCRIPT)
+            .arg("gpumarket-env-reaper")
+            .arg(remove.map(Path::as_os_str).unwrap_or_default())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own group: a Ctrl-C at the terminal must not kill it before the children.
+            .process_group(0)
+            .spawn()
+            .context("starting the reaper shell (/bin/sh)")?;
+        let pipe = shell.stdin.take().context("reaper stdin")?;
+        Ok(Reaper { pipe: Mutex::new(Some(pipe)), shell: Mutex::new(shell) })
+    }
+
+    fn watch(&self, group: u32) -> Result<()> {
+        let mut pipe = self.pipe.lock().map_err(|_| anyhow!("reaper lock poisoned"))?;
+        let pipe = pipe.as_mut().context("the environment is shutting down")?;
+        writeln!(pipe, "{group}").context("registering a child with the reaper")?;
+        Ok(())
+    }
+
+    /// Let the reaper do its work now (instead of at process exit) and wait for it.
+    pub fn finish(&self) -> Result<()> {
+        drop(self.pipe.lock().map_err(|_| anyhow!("reaper lock poisoned"))?.take());
+        self.shell.lock().map_err(|_| anyhow!("reaper lock poisoned"))?.wait()?;
+        Ok(())
+    }
+}
+
+/// A named child process in its own process group, stdout and stderr in `logs/<name>.log`.
+pub struct Process {
+    name: String,
+    log: PathBuf,
+    child: Mutex<Child>,
+}
+
+impl Process {
+    pub fn spawn(reaper: &Reaper, logs: &Path, name: &str, mut command: Command) -> Result<Self> {
+        let log = logs.join(format!("{name}.log"));
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
+        reaper.watch(child.id())?;
+        Ok(Process { name: name.to_string(), log, child: Mutex::new(child) })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// An error, with the end of its log, if the process has exited.
+    pub fn ensure_running(&self) -> Result<()> {
+        let mut child = self.child.lock().map_err(|_| anyhow!("process lock poisoned"))?;
+        match child.try_wait()? {
+            None => Ok(()),
+            Some(status) => bail!(
+                "{} exited ({status}); end of {}:\n{}",
+                self.name,
+                self.log.display(),
+                log_tail(&self.log, 30)
+            ),
+        }
+    }
+
+    /// Poll the log until a line starts with `prefix`; returns the line.
+    pub async fn wait_for_line(&self, prefix: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let file = File::open(&self.log)?;
+            if let Some(line) =
+                BufReader::new(file).lines().map_while(Result::ok).find(|l| l.starts_with(prefix))
+            {
+                return Ok(line);
+            }
+            self.ensure_running()?;
+            if Instant::now() > deadline {
+                bail!("{} printed no {prefix:?} line within {timeout:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM to the process group, SIGKILL after `grace`, then reap.
+    pub fn stop(&self, grace: Duration) -> Result<()> {
+        let mut child = self.child.lock().map_err(|_| anyhow!("process lock poisoned"))?;
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        let group = format!("-{}", child.id());
+        Command::new("kill").args(["-s", "TERM", "--", &group]).status()?;
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Command::new("kill").args(["-s", "KILL", "--", &group]).status()?;
+        child.wait()?;
+        Ok(())
+    }
+}
+
+/// The last `lines` lines of a log file (empty if it cannot be read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,205 @@
+//! A real Solana test validator (`gpumarket-validator`, SPL programs in genesis), the
+//! settlement mint (6 decimals), a funded buyer and supplier wallets with token accounts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use solana_client::nonblocking::rpc_client::RpcClient;
+use solana_commitment_config::CommitmentConfig;
+use solana_sdk::instruction::Instruction;
+use solana_sdk::program_pack::Pack;
+use solana_sdk::pubkey::Pubkey;
+use solana_sdk::signature::{Keypair, Signature, Signer, read_keypair_file, write_keypair_file};
+use solana_sdk::transaction::Transaction;
+use spl_associated_token_account_interface::address::get_associated_token_address;
+use spl_associated_token_account_interface::instruction::create_associated_token_account_idempotent;
+
+use crate::ports::free_port_block;
+use crate::process::{Process, Reaper};
+use crate::tools::Tools;
+
+/// Decimals of the settlement mint (USDC-like).
+pub const MINT_DECIMALS: u8 = 6;
+/// Base units minted to the buyer: one million tokens.
+pub const BUYER_TOKENS: u64 = 1_000_000 * 10u64.pow(MINT_DECIMALS as u32);
+/// Lamports each wallet receives for fees and rent.
+pub const WALLET_LAMPORTS: u64 = 10 * 1_000_000_000;
+/// Number of supplier wallets.
+pub const SUPPLIERS: usize = 3;
+
+/// The running validator and the wallets of the environment.
+#[derive(Clone, Debug)]
+pub struct Solana {
+    pub rpc_url: String,
+    /// The settlement mint (6 decimals, classic SPL Token program).
+    pub mint: Pubkey,
+    /// Keypair file of the mint authority (can mint more tokens).
+    pub mint_authority: PathBuf,
+    /// Keypair file of the buyer: SOL and `BUYER_TOKENS` in its associated token account.
+    pub buyer: PathBuf,
+    /// Keypair files of the suppliers: SOL and an (empty) associated token account each.
+    pub suppliers: Vec<PathBuf>,
+    /// Keypair file of the validator's faucet (holds almost all SOL).
+    pub faucet: PathBuf,
+}
+
+impl Solana {
+    /// An RPC client with `confirmed` commitment (a fresh one: clients belong to a runtime).
+    pub fn rpc(&self) -> RpcClient {
+        RpcClient::new_with_commitment(self.rpc_url.clone(), CommitmentConfig::confirmed())
+    }
+
+    /// The associated token account of `wallet` for the settlement mint.
+    pub fn token_account(&self, wallet: &Pubkey) -> Pubkey {
+        get_associated_token_address(wallet, &self.mint)
+    }
+}
+
+/// Read a keypair file written by this module.
+pub fn read_keypair(path: &Path) -> Result<Keypair> {
+    read_keypair_file(path).map_err(|e| anyhow!("reading keypair {}: {e}", path.display()))
+}
+
+/// Start the validator (logs in `logs/`, ledger and keypairs in `dir/solana`), then create the
+/// mint and the wallets.
+pub async fn start(
+    dir: &Path,
+    tools: &Tools,
+    reaper: &Reaper,
+    processes: &mut Vec<Process>,
+) -> Result<Solana> {
+    let solana_dir = dir.join("solana");
+    std::fs::create_dir_all(&solana_dir)?;
+    // RPC on the first port, PubSub on the second, gossip/TPU/TVU/repair on the rest.
+    let base = free_port_block(160)?;
+    let mut validator = tools.command("gpumarket-validator")?;
+    validator
+        .arg("--ledger")
+        .arg(solana_dir.join("ledger"))
+        .arg(format!("--rpc-port={base}"))
+        .arg(format!("--port-range={}-{}", base + 2, base + 159));
+    let process = Process::spawn(reaper, &dir.join("logs"), "solana-validator", validator)?;
+    let ready = process.wait_for_line("READY ", Duration::from_secs(180)).await;
+    processes.push(process);
+    let ready = ready?;
+    let rpc_url = ready
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("rpc="))
+        .with_context(|| format!("no rpc= in the validator's line {ready:?}"))?
+        .to_string();
+    let faucet = solana_dir.join("ledger").join("faucet-keypair.json");
+    setup_wallets(&solana_dir, rpc_url, faucet).await
+}
+
+async fn setup_wallets(dir: &Path, rpc_url: String, faucet: PathBuf) -> Result<Solana> {
+    let rpc = RpcClient::new_with_commitment(rpc_url.clone(), CommitmentConfig::confirmed());
+    let payer = read_keypair(&faucet)?;
+    let new_keypair = |name: &str| -> Result<(Keypair, PathBuf)> {
+        let keypair = Keypair::new();
+        let path = dir.join(format!("{name}.json"));
+        write_keypair_file(&keypair, &path)
+            .map_err(|e| anyhow!("writing keypair {}: {e}", path.display()))?;
+        Ok((keypair, path))
+    };
+    let (mint, _) = new_keypair("mint")?;
+    let (authority, authority_path) = new_keypair("mint-authority")?;
+    let (buyer, buyer_path) = new_keypair("buyer")?;
+    let suppliers = (0..SUPPLIERS)
+        .map(|i| new_keypair(&format!("supplier-{i}")))
+        .collect::<Result<Vec<_>>>()?;
+
+    let token = spl_token_interface::id();
+    let rent =
+        rpc.get_minimum_balance_for_rent_exemption(spl_token_interface::state::Mint::LEN).await?;
+    let mut funding = vec![
+        solana_system_interface::instruction::create_account(
+            &payer.pubkey(),
+            &mint.pubkey(),
+            rent,
+            spl_token_interface::state::Mint::LEN as u64,
+            &token,
+        ),
+        spl_token_interface::instruction::initialize_mint2(
+            &token,
+            &mint.pubkey(),
+            &authority.pubkey(),
+            None,
+            MINT_DECIMALS,
+        )?,
+    ];
+    for wallet in std::iter::once(&buyer).chain(suppliers.iter().map(|(k, _)| k)) {
+        funding.push(solana_system_interface::instruction::transfer(
+            &payer.pubkey(),
+            &wallet.pubkey(),
+            WALLET_LAMPORTS,
+        ));
+    }
+    send_with_retry(&rpc, &funding, &payer, &[&payer, &mint]).await.context("creating the mint")?;
+
+    let mut accounts: Vec<Instruction> = std::iter::once(&buyer)
+        .chain(suppliers.iter().map(|(k, _)| k))
+        .map(|wallet| {
+            create_associated_token_account_idempotent(
+                &payer.pubkey(),
+                &wallet.pubkey(),
+                &mint.pubkey(),
+                &token,
+            )
+        })
+        .collect();
+    accounts.push(spl_token_interface::instruction::mint_to_checked(
+        &token,
+        &mint.pubkey(),
+        &get_associated_token_address(&buyer.pubkey(), &mint.pubkey()),
+        &authority.pubkey(),
+        &[],
+        BUYER_TOKENS,
+        MINT_DECIMALS,
+    )?);
+    send_with_retry(&rpc, &accounts, &payer, &[&payer, &authority])
+        .await
+        .context("creating token accounts and funding the buyer")?;
+
+    Ok(Solana {
+        rpc_url,
+        mint: mint.pubkey(),
+        mint_authority: authority_path,
+        buyer: buyer_path,
+        suppliers: suppliers.into_iter().map(|(_, path)| path).collect(),
+        faucet,
+    })
+}
+
+/// Sign with a fresh blockhash, send and confirm; a `BlockhashNotFound` (normal right after
+/// the validator starts) is retried with a newer blockhash.
+pub async fn send_with_retry(
+    rpc: &RpcClient,
+    instructions: &[Instruction],
+    payer: &Keypair,
+    signers: &[&Keypair],
+) -> Result<Signature> {
+    let mut attempts = 0;
+    loop {
+        let blockhash = rpc.get_latest_blockhash().await?;
+        let tx = Transaction::new_signed_with_payer(
+            instructions,
+            Some(&payer.pubkey()),
+            signers,
+            blockhash,
+        );
+        match rpc.send_and_confirm_transaction(&tx).await {
+            Ok(signature) => return Ok(signature),
+            Err(e) if attempts < 20 && is_blockhash_not_found(&e) => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => bail!("transaction failed: {e}"),
+        }
+    }
+}
+
+fn is_blockhash_not_found(error: &solana_client::client_error::ClientError) -> bool {
+    format!("{error:?}").contains("BlockhashNotFound")
+        || error.to_string().contains("Blockhash not found")
+}
