@@ -362,4 +362,90 @@ mod tests {
         assert_eq!(released.free_gpus, Some(2));
         assert!(release(&taken, |l| l == "other").is_none());
     }
+
+    /// A gang whose second claim loses a race gives back its first claim: scripted API calls.
+    #[tokio::test]
+    async fn a_lost_claim_rolls_back_the_claims_already_made() {
+        use http::{Request, Response};
+        use kube::client::Body;
+
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let offers: Api<GpuOffer> = Api::all(client.clone());
+        let cluster = mk_cluster("train", 2, 1);
+        let a = crate::testing::mk_lease(&cluster, "a", &["a-gpu-0"], 1);
+        let b = crate::testing::mk_lease(&cluster, "b", &["b-gpu-0"], 1);
+        let mut offer_a = mk_offer("a", "H100", 1, now());
+        offer_a.metadata.resource_version = Some("1".into());
+        let mut offer_b = mk_offer("b", "H100", 1, now());
+        offer_b.metadata.resource_version = Some("7".into());
+
+        let cache = [Arc::new(offer_a.clone()), Arc::new(offer_b.clone())];
+        let server = tokio::spawn(async move {
+            let respond = |code: u16, body: serde_json::Value| {
+                Response::builder()
+                    .status(code)
+                    .body(Body::from(serde_json::to_vec(&body).expect("json")))
+                    .expect("response")
+            };
+            // a: claimed from the cached copy.
+            let (req, send) = handle.next_request().await.expect("claim a");
+            assert_eq!(
+                (req.method().as_str(), req.uri().path()),
+                ("PUT", "/apis/gpumarket.io/v1alpha1/gpuoffers/a/status")
+            );
+            let body: GpuOffer =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.expect("body"))
+                    .expect("offer");
+            assert_eq!(
+                body.metadata.resource_version.as_deref(),
+                Some("1"),
+                "conditional on what was read"
+            );
+            let claimed_a = body.clone();
+            send.send_response(respond(200, serde_json::to_value(&body).expect("json")));
+            // b: the cached copy is stale, the fresh one too (another replica won).
+            let (req, send) = handle.next_request().await.expect("claim b");
+            assert_eq!(req.uri().path(), "/apis/gpumarket.io/v1alpha1/gpuoffers/b/status");
+            send.send_response(respond(409, serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "modified"})));
+            let (req, send) = handle.next_request().await.expect("fresh read of b");
+            assert_eq!(
+                (req.method().as_str(), req.uri().path()),
+                ("GET", "/apis/gpumarket.io/v1alpha1/gpuoffers/b")
+            );
+            let mut taken = offer_b.clone();
+            taken.status.get_or_insert_default().gpus = vec![GpuState {
+                uuid: "b-gpu-0".into(),
+                health: None,
+                reason: None,
+                lease: Some("someone-else".into()),
+            }];
+            send.send_response(respond(200, serde_json::to_value(&taken).expect("json")));
+            // rollback of a: read, then write without the claim.
+            let (req, send) = handle.next_request().await.expect("read a for rollback");
+            assert_eq!(
+                (req.method().as_str(), req.uri().path()),
+                ("GET", "/apis/gpumarket.io/v1alpha1/gpuoffers/a")
+            );
+            send.send_response(respond(200, serde_json::to_value(&claimed_a).expect("json")));
+            let (req, send) = handle.next_request().await.expect("release a");
+            let body: GpuOffer =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.expect("body"))
+                    .expect("offer");
+            assert!(
+                body.status.iter().flat_map(|s| &s.gpus).all(|g| g.lease.is_none()),
+                "claim on a released"
+            );
+            send.send_response(respond(200, serde_json::to_value(&body).expect("json")));
+        });
+
+        let cached =
+            |name: &str| cache.iter().find(|o| o.metadata.name.as_deref() == Some(name)).cloned();
+        let result = claim_all(&offers, cached, &[a, b]).await;
+        assert!(
+            matches!(result, Err(Error::AllocationConflict { ref offer }) if offer == "b"),
+            "{result:?}"
+        );
+        server.await.expect("scripted calls all made");
+    }
 }

@@ -9,7 +9,6 @@
 pub mod binding;
 pub mod cluster;
 pub mod context;
-mod engine_stub;
 pub mod error;
 pub mod leader;
 pub mod matching;

@@ -21,7 +21,7 @@ use super::status::{
 };
 use crate::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
 use crate::context::{Context, MANAGER};
-use crate::engine_stub::{self as matching, Outcome};
+use crate::matching::{self, Outcome};
 use crate::error::{Error, Result};
 use crate::raycluster::{self, build_ray_cluster, dashboard_address, is_ready, ray_cluster_name};
 use crate::supply::market_request;
