@@ -75,6 +75,10 @@ fn supplier() -> Supplier {
 
 /// A plugin-mode agent on the fake GPUs, serving in `dir`; stopped when the test ends.
 fn start_agent(dir: &Path, cdi: bool) -> FaultInjector {
+    start_agent_with(dir, cdi, None)
+}
+
+fn start_agent_with(dir: &Path, cdi: bool, client: Option<kube::Client>) -> FaultInjector {
     let source = FakeSource::from_yaml(FOUR_H100).unwrap();
     let injector = source.injector();
     let config = AgentConfig {
@@ -86,7 +90,7 @@ fn start_agent(dir: &Path, cdi: bool) -> FaultInjector {
         heartbeat: Duration::from_secs(1),
     };
     let agent = Agent::prepare(config, Arc::new(source)).unwrap();
-    tokio::spawn(async move { agent.run(None).await.unwrap() });
+    tokio::spawn(async move { agent.run(client).await.unwrap() });
     injector
 }
 
@@ -211,6 +215,25 @@ async fn the_plugin_registers_again_when_the_kubelet_restarts() {
     let mut stream =
         DevicePluginClient::new(channel).list_and_watch(Empty {}).await.unwrap().into_inner();
     assert_eq!(next_list(&mut stream, WAIT).await.len(), 4, "served again on a fresh socket");
+}
+
+#[tokio::test]
+async fn the_kubelet_is_served_while_the_api_server_cannot_be_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_kubelet, mut registrations) = start_kubelet(dir.path());
+    // Nothing listens on port 1: every offer write fails and is retried.
+    let unreachable = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+    let client = kube::Client::try_from(unreachable).unwrap();
+    let injector = start_agent_with(dir.path(), false, Some(client));
+
+    let registration = next_registration(&mut registrations).await;
+    let channel = connect(&dir.path().join(&registration.endpoint)).await.unwrap();
+    let mut stream =
+        DevicePluginClient::new(channel).list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(next_list(&mut stream, WAIT).await.len(), 4);
+    injector.inject("GPU-0", FakeFault::DoubleBitEcc);
+    let list = next_list(&mut stream, Duration::from_secs(1)).await;
+    assert_eq!(list[0], ("GPU-0".to_string(), "Unhealthy".to_string()));
 }
 
 /// Runs the agent binary; its exit status and stderr.

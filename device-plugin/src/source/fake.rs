@@ -261,6 +261,15 @@ events:
         }
     }
 
+    #[test]
+    fn the_example_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fake-hgx-h100.yaml");
+        let source = FakeSource::from_file(&path).expect("the example parses");
+        assert_eq!(source.inventory.gpus.len(), 8);
+        assert!(source.inventory.gpus.iter().all(|g| g.nvlink_peers.len() == 7));
+        assert_eq!(source.script.len(), 2);
+    }
+
     #[tokio::test]
     async fn the_script_plays_critical_events_only() {
         let source = FakeSource::from_yaml(TWO_H100).expect("valid file");
