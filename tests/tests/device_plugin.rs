@@ -1,0 +1,151 @@
+//! The supplier agent against the real API server: for a KWOK GPU node it publishes the node's
+//! GpuOffer (region and zone from the node's labels), taints the node, heartbeats, reports an
+//! XID injected through the fake device source in the offer's status, and once it stops, the
+//! controller marks the offer unavailable.
+//!
+//! The agent runs in-process in offer-only mode (the kubelet side is tested over unix sockets in
+//! device-plugin/tests/kubelet.rs); the controller runs in-process with a short heartbeat timeout.
+// A failing expectation is meant to panic, in helpers as in tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gpumarket_crds::common::SUPPLIER_TAINT;
+use gpumarket_crds::{GpuHealth, GpuOffer, Interconnect, OfferMode};
+use gpumarket_device_plugin::agent::{Agent, AgentConfig};
+use gpumarket_device_plugin::config::{Mode, Supplier};
+use gpumarket_device_plugin::registration::PluginSocket;
+use gpumarket_device_plugin::source::fake::{FakeFault, FakeSource};
+use gpumarket_tests::{Env, GpuNode};
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+
+const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
+const NODE: &str = "dp-h100";
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(4);
+const WAIT: Duration = Duration::from_secs(30);
+
+const TWO_H100: &str = "
+driverVersion: 560.35.03
+cudaVersion: '12.6'
+gpus:
+  - {uuid: GPU-dp-0, productName: NVIDIA H100 80GB HBM3, memoryMib: 81559, nvlinkPeers: [GPU-dp-1]}
+  - {uuid: GPU-dp-1, productName: NVIDIA H100 80GB HBM3, memoryMib: 81559}
+";
+
+/// Polls `get` until `done` holds for its answer; the answer.
+async fn wait_for<T, F, Fut>(what: &str, mut get: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(value) = get().await.filter(|v| done(v)) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn health_of(offer: &GpuOffer, uuid: &str) -> Option<(GpuHealth, Option<String>)> {
+    let gpu = offer.status.as_ref()?.gpus.iter().find(|g| g.uuid == uuid)?;
+    Some((gpu.health?, gpu.reason.clone()))
+}
+
+fn heartbeat(offer: &GpuOffer) -> Option<jiff::Timestamp> {
+    offer.status.as_ref()?.last_heartbeat.as_ref().map(|t| t.0)
+}
+
+#[tokio::test]
+async fn the_agent_publishes_heartbeats_and_reports_health_until_it_stops() {
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    env.add_gpu_nodes(&[GpuNode::new(NODE, "H100", 2).region("dp-west").zone("dp-west-1a")])
+        .await
+        .unwrap();
+
+    let source = FakeSource::from_yaml(TWO_H100).unwrap();
+    let injector = source.injector();
+    let config = AgentConfig {
+        node_name: NODE.into(),
+        // No region or zone given: the agent takes the node's topology labels.
+        supplier: Supplier {
+            wallet: WALLET.into(),
+            prices: [("H100".to_string(), 2_200_000)].into(),
+            region: None,
+            zone: None,
+        },
+        mode: Mode::OfferOnly,
+        socket: PluginSocket { dir: env.dir().to_owned(), resource_name: "nvidia.com/gpu".into() },
+        cdi: false,
+        heartbeat: Duration::from_secs(1),
+    };
+    let agent = Agent::prepare(config, Arc::new(source)).unwrap();
+    let agent = tokio::spawn(agent.run(Some(client.clone())));
+
+    let offers: Api<GpuOffer> = Api::all(client.clone());
+    let get = || async { offers.get_opt(NODE).await.unwrap() };
+    let offer =
+        wait_for("the offer and its first heartbeat", get, |o| heartbeat(o).is_some()).await;
+    assert_eq!(offer.spec.wallet, WALLET);
+    assert_eq!(offer.spec.price_per_gpu_hour, 2_200_000);
+    assert_eq!(
+        (offer.spec.region.as_str(), offer.spec.zone.as_deref()),
+        ("dp-west", Some("dp-west-1a"))
+    );
+    assert_eq!(
+        offer.spec.gpus.iter().map(|g| g.model.as_str()).collect::<Vec<_>>(),
+        ["H100", "H100"]
+    );
+    assert_eq!(
+        (offer.spec.interconnect, offer.spec.mode),
+        (Interconnect::NvLink, OfferMode::OfferOnly)
+    );
+    assert_eq!(offer.spec.driver_version.as_deref(), Some("560.35.03"));
+    assert_eq!(health_of(&offer, "GPU-dp-1"), Some((GpuHealth::Healthy, None)));
+
+    let first = heartbeat(&offer).unwrap();
+    wait_for("a later heartbeat", get, |o| heartbeat(o).is_some_and(|t| t > first)).await;
+
+    let node = Api::<Node>::all(client.clone()).get(NODE).await.unwrap();
+    let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
+    assert!(
+        taints.iter().any(|t| t.key == SUPPLIER_TAINT && t.effect == "NoSchedule"),
+        "{taints:?}"
+    );
+
+    // An XID through the fake: the GPU is reported unhealthy in the offer's status.
+    injector.inject("GPU-dp-1", FakeFault::Xid(79));
+    let injected = Instant::now();
+    let offer = wait_for("GPU-dp-1 unhealthy in the offer", get, |o| {
+        health_of(o, "GPU-dp-1").is_some_and(|(h, _)| h == GpuHealth::Unhealthy)
+    })
+    .await;
+    println!("XID 79 in the GpuOffer status after {:?}", injected.elapsed());
+    assert_eq!(health_of(&offer, "GPU-dp-1"), Some((GpuHealth::Unhealthy, Some("XID 79".into()))));
+    assert_eq!(health_of(&offer, "GPU-dp-0"), Some((GpuHealth::Healthy, None)));
+
+    // The controller sees a live offer with one healthy GPU, and a dead one once the agent stops.
+    let controller = tokio::spawn(gpumarket_controller::run(
+        client.clone(),
+        gpumarket_controller::Config {
+            settings: gpumarket_controller::Settings {
+                heartbeat_timeout: HEARTBEAT_TIMEOUT,
+                ..Default::default()
+            },
+            metrics_addr: None,
+            leader_election: None,
+        },
+    ));
+    wait_for("the offer available", get, GpuOffer::is_available).await;
+    agent.abort();
+    let stopped = Instant::now();
+    wait_for("the offer unavailable", get, |o| !o.is_available()).await;
+    println!("offer unavailable {:?} after the agent stopped", stopped.elapsed());
+    assert!(stopped.elapsed() >= HEARTBEAT_TIMEOUT - Duration::from_secs(2));
+    controller.abort();
+}
