@@ -1,0 +1,566 @@
+//! The controller against the real API server and KWOK nodes: a GpuCluster is matched, bound
+//! through leases, provisioned as a RayCluster on the right nodes, runs, expires; unmatched
+//! requests wait with a reason and match when supply appears; racing clusters and racing
+//! replicas never share a GPU; a silent supplier's workers are replaced; deletion ends the
+//! leases first; a restarted controller converges without duplicates.
+//!
+//! The controller runs in-process (`gpumarket_controller::run`). Offers are published by the
+//! test itself, heartbeating like an agent. KubeRay's operator is not running, so the test marks
+//! RayClusters ready. Tests run one at a time (each starts its own controllers, which watch the
+//! whole API server); each uses its own region so no test matches another's GPUs.
+// A failing expectation is meant to panic, in helpers as in tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::Duration;
+
+use gpumarket_controller::{Config, Settings};
+use gpumarket_crds::{
+    ClusterPhase, EndReason, GpuCluster, GpuHealth, GpuLease, GpuOffer, LeasePhase,
+};
+use gpumarket_tests::{Env, GpuNode};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(4);
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Tests take turns: every controller watches the whole API server.
+static TURN: Mutex<()> = Mutex::const_new(());
+
+/// A controller replica running in this test's runtime; stopped when dropped.
+struct Controller(tokio::task::JoinHandle<()>);
+
+impl Controller {
+    fn start(client: &Client) -> Self {
+        let config = Config {
+            settings: Settings {
+                heartbeat_timeout: HEARTBEAT_TIMEOUT,
+                orphan_grace: Duration::from_secs(2),
+            },
+            metrics_addr: None,
+            leader_election: None,
+        };
+        let client = client.clone();
+        Controller(tokio::spawn(async move {
+            if let Err(e) = gpumarket_controller::run(client, config).await {
+                panic!("controller stopped: {e}");
+            }
+        }))
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A supplier node with its offer, heartbeating until dropped (or `stop`ped).
+struct Supplier {
+    name: String,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Supplier {
+    async fn start(
+        env: &Env,
+        client: &Client,
+        name: &str,
+        region: &str,
+        gpus: usize,
+        price: u64,
+    ) -> Self {
+        env.add_gpu_nodes(&[GpuNode::new(name, "H100", gpus as u32)
+            .region(region)
+            .zone(&format!("{region}-a"))])
+            .await
+            .expect("KWOK node");
+        let offers: Api<GpuOffer> = Api::all(client.clone());
+        let uuids: Vec<String> = (0..gpus).map(|i| format!("GPU-{name}-{i}")).collect();
+        let offer: GpuOffer = serde_json::from_value(json!({
+            "apiVersion": "gpumarket.io/v1alpha1",
+            "kind": "GpuOffer",
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": name,
+                "wallet": WALLET,
+                "gpus": uuids.iter().map(|u| json!({"uuid": u, "model": "H100", "memoryMib": 81920})).collect::<Vec<_>>(),
+                "pricePerGpuHour": price,
+                "region": region,
+                "zone": format!("{region}-a"),
+            },
+        }))
+        .unwrap();
+        offers.create(&PostParams::default(), &offer).await.expect("create offer");
+        beat(&offers, name, &uuids, None).await;
+        let heartbeat = {
+            let (offers, name) = (offers.clone(), name.to_string());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    beat(&offers, &name, &uuids, None).await;
+                }
+            })
+        };
+        Supplier { name: name.into(), heartbeat: Some(heartbeat) }
+    }
+
+    /// The agent goes silent: no more heartbeats.
+    fn stop(&mut self) {
+        if let Some(task) = self.heartbeat.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Supplier {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One agent heartbeat: health of every GPU (one optionally unhealthy) and the time.
+async fn beat(offers: &Api<GpuOffer>, name: &str, uuids: &[String], unhealthy: Option<&str>) {
+    let gpus: Vec<Value> = uuids
+        .iter()
+        .map(|u| {
+            let health = if Some(u.as_str()) == unhealthy {
+                GpuHealth::Unhealthy
+            } else {
+                GpuHealth::Healthy
+            };
+            json!({"uuid": u, "health": health})
+        })
+        .collect();
+    let patch = json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuOffer",
+        "status": {"gpus": gpus, "lastHeartbeat": jiff::Timestamp::now()},
+    });
+    if let Err(e) = offers
+        .patch_status(name, &PatchParams::apply("test-agent").force(), &Patch::Apply(&patch))
+        .await
+    {
+        eprintln!("heartbeat of {name}: {e}");
+    }
+}
+
+fn gpu_cluster(name: &str, region: &str, workers: u32, gpus_per_worker: u32) -> GpuCluster {
+    serde_json::from_value(json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuCluster",
+        "metadata": {"name": name},
+        "spec": {
+            "gpu": {"models": ["H100"]},
+            "workers": workers,
+            "gpusPerWorker": gpus_per_worker,
+            "duration": "1h",
+            "maxPricePerGpuHour": 5_000_000,
+            "location": {"region": region},
+            "payment": {"buyerWallet": WALLET, "deposit": 1_000_000_000u64},
+        },
+    }))
+    .unwrap()
+}
+
+fn ray_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("ray.io", "v1", "RayCluster"),
+        "rayclusters",
+    );
+    Api::namespaced_with(client.clone(), ns, &ar)
+}
+
+/// Poll `check` until it returns `Some`, or fail with `what`.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn phase_of(api: &Api<GpuCluster>, name: &str) -> Option<ClusterPhase> {
+    api.get_opt(name).await.ok().flatten()?.status?.phase
+}
+
+async fn wait_phase(api: &Api<GpuCluster>, name: &str, phase: ClusterPhase) -> GpuCluster {
+    eventually(&format!("{name} to be {phase:?}"), || async {
+        let cluster = api.get(name).await.ok()?;
+        (cluster.status.as_ref()?.phase == Some(phase)).then_some(cluster)
+    })
+    .await
+}
+
+async fn leases_of(client: &Client, cluster: &GpuCluster) -> Vec<GpuLease> {
+    let uid = cluster.uid().unwrap();
+    Api::<GpuLease>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|l| l.spec.cluster.uid == uid)
+        .collect()
+}
+
+fn active(leases: &[GpuLease]) -> Vec<&GpuLease> {
+    leases
+        .iter()
+        .filter(|l| l.status.as_ref().and_then(|s| s.phase) == Some(LeasePhase::Active))
+        .collect()
+}
+
+/// Nodes the RayCluster's worker groups are pinned to.
+fn pinned_nodes(ray: &DynamicObject) -> BTreeSet<String> {
+    let value = serde_json::to_value(ray).unwrap();
+    value["spec"]["workerGroupSpecs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            g["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                ["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// What KubeRay's operator would do once the pods run.
+async fn mark_ray_ready(client: &Client, ns: &str, name: &str) {
+    let patch = json!({"status": {"state": "ready"}});
+    ray_api(client, ns)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("ray status");
+}
+
+/// Every GPU named by at most one active lease, and each allocated on its offer to that lease.
+async fn assert_no_gpu_shared(client: &Client) {
+    let leases =
+        Api::<GpuLease>::all(client.clone()).list(&Default::default()).await.unwrap().items;
+    let mut seen = BTreeSet::new();
+    for lease in active(&leases) {
+        for gpu in &lease.spec.gpus {
+            assert!(
+                seen.insert((lease.spec.offer.clone(), gpu.clone())),
+                "GPU {gpu} is in two active leases"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn cluster_runs_on_the_matched_nodes_then_expires() {
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("ctl-lifecycle").await.unwrap();
+    let _a = Supplier::start(env, &client, "ctl-life-a", "life", 4, 1_000_000).await;
+    let _b = Supplier::start(env, &client, "ctl-life-b", "life", 4, 2_000_000).await;
+    let _controller = Controller::start(&client);
+
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    clusters.create(&PostParams::default(), &gpu_cluster("train", "life", 2, 4)).await.unwrap();
+
+    let provisioning = wait_phase(&clusters, "train", ClusterPhase::Provisioning).await;
+    let leases = leases_of(&client, &provisioning).await;
+    assert_eq!(active(&leases).len(), 2, "one lease per node: {leases:?}");
+    let ray = ray_api(&client, &ns).get("train").await.unwrap();
+    assert_eq!(
+        pinned_nodes(&ray),
+        BTreeSet::from(["ctl-life-a".to_string(), "ctl-life-b".to_string()])
+    );
+    let value = serde_json::to_value(&ray).unwrap();
+    assert_eq!(
+        value["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+            ["nvidia.com/gpu"],
+        "4"
+    );
+    assert_eq!(
+        value["metadata"]["ownerReferences"][0]["uid"].as_str(),
+        provisioning.uid().as_deref()
+    );
+    let offer = Api::<GpuOffer>::all(client.clone()).get("ctl-life-a").await.unwrap();
+    assert_eq!(offer.status.unwrap().free_gpus, Some(0));
+
+    mark_ray_ready(&client, &ns, "train").await;
+    let running = wait_phase(&clusters, "train", ClusterPhase::Running).await;
+    let status = running.status.unwrap();
+    assert_eq!(status.gpus, Some(8));
+    assert_eq!(status.hourly_rate, Some(4 * 1_000_000 + 4 * 2_000_000));
+    assert_eq!(
+        status.dashboard.as_deref(),
+        Some(format!("http://train-head-svc.{ns}.svc:8265").as_str())
+    );
+
+    // Travel in time: the cluster started 1h ago, less three seconds. Patched again if an
+    // in-flight reconcile wrote the old start back.
+    let started = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3600 - 3);
+    let completed = eventually("expiry", || async {
+        let cluster = clusters.get("train").await.ok()?;
+        let status = cluster.status.clone()?;
+        if status.phase == Some(ClusterPhase::Completed) {
+            return Some(cluster);
+        }
+        if status.start_time.map(|t| t.0) != Some(started) {
+            let patch = json!({"status": {"startTime": started}});
+            clusters
+                .patch_status("train", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .ok()?;
+        }
+        None
+    })
+    .await;
+    let leases = leases_of(&client, &completed).await;
+    assert!(
+        leases.iter().all(|l| {
+            let s = l.status.as_ref().unwrap();
+            s.phase == Some(LeasePhase::Ended)
+                && s.end_reason == Some(EndReason::Expired)
+                && s.end_time.is_some()
+        }),
+        "{leases:?}"
+    );
+    eventually("RayCluster deleted", || async {
+        ray_api(&client, &ns).get_opt("train").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    eventually("GPUs returned", || async {
+        let offer = Api::<GpuOffer>::all(client.clone()).get("ctl-life-a").await.ok()?;
+        (offer.status?.free_gpus == Some(4)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unmatched_request_waits_with_a_reason_and_matches_when_supply_appears() {
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("ctl-pending").await.unwrap();
+    let _small = Supplier::start(env, &client, "ctl-pend-a", "pend", 2, 1_000_000).await;
+    let _controller = Controller::start(&client);
+
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    clusters.create(&PostParams::default(), &gpu_cluster("big", "pend", 1, 4)).await.unwrap();
+    let pending = eventually("a Matched=False condition with the engine's explanation", || async {
+        let cluster = clusters.get("big").await.ok()?;
+        let status = cluster.status.clone()?;
+        let matched = status.conditions.iter().find(|c| c.type_ == "Matched")?;
+        (status.phase == Some(ClusterPhase::Pending) && matched.reason == "NoMatchingSupply")
+            .then(|| matched.message.clone())
+    })
+    .await;
+    assert!(!pending.is_empty());
+
+    // New supply alone (no edit of the GpuCluster, well within the 60 s recheck) triggers the match.
+    let _big = Supplier::start(env, &client, "ctl-pend-b", "pend", 4, 1_000_000).await;
+    let matched = eventually("the match after the offer appears", || async {
+        let phase = phase_of(&clusters, "big").await?;
+        (phase != ClusterPhase::Pending).then_some(phase)
+    })
+    .await;
+    assert!(matches!(matched, ClusterPhase::Matched | ClusterPhase::Provisioning), "{matched:?}");
+    let ray = ray_api(&client, &ns).get("big").await.unwrap();
+    assert_eq!(pinned_nodes(&ray), BTreeSet::from(["ctl-pend-b".to_string()]));
+}
+
+#[tokio::test]
+async fn racing_clusters_and_replicas_never_share_a_gpu() {
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("ctl-race").await.unwrap();
+    let _a = Supplier::start(env, &client, "ctl-race-a", "race", 4, 1_000_000).await;
+    // Two replicas without leader election: only the API server arbitrates.
+    let _one = Controller::start(&client);
+    let _two = Controller::start(&client);
+
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    let names = ["r1", "r2", "r3"];
+    for name in names {
+        clusters.create(&PostParams::default(), &gpu_cluster(name, "race", 1, 4)).await.unwrap();
+    }
+    let winner = eventually("one winner", || async {
+        for name in names {
+            if matches!(phase_of(&clusters, name).await, Some(ClusterPhase::Provisioning)) {
+                return Some(name);
+            }
+        }
+        None
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for name in names.iter().filter(|n| **n != winner) {
+        assert_eq!(
+            phase_of(&clusters, name).await,
+            Some(ClusterPhase::Pending),
+            "{name} must wait"
+        );
+    }
+    assert_no_gpu_shared(&client).await;
+    for name in names {
+        let cluster = clusters.get(name).await.unwrap();
+        assert!(
+            active(&leases_of(&client, &cluster).await).len() <= 1,
+            "{name} has duplicate leases"
+        );
+    }
+
+    // The next supply goes to a loser.
+    let _b = Supplier::start(env, &client, "ctl-race-b", "race", 4, 1_000_000).await;
+    eventually("a loser matched on the new node", || async {
+        let provisioned =
+            futures::future::join_all(names.iter().map(|n| phase_of(&clusters, n))).await;
+        (provisioned.iter().filter(|p| **p == Some(ClusterPhase::Provisioning)).count() == 2)
+            .then_some(())
+    })
+    .await;
+    assert_no_gpu_shared(&client).await;
+}
+
+#[tokio::test]
+async fn silent_supplier_is_replaced_and_the_head_stays() {
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("ctl-failure").await.unwrap();
+    let mut suppliers = vec![
+        Supplier::start(env, &client, "ctl-fail-a", "fail", 4, 1_000_000).await,
+        Supplier::start(env, &client, "ctl-fail-b", "fail", 4, 1_000_000).await,
+        Supplier::start(env, &client, "ctl-fail-c", "fail", 4, 3_000_000).await,
+    ];
+    let _controller = Controller::start(&client);
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    clusters.create(&PostParams::default(), &gpu_cluster("resilient", "fail", 2, 4)).await.unwrap();
+    wait_phase(&clusters, "resilient", ClusterPhase::Provisioning).await;
+    mark_ray_ready(&client, &ns, "resilient").await;
+    let running = wait_phase(&clusters, "resilient", ClusterPhase::Running).await;
+    let before = ray_api(&client, &ns).get("resilient").await.unwrap();
+    let used = pinned_nodes(&before);
+    assert_eq!(used.len(), 2);
+
+    let victim = used.iter().next().unwrap().clone();
+    suppliers.iter_mut().find(|s| s.name == victim).unwrap().stop();
+    let spare: BTreeSet<String> =
+        suppliers.iter().map(|s| s.name.clone()).filter(|n| !used.contains(n)).collect();
+
+    let after = eventually("a replacement worker group", || async {
+        let ray = ray_api(&client, &ns).get("resilient").await.ok()?;
+        let nodes = pinned_nodes(&ray);
+        (!nodes.contains(&victim) && nodes.len() == 2).then_some(ray)
+    })
+    .await;
+    let nodes = pinned_nodes(&after);
+    assert!(nodes.is_superset(&spare), "replacement on the spare node: {nodes:?}");
+    let head =
+        |ray: &DynamicObject| serde_json::to_value(ray).unwrap()["spec"]["headGroupSpec"].clone();
+    assert_eq!(head(&before), head(&after), "the head is untouched");
+
+    let leases = leases_of(&client, &running).await;
+    let failed: Vec<&GpuLease> = leases
+        .iter()
+        .filter(|l| {
+            l.status.as_ref().and_then(|s| s.end_reason) == Some(EndReason::SupplierFailure)
+        })
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].spec.offer, victim);
+    assert_eq!(active(&leases).len(), 2);
+}
+
+#[tokio::test]
+async fn deletion_ends_the_leases_first() {
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("ctl-delete").await.unwrap();
+    let _a = Supplier::start(env, &client, "ctl-del-a", "del", 2, 1_000_000).await;
+    let _controller = Controller::start(&client);
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    clusters.create(&PostParams::default(), &gpu_cluster("short", "del", 1, 2)).await.unwrap();
+    let provisioning = wait_phase(&clusters, "short", ClusterPhase::Provisioning).await;
+
+    clusters.delete("short", &DeleteParams::default()).await.unwrap();
+    eventually("the GpuCluster gone", || async {
+        clusters.get_opt("short").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let leases = leases_of(&client, &provisioning).await;
+    assert_eq!(leases.len(), 1);
+    let status = leases[0].status.as_ref().unwrap();
+    assert_eq!(status.phase, Some(LeasePhase::Ended));
+    assert_eq!(status.end_reason, Some(EndReason::Deleted));
+    eventually("GPUs returned", || async {
+        let offer = Api::<GpuOffer>::all(client.clone()).get("ctl-del-a").await.ok()?;
+        (offer.status?.free_gpus == Some(2)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn restarted_controller_converges_without_duplicates_and_survives_bad_objects() {
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("ctl-restart").await.unwrap();
+    let _a = Supplier::start(env, &client, "ctl-rest-a", "rest", 4, 1_000_000).await;
+    let _b = Supplier::start(env, &client, "ctl-rest-b", "rest", 4, 1_000_000).await;
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+
+    let first = Controller::start(&client);
+    clusters.create(&PostParams::default(), &gpu_cluster("steady", "rest", 2, 2)).await.unwrap();
+    wait_phase(&clusters, "steady", ClusterPhase::Provisioning).await;
+    drop(first);
+
+    // While no controller runs: the RayCluster is deleted by hand, an offer with no GPUs appears.
+    ray_api(&client, &ns).delete("steady", &DeleteParams::default()).await.unwrap();
+    let empty: GpuOffer = serde_json::from_value(json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuOffer", "metadata": {"name": "ctl-rest-empty"},
+        "spec": {"nodeName": "ctl-rest-empty", "wallet": WALLET, "gpus": [], "pricePerGpuHour": 1, "region": "rest"},
+    }))
+    .unwrap();
+    Api::<GpuOffer>::all(client.clone()).create(&PostParams::default(), &empty).await.unwrap();
+
+    let _second = Controller::start(&client);
+    eventually("the RayCluster re-created", || async {
+        ray_api(&client, &ns).get_opt("steady").await.unwrap()
+    })
+    .await;
+    mark_ray_ready(&client, &ns, "steady").await;
+    let running = wait_phase(&clusters, "steady", ClusterPhase::Running).await;
+    assert_eq!(
+        leases_of(&client, &running).await.len(),
+        active(&leases_of(&client, &running).await).len()
+    );
+    let leased: u32 =
+        active(&leases_of(&client, &running).await).iter().map(|l| l.spec.workers).sum();
+    assert_eq!(leased, 2, "no duplicate leases after the restart");
+    assert_no_gpu_shared(&client).await;
+
+    let reported = eventually("the empty offer reported unavailable", || async {
+        let offer = Api::<GpuOffer>::all(client.clone()).get("ctl-rest-empty").await.ok()?;
+        let condition = offer.status?.conditions.into_iter().find(|c| c.type_ == "Available")?;
+        Some(condition)
+    })
+    .await;
+    assert_eq!((reported.status.as_str(), reported.reason.as_str()), ("False", "NoGpus"));
+}
