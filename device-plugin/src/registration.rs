@@ -24,6 +24,8 @@ pub const API_VERSION: &str = "v1beta1";
 pub const KUBELET_SOCKET: &str = "kubelet.sock";
 /// How often the directory is looked at for a restarted kubelet.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a replaced server may finish requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationError {
@@ -104,8 +106,10 @@ pub async fn serve_and_register(
                 break;
             }
         }
+        // Graceful shutdown would wait for every open ListAndWatch stream, which never ends by
+        // itself: give requests in flight a moment, then drop the old server (aborting it).
         let _ = stop.send(());
-        let _ = (&mut server.0).await;
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut server.0).await;
     }
 }
 

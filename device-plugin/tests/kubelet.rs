@@ -199,6 +199,12 @@ async fn the_plugin_registers_again_when_the_kubelet_restarts() {
     let (kubelet, mut registrations) = start_kubelet(dir.path());
     let _injector = start_agent(dir.path(), false);
     let first = next_registration(&mut registrations).await;
+    // The old kubelet's ListAndWatch stream stays open across the restart: it must not hold up
+    // the plugin's new server.
+    let channel = connect(&dir.path().join(&first.endpoint)).await.unwrap();
+    let mut old_stream =
+        DevicePluginClient::new(channel).list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(next_list(&mut old_stream, WAIT).await.len(), 4);
 
     // A restarting kubelet removes its socket and the plugins' sockets, then comes back.
     kubelet.abort();
