@@ -1,0 +1,455 @@
+//! Every CEL rule of the gpumarket CRDs, enforced by the real API server: the examples are
+//! accepted, each invalid manifest is refused with the message that says what to change, and
+//! the transition rules hold on real updates.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use gpumarket_tests::Env;
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+const WALLET: &str = "9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin";
+const OTHER_WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
+
+fn resource(kind: &str) -> ApiResource {
+    match kind {
+        "GpuCluster" => ApiResource::erase::<GpuCluster>(&()),
+        "GpuOffer" => ApiResource::erase::<GpuOffer>(&()),
+        "GpuLease" => ApiResource::erase::<GpuLease>(&()),
+        other => panic!("not a gpumarket kind: {other}"),
+    }
+}
+
+/// The API for `manifest`'s kind (in `ns` for the namespaced GpuCluster).
+fn api_for(client: &Client, manifest: &Value, ns: &str) -> Api<DynamicObject> {
+    let kind = manifest["kind"].as_str().expect("manifest with a kind");
+    let resource = resource(kind);
+    if kind == "GpuCluster" {
+        Api::namespaced_with(client.clone(), ns, &resource)
+    } else {
+        Api::all_with(client.clone(), &resource)
+    }
+}
+
+fn object(manifest: &Value) -> DynamicObject {
+    serde_json::from_value(manifest.clone()).expect("manifest is an object")
+}
+
+fn cluster(name: &str) -> Value {
+    json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuCluster",
+        "metadata": {"name": name},
+        "spec": {
+            "gpu": {"minTier": "A100", "minMemoryMib": 40960},
+            "workers": 2,
+            "gpusPerWorker": 8,
+            "duration": "2h",
+            "maxPricePerGpuHour": 2_500_000,
+            "location": {"region": "eu-west", "zone": "eu-west-1a"},
+            "minReputation": 600,
+            "placement": "Pack",
+            "ray": {"version": "2.41.0", "headGpus": 0},
+            "payment": {"buyerWallet": WALLET, "deposit": 80_000_000},
+        },
+    })
+}
+
+fn offer(name: &str) -> Value {
+    json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuOffer",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": name,
+            "wallet": WALLET,
+            "gpus": [{"uuid": "GPU-0", "model": "H100", "memoryMib": 81920}],
+            "pricePerGpuHour": 2_200_000,
+            "region": "eu-west",
+            "zone": "eu-west-1a",
+        },
+    })
+}
+
+fn lease(name: &str) -> Value {
+    json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuLease",
+        "metadata": {"name": name},
+        "spec": {
+            "cluster": {"namespace": "default", "name": "llm", "uid": "0a1b2c3d"},
+            "offer": "gpu-node-1",
+            "supplierWallet": OTHER_WALLET,
+            "gpus": ["GPU-0", "GPU-1"],
+            "workers": 1,
+            "pricePerGpuHour": 2_200_000,
+            "startTime": "2026-01-01T00:00:00Z",
+        },
+    })
+}
+
+/// Set the value at a `/`-separated path (creating objects on the way).
+fn with(mut manifest: Value, path: &str, value: Value) -> Value {
+    let mut target = &mut manifest;
+    let keys: Vec<&str> = path.split('/').collect();
+    for key in &keys[..keys.len() - 1] {
+        target = match key.parse::<usize>() {
+            Ok(i) => &mut target[i],
+            Err(_) => &mut target[*key],
+        };
+    }
+    let last = keys[keys.len() - 1];
+    match last.parse::<usize>() {
+        Ok(i) => target[i] = value,
+        Err(_) => target[last] = value,
+    }
+    manifest
+}
+
+fn without(mut manifest: Value, path: &str) -> Value {
+    let (parent, key) = path.rsplit_once('/').expect("a path with a parent");
+    let mut target = &mut manifest;
+    for k in parent.split('/') {
+        target = &mut target[k];
+    }
+    target.as_object_mut().expect("an object").remove(key);
+    manifest
+}
+
+/// The message of the API server's refusal (panics if the request was accepted).
+fn refusal<T: std::fmt::Debug>(result: kube::Result<T>) -> String {
+    match result {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "refused as Invalid: {status:?}");
+            status.message
+        }
+        other => panic!("expected a 422 refusal, got {other:?}"),
+    }
+}
+
+fn dry_run() -> PostParams {
+    PostParams { dry_run: true, ..PostParams::default() }
+}
+
+/// Every gpumarket object in `examples/*.yaml` (multi-document files), with its file.
+fn example_manifests() -> Vec<(PathBuf, Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("examples/ exists")
+        .map(|e| e.expect("readable examples/").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    let mut manifests = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("readable example");
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", file.display()));
+            let gpumarket =
+                value["apiVersion"].as_str().is_some_and(|v| v.starts_with("gpumarket.io/"));
+            if gpumarket {
+                manifests.push((file.clone(), value));
+            }
+        }
+    }
+    manifests
+}
+
+#[tokio::test]
+async fn every_example_is_accepted() {
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("cel-examples").await.unwrap();
+    let examples = example_manifests();
+    for kind in ["GpuCluster", "GpuOffer"] {
+        assert!(examples.iter().any(|(_, m)| m["kind"] == kind), "examples/ has a {kind}");
+    }
+    for (file, manifest) in examples {
+        // Namespaced examples say `default`; apply them in the test's namespace.
+        let manifest = if manifest["kind"] == "GpuCluster" {
+            with(manifest, "metadata/namespace", json!(ns))
+        } else {
+            manifest
+        };
+        let name = manifest["metadata"]["name"].as_str().expect("named example").to_string();
+        let api = api_for(&client, &manifest, &ns);
+        let apply = PatchParams::apply("cel-test").dry_run();
+        if let Err(e) = api.patch(&name, &apply, &Patch::Apply(object(&manifest))).await {
+            panic!("{} ({name}) refused: {e}", file.display());
+        }
+    }
+}
+
+#[tokio::test]
+async fn invalid_manifests_are_refused_with_their_message() {
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("cel-invalid").await.unwrap();
+    let c = || cluster("c");
+    let o = || offer("node-1");
+    let l = || lease("l");
+    let cases: Vec<(&str, Value, &str)> = vec![
+        // GpuCluster
+        (
+            "models and minTier",
+            with(c(), "spec/gpu/models", json!(["H100"])),
+            "set exactly one of spec.gpu.models",
+        ),
+        (
+            "neither models nor minTier",
+            without(c(), "spec/gpu/minTier"),
+            "set exactly one of spec.gpu.models",
+        ),
+        (
+            "no models",
+            with(without(c(), "spec/gpu/minTier"), "spec/gpu/models", json!([])),
+            "spec.gpu.models must list 1 to 16",
+        ),
+        (
+            "bad model name",
+            with(without(c(), "spec/gpu/minTier"), "spec/gpu/models", json!(["H 100"])),
+            "spec.gpu.models must list 1 to 16",
+        ),
+        (
+            "no workers",
+            with(c(), "spec/workers", json!(0)),
+            "spec.workers must be between 1 and 1024",
+        ),
+        (
+            "too many workers",
+            with(c(), "spec/workers", json!(1025)),
+            "spec.workers must be between 1 and 1024",
+        ),
+        (
+            "no GPUs per worker",
+            with(c(), "spec/gpusPerWorker", json!(0)),
+            "spec.gpusPerWorker must be between 1 and 16",
+        ),
+        (
+            "17 GPUs per worker",
+            with(c(), "spec/gpusPerWorker", json!(17)),
+            "spec.gpusPerWorker must be between 1 and 16",
+        ),
+        (
+            "too short",
+            with(c(), "spec/duration", json!("5m")),
+            "spec.duration must be between 10m and 2160h",
+        ),
+        (
+            "too long",
+            with(c(), "spec/duration", json!("2161h")),
+            "spec.duration must be between 10m and 2160h",
+        ),
+        (
+            "days",
+            with(c(), "spec/duration", json!("2d")),
+            "spec.duration must be between 10m and 2160h",
+        ),
+        (
+            "free",
+            with(c(), "spec/maxPricePerGpuHour", json!(0)),
+            "spec.maxPricePerGpuHour must be greater than 0",
+        ),
+        (
+            "reputation above 1000",
+            with(c(), "spec/minReputation", json!(1001)),
+            "spec.minReputation is a score from 0 to 1000",
+        ),
+        (
+            "upper-case region",
+            with(c(), "spec/location/region", json!("EU-West")),
+            "spec.location.region must be lower-case",
+        ),
+        (
+            "zone with a space",
+            with(c(), "spec/location/zone", json!("eu west")),
+            "spec.location.zone must be lower-case",
+        ),
+        (
+            "Ray version",
+            with(c(), "spec/ray/version", json!("latest")),
+            "spec.ray.version must be a Ray release",
+        ),
+        (
+            "9 head GPUs",
+            with(c(), "spec/ray/headGpus", json!(9)),
+            "spec.ray.headGpus must be between 0 and 8",
+        ),
+        (
+            "buyer wallet not base-58",
+            with(c(), "spec/payment/buyerWallet", json!("0OIl0OIl0OIl0OIl0OIl0OIl0OIl0OIl")),
+            "spec.payment.buyerWallet must be a base-58 Solana public key",
+        ),
+        (
+            "no deposit",
+            with(c(), "spec/payment/deposit", json!(0)),
+            "spec.payment.deposit must be greater than 0",
+        ),
+        // GpuOffer
+        (
+            "offer not named after its node",
+            with(o(), "metadata/name", json!("node-2")),
+            "a GpuOffer is named after its node",
+        ),
+        (
+            "offer wallet",
+            with(o(), "spec/wallet", json!("not-a-wallet")),
+            "spec.wallet must be a base-58 Solana public key",
+        ),
+        (
+            "offer free",
+            with(o(), "spec/pricePerGpuHour", json!(0)),
+            "spec.pricePerGpuHour must be greater than 0",
+        ),
+        (
+            "offer region",
+            with(o(), "spec/region", json!("eu_west")),
+            "spec.region must be lower-case",
+        ),
+        ("offer zone", with(o(), "spec/zone", json!("-eu")), "spec.zone must be lower-case"),
+        (
+            "GPU without uuid",
+            with(o(), "spec/gpus/0/uuid", json!("")),
+            "gpus[].uuid must be the device's NVML uuid",
+        ),
+        (
+            "GPU model",
+            with(o(), "spec/gpus/0/model", json!("H 100")),
+            "gpus[].model must be a model name",
+        ),
+        (
+            "GPU without memory",
+            with(o(), "spec/gpus/0/memoryMib", json!(0)),
+            "gpus[].memoryMib must be greater than 0",
+        ),
+        // GpuLease
+        (
+            "lease without offer",
+            with(l(), "spec/offer", json!("")),
+            "spec.offer must name a GpuOffer",
+        ),
+        (
+            "lease wallet",
+            with(l(), "spec/supplierWallet", json!("0x1234")),
+            "spec.supplierWallet must be a base-58 Solana public key",
+        ),
+        (
+            "lease without GPUs",
+            with(l(), "spec/gpus", json!([])),
+            "spec.gpus must name at least one GPU",
+        ),
+        (
+            "lease without workers",
+            with(l(), "spec/workers", json!(0)),
+            "spec.workers must be at least 1",
+        ),
+        (
+            "lease free",
+            with(l(), "spec/pricePerGpuHour", json!(0)),
+            "spec.pricePerGpuHour must be greater than 0",
+        ),
+    ];
+    // The valid bases pass, so each refusal below is down to its one change.
+    for base in [c(), o(), l()] {
+        api_for(&client, &base, &ns).create(&dry_run(), &object(&base)).await.unwrap();
+    }
+    let mut failures = Vec::new();
+    for (case, manifest, expected) in cases {
+        let result = api_for(&client, &manifest, &ns).create(&dry_run(), &object(&manifest)).await;
+        match result {
+            Err(kube::Error::Api(status))
+                if status.code == 422 && status.message.contains(expected) => {}
+            other => failures
+                .push(format!("{case}: expected a refusal with {expected:?}, got {other:?}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn cluster_spec_is_frozen_once_matched_and_buyer_wallet_is_immutable() {
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("cel-cluster-update").await.unwrap();
+    let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &resource("GpuCluster"));
+    let manifest = cluster("frozen");
+    api.create(&PostParams::default(), &object(&manifest)).await.unwrap();
+    let merge = |patch: Value| Patch::Merge(patch);
+    let params = PatchParams::default();
+
+    // Pending: the buyer may still change the request.
+    api.patch("frozen", &params, &merge(json!({"spec": {"workers": 3}}))).await.unwrap();
+    let message = refusal(
+        api.patch(
+            "frozen",
+            &params,
+            &merge(json!({"spec": {"payment": {"buyerWallet": OTHER_WALLET}}})),
+        )
+        .await,
+    );
+    assert!(message.contains("spec.payment.buyerWallet is immutable"), "{message}");
+
+    // Matched (the controller's status write): the request is frozen, Ray settings are not.
+    api.patch_status("frozen", &params, &merge(json!({"status": {"phase": "Running"}})))
+        .await
+        .unwrap();
+    for change in [
+        json!({"workers": 4}),
+        json!({"gpusPerWorker": 4}),
+        json!({"gpu": {"minTier": "H100"}}),
+        json!({"maxPricePerGpuHour": 3_000_000}),
+        json!({"duration": "3h"}),
+        json!({"location": {"region": "us-east", "zone": null}}),
+        json!({"minReputation": 700}),
+        json!({"placement": "Spread"}),
+    ] {
+        let message = refusal(api.patch("frozen", &params, &merge(json!({"spec": change}))).await);
+        assert!(
+            message.contains("cannot change once the cluster is matched"),
+            "{change}: {message}"
+        );
+    }
+    api.patch("frozen", &params, &merge(json!({"spec": {"ray": {"version": "2.42.0"}}})))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn offer_node_and_lease_spec_are_immutable() {
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let offers: Api<DynamicObject> = Api::all_with(client.clone(), &resource("GpuOffer"));
+    let leases: Api<DynamicObject> = Api::all_with(client, &resource("GpuLease"));
+    let params = PatchParams::default();
+    let name = format!("cel-immutable-{}", std::process::id());
+
+    offers.create(&PostParams::default(), &object(&offer(&name))).await.unwrap();
+    offers
+        .patch(&name, &params, &Patch::Merge(json!({"spec": {"pricePerGpuHour": 1_900_000}})))
+        .await
+        .unwrap();
+    let message = refusal(
+        offers
+            .patch(&name, &params, &Patch::Merge(json!({"spec": {"nodeName": "elsewhere"}})))
+            .await,
+    );
+    assert!(message.contains("spec.nodeName is immutable"), "{message}");
+
+    leases.create(&PostParams::default(), &object(&lease(&name))).await.unwrap();
+    leases
+        .patch_status(&name, &params, &Patch::Merge(json!({"status": {"phase": "Active"}})))
+        .await
+        .unwrap();
+    let message =
+        refusal(leases.patch(&name, &params, &Patch::Merge(json!({"spec": {"workers": 2}}))).await);
+    assert!(message.contains("a GpuLease spec is immutable"), "{message}");
+
+    offers.delete(&name, &Default::default()).await.unwrap();
+    leases.delete(&name, &Default::default()).await.unwrap();
+}
