@@ -157,8 +157,14 @@ fn watch_events(nvml: &Nvml, events: &mpsc::Sender<HealthEvent>) -> Result<(), S
     let mut set = nvml.create_event_set().map_err(nvml_error("creating an event set"))?;
     for index in 0..nvml.device_count().map_err(nvml_error("counting GPUs"))? {
         let device = nvml.device_by_index(index).map_err(nvml_error("opening a GPU"))?;
-        let supported =
-            device.supported_event_types().map_err(nvml_error("reading supported events"))?;
+        let supported = match device.supported_event_types() {
+            Ok(supported) if supported.intersects(wanted) => supported,
+            // Older GPUs report no events: they stay healthy rather than stopping the others.
+            other => {
+                tracing::warn!(index, error = ?other.err(), "GPU reports no XID/ECC events; its health is not watched");
+                continue;
+            }
+        };
         set = device
             .register_events(wanted & supported, set)
             .map_err(|e| SourceError::Nvml(format!("registering health events: {}", e.error)))?;
