@@ -16,6 +16,7 @@ use clap::Parser as _;
 use gpumarket_crds::{
     ClusterPhase, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, GpuOfferStatus,
 };
+use gpumarket_tests::tools::Tools;
 use gpumarket_tests::{Env, GpuNode};
 use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -37,17 +38,9 @@ fn example(file: &str) -> String {
     repo_root().join("examples").join(file).display().to_string()
 }
 
-/// The pinned tools `hack/tools/build.sh` builds (helm, kubectl).
-fn tool(name: &str) -> PathBuf {
-    let bin = std::env::var_os("GPUMARKET_TOOLS_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("GPUMARKET_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gpumarket")
-        });
-        cache.join("tools/bin")
-    });
-    let path = bin.join(name);
-    assert!(path.is_file(), "{} missing: run hack/tools/build.sh", path.display());
-    path
+/// One of the pinned tools `hack/tools/build.sh` builds (helm, kubectl).
+fn tool(name: &str) -> Command {
+    Tools::locate().command(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs a command, feeding it `stdin`; returns (success, stdout, stderr).
@@ -85,7 +78,7 @@ fn helm_args(values: &[&str], sets: &[&str]) -> Vec<String> {
 /// `helm template` output, or helm's error message.
 fn try_render(namespace: &str, values: &[&str], sets: &[&str]) -> Result<String, String> {
     let (ok, stdout, stderr) = run(
-        Command::new(tool("helm"))
+        tool("helm")
             .args(["template", "gpumarket"])
             .arg(chart_dir())
             .args(["--namespace", namespace])
@@ -134,7 +127,7 @@ fn shipped_values() -> Vec<(Vec<&'static str>, Vec<&'static str>)> {
 fn helm_lint_passes_for_default_and_example_values() {
     for (values, sets) in shipped_values() {
         let (ok, stdout, stderr) = run(
-            Command::new(tool("helm"))
+            tool("helm")
                 .arg("lint")
                 .arg(chart_dir())
                 .arg("--strict")
@@ -617,7 +610,7 @@ fn argocd_health_configmap_carries_the_lua_files_under_argocd_cm_keys() {
 // ---- Against the real API server ----
 
 fn kubectl(env: &Env) -> Command {
-    let mut cmd = Command::new(tool("kubectl"));
+    let mut cmd = tool("kubectl");
     cmd.arg("--kubeconfig").arg(env.kubeconfig());
     cmd
 }
@@ -629,7 +622,7 @@ async fn the_api_server_accepts_every_rendered_manifest() -> anyhow::Result<()> 
     for (values, sets) in shipped_values() {
         // With the CRDs: the API server must accept the committed schemas (CEL cost budget).
         let (ok, yaml, stderr) = run(
-            Command::new(tool("helm"))
+            tool("helm")
                 .args(["template", "gpumarket"])
                 .arg(chart_dir())
                 .args(["--namespace", &ns, "--include-crds"])
@@ -694,7 +687,7 @@ async fn install_chart(env: &Env, admin: &kube::Client, ns: &str) -> anyhow::Res
     }))?;
     Api::<Secret>::namespaced(admin.clone(), ns).create(&PostParams::default(), &secret).await?;
     let (ok, stdout, stderr) = run(
-        Command::new(tool("helm"))
+        tool("helm")
             .args(["install", ns])
             .arg(chart_dir())
             .args(["--namespace", ns, "--skip-crds", "--kubeconfig"])
