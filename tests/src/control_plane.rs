@@ -70,6 +70,8 @@ pub async fn start(
         .arg(format!("--service-account-key-file={}", path(&pki.service_account_public_key)))
         .arg(format!("--service-account-signing-key-file={}", path(&pki.service_account_key)))
         .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+        // Loopback is not a valid Endpoints address: no `kubernetes` Service endpoints.
+        .arg("--endpoint-reconciler-type=none")
         .arg("--allow-privileged=true")
         .arg("--profiling=false");
     processes.push(Process::spawn(reaper, &logs, "kube-apiserver", apiserver)?);

@@ -16,16 +16,15 @@ pub async fn install(client: &kube::Client, kuberay_crds: &Path) -> Result<()> {
     crds.extend(read_manifests(kuberay_crds)?);
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let apply = PatchParams::apply(FIELD_MANAGER).force();
-    for crd in &crds {
+    let (api, apply) = (&api, &apply);
+    let applies = crds.iter().map(|crd| async move {
         let name = crd.metadata.name.as_deref().context("a CRD without a name")?;
-        api.patch(name, &apply, &Patch::Apply(crd))
+        api.patch(name, apply, &Patch::Apply(crd))
             .await
             .with_context(|| format!("applying CRD {name}"))?;
-    }
-    for crd in &crds {
-        let name = crd.metadata.name.as_deref().unwrap_or_default();
-        wait_established(&api, name, Duration::from_secs(60)).await?;
-    }
+        wait_established(api, name, Duration::from_secs(60)).await
+    });
+    futures::future::try_join_all(applies).await?;
     Ok(())
 }
 

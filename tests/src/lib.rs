@@ -40,7 +40,11 @@ pub struct EnvOptions {
     pub dir: Option<PathBuf>,
     /// Keep the directory (logs, etcd data, ledger) after the environment stops.
     pub keep_dir: bool,
+    /// Start the Solana validator with the control plane (otherwise on first use).
+    pub solana: bool,
 }
+
+const SOLANA_READY: &str = "validator, mint and wallets ready";
 
 /// A running environment. See the crate documentation.
 pub struct Env {
@@ -95,7 +99,7 @@ impl Env {
         let env = SHARED
             .get_or_init(|| async {
                 let keep_dir = std::env::var_os("GPUMARKET_KEEP_ENV").is_some_and(|v| v == "1");
-                let env = Env::start(EnvOptions { dir: None, keep_dir })
+                let env = Env::start(EnvOptions { dir: None, keep_dir, solana: false })
                     .await
                     .map_err(|e| format!("{e:#}"))?;
                 install_log_printer(env.dir.join("logs"));
@@ -108,7 +112,8 @@ impl Env {
         }
     }
 
-    /// Start the control plane and KWOK and install the CRDs.
+    /// Start the control plane and KWOK and install the CRDs; with `options.solana`, start the
+    /// validator at the same time.
     pub async fn start(options: EnvOptions) -> Result<Env> {
         let tools = Tools::locate();
         let dir = match options.dir {
@@ -117,21 +122,43 @@ impl Env {
         };
         std::fs::create_dir_all(dir.join("logs"))?;
         let reaper = Reaper::start((!options.keep_dir).then_some(dir.as_path()))?;
-        let mut processes = Vec::new();
-        let mut timings = Vec::new();
         let started = Instant::now();
-        let kubeconfig = match control_plane::start(&dir, &tools, &reaper, &mut processes).await {
+        let mut processes = Vec::new();
+        let mut validator = Vec::new();
+        let (kubeconfig, solana) = tokio::join!(
+            async {
+                let kubeconfig = control_plane::start(&dir, &tools, &reaper, &mut processes).await;
+                (kubeconfig, started.elapsed())
+            },
+            async {
+                if !options.solana {
+                    return None;
+                }
+                let solana = solana::start(&dir, &tools, &reaper, &mut validator).await;
+                Some((solana, started.elapsed()))
+            },
+        );
+        processes.append(&mut validator);
+        let mut timings = vec![("control plane ready".to_string(), kubeconfig.1)];
+        let kubeconfig = match kubeconfig.0 {
             Ok(kubeconfig) => kubeconfig,
             Err(e) => return Err(abandon(e, &dir, &reaper)),
         };
-        timings.push(("control plane ready".to_string(), started.elapsed()));
+        let solana = match solana {
+            None => None,
+            Some((Ok(solana), elapsed)) => {
+                timings.push((SOLANA_READY.to_string(), elapsed));
+                Some(solana)
+            }
+            Some((Err(e), _)) => return Err(abandon(e, &dir, &reaper)),
+        };
         let env = Env {
             dir,
             kubeconfig,
             tools,
             reaper,
             processes: Mutex::new(processes),
-            solana: tokio::sync::OnceCell::new(),
+            solana: tokio::sync::OnceCell::new_with(solana),
             namespaces: AtomicUsize::new(0),
             timings: Mutex::new(timings),
         };
@@ -215,7 +242,7 @@ impl Env {
                     solana::start(&self.dir, &self.tools, &self.reaper, &mut processes).await;
                 self.lock_processes()?.append(&mut processes);
                 let solana = solana?;
-                self.record("validator, mint and wallets ready", started.elapsed());
+                self.record(SOLANA_READY, started.elapsed());
                 Ok(solana)
             })
             .await

@@ -56,7 +56,8 @@ async fn run_up(up: Up) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let started = Instant::now();
     eprintln!("starting the environment in {}", dir.display());
-    let env = Env::start(EnvOptions { dir: Some(dir), keep_dir: up.keep_dir }).await?;
+    let env =
+        Env::start(EnvOptions { dir: Some(dir), keep_dir: up.keep_dir, solana: true }).await?;
     let result = tokio::select! {
         result = bring_up(&env, &nodes, started) => result,
         _ = tokio::signal::ctrl_c() => Ok(false),
