@@ -330,3 +330,77 @@ async fn transfer_checked_with_a_memo_confirms_and_balances_read_back_exactly() 
     let status = rpc.get_signature_statuses(&[signature]).await.unwrap().value[0].clone().unwrap();
     assert!(status.err.is_none(), "{status:?}");
 }
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(needle))
+        .collect()
+}
+
+#[tokio::test]
+async fn up_serves_until_sigterm_and_leaves_no_process_port_or_directory_behind() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("env");
+    let log = std::fs::File::create(scratch.path().join("up.log")).unwrap();
+    let started = Instant::now();
+    let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_gpumarket-env"))
+        .args(["up", "--nodes", "h100=1x8,rtx4090=1x1", "--dir"])
+        .arg(&dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    let env_file = eventually("the env file", Duration::from_secs(180), || {
+        if let Some(status) = up.try_wait().unwrap() {
+            let log = std::fs::read_to_string(scratch.path().join("up.log")).unwrap();
+            panic!("up exited early ({status}):\n{log}");
+        }
+        std::future::ready(std::fs::read_to_string(dir.join("env")).ok())
+    })
+    .await;
+    eprintln!("gpumarket-env up ready in {:.1} s", started.elapsed().as_secs_f64());
+    let vars: BTreeMap<&str, &str> =
+        env_file.lines().filter_map(|line| line.strip_prefix("export ")?.split_once('=')).collect();
+    for key in ["KUBECONFIG", "SOLANA_RPC_URL", "GPUMARKET_MINT", "GPUMARKET_BUYER_KEYPAIR"] {
+        assert!(vars.contains_key(key), "{key} in the env file:\n{env_file}");
+    }
+
+    let kubeconfig = std::path::Path::new(vars["KUBECONFIG"]);
+    let client = gpumarket_tests::control_plane::client(kubeconfig).await.unwrap();
+    let nodes = Api::<Node>::all(client).list(&ListParams::default()).await.unwrap();
+    let ready: Vec<String> =
+        nodes.iter().filter(|n| node_ready_with_gpus(n)).map(|n| n.name_any()).collect();
+    assert_eq!(ready, ["h100-0", "rtx4090-0"]);
+    let rpc = solana_client::nonblocking::rpc_client::RpcClient::new(vars["SOLANA_RPC_URL"].into());
+    rpc.get_version().await.unwrap();
+    let server = kube::config::Kubeconfig::read_from(kubeconfig).unwrap().clusters[0]
+        .cluster
+        .as_ref()
+        .unwrap()
+        .server
+        .clone()
+        .unwrap();
+    let ports: Vec<String> = [server.as_str(), vars["SOLANA_RPC_URL"]]
+        .iter()
+        .map(|url| url.rsplit_once("127.0.0.1:").unwrap().1.to_string())
+        .collect();
+
+    std::process::Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
+    let status = eventually("up to stop", Duration::from_secs(60), || {
+        std::future::ready(up.try_wait().unwrap())
+    })
+    .await;
+    assert!(status.success(), "up exited with {status}");
+    assert!(!dir.exists(), "{} removed", dir.display());
+    let dir_name = dir.display().to_string();
+    assert_eq!(processes_mentioning(&dir_name), Vec::<String>::new());
+    for port in ports {
+        let address = format!("127.0.0.1:{port}");
+        assert!(std::net::TcpStream::connect(&address).is_err(), "{address} still listening");
+    }
+}
