@@ -195,11 +195,16 @@ impl Env {
         &self.tools
     }
 
-    /// A fresh namespace `<prefix>-<n>`, with its `default` ServiceAccount (which pods need).
+    /// A fresh namespace `<prefix>-<n>` (prefix made a valid name), with its `default` ServiceAccount (which pods need).
     pub async fn namespace(&self, prefix: &str) -> Result<String> {
         let n = self.namespaces.fetch_add(1, Ordering::Relaxed);
-        let prefix: String = prefix.to_lowercase().chars().take(50).collect();
-        let name = format!("{prefix}-{n}");
+        let prefix: String = prefix
+            .to_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(50)
+            .collect();
+        let name = format!("{}-{n}", prefix.trim_start_matches('-'));
         let client = self.client().await?;
         let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
         Api::<Namespace>::all(client.clone())

@@ -166,3 +166,41 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn alive(pid: u32) -> bool {
+        // A reaped or killed child is gone, or a zombie until its parent waits.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or_default().trim().starts_with('Z'))
+    }
+
+    /// The pipe closing (here by `finish`, at exit by the kernel) makes the reaper kill every
+    /// registered group, grandchildren included, and remove the directory.
+    #[test]
+    fn reaper_kills_registered_groups_and_removes_the_directory_when_the_pipe_closes() {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let reaper = Reaper::start(Some(&dir)).unwrap();
+        let mut command = Command::new("/bin/sh");
+        // A shell that ignores SIGTERM, with a grandchild: only the group SIGKILL ends both.
+        command.args(["-c", "trap '' TERM; sleep 1000 & echo $! > grandchild; wait"]);
+        command.current_dir(&dir);
+        let process = Process::spawn(&reaper, &dir, "stubborn", command).unwrap();
+        let pid = process.child.lock().unwrap().id();
+        let grandchild_file = dir.join("grandchild");
+        while std::fs::read_to_string(&grandchild_file).map_or(true, |s| s.trim().is_empty()) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let grandchild: u32 =
+            std::fs::read_to_string(&grandchild_file).unwrap().trim().parse().unwrap();
+        assert!(alive(pid) && alive(grandchild));
+
+        reaper.finish().unwrap();
+        let _ = process.child.lock().unwrap().wait();
+        assert!(!alive(grandchild), "grandchild killed");
+        assert!(!dir.exists(), "directory removed");
+    }
+}
