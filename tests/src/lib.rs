@@ -55,8 +55,7 @@ pub struct Env {
     processes: Mutex<Vec<Process>>,
     solana: tokio::sync::OnceCell<Solana>,
     namespaces: AtomicUsize,
-    /// How long the steps of the start took, for the record.
-    pub timings: Mutex<Vec<(String, Duration)>>,
+    timings: Mutex<Vec<(String, Duration)>>,
 }
 
 /// Where to find a running environment: what `gpumarket-env up` writes to its env file.
@@ -279,6 +278,11 @@ impl Env {
 
     fn lock_processes(&self) -> Result<std::sync::MutexGuard<'_, Vec<Process>>> {
         self.processes.lock().map_err(|_| anyhow!("environment lock poisoned"))
+    }
+
+    /// How long after the start each step was done.
+    pub fn timings(&self) -> Vec<(String, Duration)> {
+        self.timings.lock().map(|t| t.clone()).unwrap_or_default()
     }
 
     fn record(&self, step: &str, elapsed: Duration) {

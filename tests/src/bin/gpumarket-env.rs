@@ -58,19 +58,14 @@ async fn run_up(up: Up) -> Result<()> {
     eprintln!("starting the environment in {}", dir.display());
     let env =
         Env::start(EnvOptions { dir: Some(dir), keep_dir: up.keep_dir, solana: true }).await?;
+    // Serve until a signal; a failure while starting or of a process later ends it too.
     let result = tokio::select! {
-        result = bring_up(&env, &nodes, started) => result,
-        _ = tokio::signal::ctrl_c() => Ok(false),
-        _ = terminate.recv() => Ok(false),
-    };
-    let result = match result {
-        Ok(true) => tokio::select! {
-            error = watch(&env) => Err(error),
-            _ = tokio::signal::ctrl_c() => Ok(()),
-            _ = terminate.recv() => Ok(()),
-        },
-        Ok(false) => Ok(()),
-        Err(e) => Err(e),
+        failure = async {
+            bring_up(&env, &nodes, started).await?;
+            Err(watch(&env).await)
+        } => failure,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = terminate.recv() => Ok(()),
     };
     eprintln!("stopping the environment");
     env.shutdown().context("stopping the environment")?;
@@ -80,18 +75,15 @@ async fn run_up(up: Up) -> Result<()> {
     result
 }
 
-/// Nodes, validator and wallets, then the coordinates written and printed. `Ok(true)` when up.
-async fn bring_up(env: &Env, nodes: &[gpumarket_tests::GpuNode], started: Instant) -> Result<bool> {
-    let (solana, added) = tokio::join!(env.coordinates(), env.add_gpu_nodes(nodes));
-    let coordinates: Coordinates = solana?;
-    added?;
+/// The GPU nodes, then the coordinates written to the env file and printed.
+async fn bring_up(env: &Env, nodes: &[gpumarket_tests::GpuNode], started: Instant) -> Result<()> {
+    env.add_gpu_nodes(nodes).await?;
+    let coordinates: Coordinates = env.coordinates().await?;
     let env_file = env.dir().join("env");
     std::fs::write(&env_file, coordinates.env_file())
         .with_context(|| format!("writing {}", env_file.display()))?;
-    if let Ok(timings) = env.timings.lock() {
-        for (step, elapsed) in timings.iter() {
-            eprintln!("  {step}: {:.1} s", elapsed.as_secs_f64());
-        }
+    for (step, elapsed) in env.timings() {
+        eprintln!("  {step}: {:.1} s", elapsed.as_secs_f64());
     }
     let gpus: u32 = nodes.iter().map(|n| n.gpus).sum();
     println!(
@@ -107,7 +99,7 @@ async fn bring_up(env: &Env, nodes: &[gpumarket_tests::GpuNode], started: Instan
         env.dir().join("logs").display(),
         env.dir().display(),
     );
-    Ok(true)
+    Ok(())
 }
 
 /// Returns the first failure of a process of the environment.
