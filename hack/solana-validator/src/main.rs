@@ -6,6 +6,7 @@ use {
     anyhow::{anyhow, bail, Context, Result},
     clap::Parser,
     signal_hook::{consts::signal::*, iterator::Signals},
+    solana_rpc::rpc::JsonRpcConfig,
     solana_keypair::{read_keypair_file, write_keypair_file, Keypair},
     solana_signer::Signer,
     solana_streamer::socket::SocketAddrSpace,
@@ -93,6 +94,12 @@ fn main() -> Result<()> {
         .rpc_port(args.rpc_port)
         .port_range(args.port_range)
         .gossip_port(0) // otherwise gossip binds the *default* range's first port, not ours
+        // Settlement looks up its transactions (getSignatureStatuses with history, getTransaction)
+        // and finds deposits by their memo (getSignaturesForAddress): all need the history.
+        .rpc_config(JsonRpcConfig {
+            enable_rpc_transaction_history: true,
+            ..JsonRpcConfig::default_for_test()
+        })
         .start_with_mint_address(mint.pubkey(), SocketAddrSpace::Unspecified)
         .map_err(|e| anyhow!("validator failed to start: {e}"))?;
 
