@@ -10,6 +10,7 @@
 pub mod certs;
 pub mod control_plane;
 pub mod crds;
+pub mod demo;
 pub mod kwok;
 pub mod node_mix;
 pub mod ports;

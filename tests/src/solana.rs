@@ -54,6 +54,43 @@ impl Solana {
     pub fn token_account(&self, wallet: &Pubkey) -> Pubkey {
         get_associated_token_address(wallet, &self.mint)
     }
+
+    /// A buyer's deposit into the escrow (the token account of `escrow_owner`, created when
+    /// missing), with `memo` (the GpuCluster uid) telling the controller whose deposit it is.
+    pub async fn deposit(
+        &self,
+        buyer: &Keypair,
+        escrow_owner: &Pubkey,
+        amount: u64,
+        memo: &str,
+    ) -> Result<Signature> {
+        let token = spl_token_interface::id();
+        let escrow = self.token_account(escrow_owner);
+        let instructions = [
+            create_associated_token_account_idempotent(
+                &buyer.pubkey(),
+                escrow_owner,
+                &self.mint,
+                &token,
+            ),
+            spl_token_interface::instruction::transfer_checked(
+                &token,
+                &self.token_account(&buyer.pubkey()),
+                &self.mint,
+                &escrow,
+                &buyer.pubkey(),
+                &[],
+                amount,
+                MINT_DECIMALS,
+            )?,
+            spl_memo_interface::instruction::build_memo(
+                &spl_memo_interface::v3::id(),
+                memo.as_bytes(),
+                &[&buyer.pubkey()],
+            ),
+        ];
+        send_with_retry(&self.rpc(), &instructions, buyer, &[buyer]).await.context("depositing")
+    }
 }
 
 /// Read a keypair file written by this module.

@@ -41,6 +41,11 @@ struct Up {
     /// Keep the directory (logs, etcd data, ledger) after stopping.
     #[arg(long)]
     keep_dir: bool,
+    /// Also run the market: a simulated supplier agent per node, the KubeRay operator, the
+    /// controller with settlement on the local validator, and a buyer's GpuCluster with its
+    /// deposit.
+    #[arg(long)]
+    demo: bool,
 }
 
 #[tokio::main]
@@ -61,7 +66,7 @@ async fn run_up(up: Up) -> Result<()> {
     // Serve until a signal; a failure while starting or of a process later ends it too.
     let result = tokio::select! {
         failure = async {
-            bring_up(&env, &nodes, started).await?;
+            bring_up(&env, &nodes, started, up.demo).await?;
             Err(watch(&env).await)
         } => failure,
         _ = tokio::signal::ctrl_c() => Ok(()),
@@ -75,8 +80,14 @@ async fn run_up(up: Up) -> Result<()> {
     result
 }
 
-/// The GPU nodes, then the coordinates written to the env file and printed.
-async fn bring_up(env: &Env, nodes: &[gpumarket_tests::GpuNode], started: Instant) -> Result<()> {
+/// The GPU nodes, then the coordinates written to the env file and printed; with `demo`, the
+/// market running on them.
+async fn bring_up(
+    env: &Env,
+    nodes: &[gpumarket_tests::GpuNode],
+    started: Instant,
+    demo: bool,
+) -> Result<()> {
     env.add_gpu_nodes(nodes).await?;
     let coordinates: Coordinates = env.coordinates().await?;
     let env_file = env.dir().join("env");
@@ -99,6 +110,16 @@ async fn bring_up(env: &Env, nodes: &[gpumarket_tests::GpuNode], started: Instan
         env.dir().join("logs").display(),
         env.dir().display(),
     );
+    if demo {
+        let cluster = gpumarket_tests::demo::run(env, &coordinates, nodes).await?;
+        println!(
+            "\ndemo: suppliers publish offers, the controller and the KubeRay operator run, and the\n\
+             buyer applied GpuCluster default/{} and deposited into escrow. Watch it:\n\
+             \n  kubectl get gpuclusters,gpuleases,gpuoffers,rayclusters -A\
+             \n  kubectl describe gpucluster demo\n",
+            cluster.metadata.name.as_deref().unwrap_or_default(),
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,136 @@
+//! `gpumarket-env up --demo`: the market at work on the local environment. Every KWOK node gets
+//! a simulated supplier (the real agent, offer-only, with a scripted fake GPU source); the
+//! controller runs with settlement on the local validator, the KubeRay operator runs the Ray
+//! pods, and a buyer applies a GpuCluster and deposits into escrow, as a user would.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use gpumarket_crds::GpuCluster;
+use kube::Api;
+use kube::api::PostParams;
+use solana_sdk::signature::{Keypair, Signer, write_keypair_file};
+
+use crate::solana::{read_keypair, send_with_retry};
+use crate::{Coordinates, Env, GpuNode};
+
+/// Price per GPU-hour each simulated supplier asks, in base units (6 decimals).
+const PRICES: [(&str, u64); 3] = [("H100", 2_200_000), ("A100", 1_400_000), ("RTX4090", 350_000)];
+const DEFAULT_PRICE: u64 = 1_000_000;
+
+/// Start suppliers, the KubeRay operator and the controller, then place the buyer's order.
+pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Result<GpuCluster> {
+    let binaries = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .context("locating the gpumarket binaries")?;
+    let wallets: Vec<Keypair> =
+        coordinates.solana.suppliers.iter().map(|p| read_keypair(p)).collect::<Result<_>>()?;
+    for (i, node) in nodes.iter().enumerate() {
+        let source = env.dir().join(format!("gpus-{}.yaml", node.name));
+        std::fs::write(&source, fake_source(node))?;
+        let mut agent = Command::new(binaries.join("gpumarket-device-plugin"));
+        agent
+            .env("KUBECONFIG", &coordinates.kubeconfig)
+            .args(["--node-name", &node.name, "--mode", "offer-only", "--heartbeat-interval", "5s"])
+            .arg(format!("--wallet={}", wallets[i % wallets.len()].pubkey()))
+            .arg(format!("--price={}={}", node.model, price_of(&node.model)))
+            .arg(format!("--source=fake:{}", source.display()));
+        env.spawn(&format!("supplier-{}", node.name), agent)?;
+    }
+
+    // Ray heads need no GPU and do not tolerate the supplier taint: they run on a plain node, as
+    // in a buyer's own cluster.
+    env.add_gpu_nodes(&[GpuNode::new("cpu-0", "none", 0)]).await?;
+    let mut operator = env.tools().command("kuberay-operator")?;
+    operator.arg(format!("-kubeconfig={}", coordinates.kubeconfig.display())).args([
+        "-enable-leader-election=false",
+        "-metrics-addr=0",
+        "-health-probe-bind-address=0",
+    ]);
+    env.spawn("kuberay-operator", operator)?;
+
+    let authority = settlement_authority(env, coordinates).await?;
+    let mut controller = Command::new(binaries.join("gpumarket-controller"));
+    controller
+        .env("KUBECONFIG", &coordinates.kubeconfig)
+        .args(["--metrics-addr", "127.0.0.1:0", "--heartbeat-timeout", "30s"])
+        .args(["--settlement-period", "2m"])
+        .arg(format!("--rpc-url={}", coordinates.solana.rpc_url))
+        .arg(format!("--settlement-keypair={}", authority.display()))
+        .arg(format!("--mint={}", coordinates.solana.mint));
+    env.spawn("controller", controller)?;
+
+    order(env, coordinates, &read_keypair(&authority)?.pubkey()).await
+}
+
+/// The buyer's GpuCluster (two A100-or-better workers of 8 GPUs for 10 minutes), then its
+/// deposit into escrow with the cluster's uid as memo.
+async fn order(
+    env: &Env,
+    coordinates: &Coordinates,
+    escrow_owner: &solana_sdk::pubkey::Pubkey,
+) -> Result<GpuCluster> {
+    let buyer = read_keypair(&coordinates.solana.buyer)?;
+    let deposit: u64 = 3_000_000 * 16 / 6; // max price × GPUs × 10 minutes
+    let cluster: GpuCluster = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuCluster",
+        "metadata": {"name": "demo", "namespace": "default"},
+        "spec": {
+            "gpu": {"minTier": "A100"},
+            "workers": 2,
+            "gpusPerWorker": 8,
+            "duration": "10m",
+            "maxPricePerGpuHour": 3_000_000,
+            "payment": {"buyerWallet": buyer.pubkey().to_string(), "deposit": deposit},
+        }
+    }))?;
+    let clusters: Api<GpuCluster> = Api::namespaced(env.client().await?, "default");
+    let cluster = clusters.create(&PostParams::default(), &cluster).await?;
+    let uid = cluster.metadata.uid.clone().context("the API server gave the cluster no uid")?;
+    coordinates.solana.deposit(&buyer, escrow_owner, deposit, &uid).await?;
+    Ok(cluster)
+}
+
+/// A fresh settlement authority for this environment, funded with SOL for fees.
+async fn settlement_authority(env: &Env, coordinates: &Coordinates) -> Result<PathBuf> {
+    let solana = &coordinates.solana;
+    let faucet = read_keypair(&solana.faucet)?;
+    let authority = Keypair::new();
+    let transfer = solana_system_interface::instruction::transfer(
+        &faucet.pubkey(),
+        &authority.pubkey(),
+        crate::solana::WALLET_LAMPORTS,
+    );
+    send_with_retry(&solana.rpc(), &[transfer], &faucet, &[&faucet]).await?;
+    let path = env.dir().join("settlement-keypair.json");
+    write_keypair_file(&authority, &path)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    Ok(path)
+}
+
+fn price_of(model: &str) -> u64 {
+    PRICES.iter().find(|(m, _)| m.eq_ignore_ascii_case(model)).map_or(DEFAULT_PRICE, |(_, p)| *p)
+}
+
+/// The supplier agent's fake GPU source for a KWOK node: its GPUs, all NVLink-connected, no
+/// scripted faults (stop a supplier's agent to watch the controller replace its GPUs).
+fn fake_source(node: &GpuNode) -> String {
+    let uuids: Vec<String> = (0..node.gpus).map(|i| format!("GPU-{}-{i}", node.name)).collect();
+    let gpus: Vec<serde_json::Value> = uuids
+        .iter()
+        .map(|uuid| {
+            let peers: Vec<&String> = uuids.iter().filter(|u| *u != uuid).collect();
+            serde_json::json!({
+                "uuid": uuid,
+                "productName": format!("NVIDIA {}", node.model),
+                "memoryMib": node.memory_mib,
+                "nvlinkPeers": peers,
+            })
+        })
+        .collect();
+    serde_json::json!({"driverVersion": "560.35.03", "cudaVersion": "12.6", "gpus": gpus})
+        .to_string()
+}
