@@ -143,6 +143,10 @@ pub struct SettlementRecord {
     /// Last block height at which the transaction's blockhash is valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_valid_block_height: Option<u64>,
+    /// The signed transaction (base64 wire bytes) while it is in flight, so that it is
+    /// rebroadcast unchanged; dropped once it is confirmed or expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction: Option<String>,
     pub state: SettlementState,
 }
 

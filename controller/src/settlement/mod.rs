@@ -1,1 +1,269 @@
-//! Settlement on Solana (work in progress).
+//! Settlement on Solana: buyers pay suppliers for every metered GPU-second, from an escrow,
+//! exactly once, with the unused deposit refunded; supplier reputation and stake.
+//!
+//! The money logic is pure and tested without a chain: [`meter`] (GPU-seconds, cost, rounding,
+//! which period is due), [`escrow`] (deposit cover, exhaustion, refund), [`protocol`] (the
+//! exactly-once decisions), [`transaction`] (instructions, batching under the size limit),
+//! [`memo`] (idempotency keys), [`plan`] (what a round pays, ends and refunds),
+//! [`reputation`] and [`stake`]. [`chain`] is the thin RPC wiring and [`round`] the Kubernetes
+//! wiring; [`run`] repeats rounds for the controller.
+//!
+//! Usage: `Settler::new(config)` once, then `settler.deposit_status(uid, required)` from the
+//! GpuCluster reconcile, and `run(client, settler)` beside the other controllers (on the
+//! leader only: one writer of settlement records).
+
+pub mod chain;
+pub mod escrow;
+pub mod memo;
+pub mod meter;
+pub mod plan;
+pub mod protocol;
+pub mod reputation;
+mod round;
+pub mod stake;
+pub mod transaction;
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use solana_client::nonblocking::rpc_client::RpcClient;
+use solana_commitment_config::CommitmentConfig;
+use solana_keypair::Keypair;
+use solana_pubkey::Pubkey;
+use solana_signer::Signer;
+
+pub use escrow::DepositStatus;
+pub use round::RoundReport;
+pub use stake::StakePolicy;
+
+/// What settlement is configured with (the controller's `--rpc-url`, `--settlement-keypair`,
+/// `--mint`, `--settlement-period`, `--deposit-margin` flags).
+#[derive(Clone, Debug)]
+pub struct SettlementConfig {
+    pub rpc_url: String,
+    /// File holding the settlement authority's keypair (JSON byte array, as `solana-keygen`
+    /// writes it); mounted from a Secret in a cluster. Its content is never logged.
+    pub keypair_path: PathBuf,
+    /// The settlement mint (base-58).
+    pub mint: String,
+    /// Leases are paid every period (and at their end).
+    pub period: Duration,
+    /// Deposits must cover the cluster's cost plus this many percent.
+    pub deposit_margin_percent: u32,
+    /// Time between settlement rounds.
+    pub poll_interval: Duration,
+    /// An offer whose heartbeat is older than this counts as down for its uptime.
+    pub heartbeat_timeout: Duration,
+    pub stake: StakePolicy,
+}
+
+impl SettlementConfig {
+    pub fn new(rpc_url: String, keypair_path: PathBuf, mint: String, period: Duration) -> Self {
+        SettlementConfig {
+            rpc_url,
+            keypair_path,
+            mint,
+            period,
+            deposit_margin_percent: 0,
+            poll_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(60),
+            stake: StakePolicy::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("settlement configuration: {0}")]
+    Config(String),
+    #[error("Solana RPC: {0}")]
+    Rpc(#[from] chain::RpcError),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("building a settlement transaction: {0}")]
+    Build(#[from] transaction::BuildError),
+    #[error("the settlement mint {0} is not an SPL Token mint on this cluster")]
+    NotAMint(Pubkey),
+    #[error("stopped at injected crash point {0:?}")]
+    InjectedCrash(CrashPoint),
+}
+
+impl Error {
+    /// Stable label for metrics and events.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::Rpc(_) => "rpc",
+            Error::Kube(_) => "kube",
+            Error::Build(_) => "build",
+            Error::NotAMint(_) => "not_a_mint",
+            Error::InjectedCrash(_) => "injected_crash",
+        }
+    }
+}
+
+/// Where a test may make a round stop dead, as if the controller crashed there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// A payout transaction is signed but not recorded.
+    AfterSign,
+    /// Recorded in the lease status, not sent.
+    AfterRecord,
+    /// Sent, not yet confirmed.
+    AfterSend,
+}
+
+/// Holds the RPC client, the settlement authority and the escrow configuration.
+pub struct Settler {
+    rpc: RpcClient,
+    authority: Keypair,
+    mint: Pubkey,
+    config: SettlementConfig,
+    /// Mint decimals, read from the chain on first use.
+    decimals: tokio::sync::OnceCell<u8>,
+    deposits: tokio::sync::Mutex<chain::EscrowIndex>,
+    state: Mutex<RoundState>,
+}
+
+/// What the settler remembers between rounds (only to save work: losing it loses nothing).
+#[derive(Debug, Default)]
+struct RoundState {
+    crash_at: Option<CrashPoint>,
+    last_reputation: Option<std::time::Instant>,
+    anchored_hash: Option<String>,
+}
+
+impl std::fmt::Debug for Settler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keypair: only its public half.
+        f.debug_struct("Settler")
+            .field("rpc_url", &self.config.rpc_url)
+            .field("authority", &self.authority.pubkey())
+            .field("mint", &self.mint)
+            .field("period", &self.config.period)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settler {
+    /// Read the keypair and parse the configuration; no RPC call is made until first use.
+    pub fn new(config: SettlementConfig) -> Result<Settler, Error> {
+        let authority = solana_keypair::read_keypair_file(&config.keypair_path).map_err(|_| {
+            // The error may quote the file: say only where and what is expected.
+            Error::Config(format!(
+                "{} is not a readable Solana keypair file (a JSON array of 64 bytes, as solana-keygen writes it)",
+                config.keypair_path.display()
+            ))
+        })?;
+        let mint = Pubkey::from_str(&config.mint).map_err(|_| {
+            Error::Config(format!("--mint {:?} is not a base-58 public key", config.mint))
+        })?;
+        if config.period.is_zero() {
+            return Err(Error::Config("--settlement-period must be longer than 0s".into()));
+        }
+        let rpc =
+            RpcClient::new_with_commitment(config.rpc_url.clone(), CommitmentConfig::confirmed());
+        Ok(Settler {
+            rpc,
+            authority,
+            mint,
+            config,
+            decimals: tokio::sync::OnceCell::new(),
+            deposits: tokio::sync::Mutex::new(chain::EscrowIndex::default()),
+            state: Mutex::new(RoundState::default()),
+        })
+    }
+
+    pub fn authority(&self) -> Pubkey {
+        self.authority.pubkey()
+    }
+
+    pub fn config(&self) -> &SettlementConfig {
+        &self.config
+    }
+
+    /// The escrow: where buyers deposit (with the GpuCluster uid as memo) and stake is bonded.
+    pub async fn escrow(&self) -> Result<transaction::Escrow, Error> {
+        let decimals = self
+            .decimals
+            .get_or_try_init(|| async {
+                chain::mint_decimals(&self.rpc, &self.mint).await?.ok_or(Error::NotAMint(self.mint))
+            })
+            .await?;
+        Ok(transaction::Escrow {
+            authority: self.authority.pubkey(),
+            mint: self.mint,
+            decimals: *decimals,
+        })
+    }
+
+    /// Deposit a cluster of this hourly rate and duration must make, margin included.
+    pub fn required_deposit(&self, hourly_rate: u64, duration: Duration) -> u64 {
+        escrow::required_deposit(hourly_rate, duration, self.config.deposit_margin_percent)
+    }
+
+    /// Whether the deposits carrying `cluster_uid` as memo cover `required` (see
+    /// [`Settler::required_deposit`]).
+    pub async fn deposit_status(
+        &self,
+        cluster_uid: &str,
+        required: u64,
+    ) -> Result<DepositStatus, Error> {
+        let escrow = self.escrow().await?;
+        let mut index = self.deposits.lock().await;
+        chain::scan_deposits(&self.rpc, &escrow.account(), &mut index).await?;
+        Ok(DepositStatus::new(index.deposited(cluster_uid), required))
+    }
+
+    /// Make the next rounds stop at `point` (tests of crash recovery); `None` to run normally.
+    pub fn inject_crash(&self, point: Option<CrashPoint>) {
+        self.lock_state().crash_at = point;
+    }
+
+    fn crash_if(&self, point: CrashPoint) -> Result<(), Error> {
+        match self.lock_state().crash_at {
+            Some(at) if at == point => Err(Error::InjectedCrash(point)),
+            _ => Ok(()),
+        }
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, RoundState> {
+        match self.state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
+/// Most time between rounds while errors repeat.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Settle for as long as the future is polled: a round every poll interval; after an error
+/// (validator unreachable, node behind, API conflict) the next round comes after a doubling
+/// backoff. Every round starts from the records, so retrying is always safe.
+///
+/// Payouts of many leases share transactions, so a round looks at all leases at once rather
+/// than reconciling one lease at a time.
+pub async fn run(client: kube::Client, settler: Arc<Settler>) {
+    let poll = settler.config.poll_interval;
+    let mut wait = poll;
+    loop {
+        match settler.settle_round(&client).await {
+            Ok(report) => {
+                if !report.is_idle() {
+                    tracing::info!(?report, "settlement round");
+                }
+                wait = poll;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, label = e.metric_label(), retry_in = ?wait, "settlement round failed");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        }
+        tokio::time::sleep(wait).await;
+    }
+}

@@ -1,0 +1,140 @@
+//! The buyer escrow, per GpuCluster: what was deposited, what is committed to payouts, whether
+//! it covers the cluster, when it has run dry, and what is refunded at the end.
+//!
+//! All clusters share one escrow token account (owned by the settlement authority); each
+//! cluster's share is its deposits (memo = its uid) less its payouts and refund. A payout is
+//! capped by its cluster's share, so one buyer's deposit never pays for another's GPUs.
+
+use std::time::Duration;
+
+use super::meter::cost_ceil;
+
+/// Whether the deposits for a cluster cover what it needs before it is provisioned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DepositStatus {
+    Covered { deposited: u64 },
+    Short { deposited: u64, missing: u64 },
+}
+
+impl DepositStatus {
+    pub fn new(deposited: u64, required: u64) -> DepositStatus {
+        match required.checked_sub(deposited) {
+            Some(missing) if missing > 0 => DepositStatus::Short { deposited, missing },
+            _ => DepositStatus::Covered { deposited },
+        }
+    }
+
+    pub fn is_covered(&self) -> bool {
+        matches!(self, DepositStatus::Covered { .. })
+    }
+
+    /// For the GpuCluster's Funded condition.
+    pub fn message(&self) -> String {
+        match self {
+            DepositStatus::Covered { deposited } => {
+                format!("escrow holds a deposit of {deposited} base units")
+            }
+            DepositStatus::Short { deposited, missing } => format!(
+                "awaiting deposit of {missing} more base units (deposited {deposited}); send them to the escrow with the GpuCluster uid as memo"
+            ),
+        }
+    }
+}
+
+/// Deposit a cluster must have made: its hourly rate over its duration, rounded up, plus the
+/// margin (percent, rounded up).
+pub fn required_deposit(hourly_rate: u64, duration: Duration, margin_percent: u32) -> u64 {
+    let cost = cost_ceil(hourly_rate, duration.as_secs());
+    let with_margin = (u128::from(cost) * (100 + u128::from(margin_percent))).div_ceil(100);
+    u64::try_from(with_margin).unwrap_or(u64::MAX)
+}
+
+/// One cluster's share of the escrow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ledger {
+    /// Confirmed deposits with the cluster's uid as memo.
+    pub deposited: u64,
+    /// Payouts recorded for its leases: confirmed, or signed and possibly landing.
+    pub committed: u64,
+    /// Refund recorded (signed or confirmed).
+    pub refunded: u64,
+}
+
+impl Ledger {
+    /// What is left of the cluster's deposits for further payouts.
+    pub fn available(&self) -> u64 {
+        self.deposited.saturating_sub(self.committed).saturating_sub(self.refunded)
+    }
+}
+
+/// An active lease's call on the escrow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accrual {
+    /// Cost metered so far and not yet committed to a payout.
+    pub unpaid: u64,
+    pub hourly_rate: u64,
+}
+
+/// Whether a cluster's escrow is exhausted: what is left does not cover the unpaid usage of its
+/// active leases plus their cost over `lookahead` (until the next check, or until the cluster
+/// expires if sooner). Its leases end then, so that everything they metered can still be paid.
+pub fn exhausted(available: u64, active: &[Accrual], lookahead: Duration) -> bool {
+    let need = active.iter().fold(0u64, |sum, a| {
+        sum.saturating_add(a.unpaid).saturating_add(cost_ceil(a.hourly_rate, lookahead.as_secs()))
+    });
+    !active.is_empty() && available < need
+}
+
+/// Refund owed to the buyer once every lease of the cluster is settled.
+pub fn refund_due(ledger: &Ledger) -> u64 {
+    ledger.available()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn short_deposits_say_how_much_more() {
+        assert_eq!(
+            DepositStatus::new(70, 100),
+            DepositStatus::Short { deposited: 70, missing: 30 }
+        );
+        assert!(DepositStatus::new(100, 100).is_covered());
+        assert!(DepositStatus::new(150, 100).is_covered());
+        assert!(DepositStatus::new(70, 100).message().contains("awaiting deposit of 30 more"));
+    }
+
+    #[test]
+    fn required_deposit_covers_the_duration_and_margin() {
+        // Rounded up, then the margin on top, rounded up again.
+        assert_eq!(required_deposit(3, Duration::from_secs(1800), 0), 2);
+        assert_eq!(required_deposit(3_000_000, Duration::from_secs(7200), 10), 6_600_000);
+        assert_eq!(required_deposit(1, Duration::from_secs(3600), 1), 2);
+    }
+
+    #[test]
+    fn escrow_runs_dry_before_it_cannot_pay() {
+        let lease = Accrual { unpaid: 50, hourly_rate: 3600 };
+        let ten_s = Duration::from_secs(10);
+        assert!(!exhausted(60, &[lease], ten_s));
+        assert!(exhausted(59, &[lease], ten_s));
+        assert!(!exhausted(0, &[], ten_s), "no active lease, nothing to end");
+    }
+
+    proptest! {
+        #[test]
+        fn refund_plus_payouts_never_exceed_deposits(
+            deposited in 0u64..1_000_000, committed in 0u64..1_000_000, refunded in 0u64..1_000,
+        ) {
+            let ledger = Ledger { deposited, committed, refunded };
+            let refund = refund_due(&ledger);
+            prop_assert!(u128::from(refund) + u128::from(committed) + u128::from(refunded)
+                <= u128::from(deposited).max(u128::from(committed) + u128::from(refunded)));
+            if deposited >= committed + refunded {
+                prop_assert_eq!(refund + committed + refunded, deposited);
+            }
+        }
+    }
+}
