@@ -10,6 +10,7 @@ use kube::Client;
 use kube::{Resource, ResourceExt};
 
 use crate::matching::Offer;
+use crate::settlement::Settler;
 use crate::supply::{gpu_lease, market_offer};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
@@ -49,6 +50,8 @@ pub struct Context {
     pub orphans_seen: Mutex<HashMap<String, Instant>>,
     /// Held while matching and binding, so this replica's reconciles do not race each other.
     pub bind_lock: tokio::sync::Mutex<()>,
+    /// Settlement, when on: a cluster is provisioned only once its deposit covers it.
+    pub settler: Option<Arc<Settler>>,
     /// GPUs this replica claimed, by (offer, uuid), until the offer cache shows the claim.
     recent_claims: Mutex<HashMap<(String, String), Instant>>,
 }
@@ -63,6 +66,7 @@ impl Context {
         settings: Settings,
         offers: Store<GpuOffer>,
         leases: Store<GpuLease>,
+        settler: Option<Arc<Settler>>,
     ) -> Self {
         let reporter =
             Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
@@ -75,6 +79,7 @@ impl Context {
             leases,
             orphans_seen: Mutex::new(HashMap::new()),
             bind_lock: tokio::sync::Mutex::new(()),
+            settler,
             recent_claims: Mutex::new(HashMap::new()),
         }
     }

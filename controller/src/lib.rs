@@ -56,8 +56,27 @@ pub enum RunError {
     LeadershipLost,
 }
 
-/// Run the controller until the future is dropped (or, with leader election, leadership is lost).
+/// Run the controller until the future is dropped (or, with leader election, leadership is
+/// lost). No settlement: leases are metered but nobody is paid.
 pub async fn run(client: Client, config: Config) -> Result<(), RunError> {
+    run_with(client, config, None).await
+}
+
+/// [`run`], settling leases on Solana through `settler` (leader only, like the controllers), and
+/// provisioning a cluster only once its deposit covers it.
+pub async fn run_settling(
+    client: Client,
+    config: Config,
+    settler: Arc<settlement::Settler>,
+) -> Result<(), RunError> {
+    run_with(client, config, Some(settler)).await
+}
+
+async fn run_with(
+    client: Client,
+    config: Config,
+    settler: Option<Arc<settlement::Settler>>,
+) -> Result<(), RunError> {
     let metrics = Arc::new(metrics::Metrics::new()?);
     let _server = config.metrics_addr.map(|addr| {
         let metrics = metrics.clone();
@@ -69,7 +88,7 @@ pub async fn run(client: Client, config: Config) -> Result<(), RunError> {
     });
     match &config.leader_election {
         None => {
-            run_controllers(client, config.settings, metrics).await;
+            run_controllers(client, config.settings, metrics, settler).await;
             Ok(())
         }
         Some(election) => {
@@ -81,14 +100,19 @@ pub async fn run(client: Client, config: Config) -> Result<(), RunError> {
             tracing::info!(identity = %election.identity, "leading");
             metrics.ready.store(false, Ordering::Relaxed);
             tokio::select! {
-                () = run_controllers(client, config.settings, metrics) => Ok(()),
+                () = run_controllers(client, config.settings, metrics, settler) => Ok(()),
                 () = leadership.lost() => Err(RunError::LeadershipLost),
             }
         }
     }
 }
 
-async fn run_controllers(client: Client, settings: Settings, metrics: Arc<metrics::Metrics>) {
+async fn run_controllers(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<metrics::Metrics>,
+    settler: Option<Arc<settlement::Settler>>,
+) {
     // The caches are filled by their own tasks, so a reconcile can wait for them without
     // depending on the controller polling its trigger streams; the controllers have their own
     // watches as triggers.
@@ -110,7 +134,23 @@ async fn run_controllers(client: Client, settings: Settings, metrics: Arc<metric
         return;
     }
 
-    let ctx = Arc::new(context::Context::new(client, metrics, settings, offer_store, lease_store));
+    let settle = {
+        let (client, settler) = (client.clone(), settler.clone());
+        async move {
+            match settler {
+                Some(settler) => settlement::run(client, settler).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
+    let ctx = Arc::new(context::Context::new(
+        client,
+        metrics,
+        settings,
+        offer_store,
+        lease_store,
+        settler,
+    ));
     let clusters = cluster::controller(&ctx);
     let cluster_store = clusters.store();
     let inventory = {
@@ -128,7 +168,7 @@ async fn run_controllers(client: Client, settings: Settings, metrics: Arc<metric
         }
     };
     let offer_controller = offer::run(ctx.clone());
-    futures::future::join3(cluster::run(clusters, ctx), offer_controller, inventory).await;
+    futures::future::join4(cluster::run(clusters, ctx), offer_controller, inventory, settle).await;
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use std::sync::Arc;
+
+use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::simulate::Simulation;
 use gpumarket_controller::{Config, LeaderElection, Settings};
 use gpumarket_crds::common::parse_duration;
@@ -48,6 +51,27 @@ struct Args {
     /// How long a leader holds the Lease without renewing it (e.g. 15s).
     #[arg(long, env = "GPUMARKET_LEADER_ELECTION_DURATION", default_value = "15s", value_parser = duration)]
     leader_election_duration: Duration,
+
+    /// Solana RPC endpoint; settlement (and the deposit check before provisioning) is off
+    /// without it.
+    #[arg(long, env = "GPUMARKET_RPC_URL")]
+    rpc_url: Option<String>,
+
+    /// Keypair file (JSON byte array) of the settlement authority; required with --rpc-url.
+    #[arg(long, env = "GPUMARKET_SETTLEMENT_KEYPAIR")]
+    settlement_keypair: Option<std::path::PathBuf>,
+
+    /// Settlement mint (base-58); required with --rpc-url.
+    #[arg(long, env = "GPUMARKET_MINT")]
+    mint: Option<String>,
+
+    /// Leases are paid every period (e.g. 10m, 1h).
+    #[arg(long, env = "GPUMARKET_SETTLEMENT_PERIOD", default_value = "1h", value_parser = duration)]
+    settlement_period: Duration,
+
+    /// Deposits must cover the cluster's cost plus this many percent.
+    #[arg(long, env = "GPUMARKET_DEPOSIT_MARGIN", default_value_t = 0)]
+    deposit_margin: u32,
 
     /// Also act as the agent of every node labelled gpumarket.io/gpu-model (KWOK nodes in the
     /// local environment): publish and heartbeat its GpuOffer.
@@ -119,8 +143,35 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(gpumarket_controller::simulate::run(client.clone(), simulation));
     }
 
+    let settler = match &args.rpc_url {
+        None => None,
+        Some(rpc_url) => {
+            let keypair = args.settlement_keypair.clone().context(
+                "--rpc-url needs --settlement-keypair (the settlement authority's keypair file)",
+            )?;
+            let mint = args
+                .mint
+                .clone()
+                .context("--rpc-url needs --mint (the settlement mint, base-58)")?;
+            let mut settlement =
+                SettlementConfig::new(rpc_url.clone(), keypair, mint, args.settlement_period);
+            settlement.deposit_margin_percent = args.deposit_margin;
+            settlement.heartbeat_timeout = args.heartbeat_timeout;
+            Some(Arc::new(Settler::new(settlement).context("settlement")?))
+        }
+    };
+
+    let controller = async {
+        match settler {
+            Some(settler) => gpumarket_controller::run_settling(client, config, settler).await,
+            None => {
+                tracing::info!("no --rpc-url: settlement is off");
+                gpumarket_controller::run(client, config).await
+            }
+        }
+    };
     tokio::select! {
-        result = gpumarket_controller::run(client, config) => result.context("controller stopped"),
+        result = controller => result.context("controller stopped"),
         () = shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpumarket_crds::{ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer};
+use gpumarket_crds::{
+    Amount, ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer,
+};
 use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -21,9 +23,10 @@ use super::status::{
 };
 use crate::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
 use crate::context::{Context, MANAGER};
-use crate::matching::{self, Outcome};
 use crate::error::{Error, Result};
+use crate::matching::{self, Outcome};
 use crate::raycluster::{self, build_ray_cluster, dashboard_address, is_ready, ray_cluster_name};
+use crate::settlement::DepositStatus;
 use crate::supply::market_request;
 
 pub const FINALIZER: &str = "gpumarket.io/leases";
@@ -149,12 +152,15 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
 
     // match + bind
     let mut unmatched = None;
+    let mut funding = None;
     let active: Vec<&GpuLease> = leases.iter().filter(|l| is_active(l)).collect();
     let missing = missing_workers(cluster, &active);
     let replacing = cluster.status.as_ref().is_some_and(|s| s.start_time.is_some())
         || leases.iter().any(|l| !is_active(l));
     if missing > 0 {
-        match match_and_bind(cluster, ctx, missing, now).await? {
+        let (bind, checked) = match_and_bind(cluster, ctx, missing, replacing, now).await?;
+        funding = checked;
+        match bind {
             Bind::Unmatched(why) => {
                 let previous = cluster
                     .status
@@ -164,6 +170,9 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
                     ctx.event(cluster, EventType::Normal, "Unmatched", "Match", why.clone()).await;
                 }
                 unmatched = Some(why);
+            }
+            Bind::Unfunded(why) => {
+                ctx.event(cluster, EventType::Warning, "DepositShort", "Fund", why).await;
             }
             Bind::Conflict(offer) => {
                 tracing::debug!(cluster = %cluster.name_any(), %offer, "lost a race for GPUs, matching again");
@@ -227,7 +236,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         ray_cluster: ray_ready.map(|_| name.clone()),
         dashboard: ray_ready.map(|_| dashboard_address(&name, &namespace)),
         unmatched,
-        funding: None,
+        funding,
         now,
     });
     let pending = status.phase == Some(ClusterPhase::Pending);
@@ -248,6 +257,8 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
 
 enum Bind {
     Unmatched(String),
+    /// The deposit does not cover the match (settlement on).
+    Unfunded(String),
     /// Another replica took GPUs of the match first (offer named).
     Conflict(String),
     Bound(Vec<GpuLease>),
@@ -261,9 +272,42 @@ async fn match_and_bind(
     cluster: &GpuCluster,
     ctx: &Context,
     workers: u32,
+    replacing: bool,
     now: Timestamp,
-) -> Result<Bind> {
-    let planned = {
+) -> Result<(Bind, Option<Result<String, String>>)> {
+    // The deposit is checked against a quote before anything is taken (the chain is slow, so
+    // not under the lock); the bind below re-checks the final price against what was deposited.
+    let deposited = match (&ctx.settler, replacing) {
+        (Some(settler), false) => {
+            let duration =
+                cluster.spec.duration().map_err(|e| Error::InvalidSpec(e.to_string()))?;
+            let quoted = match matching::quote(&ctx.supply(now), &market_request(cluster, workers))
+            {
+                Outcome::Matched(assignment) => assignment.hourly_cost(),
+                Outcome::Unmatched(why) => return Ok((Bind::Unmatched(why.to_string()), None)),
+            };
+            let required = settler.required_deposit(quoted, duration);
+            let uid = cluster.uid().unwrap_or_default();
+            match settler.deposit_status(&uid, required).await {
+                Ok(DepositStatus::Covered { deposited }) => Some((settler, duration, deposited)),
+                Ok(DepositStatus::Short { deposited, missing }) => {
+                    let why = format!(
+                        "deposit {} short of the {} this match needs (memo {uid}): deposit {} more",
+                        Amount::new(deposited),
+                        Amount::new(required),
+                        Amount::new(missing)
+                    );
+                    return Ok((Bind::Unfunded(why.clone()), Some(Err(why))));
+                }
+                Err(e) => {
+                    let why = format!("cannot read deposits: {e}");
+                    return Ok((Bind::Unfunded(why.clone()), Some(Err(why))));
+                }
+            }
+        }
+        _ => None,
+    };
+    let (planned, funding) = {
         let _turn = ctx.bind_lock.lock().await;
         let supply = ctx.supply(now);
         let request = market_request(cluster, workers);
@@ -272,21 +316,38 @@ async fn match_and_bind(
             matching::quote(&supply, &request)
         };
         let assignment = match outcome {
-            Outcome::Unmatched(why) => return Ok(Bind::Unmatched(why.to_string())),
+            Outcome::Unmatched(why) => return Ok((Bind::Unmatched(why.to_string()), None)),
             Outcome::Matched(assignment) => assignment,
         };
+        let mut funding = None;
+        if let Some((settler, duration, deposited)) = &deposited {
+            let required = settler.required_deposit(assignment.hourly_cost(), *duration);
+            if required > *deposited {
+                let why = format!(
+                    "supply moved: the match now needs a deposit of {}, {} was deposited",
+                    Amount::new(required),
+                    Amount::new(*deposited)
+                );
+                return Ok((Bind::Unfunded(why.clone()), Some(Err(why))));
+            }
+            funding = Some(Ok(format!(
+                "deposit {} covers {} needed",
+                Amount::new(*deposited),
+                Amount::new(required)
+            )));
+        }
         let planned = plan_leases(cluster, &assignment, &offer_wallets(ctx), now)?;
         let cached = |name: &str| ctx.offers.get(&ObjectRef::new(name));
         match binding::claim_all(&offers_api(ctx), cached, &planned).await {
             Ok(()) => ctx.remember_claims(&planned),
-            Err(Error::AllocationConflict { offer }) => return Ok(Bind::Conflict(offer)),
+            Err(Error::AllocationConflict { offer }) => return Ok((Bind::Conflict(offer), None)),
             Err(e) => return Err(e),
         }
-        planned
+        (planned, funding)
     };
     // The GPUs are ours once claimed: the leases are created without holding up other binds.
     let bound = binding::create_leases(&Api::all(ctx.client.clone()), &planned).await?;
-    Ok(Bind::Bound(bound))
+    Ok((Bind::Bound(bound), funding))
 }
 
 fn offer_wallets(ctx: &Context) -> BTreeMap<String, String> {
