@@ -6,10 +6,7 @@ use std::path::{Path, PathBuf};
 use gpumarket_crds::{GpuCluster, GpuOffer, GpuTier, Placement};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 #[test]
