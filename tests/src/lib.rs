@@ -356,3 +356,23 @@ fn install_log_printer(logs: PathBuf) {
         }
     }));
 }
+
+/// Poll `check` every 200 ms until it returns `Some`, panicking with `what` after `timeout`:
+/// how tests wait for controllers and KWOK to converge.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

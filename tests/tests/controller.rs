@@ -12,14 +12,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::time::Duration;
 
 use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::{
     ClusterPhase, EndReason, GpuCluster, GpuHealth, GpuLease, GpuOffer, LeasePhase,
 };
-use gpumarket_tests::{Env, GpuNode};
+use gpumarket_tests::{Env, GpuNode, eventually};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
@@ -178,28 +177,12 @@ fn ray_api(client: &Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &ar)
 }
 
-/// Poll `check` until it returns `Some`, or fail with `what`.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 async fn phase_of(api: &Api<GpuCluster>, name: &str) -> Option<ClusterPhase> {
     api.get_opt(name).await.ok().flatten()?.status?.phase
 }
 
 async fn wait_phase(api: &Api<GpuCluster>, name: &str, phase: ClusterPhase) -> GpuCluster {
-    eventually(&format!("{name} to be {phase:?}"), || async {
+    eventually(&format!("{name} to be {phase:?}"), WAIT, || async {
         let cluster = api.get(name).await.ok()?;
         (cluster.status.as_ref()?.phase == Some(phase)).then_some(cluster)
     })
@@ -313,7 +296,7 @@ async fn cluster_runs_on_the_matched_nodes_then_expires() {
     // Travel in time: the cluster started 1h ago, less three seconds. Patched again if an
     // in-flight reconcile wrote the old start back.
     let started = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3600 - 3);
-    let completed = eventually("expiry", || async {
+    let completed = eventually("expiry", WAIT, || async {
         let cluster = clusters.get("train").await.ok()?;
         let status = cluster.status.clone()?;
         if status.phase == Some(ClusterPhase::Completed) {
@@ -339,11 +322,11 @@ async fn cluster_runs_on_the_matched_nodes_then_expires() {
         }),
         "{leases:?}"
     );
-    eventually("RayCluster deleted", || async {
+    eventually("RayCluster deleted", WAIT, || async {
         ray_api(&client, &ns).get_opt("train").await.unwrap().is_none().then_some(())
     })
     .await;
-    eventually("GPUs returned", || async {
+    eventually("GPUs returned", WAIT, || async {
         let offer = Api::<GpuOffer>::all(client.clone()).get("ctl-life-a").await.ok()?;
         (offer.status?.free_gpus == Some(4)).then_some(())
     })
@@ -361,19 +344,20 @@ async fn unmatched_request_waits_with_a_reason_and_matches_when_supply_appears()
 
     let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
     clusters.create(&PostParams::default(), &gpu_cluster("big", "pend", 1, 4)).await.unwrap();
-    let pending = eventually("a Matched=False condition with the engine's explanation", || async {
-        let cluster = clusters.get("big").await.ok()?;
-        let status = cluster.status.clone()?;
-        let matched = status.conditions.iter().find(|c| c.type_ == "Matched")?;
-        (status.phase == Some(ClusterPhase::Pending) && matched.reason == "NoMatchingSupply")
-            .then(|| matched.message.clone())
-    })
-    .await;
+    let pending =
+        eventually("a Matched=False condition with the engine's explanation", WAIT, || async {
+            let cluster = clusters.get("big").await.ok()?;
+            let status = cluster.status.clone()?;
+            let matched = status.conditions.iter().find(|c| c.type_ == "Matched")?;
+            (status.phase == Some(ClusterPhase::Pending) && matched.reason == "NoMatchingSupply")
+                .then(|| matched.message.clone())
+        })
+        .await;
     assert!(!pending.is_empty());
 
     // New supply alone (no edit of the GpuCluster, well within the 60 s recheck) triggers the match.
     let _big = Supplier::start(env, &client, "ctl-pend-b", "pend", 4, 1_000_000).await;
-    let matched = eventually("the match after the offer appears", || async {
+    let matched = eventually("the match after the offer appears", WAIT, || async {
         let phase = phase_of(&clusters, "big").await?;
         (phase != ClusterPhase::Pending).then_some(phase)
     })
@@ -399,7 +383,7 @@ async fn racing_clusters_and_replicas_never_share_a_gpu() {
     for name in names {
         clusters.create(&PostParams::default(), &gpu_cluster(name, "race", 1, 4)).await.unwrap();
     }
-    let winner = eventually("one winner", || async {
+    let winner = eventually("one winner", WAIT, || async {
         for name in names {
             if matches!(phase_of(&clusters, name).await, Some(ClusterPhase::Provisioning)) {
                 return Some(name);
@@ -427,7 +411,7 @@ async fn racing_clusters_and_replicas_never_share_a_gpu() {
 
     // The next supply goes to a loser.
     let _b = Supplier::start(env, &client, "ctl-race-b", "race", 4, 1_000_000).await;
-    eventually("a loser matched on the new node", || async {
+    eventually("a loser matched on the new node", WAIT, || async {
         let provisioned =
             futures::future::join_all(names.iter().map(|n| phase_of(&clusters, n))).await;
         (provisioned.iter().filter(|p| **p == Some(ClusterPhase::Provisioning)).count() == 2)
@@ -463,7 +447,7 @@ async fn silent_supplier_is_replaced_and_the_head_stays() {
     let spare: BTreeSet<String> =
         suppliers.iter().map(|s| s.name.clone()).filter(|n| !used.contains(n)).collect();
 
-    let after = eventually("a replacement worker group", || async {
+    let after = eventually("a replacement worker group", WAIT, || async {
         let ray = ray_api(&client, &ns).get("resilient").await.ok()?;
         let nodes = pinned_nodes(&ray);
         (!nodes.contains(&victim) && nodes.len() == 2).then_some(ray)
@@ -500,7 +484,7 @@ async fn deletion_ends_the_leases_first() {
     let provisioning = wait_phase(&clusters, "short", ClusterPhase::Provisioning).await;
 
     clusters.delete("short", &DeleteParams::default()).await.unwrap();
-    eventually("the GpuCluster gone", || async {
+    eventually("the GpuCluster gone", WAIT, || async {
         clusters.get_opt("short").await.unwrap().is_none().then_some(())
     })
     .await;
@@ -509,7 +493,7 @@ async fn deletion_ends_the_leases_first() {
     let status = leases[0].status.as_ref().unwrap();
     assert_eq!(status.phase, Some(LeasePhase::Ended));
     assert_eq!(status.end_reason, Some(EndReason::Deleted));
-    eventually("GPUs returned", || async {
+    eventually("GPUs returned", WAIT, || async {
         let offer = Api::<GpuOffer>::all(client.clone()).get("ctl-del-a").await.ok()?;
         (offer.status?.free_gpus == Some(2)).then_some(())
     })
@@ -541,7 +525,7 @@ async fn restarted_controller_converges_without_duplicates_and_survives_bad_obje
     Api::<GpuOffer>::all(client.clone()).create(&PostParams::default(), &empty).await.unwrap();
 
     let _second = Controller::start(&client);
-    eventually("the RayCluster re-created", || async {
+    eventually("the RayCluster re-created", WAIT, || async {
         ray_api(&client, &ns).get_opt("steady").await.unwrap()
     })
     .await;
@@ -556,7 +540,7 @@ async fn restarted_controller_converges_without_duplicates_and_survives_bad_obje
     assert_eq!(leased, 2, "no duplicate leases after the restart");
     assert_no_gpu_shared(&client).await;
 
-    let reported = eventually("the empty offer reported unavailable", || async {
+    let reported = eventually("the empty offer reported unavailable", WAIT, || async {
         let offer = Api::<GpuOffer>::all(client.clone()).get("ctl-rest-empty").await.ok()?;
         let condition = offer.status?.conditions.into_iter().find(|c| c.type_ == "Available")?;
         Some(condition)

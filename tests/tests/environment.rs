@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use gpumarket_tests::kwok::{MODEL_LABEL, node_ready_with_gpus};
 use gpumarket_tests::solana::{BUYER_TOKENS, MINT_DECIMALS, read_keypair, send_with_retry};
-use gpumarket_tests::{Env, GpuNode};
+use gpumarket_tests::{Env, GpuNode, eventually};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
@@ -19,22 +19,6 @@ use spl_associated_token_account_interface::instruction::create_associated_token
 use spl_token_interface::state::{Account as TokenAccount, Mint};
 
 const GPU: &str = "nvidia.com/gpu";
-
-/// Poll `check` every 200 ms until it returns `Some`, panicking with `what` after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn gpu_pod(name: &str, gpus: u32, node_selector: serde_json::Value) -> Pod {
     serde_json::from_value(json!({

@@ -126,33 +126,9 @@ impl Fixture {
 
     /// Deposit into this test's escrow from the buyer, with the cluster uid as memo.
     async fn deposit(&self, cluster: &GpuCluster, amount: u64) -> Result<()> {
-        let buyer = self.buyer()?;
         let escrow = self.settler.escrow().await?;
-        let token = spl_token_interface::id();
-        let ixs = [
-            spl_associated_token_account_interface::instruction::create_associated_token_account_idempotent(
-                &buyer.pubkey(),
-                &escrow.authority,
-                &escrow.mint,
-                &token,
-            ),
-            spl_token_interface::instruction::transfer_checked(
-                &token,
-                &self.sol.token_account(&buyer.pubkey()),
-                &escrow.mint,
-                &escrow.account(),
-                &buyer.pubkey(),
-                &[],
-                amount,
-                escrow.decimals,
-            )?,
-            spl_memo_interface::instruction::build_memo(
-                &spl_memo_interface::v3::id(),
-                cluster.uid().context("cluster uid")?.as_bytes(),
-                &[],
-            ),
-        ];
-        send_with_retry(&self.sol.rpc(), &ixs, &buyer, &[&buyer]).await?;
+        let uid = cluster.uid().context("cluster uid")?;
+        self.sol.deposit(&self.buyer()?, &escrow.authority, amount, &uid).await?;
         Ok(())
     }
 
