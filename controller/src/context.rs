@@ -90,8 +90,8 @@ impl Context {
         self.leases.state().into_iter().filter(|l| l.spec.cluster.uid == uid).collect()
     }
 
-    /// Free supply for matching: the cached offers, less the GPUs this replica claimed that the
-    /// cache does not show yet.
+    /// Free supply for matching: the cached offers (with settlement on, only those staked
+    /// enough), less the GPUs this replica claimed that the cache does not show yet.
     pub fn supply(&self, now: jiff::Timestamp) -> Vec<Offer> {
         let offers = self.offers.state();
         let mut recent = match self.recent_claims.lock() {
@@ -104,8 +104,10 @@ impl Context {
             at.elapsed() < RECENT_CLAIM_TTL
                 && by_name.get(offer).is_some_and(|o| gpu_lease(o, gpu).is_none())
         });
+        let staked = |o: &GpuOffer| self.settler.as_ref().is_none_or(|s| s.config().stake.admits(o));
         offers
             .iter()
+            .filter(|o| staked(o))
             .filter_map(|o| market_offer(o, now, self.settings.heartbeat_timeout))
             .map(|mut offer| {
                 offer.free_gpus.retain(|g| !recent.contains_key(&(offer.node.clone(), g.clone())));

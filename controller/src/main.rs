@@ -1,6 +1,7 @@
 //! `gpumarket-controller`: flags (with environment fallbacks) parsed once, then the library's
 //! `run`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -8,9 +9,11 @@ use anyhow::Context as _;
 use clap::Parser;
 use std::sync::Arc;
 
-use gpumarket_controller::settlement::{SettlementConfig, Settler};
+use gpumarket_controller::settlement::stake::parse_min_per_gpu;
+use gpumarket_controller::settlement::{SettlementConfig, Settler, StakePolicy};
 use gpumarket_controller::simulate::Simulation;
 use gpumarket_controller::{Config, LeaderElection, Settings};
+use gpumarket_crds::GpuTier;
 use gpumarket_crds::common::parse_duration;
 
 #[derive(Parser, Debug)]
@@ -72,6 +75,15 @@ struct Args {
     /// Deposits must cover the cluster's cost plus this many percent.
     #[arg(long, env = "GPUMARKET_DEPOSIT_MARGIN", default_value_t = 0)]
     deposit_margin: u32,
+
+    /// Minimum stake per GPU by tier, in base units (e.g. H100=5000000,A100=2000000): with
+    /// settlement on, offers staked less are not matched.
+    #[arg(long, env = "GPUMARKET_MIN_STAKE_PER_GPU", default_value = "", value_parser = parse_min_per_gpu)]
+    min_stake_per_gpu: BTreeMap<GpuTier, u64>,
+
+    /// Share of a node's remaining stake slashed to the buyer per supplier failure, per mille.
+    #[arg(long, env = "GPUMARKET_SLASH_PERMILLE", default_value_t = 0)]
+    slash_permille: u32,
 
     /// Also act as the agent of every node labelled gpumarket.io/gpu-model (KWOK nodes in the
     /// local environment): publish and heartbeat its GpuOffer.
@@ -157,6 +169,10 @@ async fn main() -> anyhow::Result<()> {
                 SettlementConfig::new(rpc_url.clone(), keypair, mint, args.settlement_period);
             settlement.deposit_margin_percent = args.deposit_margin;
             settlement.heartbeat_timeout = args.heartbeat_timeout;
+            settlement.stake = StakePolicy {
+                min_per_gpu: args.min_stake_per_gpu.clone(),
+                slash_permille: args.slash_permille,
+            };
             Some(Arc::new(Settler::new(settlement).context("settlement")?))
         }
     };

@@ -18,7 +18,8 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
 use super::status::{
-    Observation, build_status, ended_status, expires_at, is_active, missing_workers,
+    Observation, build_status, ended_out_of_funds, ended_status, expires_at, is_active,
+    missing_workers,
     supplier_failure, surplus_leases,
 };
 use crate::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
@@ -26,7 +27,7 @@ use crate::context::{Context, MANAGER};
 use crate::error::{Error, Result};
 use crate::matching::{self, Outcome};
 use crate::raycluster::{self, build_ray_cluster, dashboard_address, is_ready, ray_cluster_name};
-use crate::settlement::DepositStatus;
+use crate::settlement::{self, DepositStatus};
 use crate::supply::market_request;
 
 pub const FINALIZER: &str = "gpumarket.io/leases";
@@ -41,9 +42,7 @@ const CONFLICT_RETRY: Duration = Duration::from_millis(200);
 pub async fn reconcile(cluster: Arc<GpuCluster>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_duration.with_label_values(&[CONTROLLER]).start_timer();
     ctx.metrics.reconciles.with_label_values(&[CONTROLLER]).inc();
-    let api: Api<GpuCluster> =
-        Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
-    finalizer(&api, FINALIZER, cluster, |event| async {
+    finalizer(&cluster_api(&cluster, &ctx), FINALIZER, cluster, |event| async {
         match event {
             Finalizer::Apply(cluster) => apply(&cluster, &ctx).await,
             Finalizer::Cleanup(cluster) => cleanup(&cluster, &ctx).await,
@@ -95,6 +94,10 @@ fn ray_api(cluster: &GpuCluster, ctx: &Context) -> Api<DynamicObject> {
 
 async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     let now = Timestamp::now();
+    if ctx.settler.is_some() && !settlement::refunded(cluster) {
+        // Before anything is bound or deposited: a deleted cluster waits for its refund.
+        settlement::set_finalizer(&cluster_api(cluster, ctx), cluster, true).await?;
+    }
     let phase = cluster.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
     if matches!(phase, ClusterPhase::Completed | ClusterPhase::Failed) {
         return Ok(Action::await_change());
@@ -117,7 +120,29 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     }
 
     if let Some(at) = expires_at(cluster).filter(|at| *at <= now) {
-        return expire(cluster, ctx, leases, ray_cluster.is_some(), at).await;
+        let message = format!("ran its duration {} (until {at})", cluster.spec.duration);
+        let end = Ending {
+            lease_reason: EndReason::Expired,
+            phase: ClusterPhase::Completed,
+            reason: "Expired",
+            message,
+        };
+        return finish(cluster, ctx, leases, ray_cluster.is_some(), end).await;
+    }
+    // Settlement ends the leases of a cluster whose escrow ran dry; its workers are not
+    // replaced (nobody would pay for them), the cluster ends.
+    if let Some(lease) = ended_out_of_funds(&leases) {
+        let message = format!(
+            "escrow exhausted: lease {} ended OutOfFunds; deposit more for a new cluster",
+            lease.name_any()
+        );
+        let end = Ending {
+            lease_reason: EndReason::OutOfFunds,
+            phase: ClusterPhase::Failed,
+            reason: "OutOfFunds",
+            message,
+        };
+        return finish(cluster, ctx, leases, ray_cluster.is_some(), end).await;
     }
 
     // Supplier failures end the affected leases; their workers are matched again below.
@@ -417,16 +442,27 @@ pub async fn end_lease(
     Ok(ended)
 }
 
-/// Duration is up: Expiring, RayCluster deleted, leases ended (Expired), Completed.
-async fn expire(
+/// How a cluster ends.
+struct Ending {
+    /// Given to the leases still active.
+    lease_reason: EndReason,
+    /// `Completed` or `Failed`.
+    phase: ClusterPhase,
+    /// Event and condition reason.
+    reason: &'static str,
+    message: String,
+}
+
+/// The cluster is over (duration up, escrow dry): Expiring, RayCluster deleted, active leases
+/// ended, then the final phase.
+async fn finish(
     cluster: &GpuCluster,
     ctx: &Context,
     leases: Vec<GpuLease>,
     has_ray_cluster: bool,
-    at: Timestamp,
+    end: Ending,
 ) -> Result<Action> {
     let now = Timestamp::now();
-    let refs: Vec<&GpuLease> = leases.iter().collect();
     let expiring = GpuClusterStatus {
         phase: Some(ClusterPhase::Expiring),
         ..cluster.status.clone().unwrap_or_default()
@@ -437,30 +473,21 @@ async fn expire(
     }
     let mut ended = Vec::new();
     let mut ended_now = 0;
-    for lease in refs {
-        if is_active(lease) {
-            ended.push(end_lease(ctx, lease, EndReason::Expired, now).await?);
+    for lease in leases {
+        if is_active(&lease) {
+            ended.push(end_lease(ctx, &lease, end.lease_reason, now).await?);
             ended_now += 1;
         } else {
-            ended.push(lease.clone());
+            ended.push(lease);
         }
     }
     let refs: Vec<&GpuLease> = ended.iter().collect();
-    let message = format!("ran its duration {} (until {at})", cluster.spec.duration);
-    ctx.event(
-        cluster,
-        EventType::Normal,
-        "Expired",
-        "Expire",
-        format!("{message}: RayCluster deleted, {ended_now} leases ended"),
-    )
-    .await;
-    write_status(
-        cluster,
-        ctx,
-        ended_status(cluster, &refs, ClusterPhase::Completed, "Expired", message, now),
-    )
-    .await?;
+    let event_type =
+        if end.phase == ClusterPhase::Failed { EventType::Warning } else { EventType::Normal };
+    let note = format!("{}: RayCluster deleted, {ended_now} leases ended", end.message);
+    ctx.event(cluster, event_type, end.reason, "End", note).await;
+    write_status(cluster, ctx, ended_status(cluster, &refs, end.phase, end.reason, end.message, now))
+        .await?;
     Ok(Action::await_change())
 }
 
@@ -496,9 +523,12 @@ async fn delete_ray_cluster(cluster: &GpuCluster, ctx: &Context) -> Result<()> {
     }
 }
 
+fn cluster_api(cluster: &GpuCluster, ctx: &Context) -> Api<GpuCluster> {
+    Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default())
+}
+
 async fn write_status(cluster: &GpuCluster, ctx: &Context, status: GpuClusterStatus) -> Result<()> {
-    let api: Api<GpuCluster> =
-        Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
+    let api = cluster_api(cluster, ctx);
     let patch =
         json!({"apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuCluster", "status": status});
     api.patch_status(

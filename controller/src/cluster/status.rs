@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gpumarket_crds::{ClusterPhase, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, LeasePhase};
+use gpumarket_crds::{ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, LeasePhase};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -24,6 +24,13 @@ pub fn expires_at(cluster: &GpuCluster) -> Option<Timestamp> {
 /// Whether a lease is still metering.
 pub fn is_active(lease: &GpuLease) -> bool {
     lease.status.as_ref().and_then(|s| s.phase).unwrap_or_default() == LeasePhase::Active
+}
+
+/// A lease that settlement ended because the cluster's escrow ran dry, if any.
+pub fn ended_out_of_funds(leases: &[GpuLease]) -> Option<&GpuLease> {
+    leases
+        .iter()
+        .find(|l| l.status.as_ref().and_then(|s| s.end_reason) == Some(EndReason::OutOfFunds))
 }
 
 /// Why an active lease can no longer serve: its offer is gone, its heartbeat is stale, or one of
@@ -297,6 +304,27 @@ mod tests {
             funding: None,
             now: now(),
         }
+    }
+
+    #[test]
+    fn only_an_out_of_funds_end_stops_the_cluster() {
+        let cluster = mk_cluster("c", 2, 1);
+        let ended = |reason| {
+            let mut lease = mk_lease(&cluster, "n1", &["g0"], 1);
+            lease.status = Some(GpuLeaseStatus {
+                phase: Some(LeasePhase::Ended),
+                end_reason: Some(reason),
+                ..GpuLeaseStatus::default()
+            });
+            lease
+        };
+        let failed = ended(EndReason::SupplierFailure);
+        let dry = ended(EndReason::OutOfFunds);
+        let active = mk_lease(&cluster, "n2", &["g0"], 1);
+        assert!(ended_out_of_funds(&[failed.clone(), active.clone()]).is_none());
+        let leases = [failed, dry.clone(), active];
+        let found = ended_out_of_funds(&leases);
+        assert_eq!(found.map(|l| &l.metadata.name), Some(&dry.metadata.name));
     }
 
     #[test]

@@ -237,6 +237,41 @@ impl Settler {
     }
 }
 
+/// Held on every GpuCluster while settlement is on, so that a deleted cluster stays (with its
+/// refund record) until its deposit's remainder is refunded; released by the round that finds
+/// the refund confirmed.
+pub const FINALIZER: &str = "gpumarket.io/settlement";
+
+/// Whether the cluster's refund is confirmed on chain (nothing more to settle for it).
+pub fn refunded(cluster: &gpumarket_crds::GpuCluster) -> bool {
+    plan::refund_record(cluster).is_some_and(|r| r.state == gpumarket_crds::SettlementState::Confirmed)
+}
+
+/// Add (`hold = true`) or remove the settlement finalizer. The patch carries the
+/// resourceVersion it was computed from, so a concurrent change fails it with a conflict (the
+/// caller retries) instead of being overwritten.
+pub async fn set_finalizer(
+    api: &kube::Api<gpumarket_crds::GpuCluster>,
+    cluster: &gpumarket_crds::GpuCluster,
+    hold: bool,
+) -> Result<(), kube::Error> {
+    let current = cluster.metadata.finalizers.clone().unwrap_or_default();
+    let mut wanted: Vec<String> = current.iter().filter(|f| *f != FINALIZER).cloned().collect();
+    if hold {
+        wanted.push(FINALIZER.to_owned());
+    }
+    if wanted == current {
+        return Ok(());
+    }
+    let patch = serde_json::json!({"metadata": {
+        "finalizers": wanted,
+        "resourceVersion": cluster.metadata.resource_version,
+    }});
+    let name = cluster.metadata.name.as_deref().unwrap_or_default();
+    api.patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
 /// Most time between rounds while errors repeat.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 

@@ -44,6 +44,8 @@ pub struct RoundReport {
     pub payouts_sent: usize,
     pub transactions_sent: usize,
     pub refunds_sent: usize,
+    /// Deleted clusters let go once refunded.
+    pub released: usize,
 }
 
 impl RoundReport {
@@ -82,6 +84,7 @@ impl Settler {
 
         let mut leases = leases_api.list(&ListParams::default()).await?.items;
         let clusters = clusters_api.list(&ListParams::default()).await?.items;
+        release_refunded(clusters_api.clone().into_client(), &clusters, &mut report).await?;
         let deposits = {
             let mut index = self.deposits.lock().await;
             chain::scan_deposits(&self.rpc, &escrow.account(), &mut index).await?;
@@ -543,6 +546,25 @@ async fn write_refund_record(
     let value = serde_json::to_string(record).map_err(kube::Error::SerdeError)?;
     let patch = json!({"metadata": {"annotations": {REFUND_ANNOTATION: value}}});
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+/// Deleted clusters whose refund is confirmed are let go (the settlement finalizer removed).
+async fn release_refunded(
+    client: Client,
+    clusters: &[GpuCluster],
+    report: &mut RoundReport,
+) -> Result<(), Error> {
+    let done = clusters.iter().filter(|c| {
+        c.metadata.deletion_timestamp.is_some()
+            && c.finalizers().iter().any(|f| f == super::FINALIZER)
+            && super::refunded(c)
+    });
+    for cluster in done {
+        let api: Api<GpuCluster> = Api::namespaced(client.clone(), &cluster.namespace().unwrap_or_default());
+        super::set_finalizer(&api, cluster, false).await?;
+        report.released += 1;
+    }
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use gpumarket_crds::GpuTier;
+use gpumarket_crds::{GpuOffer, GpuTier};
 
 /// Record period of a slash on the failed lease (payout periods are numbers).
 pub const SLASH_PERIOD: &str = "slash";
@@ -28,6 +28,16 @@ impl StakePolicy {
 
     pub fn sufficient(&self, stake: u64, tier: GpuTier, gpus: u32) -> bool {
         stake >= self.minimum(tier, gpus)
+    }
+
+    /// Whether the offer's bonded stake (as settlement last wrote it in its status) covers the
+    /// minimum for every GPU it offers; only such offers are matched while settlement is on.
+    pub fn admits(&self, offer: &GpuOffer) -> bool {
+        let stake = offer.status.as_ref().and_then(|s| s.stake).unwrap_or(0);
+        let minimum = offer.spec.gpus.iter().fold(0u64, |sum, gpu| {
+            sum.saturating_add(self.minimum(gpu.tier(), 1))
+        });
+        stake >= minimum
     }
 
     /// Amount slashed from a node with `remaining` stake: rounded down, never more than is left.
@@ -80,6 +90,18 @@ mod tests {
         assert!(!p.sufficient(7999, GpuTier::H100, 8));
         assert!(p.sufficient(8000, GpuTier::H100, 8));
         assert!(!p.sufficient(0, GpuTier::A100, 1), "an unstaked offer is not matched");
+    }
+
+    #[test]
+    fn an_offer_is_admitted_once_its_stake_covers_every_gpu() {
+        let mut offer = crate::testing::mk_offer("n1", "H100", 2, crate::testing::now());
+        assert!(!policy().admits(&offer), "unstaked H100s are not matched");
+        offer.status.get_or_insert_default().stake = Some(1999);
+        assert!(!policy().admits(&offer));
+        offer.status.get_or_insert_default().stake = Some(2000);
+        assert!(policy().admits(&offer));
+        offer.status.get_or_insert_default().stake = None;
+        assert!(StakePolicy::default().admits(&offer), "no minimum, no stake needed");
     }
 
     #[test]
