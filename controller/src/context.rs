@@ -104,7 +104,8 @@ impl Context {
             at.elapsed() < RECENT_CLAIM_TTL
                 && by_name.get(offer).is_some_and(|o| gpu_lease(o, gpu).is_none())
         });
-        let staked = |o: &GpuOffer| self.settler.as_ref().is_none_or(|s| s.config().stake.admits(o));
+        let staked =
+            |o: &GpuOffer| self.settler.as_ref().is_none_or(|s| s.config().stake.admits(o));
         offers
             .iter()
             .filter(|o| staked(o))

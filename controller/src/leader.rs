@@ -26,8 +26,8 @@ impl LeaderElection {
     }
 }
 
-/// A running election. Dropping it stops renewing (another replica takes over after the
-/// Lease duration).
+/// A running election. Dropping it (or [`Leadership::release`]) stops renewing and gives the
+/// Lease up, so another replica takes over at once rather than after the Lease duration.
 pub struct Leadership {
     state: watch::Receiver<bool>,
     task: JoinHandle<Result<kube_lease_manager::LeaseManager, LeaseManagerError>>,
@@ -61,10 +61,20 @@ impl Leadership {
     pub async fn lost(&mut self) {
         let _ = self.state.wait_for(|leading| !*leading).await;
     }
-}
 
-impl Drop for Leadership {
-    fn drop(&mut self) {
-        self.task.abort();
+    /// Give the Lease up and wait (a few seconds at most) until the API server has it: the
+    /// manager's task releases the Lease once no receiver of its state is left.
+    pub async fn release(self) {
+        let Leadership { state, task } = self;
+        drop(state);
+        match tokio::time::timeout(RELEASE_TIMEOUT, task).await {
+            Ok(Ok(Ok(_))) => tracing::info!("leader election Lease released"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the leader election Lease"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "leader election task failed"),
+            Err(_) => tracing::warn!("leader election Lease not released in time; it expires"),
+        }
     }
 }
+
+/// How long shutdown waits for the Lease release.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);

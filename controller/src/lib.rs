@@ -30,6 +30,7 @@ use gpumarket_crds::{GpuLease, GpuOffer};
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
+use tokio_util::sync::CancellationToken;
 
 pub use context::Settings;
 pub use error::Error;
@@ -43,6 +44,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Elect a leader before reconciling; every replica reconciles when `None`.
     pub leader_election: Option<LeaderElection>,
+    /// Cancelled to stop: [`run`] then gives up leadership and returns.
+    pub shutdown: CancellationToken,
 }
 
 /// Why the controller stopped.
@@ -56,8 +59,8 @@ pub enum RunError {
     LeadershipLost,
 }
 
-/// Run the controller until the future is dropped (or, with leader election, leadership is
-/// lost). No settlement: leases are metered but nobody is paid.
+/// Run the controller until `config.shutdown` is cancelled or the future dropped (or, with
+/// leader election, leadership is lost). No settlement: leases are metered but nobody is paid.
 pub async fn run(client: Client, config: Config) -> Result<(), RunError> {
     run_with(client, config, None).await
 }
@@ -86,9 +89,13 @@ async fn run_with(
             }
         }))
     });
+    let shutdown = config.shutdown.clone();
     match &config.leader_election {
         None => {
-            run_controllers(client, config.settings, metrics, settler).await;
+            tokio::select! {
+                () = run_controllers(client, config.settings, metrics, settler) => {}
+                () = shutdown.cancelled() => {}
+            }
             Ok(())
         }
         Some(election) => {
@@ -96,13 +103,24 @@ async fn run_with(
             // A standby replica is ready: it serves its purpose by waiting.
             metrics.ready.store(true, Ordering::Relaxed);
             tracing::info!(identity = %election.identity, "waiting for leadership");
-            leadership.acquired().await;
+            tokio::select! {
+                () = leadership.acquired() => {}
+                () = shutdown.cancelled() => {
+                    leadership.release().await;
+                    return Ok(());
+                }
+            }
             tracing::info!(identity = %election.identity, "leading");
             metrics.ready.store(false, Ordering::Relaxed);
-            tokio::select! {
+            let stopped = tokio::select! {
                 () = run_controllers(client, config.settings, metrics, settler) => Ok(()),
                 () = leadership.lost() => Err(RunError::LeadershipLost),
-            }
+                () = shutdown.cancelled() => Ok(()),
+            };
+            // Controllers stopped first (the select dropped them), then the Lease is given up:
+            // the next leader never overlaps with this one.
+            leadership.release().await;
+            stopped
         }
     }
 }

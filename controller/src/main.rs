@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 use gpumarket_controller::settlement::stake::parse_min_per_gpu;
 use gpumarket_controller::settlement::{SettlementConfig, Settler, StakePolicy};
@@ -140,7 +141,14 @@ async fn main() -> anyhow::Result<()> {
         settings: Settings { heartbeat_timeout: args.heartbeat_timeout, ..Settings::default() },
         metrics_addr: Some(args.metrics_addr),
         leader_election,
+        shutdown: CancellationToken::new(),
     };
+    let shutdown = config.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
 
     let simulation = args.simulate_suppliers.then(|| Simulation {
         price_per_gpu_hour: args.simulated_price,
@@ -177,22 +185,14 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    let controller = async {
-        match settler {
-            Some(settler) => gpumarket_controller::run_settling(client, config, settler).await,
-            None => {
-                tracing::info!("no --rpc-url: settlement is off");
-                gpumarket_controller::run(client, config).await
-            }
+    let stopped = match settler {
+        Some(settler) => gpumarket_controller::run_settling(client, config, settler).await,
+        None => {
+            tracing::info!("no --rpc-url: settlement is off");
+            gpumarket_controller::run(client, config).await
         }
     };
-    tokio::select! {
-        result = controller => result.context("controller stopped"),
-        () = shutdown_signal() => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
-    }
+    stopped.context("controller stopped")
 }
 
 /// SIGINT or SIGTERM (what the kubelet sends).

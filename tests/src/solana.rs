@@ -93,6 +93,34 @@ impl Solana {
     }
 }
 
+impl Solana {
+    /// A new settlement authority with SOL for fees, its keypair written to `path` (what the
+    /// controller's `--settlement-keypair` reads). Its escrow is its own: tests do not share
+    /// one.
+    pub async fn settlement_authority(&self, path: &Path) -> Result<Pubkey> {
+        let authority = Keypair::new();
+        write_keypair_file(&authority, path)
+            .map_err(|e| anyhow!("writing keypair {}: {e}", path.display()))?;
+        let faucet = read_keypair(&self.faucet)?;
+        let fund = solana_system_interface::instruction::transfer(
+            &faucet.pubkey(),
+            &authority.pubkey(),
+            1_000_000_000,
+        );
+        send_with_retry(&self.rpc(), &[fund], &faucet, &[&faucet]).await?;
+        Ok(authority.pubkey())
+    }
+
+    /// Base units held by `wallet`'s token account (0 when it has none yet).
+    pub async fn balance(&self, wallet: &Pubkey) -> Result<u64> {
+        match self.rpc().get_token_account_balance(&self.token_account(wallet)).await {
+            Ok(amount) => Ok(amount.amount.parse()?),
+            Err(_) if self.rpc().get_account(&self.token_account(wallet)).await.is_err() => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 /// Read a keypair file written by this module.
 pub fn read_keypair(path: &Path) -> Result<Keypair> {
     read_keypair_file(path).map_err(|e| anyhow!("reading keypair {}: {e}", path.display()))

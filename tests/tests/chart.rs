@@ -178,13 +178,18 @@ fn rbac_is_least_privilege_without_wildcards() {
     );
     let controller = rules("gpumarket-controller");
     let resources: Vec<&str> = controller.iter().map(|(_, r, _)| r.as_str()).collect();
-    assert!(!resources.contains(&"secrets"), "the controller reads no Secrets: {resources:?}");
+    for unneeded in ["secrets", "nodes"] {
+        assert!(
+            !resources.contains(&unneeded),
+            "the controller reads no {unneeded}: {resources:?}"
+        );
+    }
     for needed in ["gpuclusters/status", "gpuoffers/status", "gpuleases", "rayclusters", "events"] {
         assert!(resources.contains(&needed), "controller lacks {needed}");
     }
-    // The controller reads offers and nodes but never writes their spec.
+    // The controller reads offers but never writes their spec.
     for (_, resource, verbs) in &controller {
-        if resource == "gpuoffers" || resource == "nodes" {
+        if resource == "gpuoffers" {
             assert_eq!(verbs, &["get", "list", "watch"], "{resource}");
         }
     }
@@ -907,7 +912,9 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
             identity: "chart-test".into(),
             lease_duration: Duration::from_secs(15),
         }),
+        ..Default::default()
     };
+    let shutdown = config.shutdown.clone();
     // RBAC caches catch up with the new bindings within moments; start once they have.
     for _ in 0..40 {
         let probe = Api::<GpuLease>::all(as_controller.clone()).list(&ListParams::default()).await;
@@ -957,7 +964,13 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
         taints.unwrap_or_default().iter().any(|t| t.key == "gpumarket.io/supplier"),
         "the agent taints its own node"
     );
-    controller.abort();
+    // Shutdown gives the election Lease up at once (the next replica need not wait it out).
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), controller).await?;
+    stopped??;
+    let lease: k8s_openapi::api::coordination::v1::Lease =
+        Api::namespaced(admin.clone(), &ns).get(&format!("{fullname}-controller")).await?;
+    assert_eq!(lease.spec.and_then(|s| s.holder_identity), None, "released on shutdown");
     agent.abort();
     Ok(())
 }

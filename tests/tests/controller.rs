@@ -2,7 +2,9 @@
 //! through leases, provisioned as a RayCluster on the right nodes, runs, expires; unmatched
 //! requests wait with a reason and match when supply appears; racing clusters and racing
 //! replicas never share a GPU; a silent supplier's workers are replaced; deletion ends the
-//! leases first; a restarted controller converges without duplicates.
+//! leases first; a restarted controller converges without duplicates; with settlement on the
+//! real validator, a cluster is bound only once funded, only to staked offers, and deleting it
+//! pays the supplier and refunds the buyer to the base unit.
 //!
 //! The controller runs in-process (`gpumarket_controller::run`). Offers are published by the
 //! test itself, heartbeating like an agent. KubeRay's operator is not running, so the test marks
@@ -12,18 +14,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
+use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::{
-    ClusterPhase, EndReason, GpuCluster, GpuHealth, GpuLease, GpuOffer, LeasePhase,
+    ClusterPhase, EndReason, GpuCluster, GpuHealth, GpuLease, GpuOffer, GpuTier, LeasePhase,
 };
+use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::{Env, GpuNode, eventually};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
+use solana_sdk::signature::Signer;
 use tokio::sync::Mutex;
 
 const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
@@ -38,17 +44,25 @@ struct Controller(tokio::task::JoinHandle<()>);
 
 impl Controller {
     fn start(client: &Client) -> Self {
+        Controller::start_with(client, None)
+    }
+
+    /// A replica that settles through `settler` (and provisions only funded clusters).
+    fn start_with(client: &Client, settler: Option<Arc<Settler>>) -> Self {
         let config = Config {
             settings: Settings {
                 heartbeat_timeout: HEARTBEAT_TIMEOUT,
                 orphan_grace: Duration::from_secs(2),
             },
-            metrics_addr: None,
-            leader_election: None,
+            ..Config::default()
         };
         let client = client.clone();
         Controller(tokio::spawn(async move {
-            if let Err(e) = gpumarket_controller::run(client, config).await {
+            let stopped = match settler {
+                Some(settler) => gpumarket_controller::run_settling(client, config, settler).await,
+                None => gpumarket_controller::run(client, config).await,
+            };
+            if let Err(e) = stopped {
                 panic!("controller stopped: {e}");
             }
         }))
@@ -76,6 +90,19 @@ impl Supplier {
         gpus: usize,
         price: u64,
     ) -> Self {
+        Supplier::start_paid_to(env, client, name, region, gpus, price, WALLET).await
+    }
+
+    /// [`Supplier::start`], paid to `wallet`.
+    async fn start_paid_to(
+        env: &Env,
+        client: &Client,
+        name: &str,
+        region: &str,
+        gpus: usize,
+        price: u64,
+        wallet: &str,
+    ) -> Self {
         env.add_gpu_nodes(&[GpuNode::new(name, "H100", gpus as u32)
             .region(region)
             .zone(&format!("{region}-a"))])
@@ -89,7 +116,7 @@ impl Supplier {
             "metadata": {"name": name},
             "spec": {
                 "nodeName": name,
-                "wallet": WALLET,
+                "wallet": wallet,
                 "gpus": uuids.iter().map(|u| json!({"uuid": u, "model": "H100", "memoryMib": 81920})).collect::<Vec<_>>(),
                 "pricePerGpuHour": price,
                 "region": region,
@@ -547,4 +574,114 @@ async fn restarted_controller_converges_without_duplicates_and_survives_bad_obje
     })
     .await;
     assert_eq!((reported.status.as_str(), reported.reason.as_str()), ("False", "NoGpus"));
+}
+
+#[tokio::test]
+async fn a_settled_cluster_pays_its_staked_supplier_and_is_refunded_the_rest() {
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let sol = env.solana().await.unwrap();
+    let ns = env.namespace("ctl-settled").await.unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let keypair = keys.path().join("settlement.json");
+    let authority = sol.settlement_authority(&keypair).await.unwrap();
+    let mut config = SettlementConfig::new(
+        sol.rpc_url.clone(),
+        keypair,
+        sol.mint.to_string(),
+        Duration::from_secs(3),
+    );
+    config.poll_interval = Duration::from_secs(1);
+    config.heartbeat_timeout = HEARTBEAT_TIMEOUT;
+    config.stake.min_per_gpu = [(GpuTier::H100, 500_000)].into();
+    let settler = Arc::new(Settler::new(config).unwrap());
+
+    // 1000 base units per GPU-second; the cheaper supplier never bonded stake.
+    let price = 3_600_000;
+    let supplier = read_keypair(&sol.suppliers[0]).unwrap().pubkey();
+    let unstaked = read_keypair(&sol.suppliers[1]).unwrap().pubkey().to_string();
+    let _a =
+        Supplier::start_paid_to(env, &client, "ctl-pay-a", "pay", 2, price, &supplier.to_string())
+            .await;
+    let _b =
+        Supplier::start_paid_to(env, &client, "ctl-pay-b", "pay", 2, price / 2, &unstaked).await;
+    let buyer = read_keypair(&sol.buyer).unwrap();
+    let stake = 1_000_000;
+    sol.deposit(&buyer, &authority, stake, "stake:ctl-pay-a").await.unwrap();
+    let _controller = Controller::start_with(&client, Some(settler));
+
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    let mut spec = gpu_cluster("paid", "pay", 1, 2);
+    spec.spec.payment.buyer_wallet = buyer.pubkey().to_string();
+    let created = clusters.create(&PostParams::default(), &spec).await.unwrap();
+    eventually("the deposit asked for", WAIT, || async {
+        let status = clusters.get("paid").await.ok()?.status?;
+        let funded = status.conditions.iter().find(|c| c.type_ == "Funded")?;
+        (funded.status == "False").then_some(())
+    })
+    .await;
+    assert!(leases_of(&client, &created).await.is_empty(), "nothing bound before the deposit");
+
+    let (buyer_before, supplier_before) =
+        (sol.balance(&buyer.pubkey()).await.unwrap(), sol.balance(&supplier).await.unwrap());
+    let deposit = 2 * price; // two GPUs for the one hour of the spec
+    sol.deposit(&buyer, &authority, deposit, &created.uid().unwrap()).await.unwrap();
+    wait_phase(&clusters, "paid", ClusterPhase::Provisioning).await;
+    let leases = leases_of(&client, &created).await;
+    assert_eq!(active(&leases).len(), 1);
+    assert_eq!(leases[0].spec.offer, "ctl-pay-a", "the unstaked offer is never matched");
+    mark_ray_ready(&client, &ns, "paid").await;
+    wait_phase(&clusters, "paid", ClusterPhase::Running).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    clusters.delete("paid", &DeleteParams::default()).await.unwrap();
+    eventually("the GpuCluster refunded and gone", Duration::from_secs(90), || async {
+        clusters.get_opt("paid").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let leases = leases_of(&client, &created).await;
+    let status = leases[0].status.clone().unwrap();
+    assert_eq!(status.phase, Some(LeasePhase::Settled), "{status:?}");
+    assert_eq!(status.end_reason, Some(EndReason::Deleted));
+    let paid = status.amount_settled.unwrap();
+    assert!(paid > 0);
+    assert_eq!(paid, status.metered_gpu_seconds.unwrap() * 1000, "to the base unit");
+    assert_eq!(sol.balance(&supplier).await.unwrap() - supplier_before, paid);
+    assert_eq!(buyer_before - sol.balance(&buyer.pubkey()).await.unwrap(), paid, "rest refunded");
+    assert_eq!(sol.balance(&authority).await.unwrap(), stake, "escrow holds only the stake");
+}
+
+#[tokio::test]
+async fn a_cluster_out_of_funds_ends_instead_of_replacing_its_workers() {
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("ctl-dry").await.unwrap();
+    let _a = Supplier::start(env, &client, "ctl-dry-a", "dry", 2, 1_000_000).await;
+    let _b = Supplier::start(env, &client, "ctl-dry-b", "dry", 2, 1_000_000).await;
+    let _controller = Controller::start(&client);
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    clusters.create(&PostParams::default(), &gpu_cluster("dry", "dry", 1, 2)).await.unwrap();
+    let provisioning = wait_phase(&clusters, "dry", ClusterPhase::Provisioning).await;
+    let leases = leases_of(&client, &provisioning).await;
+
+    // What settlement does when the escrow runs dry.
+    let patch = json!({"status": {
+        "phase": "Ended", "endTime": jiff::Timestamp::now(), "endReason": "OutOfFunds",
+    }});
+    Api::<GpuLease>::all(client.clone())
+        .patch_status(&leases[0].name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+
+    let failed = wait_phase(&clusters, "dry", ClusterPhase::Failed).await;
+    let ready = failed.status.unwrap().conditions.into_iter().find(|c| c.type_ == "RayReady");
+    assert_eq!(ready.map(|c| c.reason), Some("OutOfFunds".to_string()));
+    let leases = leases_of(&client, &provisioning).await;
+    assert_eq!(leases.len(), 1, "no replacement lease: {leases:?}");
+    eventually("RayCluster deleted", WAIT, || async {
+        ray_api(&client, &ns).get_opt("dry").await.unwrap().is_none().then_some(())
+    })
+    .await;
 }

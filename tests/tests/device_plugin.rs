@@ -137,8 +137,7 @@ async fn the_agent_publishes_heartbeats_and_reports_health_until_it_stops() {
                 heartbeat_timeout: HEARTBEAT_TIMEOUT,
                 ..Default::default()
             },
-            metrics_addr: None,
-            leader_election: None,
+            ..Default::default()
         },
     ));
     wait_for("the offer available", get, GpuOffer::is_available).await;

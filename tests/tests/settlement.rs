@@ -20,7 +20,7 @@ use gpumarket_crds::{
     ClusterRef, EndReason, GpuCluster, GpuClusterSpec, GpuLease, GpuLeaseSpec, GpuSelector,
     LeasePhase, Payment, SettlementState,
 };
-use gpumarket_tests::solana::{read_keypair, send_with_retry};
+use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::{Env, Solana};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -28,7 +28,7 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, P
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use solana_sdk::pubkey::Pubkey;
-use solana_sdk::signature::{Keypair, Signer, write_keypair_file};
+use solana_sdk::signature::{Keypair, Signer};
 
 /// 1000 base units per GPU-second.
 const PRICE_PER_GPU_HOUR: u64 = 3_600_000;
@@ -53,16 +53,8 @@ impl Fixture {
         let ns = env.namespace(name).await?;
         let sol = env.solana().await?;
         let keys = tempfile::tempdir()?;
-        let authority = Keypair::new();
         let keypair_path = keys.path().join("settlement.json");
-        write_keypair_file(&authority, &keypair_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let faucet = read_keypair(&sol.faucet)?;
-        let fund = solana_system_interface::instruction::transfer(
-            &faucet.pubkey(),
-            &authority.pubkey(),
-            1_000_000_000,
-        );
-        send_with_retry(&sol.rpc(), &[fund], &faucet, &[&faucet]).await?;
+        sol.settlement_authority(&keypair_path).await?;
         let mut config =
             SettlementConfig::new(sol.rpc_url.clone(), keypair_path, sol.mint.to_string(), PERIOD);
         config.poll_interval = Duration::from_secs(1);
@@ -84,12 +76,7 @@ impl Fixture {
     }
 
     async fn balance(&self, wallet: &Pubkey) -> Result<u64> {
-        let account = self.sol.token_account(wallet);
-        match self.sol.rpc().get_token_account_balance(&account).await {
-            Ok(amount) => Ok(amount.amount.parse()?),
-            Err(_) if wallet == &self.settler.authority() => Ok(0), // escrow not created yet
-            Err(e) => Err(e.into()),
-        }
+        self.sol.balance(wallet).await
     }
 
     /// A Running GpuCluster of this test (its phase is set by the test, no controller runs).

@@ -26,7 +26,7 @@ pub fn controller(ctx: &Arc<Context>) -> Controller<GpuCluster> {
         Controller::new(Api::<GpuCluster>::all(client.clone()), watcher::Config::default());
     let clusters = controller.store();
     let lease_store = ctx.leases.clone();
-    let free_seen = Mutex::new(HashMap::new());
+    let seen = Mutex::new(HashMap::new());
     let offers = watcher(Api::<GpuOffer>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .touched_objects()
@@ -41,13 +41,13 @@ pub fn controller(ctx: &Arc<Context>) -> Controller<GpuCluster> {
             Some(ObjectRef::new(&lease.spec.cluster.name).within(&lease.spec.cluster.namespace))
         })
         .watches_stream(offers, move |offer| {
-            let grew = supply_grew(&free_seen, &offer);
+            let grew = supply_grew(&seen, &offer);
             clusters_affected_by(&offer, grew, &clusters, &lease_store)
         })
 }
 
-/// Hash of what matters to clusters about an offer: its spec, availability, and per-GPU health
-/// and allocation. Heartbeats alone do not wake every pending cluster.
+/// Hash of what matters to clusters about an offer: its spec, availability, per-GPU health
+/// and allocation, and its stake. Heartbeats alone do not wake every pending cluster.
 fn offer_market_state(offer: &GpuOffer) -> Option<u64> {
     let mut hasher = DefaultHasher::new();
     offer.metadata.generation.hash(&mut hasher);
@@ -57,19 +57,23 @@ fn offer_market_state(offer: &GpuOffer) -> Option<u64> {
             (&gpu.uuid, gpu.health.map(|h| h == gpumarket_crds::GpuHealth::Healthy), &gpu.lease)
                 .hash(&mut hasher);
         }
+        status.stake.hash(&mut hasher);
     }
     Some(hasher.finish())
 }
 
-/// Whether the offer has more matchable GPUs than when last seen (`free_seen` remembers).
-fn supply_grew(free_seen: &Mutex<HashMap<String, usize>>, offer: &GpuOffer) -> bool {
+/// Whether the offer has more matchable GPUs, or more stake (it may now be admitted), than
+/// when last seen (`seen` remembers).
+fn supply_grew(seen: &Mutex<HashMap<String, (usize, u64)>>, offer: &GpuOffer) -> bool {
     let free = if offer.is_available() { free_gpus(offer).len() } else { 0 };
-    let mut seen = match free_seen.lock() {
+    let stake = offer.status.as_ref().and_then(|s| s.stake).unwrap_or(0);
+    let mut seen = match seen.lock() {
         Ok(seen) => seen,
         Err(poisoned) => poisoned.into_inner(),
     };
-    let before = seen.insert(offer.name_any(), free).unwrap_or(0);
-    free > before
+    let (free_before, stake_before) =
+        seen.insert(offer.name_any(), (free, stake)).unwrap_or_default();
+    free > free_before || (free > 0 && stake > stake_before)
 }
 
 /// A change to an offer concerns the clusters leasing from it (failure, recovery) and, when it

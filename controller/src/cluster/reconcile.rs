@@ -19,8 +19,7 @@ use serde_json::json;
 
 use super::status::{
     Observation, build_status, ended_out_of_funds, ended_status, expires_at, is_active,
-    missing_workers,
-    supplier_failure, surplus_leases,
+    missing_workers, supplier_failure, surplus_leases,
 };
 use crate::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
 use crate::context::{Context, MANAGER};
@@ -34,6 +33,8 @@ pub const FINALIZER: &str = "gpumarket.io/leases";
 const CONTROLLER: &str = "gpucluster";
 /// A request that found no supply is looked at again this often even without an offer event.
 const PENDING_RECHECK: Duration = Duration::from_secs(60);
+/// A request waiting for its deposit looks at the escrow this often (deposits raise no event).
+const DEPOSIT_RECHECK: Duration = Duration::from_secs(5);
 /// A running cluster's status (accrued cost) is refreshed at least this often.
 const STATUS_REFRESH: Duration = Duration::from_secs(300);
 /// Retry delay after losing a race for GPUs: short, the next match sees fresh supply.
@@ -253,6 +254,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     };
 
     // status
+    let awaiting_deposit = funding.as_ref().is_some_and(Result::is_err);
     let refs: Vec<&GpuLease> = leases.iter().collect();
     let status = build_status(&Observation {
         cluster,
@@ -272,7 +274,13 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     let with_start = GpuCluster { status: Some(status.clone()), ..cluster.clone() };
     write_status(cluster, ctx, status).await?;
 
-    let mut next = if pending || still_missing { PENDING_RECHECK } else { STATUS_REFRESH };
+    let mut next = if awaiting_deposit {
+        DEPOSIT_RECHECK
+    } else if pending || still_missing {
+        PENDING_RECHECK
+    } else {
+        STATUS_REFRESH
+    };
     if let Some(at) = expires_at(&with_start) {
         let until = at.duration_since(now).unsigned_abs();
         next = next.min(until + Duration::from_millis(100));
@@ -486,8 +494,12 @@ async fn finish(
         if end.phase == ClusterPhase::Failed { EventType::Warning } else { EventType::Normal };
     let note = format!("{}: RayCluster deleted, {ended_now} leases ended", end.message);
     ctx.event(cluster, event_type, end.reason, "End", note).await;
-    write_status(cluster, ctx, ended_status(cluster, &refs, end.phase, end.reason, end.message, now))
-        .await?;
+    write_status(
+        cluster,
+        ctx,
+        ended_status(cluster, &refs, end.phase, end.reason, end.message, now),
+    )
+    .await?;
     Ok(Action::await_change())
 }
 

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use gpumarket_crds::{ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, LeasePhase};
+use gpumarket_crds::{
+    ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, LeasePhase,
+};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 

@@ -244,7 +244,8 @@ pub const FINALIZER: &str = "gpumarket.io/settlement";
 
 /// Whether the cluster's refund is confirmed on chain (nothing more to settle for it).
 pub fn refunded(cluster: &gpumarket_crds::GpuCluster) -> bool {
-    plan::refund_record(cluster).is_some_and(|r| r.state == gpumarket_crds::SettlementState::Confirmed)
+    plan::refund_record(cluster)
+        .is_some_and(|r| r.state == gpumarket_crds::SettlementState::Confirmed)
 }
 
 /// Add (`hold = true`) or remove the settlement finalizer. The patch carries the

@@ -561,7 +561,8 @@ async fn release_refunded(
             && super::refunded(c)
     });
     for cluster in done {
-        let api: Api<GpuCluster> = Api::namespaced(client.clone(), &cluster.namespace().unwrap_or_default());
+        let api: Api<GpuCluster> =
+            Api::namespaced(client.clone(), &cluster.namespace().unwrap_or_default());
         super::set_finalizer(&api, cluster, false).await?;
         report.released += 1;
     }

@@ -34,9 +34,11 @@ impl StakePolicy {
     /// minimum for every GPU it offers; only such offers are matched while settlement is on.
     pub fn admits(&self, offer: &GpuOffer) -> bool {
         let stake = offer.status.as_ref().and_then(|s| s.stake).unwrap_or(0);
-        let minimum = offer.spec.gpus.iter().fold(0u64, |sum, gpu| {
-            sum.saturating_add(self.minimum(gpu.tier(), 1))
-        });
+        let minimum = offer
+            .spec
+            .gpus
+            .iter()
+            .fold(0u64, |sum, gpu| sum.saturating_add(self.minimum(gpu.tier(), 1)));
         stake >= minimum
     }
 
