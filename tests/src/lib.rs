@@ -15,6 +15,7 @@ pub mod kwok;
 pub mod node_mix;
 pub mod ports;
 pub mod process;
+pub mod relay;
 pub mod solana;
 pub mod tools;
 

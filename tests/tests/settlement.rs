@@ -1,6 +1,7 @@
 //! Settlement against the real Solana test validator and a real API server: deposits, payouts
-//! per period and at lease end to the base unit, exactly one payment across crashes, refunds,
-//! and leases ended when the escrow runs dry.
+//! per period and at lease end to the base unit, exactly one payment across crashes, a
+//! validator outage and an expired blockhash, refunds, and leases ended when the escrow runs
+//! dry.
 //!
 //! Each test has its own settlement authority (so its own escrow account). A settlement round
 //! looks at every lease in the API server, so the tests take turns, and each test deletes its
@@ -20,6 +21,7 @@ use gpumarket_crds::{
     ClusterRef, EndReason, GpuCluster, GpuClusterSpec, GpuLease, GpuLeaseSpec, GpuSelector,
     LeasePhase, Payment, SettlementState,
 };
+use gpumarket_tests::relay::Relay;
 use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::{Env, Solana};
 use jiff::Timestamp;
@@ -375,6 +377,95 @@ async fn leases_end_out_of_funds_when_the_escrow_runs_dry() -> Result<()> {
     assert_eq!(paid(&leases[0]), metered * 1000, "everything metered is paid");
     assert!(paid(&leases[0]) <= 8_000, "never more than the deposit");
     assert_eq!(fx.balance(&s0).await? - before, paid(&leases[0]));
+    fx.cleanup().await
+}
+
+#[tokio::test]
+async fn an_unreachable_validator_is_caught_up_with_without_duplicates() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("settle-outage").await?;
+    let validator: std::net::SocketAddr = fx.sol.rpc_url.trim_start_matches("http://").parse()?;
+    let relay = Relay::start(validator).await?;
+    let mut config = fx.config.clone();
+    config.rpc_url = format!("http://{}", relay.addr);
+    let settler = Settler::new(config)?;
+    let s0 = fx.supplier(0)?;
+    let cluster = fx.cluster("outage", 1_000_000).await?;
+    fx.deposit(&cluster, 1_000_000).await?;
+    let before = fx.balance(&s0).await?;
+    let start = seconds_ago(10);
+    let lease = fx.lease(&cluster, "outage", 0, 1, start, None).await?;
+    // The periods due so far are recorded and sent; the outage may leave them in flight.
+    settler.settle_round(&fx.client).await?;
+
+    relay.cut();
+    for _ in 0..3 {
+        let err = settler.settle_round(&fx.client).await.expect_err("the validator is away");
+        assert!(matches!(err, settlement::Error::Rpc(_)), "{err}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let end = Timestamp::now();
+    fx.end_lease(&lease, end).await?;
+    relay.restore();
+
+    let leases = fx
+        .settle_until(&settler, "the lease settles after the outage", |ls| ls.iter().all(settled))
+        .await?;
+    let expected = (end.as_second() - start.as_second()) as u64 * 1000;
+    assert_eq!(paid(&leases[0]), expected, "every GPU-second paid");
+    assert_eq!(fx.balance(&s0).await? - before, expected, "and paid once on chain");
+    let uid = leases[0].uid().context("uid")?;
+    let records = &leases[0].status.as_ref().context("status")?.settlements;
+    assert!(records.len() >= 2, "periods before and after the outage: {records:?}");
+    for record in records {
+        let key = memo::payout_key(&uid, &record.period);
+        assert_eq!(fx.payments_with_key(&key).await?, 1, "period {}", record.period);
+    }
+    fx.cleanup().await
+}
+
+#[tokio::test]
+async fn a_payout_whose_blockhash_expired_unsent_is_re_signed_once() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("settle-expiry").await?;
+    let s1 = fx.supplier(1)?;
+    let cluster = fx.cluster("expiry", 100_000).await?;
+    fx.deposit(&cluster, 100_000).await?;
+    let before = fx.balance(&s1).await?;
+    // An ended lease of 1 GPU × 7 s: one payment of 7000.
+    let lease = fx.lease(&cluster, "expiry", 1, 1, seconds_ago(20), Some(seconds_ago(13))).await?;
+    let crashing = fx.restarted()?;
+    crashing.inject_crash(Some(CrashPoint::AfterRecord));
+    crashing.settle_round(&fx.client).await.expect_err("crashes before sending");
+    let recorded = fx.leases().await?[0].status.clone().context("status")?.settlements[0].clone();
+    let signature: solana_sdk::signature::Signature =
+        recorded.signature.as_deref().context("signature recorded")?.parse()?;
+    let last_valid = recorded.last_valid_block_height.context("last valid block height")?;
+
+    // Nobody sends it while its blockhash is valid (the controller is down).
+    let rpc = fx.sol.rpc();
+    let finalized = solana_commitment_config::CommitmentConfig::finalized();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while rpc.get_block_height_with_commitment(finalized).await? <= last_valid {
+        assert!(tokio::time::Instant::now() < deadline, "block height {last_valid} not reached");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    let recovered = fx.restarted()?;
+    let name = lease.name_any();
+    let leases = fx
+        .settle_until(&recovered, "the re-signed payout settles", |ls| {
+            ls.iter().any(|l| l.name_any() == name && settled(l))
+        })
+        .await?;
+    assert_eq!(paid(&leases[0]), 7_000);
+    assert_eq!(fx.balance(&s1).await? - before, 7_000, "paid once on chain");
+    let records = &leases[0].status.as_ref().context("status")?.settlements;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_ne!(records[0].signature, recorded.signature, "re-signed with a fresh blockhash");
+    assert_eq!(rpc.get_signature_status(&signature).await?, None, "the expired one never landed");
+    let key = memo::payout_key(&lease.uid().context("uid")?, &records[0].period);
+    assert_eq!(fx.payments_with_key(&key).await?, 1);
     fx.cleanup().await
 }
 
