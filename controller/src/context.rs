@@ -9,9 +9,9 @@ use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
 use kube::Client;
 use kube::{Resource, ResourceExt};
 
-use crate::matching::Offer;
+use crate::matching::{Offer, Request};
 use crate::settlement::Settler;
-use crate::supply::{gpu_lease, market_offer};
+use crate::supply::{gpu_lease, market_offer, market_request};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 
@@ -46,6 +46,8 @@ pub struct Context {
     pub settings: Settings,
     pub offers: Store<GpuOffer>,
     pub leases: Store<GpuLease>,
+    /// Every GpuCluster, for the queue of requests older than the one being matched.
+    pub clusters: Store<GpuCluster>,
     /// When each allocation to a missing lease was first seen, by lease name (offer controller).
     pub orphans_seen: Mutex<HashMap<String, Instant>>,
     /// Held while matching and binding, so this replica's reconciles do not race each other.
@@ -54,6 +56,8 @@ pub struct Context {
     pub settler: Option<Arc<Settler>>,
     /// GPUs this replica claimed, by (offer, uuid), until the offer cache shows the claim.
     recent_claims: Mutex<HashMap<(String, String), Instant>>,
+    /// Leases this replica created, until the lease cache shows them: (cluster uid, workers).
+    recent_leases: Mutex<HashMap<String, (String, u32, Instant)>>,
 }
 
 /// The cache shows a claim within this time, or the claim was undone (rolled back, released).
@@ -66,6 +70,7 @@ impl Context {
         settings: Settings,
         offers: Store<GpuOffer>,
         leases: Store<GpuLease>,
+        clusters: Store<GpuCluster>,
         settler: Option<Arc<Settler>>,
     ) -> Self {
         let reporter =
@@ -77,10 +82,12 @@ impl Context {
             settings,
             offers,
             leases,
+            clusters,
             orphans_seen: Mutex::new(HashMap::new()),
             bind_lock: tokio::sync::Mutex::new(()),
             settler,
             recent_claims: Mutex::new(HashMap::new()),
+            recent_leases: Mutex::new(HashMap::new()),
         }
     }
 
@@ -94,10 +101,7 @@ impl Context {
     /// enough), less the GPUs this replica claimed that the cache does not show yet.
     pub fn supply(&self, now: jiff::Timestamp) -> Vec<Offer> {
         let offers = self.offers.state();
-        let mut recent = match self.recent_claims.lock() {
-            Ok(recent) => recent,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut recent = lock(&self.recent_claims);
         let by_name: HashMap<String, &GpuOffer> =
             offers.iter().map(|o| (o.name_any(), o.as_ref())).collect();
         recent.retain(|(offer, gpu), at| {
@@ -117,16 +121,49 @@ impl Context {
             .collect()
     }
 
-    /// Note the GPUs of freshly bound leases (see `supply`).
+    /// Requests of the clusters looking for GPUs (each for its workers not placed), from the
+    /// caches and the leases just created: the queue a match waits its turn in.
+    pub fn queue(&self) -> Vec<Request> {
+        let cached: Vec<Arc<GpuLease>> = self.leases.state();
+        let mut placed: HashMap<&str, u32> = HashMap::new();
+        for lease in cached.iter().filter(|l| crate::cluster::status::is_active(l)) {
+            *placed.entry(lease.spec.cluster.uid.as_str()).or_default() += lease.spec.workers;
+        }
+        let mut recent = lock(&self.recent_leases);
+        recent.retain(|name, (_, _, at)| {
+            at.elapsed() < RECENT_CLAIM_TTL
+                && !cached.iter().any(|l| l.metadata.name.as_ref() == Some(name))
+        });
+        for (uid, workers, _) in recent.values() {
+            *placed.entry(uid.as_str()).or_default() += workers;
+        }
+        self.clusters
+            .state()
+            .iter()
+            .filter(|c| crate::cluster::status::wants_supply(c))
+            .map(|c| {
+                let uid = c.metadata.uid.as_deref().unwrap_or_default();
+                let missing = c.spec.workers.saturating_sub(placed.get(uid).copied().unwrap_or(0));
+                market_request(c, missing)
+            })
+            .filter(|r| r.workers > 0)
+            .collect()
+    }
+
+    /// Note the GPUs and workers of freshly bound leases (see `supply` and `queue`).
     pub fn remember_claims(&self, leases: &[GpuLease]) {
-        let mut recent = match self.recent_claims.lock() {
-            Ok(recent) => recent,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut recent = lock(&self.recent_claims);
         for lease in leases {
             for gpu in &lease.spec.gpus {
                 recent.insert((lease.spec.offer.clone(), gpu.clone()), Instant::now());
             }
+        }
+        drop(recent);
+        let mut recent = lock(&self.recent_leases);
+        for lease in leases {
+            let name = lease.metadata.name.clone().unwrap_or_default();
+            let entry = (lease.spec.cluster.uid.clone(), lease.spec.workers, Instant::now());
+            recent.insert(name, entry);
         }
     }
 
@@ -149,5 +186,12 @@ impl Context {
         if let Err(e) = self.recorder.publish(&event, &cluster.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "publishing event");
         }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
-use gpumarket_crds::{GpuLease, GpuOffer};
+use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -144,11 +144,21 @@ async fn run_controllers(
         .default_backoff()
         .reflect(lease_writer)
         .for_each(|_| std::future::ready(()));
-    let _caches = (AbortOnDrop(tokio::spawn(offer_cache)), AbortOnDrop(tokio::spawn(lease_cache)));
+    let (cluster_store, cluster_writer) = reflector::store();
+    let cluster_cache = watcher(Api::<GpuCluster>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(cluster_writer)
+        .for_each(|_| std::future::ready(()));
+    let _caches = (
+        AbortOnDrop(tokio::spawn(offer_cache)),
+        AbortOnDrop(tokio::spawn(lease_cache)),
+        AbortOnDrop(tokio::spawn(cluster_cache)),
+    );
     if offer_store.wait_until_ready().await.is_err()
         || lease_store.wait_until_ready().await.is_err()
+        || cluster_store.wait_until_ready().await.is_err()
     {
-        tracing::error!("offer or lease cache stopped before it was filled");
+        tracing::error!("a cache stopped before it was filled");
         return;
     }
 
@@ -167,6 +177,7 @@ async fn run_controllers(
         settings,
         offer_store,
         lease_store,
+        cluster_store,
         settler,
     ));
     let clusters = cluster::controller(&ctx);

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 /// A binding of GPUs of one offer to one GpuCluster. Cluster-scoped (offers are), created by the
 /// controller; the spec is immutable, the status carries the meter and every payout made.
+// Clippy reads the repeated `type_ = "integer"` of the printer columns as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "gpumarket.io",

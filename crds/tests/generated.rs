@@ -1,6 +1,9 @@
 //! The committed CRD YAML is exactly what the Rust types generate, and the example manifests
 //! users copy deserialize into those types.
 
+// A failing expectation is meant to panic.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 use gpumarket_crds::{GpuCluster, GpuOffer, GpuTier, Placement};

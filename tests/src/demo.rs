@@ -3,16 +3,16 @@
 //! controller runs with settlement on the local validator, the KubeRay operator runs the Ray
 //! pods, and a buyer applies a GpuCluster and deposits into escrow, as a user would.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
 use gpumarket_crds::GpuCluster;
 use kube::Api;
 use kube::api::PostParams;
-use solana_sdk::signature::{Keypair, Signer, write_keypair_file};
+use solana_sdk::signature::{Keypair, Signer};
 
-use crate::solana::{read_keypair, send_with_retry};
+use crate::solana::read_keypair;
 use crate::{Coordinates, Env, GpuNode};
 
 /// Price per GPU-hour each simulated supplier asks, in base units (6 decimals).
@@ -51,7 +51,8 @@ pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Res
     ]);
     env.spawn("kuberay-operator", operator)?;
 
-    let authority = settlement_authority(env, coordinates).await?;
+    let authority = env.dir().join("settlement-keypair.json");
+    let authority_key = coordinates.solana.settlement_authority(&authority).await?;
     let mut controller = Command::new(binaries.join("gpumarket-controller"));
     controller
         .env("KUBECONFIG", &coordinates.kubeconfig)
@@ -62,7 +63,7 @@ pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Res
         .arg(format!("--mint={}", coordinates.solana.mint));
     env.spawn("controller", controller)?;
 
-    order(env, coordinates, &read_keypair(&authority)?.pubkey()).await
+    order(env, coordinates, &authority_key).await
 }
 
 /// The buyer's GpuCluster (two A100-or-better workers of 8 GPUs for 10 minutes), then its
@@ -95,22 +96,6 @@ async fn order(
 }
 
 /// A fresh settlement authority for this environment, funded with SOL for fees.
-async fn settlement_authority(env: &Env, coordinates: &Coordinates) -> Result<PathBuf> {
-    let solana = &coordinates.solana;
-    let faucet = read_keypair(&solana.faucet)?;
-    let authority = Keypair::new();
-    let transfer = solana_system_interface::instruction::transfer(
-        &faucet.pubkey(),
-        &authority.pubkey(),
-        crate::solana::WALLET_LAMPORTS,
-    );
-    send_with_retry(&solana.rpc(), &[transfer], &faucet, &[&faucet]).await?;
-    let path = env.dir().join("settlement-keypair.json");
-    write_keypair_file(&authority, &path)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-    Ok(path)
-}
-
 fn price_of(model: &str) -> u64 {
     PRICES.iter().find(|(m, _)| m.eq_ignore_ascii_case(model)).map_or(DEFAULT_PRICE, |(_, p)| *p)
 }

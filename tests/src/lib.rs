@@ -226,11 +226,12 @@ impl Env {
     }
 
     /// Run `command` as part of the environment: output in `logs/<name>.log` (use a unique
-    /// name), stopped with the environment and never outliving it.
-    pub fn spawn(&self, name: &str, command: std::process::Command) -> Result<()> {
+    /// name), stopped with the environment and never outliving it. Returns its process id.
+    pub fn spawn(&self, name: &str, command: std::process::Command) -> Result<u32> {
         let process = Process::spawn(&self.reaper, &self.dir.join("logs"), name, command)?;
+        let pid = process.id()?;
         self.lock_processes()?.push(process);
-        Ok(())
+        Ok(pid)
     }
 
     /// Create KWOK GPU nodes and wait until each is Ready with its GPUs allocatable.

@@ -99,6 +99,11 @@ impl Process {
         Ok(Process { name: name.to_string(), log, child: Mutex::new(child) })
     }
 
+    /// The process id (also its process group).
+    pub fn id(&self) -> Result<u32> {
+        Ok(self.child.lock().map_err(|_| anyhow!("process lock poisoned"))?.id())
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -105,7 +105,7 @@ impl Solana {
         let fund = solana_system_interface::instruction::transfer(
             &faucet.pubkey(),
             &authority.pubkey(),
-            1_000_000_000,
+            WALLET_LAMPORTS,
         );
         send_with_retry(&self.rpc(), &[fund], &faucet, &[&faucet]).await?;
         Ok(authority.pubkey())

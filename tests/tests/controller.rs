@@ -454,7 +454,7 @@ async fn silent_supplier_is_replaced_and_the_head_stays() {
     let env = Env::shared().await;
     let client = env.client().await.unwrap();
     let ns = env.namespace("ctl-failure").await.unwrap();
-    let mut suppliers = vec![
+    let mut suppliers = [
         Supplier::start(env, &client, "ctl-fail-a", "fail", 4, 1_000_000).await,
         Supplier::start(env, &client, "ctl-fail-b", "fail", 4, 1_000_000).await,
         Supplier::start(env, &client, "ctl-fail-c", "fail", 4, 3_000_000).await,
@@ -684,4 +684,30 @@ async fn a_cluster_out_of_funds_ends_instead_of_replacing_its_workers() {
         ray_api(&client, &ns).get_opt("dry").await.unwrap().is_none().then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn new_supply_goes_to_the_oldest_waiting_request() {
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("ctl-fifo").await.unwrap();
+    let _controller = Controller::start(&client);
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    // The younger one sorts first by name: only age can put the older first.
+    clusters.create(&PostParams::default(), &gpu_cluster("z-old", "fifo", 1, 4)).await.unwrap();
+    wait_phase(&clusters, "z-old", ClusterPhase::Pending).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clusters.create(&PostParams::default(), &gpu_cluster("a-young", "fifo", 1, 4)).await.unwrap();
+    wait_phase(&clusters, "a-young", ClusterPhase::Pending).await;
+
+    // Room for one of them; both are woken by the same offer.
+    let _a = Supplier::start(env, &client, "ctl-fifo-a", "fifo", 4, 1_000_000).await;
+    wait_phase(&clusters, "z-old", ClusterPhase::Provisioning).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(phase_of(&clusters, "a-young").await, Some(ClusterPhase::Pending));
+
+    // The next supply is the younger one's.
+    let _b = Supplier::start(env, &client, "ctl-fifo-b", "fifo", 4, 1_000_000).await;
+    wait_phase(&clusters, "a-young", ClusterPhase::Provisioning).await;
 }

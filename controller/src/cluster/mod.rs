@@ -8,7 +8,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer};
+use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
 use kube::ResourceExt;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -96,23 +96,13 @@ fn clusters_affected_by(
             clusters
                 .state()
                 .iter()
-                .filter(|c| wants_supply(c))
+                .filter(|c| status::wants_supply(c))
                 .map(|c| ObjectRef::from(c.as_ref())),
         );
     }
     refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     refs.dedup();
     refs
-}
-
-/// Pending, or running short of workers.
-fn wants_supply(cluster: &GpuCluster) -> bool {
-    let Some(status) = &cluster.status else { return true };
-    match status.phase.unwrap_or_default() {
-        ClusterPhase::Pending => true,
-        ClusterPhase::Completed | ClusterPhase::Failed | ClusterPhase::Expiring => false,
-        _ => status.conditions.iter().any(|c| c.type_ == status::DEGRADED && c.status == "True"),
-    }
 }
 
 /// Run the controller until the stream ends.

@@ -346,7 +346,10 @@ async fn match_and_bind(
         let request = market_request(cluster, workers);
         let outcome = {
             let _timer = ctx.metrics.match_latency.start_timer();
-            matching::quote(&supply, &request)
+            // Oldest first: GPUs that older waiting requests (degraded clusters among them)
+            // would get are not this one's, whichever reconcile runs first.
+            let hold = matching::HoldPolicy::at(now.as_second());
+            matching::match_in_turn(&supply, &ctx.queue(), &request, hold)
         };
         let assignment = match outcome {
             Outcome::Unmatched(why) => return Ok((Bind::Unmatched(why.to_string()), None)),

@@ -28,6 +28,26 @@ pub fn is_active(lease: &GpuLease) -> bool {
     lease.status.as_ref().and_then(|s| s.phase).unwrap_or_default() == LeasePhase::Active
 }
 
+/// Whether the cluster is looking for GPUs: pending or running short of workers (degraded),
+/// not ended, not being deleted, and not waiting for its deposit.
+pub fn wants_supply(cluster: &GpuCluster) -> bool {
+    if cluster.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let Some(status) = &cluster.status else { return true };
+    let condition = |type_: &str, value: &str| {
+        status.conditions.iter().any(|c| c.type_ == type_ && c.status == value)
+    };
+    if condition(FUNDED, "False") {
+        return false;
+    }
+    match status.phase.unwrap_or_default() {
+        ClusterPhase::Pending => true,
+        ClusterPhase::Completed | ClusterPhase::Failed | ClusterPhase::Expiring => false,
+        _ => condition(DEGRADED, "True"),
+    }
+}
+
 /// A lease that settlement ended because the cluster's escrow ran dry, if any.
 pub fn ended_out_of_funds(leases: &[GpuLease]) -> Option<&GpuLease> {
     leases
@@ -306,6 +326,41 @@ mod tests {
             funding: None,
             now: now(),
         }
+    }
+
+    #[test]
+    fn pending_and_degraded_clusters_want_supply_unless_unfunded_or_over() {
+        let mut cluster = mk_cluster("c", 2, 1);
+        assert!(wants_supply(&cluster), "new");
+        let with = |phase, conditions: &[(&str, &str)]| GpuClusterStatus {
+            phase: Some(phase),
+            conditions: conditions
+                .iter()
+                .map(|(t, s)| Condition {
+                    type_: (*t).into(),
+                    status: (*s).into(),
+                    reason: "R".into(),
+                    message: String::new(),
+                    last_transition_time: Time(now()),
+                    observed_generation: None,
+                })
+                .collect(),
+            ..GpuClusterStatus::default()
+        };
+        for (status, wants) in [
+            (with(ClusterPhase::Pending, &[]), true),
+            (with(ClusterPhase::Pending, &[(FUNDED, "False")]), false),
+            (with(ClusterPhase::Running, &[(DEGRADED, "False")]), false),
+            (with(ClusterPhase::Running, &[(DEGRADED, "True")]), true),
+            (with(ClusterPhase::Expiring, &[(DEGRADED, "True")]), false),
+            (with(ClusterPhase::Failed, &[]), false),
+        ] {
+            cluster.status = Some(status.clone());
+            assert_eq!(wants_supply(&cluster), wants, "{status:?}");
+        }
+        cluster.status = None;
+        cluster.metadata.deletion_timestamp = Some(Time(now()));
+        assert!(!wants_supply(&cluster), "being deleted");
     }
 
     #[test]

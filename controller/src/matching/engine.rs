@@ -223,6 +223,22 @@ pub fn match_all(
     Market::new(offers).match_all(requests, hold)
 }
 
+/// What `request` gets in its turn: every request of `queue` older than it (oldest first, then
+/// by key) is served first, with backfill and the hold rule as in [`Market::match_all`]; younger
+/// ones come after it and do not change its outcome. `request` need not be in `queue`.
+pub fn match_in_turn(
+    offers: &[Offer],
+    queue: &[Request],
+    request: &Request,
+    hold: HoldPolicy,
+) -> Outcome {
+    let turn = |r: &Request| (r.created, r.key.clone());
+    let older: Vec<Request> = queue.iter().filter(|r| turn(r) < turn(request)).cloned().collect();
+    let mut market = Market::new(offers);
+    market.match_all(&older, hold);
+    market.quote(request)
+}
+
 /// What the request would get on these offers now (see [`Market::quote`]).
 pub fn quote(offers: &[Offer], request: &Request) -> Outcome {
     Market::new(offers).quote(request)

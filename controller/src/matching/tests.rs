@@ -285,6 +285,23 @@ fn younger_requests_backfill_behind_one_that_cannot_be_matched() {
 }
 
 #[test]
+fn in_its_turn_a_request_gets_what_older_ones_leave_whoever_asks_first() {
+    let offers = vec![mk_offer("a", "A100", 4, DOLLAR), mk_offer("b", "A100", 2, DOLLAR)];
+    let old = Request { created: 10, ..mk_request("ns/old", 1, 4, DOLLAR) };
+    let young = Request { created: 20, ..mk_request("ns/young", 1, 4, DOLLAR) };
+    let small = Request { created: 30, ..mk_request("ns/small", 1, 2, DOLLAR) };
+    let queue = [young.clone(), old.clone(), small.clone()];
+    // The young request asks first, yet the only 4-GPU node is the old one's: no 4 GPUs are
+    // left together for it.
+    assert_eq!(shortage(&match_in_turn(&offers, &queue, &young, no_hold())).usable, 0);
+    assert_eq!(nodes(matched(&match_in_turn(&offers, &queue, &old, no_hold()))), vec![("a", 1)]);
+    // Backfill: what the older ones cannot use is still served.
+    assert_eq!(nodes(matched(&match_in_turn(&offers, &queue, &small, no_hold()))), vec![("b", 1)]);
+    // Alone, the young request would have been matched.
+    matched(&match_in_turn(&offers, &[], &young, no_hold()));
+}
+
+#[test]
 fn a_request_that_waited_long_enough_holds_the_gpus_it_can_use() {
     let offers =
         vec![mk_offer("a100", "A100", 4, DOLLAR), mk_offer("gaming", "RTX4090", 4, DOLLAR)];
