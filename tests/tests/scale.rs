@@ -91,20 +91,33 @@ async fn bench_thousand_nodes_two_hundred_clusters() {
     };
     let _suppliers = tokio::spawn(simulate::run(client.clone(), simulation));
     let offers: Api<GpuOffer> = Api::all(client.clone());
-    eventually("every offer published", Duration::from_secs(300), || async {
-        let listed = offers.list(&Default::default()).await.ok()?.items;
-        (listed.iter().filter(|o| o.is_available()).count() >= node_count).then_some(())
-    })
-    .await;
+    let count_offers = |available: bool| {
+        let offers = offers.clone();
+        async move {
+            let listed = offers.list(&Default::default()).await.ok()?.items;
+            let heartbeating =
+                |o: &GpuOffer| o.status.as_ref().is_some_and(|s| s.last_heartbeat.is_some());
+            let counted = listed
+                .iter()
+                .filter(|o| if available { o.is_available() } else { heartbeating(o) })
+                .count();
+            (counted >= node_count).then_some(())
+        }
+    };
+    eventually("every offer published", Duration::from_secs(300), || count_offers(false)).await;
 
+    let metrics_port =
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut controller = Command::new(controller_binary());
-    controller.env("KUBECONFIG", env.kubeconfig()).env("RUST_LOG", "warn").args([
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--heartbeat-timeout",
-        "60s",
-    ]);
+    controller
+        .env("KUBECONFIG", env.kubeconfig())
+        .env("RUST_LOG", "warn")
+        .args(["--heartbeat-timeout", "60s"])
+        .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"));
     let pid = env.spawn("scale-controller", controller).unwrap();
+    // Measured from a warm controller: its caches filled, every offer marked Available.
+    eventually("every offer available", Duration::from_secs(300), || count_offers(true)).await;
+    println!("controller ready, offers available, after {:.1} s", started.elapsed().as_secs_f64());
 
     // Watch RayClusters appear from before the first apply.
     let rays = Api::<DynamicObject>::namespaced_with(
@@ -189,4 +202,36 @@ async fn bench_thousand_nodes_two_hundred_clusters() {
         gpus_wanted as f64 / total.as_secs_f64(),
         peak_rss_mib(pid),
     );
+    let metrics = scrape(metrics_port).await;
+    let stat =
+        |base: &str, labels: &str, stat: &str| sample(&metrics, &format!("{base}_{stat}{labels}"));
+    let mean = |base: &str, labels: &str| stat(base, labels, "sum") / stat(base, labels, "count");
+    let (matches, reconciles) =
+        ("gpumarket_match_latency_seconds", "gpumarket_reconcile_duration_seconds");
+    let gpucluster = "{controller=\"gpucluster\"}";
+    println!(
+        "mean match {:.1} ms over {} matches; mean GpuCluster reconcile {:.0} ms over {} reconciles",
+        mean(matches, "") * 1e3,
+        stat(matches, "", "count"),
+        mean(reconciles, gpucluster) * 1e3,
+        stat(reconciles, gpucluster, "count"),
+    );
+}
+
+/// The controller's /metrics text.
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+/// The value of one sample (`name` with its labels, as exposed).
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name}"))
 }

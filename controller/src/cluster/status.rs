@@ -229,8 +229,10 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
         hourly_rate: Some(hourly_rate),
         start_time,
         cost_accrued: Some(cost),
-        amount_settled: previous.amount_settled,
-        amount_refunded: previous.amount_refunded,
+        // Settlement's totals are written by settlement alone: carried here from a cached
+        // object they would overwrite newer values (this status is applied with force).
+        amount_settled: None,
+        amount_refunded: None,
         observed_generation: generation,
     }
 }
@@ -268,8 +270,10 @@ pub fn ended_status(
         hourly_rate: Some(0),
         start_time: previous.start_time,
         cost_accrued: Some(cost),
-        amount_settled: previous.amount_settled,
-        amount_refunded: previous.amount_refunded,
+        // Settlement's totals are written by settlement alone: carried here from a cached
+        // object they would overwrite newer values (this status is applied with force).
+        amount_settled: None,
+        amount_refunded: None,
         observed_generation: generation,
     }
 }
@@ -464,6 +468,26 @@ mod tests {
         let two = mk_lease(&cluster, "d", &["d1", "d2"], 2);
         // Ending `two` would leave one worker: only the one-worker leases can go.
         assert_eq!(names(surplus_leases(&cluster, &[&two, &a])), names(vec![&a]));
+    }
+
+    #[test]
+    fn settlement_totals_are_left_to_settlement() {
+        let mut cluster = mk_cluster("c", 1, 1);
+        cluster.status = Some(GpuClusterStatus {
+            amount_settled: Some(5),
+            amount_refunded: Some(7),
+            ..Default::default()
+        });
+        let lease = mk_lease(&cluster, "a", &["a1"], 1);
+        let leases = [&lease];
+        let live = build_status(&obs(&cluster, &leases, Some(true)));
+        let ended =
+            ended_status(&cluster, &leases, ClusterPhase::Completed, "Expired", "m".into(), now());
+        for status in [live, ended] {
+            assert_eq!((status.amount_settled, status.amount_refunded), (None, None));
+            let json = serde_json::to_value(&status).expect("json");
+            assert!(json.get("amountSettled").is_none(), "not applied, so not owned: {json}");
+        }
     }
 
     #[test]

@@ -28,6 +28,12 @@ use super::{CrashPoint, Error, Settler, chain, memo, reputation};
 
 /// Field manager of settlement's writes.
 pub const MANAGER: &str = "gpumarket-settlement";
+/// Settlement's merge patches, under its own field manager (the controller applies the rest of
+/// the status).
+fn patch_params() -> PatchParams {
+    PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() }
+}
+
 /// Lease status writes in flight at once.
 const CONCURRENT_WRITES: usize = 16;
 
@@ -227,7 +233,7 @@ impl Settler {
                 write_refund_record(&api, name, &record).await?;
                 if step == Step::Confirm {
                     let patch = json!({"status": {"amountRefunded": record.amount}});
-                    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                    api.patch_status(name, &patch_params(), &Patch::Merge(&patch)).await?;
                 }
             }
         }
@@ -308,7 +314,7 @@ impl Settler {
         if refund.amount == 0 {
             write_refund_record(&api, &refund.name, &record).await?;
             let patch = json!({"status": {"amountRefunded": 0}});
-            api.patch_status(&refund.name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            api.patch_status(&refund.name, &patch_params(), &Patch::Merge(&patch)).await?;
             return Ok(());
         }
         let missing =
@@ -368,9 +374,7 @@ impl Settler {
                 || status.and_then(|s| s.stake) != Some(stake)
             {
                 let patch = json!({"status": {"reputation": rep, "stake": stake}});
-                offers_api
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await?;
+                offers_api.patch_status(&name, &patch_params(), &Patch::Merge(&patch)).await?;
             }
             table.insert(name, rep);
         }
@@ -545,7 +549,7 @@ async fn write_refund_record(
 ) -> Result<(), Error> {
     let value = serde_json::to_string(record).map_err(kube::Error::SerdeError)?;
     let patch = json!({"metadata": {"annotations": {REFUND_ANNOTATION: value}}});
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    api.patch(name, &patch_params(), &Patch::Merge(&patch)).await?;
     Ok(())
 }
 
@@ -590,7 +594,7 @@ async fn publish_cluster_totals(
             );
             let patch = json!({"status": {"amountSettled": total}});
             ns_api
-                .patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .patch_status(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch))
                 .await?;
         }
     }
