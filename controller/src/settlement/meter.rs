@@ -277,7 +277,8 @@ mod tests {
             prop_assert!(u128::from(paid) * 3600 <= exact_numerator);
             prop_assert!(exact_numerator - u128::from(paid) * 3600 < 3600);
             prop_assert!(fully_settled(&m, &records));
-            let keys: Vec<&str> = records.iter().map(|r| r.period.as_str()).collect();
+            // Keys are numbers (zero-padded to four digits, longer past 9999).
+            let keys: Vec<u64> = records.iter().map(|r| r.period.parse().expect("numeric")).collect();
             let mut sorted = keys.clone();
             sorted.sort_unstable();
             sorted.dedup();
