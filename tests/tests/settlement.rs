@@ -1,7 +1,7 @@
 //! Settlement against the real Solana test validator and a real API server: deposits, payouts
 //! per period and at lease end to the base unit, exactly one payment across crashes, a
-//! validator outage and an expired blockhash, refunds, and leases ended when the escrow runs
-//! dry.
+//! validator outage and an expired blockhash, refunds, slashing of a failed supplier's stake,
+//! and leases ended when the escrow runs dry.
 //!
 //! Each test has its own settlement authority (so its own escrow account). A settlement round
 //! looks at every lease in the API server, so the tests take turns, and each test deletes its
@@ -377,6 +377,72 @@ async fn leases_end_out_of_funds_when_the_escrow_runs_dry() -> Result<()> {
     assert_eq!(paid(&leases[0]), metered * 1000, "everything metered is paid");
     assert!(paid(&leases[0]) <= 8_000, "never more than the deposit");
     assert_eq!(fx.balance(&s0).await? - before, paid(&leases[0]));
+    fx.cleanup().await
+}
+
+#[tokio::test]
+async fn a_supplier_failure_slashes_its_stake_to_the_buyer_and_the_rest_is_refunded() -> Result<()>
+{
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("settle-slash").await?;
+    let mut config = fx.config.clone();
+    config.stake.slash_permille = 250;
+    let settler = Settler::new(config)?;
+    let (buyer, s0) = (fx.buyer()?.pubkey(), fx.supplier(0)?);
+    let escrow = fx.settler.escrow().await?.authority;
+    let node = format!("{}-node-0", fx.ns);
+    fx.sol
+        .deposit(&fx.buyer()?, &escrow, 100_000, &format!("{}{node}", memo::STAKE_PREFIX))
+        .await?;
+    let cluster = fx.cluster("slash", 1_000_000).await?;
+    fx.deposit(&cluster, 1_000_000).await?;
+    let (buyer_before, supplier_before) = (fx.balance(&buyer).await?, fx.balance(&s0).await?);
+
+    // 1 GPU for 9 s, then the node fails.
+    let lease = fx.lease(&cluster, "slash", 0, 1, seconds_ago(9), None).await?;
+    let failed = json!({"status": {"phase": "Ended", "endTime": Timestamp::now(), "endReason": "SupplierFailure"}});
+    Api::<GpuLease>::all(fx.client.clone())
+        .patch_status(&lease.name_any(), &PatchParams::default(), &Patch::Merge(&failed))
+        .await?;
+    let slashed = |l: &GpuLease| {
+        l.status.as_ref().is_some_and(|s| {
+            s.settlements
+                .iter()
+                .any(|r| r.period == "slash" && r.state == SettlementState::Confirmed)
+        })
+    };
+    let leases = fx
+        .settle_until(&settler, "paid and slashed", |ls| {
+            ls.iter().all(|l| settled(l) && slashed(l))
+        })
+        .await?;
+    fx.set_cluster_phase(&cluster, "Completed").await?;
+    let refunded = |c: &GpuCluster| c.status.as_ref().and_then(|s| s.amount_refunded).is_some();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !refunded(&fx.get_cluster("slash").await?) {
+        assert!(tokio::time::Instant::now() < deadline, "no refund after 60 s");
+        settler.settle_round(&fx.client).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let paid = paid(&leases[0]);
+    let slash = leases[0]
+        .status
+        .as_ref()
+        .context("status")?
+        .settlements
+        .iter()
+        .find(|r| r.period == "slash")
+        .context("slash record")?
+        .amount;
+    assert_eq!(slash, 25_000, "a quarter of the 100000 staked");
+    assert_eq!(fx.balance(&s0).await? - supplier_before, paid, "the supplier is paid its time");
+    assert_eq!(
+        fx.balance(&buyer).await? - buyer_before,
+        slash + 1_000_000 - paid,
+        "the buyer gets the slash and the unused deposit"
+    );
+    assert_eq!(fx.balance(&escrow).await?, 100_000 - slash, "the escrow keeps the stake left");
     fx.cleanup().await
 }
 
