@@ -1,7 +1,7 @@
 //! Settlement against the real Solana test validator and a real API server: deposits, payouts
 //! per period and at lease end to the base unit, exactly one payment across crashes, a
 //! validator outage and an expired blockhash, refunds, slashing of a failed supplier's stake,
-//! and leases ended when the escrow runs dry.
+//! the reputation table anchored in a memo, and leases ended when the escrow runs dry.
 //!
 //! Each test has its own settlement authority (so its own escrow account). A settlement round
 //! looks at every lease in the API server, so the tests take turns, and each test deletes its
@@ -18,8 +18,8 @@ use gpumarket_controller::settlement::{
     self, CrashPoint, DepositStatus, SettlementConfig, Settler, memo,
 };
 use gpumarket_crds::{
-    ClusterRef, EndReason, GpuCluster, GpuClusterSpec, GpuLease, GpuLeaseSpec, GpuSelector,
-    LeasePhase, Payment, SettlementState,
+    ClusterRef, EndReason, GpuCluster, GpuClusterSpec, GpuLease, GpuLeaseSpec, GpuOffer,
+    GpuSelector, LeasePhase, Payment, SettlementState,
 };
 use gpumarket_tests::relay::Relay;
 use gpumarket_tests::solana::read_keypair;
@@ -444,6 +444,46 @@ async fn a_supplier_failure_slashes_its_stake_to_the_buyer_and_the_rest_is_refun
     );
     assert_eq!(fx.balance(&escrow).await?, 100_000 - slash, "the escrow keeps the stake left");
     fx.cleanup().await
+}
+
+#[tokio::test]
+async fn the_reputation_table_is_written_to_offers_and_anchored_on_chain() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("settle-reputation").await?;
+    let offers: Api<GpuOffer> = Api::all(fx.client.clone());
+    let name = format!("{}-rep", fx.ns);
+    let offer: GpuOffer = serde_json::from_value(json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuOffer",
+        "metadata": {"name": name},
+        "spec": {"nodeName": name, "wallet": fx.supplier(2)?.to_string(), "pricePerGpuHour": 1,
+                 "region": "rep", "gpus": [{"uuid": "GPU-rep-0", "model": "H100", "memoryMib": 81920}]},
+    }))?;
+    offers.create(&PostParams::default(), &offer).await?;
+    let beat = json!({"status": {"lastHeartbeat": Timestamp::now()}});
+    offers.patch_status(&name, &PatchParams::default(), &Patch::Merge(&beat)).await?;
+
+    fx.settler.settle_round(&fx.client).await?;
+    let listed = offers.list(&ListParams::default()).await?.items;
+    let ours = listed.iter().find(|o| o.name_any() == name).context("offer")?;
+    let reputation = ours.status.as_ref().and_then(|s| s.reputation.clone()).context("written")?;
+    assert_eq!(reputation.uptime_permille, 1000, "heartbeating: {reputation:?}");
+    let table: Vec<(String, gpumarket_crds::Reputation)> = listed
+        .iter()
+        .filter_map(|o| Some((o.name_any(), o.status.as_ref()?.reputation.clone()?)))
+        .collect();
+    let hash = settlement::reputation::table_hash(table.iter().map(|(n, r)| (n.as_str(), r)));
+    let anchored = format!("gpumarket reputation {hash}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let history = fx.sol.rpc().get_signatures_for_address(&fx.settler.authority()).await?;
+        if history.iter().filter_map(|e| e.memo.as_deref()).any(|m| m.contains(&anchored)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no memo {anchored:?} on chain");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    offers.delete(&name, &DeleteParams::default()).await?;
+    Ok(())
 }
 
 #[tokio::test]
