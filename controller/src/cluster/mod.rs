@@ -18,12 +18,18 @@ use crate::context::Context;
 use crate::raycluster;
 use crate::supply::free_gpus;
 
+/// Events for one cluster closer together than this make one reconcile.
+const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Build the controller: triggered by its GpuClusters, their RayClusters, their leases, and
 /// offers (see `clusters_affected_by`).
 pub fn controller(ctx: &Arc<Context>) -> Controller<GpuCluster> {
     let client = ctx.client.clone();
+    // Binding a cluster writes its leases (create, then status) and its RayCluster, each of
+    // which triggers it again: a short debounce makes one reconcile of such a burst.
     let controller =
-        Controller::new(Api::<GpuCluster>::all(client.clone()), watcher::Config::default());
+        Controller::new(Api::<GpuCluster>::all(client.clone()), watcher::Config::default())
+            .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
     let clusters = controller.store();
     let lease_store = ctx.leases.clone();
     let seen = Mutex::new(HashMap::new());
