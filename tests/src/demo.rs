@@ -6,10 +6,14 @@
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{Context, Result};
-use gpumarket_crds::GpuCluster;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures::TryStreamExt;
+use gpumarket_crds::{ClusterPhase, GpuCluster};
 use kube::Api;
 use kube::api::PostParams;
+use kube::runtime::{WatchStreamExt, watcher};
 use solana_sdk::signature::{Keypair, Signer};
 
 use crate::solana::read_keypair;
@@ -66,6 +70,53 @@ pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Res
     order(env, coordinates, &authority_key).await
 }
 
+/// Print the cluster's progress (each phase, with why it waits) until it is Running; an error
+/// if it fails or is not Running within `timeout`.
+pub async fn follow(env: &Env, cluster: &GpuCluster, timeout: Duration) -> Result<()> {
+    let name = cluster.metadata.name.clone().unwrap_or_default();
+    let namespace = cluster.metadata.namespace.clone().unwrap_or_default();
+    let api: Api<GpuCluster> = Api::namespaced(env.client().await?, &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut updates = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        let cluster = tokio::select! {
+            update = updates.try_next() => update?.context("the GpuCluster watch ended")?,
+            () = &mut deadline => bail!("GpuCluster {namespace}/{name} not Running after {timeout:?} ({last})"),
+        };
+        let Some(status) = cluster.status else { continue };
+        let phase = status.phase.unwrap_or_default();
+        let waiting: Vec<String> = status
+            .conditions
+            .iter()
+            .filter(|c| c.status == "False" && !c.message.is_empty())
+            .map(|c| format!("{}: {}", c.type_, c.message))
+            .collect();
+        let line = format!(
+            "{phase:?}{}",
+            if waiting.is_empty() { String::new() } else { format!(" ({})", waiting.join("; ")) }
+        );
+        if line != last {
+            println!(
+                "[{:>5.1} s] GpuCluster {namespace}/{name}: {line}",
+                started.elapsed().as_secs_f64()
+            );
+            last = line;
+        }
+        match phase {
+            ClusterPhase::Running => {
+                println!("demo: GpuCluster {namespace}/{name} is Running");
+                return Ok(());
+            }
+            ClusterPhase::Failed => bail!("GpuCluster {namespace}/{name} failed: {last}"),
+            _ => {}
+        }
+    }
+}
+
 /// The buyer's GpuCluster (two A100-or-better workers of 8 GPUs for 10 minutes), then its
 /// deposit into escrow with the cluster's uid as memo.
 async fn order(
@@ -95,7 +146,6 @@ async fn order(
     Ok(cluster)
 }
 
-/// A fresh settlement authority for this environment, funded with SOL for fees.
 fn price_of(model: &str) -> u64 {
     PRICES.iter().find(|(m, _)| m.eq_ignore_ascii_case(model)).map_or(DEFAULT_PRICE, |(_, p)| *p)
 }

@@ -329,24 +329,13 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 async fn up_serves_until_sigterm_and_leaves_no_process_port_or_directory_behind() {
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().join("env");
-    let log = std::fs::File::create(scratch.path().join("up.log")).unwrap();
     let started = Instant::now();
-    let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_gpumarket-env"))
-        .args(["up", "--nodes", "h100=1x8,rtx4090=1x1", "--dir"])
-        .arg(&dir)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-
-    let env_file = eventually("the env file", Duration::from_secs(180), || {
-        if let Some(status) = up.try_wait().unwrap() {
-            let log = std::fs::read_to_string(scratch.path().join("up.log")).unwrap();
-            panic!("up exited early ({status}):\n{log}");
-        }
-        std::future::ready(std::fs::read_to_string(dir.join("env")).ok())
-    })
-    .await;
+    let mut up = Up::start(scratch.path(), &["--nodes", "h100=1x8,rtx4090=1x1"]);
+    let env_file = up
+        .until("the env file", Duration::from_secs(180), || {
+            std::fs::read_to_string(dir.join("env")).ok()
+        })
+        .await;
     eprintln!("gpumarket-env up ready in {:.1} s", started.elapsed().as_secs_f64());
     let vars: BTreeMap<&str, &str> =
         env_file.lines().filter_map(|line| line.strip_prefix("export ")?.split_once('=')).collect();
@@ -374,17 +363,82 @@ async fn up_serves_until_sigterm_and_leaves_no_process_port_or_directory_behind(
         .map(|url| url.rsplit_once("127.0.0.1:").unwrap().1.to_string())
         .collect();
 
-    std::process::Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
-    let status = eventually("up to stop", Duration::from_secs(60), || {
-        std::future::ready(up.try_wait().unwrap())
-    })
-    .await;
-    assert!(status.success(), "up exited with {status}");
+    up.stop().await;
     assert!(!dir.exists(), "{} removed", dir.display());
     let dir_name = dir.display().to_string();
     assert_eq!(processes_mentioning(&dir_name), Vec::<String>::new());
     for port in ports {
         let address = format!("127.0.0.1:{port}");
         assert!(std::net::TcpStream::connect(&address).is_err(), "{address} still listening");
+    }
+}
+
+#[tokio::test]
+async fn up_demo_runs_the_market_until_the_buyers_cluster_is_running() {
+    let scratch = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut up = Up::start(scratch.path(), &["--demo", "--nodes", "a100=2x8,rtx4090=1x1"]);
+    let log = up
+        .until("the demo GpuCluster Running", Duration::from_secs(600), || {
+            let log = std::fs::read_to_string(scratch.path().join("up.log")).ok()?;
+            log.contains("demo: GpuCluster default/demo is Running").then_some(log)
+        })
+        .await;
+    eprintln!("demo cluster Running {:.1} s after up", started.elapsed().as_secs_f64());
+    // Its progress was printed on the way, matched before it ran.
+    let matched = log.find("GpuCluster default/demo: Provisioning").expect("progress printed");
+    assert!(matched < log.find("is Running").unwrap(), "{log}");
+    up.stop().await;
+}
+
+/// `gpumarket-env up` run as a user runs it, its output in `<scratch>/up.log` and its
+/// environment in `<scratch>/env`.
+struct Up {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Up {
+    fn start(scratch: &std::path::Path, args: &[&str]) -> Up {
+        let log = scratch.join("up.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_gpumarket-env"))
+            .arg("up")
+            .args(args)
+            .arg("--dir")
+            .arg(scratch.join("env"))
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Up { child, log }
+    }
+
+    /// Wait until `ready` gives a value; a panic with the output if `up` exits first.
+    async fn until<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        ready: impl Fn() -> Option<T>,
+    ) -> T {
+        eventually(what, timeout, || {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("up exited early ({status}):\n{log}");
+            }
+            std::future::ready(ready())
+        })
+        .await
+    }
+
+    /// SIGTERM, as Ctrl-C would; `up` must stop cleanly.
+    async fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = eventually("up to stop", Duration::from_secs(60), || {
+            std::future::ready(self.child.try_wait().unwrap())
+        })
+        .await;
+        assert!(status.success(), "up exited with {status}");
     }
 }

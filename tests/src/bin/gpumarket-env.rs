@@ -112,9 +112,10 @@ async fn bring_up(
     );
     if demo {
         let cluster = gpumarket_tests::demo::run(env, &coordinates, nodes).await?;
+        gpumarket_tests::demo::follow(env, &cluster, Duration::from_secs(600)).await?;
         println!(
             "\ndemo: suppliers publish offers, the controller and the KubeRay operator run, and the\n\
-             buyer applied GpuCluster default/{} and deposited into escrow. Watch it:\n\
+             buyer's GpuCluster default/{} runs, paid from its escrow deposit. Watch it:\n\
              \n  kubectl get gpuclusters,gpuleases,gpuoffers,rayclusters -A\
              \n  kubectl describe gpucluster demo\n",
             cluster.metadata.name.as_deref().unwrap_or_default(),
