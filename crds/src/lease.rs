@@ -95,6 +95,9 @@ pub enum EndReason {
     SupplierFailure,
     /// The buyer's escrow could not pay for more time.
     OutOfFunds,
+    /// Bound beyond what the cluster asks for (replicas raced without leader election) and ended
+    /// before it served: metered zero, so not billed.
+    Surplus,
 }
 
 /// Meter and settlement record of a lease.

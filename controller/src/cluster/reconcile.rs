@@ -170,7 +170,8 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     let surplus: Vec<String> =
         surplus_leases(cluster, &active).iter().map(|l| l.name_any()).collect();
     for lease in leases.iter_mut().filter(|l| surplus.contains(&l.name_any())) {
-        *lease = end_lease(ctx, lease, EndReason::Deleted, now).await?;
+        // Ended at its start: it never served a worker, so nothing is metered.
+        *lease = end_lease(ctx, lease, EndReason::Surplus, lease.spec.start_time.0).await?;
         let note =
             format!("lease {} ended: more workers were bound than requested", lease.name_any());
         ctx.event(cluster, EventType::Warning, "SurplusLease", "Bind", note).await;

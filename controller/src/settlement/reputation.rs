@@ -33,13 +33,14 @@ pub fn score(uptime_permille: u32, completed: u64, failed: u64) -> u32 {
 }
 
 /// Lease outcomes of one offer: (completed, failed). Only ended leases count; a lease ended by
-/// the buyer running out of funds or deleting the cluster counts as completed by the supplier.
+/// the buyer running out of funds or deleting the cluster counts as completed by the supplier,
+/// a surplus lease (never served) not at all.
 pub fn outcomes<'a>(offer: &str, leases: impl IntoIterator<Item = &'a GpuLease>) -> (u64, u64) {
     leases.into_iter().filter(|l| l.spec.offer == offer).fold((0, 0), |(ok, failed), lease| {
         match lease.status.as_ref().and_then(|s| s.end_reason) {
             Some(EndReason::SupplierFailure) => (ok, failed + 1),
+            Some(EndReason::Surplus) | None => (ok, failed),
             Some(_) => (ok + 1, failed),
-            None => (ok, failed),
         }
     })
 }
@@ -96,6 +97,26 @@ mod tests {
         assert_eq!(score(1000, 8, 0), 900);
         assert_eq!(score(1000, 8, 2), 750);
         assert_eq!(score(500, 8, 0), 450);
+    }
+
+    #[test]
+    fn only_served_leases_count_as_outcomes() {
+        let cluster = crate::testing::mk_cluster("c", 4, 1);
+        let ended = |node: &str, reason: Option<EndReason>| {
+            let mut lease = crate::testing::mk_lease(&cluster, node, &["g"], 1);
+            lease.status =
+                Some(gpumarket_crds::GpuLeaseStatus { end_reason: reason, ..Default::default() });
+            lease
+        };
+        let leases = [
+            ended("n1", Some(EndReason::Expired)),
+            ended("n1", Some(EndReason::OutOfFunds)),
+            ended("n1", Some(EndReason::SupplierFailure)),
+            ended("n1", Some(EndReason::Surplus)),
+            ended("n1", None),
+            ended("n2", Some(EndReason::SupplierFailure)),
+        ];
+        assert_eq!(outcomes("n1", &leases), (2, 1));
     }
 
     #[test]
