@@ -30,7 +30,7 @@ use kube::api::{
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use solana_sdk::signature::Signer;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
 const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(4);
@@ -38,6 +38,15 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Tests take turns: every controller watches the whole API server.
 static TURN: Mutex<()> = Mutex::const_new(());
+
+/// What every test starts with: its turn, the environment, a client and its own namespace.
+async fn setup(namespace: &str) -> (MutexGuard<'static, ()>, &'static Env, Client, String) {
+    let turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace(namespace).await.unwrap();
+    (turn, env, client, ns)
+}
 
 /// A controller replica running in this test's runtime; stopped when dropped.
 struct Controller(tokio::task::JoinHandle<()>);
@@ -278,10 +287,7 @@ async fn assert_no_gpu_shared(client: &Client) {
 
 #[tokio::test]
 async fn cluster_runs_on_the_matched_nodes_then_expires() {
-    let _turn = TURN.lock().await;
-    let env = Env::shared().await;
-    let client = env.client().await.unwrap();
-    let ns = env.namespace("ctl-lifecycle").await.unwrap();
+    let (_turn, env, client, ns) = setup("ctl-lifecycle").await;
     let _a = Supplier::start(env, &client, "ctl-life-a", "life", 4, 1_000_000).await;
     let _b = Supplier::start(env, &client, "ctl-life-b", "life", 4, 2_000_000).await;
     let _controller = Controller::start(&client);
@@ -362,10 +368,7 @@ async fn cluster_runs_on_the_matched_nodes_then_expires() {
 
 #[tokio::test]
 async fn unmatched_request_waits_with_a_reason_and_matches_when_supply_appears() {
-    let _turn = TURN.lock().await;
-    let env = Env::shared().await;
-    let client = env.client().await.unwrap();
-    let ns = env.namespace("ctl-pending").await.unwrap();
+    let (_turn, env, client, ns) = setup("ctl-pending").await;
     let _small = Supplier::start(env, &client, "ctl-pend-a", "pend", 2, 1_000_000).await;
     let _controller = Controller::start(&client);
 
@@ -396,10 +399,7 @@ async fn unmatched_request_waits_with_a_reason_and_matches_when_supply_appears()
 
 #[tokio::test]
 async fn racing_clusters_and_replicas_never_share_a_gpu() {
-    let _turn = TURN.lock().await;
-    let env = Env::shared().await;
-    let client = env.client().await.unwrap();
-    let ns = env.namespace("ctl-race").await.unwrap();
+    let (_turn, env, client, ns) = setup("ctl-race").await;
     let _a = Supplier::start(env, &client, "ctl-race-a", "race", 4, 1_000_000).await;
     // Two replicas without leader election: only the API server arbitrates.
     let _one = Controller::start(&client);
@@ -450,10 +450,7 @@ async fn racing_clusters_and_replicas_never_share_a_gpu() {
 
 #[tokio::test]
 async fn silent_supplier_is_replaced_and_the_head_stays() {
-    let _turn = TURN.lock().await;
-    let env = Env::shared().await;
-    let client = env.client().await.unwrap();
-    let ns = env.namespace("ctl-failure").await.unwrap();
+    let (_turn, env, client, ns) = setup("ctl-failure").await;
     let mut suppliers = [
         Supplier::start(env, &client, "ctl-fail-a", "fail", 4, 1_000_000).await,
         Supplier::start(env, &client, "ctl-fail-b", "fail", 4, 1_000_000).await,
@@ -500,10 +497,7 @@ async fn silent_supplier_is_replaced_and_the_head_stays() {
 
 #[tokio::test]
 async fn deletion_ends_the_leases_first() {
-    let _turn = TURN.lock().await;
-    let env = Env::shared().await;
-    let client = env.client().await.unwrap();
-    let ns = env.namespace("ctl-delete").await.unwrap();
+    let (_turn, env, client, ns) = setup("ctl-delete").await;
     let _a = Supplier::start(env, &client, "ctl-del-a", "del", 2, 1_000_000).await;
     let _controller = Controller::start(&client);
     let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
@@ -529,10 +523,7 @@ async fn deletion_ends_the_leases_first() {
 
 #[tokio::test]
 async fn restarted_controller_converges_without_duplicates_and_survives_bad_objects() {
-    let _turn = TURN.lock().await;
-    let env = Env::shared().await;
-    let client = env.client().await.unwrap();
-    let ns = env.namespace("ctl-restart").await.unwrap();
+    let (_turn, env, client, ns) = setup("ctl-restart").await;
     let _a = Supplier::start(env, &client, "ctl-rest-a", "rest", 4, 1_000_000).await;
     let _b = Supplier::start(env, &client, "ctl-rest-b", "rest", 4, 1_000_000).await;
     let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
@@ -578,11 +569,8 @@ async fn restarted_controller_converges_without_duplicates_and_survives_bad_obje
 
 #[tokio::test]
 async fn a_settled_cluster_pays_its_staked_supplier_and_is_refunded_the_rest() {
-    let _turn = TURN.lock().await;
-    let env = Env::shared().await;
-    let client = env.client().await.unwrap();
+    let (_turn, env, client, ns) = setup("ctl-settled").await;
     let sol = env.solana().await.unwrap();
-    let ns = env.namespace("ctl-settled").await.unwrap();
     let keys = tempfile::tempdir().unwrap();
     let keypair = keys.path().join("settlement.json");
     let authority = sol.settlement_authority(&keypair).await.unwrap();
@@ -654,10 +642,7 @@ async fn a_settled_cluster_pays_its_staked_supplier_and_is_refunded_the_rest() {
 
 #[tokio::test]
 async fn a_cluster_out_of_funds_ends_instead_of_replacing_its_workers() {
-    let _turn = TURN.lock().await;
-    let env = Env::shared().await;
-    let client = env.client().await.unwrap();
-    let ns = env.namespace("ctl-dry").await.unwrap();
+    let (_turn, env, client, ns) = setup("ctl-dry").await;
     let _a = Supplier::start(env, &client, "ctl-dry-a", "dry", 2, 1_000_000).await;
     let _b = Supplier::start(env, &client, "ctl-dry-b", "dry", 2, 1_000_000).await;
     let _controller = Controller::start(&client);
@@ -688,10 +673,7 @@ async fn a_cluster_out_of_funds_ends_instead_of_replacing_its_workers() {
 
 #[tokio::test]
 async fn new_supply_goes_to_the_oldest_waiting_request() {
-    let _turn = TURN.lock().await;
-    let env = Env::shared().await;
-    let client = env.client().await.unwrap();
-    let ns = env.namespace("ctl-fifo").await.unwrap();
+    let (_turn, env, client, ns) = setup("ctl-fifo").await;
     let _controller = Controller::start(&client);
     let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
     // The younger one sorts first by name: only age can put the older first.
