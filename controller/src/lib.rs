@@ -163,10 +163,10 @@ async fn run_controllers(
     }
 
     let settle = {
-        let (client, settler) = (client.clone(), settler.clone());
+        let (client, settler, metrics) = (client.clone(), settler.clone(), metrics.clone());
         async move {
             match settler {
-                Some(settler) => settlement::run(client, settler).await,
+                Some(settler) => settlement::run(client, settler, metrics).await,
                 None => std::future::pending().await,
             }
         }

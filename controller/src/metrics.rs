@@ -17,6 +17,7 @@ use prometheus::{
 };
 
 use crate::cluster::status::is_active;
+use crate::settlement::{self, RoundReport};
 use crate::supply::{gpu_healthy, gpu_lease};
 
 /// Every metric of the controller, registered in its own registry (no globals).
@@ -30,6 +31,10 @@ pub struct Metrics {
     pub match_latency: Histogram,
     pub active_leases: IntGauge,
     pub replacements: IntCounter,
+    /// Settlement rounds by outcome: `ok` or the error's stable label.
+    pub settlement_rounds: IntCounterVec,
+    /// What settlement rounds did, by action (payouts sent, confirmed, refunds sent, ...).
+    pub settlement_actions: IntCounterVec,
     /// Set once the caches are filled (and, with leader election, while leading).
     pub ready: AtomicBool,
 }
@@ -71,6 +76,16 @@ impl Metrics {
         registry.register(Box::new(match_latency.clone()))?;
         registry.register(Box::new(active_leases.clone()))?;
         registry.register(Box::new(replacements.clone()))?;
+        let settlement_rounds = IntCounterVec::new(
+            Opts::new("settlement_rounds_total", "Settlement rounds, by outcome"),
+            &["outcome"],
+        )?;
+        let settlement_actions = IntCounterVec::new(
+            Opts::new("settlement_actions_total", "What settlement rounds did, by action"),
+            &["action"],
+        )?;
+        registry.register(Box::new(settlement_rounds.clone()))?;
+        registry.register(Box::new(settlement_actions.clone()))?;
         Ok(Metrics {
             registry,
             reconciles,
@@ -81,6 +96,8 @@ impl Metrics {
             match_latency,
             active_leases,
             replacements,
+            settlement_rounds,
+            settlement_actions,
             ready: AtomicBool::new(false),
         })
     }
@@ -104,6 +121,29 @@ impl Metrics {
             })
             .count();
         self.pending_requests.set(pending as i64);
+    }
+
+    /// Count a settlement round and what it did.
+    pub fn record_round(&self, round: &Result<RoundReport, settlement::Error>) {
+        match round {
+            Ok(report) => {
+                self.settlement_rounds.with_label_values(&["ok"]).inc();
+                let actions = [
+                    ("confirmed", report.confirmed),
+                    ("rebroadcast", report.rebroadcast),
+                    ("expired", report.expired),
+                    ("ended_out_of_funds", report.ended_out_of_funds),
+                    ("payouts_sent", report.payouts_sent),
+                    ("transactions_sent", report.transactions_sent),
+                    ("refunds_sent", report.refunds_sent),
+                    ("clusters_released", report.released),
+                ];
+                for (action, count) in actions {
+                    self.settlement_actions.with_label_values(&[action]).inc_by(count as u64);
+                }
+            }
+            Err(e) => self.settlement_rounds.with_label_values(&[e.metric_label()]).inc(),
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -190,7 +230,17 @@ mod tests {
         let metrics = Metrics::new().expect("registers");
         metrics.refresh_inventory(&[Arc::new(mk_offer("c", "H100", 1, now()))], &[], &[]);
         metrics.replacements.inc();
+        let report =
+            RoundReport { payouts_sent: 3, transactions_sent: 1, ..RoundReport::default() };
+        metrics.record_round(&Ok(report));
+        metrics.record_round(&Err(settlement::Error::Config("x".into())));
         let text = metrics.encode();
+        assert!(text.contains("gpumarket_settlement_rounds_total{outcome=\"ok\"} 1"), "{text}");
+        assert!(text.contains("gpumarket_settlement_rounds_total{outcome=\"config\"} 1"), "{text}");
+        assert!(
+            text.contains("gpumarket_settlement_actions_total{action=\"payouts_sent\"} 3"),
+            "{text}"
+        );
         assert!(text.contains("gpumarket_gpus{model=\"H100\",state=\"free\"} 1"), "{text}");
         assert!(text.contains("gpumarket_replacements_total 1"), "{text}");
     }

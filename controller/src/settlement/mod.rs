@@ -9,7 +9,7 @@
 //! wiring; [`run`] repeats rounds for the controller.
 //!
 //! Usage: `Settler::new(config)` once, then `settler.deposit_status(uid, required)` from the
-//! GpuCluster reconcile, and `run(client, settler)` beside the other controllers (on the
+//! GpuCluster reconcile, and `run(client, settler, metrics)` beside the other controllers (on the
 //! leader only: one writer of settlement records).
 
 pub mod chain;
@@ -28,6 +28,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::metrics::Metrics;
 use solana_client::nonblocking::rpc_client::RpcClient;
 use solana_commitment_config::CommitmentConfig;
 use solana_keypair::Keypair;
@@ -282,11 +283,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 ///
 /// Payouts of many leases share transactions, so a round looks at all leases at once rather
 /// than reconciling one lease at a time.
-pub async fn run(client: kube::Client, settler: Arc<Settler>) {
+pub async fn run(client: kube::Client, settler: Arc<Settler>, metrics: Arc<Metrics>) {
     let poll = settler.config.poll_interval;
     let mut wait = poll;
     loop {
-        match settler.settle_round(&client).await {
+        let round = settler.settle_round(&client).await;
+        metrics.record_round(&round);
+        match round {
             Ok(report) => {
                 if !report.is_idle() {
                     tracing::info!(?report, "settlement round");
