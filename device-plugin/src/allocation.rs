@@ -44,8 +44,9 @@ fn uuids(inventory: &Inventory) -> Vec<&str> {
 }
 
 /// The `size` devices to prefer out of `available`, containing `must_include`: grown one device
-/// at a time by the one with the most NVLink links into the set so far, from the seed that ends
-/// with the most links. Ties go to the earlier device of `available`, so answers are stable.
+/// at a time by the one with the most NVLink links into the set so far (then the most devices
+/// on its NUMA node), from the seed that ends with the most links (then NUMA-local pairs). Ties
+/// go to the earlier device of `available`, so answers are stable.
 pub fn preferred_allocation(
     inventory: &Inventory,
     available: &[String],
@@ -53,12 +54,15 @@ pub fn preferred_allocation(
     size: usize,
 ) -> Vec<String> {
     let links = |a: &str, b: &str| inventory.gpu(a).is_some_and(|g| g.nvlink_peers.contains(b));
+    let numa = |id: &str| inventory.gpu(id).and_then(|g| g.numa_node);
+    let near = |a: &str, b: &str| numa(a).is_some() && numa(a) == numa(b);
     let grow = |mut chosen: Vec<String>| {
         while chosen.len() < size {
             let best = available.iter().filter(|id| !chosen.contains(id)).max_by_key(|id| {
                 // max_by_key keeps the last maximum; rank earlier devices higher on ties.
                 let linked = chosen.iter().filter(|c| links(c, id)).count();
-                (linked, std::cmp::Reverse(available.iter().position(|a| a == *id)))
+                let local = chosen.iter().filter(|c| near(c, id)).count();
+                (linked, local, std::cmp::Reverse(available.iter().position(|a| a == *id)))
             });
             match best {
                 Some(id) => chosen.push(id.clone()),
@@ -67,17 +71,18 @@ pub fn preferred_allocation(
         }
         chosen
     };
-    let score = |set: &[String]| {
+    let pairs = |set: &[String], related: &dyn Fn(&str, &str) -> bool| {
         set.iter()
             .enumerate()
-            .map(|(i, a)| set[i + 1..].iter().filter(|b| links(a, b)).count())
+            .map(|(i, a)| set[i + 1..].iter().filter(|b| related(a, b)).count())
             .sum::<usize>()
     };
+    let score = |set: &[String]| (pairs(set, &links), pairs(set, &near));
     let required: Vec<String> = dedup(must_include);
     if !required.is_empty() || size <= 1 {
         return grow(required);
     }
-    let mut best: Option<(usize, Vec<String>)> = None;
+    let mut best: Option<((usize, usize), Vec<String>)> = None;
     for seed in available {
         let set = grow(vec![seed.clone()]);
         let set_score = score(&set);
@@ -107,6 +112,7 @@ mod tests {
                 memory_mib: 1,
                 pci_bus_id: String::new(),
                 nvlink_peers: BTreeSet::new(),
+                numa_node: None,
             })
             .collect();
         for &(a, b) in links {
@@ -131,6 +137,23 @@ mod tests {
             preferred_allocation(&inventory(4, &[]), &ids(&[3, 1, 0, 2]), &[], 2),
             ids(&[3, 1])
         );
+    }
+
+    #[test]
+    fn without_nvlink_a_set_stays_on_one_numa_node() {
+        let mut inv = inventory(4, &[]);
+        for (gpu, node) in inv.gpus.iter_mut().zip([0, 1, 0, 1]) {
+            gpu.numa_node = Some(node);
+        }
+        let all = ids(&[0, 1, 2, 3]);
+        assert_eq!(preferred_allocation(&inv, &all, &[], 2), ids(&[0, 2]));
+        assert_eq!(preferred_allocation(&inv, &all, &ids(&[1]), 2), ids(&[1, 3]));
+        // NVLink still comes first.
+        let mut linked = inventory(4, &[(0, 1)]);
+        for (gpu, node) in linked.gpus.iter_mut().zip([0, 1, 0, 1]) {
+            gpu.numa_node = Some(node);
+        }
+        assert_eq!(preferred_allocation(&linked, &all, &[], 2), ids(&[0, 1]));
     }
 
     #[test]

@@ -280,6 +280,7 @@ mod tests {
                 memory_mib: 1,
                 pci_bus_id: String::new(),
                 nvlink_peers: Default::default(),
+                numa_node: None,
             })
             .collect();
         Inventory { gpus, ..Default::default() }

@@ -217,6 +217,7 @@ mod tests {
             memory_mib: 81_559,
             pci_bus_id: String::new(),
             nvlink_peers: BTreeSet::from([peer.to_string()]),
+            numa_node: None,
         };
         Inventory {
             gpus: vec![gpu("GPU-0", "GPU-1"), gpu("GPU-1", "GPU-0")],

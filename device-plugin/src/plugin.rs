@@ -15,8 +15,8 @@ use crate::api::device_plugin_server::DevicePlugin;
 use crate::api::{
     AllocateRequest, AllocateResponse, CdiDevice, ContainerAllocateResponse,
     ContainerPreferredAllocationResponse, Device, DevicePluginOptions, Empty, ListAndWatchResponse,
-    PreStartContainerRequest, PreStartContainerResponse, PreferredAllocationRequest,
-    PreferredAllocationResponse,
+    NumaNode, PreStartContainerRequest, PreStartContainerResponse, PreferredAllocationRequest,
+    PreferredAllocationResponse, TopologyInfo,
 };
 use crate::health::DeviceHealth;
 use crate::source::Inventory;
@@ -32,14 +32,18 @@ pub struct GpuPlugin {
     pub cdi: bool,
 }
 
-/// The device list the kubelet sees.
-pub fn device_list(devices: &[DeviceHealth]) -> ListAndWatchResponse {
+/// The device list the kubelet sees, each with its NUMA node when known (for the kubelet's
+/// topology manager).
+pub fn device_list(inventory: &Inventory, devices: &[DeviceHealth]) -> ListAndWatchResponse {
     let devices = devices
         .iter()
         .map(|d| Device {
             id: d.uuid.clone(),
             health: if d.health == GpuHealth::Healthy { HEALTHY } else { UNHEALTHY }.into(),
-            topology: None,
+            topology: inventory
+                .gpu(&d.uuid)
+                .and_then(|g| g.numa_node)
+                .map(|node| TopologyInfo { nodes: vec![NumaNode { id: i64::from(node) }] }),
         })
         .collect();
     ListAndWatchResponse { devices }
@@ -63,7 +67,9 @@ impl DevicePlugin for GpuPlugin {
         _: Request<Empty>,
     ) -> Result<Response<Self::ListAndWatchStream>, Status> {
         // WatchStream yields the current list first, then each change.
-        let stream = WatchStream::new(self.health.clone()).map(|devices| Ok(device_list(&devices)));
+        let inventory = self.inventory.clone();
+        let stream = WatchStream::new(self.health.clone())
+            .map(move |devices| Ok(device_list(&inventory, &devices)));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -127,4 +133,38 @@ impl DevicePlugin for GpuPlugin {
 
 pub fn options() -> DevicePluginOptions {
     DevicePluginOptions { pre_start_required: false, get_preferred_allocation_available: true }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::DeviceSource;
+    use crate::source::fake::FakeSource;
+
+    #[test]
+    fn devices_carry_their_numa_node_and_health() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gpus.yaml");
+        std::fs::write(
+            &path,
+            "gpus:\n\
+             - {uuid: GPU-0, productName: NVIDIA H100 80GB HBM3, memoryMib: 81559, numaNode: 1}\n\
+             - {uuid: GPU-1, productName: NVIDIA H100 80GB HBM3, memoryMib: 81559}\n",
+        )
+        .expect("write");
+        let inventory = FakeSource::from_file(&path).expect("valid").discover().expect("gpus");
+        let health = |uuid: &str, health| DeviceHealth { uuid: uuid.into(), health, reason: None };
+        let list = device_list(
+            &inventory,
+            &[health("GPU-0", GpuHealth::Healthy), health("GPU-1", GpuHealth::Unhealthy)],
+        );
+        let numa: Vec<Option<Vec<i64>>> = list
+            .devices
+            .iter()
+            .map(|d| d.topology.as_ref().map(|t| t.nodes.iter().map(|n| n.id).collect()))
+            .collect();
+        assert_eq!(numa, [Some(vec![1]), None]);
+        let states: Vec<&str> = list.devices.iter().map(|d| d.health.as_str()).collect();
+        assert_eq!(states, [HEALTHY, UNHEALTHY]);
+    }
 }

@@ -51,6 +51,8 @@ struct FakeGpu {
     pci_bus_id: String,
     #[serde(default)]
     nvlink_peers: Vec<String>,
+    #[serde(default)]
+    numa_node: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +166,7 @@ impl FakeSource {
                 memory_mib: g.memory_mib,
                 pci_bus_id: g.pci_bus_id.clone(),
                 nvlink_peers: peers.remove(g.uuid.as_str()).unwrap_or_default(),
+                numa_node: g.numa_node,
             })
             .collect();
         let inventory = Inventory {

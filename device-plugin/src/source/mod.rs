@@ -22,6 +22,8 @@ pub struct Gpu {
     pub pci_bus_id: String,
     /// Uuids of the GPUs this one reaches over NVLink (directly or through an NVSwitch).
     pub nvlink_peers: BTreeSet<String>,
+    /// NUMA node of the GPU's PCI device, when the platform reports one.
+    pub numa_node: Option<u32>,
 }
 
 impl Gpu {
@@ -166,6 +168,7 @@ mod tests {
                 memory_mib: 1,
                 pci_bus_id: String::new(),
                 nvlink_peers: BTreeSet::new(),
+                numa_node: None,
             };
             assert_eq!((gpu.model().as_str(), gpu.tier()), (model, tier), "{product}");
         }

@@ -88,6 +88,22 @@ fn normalize_bus_id(bus_id: &str) -> String {
     }
 }
 
+/// The NUMA node the kernel reports for the GPU's PCI device (`numa_node` in sysfs), `None`
+/// on single-node machines (-1) or when unreadable.
+fn numa_node_of(bus_id: &str) -> Option<u32> {
+    let path = format!("/sys/bus/pci/devices/{}/numa_node", sysfs_pci_address(bus_id));
+    parse_numa_node(&std::fs::read_to_string(path).ok()?)
+}
+
+/// NVML's bus id (`00000000:1B:00.0`) as sysfs names the device (`0000:1b:00.0`).
+fn sysfs_pci_address(bus_id: &str) -> String {
+    normalize_bus_id(bus_id).to_ascii_lowercase()
+}
+
+fn parse_numa_node(text: &str) -> Option<u32> {
+    text.trim().parse::<i64>().ok().and_then(|n| u32::try_from(n).ok())
+}
+
 impl DeviceSource for NvmlSource {
     fn discover(&self) -> Result<Inventory, SourceError> {
         let nvml = self.nvml()?;
@@ -122,6 +138,7 @@ impl DeviceSource for NvmlSource {
                 memory_mib: device.memory_info().map_err(nvml_error("reading GPU memory"))?.total
                     / (1024 * 1024),
                 uuid,
+                numa_node: numa_node_of(&pci_bus_id),
                 pci_bus_id,
                 nvlink_peers: BTreeSet::new(),
             });
@@ -201,6 +218,15 @@ fn watch_events(nvml: &Nvml, events: &mpsc::Sender<HealthEvent>) -> Result<(), S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numa_node_is_read_from_the_sysfs_pci_device() {
+        assert_eq!(sysfs_pci_address("00000000:1B:00.0"), "0000:1b:00.0");
+        assert_eq!(sysfs_pci_address("0001:AB:00.0"), "0001:ab:00.0");
+        assert_eq!(parse_numa_node("1\n"), Some(1));
+        assert_eq!(parse_numa_node("-1\n"), None, "no NUMA affinity");
+        assert_eq!(parse_numa_node(""), None);
+    }
 
     fn scan(uuid: &str, bus: &str, remotes: &[&str]) -> LinkScan {
         LinkScan {
