@@ -205,6 +205,11 @@ mod tests {
 
         reaper.finish().unwrap();
         let _ = process.child.lock().unwrap().wait();
+        // The reaper works on its own time: the group's death and the removal take a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (alive(grandchild) || dir.exists()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(!alive(grandchild), "grandchild killed");
         assert!(!dir.exists(), "directory removed");
     }

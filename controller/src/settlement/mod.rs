@@ -28,13 +28,15 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::metrics::Metrics;
+use gpumarket_crds::{GpuCluster, SettlementState};
+use kube::api::{Api, Patch, PatchParams};
 use solana_client::nonblocking::rpc_client::RpcClient;
 use solana_commitment_config::CommitmentConfig;
 use solana_keypair::Keypair;
 use solana_pubkey::Pubkey;
 use solana_signer::Signer;
 
+use crate::metrics::Metrics;
 pub use escrow::DepositStatus;
 pub use round::RoundReport;
 pub use stake::StakePolicy;
@@ -244,34 +246,40 @@ impl Settler {
 pub const FINALIZER: &str = "gpumarket.io/settlement";
 
 /// Whether the cluster's refund is confirmed on chain (nothing more to settle for it).
-pub fn refunded(cluster: &gpumarket_crds::GpuCluster) -> bool {
-    plan::refund_record(cluster)
-        .is_some_and(|r| r.state == gpumarket_crds::SettlementState::Confirmed)
+pub fn refunded(cluster: &GpuCluster) -> bool {
+    plan::refund_record(cluster).is_some_and(|r| r.state == SettlementState::Confirmed)
 }
 
 /// Add (`hold = true`) or remove the settlement finalizer. The patch carries the
 /// resourceVersion it was computed from, so a concurrent change fails it with a conflict (the
 /// caller retries) instead of being overwritten.
 pub async fn set_finalizer(
-    api: &kube::Api<gpumarket_crds::GpuCluster>,
-    cluster: &gpumarket_crds::GpuCluster,
+    api: &Api<GpuCluster>,
+    cluster: &GpuCluster,
     hold: bool,
 ) -> Result<(), kube::Error> {
-    let current = cluster.metadata.finalizers.clone().unwrap_or_default();
-    let mut wanted: Vec<String> = current.iter().filter(|f| *f != FINALIZER).cloned().collect();
-    if hold {
-        wanted.push(FINALIZER.to_owned());
-    }
-    if wanted == current {
-        return Ok(());
-    }
+    let current = cluster.metadata.finalizers.as_deref().unwrap_or_default();
+    let Some(wanted) = finalizers_with(current, hold) else { return Ok(()) };
     let patch = serde_json::json!({"metadata": {
         "finalizers": wanted,
         "resourceVersion": cluster.metadata.resource_version,
     }});
     let name = cluster.metadata.name.as_deref().unwrap_or_default();
-    api.patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(())
+}
+
+/// `current` with the settlement finalizer held or not (others kept in order); `None` when it
+/// already is.
+fn finalizers_with(current: &[String], hold: bool) -> Option<Vec<String>> {
+    if current.iter().any(|f| f == FINALIZER) == hold {
+        return None;
+    }
+    let mut wanted: Vec<String> = current.iter().filter(|f| *f != FINALIZER).cloned().collect();
+    if hold {
+        wanted.push(FINALIZER.to_owned());
+    }
+    Some(wanted)
 }
 
 /// Most time between rounds while errors repeat.
@@ -304,5 +312,20 @@ pub async fn run(client: kube::Client, settler: Arc<Settler>, metrics: Arc<Metri
             }
         }
         tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_finalizer_is_added_or_removed_only_when_needed() {
+        let list = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        let other = "example.com/other";
+        assert_eq!(finalizers_with(&[], true), Some(list(&[FINALIZER])));
+        assert_eq!(finalizers_with(&list(&[FINALIZER, other]), true), None, "held, order kept");
+        assert_eq!(finalizers_with(&list(&[other, FINALIZER]), false), Some(list(&[other])));
+        assert_eq!(finalizers_with(&list(&[other]), false), None);
     }
 }
