@@ -207,6 +207,37 @@ impl Fixture {
         }
     }
 
+    /// Run rounds of `settler` until cluster `name` has its refund recorded.
+    async fn settle_until_refunded(
+        &self,
+        settler: &Settler,
+        name: &str,
+    ) -> Result<gpumarket_crds::GpuClusterStatus> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            settler.settle_round(&self.client).await?;
+            let status = self.get_cluster(name).await?.status.unwrap_or_default();
+            if status.amount_refunded.is_some() {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("no refund of {name} recorded after 60 s: {status:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// (reason, note) of the Events in this test's namespace.
+    async fn event_notes(&self) -> Result<Vec<(String, String)>> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        let events = api.list(&ListParams::default()).await?.items;
+        Ok(events
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect())
+    }
+
     /// Transactions on chain that carry this payout key in their memo.
     async fn payments_with_key(&self, key: &str) -> Result<usize> {
         let escrow = self.settler.escrow().await?.account();
@@ -299,21 +330,18 @@ async fn leases_are_paid_per_period_and_at_their_end_and_the_rest_refunded() -> 
     assert_eq!(fx.balance(&s1).await? - before1, 20_000, "2 GPUs × 10 s");
 
     // Refund of what was not used.
-    let mut refunded = None;
-    for _ in 0..30 {
-        fx.settler.settle_round(&fx.client).await?;
-        let status = fx.get_cluster("lifecycle").await?.status.unwrap_or_default();
-        if status.amount_refunded.is_some() {
-            refunded = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let status = refunded.context("no refund recorded")?;
+    let status = fx.settle_until_refunded(&fx.settler, "lifecycle").await?;
     assert_eq!(status.amount_refunded, Some(70_000));
     assert_eq!(status.amount_settled, Some(30_000));
     assert_eq!(fx.balance(&buyer).await?, buyer_before + 70_000);
     assert_eq!(fx.balance(&fx.settler.authority()).await?, 0, "escrow ends empty");
+    let told = fx.event_notes().await?;
+    assert_eq!(told.iter().filter(|(reason, _)| reason == "Settled").count(), 2, "{told:?}");
+    assert!(
+        told.iter()
+            .any(|(reason, note)| reason == "Refunded" && note.contains("refunded 0.070000")),
+        "{told:?}"
+    );
     fx.cleanup().await
 }
 
@@ -417,13 +445,7 @@ async fn a_supplier_failure_slashes_its_stake_to_the_buyer_and_the_rest_is_refun
         })
         .await?;
     fx.set_cluster_phase(&cluster, "Completed").await?;
-    let refunded = |c: &GpuCluster| c.status.as_ref().and_then(|s| s.amount_refunded).is_some();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !refunded(&fx.get_cluster("slash").await?) {
-        assert!(tokio::time::Instant::now() < deadline, "no refund after 60 s");
-        settler.settle_round(&fx.client).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    fx.settle_until_refunded(&settler, "slash").await?;
 
     let paid = paid(&leases[0]);
     let slash = leases[0]
@@ -443,6 +465,11 @@ async fn a_supplier_failure_slashes_its_stake_to_the_buyer_and_the_rest_is_refun
         "the buyer gets the slash and the unused deposit"
     );
     assert_eq!(fx.balance(&escrow).await?, 100_000 - slash, "the escrow keeps the stake left");
+    let told = fx.event_notes().await?;
+    assert!(
+        told.iter().any(|(reason, note)| reason == "Slashed" && note.contains("0.025000")),
+        "{told:?}"
+    );
     fx.cleanup().await
 }
 

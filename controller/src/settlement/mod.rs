@@ -5,8 +5,8 @@
 //! which period is due), [`escrow`] (deposit cover, exhaustion, refund), [`protocol`] (the
 //! exactly-once decisions), [`transaction`] (instructions, batching under the size limit),
 //! [`memo`] (idempotency keys), [`plan`] (what a round pays, ends and refunds),
-//! [`reputation`] and [`stake`]. [`chain`] is the thin RPC wiring and [`round`] the Kubernetes
-//! wiring; [`run`] repeats rounds for the controller.
+//! [`reputation`] and [`stake`]. [`chain`] is the thin RPC wiring, [`round`] the Kubernetes
+//! wiring and [`events`] what the buyer is told; [`run`] repeats rounds for the controller.
 //!
 //! Usage: `Settler::new(config)` once, then `settler.deposit_status(uid, required)` from the
 //! GpuCluster reconcile, and `run(client, settler, metrics)` beside the other controllers (on the
@@ -14,6 +14,7 @@
 
 pub mod chain;
 pub mod escrow;
+pub mod events;
 pub mod memo;
 pub mod meter;
 pub mod plan;

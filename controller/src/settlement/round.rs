@@ -19,6 +19,7 @@ use solana_pubkey::Pubkey;
 use solana_signer::Signer;
 use solana_transaction::Signature;
 
+use super::events::ClusterEvents;
 use super::meter::{Meter, confirmed_paid, fully_settled, is_payout_period};
 use super::plan::{self, Inputs, Planned, REFUND_ANNOTATION, REFUND_PERIOD};
 use super::protocol::{Step, decide};
@@ -83,10 +84,12 @@ impl Settler {
         let clusters_api: Api<GpuCluster> = Api::all(client.clone());
         let escrow = self.escrow().await?;
         let mut report = RoundReport::default();
+        let events = ClusterEvents::new(client.clone());
 
         let leases = leases_api.list(&ListParams::default()).await?.items;
         let clusters = clusters_api.list(&ListParams::default()).await?.items;
-        self.resolve_in_flight(&leases_api, &clusters_api, &leases, &clusters, &mut report).await?;
+        let apis = (&leases_api, &clusters_api);
+        self.resolve_in_flight(apis, &events, &leases, &clusters, &mut report).await?;
 
         let mut leases = leases_api.list(&ListParams::default()).await?.items;
         let clusters = clusters_api.list(&ListParams::default()).await?.items;
@@ -110,14 +113,17 @@ impl Settler {
             leases.iter().map(|l| (l.name_any(), l)).collect();
         for (name, record) in payouts.without_transfer {
             if let Some(lease) = by_name.get(&name) {
-                update_lease(&leases_api, lease, |s| confirm(s, &Meter::of(lease), record.clone()))
-                    .await?;
+                let meter = Meter::of(lease);
+                let after =
+                    update_lease(&leases_api, lease, |s| confirm(s, &meter, record.clone()))
+                        .await?;
+                events.lease_changed(lease, &after).await;
             }
         }
         self.send_payouts(&leases_api, &by_name, &escrow, payouts.to_send, &mut report).await?;
 
         for refund in plan::refunds(&inputs) {
-            self.refund(&clusters_api, &escrow, refund, &mut report).await?;
+            self.refund(&clusters_api, &events, &escrow, refund, &mut report).await?;
         }
         publish_cluster_totals(&clusters_api, &leases, &clusters).await?;
         self.update_reputation(client, &escrow, &leases, &deposits).await?;
@@ -145,8 +151,8 @@ impl Settler {
 
     async fn resolve_in_flight(
         &self,
-        leases_api: &Api<GpuLease>,
-        clusters_api: &Api<GpuCluster>,
+        (leases_api, clusters_api): (&Api<GpuLease>, &Api<GpuCluster>),
+        events: &ClusterEvents,
         leases: &[GpuLease],
         clusters: &[GpuCluster],
         report: &mut RoundReport,
@@ -177,7 +183,8 @@ impl Settler {
                     }
                     futures::stream::iter(flight.holders.iter().map(Ok::<_, Error>))
                         .try_for_each_concurrent(CONCURRENT_WRITES, |holder| {
-                            self.settle_holder(leases_api, clusters_api, &by_name, holder, step)
+                            let apis = (leases_api, clusters_api);
+                            self.settle_holder(apis, events, &by_name, holder, step)
                         })
                         .await?;
                     if step == Step::Confirm {
@@ -193,8 +200,8 @@ impl Settler {
 
     async fn settle_holder(
         &self,
-        leases_api: &Api<GpuLease>,
-        clusters_api: &Api<GpuCluster>,
+        (leases_api, clusters_api): (&Api<GpuLease>, &Api<GpuCluster>),
+        events: &ClusterEvents,
         leases: &HashMap<String, &GpuLease>,
         holder: &Holder,
         step: Step,
@@ -203,7 +210,7 @@ impl Settler {
             Holder::Lease { name, period } => {
                 let Some(lease) = leases.get(name) else { return Ok(()) };
                 let meter = Meter::of(lease);
-                update_lease(leases_api, lease, |status| {
+                let after = update_lease(leases_api, lease, |status| {
                     let Some(record) =
                         status.settlements.iter().find(|r| &r.period == period).cloned()
                     else {
@@ -218,6 +225,7 @@ impl Settler {
                     }
                 })
                 .await?;
+                events.lease_changed(lease, &after).await;
             }
             Holder::Refund { namespace, name } => {
                 let api: Api<GpuCluster> =
@@ -234,6 +242,7 @@ impl Settler {
                 if step == Step::Confirm {
                     let patch = json!({"status": {"amountRefunded": record.amount}});
                     api.patch_status(name, &patch_params(), &Patch::Merge(&patch)).await?;
+                    events.refunded(&cluster, &record).await;
                 }
             }
         }
@@ -296,6 +305,7 @@ impl Settler {
     async fn refund(
         &self,
         clusters_api: &Api<GpuCluster>,
+        events: &ClusterEvents,
         escrow: &Escrow,
         refund: plan::Refund,
         report: &mut RoundReport,
@@ -314,7 +324,9 @@ impl Settler {
         if refund.amount == 0 {
             write_refund_record(&api, &refund.name, &record).await?;
             let patch = json!({"status": {"amountRefunded": 0}});
-            api.patch_status(&refund.name, &patch_params(), &Patch::Merge(&patch)).await?;
+            let cluster =
+                api.patch_status(&refund.name, &patch_params(), &Patch::Merge(&patch)).await?;
+            events.refunded(&cluster, &record).await;
             return Ok(());
         }
         let missing =
