@@ -1,7 +1,7 @@
 //! What every reconcile is handed: the client, the caches, the event recorder, the metrics and
 //! the settings. One value in an `Arc`, no globals.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,10 +129,11 @@ impl Context {
         for lease in cached.iter().filter(|l| crate::cluster::status::is_active(l)) {
             *placed.entry(lease.spec.cluster.uid.as_str()).or_default() += lease.spec.workers;
         }
+        let in_cache: HashSet<&str> =
+            cached.iter().filter_map(|l| l.metadata.name.as_deref()).collect();
         let mut recent = lock(&self.recent_leases);
         recent.retain(|name, (_, _, at)| {
-            at.elapsed() < RECENT_CLAIM_TTL
-                && !cached.iter().any(|l| l.metadata.name.as_ref() == Some(name))
+            at.elapsed() < RECENT_CLAIM_TTL && !in_cache.contains(name.as_str())
         });
         for (uid, workers, _) in recent.values() {
             *placed.entry(uid.as_str()).or_default() += workers;
