@@ -91,12 +91,6 @@ impl Context {
         }
     }
 
-    /// The cluster's leases (active and ended), from the cache.
-    pub fn leases_of(&self, cluster: &GpuCluster) -> Vec<Arc<GpuLease>> {
-        let uid = cluster.metadata.uid.as_deref().unwrap_or_default();
-        self.leases.state().into_iter().filter(|l| l.spec.cluster.uid == uid).collect()
-    }
-
     /// Free supply for matching: the cached offers (with settlement on, only those staked
     /// enough), less the GPUs this replica claimed that the cache does not show yet.
     pub fn supply(&self, now: jiff::Timestamp) -> Vec<Offer> {

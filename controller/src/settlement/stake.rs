@@ -26,10 +26,6 @@ impl StakePolicy {
         self.min_per_gpu.get(&tier).copied().unwrap_or(0).saturating_mul(u64::from(gpus))
     }
 
-    pub fn sufficient(&self, stake: u64, tier: GpuTier, gpus: u32) -> bool {
-        stake >= self.minimum(tier, gpus)
-    }
-
     /// Whether the offer's bonded stake (as settlement last wrote it in its status) covers the
     /// minimum for every GPU it offers; only such offers are matched while settlement is on.
     pub fn admits(&self, offer: &GpuOffer) -> bool {
@@ -89,9 +85,6 @@ mod tests {
         assert_eq!(p.minimum(GpuTier::H100, 8), 8000);
         assert_eq!(p.minimum(GpuTier::A100, 2), 800);
         assert_eq!(p.minimum(GpuTier::Rtx4090, 8), 0);
-        assert!(!p.sufficient(7999, GpuTier::H100, 8));
-        assert!(p.sufficient(8000, GpuTier::H100, 8));
-        assert!(!p.sufficient(0, GpuTier::A100, 1), "an unstaked offer is not matched");
     }
 
     #[test]
