@@ -603,12 +603,18 @@ async fn a_settled_cluster_pays_its_staked_supplier_and_is_refunded_the_rest() {
     let mut spec = gpu_cluster("paid", "pay", 1, 2);
     spec.spec.payment.buyer_wallet = buyer.pubkey().to_string();
     let created = clusters.create(&PostParams::default(), &spec).await.unwrap();
-    eventually("the deposit asked for", WAIT, || async {
+    let asked = eventually("the deposit asked for", WAIT, || async {
         let status = clusters.get("paid").await.ok()?.status?;
-        let funded = status.conditions.iter().find(|c| c.type_ == "Funded")?;
-        (funded.status == "False").then_some(())
+        let funded = status.conditions.into_iter().find(|c| c.type_ == "Funded")?;
+        (funded.status == "False").then_some(funded.message)
     })
     .await;
+    let uid = created.uid().unwrap();
+    assert!(
+        asked.contains("deposit 7.200000 more")
+            && asked.contains(&format!("escrow of {authority} with memo {uid}")),
+        "says how much, where and with which memo: {asked}"
+    );
     assert!(leases_of(&client, &created).await.is_empty(), "nothing bound before the deposit");
 
     let (buyer_before, supplier_before) =

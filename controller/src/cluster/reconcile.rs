@@ -326,10 +326,12 @@ async fn match_and_bind(
                 Ok(DepositStatus::Covered { deposited }) => Some((settler, duration, deposited)),
                 Ok(DepositStatus::Short { deposited, missing }) => {
                     let why = format!(
-                        "deposit {} short of the {} this match needs (memo {uid}): deposit {} more",
+                        "deposit {} short of the {} this match needs: deposit {} more to the \
+                         escrow of {} with memo {uid}",
                         Amount::new(deposited),
                         Amount::new(required),
-                        Amount::new(missing)
+                        Amount::new(missing),
+                        settler.authority(),
                     );
                     return Ok((Bind::Unfunded(why.clone()), Some(Err(why))));
                 }
