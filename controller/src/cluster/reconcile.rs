@@ -18,7 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
 use super::status::{
-    Observation, build_status, ended_out_of_funds, ended_status, expires_at, is_active,
+    Ending, Observation, build_status, ended_status, ending, expires_at, is_active,
     missing_workers, supplier_failure, surplus_leases,
 };
 use crate::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
@@ -120,29 +120,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
 
-    if let Some(at) = expires_at(cluster).filter(|at| *at <= now) {
-        let message = format!("ran its duration {} (until {at})", cluster.spec.duration);
-        let end = Ending {
-            lease_reason: EndReason::Expired,
-            phase: ClusterPhase::Completed,
-            reason: "Expired",
-            message,
-        };
-        return finish(cluster, ctx, leases, ray_cluster.is_some(), end).await;
-    }
-    // Settlement ends the leases of a cluster whose escrow ran dry; its workers are not
-    // replaced (nobody would pay for them), the cluster ends.
-    if let Some(lease) = ended_out_of_funds(&leases) {
-        let message = format!(
-            "escrow exhausted: lease {} ended OutOfFunds; deposit more for a new cluster",
-            lease.name_any()
-        );
-        let end = Ending {
-            lease_reason: EndReason::OutOfFunds,
-            phase: ClusterPhase::Failed,
-            reason: "OutOfFunds",
-            message,
-        };
+    if let Some(end) = ending(cluster, &leases, now) {
         return finish(cluster, ctx, leases, ray_cluster.is_some(), end).await;
     }
 
@@ -454,17 +432,6 @@ pub async fn end_lease(
         .await?;
     binding::release_lease_claims(&offers_api(ctx), lease).await?;
     Ok(ended)
-}
-
-/// How a cluster ends.
-struct Ending {
-    /// Given to the leases still active.
-    lease_reason: EndReason,
-    /// `Completed` or `Failed`.
-    phase: ClusterPhase,
-    /// Event and condition reason.
-    reason: &'static str,
-    message: String,
 }
 
 /// The cluster is over (duration up, escrow dry): Expiring, RayCluster deleted, active leases

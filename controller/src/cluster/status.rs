@@ -48,11 +48,42 @@ pub fn wants_supply(cluster: &GpuCluster) -> bool {
     }
 }
 
-/// A lease that settlement ended because the cluster's escrow ran dry, if any.
-pub fn ended_out_of_funds(leases: &[GpuLease]) -> Option<&GpuLease> {
-    leases
+/// How a cluster ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ending {
+    /// Given to the leases still active.
+    pub lease_reason: EndReason,
+    /// `Completed` or `Failed`.
+    pub phase: ClusterPhase,
+    /// Event and condition reason.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Whether the cluster is over, and how: its duration ran out (Completed), or settlement ended
+/// a lease because the escrow ran dry (Failed: its workers are not re-placed, nobody would pay
+/// for them).
+pub fn ending(cluster: &GpuCluster, leases: &[GpuLease], now: Timestamp) -> Option<Ending> {
+    if let Some(at) = expires_at(cluster).filter(|at| *at <= now) {
+        return Some(Ending {
+            lease_reason: EndReason::Expired,
+            phase: ClusterPhase::Completed,
+            reason: "Expired",
+            message: format!("ran its duration {} (until {at})", cluster.spec.duration),
+        });
+    }
+    let dry = leases
         .iter()
-        .find(|l| l.status.as_ref().and_then(|s| s.end_reason) == Some(EndReason::OutOfFunds))
+        .find(|l| l.status.as_ref().and_then(|s| s.end_reason) == Some(EndReason::OutOfFunds))?;
+    Some(Ending {
+        lease_reason: EndReason::OutOfFunds,
+        phase: ClusterPhase::Failed,
+        reason: "OutOfFunds",
+        message: format!(
+            "escrow exhausted: lease {} ended OutOfFunds; deposit more for a new cluster",
+            dry.metadata.name.as_deref().unwrap_or_default()
+        ),
+    })
 }
 
 /// Why an active lease can no longer serve: its offer is gone, its heartbeat is stale, or one of
@@ -368,8 +399,8 @@ mod tests {
     }
 
     #[test]
-    fn only_an_out_of_funds_end_stops_the_cluster() {
-        let cluster = mk_cluster("c", 2, 1);
+    fn a_cluster_ends_when_its_time_is_up_or_its_escrow_ran_dry() {
+        let mut cluster = mk_cluster("c", 2, 1);
         let ended = |reason| {
             let mut lease = mk_lease(&cluster, "n1", &["g0"], 1);
             lease.status = Some(GpuLeaseStatus {
@@ -382,10 +413,17 @@ mod tests {
         let failed = ended(EndReason::SupplierFailure);
         let dry = ended(EndReason::OutOfFunds);
         let active = mk_lease(&cluster, "n2", &["g0"], 1);
-        assert!(ended_out_of_funds(&[failed.clone(), active.clone()]).is_none());
-        let leases = [failed, dry.clone(), active];
-        let found = ended_out_of_funds(&leases);
-        assert_eq!(found.map(|l| &l.metadata.name), Some(&dry.metadata.name));
+        assert_eq!(ending(&cluster, &[failed.clone(), active.clone()], now()), None, "re-placed");
+        let out = ending(&cluster, &[failed, dry.clone(), active.clone()], now()).expect("ends");
+        assert_eq!((out.phase, out.lease_reason), (ClusterPhase::Failed, EndReason::OutOfFunds));
+        assert!(out.message.contains(dry.metadata.name.as_deref().expect("named")));
+
+        cluster.status = Some(GpuClusterStatus {
+            start_time: Some(Time(now() - jiff::SignedDuration::from_hours(1))),
+            ..Default::default()
+        });
+        let up = ending(&cluster, &[dry, active], now()).expect("ends");
+        assert_eq!((up.phase, up.reason), (ClusterPhase::Completed, "Expired"), "time first");
     }
 
     #[test]
