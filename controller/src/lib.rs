@@ -29,6 +29,7 @@ use futures::StreamExt;
 use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
 use kube::Client;
 use kube::api::Api;
+use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio_util::sync::CancellationToken;
 
@@ -134,26 +135,9 @@ async fn run_controllers(
     // The caches are filled by their own tasks, so a reconcile can wait for them without
     // depending on the controller polling its trigger streams; the controllers have their own
     // watches as triggers.
-    let (offer_store, offer_writer) = reflector::store();
-    let offer_cache = watcher(Api::<GpuOffer>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(offer_writer)
-        .for_each(|_| std::future::ready(()));
-    let (lease_store, lease_writer) = reflector::store();
-    let lease_cache = watcher(Api::<GpuLease>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(lease_writer)
-        .for_each(|_| std::future::ready(()));
-    let (cluster_store, cluster_writer) = reflector::store();
-    let cluster_cache = watcher(Api::<GpuCluster>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(cluster_writer)
-        .for_each(|_| std::future::ready(()));
-    let _caches = (
-        AbortOnDrop(tokio::spawn(offer_cache)),
-        AbortOnDrop(tokio::spawn(lease_cache)),
-        AbortOnDrop(tokio::spawn(cluster_cache)),
-    );
+    let (offer_store, _offers) = cache::<GpuOffer>(&client);
+    let (lease_store, _leases) = cache::<GpuLease>(&client);
+    let (cluster_store, _clusters) = cache::<GpuCluster>(&client);
     if offer_store.wait_until_ready().await.is_err()
         || lease_store.wait_until_ready().await.is_err()
         || cluster_store.wait_until_ready().await.is_err()
@@ -198,6 +182,25 @@ async fn run_controllers(
     };
     let offer_controller = offer::run(ctx.clone());
     futures::future::join4(cluster::run(clusters, ctx), offer_controller, inventory, settle).await;
+}
+
+/// A cache of every `K` in the cluster, kept filled by its own task until dropped.
+fn cache<K>(client: &Client) -> (Store<K>, AbortOnDrop)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let fill = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .for_each(|_| std::future::ready(()));
+    (store, AbortOnDrop(tokio::spawn(fill)))
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
