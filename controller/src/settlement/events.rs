@@ -25,7 +25,8 @@ impl ClusterEvents {
     /// Tell the buyer what a lease update brought (see [`lease_news`]).
     pub async fn lease_changed(&self, before: &GpuLease, after: &GpuLease) {
         for (reason, note) in lease_news(before, after) {
-            self.publish(lease_cluster(after), reason, note).await;
+            // The lease as related object: news of two leases are two Events, not one series.
+            self.publish(lease_cluster(after), Some(after.object_ref(&())), reason, note).await;
         }
     }
 
@@ -38,16 +39,22 @@ impl ClusterEvents {
             }
             None => "nothing left of the deposit to refund".to_owned(),
         };
-        self.publish(cluster.object_ref(&()), "Refunded", note).await;
+        self.publish(cluster.object_ref(&()), None, "Refunded", note).await;
     }
 
-    async fn publish(&self, cluster: ObjectReference, reason: &str, note: String) {
+    async fn publish(
+        &self,
+        cluster: ObjectReference,
+        related: Option<ObjectReference>,
+        reason: &str,
+        note: String,
+    ) {
         let event = Event {
             type_: EventType::Normal,
             reason: reason.into(),
             note: Some(note),
             action: "Settle".into(),
-            secondary: None,
+            secondary: related,
         };
         if let Err(e) = self.recorder.publish(&event, &cluster).await {
             tracing::warn!(error = %e, reason, "publishing settlement event");
