@@ -217,6 +217,19 @@ async fn phase_of(api: &Api<GpuCluster>, name: &str) -> Option<ClusterPhase> {
     api.get_opt(name).await.ok().flatten()?.status?.phase
 }
 
+/// Apply `gpu_cluster(name, region, workers, gpus)` and wait until it is Provisioning.
+async fn provision(
+    clusters: &Api<GpuCluster>,
+    name: &str,
+    region: &str,
+    workers: u32,
+    gpus: u32,
+) -> GpuCluster {
+    let cluster = gpu_cluster(name, region, workers, gpus);
+    clusters.create(&PostParams::default(), &cluster).await.unwrap();
+    wait_phase(clusters, name, ClusterPhase::Provisioning).await
+}
+
 async fn wait_phase(api: &Api<GpuCluster>, name: &str, phase: ClusterPhase) -> GpuCluster {
     eventually(&format!("{name} to be {phase:?}"), WAIT, || async {
         let cluster = api.get(name).await.ok()?;
@@ -293,9 +306,7 @@ async fn cluster_runs_on_the_matched_nodes_then_expires() {
     let _controller = Controller::start(&client);
 
     let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
-    clusters.create(&PostParams::default(), &gpu_cluster("train", "life", 2, 4)).await.unwrap();
-
-    let provisioning = wait_phase(&clusters, "train", ClusterPhase::Provisioning).await;
+    let provisioning = provision(&clusters, "train", "life", 2, 4).await;
     let leases = leases_of(&client, &provisioning).await;
     assert_eq!(active(&leases).len(), 2, "one lease per node: {leases:?}");
     let ray = ray_api(&client, &ns).get("train").await.unwrap();
@@ -458,8 +469,7 @@ async fn silent_supplier_is_replaced_and_the_head_stays() {
     ];
     let _controller = Controller::start(&client);
     let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
-    clusters.create(&PostParams::default(), &gpu_cluster("resilient", "fail", 2, 4)).await.unwrap();
-    wait_phase(&clusters, "resilient", ClusterPhase::Provisioning).await;
+    provision(&clusters, "resilient", "fail", 2, 4).await;
     mark_ray_ready(&client, &ns, "resilient").await;
     let running = wait_phase(&clusters, "resilient", ClusterPhase::Running).await;
     let before = ray_api(&client, &ns).get("resilient").await.unwrap();
@@ -501,8 +511,7 @@ async fn deletion_ends_the_leases_first() {
     let _a = Supplier::start(env, &client, "ctl-del-a", "del", 2, 1_000_000).await;
     let _controller = Controller::start(&client);
     let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
-    clusters.create(&PostParams::default(), &gpu_cluster("short", "del", 1, 2)).await.unwrap();
-    let provisioning = wait_phase(&clusters, "short", ClusterPhase::Provisioning).await;
+    let provisioning = provision(&clusters, "short", "del", 1, 2).await;
 
     clusters.delete("short", &DeleteParams::default()).await.unwrap();
     eventually("the GpuCluster gone", WAIT, || async {
@@ -529,8 +538,7 @@ async fn restarted_controller_converges_without_duplicates_and_survives_bad_obje
     let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
 
     let first = Controller::start(&client);
-    clusters.create(&PostParams::default(), &gpu_cluster("steady", "rest", 2, 2)).await.unwrap();
-    wait_phase(&clusters, "steady", ClusterPhase::Provisioning).await;
+    provision(&clusters, "steady", "rest", 2, 2).await;
     drop(first);
 
     // While no controller runs: the RayCluster is deleted by hand, an offer with no GPUs appears.
@@ -653,8 +661,7 @@ async fn a_cluster_out_of_funds_ends_instead_of_replacing_its_workers() {
     let _b = Supplier::start(env, &client, "ctl-dry-b", "dry", 2, 1_000_000).await;
     let _controller = Controller::start(&client);
     let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
-    clusters.create(&PostParams::default(), &gpu_cluster("dry", "dry", 1, 2)).await.unwrap();
-    let provisioning = wait_phase(&clusters, "dry", ClusterPhase::Provisioning).await;
+    let provisioning = provision(&clusters, "dry", "dry", 1, 2).await;
     let leases = leases_of(&client, &provisioning).await;
 
     // What settlement does when the escrow runs dry.
