@@ -79,7 +79,7 @@ pub fn market_offer(offer: &GpuOffer, now: Timestamp, timeout: Duration) -> Opti
         zone: offer.spec.zone.clone().unwrap_or_default(),
         interconnect: offer.spec.interconnect,
         reputation: status.and_then(|s| s.reputation.as_ref()).map_or(0, |r| r.score),
-        stake: status.and_then(|s| s.stake).unwrap_or(0),
+        stake: offer.bonded_stake(),
     })
 }
 

@@ -29,10 +29,7 @@ pub fn mk_cluster(name: &str, workers: u32, gpus_per_worker: u32) -> GpuCluster 
             min_reputation: 0,
             placement: Default::default(),
             ray: Default::default(),
-            payment: Payment {
-                buyer_wallet: "11111111111111111111111111111111".into(),
-                deposit: 1,
-            },
+            payment: Payment { buyer_wallet: "11111111111111111111111111111111".into() },
         },
     );
     cluster.metadata.namespace = Some("ns".into());

@@ -194,20 +194,16 @@ pub struct WorkerOverrides {
     pub ray_start_params: std::collections::BTreeMap<String, String>,
 }
 
-/// Who pays and how much is put in escrow.
+/// Who pays. The deposit itself is whatever the cluster's own escrow account holds (its address
+/// is in the `Funded` condition and in `status.escrow`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Payment {
-    /// Buyer's Solana wallet (base-58 public key): deposits come from it, refunds go to it.
+    /// Buyer's Solana wallet (base-58 public key): the refund of the escrow goes to it.
     #[x_kube(validation = Rule::new("self.matches('^[1-9A-HJ-NP-Za-km-z]{32,44}$')").message("spec.payment.buyerWallet must be a base-58 Solana public key (32 to 44 characters, no 0, O, I or l)"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.payment.buyerWallet is immutable"))]
     #[schemars(length(max = 44))]
     pub buyer_wallet: String,
-
-    /// Amount the buyer deposits into escrow, in base units; must cover
-    /// price × GPUs × duration (plus the operator's margin) before the cluster is provisioned.
-    #[x_kube(validation = Rule::new("self > 0").message("spec.payment.deposit must be greater than 0 (base units of the settlement mint)"))]
-    pub deposit: u64,
 }
 
 impl GpuClusterSpec {
@@ -219,6 +215,23 @@ impl GpuClusterSpec {
     pub fn duration(&self) -> Result<std::time::Duration, crate::common::DurationError> {
         parse_duration(&self.duration)
     }
+}
+
+/// A cluster's escrow: an SPL token account of its own, at an address anyone can derive from
+/// the settlement authority and the cluster uid, holding exactly this cluster's deposits.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EscrowStatus {
+    /// Address of the escrow token account (base-58); deposits are plain token transfers to it.
+    #[schemars(length(max = 44))]
+    pub account: String,
+    /// Base units it held when settlement last looked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<u64>,
+    /// The refund, once the cluster has ended: the whole balance back to the buyer and the
+    /// account closed, in one transaction. Written before it is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund: Option<crate::lease::SettlementRecord>,
 }
 
 /// Lifecycle of a GpuCluster.
@@ -288,6 +301,10 @@ pub struct GpuClusterStatus {
     /// Refunded to the buyer, in base units, once the cluster has ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount_refunded: Option<u64>,
+
+    /// The cluster's own escrow on chain and its refund (written by settlement alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escrow: Option<EscrowStatus>,
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

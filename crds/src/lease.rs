@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
     status = "GpuLeaseStatus",
     shortname = "gpul",
     category = "gpumarket",
+    selectable = ".spec.offer",
     doc = "GPUs of one offer bound to one GpuCluster, with meter and settlement record",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.endReason"),
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Cluster", type_ = "string", json_path = ".spec.cluster.name"),
     printcolumn(name = "Offer", type_ = "string", json_path = ".spec.offer"),
     printcolumn(name = "Price/h", type_ = "integer", json_path = ".spec.pricePerGpuHour"),
-    printcolumn(name = "GPU-s", type_ = "integer", json_path = ".status.meteredGpuSeconds"),
+    printcolumn(name = "Served GPU-s", type_ = "integer", json_path = ".status.servedGpuSeconds"),
     printcolumn(name = "Settled", type_ = "integer", json_path = ".status.amountSettled"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -59,7 +60,8 @@ pub struct GpuLeaseSpec {
     #[x_kube(validation = Rule::new("self > 0").message("spec.pricePerGpuHour must be greater than 0"))]
     pub price_per_gpu_hour: u64,
 
-    /// When metering starts.
+    /// When the GPUs were bound (hired); billing starts only once the lease serves
+    /// (`status.servingSince`).
     pub start_time: Time,
 }
 
@@ -99,14 +101,39 @@ pub enum EndReason {
     /// Bound beyond what the cluster asks for (replicas raced without leader election) and ended
     /// before it served: metered zero, so not billed.
     Surplus,
+    /// Its workers were not Ready on the supplier's node within the provisioning timeout: a
+    /// supplier failure, never billed.
+    NotServing,
 }
 
-/// Meter and settlement record of a lease.
+impl EndReason {
+    /// Whether the supplier is to blame (reputation, slashing).
+    pub fn is_supplier_failure(self) -> bool {
+        matches!(self, EndReason::SupplierFailure | EndReason::NotServing)
+    }
+}
+
+/// Meter and settlement record of a lease. Written by the controller alone; the end and the
+/// start of service are written once.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(oldSelf.endTime) || (has(self.endTime) && self.endTime == oldSelf.endTime)").message("status.endTime of a GpuLease is written once: an ended meter never moves"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.endReason) || (has(self.endReason) && self.endReason == oldSelf.endReason)").message("status.endReason of a GpuLease is written once: why a lease ended never changes"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.servingSince) || (has(self.servingSince) && self.servingSince == oldSelf.servingSince)").message("status.servingSince of a GpuLease is written once: billing starts when the workers were first Ready"))]
 pub struct GpuLeaseStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<LeasePhase>,
+
+    /// When every worker of the lease was first Ready on the supplier's node: billing starts
+    /// here. Absent while the lease has not served yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_since: Option<Time>,
+
+    /// The worker pods running under this lease (at most `spec.workers`), as the controller
+    /// last saw them; the supplier agent hands the lease's GPUs to these pods only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub pods: Vec<LeasePod>,
 
     /// When metering stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,9 +142,15 @@ pub struct GpuLeaseStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_reason: Option<EndReason>,
 
-    /// GPU-seconds metered so far (final once ended).
+    /// GPU-seconds the GPUs were bound for, from the bind (final once ended).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metered_gpu_seconds: Option<u64>,
+    #[x_kube(validation = Rule::new("self >= 0").message("status.hiredGpuSeconds cannot be negative"))]
+    pub hired_gpu_seconds: Option<u64>,
+
+    /// GPU-seconds served, from `servingSince`: what is billed (final once ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("status.servedGpuSeconds cannot be negative"))]
+    pub served_gpu_seconds: Option<u64>,
 
     /// Usage up to this time has been paid for (or is in a recorded payout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,10 +160,46 @@ pub struct GpuLeaseStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount_settled: Option<u64>,
 
-    /// Every payout for this lease, keyed by period. Written before a transaction is sent.
+    /// Confirmed payouts folded out of `settlements`, so that a lease of many periods keeps a
+    /// bounded record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compacted: Option<CompactedSettlements>,
+
+    /// Every payout for this lease not yet compacted, keyed by period. Written before a
+    /// transaction is sent.
     #[serde(default)]
+    #[schemars(length(max = 64))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["period".into()]))]
     pub settlements: Vec<SettlementRecord>,
+}
+
+/// A worker pod serving a lease.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeasePod {
+    #[schemars(length(max = 63))]
+    pub namespace: String,
+    #[schemars(length(max = 253))]
+    pub name: String,
+    #[schemars(length(max = 64))]
+    pub uid: String,
+    /// Whether the pod is Ready.
+    pub ready: bool,
+}
+
+/// Confirmed payouts of a lease that no longer have a record of their own.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CompactedSettlements {
+    /// How many payout records were folded in.
+    pub records: u64,
+    /// The newest folded period (payout keys keep increasing past it).
+    #[schemars(length(max = 32))]
+    pub last_period: String,
+    /// Usage paid through this time.
+    pub through: Time,
+    /// Their total, in base units.
+    pub amount: u64,
 }
 
 /// One payout of one lease for one period.
@@ -138,6 +207,7 @@ pub struct GpuLeaseStatus {
 #[serde(rename_all = "camelCase")]
 pub struct SettlementRecord {
     /// Idempotency key of the period within the lease, e.g. `0001` (also in the memo).
+    #[schemars(length(max = 64))]
     pub period: String,
     /// Usage covered, from the previous period's end to this time.
     pub through: Time,
@@ -145,13 +215,19 @@ pub struct SettlementRecord {
     pub amount: u64,
     /// Signature of the signed transaction (base-58).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 88))]
     pub signature: Option<String>,
     /// Last block height at which the transaction's blockhash is valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_valid_block_height: Option<u64>,
+    /// Slot at which the transaction was signed: the source account's history back past this
+    /// slot is what proves that an expired transaction never landed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_slot: Option<u64>,
     /// The signed transaction (base64 wire bytes) while it is in flight, so that it is
     /// rebroadcast unchanged; dropped once it is confirmed or expired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
     pub transaction: Option<String>,
     pub state: SettlementState,
 }
@@ -163,6 +239,7 @@ pub enum SettlementState {
     Signed,
     /// Confirmed on chain.
     Confirmed,
-    /// Its blockhash expired without it landing; a new record with a fresh signature follows.
+    /// Its blockhash expired and the source account's history proves it never landed (or it
+    /// failed on chain): a new record with a fresh signature follows.
     Expired,
 }

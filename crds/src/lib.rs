@@ -10,16 +10,17 @@ pub mod lease;
 pub mod offer;
 
 pub use cluster::{
-    ClusterPhase, GpuCluster, GpuClusterSpec, GpuClusterStatus, GpuSelector, LocationConstraint,
-    Payment, RaySettings, WorkerOverrides,
+    ClusterPhase, EscrowStatus, GpuCluster, GpuClusterSpec, GpuClusterStatus, GpuSelector,
+    LocationConstraint, Payment, RaySettings, WorkerOverrides,
 };
 pub use common::{Amount, GpuTier, Interconnect, OfferMode, Placement};
 pub use lease::{
-    ClusterRef, EndReason, GpuLease, GpuLeaseSpec, GpuLeaseStatus, LeasePhase, SettlementRecord,
-    SettlementState,
+    ClusterRef, CompactedSettlements, EndReason, GpuLease, GpuLeaseSpec, GpuLeaseStatus, LeasePhase,
+    LeasePod, SettlementRecord, SettlementState,
 };
 pub use offer::{
     GpuHealth, GpuOffer, GpuOfferSpec, GpuOfferStatus, GpuState, OfferedGpu, Reputation,
+    StakeStatus,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -139,13 +139,36 @@ pub struct GpuOfferStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reputation: Option<Reputation>,
 
-    /// Stake bonded by the supplier for this node, in base units, as seen on chain.
+    /// Stake bonded for this node, as read from its stake account on chain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stake: Option<u64>,
+    pub stake: Option<StakeStatus>,
 
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// A node's stake: an SPL token account of its own, at an address anyone can derive from the
+/// settlement authority and the node name. Only transfers from the offer's wallet bond; anything
+/// else sent there is returned to its sender.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StakeStatus {
+    /// Address of the stake token account (base-58).
+    #[schemars(length(max = 44))]
+    pub account: String,
+    /// Bonded from the offer's wallet, less slashes and what was returned: what matching counts.
+    pub bonded: u64,
+    /// When the offer's wallet asked to unbond (a transfer to the stake account with the memo
+    /// `gpumarket unbond`): the offer is no longer matched and the stake is returned once the
+    /// cooldown has passed and no lease is active on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unbond_requested: Option<Time>,
+    /// Payments out of the stake account other than slashes: deposits returned to senders
+    /// that are not the offer's wallet, and the unbonded stake. Written before they are sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub returns: Vec<crate::lease::SettlementRecord>,
 }
 
 /// Health and allocation of one offered GPU.
@@ -190,6 +213,19 @@ pub struct Reputation {
 }
 
 impl GpuOffer {
+    /// Stake bonded for the node, as settlement last read it (0 when none).
+    pub fn bonded_stake(&self) -> u64 {
+        self.status.as_ref().and_then(|s| s.stake.as_ref()).map_or(0, |s| s.bonded)
+    }
+
+    /// Whether the supplier has asked to unbond its stake (the offer is then not matched).
+    pub fn unbonding(&self) -> bool {
+        self.status
+            .as_ref()
+            .and_then(|s| s.stake.as_ref())
+            .is_some_and(|s| s.unbond_requested.is_some())
+    }
+
     /// Whether the offer's `Available` condition is `True`.
     pub fn is_available(&self) -> bool {
         self.status.as_ref().is_some_and(|s| {

@@ -93,8 +93,6 @@ fn example_clusters_deserialize_with_their_meaning() {
     assert_eq!(big.placement, Placement::Pack);
     assert!(big.gpu.accepts("H100", 81559));
     assert!(!big.gpu.accepts("A6000", 49140));
-    // The deposit the example asks for covers price × GPUs × duration.
-    assert!(big.payment.deposit >= big.max_price_per_gpu_hour * 32 * 2);
     assert_eq!(clusters[1].spec.placement, Placement::Spread);
 }
 

@@ -768,7 +768,7 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
 
     // The controller's share of the status: reputation, stake and a leased GPU.
     let controlled = json!({"status": {
-        "stake": 5_000_000,
+        "stake": {"account": "11111111111111111111111111111111", "bonded": 5_000_000},
         "reputation": {"uptimePermille": 990, "leasesCompleted": 3, "leasesFailed": 0, "score": 900},
         "gpus": [{"uuid": "GPU-1", "health": "Healthy", "lease": "lease-1"}, {"uuid": "GPU-2", "health": "Healthy"}]
     }});
@@ -790,7 +790,7 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
             "status.reputation of a GpuOffer is written only by the gpumarket controller",
         ),
         (
-            json!({"status": {"stake": 1}}),
+            json!({"status": {"stake": {"account": "11111111111111111111111111111111", "bonded": 1}}}),
             "status.stake of a GpuOffer is written only by the gpumarket controller",
         ),
         (
@@ -808,7 +808,7 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
         assert!(message.contains(expected), "{patch}: {message}");
     }
     let unchanged = offers_admin.get_status("chart-a").await?.status.unwrap_or_default();
-    assert_eq!(unchanged.stake, Some(5_000_000));
+    assert_eq!(unchanged.stake.map(|s| s.bonded), Some(5_000_000));
     assert_eq!(unchanged.reputation.map(|r| r.score), Some(900));
 
     // Nodes: its own, not another.
@@ -841,7 +841,7 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
     refusal(secrets.list(&ListParams::default()).await);
     // ...while it does reach what it reconciles.
     Api::<GpuCluster>::all(controller.clone()).list(&ListParams::default()).await?;
-    let stake = Patch::Merge(json!({"status": {"stake": 6_000_000}}));
+    let stake = Patch::Merge(json!({"status": {"stake": {"account": "11111111111111111111111111111111", "bonded": 6_000_000}}}));
     Api::<GpuOffer>::all(controller).patch_status("chart-b", &pp, &stake).await?;
     Ok(())
 }

@@ -648,7 +648,7 @@ async fn a_settled_cluster_pays_its_staked_supplier_and_is_refunded_the_rest() {
     assert_eq!(status.end_reason, Some(EndReason::Deleted));
     let paid = status.amount_settled.unwrap();
     assert!(paid > 0);
-    assert_eq!(paid, status.metered_gpu_seconds.unwrap() * 1000, "to the base unit");
+    assert_eq!(paid, status.served_gpu_seconds.unwrap() * 1000, "to the base unit");
     assert_eq!(sol.balance(&supplier).await.unwrap() - supplier_before, paid);
     assert_eq!(buyer_before - sol.balance(&buyer.pubkey()).await.unwrap(), paid, "rest refunded");
     assert_eq!(sol.balance(&authority).await.unwrap(), stake, "escrow holds only the stake");

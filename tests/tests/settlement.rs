@@ -98,7 +98,7 @@ impl Fixture {
             min_reputation: 0,
             placement: Default::default(),
             ray: Default::default(),
-            payment: Payment { buyer_wallet: self.buyer()?.pubkey().to_string(), deposit },
+            payment: Payment { buyer_wallet: self.buyer()?.pubkey().to_string() },
         };
         let created = api.create(&PostParams::default(), &GpuCluster::new(name, spec)).await?;
         self.set_cluster_phase(&created, "Running").await?;
@@ -401,7 +401,7 @@ async fn leases_end_out_of_funds_when_the_escrow_runs_dry() -> Result<()> {
         .await?;
     let status = leases[0].status.as_ref().context("status")?;
     assert_eq!(status.end_reason, Some(EndReason::OutOfFunds));
-    let metered = status.metered_gpu_seconds.context("metered")?;
+    let metered = status.served_gpu_seconds.context("metered")?;
     assert_eq!(paid(&leases[0]), metered * 1000, "everything metered is paid");
     assert!(paid(&leases[0]) <= 8_000, "never more than the deposit");
     assert_eq!(fx.balance(&s0).await? - before, paid(&leases[0]));

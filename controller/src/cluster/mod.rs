@@ -63,7 +63,8 @@ fn offer_market_state(offer: &GpuOffer) -> Option<u64> {
             (&gpu.uuid, gpu.health.map(|h| h == gpumarket_crds::GpuHealth::Healthy), &gpu.lease)
                 .hash(&mut hasher);
         }
-        status.stake.hash(&mut hasher);
+        offer.bonded_stake().hash(&mut hasher);
+        offer.unbonding().hash(&mut hasher);
     }
     Some(hasher.finish())
 }
@@ -72,7 +73,7 @@ fn offer_market_state(offer: &GpuOffer) -> Option<u64> {
 /// when last seen (`seen` remembers).
 fn supply_grew(seen: &Mutex<HashMap<String, (usize, u64)>>, offer: &GpuOffer) -> bool {
     let free = if offer.is_available() { free_gpus(offer).len() } else { 0 };
-    let stake = offer.status.as_ref().and_then(|s| s.stake).unwrap_or(0);
+    let stake = offer.bonded_stake();
     let mut seen = match seen.lock() {
         Ok(seen) => seen,
         Err(poisoned) => poisoned.into_inner(),

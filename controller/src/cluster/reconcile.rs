@@ -420,7 +420,7 @@ pub async fn end_lease(
             "phase": "Ended",
             "endTime": now,
             "endReason": reason,
-            "meteredGpuSeconds": super::status::metered_gpu_seconds(&ended_view, now),
+            "servedGpuSeconds": super::status::served_gpu_seconds(&ended_view, now),
         },
     });
     let ended = api

@@ -133,7 +133,7 @@ pub fn surplus_leases<'a>(cluster: &GpuCluster, active: &[&'a GpuLease]) -> Vec<
 }
 
 /// GPU-seconds metered by a lease up to `now` (or its end).
-pub fn metered_gpu_seconds(lease: &GpuLease, now: Timestamp) -> u64 {
+pub fn served_gpu_seconds(lease: &GpuLease, now: Timestamp) -> u64 {
     let end = lease.status.as_ref().and_then(|s| s.end_time.as_ref()).map_or(now, |t| t.0);
     let seconds = end.as_second().saturating_sub(lease.spec.start_time.0.as_second()).max(0);
     seconds as u64 * lease.spec.gpus.len() as u64
@@ -192,7 +192,7 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
         .leases
         .iter()
         .map(|l| {
-            let gpu_seconds = u128::from(metered_gpu_seconds(l, meter_time));
+            let gpu_seconds = u128::from(served_gpu_seconds(l, meter_time));
             (gpu_seconds * u128::from(l.spec.price_per_gpu_hour) / 3600) as u64
         })
         .sum();
@@ -264,6 +264,7 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
         // object they would overwrite newer values (this status is applied with force).
         amount_settled: None,
         amount_refunded: None,
+        escrow: None,
         observed_generation: generation,
     }
 }
@@ -287,7 +288,7 @@ pub fn ended_status(
     let cost: u64 = leases
         .iter()
         .map(|l| {
-            (u128::from(metered_gpu_seconds(l, now)) * u128::from(l.spec.price_per_gpu_hour) / 3600)
+            (u128::from(served_gpu_seconds(l, now)) * u128::from(l.spec.price_per_gpu_hour) / 3600)
                 as u64
         })
         .sum();
@@ -305,6 +306,7 @@ pub fn ended_status(
         // object they would overwrite newer values (this status is applied with force).
         amount_settled: None,
         amount_refunded: None,
+        escrow: None,
         observed_generation: generation,
     }
 }

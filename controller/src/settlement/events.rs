@@ -96,7 +96,7 @@ pub fn lease_news(before: &GpuLease, after: &GpuLease) -> Vec<(&'static str, Str
                 after.name_any(),
                 after.spec.offer,
                 Amount::new(status.amount_settled.unwrap_or(0)),
-                status.metered_gpu_seconds.unwrap_or(0)
+                status.served_gpu_seconds.unwrap_or(0)
             ),
         ));
     }
@@ -127,6 +127,7 @@ mod tests {
             amount,
             signature: None,
             last_valid_block_height: None,
+            signed_slot: None,
             transaction: None,
             state,
         }
@@ -140,7 +141,7 @@ mod tests {
         settled.status = Some(GpuLeaseStatus {
             phase: Some(LeasePhase::Settled),
             amount_settled: Some(7_000_000),
-            metered_gpu_seconds: Some(7),
+            served_gpu_seconds: Some(7),
             settlements: vec![
                 record("0001", SettlementState::Confirmed, 7_000_000),
                 record(SLASH_PERIOD, SettlementState::Confirmed, 250),

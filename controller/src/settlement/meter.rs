@@ -172,6 +172,7 @@ mod tests {
             amount: due.amount,
             signature: Some("sig".into()),
             last_valid_block_height: Some(1),
+            signed_slot: None,
             transaction: None,
             state: SettlementState::Confirmed,
         }

@@ -185,6 +185,7 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
             amount,
             signature: None,
             last_valid_block_height: None,
+            signed_slot: None,
             transaction: None,
             state: SettlementState::Signed,
         };
@@ -252,6 +253,7 @@ fn plan_slashes(inputs: &Inputs<'_>, leases: &[&GpuLease], out: &mut Payouts) {
             amount,
             signature: None,
             last_valid_block_height: None,
+            signed_slot: None,
             transaction: None,
             state: SettlementState::Signed,
         };
@@ -340,6 +342,7 @@ mod tests {
             amount,
             signature: Some("sig".into()),
             last_valid_block_height: Some(10),
+            signed_slot: None,
             transaction: None,
             state: SettlementState::Confirmed,
         });
@@ -470,6 +473,7 @@ mod tests {
             amount: 910,
             signature: Some("sig".into()),
             last_valid_block_height: Some(1),
+            signed_slot: None,
             transaction: None,
             state: SettlementState::Signed,
         };

@@ -318,6 +318,7 @@ impl Settler {
             amount: refund.amount,
             signature: None,
             last_valid_block_height: None,
+            signed_slot: None,
             transaction: None,
             state: SettlementState::Confirmed,
         };
@@ -383,9 +384,9 @@ impl Settler {
             );
             let stake = node_stake(&name, leases, deposits);
             if status.and_then(|s| s.reputation.as_ref()) != Some(&rep)
-                || status.and_then(|s| s.stake) != Some(stake)
+                || offer.bonded_stake() != stake
             {
-                let patch = json!({"status": {"reputation": rep, "stake": stake}});
+                let patch = json!({"status": {"reputation": rep, "stake": {"account": "", "bonded": stake}}});
                 offers_api.patch_status(&name, &patch_params(), &Patch::Merge(&patch)).await?;
             }
             table.insert(name, rep);
@@ -502,7 +503,7 @@ fn confirm(status: &mut GpuLeaseStatus, meter: &Meter, mut record: SettlementRec
         .map(|r| r.through.clone())
         .max_by_key(|t| t.0);
     if let Some(end) = meter.end {
-        status.metered_gpu_seconds = Some(meter.gpu_seconds_through(end));
+        status.served_gpu_seconds = Some(meter.gpu_seconds_through(end));
         if fully_settled(meter, &status.settlements) {
             status.phase = Some(LeasePhase::Settled);
         }
@@ -540,7 +541,7 @@ async fn update_lease(
         change(next.status.get_or_insert_default());
         let meter = Meter::of(&next);
         if let (Some(status), Some(end)) = (next.status.as_mut(), meter.end) {
-            status.metered_gpu_seconds.get_or_insert(meter.gpu_seconds_through(end));
+            status.served_gpu_seconds.get_or_insert(meter.gpu_seconds_through(end));
         }
         if next.status == current.status {
             return Ok(current);
@@ -652,6 +653,7 @@ mod tests {
             amount: 5,
             signature: Some(signature.into()),
             last_valid_block_height: Some(77),
+            signed_slot: None,
             transaction: Some(wire.into()),
             state: SettlementState::Signed,
         }
@@ -703,7 +705,7 @@ mod tests {
         upsert(status, last.clone());
         confirm(status, &meter, last);
         assert_eq!(status.amount_settled, Some(90));
-        assert_eq!(status.metered_gpu_seconds, Some(90));
+        assert_eq!(status.served_gpu_seconds, Some(90));
         assert_eq!(status.phase, Some(LeasePhase::Settled));
         assert_eq!(status.settlements.len(), 2);
     }

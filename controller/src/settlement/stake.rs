@@ -29,7 +29,7 @@ impl StakePolicy {
     /// Whether the offer's bonded stake (as settlement last wrote it in its status) covers the
     /// minimum for every GPU it offers; only such offers are matched while settlement is on.
     pub fn admits(&self, offer: &GpuOffer) -> bool {
-        let stake = offer.status.as_ref().and_then(|s| s.stake).unwrap_or(0);
+        let stake = offer.bonded_stake();
         let minimum = offer
             .spec
             .gpus
@@ -91,9 +91,10 @@ mod tests {
     fn an_offer_is_admitted_once_its_stake_covers_every_gpu() {
         let mut offer = crate::testing::mk_offer("n1", "H100", 2, crate::testing::now());
         assert!(!policy().admits(&offer), "unstaked H100s are not matched");
-        offer.status.get_or_insert_default().stake = Some(1999);
+        let bond = |bonded| Some(gpumarket_crds::StakeStatus { bonded, ..Default::default() });
+        offer.status.get_or_insert_default().stake = bond(1999);
         assert!(!policy().admits(&offer));
-        offer.status.get_or_insert_default().stake = Some(2000);
+        offer.status.get_or_insert_default().stake = bond(2000);
         assert!(policy().admits(&offer));
         offer.status.get_or_insert_default().stake = None;
         assert!(StakePolicy::default().admits(&offer), "no minimum, no stake needed");
