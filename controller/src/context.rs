@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
 
@@ -28,6 +29,9 @@ pub struct Settings {
     /// How long a GPU may stay allocated to a lease that does not exist before the allocation is
     /// reclaimed (covers the moment between claiming GPUs and creating their lease).
     pub orphan_grace: Duration,
+    /// A lease whose workers are not all Ready this long after the bind has failed to serve: it
+    /// ends (a supplier failure, never billed) and its workers are placed elsewhere.
+    pub provisioning_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -35,6 +39,7 @@ impl Default for Settings {
         Settings {
             heartbeat_timeout: Duration::from_secs(60),
             orphan_grace: Duration::from_secs(30),
+            provisioning_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -48,6 +53,8 @@ pub struct Context {
     pub leases: Store<GpuLease>,
     /// Every GpuCluster, for the queue of requests older than the one being matched.
     pub clusters: Store<GpuCluster>,
+    /// The pods of every GpuCluster (labelled with it), to meter from their workers being Ready.
+    pub pods: Store<Pod>,
     /// When each allocation to a missing lease was first seen, by lease name (offer controller).
     pub orphans_seen: Mutex<HashMap<String, Instant>>,
     /// Held while matching and binding, so this replica's reconciles do not race each other.
@@ -71,6 +78,7 @@ impl Context {
         offers: Store<GpuOffer>,
         leases: Store<GpuLease>,
         clusters: Store<GpuCluster>,
+        pods: Store<Pod>,
         settler: Option<Arc<Settler>>,
     ) -> Self {
         let reporter =
@@ -83,6 +91,7 @@ impl Context {
             offers,
             leases,
             clusters,
+            pods,
             orphans_seen: Mutex::new(HashMap::new()),
             bind_lock: tokio::sync::Mutex::new(()),
             settler,
@@ -142,6 +151,17 @@ impl Context {
                 market_request(c, missing)
             })
             .filter(|r| r.workers > 0)
+            .collect()
+    }
+
+    /// The pods labelled with `cluster` in its namespace.
+    pub fn pods_of(&self, cluster: &GpuCluster) -> Vec<Arc<Pod>> {
+        let (name, namespace) = (cluster.name_any(), cluster.namespace());
+        self.pods
+            .state()
+            .into_iter()
+            .filter(|p| p.namespace() == namespace)
+            .filter(|p| p.labels().get(crate::raycluster::CLUSTER_LABEL) == Some(&name))
             .collect()
     }
 

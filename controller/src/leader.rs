@@ -78,3 +78,80 @@ impl Leadership {
 
 /// How long shutdown waits for the Lease release.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether this replica still holds the election Lease, read from the API server: held by its
+/// identity, renewed less than the Lease duration ago (by this replica's own clock, which wrote
+/// the renew time). A leader that was paused (stopped, swapped out, partitioned) past its Lease
+/// finds the fence gone before it signs or sends anything, even if its own election task has
+/// not noticed yet.
+#[derive(Clone)]
+pub struct Fence {
+    leases: kube::Api<k8s_openapi::api::coordination::v1::Lease>,
+    name: String,
+    identity: String,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence").field("name", &self.name).field("identity", &self.identity).finish()
+    }
+}
+
+/// Margin kept before the Lease runs out: a fence this close to expiry no longer holds.
+const FENCE_MARGIN: Duration = Duration::from_secs(2);
+
+impl Fence {
+    pub fn new(client: Client, election: &LeaderElection) -> Self {
+        Fence {
+            leases: kube::Api::namespaced(client, &election.namespace),
+            name: election.lease_name.clone(),
+            identity: election.identity.clone(),
+        }
+    }
+
+    pub async fn holds(&self) -> bool {
+        let lease = match self.leases.get_opt(&self.name).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the leader election Lease; not paying meanwhile");
+                return false;
+            }
+        };
+        let Some(spec) = lease.spec else { return false };
+        let renewed = spec.renew_time.map(|t| t.0);
+        let duration = spec.lease_duration_seconds.and_then(|s| u64::try_from(s).ok());
+        fence_holds(spec.holder_identity.as_deref(), &self.identity, renewed, duration, jiff::Timestamp::now())
+    }
+}
+
+/// Pure rule of [`Fence::holds`].
+fn fence_holds(
+    holder: Option<&str>,
+    identity: &str,
+    renewed: Option<jiff::Timestamp>,
+    duration_seconds: Option<u64>,
+    now: jiff::Timestamp,
+) -> bool {
+    let (Some(renewed), Some(seconds)) = (renewed, duration_seconds) else { return false };
+    let Ok(valid) = jiff::SignedDuration::try_from(Duration::from_secs(seconds).saturating_sub(FENCE_MARGIN))
+    else {
+        return false;
+    };
+    holder == Some(identity) && renewed.checked_add(valid).is_ok_and(|until| now < until)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fence_holds_only_for_the_holder_within_its_lease() {
+        let t = |s: i64| jiff::Timestamp::from_second(1_800_000_000 + s).expect("valid");
+        assert!(fence_holds(Some("me"), "me", Some(t(0)), Some(15), t(12)));
+        assert!(!fence_holds(Some("me"), "me", Some(t(0)), Some(15), t(13)), "too close to expiry");
+        assert!(!fence_holds(Some("other"), "me", Some(t(0)), Some(15), t(1)));
+        assert!(!fence_holds(None, "me", Some(t(0)), Some(15), t(1)));
+        assert!(!fence_holds(Some("me"), "me", None, Some(15), t(1)));
+    }
+}

@@ -27,6 +27,7 @@ use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::reflector::Store;
@@ -135,12 +136,15 @@ async fn run_controllers(
     // The caches are filled by their own tasks, so a reconcile can wait for them without
     // depending on the controller polling its trigger streams; the controllers have their own
     // watches as triggers.
-    let (offer_store, _offers) = cache::<GpuOffer>(&client);
-    let (lease_store, _leases) = cache::<GpuLease>(&client);
-    let (cluster_store, _clusters) = cache::<GpuCluster>(&client);
+    let every = watcher::Config::default;
+    let (offer_store, _offers) = cache::<GpuOffer>(&client, every());
+    let (lease_store, _leases) = cache::<GpuLease>(&client, every());
+    let (cluster_store, _clusters) = cache::<GpuCluster>(&client, every());
+    let (pod_store, _pods) = cache::<Pod>(&client, every().labels(raycluster::CLUSTER_LABEL));
     if offer_store.wait_until_ready().await.is_err()
         || lease_store.wait_until_ready().await.is_err()
         || cluster_store.wait_until_ready().await.is_err()
+        || pod_store.wait_until_ready().await.is_err()
     {
         tracing::error!("a cache stopped before it was filled");
         return;
@@ -162,6 +166,7 @@ async fn run_controllers(
         offer_store,
         lease_store,
         cluster_store,
+        pod_store,
         settler,
     ));
     let clusters = cluster::controller(&ctx);
@@ -184,8 +189,9 @@ async fn run_controllers(
     futures::future::join4(cluster::run(clusters, ctx), offer_controller, inventory, settle).await;
 }
 
-/// A cache of every `K` in the cluster, kept filled by its own task until dropped.
-fn cache<K>(client: &Client) -> (Store<K>, AbortOnDrop)
+/// A cache of every `K` in the cluster that `config` selects, kept filled by its own task until
+/// dropped.
+fn cache<K>(client: &Client, config: watcher::Config) -> (Store<K>, AbortOnDrop)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -196,7 +202,7 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
-    let fill = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+    let fill = watcher(Api::<K>::all(client.clone()), config)
         .default_backoff()
         .reflect(writer)
         .for_each(|_| std::future::ready(()));

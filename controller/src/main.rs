@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use gpumarket_controller::settlement::stake::parse_min_per_gpu;
 use gpumarket_controller::settlement::{SettlementConfig, Settler, StakePolicy};
 use gpumarket_controller::simulate::Simulation;
+use gpumarket_controller::leader::Fence;
 use gpumarket_controller::{Config, LeaderElection, Settings};
 use gpumarket_crds::GpuTier;
 use gpumarket_crds::common::parse_duration;
@@ -36,8 +37,15 @@ struct Args {
     #[arg(long, env = "GPUMARKET_HEARTBEAT_TIMEOUT", default_value = "60s", value_parser = duration)]
     heartbeat_timeout: Duration,
 
-    /// Elect a leader through a coordination.k8s.io Lease before reconciling (for several replicas).
-    #[arg(long, env = "GPUMARKET_LEADER_ELECTION")]
+    /// A lease whose workers are not all Ready this long after the bind ends as a supplier
+    /// failure, unbilled, and its workers are placed elsewhere (e.g. 10m).
+    #[arg(long, env = "GPUMARKET_PROVISIONING_TIMEOUT", default_value = "10m", value_parser = duration)]
+    provisioning_timeout: Duration,
+
+    /// Elect a leader through a coordination.k8s.io Lease before reconciling and settling, so
+    /// that two replicas (a rolling update's surge pod among them) never pay at once; turn off
+    /// with `--leader-election=false` only where one process can ever run.
+    #[arg(long, env = "GPUMARKET_LEADER_ELECTION", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     leader_election: bool,
 
     /// Namespace of the leader-election Lease.
@@ -85,6 +93,10 @@ struct Args {
     /// Share of a node's remaining stake slashed to the buyer per supplier failure, per mille.
     #[arg(long, env = "GPUMARKET_SLASH_PERMILLE", default_value_t = 0)]
     slash_permille: u32,
+
+    /// How long a node's stake stays bonded (and slashable) after its wallet asks to unbond.
+    #[arg(long, env = "GPUMARKET_UNBOND_COOLDOWN", default_value = "24h", value_parser = duration)]
+    unbond_cooldown: Duration,
 
     /// Also act as the agent of every node labelled gpumarket.io/gpu-model (KWOK nodes in the
     /// local environment): publish and heartbeat its GpuOffer.
@@ -138,7 +150,11 @@ async fn main() -> anyhow::Result<()> {
         lease_duration: args.leader_election_duration,
     });
     let config = Config {
-        settings: Settings { heartbeat_timeout: args.heartbeat_timeout, ..Settings::default() },
+        settings: Settings {
+            heartbeat_timeout: args.heartbeat_timeout,
+            provisioning_timeout: args.provisioning_timeout,
+            ..Settings::default()
+        },
         metrics_addr: Some(args.metrics_addr),
         leader_election,
         shutdown: CancellationToken::new(),
@@ -180,8 +196,15 @@ async fn main() -> anyhow::Result<()> {
             settlement.stake = StakePolicy {
                 min_per_gpu: args.min_stake_per_gpu.clone(),
                 slash_permille: args.slash_permille,
+                unbond_cooldown: args.unbond_cooldown,
             };
-            Some(Arc::new(Settler::new(settlement).context("settlement")?))
+            let settler = Settler::new(settlement).context("settlement")?;
+            // The leader alone pays, and only while it provably still leads.
+            let settler = match &config.leader_election {
+                Some(election) => settler.fence_with(Fence::new(client.clone(), election)),
+                None => settler,
+            };
+            Some(Arc::new(settler))
         }
     };
 

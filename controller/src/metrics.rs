@@ -17,7 +17,6 @@ use prometheus::{
 };
 
 use crate::cluster::status::is_active;
-use crate::settlement::{self, RoundReport};
 use crate::supply::{gpu_healthy, gpu_lease};
 
 /// Every metric of the controller, registered in its own registry (no globals).
@@ -124,25 +123,16 @@ impl Metrics {
     }
 
     /// Count a settlement round and what it did.
-    pub fn record_round(&self, round: &Result<RoundReport, settlement::Error>) {
+    /// A settlement round: what it did, by action, or the label of the error that stopped it.
+    pub fn record_round(&self, round: Result<&[(&'static str, usize)], &'static str>) {
         match round {
-            Ok(report) => {
+            Ok(actions) => {
                 self.settlement_rounds.with_label_values(&["ok"]).inc();
-                let actions = [
-                    ("confirmed", report.confirmed),
-                    ("rebroadcast", report.rebroadcast),
-                    ("expired", report.expired),
-                    ("ended_out_of_funds", report.ended_out_of_funds),
-                    ("payouts_sent", report.payouts_sent),
-                    ("transactions_sent", report.transactions_sent),
-                    ("refunds_sent", report.refunds_sent),
-                    ("clusters_released", report.released),
-                ];
                 for (action, count) in actions {
-                    self.settlement_actions.with_label_values(&[action]).inc_by(count as u64);
+                    self.settlement_actions.with_label_values(&[action]).inc_by(*count as u64);
                 }
             }
-            Err(e) => self.settlement_rounds.with_label_values(&[e.metric_label()]).inc(),
+            Err(label) => self.settlement_rounds.with_label_values(&[label]).inc(),
         }
     }
 
@@ -230,10 +220,8 @@ mod tests {
         let metrics = Metrics::new().expect("registers");
         metrics.refresh_inventory(&[Arc::new(mk_offer("c", "H100", 1, now()))], &[], &[]);
         metrics.replacements.inc();
-        let report =
-            RoundReport { payouts_sent: 3, transactions_sent: 1, ..RoundReport::default() };
-        metrics.record_round(&Ok(report));
-        metrics.record_round(&Err(settlement::Error::Config("x".into())));
+        metrics.record_round(Ok(&[("payouts_sent", 3), ("transactions_sent", 1)]));
+        metrics.record_round(Err("config"));
         let text = metrics.encode();
         assert!(text.contains("gpumarket_settlement_rounds_total{outcome=\"ok\"} 1"), "{text}");
         assert!(text.contains("gpumarket_settlement_rounds_total{outcome=\"config\"} 1"), "{text}");

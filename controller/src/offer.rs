@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use gpumarket_crds::common::is_valid_wallet;
 use gpumarket_crds::{GpuLease, GpuOffer, LeasePhase};
 use jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -34,6 +35,19 @@ pub fn availability(
     now: Timestamp,
     heartbeat_timeout: Duration,
 ) -> (bool, &'static str, String) {
+    // The schema checks the characters; only decoding tells a key from a look-alike, and a
+    // payout to it could never be made.
+    if !is_valid_wallet(&offer.spec.wallet) {
+        return (
+            false,
+            "InvalidWallet",
+            format!(
+                "spec.wallet {:?} is not a Solana public key (it does not decode to 32 bytes): \
+                 set the supplier agent's wallet to the address that receives payouts",
+                offer.spec.wallet
+            ),
+        );
+    }
     if offer.spec.gpus.is_empty() {
         return (false, "NoGpus", "the offer lists no GPUs".into());
     }
@@ -210,5 +224,18 @@ mod tests {
         let (ok, reason, _) = availability(&sick, now(), timeout);
         assert!(!ok);
         assert_eq!(reason, "NoHealthyGpus");
+    }
+
+    #[test]
+    fn a_wallet_that_does_not_decode_to_32_bytes_is_not_available() {
+        let timeout = Duration::from_secs(30);
+        let mut offer = mk_offer("n", "H100", 2, now());
+        // Base-58 characters of the right length, but 33 bytes once decoded.
+        offer.spec.wallet = "z".repeat(44);
+        let (ok, reason, message) = availability(&offer, now(), timeout);
+        assert!(!ok);
+        assert_eq!(reason, "InvalidWallet");
+        assert!(message.starts_with("spec.wallet \"zzz"), "{message}");
+        assert!(message.contains("does not decode to 32 bytes"), "{message}");
     }
 }

@@ -50,7 +50,7 @@ pub fn worker_group_name(lease: &GpuLease) -> String {
     format!("{}-{suffix}", node.trim_end_matches(['-', '.']))
 }
 
-/// The desired RayCluster: a head group (CPU only unless `spec.ray.headGpus`) and one worker
+/// The desired RayCluster: a head group (CPU only, never on a market node) and one worker
 /// group per active lease, pinned to the lease's node and tolerating the supplier taint.
 /// Leases are taken in name order so the output does not depend on list order.
 pub fn build_ray_cluster(cluster: &GpuCluster, leases: &[&GpuLease]) -> Result<Value> {
@@ -61,9 +61,13 @@ pub fn build_ray_cluster(cluster: &GpuCluster, leases: &[&GpuLease]) -> Result<V
         .ok_or_else(|| Error::InvalidSpec("GpuCluster has no name or uid yet".into()))?;
     let name = ray_cluster_name(cluster);
 
+    // The head runs on CPU in the buyer's namespace (the schema refuses GPU heads: market GPUs
+    // go to leased workers only). No pod gets a service-account token: workers run on machines
+    // whose owner has root, and Ray needs no Kubernetes API.
     let head_resources =
-        with_gpus(ray.head_resources.clone().unwrap_or_else(default_head_resources), ray.head_gpus);
-    let mut head_pod = json!({
+        with_gpus(ray.head_resources.clone().unwrap_or_else(default_head_resources), 0);
+    let head_pod = json!({
+        "automountServiceAccountToken": false,
         "containers": [{
             "name": "ray-head",
             "image": image,
@@ -75,9 +79,6 @@ pub fn build_ray_cluster(cluster: &GpuCluster, leases: &[&GpuLease]) -> Result<V
             ],
         }],
     });
-    if ray.head_gpus > 0 {
-        head_pod["tolerations"] = json!([supplier_toleration()]);
-    }
 
     let overrides = ray.worker.clone().unwrap_or_default();
     let mut sorted: Vec<&GpuLease> = leases.to_vec();
@@ -103,6 +104,7 @@ pub fn build_ray_cluster(cluster: &GpuCluster, leases: &[&GpuLease]) -> Result<V
                         "annotations": {LEASE_ANNOTATION: lease.metadata.name},
                     },
                     "spec": {
+                        "automountServiceAccountToken": false,
                         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
                             "nodeSelectorTerms": [{"matchExpressions": [{
                                 "key": "kubernetes.io/hostname",
@@ -137,7 +139,7 @@ pub fn build_ray_cluster(cluster: &GpuCluster, leases: &[&GpuLease]) -> Result<V
             "headGroupSpec": {
                 "rayStartParams": {
                     "dashboard-host": "0.0.0.0",
-                    "num-gpus": ray.head_gpus.to_string(),
+                    "num-gpus": "0",
                 },
                 "template": {
                     "metadata": {"labels": {CLUSTER_LABEL: name}},
@@ -245,7 +247,7 @@ mod tests {
     }
 
     #[test]
-    fn head_is_cpu_only_unless_asked_and_image_follows_the_version() {
+    fn head_is_cpu_only_off_market_nodes_and_no_pod_gets_a_token() {
         let mut cluster = mk_cluster("train", 1, 1);
         let rc = build_ray_cluster(&cluster, &[]).expect("builds");
         let head = &rc["spec"]["headGroupSpec"]["template"]["spec"];
@@ -254,13 +256,20 @@ mod tests {
         assert_eq!(head["containers"][0]["image"], "rayproject/ray:2.41.0-gpu");
         assert_eq!(rc["spec"]["rayVersion"], "2.41.0");
 
+        // Even a head asking for GPUs (the schema refuses it) gets none and no supplier node.
         cluster.spec.ray.head_gpus = 1;
         cluster.spec.ray.image = Some("my/ray:custom".into());
-        let rc = build_ray_cluster(&cluster, &[]).expect("builds");
+        let lease = mk_lease(&cluster, "node-a", &["g1"], 1);
+        let rc = build_ray_cluster(&cluster, &[&lease]).expect("builds");
         let head = &rc["spec"]["headGroupSpec"]["template"]["spec"];
-        assert_eq!(head["containers"][0]["resources"]["limits"][GPU_RESOURCE], "1");
+        assert!(head["containers"][0]["resources"]["limits"].get(GPU_RESOURCE).is_none());
+        assert!(head.get("tolerations").is_none());
         assert_eq!(head["containers"][0]["image"], "my/ray:custom");
-        assert_eq!(rc["spec"]["headGroupSpec"]["rayStartParams"]["num-gpus"], "1");
+        assert_eq!(rc["spec"]["headGroupSpec"]["rayStartParams"]["num-gpus"], "0");
+        let worker = &rc["spec"]["workerGroupSpecs"][0]["template"]["spec"];
+        for pod in [head, worker] {
+            assert_eq!(pod["automountServiceAccountToken"], false);
+        }
     }
 
     #[test]

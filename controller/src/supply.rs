@@ -3,18 +3,28 @@
 
 use std::time::Duration;
 
+use gpumarket_crds::common::is_valid_wallet;
 use gpumarket_crds::{GpuCluster, GpuHealth, GpuOffer, GpuState};
 use jiff::Timestamp;
 
 use crate::matching::{ModelFilter, Offer, Request};
 
-/// Whether the offer's agent has heartbeated within `timeout` of `now`.
+/// Most a heartbeat may lie in the future (clocks of the agent's node and the controller's
+/// differ a little); one further ahead is a lie that would keep a dead offer fresh forever.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(10);
+
+/// Whether the offer's agent has heartbeated within `timeout` of `now`: the one freshness rule
+/// of matching, failure detection and reputation. A heartbeat more than [`MAX_CLOCK_SKEW`] in
+/// the future is stale.
 pub fn heartbeat_fresh(offer: &GpuOffer, now: Timestamp, timeout: Duration) -> bool {
     let Some(last) = offer.status.as_ref().and_then(|s| s.last_heartbeat.as_ref()) else {
         return false;
     };
     let age = now.duration_since(last.0);
-    age.is_negative() || age.unsigned_abs() <= timeout
+    if age.is_negative() {
+        return age.unsigned_abs() <= MAX_CLOCK_SKEW;
+    }
+    age.unsigned_abs() <= timeout
 }
 
 /// When the offer's heartbeat goes stale, if it is fresh now.
@@ -52,7 +62,8 @@ pub fn free_gpus(offer: &GpuOffer) -> Vec<String> {
 /// The offer as supply for matching, or `None` when it cannot be matched now (stale heartbeat,
 /// no GPUs). A node offers one model; GPUs of another model on the same node are left out.
 pub fn market_offer(offer: &GpuOffer, now: Timestamp, timeout: Duration) -> Option<Offer> {
-    if !heartbeat_fresh(offer, now, timeout) {
+    // An offer that could never be paid (its wallet is no public key) is not supply.
+    if !heartbeat_fresh(offer, now, timeout) || !is_valid_wallet(&offer.spec.wallet) {
         return None;
     }
     let first = offer.spec.gpus.first()?;
@@ -121,6 +132,23 @@ mod tests {
         let offer = mk_offer("node-a", "H100", 4, now() - jiff::SignedDuration::from_secs(61));
         assert!(market_offer(&offer, now(), Duration::from_secs(60)).is_none());
         assert!(market_offer(&offer, now(), Duration::from_secs(120)).is_some());
+    }
+
+    #[test]
+    fn a_heartbeat_from_the_future_does_not_keep_an_offer_fresh() {
+        let timeout = Duration::from_secs(60);
+        let skewed = mk_offer("node-a", "H100", 1, now() + jiff::SignedDuration::from_secs(5));
+        assert!(heartbeat_fresh(&skewed, now(), timeout), "a little clock skew is fine");
+        let lying = mk_offer("node-a", "H100", 1, now() + jiff::SignedDuration::from_secs(3600));
+        assert!(!heartbeat_fresh(&lying, now(), timeout), "an hour ahead is stale");
+        assert!(market_offer(&lying, now(), timeout).is_none());
+    }
+
+    #[test]
+    fn an_offer_whose_wallet_cannot_be_paid_is_not_supply() {
+        let mut offer = mk_offer("node-a", "H100", 1, now());
+        offer.spec.wallet = "1".repeat(44); // the right characters, but 44 zero bytes
+        assert!(market_offer(&offer, now(), Duration::from_secs(60)).is_none());
     }
 
     #[test]

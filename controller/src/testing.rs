@@ -89,3 +89,33 @@ pub fn mk_offer(node: &str, model: &str, count: usize, heartbeat: Timestamp) -> 
         }),
     }
 }
+
+/// A worker pod of `lease` as KubeRay makes it: owned by the RayCluster, annotated with the
+/// lease, bound to the lease's node, created at `created` seconds, Ready since `ready` seconds.
+pub fn mk_worker_pod(
+    lease: &GpuLease,
+    name: &str,
+    created: i64,
+    ready: Option<i64>,
+) -> k8s_openapi::api::core::v1::Pod {
+    let at = |s: i64| Time(now() + jiff::SignedDuration::from_secs(s));
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "namespace": lease.spec.cluster.namespace,
+            "uid": format!("{name}-uid"),
+            "creationTimestamp": at(created),
+            "labels": {crate::raycluster::CLUSTER_LABEL: lease.spec.cluster.name},
+            "annotations": {crate::raycluster::LEASE_ANNOTATION: lease.metadata.name},
+            "ownerReferences": [{"apiVersion": "ray.io/v1", "kind": "RayCluster",
+                "name": lease.spec.cluster.name, "uid": "rc-uid", "controller": true}],
+        },
+        "spec": {"nodeName": lease.spec.offer, "containers": []},
+        "status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": if ready.is_some() { "True" } else { "False" },
+                "lastTransitionTime": at(ready.unwrap_or(created))}],
+        },
+    }))
+    .expect("a valid pod")
+}

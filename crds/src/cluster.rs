@@ -38,9 +38,18 @@ use crate::common::{GpuTier, Placement, parse_duration};
     ),
     printcolumn(name = "Dashboard", type_ = "string", priority = 1, json_path = ".status.dashboard"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new(
-        "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || (self.spec.gpu == oldSelf.spec.gpu && self.spec.workers == oldSelf.spec.workers && self.spec.gpusPerWorker == oldSelf.spec.gpusPerWorker && self.spec.maxPricePerGpuHour == oldSelf.spec.maxPricePerGpuHour && self.spec.duration == oldSelf.spec.duration && has(self.spec.location) == has(oldSelf.spec.location) && (!has(self.spec.location) || self.spec.location == oldSelf.spec.location) && self.spec.minReputation == oldSelf.spec.minReputation && self.spec.placement == oldSelf.spec.placement)"
-    ).message("gpu, workers, gpusPerWorker, maxPricePerGpuHour, duration, location, minReputation and placement cannot change once the cluster is matched: delete it and apply a new GpuCluster")
+    // On create only (a name never changes): an object stored before this rule keeps its
+    // status writable.
+    validation = Rule::new("oldSelf.hasValue() || size(self.metadata.name) <= 53").optional_old_self(true).message("metadata.name of a GpuCluster is also the name of its RayCluster, which KubeRay limits to 53 characters: rename the GpuCluster to 53 characters or fewer"),
+    validation = Rule::new("oldSelf.hasValue() || self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").optional_old_self(true).message("metadata.name of a GpuCluster is also the name of its RayCluster, which must be a DNS-1035 label: rename it to lower-case letters, digits and '-', starting with a letter and without dots (e.g. llm-finetune, not llm.finetune)"),
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.gpu == oldSelf.spec.gpu").message("spec.gpu cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change"),
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.workers == oldSelf.spec.workers").message("spec.workers cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change"),
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.gpusPerWorker == oldSelf.spec.gpusPerWorker").message("spec.gpusPerWorker cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change"),
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.maxPricePerGpuHour == oldSelf.spec.maxPricePerGpuHour").message("spec.maxPricePerGpuHour cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change"),
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.duration == oldSelf.spec.duration").message("spec.duration cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change"),
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || (has(self.spec.location) == has(oldSelf.spec.location) && (!has(self.spec.location) || self.spec.location == oldSelf.spec.location))").message("spec.location cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change"),
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.minReputation == oldSelf.spec.minReputation").message("spec.minReputation cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change"),
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.placement == oldSelf.spec.placement").message("spec.placement cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GpuClusterSpec {
@@ -61,7 +70,7 @@ pub struct GpuClusterSpec {
     pub duration: String,
 
     /// Highest price per GPU-hour the buyer accepts, in base units of the settlement mint.
-    #[x_kube(validation = Rule::new("self > 0").message("spec.maxPricePerGpuHour must be greater than 0 (base units of the settlement mint per GPU-hour)"))]
+    #[x_kube(validation = Rule::new("self > 0 && self <= 100000000000").message("spec.maxPricePerGpuHour must be greater than 0 and at most 100000000000 base units of the settlement mint per GPU-hour (100000 tokens of 6 decimals)"))]
     pub max_price_per_gpu_hour: u64,
 
     /// Where the GPUs must be; anywhere when absent.
@@ -100,8 +109,9 @@ pub struct GpuSelector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_tier: Option<GpuTier>,
 
-    /// Lowest device memory accepted, in MiB.
+    /// Lowest device memory accepted, in MiB (at most 1 TiB).
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self <= 1048576").message("spec.gpu.minMemoryMib is in MiB and at most 1048576 (1 TiB), e.g. 81920 for 80 GiB GPUs"))]
     pub min_memory_mib: u64,
 }
 
@@ -136,6 +146,7 @@ pub struct LocationConstraint {
 /// Ray settings of the provisioned RayCluster.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.headResources) || ((!has(self.headResources.limits) || self.headResources.limits.all(k, type(self.headResources.limits[k]) == int ? self.headResources.limits[k] >= 0 : isQuantity(self.headResources.limits[k]) && !quantity(self.headResources.limits[k]).isLessThan(quantity('0')))) && (!has(self.headResources.requests) || self.headResources.requests.all(k, type(self.headResources.requests[k]) == int ? self.headResources.requests[k] >= 0 : isQuantity(self.headResources.requests[k]) && !quantity(self.headResources.requests[k]).isLessThan(quantity('0')))))").message("spec.ray.headResources limits and requests must be Kubernetes quantities that are not negative, such as 500m, 4 or 16Gi"))]
 pub struct RaySettings {
     /// Ray version, e.g. `2.41.0`.
     #[serde(default = "default_ray_version")]
@@ -145,15 +156,19 @@ pub struct RaySettings {
 
     /// Container image for head and workers; `rayproject/ray:<version>-gpu` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._/:@-]*$')").message("spec.ray.image must be a container image reference such as rayproject/ray:2.41.0-gpu (letters, digits and . _ / : @ -, at most 512 characters)"))]
+    #[schemars(length(max = 512))]
     pub image: Option<String>,
 
-    /// Resources of the head pod (CPU only unless `headGpus` is set).
+    /// Resources of the head pod (CPU and memory: the head never gets GPUs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = crate::common::bounds::resources)]
     pub head_resources: Option<ResourceRequirements>,
 
-    /// GPUs for the head pod; 0 keeps the head on CPU.
+    /// GPUs for the head pod: always 0. The Ray head runs on CPU; GPUs on market nodes are
+    /// leased to workers only.
     #[serde(default)]
-    #[x_kube(validation = Rule::new("self >= 0 && self <= 8").message("spec.ray.headGpus must be between 0 and 8"))]
+    #[x_kube(validation = Rule::new("self == 0").message("spec.ray.headGpus must be 0: the Ray head runs on CPU, and GPUs on market nodes are leased to workers only (a GPU head would use a supplier's GPUs unleased and unpaid); put GPU work on the workers (spec.workers × spec.gpusPerWorker)"))]
     pub head_gpus: u32,
 
     /// Overrides for each worker pod.
@@ -178,19 +193,27 @@ impl Default for RaySettings {
 }
 
 /// Settings applied to every worker pod.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.resources) || ((!has(self.resources.limits) || self.resources.limits.all(k, type(self.resources.limits[k]) == int ? self.resources.limits[k] >= 0 : isQuantity(self.resources.limits[k]) && !quantity(self.resources.limits[k]).isLessThan(quantity('0')))) && (!has(self.resources.requests) || self.resources.requests.all(k, type(self.resources.requests[k]) == int ? self.resources.requests[k] >= 0 : isQuantity(self.resources.requests[k]) && !quantity(self.resources.requests[k]).isLessThan(quantity('0')))))").message("spec.ray.worker.resources limits and requests must be Kubernetes quantities that are not negative, such as 500m, 4 or 16Gi"))]
 pub struct WorkerOverrides {
     /// CPU and memory of a worker; GPUs are always `gpusPerWorker`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = crate::common::bounds::resources)]
     pub resources: Option<ResourceRequirements>,
 
-    /// Extra environment variables.
+    /// Extra environment variables, at most 64. No secret references: workers run on
+    /// supplier machines, whose owner has root.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), transform = crate::common::bounds::env)]
+    #[x_kube(validation = Rule::new("self.all(e, e.name.matches('^[-._a-zA-Z][-._a-zA-Z0-9]*$'))").message("spec.ray.worker.env[].name must be letters, digits, '_', '-' and '.', not starting with a digit (e.g. NCCL_DEBUG)"))]
+    #[x_kube(validation = Rule::new("self.all(e, !has(e.valueFrom) || !has(e.valueFrom.secretKeyRef))").message("spec.ray.worker.env cannot use valueFrom.secretKeyRef: workers run on supplier machines whose owner has root and could read the secret; pass only what you accept sharing with the supplier as a plain value (e.g. a short-lived, narrowly scoped token)"))]
     pub env: Vec<EnvVar>,
 
-    /// Extra `ray start` parameters, e.g. `{"object-store-memory": "1000000000"}`.
+    /// Extra `ray start` parameters, e.g. `{"object-store-memory": "1000000000"}`; at most 32.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(transform = crate::common::bounds::settings)]
+    #[x_kube(validation = Rule::new("self.all(k, size(k) <= 64 && k.matches('^[a-z][-_a-z0-9]*$'))").message("spec.ray.worker.rayStartParams keys must be ray start options without the leading --, such as object-store-memory or num-cpus"))]
     pub ray_start_params: std::collections::BTreeMap<String, String>,
 }
 
@@ -263,23 +286,28 @@ pub struct GpuClusterStatus {
 
     /// `Matched`, `Funded`, `RayReady`, `Degraded`, with reasons and messages.
     #[serde(default)]
+    #[schemars(transform = crate::common::bounds::conditions)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
 
-    /// Names of the cluster's active GpuLeases.
+    /// Names of the cluster's active GpuLeases (at most one per worker).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024), inner(length(max = 253)))]
     pub leases: Vec<String>,
 
     /// GPUs currently leased.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 16384))]
     pub gpus: Option<u32>,
 
     /// Name of the RayCluster in the same namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
     pub ray_cluster: Option<String>,
 
     /// Ray dashboard address (`http://<head service>:8265`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
     pub dashboard: Option<String>,
 
     /// Sum over leases of price × GPUs: what the cluster costs per hour, in base units.
@@ -288,6 +316,7 @@ pub struct GpuClusterStatus {
 
     /// When the cluster started running (leases bound); it ends at start + duration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub start_time: Option<Time>,
 
     /// Metered cost so far over all leases, in base units.

@@ -24,6 +24,23 @@ pub const WALLET_PATTERN: &str = "^[1-9A-HJ-NP-Za-km-z]{32,44}$";
 pub const LOCATION_PATTERN: &str = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$";
 /// Canonical GPU model name, e.g. `H100`, `A100`, `RTX4090`.
 pub const MODEL_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$";
+/// NVML uuid of a GPU or MIG device, e.g. `GPU-5f3a9c1e-0b7d-4e2a-9c41-1d2e3f4a5b60`.
+pub const GPU_UUID_PATTERN: &str = "^(GPU|MIG)-[A-Za-z0-9-]+$";
+/// Longest GPU uuid accepted.
+pub const MAX_GPU_UUID_LENGTH: usize = 128;
+/// Environment variable name accepted for Ray workers (what KubeRay and the kubelet accept
+/// everywhere, not only on the newest API servers).
+pub const ENV_NAME_PATTERN: &str = "^[-._a-zA-Z][-._a-zA-Z0-9]*$";
+/// A GpuCluster's name is its RayCluster's name: a DNS-1035 label (KubeRay refuses others).
+pub const RAY_CLUSTER_NAME_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
+/// KubeRay's longest RayCluster name (it derives longer names of pods and services from it).
+pub const MAX_RAY_CLUSTER_NAME_LENGTH: usize = 53;
+/// Highest price per GPU-hour, in base units, an offer may ask or a request accept: with at
+/// most 16384 GPUs (1024 workers × 16) for at most 2160 hours, price × GPUs × hours stays
+/// below `u64::MAX` (3.5e18 < 1.8e19).
+pub const MAX_PRICE_PER_GPU_HOUR: u64 = 100_000_000_000;
+/// Largest GPU memory, in MiB, an offer may list or a request ask for (1 TiB).
+pub const MAX_GPU_MEMORY_MIB: u64 = 1_048_576;
 
 /// The GPU hierarchy of the market, best first: H100 > A100 > A6000 > RTX 4090 > RTX 3090 > other.
 ///
@@ -148,6 +165,180 @@ pub fn is_valid_wallet(s: &str) -> bool {
     bs58::decode(s).into_vec().is_ok_and(|bytes| bytes.len() == 32)
 }
 
+/// Whether `s` has the shape of an NVML uuid ([`GPU_UUID_PATTERN`], at most
+/// [`MAX_GPU_UUID_LENGTH`] characters).
+pub fn is_valid_gpu_uuid(s: &str) -> bool {
+    let rest = s.strip_prefix("GPU-").or_else(|| s.strip_prefix("MIG-"));
+    s.len() <= MAX_GPU_UUID_LENGTH
+        && rest.is_some_and(|r| {
+            !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Whether `s` is an environment variable name workers accept ([`ENV_NAME_PATTERN`]).
+pub fn is_valid_env_name(s: &str) -> bool {
+    let word = |b: u8| b.is_ascii_alphabetic() || b == b'-' || b == b'.' || b == b'_';
+    let mut bytes = s.bytes();
+    bytes.next().is_some_and(word) && bytes.all(|b| word(b) || b.is_ascii_digit())
+}
+
+/// Whether `s` can name a RayCluster ([`RAY_CLUSTER_NAME_PATTERN`], at most
+/// [`MAX_RAY_CLUSTER_NAME_LENGTH`] characters).
+pub fn is_valid_ray_cluster_name(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    s.len() <= MAX_RAY_CLUSTER_NAME_LENGTH
+        && bytes.first().is_some_and(u8::is_ascii_lowercase)
+        && bytes.last().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+/// Whether `s` is a Kubernetes resource quantity that is not negative (`500m`, `4`, `16Gi`,
+/// `1e3`), by the grammar of `resource.Quantity`.
+pub fn is_valid_quantity(s: &str) -> bool {
+    /// The length of the `<number>` at the start of `s` (`1`, `1.5`, `1.`, `.5`), if any.
+    fn number(s: &str) -> Option<usize> {
+        let digits = |t: &str| t.bytes().take_while(u8::is_ascii_digit).count();
+        let whole = digits(s);
+        let mut len = whole;
+        let mut fraction = 0;
+        if s[len..].starts_with('.') {
+            fraction = digits(&s[len + 1..]);
+            len += 1 + fraction;
+        }
+        (whole + fraction > 0).then_some(len)
+    }
+    let unsigned = s.strip_prefix('+').unwrap_or(s);
+    let Some(len) = number(unsigned) else { return false };
+    match &unsigned[len..] {
+        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" | "m" | "k" | "M" | "G" | "T"
+        | "P" | "E" => true,
+        suffix => suffix.strip_prefix(['e', 'E']).is_some_and(|exponent| {
+            let exponent = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
+            number(exponent) == Some(exponent.len())
+        }),
+    }
+}
+
+/// Schema transforms that bound the strings, lists and maps inside Kubernetes' own types
+/// (`EnvVar`, `ResourceRequirements`, `Condition`), which carry no bounds of their own: an
+/// unbounded field lets one object grow to the API server's request limit, and makes a CEL
+/// rule over it too costly for the API server to install.
+pub mod bounds {
+    use schemars::Schema;
+    use serde_json::{Map, Value};
+
+    struct Limits {
+        /// `maxLength` of strings that have none.
+        string: u64,
+        /// ...of the strings of these property names instead.
+        named: &'static [(&'static str, u64)],
+        /// `maxLength` of int-or-string values (quantities).
+        int_or_string: u64,
+        /// `maxItems` of lists that have none.
+        items: u64,
+        /// `maxProperties` of maps that have none.
+        properties: u64,
+    }
+
+    fn has_type(node: &Map<String, Value>, name: &str) -> bool {
+        match node.get("type") {
+            Some(Value::String(t)) => t == name,
+            Some(Value::Array(types)) => types.iter().any(|t| t == name),
+            _ => false,
+        }
+    }
+
+    fn bound(node: &mut Map<String, Value>, max_length: u64, limits: &Limits) {
+        let absent = |node: &Map<String, Value>, key: &str| !node.contains_key(key);
+        if node.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) {
+            if absent(node, "maxLength") {
+                node.insert("maxLength".into(), limits.int_or_string.into());
+            }
+        } else if has_type(node, "string") && absent(node, "maxLength") {
+            node.insert("maxLength".into(), max_length.into());
+        }
+        if has_type(node, "array") && absent(node, "maxItems") {
+            node.insert("maxItems".into(), limits.items.into());
+        }
+        if node.get("additionalProperties").is_some_and(Value::is_object)
+            && absent(node, "maxProperties")
+        {
+            node.insert("maxProperties".into(), limits.properties.into());
+        }
+        if let Some(Value::Object(properties)) = node.get_mut("properties") {
+            for (name, child) in properties.iter_mut() {
+                let length = limits
+                    .named
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(limits.string, |&(_, length)| length);
+                if let Value::Object(child) = child {
+                    bound(child, length, limits);
+                }
+            }
+        }
+        for key in ["items", "additionalProperties"] {
+            if let Some(Value::Object(child)) = node.get_mut(key) {
+                bound(child, limits.string, limits);
+            }
+        }
+        for key in ["anyOf", "allOf", "oneOf"] {
+            if let Some(Value::Array(children)) = node.get_mut(key) {
+                for child in children.iter_mut().filter_map(Value::as_object_mut) {
+                    bound(child, max_length, limits);
+                }
+            }
+        }
+    }
+
+    fn apply(schema: &mut Schema, limits: &Limits) {
+        if let Some(node) = schema.as_object_mut() {
+            bound(node, limits.string, limits);
+        }
+    }
+
+    /// `ResourceRequirements`: at most 16 resources in `limits` and in `requests`, quantities
+    /// of at most 64 characters, at most 16 claims.
+    pub fn resources(schema: &mut Schema) {
+        let limits =
+            Limits { string: 253, named: &[], int_or_string: 64, items: 16, properties: 16 };
+        apply(schema, &limits);
+    }
+
+    /// A list of `EnvVar`: names of at most 256 characters, values of at most 32 KiB, other
+    /// strings (references) of at most 1024.
+    pub fn env(schema: &mut Schema) {
+        let limits = Limits {
+            string: 1024,
+            named: &[("name", 256), ("value", 32_768)],
+            int_or_string: 64,
+            items: 64,
+            properties: 16,
+        };
+        apply(schema, &limits);
+    }
+
+    /// A list of `Condition`: the lengths the Kubernetes API itself documents for conditions
+    /// (type 316, reason 1024, message 32768), at most 16 conditions.
+    pub fn conditions(schema: &mut Schema) {
+        let limits = Limits {
+            string: 64,
+            named: &[("type", 316), ("reason", 1024), ("message", 32_768)],
+            int_or_string: 64,
+            items: 16,
+            properties: 16,
+        };
+        apply(schema, &limits);
+    }
+
+    /// A map of short settings: at most 32 entries of at most 1024 characters.
+    pub fn settings(schema: &mut Schema) {
+        let limits =
+            Limits { string: 1024, named: &[], int_or_string: 64, items: 16, properties: 32 };
+        apply(schema, &limits);
+    }
+}
+
 /// A duration as written in a spec: Go/Kubernetes notation restricted to whole h, m and s units
 /// (`90m`, `2h30m`, `720h`), the same strings the schema's CEL `duration()` rules accept.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, DurationError> {
@@ -218,6 +409,44 @@ mod tests {
         assert!(is_valid_wallet("TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA"));
         assert!(!is_valid_wallet("1111"));
         assert!(!is_valid_wallet("0OIl0OIl0OIl0OIl0OIl0OIl0OIl0OIl"));
+    }
+
+    #[test]
+    fn gpu_uuids_have_the_nvml_shape() {
+        for good in ["GPU-5f3a9c1e-0b7d-4e2a-9c41-1d2e3f4a5b60", "GPU-ctl-a-0", "MIG-1", "GPU-0"] {
+            assert!(is_valid_gpu_uuid(good), "{good}");
+        }
+        let long = format!("GPU-{}", "a".repeat(MAX_GPU_UUID_LENGTH));
+        for bad in ["", "GPU-", "../etc", "GPU-../etc", "gpu-0", "GPU-a b", "GPU-a.b", &long] {
+            assert!(!is_valid_gpu_uuid(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn env_names_and_ray_cluster_names() {
+        for good in ["NCCL_DEBUG", "_X", "a.b-c", "x9"] {
+            assert!(is_valid_env_name(good), "{good}");
+        }
+        for bad in ["", "9X", "A=B", "A B", "Ä"] {
+            assert!(!is_valid_env_name(bad), "{bad}");
+        }
+        for good in ["llm", "llm-finetune-2", &"a".repeat(MAX_RAY_CLUSTER_NAME_LENGTH)] {
+            assert!(is_valid_ray_cluster_name(good), "{good}");
+        }
+        let long = "a".repeat(MAX_RAY_CLUSTER_NAME_LENGTH + 1);
+        for bad in ["", "llm.finetune", "1llm", "llm-", "LLM", &long] {
+            assert!(!is_valid_ray_cluster_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quantities_follow_the_kubernetes_grammar() {
+        for good in ["0", "4", "500m", "1.5", "16Gi", "1e3", "2E-2", ".5", "1.", "+1k", "100n"] {
+            assert!(is_valid_quantity(good), "{good}");
+        }
+        for bad in ["", "2Gx", "-1", "Gi", "1 Gi", "1e", "1.2.3", ".", "1KiB", "e3"] {
+            assert!(!is_valid_quantity(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -47,31 +47,37 @@ pub struct GpuLeaseSpec {
     pub supplier_wallet: String,
 
     /// NVML uuids of the bound GPUs.
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(max = 128)))]
     #[x_kube(validation = Rule::new("size(self) > 0").message("spec.gpus must name at least one GPU"))]
+    #[x_kube(validation = Rule::new("self.all(u, u.matches('^(GPU|MIG)-[A-Za-z0-9-]+$'))").message("spec.gpus[] must be NVML uuids of the offer's GPUs: GPU- or MIG- followed by letters, digits and '-'"))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub gpus: Vec<String>,
 
     /// Ray workers this lease hosts (each uses `gpus / workers` GPUs).
-    #[x_kube(validation = Rule::new("self >= 1").message("spec.workers must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("spec.workers must be at least 1 and at most 64 (each worker holds at least one of the lease's at most 64 GPUs)"))]
     pub workers: u32,
 
     /// Agreed price per GPU-hour, in base units of the settlement mint.
-    #[x_kube(validation = Rule::new("self > 0").message("spec.pricePerGpuHour must be greater than 0"))]
+    #[x_kube(validation = Rule::new("self > 0 && self <= 100000000000").message("spec.pricePerGpuHour must be greater than 0 and at most 100000000000 base units of the settlement mint per GPU-hour"))]
     pub price_per_gpu_hour: u64,
 
     /// When the GPUs were bound (hired); billing starts only once the lease serves
     /// (`status.servingSince`).
+    #[schemars(length(max = 64))]
     pub start_time: Time,
 }
 
 /// Reference to the GpuCluster a lease belongs to.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterRef {
+    #[schemars(length(max = 63))]
     pub namespace: String,
+    #[schemars(length(max = 253))]
     pub name: String,
     /// uid of the GpuCluster, so that a re-created cluster of the same name never inherits leases.
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')").message("spec.cluster.uid must be the GpuCluster's metadata.uid, a lower-case UUID such as 0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"))]
+    #[schemars(length(max = 36))]
     pub uid: String,
 }
 
@@ -127,6 +133,7 @@ pub struct GpuLeaseStatus {
     /// When every worker of the lease was first Ready on the supplier's node: billing starts
     /// here. Absent while the lease has not served yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub serving_since: Option<Time>,
 
     /// The worker pods running under this lease (at most `spec.workers`), as the controller
@@ -137,6 +144,7 @@ pub struct GpuLeaseStatus {
 
     /// When metering stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub end_time: Option<Time>,
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -154,6 +162,7 @@ pub struct GpuLeaseStatus {
 
     /// Usage up to this time has been paid for (or is in a recorded payout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub settled_through: Option<Time>,
 
     /// Paid to the supplier so far, in base units (confirmed payouts only).
@@ -197,6 +206,7 @@ pub struct CompactedSettlements {
     #[schemars(length(max = 32))]
     pub last_period: String,
     /// Usage paid through this time.
+    #[schemars(length(max = 64))]
     pub through: Time,
     /// Their total, in base units.
     pub amount: u64,
@@ -210,6 +220,7 @@ pub struct SettlementRecord {
     #[schemars(length(max = 64))]
     pub period: String,
     /// Usage covered, from the previous period's end to this time.
+    #[schemars(length(max = 64))]
     pub through: Time,
     /// Amount paid, in base units.
     pub amount: u64,

@@ -57,7 +57,7 @@ pub struct GpuOfferSpec {
     pub gpus: Vec<OfferedGpu>,
 
     /// Price per GPU-hour, in base units of the settlement mint (1000000 = 1 token with 6 decimals).
-    #[x_kube(validation = Rule::new("self > 0").message("spec.pricePerGpuHour must be greater than 0 (base units of the settlement mint per GPU-hour)"))]
+    #[x_kube(validation = Rule::new("self > 0 && self <= 100000000000").message("spec.pricePerGpuHour must be greater than 0 and at most 100000000000 base units of the settlement mint per GPU-hour (100000 tokens of 6 decimals)"))]
     pub price_per_gpu_hour: u64,
 
     /// Region the node runs in, e.g. `eu-west`.
@@ -77,10 +77,12 @@ pub struct GpuOfferSpec {
 
     /// NVIDIA driver version reported by NVML, e.g. `560.35.03`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub driver_version: Option<String>,
 
     /// Highest CUDA version the driver supports, e.g. `12.6`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub cuda_version: Option<String>,
 
     /// Whether the gpumarket agent is the node's device plugin or only publishes this offer.
@@ -93,7 +95,7 @@ pub struct GpuOfferSpec {
 #[serde(rename_all = "camelCase")]
 pub struct OfferedGpu {
     /// NVML uuid of the device, e.g. `GPU-5d2f...`.
-    #[x_kube(validation = Rule::new("size(self) > 0 && size(self) <= 128").message("gpus[].uuid must be the device's NVML uuid (1 to 128 characters)"))]
+    #[x_kube(validation = Rule::new("self.matches('^(GPU|MIG)-[A-Za-z0-9-]+$')").message("gpus[].uuid must be the device's NVML uuid: GPU- or MIG- followed by letters, digits and '-', at most 128 characters (e.g. GPU-5f3a9c1e-0b7d-4e2a-9c41-1d2e3f4a5b60)"))]
     #[schemars(length(max = 128))]
     pub uuid: String,
 
@@ -102,8 +104,8 @@ pub struct OfferedGpu {
     #[schemars(length(max = 63))]
     pub model: String,
 
-    /// Device memory in MiB.
-    #[x_kube(validation = Rule::new("self > 0").message("gpus[].memoryMib must be greater than 0"))]
+    /// Device memory in MiB (at most 1 TiB).
+    #[x_kube(validation = Rule::new("self > 0 && self <= 1048576").message("gpus[].memoryMib must be greater than 0 and at most 1048576 (1 TiB): the device memory in MiB, e.g. 81559"))]
     pub memory_mib: u64,
 }
 
@@ -119,20 +121,24 @@ impl OfferedGpu {
 pub struct GpuOfferStatus {
     /// `Available` (offer can be matched: fresh heartbeat, healthy GPUs) and `Healthy`.
     #[serde(default)]
+    #[schemars(transform = crate::common::bounds::conditions)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
 
     /// Per-GPU health (written by the agent) and allocation (written by the controller).
     #[serde(default)]
+    #[schemars(length(max = 64))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["uuid".into()]))]
     pub gpus: Vec<GpuState>,
 
     /// GPUs that are healthy and not leased.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 64))]
     pub free_gpus: Option<u32>,
 
     /// When the agent last reported that the node is alive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub last_heartbeat: Option<Time>,
 
     /// Supplier reputation, computed by the controller from uptime and lease outcomes.
@@ -163,6 +169,7 @@ pub struct StakeStatus {
     /// `gpumarket unbond`): the offer is no longer matched and the stake is returned once the
     /// cooldown has passed and no lease is active on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub unbond_requested: Option<Time>,
     /// Payments out of the stake account other than slashes: deposits returned to senders
     /// that are not the offer's wallet, and the unbonded stake. Written before they are sent.
@@ -172,10 +179,12 @@ pub struct StakeStatus {
 }
 
 /// Health and allocation of one offered GPU.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuState {
     /// NVML uuid of the device.
+    #[x_kube(validation = Rule::new("self.matches('^(GPU|MIG)-[A-Za-z0-9-]+$')").message("status.gpus[].uuid must be the device's NVML uuid: GPU- or MIG- followed by letters, digits and '-', as in spec.gpus"))]
+    #[schemars(length(max = 128))]
     pub uuid: String,
 
     /// Health reported by the agent; absent means not reported yet.
@@ -184,10 +193,12 @@ pub struct GpuState {
 
     /// Why the GPU is unhealthy, e.g. `XID 79: GPU has fallen off the bus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub reason: Option<String>,
 
     /// Name of the GpuLease this GPU is allocated to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub lease: Option<String>,
 }
 
@@ -203,12 +214,14 @@ pub enum GpuHealth {
 #[serde(rename_all = "camelCase")]
 pub struct Reputation {
     /// Share of the observed time the node heartbeated, in per-mille (0–1000).
+    #[schemars(range(max = 1000))]
     pub uptime_permille: u32,
     /// Leases that ran to their end without a supplier failure.
     pub leases_completed: u64,
     /// Leases ended by a supplier failure.
     pub leases_failed: u64,
     /// Reputation score, 0–1000; requests set a minimum (spec.minReputation).
+    #[schemars(range(max = 1000))]
     pub score: u32,
 }
 

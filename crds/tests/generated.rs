@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use gpumarket_crds::{GpuCluster, GpuOffer, GpuTier, Placement};
+use kube::CustomResourceExt;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
@@ -105,4 +106,130 @@ fn example_offer_deserializes() {
     assert_eq!(offers.len(), 1);
     assert_eq!(offers[0].spec.gpus.len(), 2);
     assert!(gpumarket_crds::common::is_valid_wallet(&offers[0].spec.wallet));
+}
+
+/// Every string, list and map of every schema has a bound (or is an enum or a date-time), and
+/// every 32-bit integer a maximum or a CEL rule that bounds it, so that no object the API
+/// server accepts is one the controller cannot read, and no object grows without limit.
+#[test]
+fn every_string_list_map_and_small_integer_is_bounded() {
+    fn walk(path: &str, node: &serde_json::Value, unbounded: &mut Vec<String>) {
+        let Some(map) = node.as_object() else { return };
+        let is = |t: &str| map.get("type").and_then(|v| v.as_str()) == Some(t);
+        let has = |k: &str| map.contains_key(k);
+        let rules: Vec<&str> = map
+            .get("x-kubernetes-validations")
+            .and_then(|r| r.as_array())
+            .map(|r| r.iter().filter_map(|r| r["rule"].as_str()).collect())
+            .unwrap_or_default();
+        let bounded = match map.get("type").and_then(|v| v.as_str()) {
+            Some("string") => has("maxLength") || has("enum"),
+            Some("array") => has("maxItems"),
+            Some("object") if has("additionalProperties") => has("maxProperties"),
+            Some("integer") if map.get("format").and_then(|f| f.as_str()) == Some("uint32") => {
+                has("maximum")
+                    || rules.iter().any(|r| r.contains("self <=") || r.contains("self =="))
+            }
+            _ => {
+                !map.get("x-kubernetes-int-or-string").is_some_and(|v| v == true)
+                    || has("maxLength")
+            }
+        };
+        // `apiVersion` and `kind` at the root are the API server's own.
+        let root_string = is("string") && path.matches('.').count() == 1;
+        if !bounded && !root_string {
+            unbounded.push(path.to_owned());
+        }
+        if let Some(properties) = map.get("properties").and_then(|p| p.as_object()) {
+            for (name, child) in properties {
+                walk(&format!("{path}.{name}"), child, unbounded);
+            }
+        }
+        for key in ["items", "additionalProperties"] {
+            if let Some(child) = map.get(key) {
+                walk(&format!("{path}[]"), child, unbounded);
+            }
+        }
+    }
+    // The walk finds what it is meant to find.
+    let sample = serde_json::json!({"type": "object", "properties": {
+        "kind": {"type": "string"},
+        "spec": {"type": "object", "properties": {
+            "name": {"type": "string"},
+            "tags": {"type": "array", "maxItems": 2, "items": {"type": "string", "maxLength": 9}},
+            "env": {"type": "object", "additionalProperties": {"type": "string"}},
+            "count": {"type": "integer", "format": "uint32"},
+            "cpu": {"x-kubernetes-int-or-string": true},
+        }},
+    }});
+    let mut found = Vec::new();
+    walk("X", &sample, &mut found);
+    found.sort();
+    assert_eq!(found, ["X.spec.count", "X.spec.cpu", "X.spec.env", "X.spec.env[]", "X.spec.name"]);
+
+    for crd in gpumarket_crds::crds() {
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+        let mut unbounded = Vec::new();
+        walk(&crd.spec.names.kind, &schema["openAPIV3Schema"], &mut unbounded);
+        assert!(unbounded.is_empty(), "unbounded in the schema: {unbounded:#?}");
+    }
+}
+
+/// The patterns and bounds the controller checks in Rust are the ones the schemas enforce.
+#[test]
+fn schema_rules_use_the_shared_patterns_and_bounds() {
+    use gpumarket_crds::common::{
+        ENV_NAME_PATTERN, GPU_UUID_PATTERN, MAX_GPU_MEMORY_MIB, MAX_PRICE_PER_GPU_HOUR,
+        MAX_RAY_CLUSTER_NAME_LENGTH, RAY_CLUSTER_NAME_PATTERN,
+    };
+    let schemas: Vec<(String, String)> = gpumarket_crds::crds()
+        .into_iter()
+        .map(|crd| {
+            let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+            (crd.spec.names.kind, schema.to_string())
+        })
+        .collect();
+    let schema = |kind: &str| &schemas.iter().find(|(k, _)| k == kind).unwrap().1;
+    for kind in ["GpuOffer", "GpuLease"] {
+        assert!(schema(kind).contains(GPU_UUID_PATTERN), "{kind}");
+        assert!(schema(kind).contains(&format!("self <= {MAX_PRICE_PER_GPU_HOUR}")), "{kind}");
+    }
+    assert!(schema("GpuOffer").contains(&format!("self <= {MAX_GPU_MEMORY_MIB}")));
+    let cluster = schema("GpuCluster");
+    assert!(cluster.contains(ENV_NAME_PATTERN));
+    assert!(cluster.contains(RAY_CLUSTER_NAME_PATTERN));
+    assert!(
+        cluster.contains(&format!("size(self.metadata.name) <= {MAX_RAY_CLUSTER_NAME_LENGTH}"))
+    );
+    assert!(cluster.contains(&format!("self <= {MAX_PRICE_PER_GPU_HOUR}")));
+    assert!(cluster.contains(&format!("self <= {MAX_GPU_MEMORY_MIB}")));
+}
+
+/// Each field frozen once a cluster is matched has a rule of its own, whose message names it.
+#[test]
+fn each_frozen_cluster_field_has_its_own_message() {
+    let crd = gpumarket_crds::GpuCluster::crd();
+    let rules = crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap();
+    let messages: Vec<String> = rules
+        .x_kubernetes_validations
+        .iter()
+        .flatten()
+        .filter_map(|r| r.message.clone())
+        .filter(|m| m.contains("cannot change once the cluster is matched"))
+        .collect();
+    let fields = [
+        "gpu",
+        "workers",
+        "gpusPerWorker",
+        "maxPricePerGpuHour",
+        "duration",
+        "location",
+        "minReputation",
+        "placement",
+    ];
+    assert_eq!(messages.len(), fields.len(), "{messages:#?}");
+    for field in fields {
+        let prefix = format!("spec.{field} cannot change");
+        assert_eq!(messages.iter().filter(|m| m.starts_with(&prefix)).count(), 1, "{field}");
+    }
 }

@@ -1,17 +1,22 @@
 //! The agent put together: discovery and price checks before anything is served, then the
-//! kubelet device plugin (plugin mode) and the offer publisher side by side, sharing one view of
-//! GPU health. The publisher's API-server trouble never touches the kubelet side.
+//! kubelet device plugin (plugin mode, with the watch of the node's leases it allocates by) and
+//! the offer publisher side by side, sharing one view of GPU health. The publisher's API-server
+//! trouble never touches the kubelet side.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use gpumarket_crds::OfferMode;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+use crate::allocation::NodeLease;
 
 use crate::config::{Args, ConfigError, Mode, Supplier};
 use crate::health::track;
+use crate::leases::follow_leases;
 use crate::offer::{OfferSettings, publish};
-use crate::plugin::GpuPlugin;
+use crate::plugin::{GpuPlugin, LeaseGate};
 use crate::registration::{PluginSocket, RegistrationError, serve_and_register};
 use crate::source::{DeviceSource, Inventory, SourceError};
 
@@ -23,6 +28,10 @@ pub struct AgentConfig {
     pub socket: PluginSocket,
     pub cdi: bool,
     pub heartbeat: Duration,
+    /// The kubelet's PodResources socket (plugin mode).
+    pub pod_resources_socket: PathBuf,
+    /// How long an allocation not explained by the leases seen so far waits for the lease watch.
+    pub lease_wait: Duration,
 }
 
 impl AgentConfig {
@@ -37,6 +46,8 @@ impl AgentConfig {
             },
             cdi: args.cdi,
             heartbeat: args.heartbeat_interval,
+            pod_resources_socket: args.pod_resources_socket.clone(),
+            lease_wait: args.lease_wait,
         }
     }
 }
@@ -57,6 +68,8 @@ pub struct Agent {
     source: Arc<dyn DeviceSource>,
     inventory: Arc<Inventory>,
     price_per_gpu_hour: u64,
+    /// The node's leases, when fed by the caller rather than watched on the API server.
+    leases: Option<watch::Receiver<Vec<NodeLease>>>,
 }
 
 impl Agent {
@@ -70,7 +83,20 @@ impl Agent {
         for gpu in &inventory.gpus {
             tracing::info!(uuid = %gpu.uuid, product = %gpu.product_name, model = %gpu.model(), memory_mib = gpu.memory_mib, nvlink_peers = gpu.nvlink_peers.len(), "discovered GPU");
         }
-        Ok(Agent { config, source, inventory: Arc::new(inventory), price_per_gpu_hour })
+        Ok(Agent {
+            config,
+            source,
+            inventory: Arc::new(inventory),
+            price_per_gpu_hour,
+            leases: None,
+        })
+    }
+
+    /// Allocates by the leases sent on `leases` instead of watching the node's GpuLeases on the
+    /// API server (tests of the kubelet side; simulated suppliers).
+    pub fn with_leases(mut self, leases: watch::Receiver<Vec<NodeLease>>) -> Agent {
+        self.leases = Some(leases);
+        self
     }
 
     pub fn inventory(&self) -> &Inventory {
@@ -78,20 +104,49 @@ impl Agent {
     }
 
     /// Runs until the future is dropped or something that retrying cannot fix happens.
-    /// Without a client no offer is published (a plugin-only agent, as in the gRPC tests).
+    /// Without a client no offer is published (a plugin-only agent, as in the gRPC tests), and
+    /// without leases fed by [`Agent::with_leases`] either, every allocation is refused.
     pub async fn run(self, client: Option<kube::Client>) -> Result<(), AgentError> {
         let (events_tx, events_rx) = mpsc::channel(64);
         self.source.watch_health(events_tx)?;
         let health = track(&self.inventory, events_rx);
+        let lease_client = client.clone();
         let plugin = async {
             match self.config.mode {
                 Mode::Plugin => {
+                    let (leases, follow) = match (&self.leases, lease_client) {
+                        (Some(fed), _) => (fed.clone(), None),
+                        (None, Some(client)) => {
+                            let (view, leases) = watch::channel(Vec::new());
+                            let node = self.config.node_name.clone();
+                            (leases, Some(follow_leases(client, node, view)))
+                        }
+                        (None, None) => {
+                            tracing::warn!(
+                                "no API server and no leases given: every allocation is refused"
+                            );
+                            (watch::channel(Vec::new()).1, None)
+                        }
+                    };
                     let plugin = GpuPlugin {
                         inventory: self.inventory.clone(),
                         health: health.clone(),
                         cdi: self.config.cdi,
+                        gate: LeaseGate {
+                            leases,
+                            pod_resources: self.config.pod_resources_socket.clone(),
+                            resource_name: self.config.socket.resource_name.clone(),
+                            wait: self.config.lease_wait,
+                        },
                     };
-                    Ok(serve_and_register(plugin, self.config.socket.clone()).await?)
+                    let serve = serve_and_register(plugin, self.config.socket.clone());
+                    match follow {
+                        None => Ok(serve.await?),
+                        Some(follow) => tokio::select! {
+                            result = serve => Ok(result?),
+                            never = follow => match never {},
+                        },
+                    }
                 }
                 Mode::OfferOnly => std::future::pending().await,
             }

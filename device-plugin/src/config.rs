@@ -52,6 +52,18 @@ pub struct Args {
     /// The kubelet's device-plugin directory (holds kubelet.sock and the plugin's socket).
     #[arg(long, default_value = "/var/lib/kubelet/device-plugins", env = "GPUMARKET_SOCKET_DIR")]
     pub socket_dir: PathBuf,
+    /// The kubelet's PodResources socket: which pods hold which devices (plugin mode).
+    #[arg(
+        long,
+        default_value = crate::pod_resources::POD_RESOURCES_SOCKET,
+        env = "GPUMARKET_POD_RESOURCES_SOCKET"
+    )]
+    pub pod_resources_socket: PathBuf,
+    /// How long an allocation the agent's view of the leases does not explain yet (a worker pod
+    /// bound a moment ago, not listed in its lease yet) waits for the lease watch before it is
+    /// refused, e.g. `5s`.
+    #[arg(long, default_value = "5s", value_parser = parse_lease_wait, env = "GPUMARKET_LEASE_WAIT")]
+    pub lease_wait: Duration,
     /// Hand GPUs to containers as CDI devices (`nvidia.com/gpu=<uuid>`) besides NVIDIA_VISIBLE_DEVICES.
     #[arg(long, env = "GPUMARKET_CDI")]
     pub cdi: bool,
@@ -95,6 +107,16 @@ fn parse_source(s: &str) -> Result<SourceSpec, String> {
 fn parse_interval(s: &str) -> Result<Duration, String> {
     match parse_duration(s) {
         Ok(d) if d.is_zero() => Err("the heartbeat interval must be longer than 0s".into()),
+        other => other.map_err(|e| e.to_string()),
+    }
+}
+
+fn parse_lease_wait(s: &str) -> Result<Duration, String> {
+    match parse_duration(s) {
+        Ok(d) if d > Duration::from_secs(60) => Err(
+            "the lease wait holds up the kubelet's admission of every pod: keep it at 60s or less"
+                .into(),
+        ),
         other => other.map_err(|e| e.to_string()),
     }
 }
@@ -316,6 +338,11 @@ mod tests {
         assert_eq!(a.resource_name, "nvidia.com/gpu");
         assert_eq!(a.socket_dir, PathBuf::from("/var/lib/kubelet/device-plugins"));
         assert_eq!(a.source, SourceSpec::Nvml);
+        assert_eq!(
+            a.pod_resources_socket,
+            PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock")
+        );
+        assert_eq!(a.lease_wait, Duration::from_secs(5));
         let supplier = Supplier::from_args(&a).expect("valid");
         assert_eq!(supplier.prices.get("H100"), Some(&2_200_000));
 
@@ -333,7 +360,12 @@ mod tests {
             (Mode::OfferOnly, Duration::from_secs(5), true)
         );
         assert_eq!(a.source, SourceSpec::Fake("/tmp/gpus.yaml".into()));
-        for bad in [["--source", "cuda"], ["--heartbeat-interval", "0s"], ["--mode", "daemon"]] {
+        for bad in [
+            ["--source", "cuda"],
+            ["--heartbeat-interval", "0s"],
+            ["--mode", "daemon"],
+            ["--lease-wait", "10m"],
+        ] {
             let base = ["gpumarket-device-plugin", "--node-name", "n1"];
             assert!(Args::try_parse_from(base.iter().chain(&bad)).is_err(), "{bad:?}");
         }

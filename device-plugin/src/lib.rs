@@ -12,9 +12,11 @@ pub mod agent;
 pub mod allocation;
 pub mod config;
 pub mod health;
+pub mod leases;
 pub mod node;
 pub mod offer;
 pub mod plugin;
+pub mod pod_resources;
 pub mod registration;
 pub mod source;
 
@@ -22,4 +24,11 @@ pub mod source;
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod api {
     tonic::include_proto!("v1beta1");
+}
+
+/// The kubelet PodResources API v1 (client and server), generated from
+/// `proto/podresources.proto`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pod_resources_api {
+    tonic::include_proto!("v1");
 }

@@ -1,32 +1,47 @@
 //! The plugin against a test kubelet over unix sockets in a temp directory: a Registration
 //! server (generated from the same proto) receives the registration, then calls the plugin as
-//! the kubelet does. Also: health changes on the ListAndWatch stream, re-registration after a
-//! kubelet restart, and the binary refusing bad settings with a message saying what to fix.
+//! the kubelet does, and a PodResources server says which pods the kubelet has and which GPUs
+//! they hold; the node's leases are fed on a channel. Also: health changes on the ListAndWatch
+//! stream, re-registration after a kubelet restart, GPUs handed to leases' worker pods only,
+//! and the binary refusing bad settings with a message saying what to fix.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gpumarket_device_plugin::agent::{Agent, AgentConfig};
+use gpumarket_device_plugin::allocation::{NodeLease, PodName};
 use gpumarket_device_plugin::api::device_plugin_client::DevicePluginClient;
 use gpumarket_device_plugin::api::registration_server::{Registration, RegistrationServer};
 use gpumarket_device_plugin::api::{
-    AllocateRequest, ContainerAllocateRequest, ContainerPreferredAllocationRequest, Empty,
-    ListAndWatchResponse, PreferredAllocationRequest, RegisterRequest,
+    AllocateRequest, AllocateResponse, ContainerAllocateRequest,
+    ContainerPreferredAllocationRequest, Empty, ListAndWatchResponse, PreferredAllocationRequest,
+    RegisterRequest,
 };
 use gpumarket_device_plugin::config::{Mode, Supplier};
+use gpumarket_device_plugin::pod_resources_api::pod_resources_lister_server::{
+    PodResourcesLister, PodResourcesListerServer,
+};
+use gpumarket_device_plugin::pod_resources_api::{
+    AllocatableResourcesRequest, AllocatableResourcesResponse, ContainerDevices,
+    ContainerResources, GetPodResourcesRequest, GetPodResourcesResponse, ListPodResourcesRequest,
+    ListPodResourcesResponse, PodResources,
+};
 use gpumarket_device_plugin::registration::{PluginSocket, connect};
 use gpumarket_device_plugin::source::fake::{FakeFault, FakeSource, FaultInjector};
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Channel, Server};
 use tonic::{Request, Response, Status, Streaming};
 
 const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
 const WAIT: Duration = Duration::from_secs(10);
+/// How long the agents of these tests wait for a lease that lists its pod late.
+const LEASE_WAIT: Duration = Duration::from_secs(1);
+const NAMESPACE: &str = "ml";
 
 /// GPU-0..3; GPU-2 and GPU-3 are NVLink peers.
 const FOUR_H100: &str = "
@@ -64,6 +79,81 @@ fn start_kubelet(dir: &Path) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<Reg
     (server, rx)
 }
 
+/// Pod names, each with the GPUs it holds.
+type HeldGpus = Vec<(String, Vec<String>)>;
+
+/// The kubelet's PodResources service: the pods the test says the kubelet has, in namespace
+/// `ml`, each with the GPUs it holds.
+#[derive(Clone, Default)]
+struct TestPodResources(Arc<Mutex<HeldGpus>>);
+
+impl TestPodResources {
+    fn set(&self, pods: &[(&str, &[&str])]) {
+        *self.0.lock().unwrap() = pods
+            .iter()
+            .map(|(name, gpus)| (name.to_string(), gpus.iter().map(|g| g.to_string()).collect()))
+            .collect();
+    }
+}
+
+#[tonic::async_trait]
+impl PodResourcesLister for TestPodResources {
+    async fn list(
+        &self,
+        _: Request<ListPodResourcesRequest>,
+    ) -> Result<Response<ListPodResourcesResponse>, Status> {
+        let pod_resources = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, gpus)| PodResources {
+                name: name.clone(),
+                namespace: NAMESPACE.into(),
+                containers: vec![ContainerResources {
+                    name: "ray-worker".into(),
+                    devices: vec![ContainerDevices {
+                        resource_name: "nvidia.com/gpu".into(),
+                        device_ids: gpus.clone(),
+                        topology: None,
+                    }],
+                    ..Default::default()
+                }],
+            })
+            .collect();
+        Ok(Response::new(ListPodResourcesResponse { pod_resources }))
+    }
+
+    async fn get_allocatable_resources(
+        &self,
+        _: Request<AllocatableResourcesRequest>,
+    ) -> Result<Response<AllocatableResourcesResponse>, Status> {
+        Err(Status::unimplemented("not used by the plugin"))
+    }
+
+    async fn get(
+        &self,
+        _: Request<GetPodResourcesRequest>,
+    ) -> Result<Response<GetPodResourcesResponse>, Status> {
+        Err(Status::unimplemented("not used by the plugin"))
+    }
+}
+
+/// Serves the test PodResources API on `dir/pod-resources.sock`.
+fn start_pod_resources(dir: &Path) -> TestPodResources {
+    let pods = TestPodResources::default();
+    let listener = UnixListener::bind(dir.join("pod-resources.sock")).unwrap();
+    let service = PodResourcesListerServer::new(pods.clone());
+    tokio::spawn(async move {
+        Server::builder()
+            .add_service(service)
+            .serve_with_incoming(UnixListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    pods
+}
+
 fn supplier() -> Supplier {
     Supplier {
         wallet: WALLET.into(),
@@ -73,14 +163,33 @@ fn supplier() -> Supplier {
     }
 }
 
-/// A plugin-mode agent on the fake GPUs, serving in `dir`; stopped when the test ends.
-fn start_agent(dir: &Path, cdi: bool) -> FaultInjector {
+/// A lease of node-a; its pods are in namespace `ml`.
+fn lease(name: &str, since: i64, gpus: &[&str], pods: &[&str]) -> NodeLease {
+    NodeLease {
+        name: name.into(),
+        since: jiff::Timestamp::from_second(since).unwrap(),
+        gpus: gpus.iter().map(|g| g.to_string()).collect(),
+        pods: pods.iter().map(|p| PodName::new(NAMESPACE, *p)).collect(),
+    }
+}
+
+/// A plugin-mode agent on the fake GPUs, serving in `dir`, with its PodResources API there too
+/// and its leases fed by the test; stopped when the test ends.
+struct TestNode {
+    injector: FaultInjector,
+    leases: watch::Sender<Vec<NodeLease>>,
+    pods: TestPodResources,
+}
+
+fn start_agent(dir: &Path, cdi: bool) -> TestNode {
     start_agent_with(dir, cdi, None)
 }
 
-fn start_agent_with(dir: &Path, cdi: bool, client: Option<kube::Client>) -> FaultInjector {
+fn start_agent_with(dir: &Path, cdi: bool, client: Option<kube::Client>) -> TestNode {
     let source = FakeSource::from_yaml(FOUR_H100).unwrap();
     let injector = source.injector();
+    let pods = start_pod_resources(dir);
+    let (leases, view) = watch::channel(Vec::new());
     let config = AgentConfig {
         node_name: "node-a".into(),
         supplier: supplier(),
@@ -88,10 +197,12 @@ fn start_agent_with(dir: &Path, cdi: bool, client: Option<kube::Client>) -> Faul
         socket: PluginSocket { dir: dir.to_owned(), resource_name: "nvidia.com/gpu".into() },
         cdi,
         heartbeat: Duration::from_secs(1),
+        pod_resources_socket: dir.join("pod-resources.sock"),
+        lease_wait: LEASE_WAIT,
     };
-    let agent = Agent::prepare(config, Arc::new(source)).unwrap();
+    let agent = Agent::prepare(config, Arc::new(source)).unwrap().with_leases(view);
     tokio::spawn(async move { agent.run(client).await.unwrap() });
-    injector
+    TestNode { injector, leases, pods }
 }
 
 async fn next_registration(rx: &mut mpsc::Receiver<RegisterRequest>) -> RegisterRequest {
@@ -114,6 +225,43 @@ fn healthy(ids: &[&str]) -> Vec<(String, String)> {
     ids.iter().map(|id| (id.to_string(), "Healthy".to_string())).collect()
 }
 
+/// The kubelet's side of a registered plugin.
+async fn kubelet_client(
+    dir: &Path,
+    registrations: &mut mpsc::Receiver<RegisterRequest>,
+) -> DevicePluginClient<Channel> {
+    let registration = next_registration(registrations).await;
+    DevicePluginClient::new(connect(&dir.join(&registration.endpoint)).await.unwrap())
+}
+
+async fn preferred(
+    plugin: &mut DevicePluginClient<Channel>,
+    available: &[&str],
+    size: i32,
+) -> Vec<String> {
+    let request = PreferredAllocationRequest {
+        container_requests: vec![ContainerPreferredAllocationRequest {
+            available_device_i_ds: available.iter().map(|d| d.to_string()).collect(),
+            must_include_device_i_ds: vec![],
+            allocation_size: size,
+        }],
+    };
+    let response = plugin.get_preferred_allocation(request).await.unwrap().into_inner();
+    response.container_responses[0].device_i_ds.clone()
+}
+
+async fn allocate(
+    plugin: &mut DevicePluginClient<Channel>,
+    devices: &[&str],
+) -> Result<AllocateResponse, Status> {
+    let request = AllocateRequest {
+        container_requests: vec![ContainerAllocateRequest {
+            devices_ids: devices.iter().map(|d| d.to_string()).collect(),
+        }],
+    };
+    plugin.allocate(request).await.map(Response::into_inner)
+}
+
 #[tokio::test]
 async fn the_kubelet_registers_lists_allocates_and_sees_health_changes() {
     let dir = tempfile::tempdir().unwrap();
@@ -122,7 +270,11 @@ async fn the_kubelet_registers_lists_allocates_and_sees_health_changes() {
     let socket =
         PluginSocket { dir: dir.path().to_owned(), resource_name: "nvidia.com/gpu".into() };
     std::fs::write(socket.path(), b"stale").unwrap();
-    let injector = start_agent(dir.path(), true);
+    let node = start_agent(dir.path(), true);
+    let injector = &node.injector;
+    // GPU-2 and GPU-3 are leased to lease l, whose worker pod w-0 the kubelet is admitting.
+    node.leases.send_replace(vec![lease("l", 1, &["GPU-2", "GPU-3"], &["w-0"])]);
+    node.pods.set(&[("w-0", &[])]);
 
     let registration = next_registration(&mut registrations).await;
     assert_eq!(registration.version, "v1beta1");
@@ -152,7 +304,11 @@ async fn the_kubelet_registers_lists_allocates_and_sees_health_changes() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(preferred.container_responses[0].device_i_ds, ["GPU-2", "GPU-3"], "the NVLink pair");
+    assert_eq!(
+        preferred.container_responses[0].device_i_ds,
+        ["GPU-2", "GPU-3"],
+        "the lease's GPUs"
+    );
 
     let allocated = plugin
         .allocate(AllocateRequest {
@@ -197,7 +353,7 @@ async fn the_kubelet_registers_lists_allocates_and_sees_health_changes() {
 async fn the_plugin_registers_again_when_the_kubelet_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let (kubelet, mut registrations) = start_kubelet(dir.path());
-    let _injector = start_agent(dir.path(), false);
+    let _node = start_agent(dir.path(), false);
     let first = next_registration(&mut registrations).await;
     // The old kubelet's ListAndWatch stream stays open across the restart: it must not hold up
     // the plugin's new server.
@@ -230,16 +386,84 @@ async fn the_kubelet_is_served_while_the_api_server_cannot_be_reached() {
     // Nothing listens on port 1: every offer write fails and is retried.
     let unreachable = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
     let client = kube::Client::try_from(unreachable).unwrap();
-    let injector = start_agent_with(dir.path(), false, Some(client));
+    let node = start_agent_with(dir.path(), false, Some(client));
 
     let registration = next_registration(&mut registrations).await;
     let channel = connect(&dir.path().join(&registration.endpoint)).await.unwrap();
     let mut stream =
         DevicePluginClient::new(channel).list_and_watch(Empty {}).await.unwrap().into_inner();
     assert_eq!(next_list(&mut stream, WAIT).await.len(), 4);
-    injector.inject("GPU-0", FakeFault::DoubleBitEcc);
+    node.injector.inject("GPU-0", FakeFault::DoubleBitEcc);
     let list = next_list(&mut stream, Duration::from_secs(1)).await;
     assert_eq!(list[0], ("GPU-0".to_string(), "Unhealthy".to_string()));
+}
+
+#[tokio::test]
+async fn each_lease_pod_gets_its_own_leases_gpus_and_no_one_else_gets_any() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_kubelet, mut registrations) = start_kubelet(dir.path());
+    let node = start_agent(dir.path(), false);
+    // Two leases of equal size. l2 holds the NVLink pair a lease-blind plugin prefers for
+    // anyone, and is the older one: neither may pull l1's pod onto it.
+    node.leases.send_replace(vec![
+        lease("l1", 20, &["GPU-0", "GPU-1"], &["a"]),
+        lease("l2", 10, &["GPU-2", "GPU-3"], &["b"]),
+    ]);
+    let mut plugin = kubelet_client(dir.path(), &mut registrations).await;
+    let all = ["GPU-0", "GPU-1", "GPU-2", "GPU-3"];
+
+    // A pod of no lease (it tolerates the supplier taint and asks for GPUs): refused, on free
+    // or leased GPUs, once the lease watch had its chance to explain it.
+    node.pods.set(&[("rogue", &[])]);
+    let asked = Instant::now();
+    let refused = allocate(&mut plugin, &["GPU-0"]).await.expect_err("no lease lists it");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.message().contains("not one of them"), "{}", refused.message());
+    assert!(asked.elapsed() >= LEASE_WAIT, "refused only after waiting for the leases");
+
+    // l1's pod a is admitted: it is preferred l1's GPUs and gets them.
+    node.pods.set(&[("a", &[])]);
+    assert_eq!(preferred(&mut plugin, &all, 2).await, ["GPU-0", "GPU-1"]);
+    let asked = Instant::now();
+    let crossing = allocate(&mut plugin, &["GPU-1", "GPU-2"]).await.expect_err("two leases");
+    assert_eq!(crossing.code(), tonic::Code::PermissionDenied);
+    let message = crossing.message();
+    assert!(message.contains("lease l1") && message.contains("lease l2"), "{message}");
+    assert!(asked.elapsed() < LEASE_WAIT, "a crossing is refused at once: no lease view lifts it");
+    let wrong = allocate(&mut plugin, &["GPU-2", "GPU-3"]).await.expect_err("l2's GPUs");
+    assert!(wrong.message().contains("ml/a of lease l1"), "{}", wrong.message());
+    let given = allocate(&mut plugin, &["GPU-0", "GPU-1"]).await.unwrap();
+    assert_eq!(given.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"], "GPU-0,GPU-1");
+
+    // Then l2's pod b: l2's GPUs are what is left and what it gets.
+    node.pods.set(&[("a", &["GPU-0", "GPU-1"]), ("b", &[])]);
+    assert_eq!(preferred(&mut plugin, &["GPU-2", "GPU-3"], 2).await, ["GPU-2", "GPU-3"]);
+    allocate(&mut plugin, &["GPU-2", "GPU-3"]).await.unwrap();
+
+    // Both served: a third pod of l1 that the kubelet admits gets nothing until l1 lists it.
+    node.pods.set(&[("a", &["GPU-0", "GPU-1"]), ("b", &["GPU-2", "GPU-3"]), ("a2", &[])]);
+    let refused = allocate(&mut plugin, &["GPU-0"]).await.expect_err("a2 is no lease's");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_pod_its_lease_lists_late_is_served_once_the_lease_watch_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_kubelet, mut registrations) = start_kubelet(dir.path());
+    let node = start_agent(dir.path(), false);
+    // The kubelet admits w-0 a moment after it was bound; its lease does not list it yet.
+    node.leases.send_replace(vec![lease("l", 1, &["GPU-1", "GPU-2"], &[])]);
+    node.pods.set(&[("w-0", &[])]);
+    let mut plugin = kubelet_client(dir.path(), &mut registrations).await;
+
+    let asked = Instant::now();
+    let allocation = tokio::spawn(async move { allocate(&mut plugin, &["GPU-1", "GPU-2"]).await });
+    tokio::time::sleep(LEASE_WAIT / 4).await;
+    node.leases.send_replace(vec![lease("l", 1, &["GPU-1", "GPU-2"], &["w-0"])]);
+    let given = allocation.await.unwrap().expect("served once the lease lists it");
+    assert_eq!(given.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"], "GPU-1,GPU-2");
+    let waited = asked.elapsed();
+    assert!(waited >= LEASE_WAIT / 4 && waited < LEASE_WAIT, "{waited:?}");
 }
 
 /// Runs the agent binary; its exit status and stderr.

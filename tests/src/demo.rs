@@ -56,7 +56,7 @@ pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Res
     env.spawn("kuberay-operator", operator)?;
 
     let authority = env.dir().join("settlement-keypair.json");
-    let authority_key = coordinates.solana.settlement_authority(&authority).await?;
+    coordinates.solana.settlement_authority(&authority).await?;
     let mut controller = Command::new(binaries.join("gpumarket-controller"));
     controller
         .env("KUBECONFIG", &coordinates.kubeconfig)
@@ -67,7 +67,7 @@ pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Res
         .arg(format!("--mint={}", coordinates.solana.mint));
     env.spawn("controller", controller)?;
 
-    order(env, coordinates, &authority_key).await
+    order(env, coordinates).await
 }
 
 /// Print the cluster's progress (each phase, with why it waits) until it is Running; an error
@@ -117,13 +117,9 @@ pub async fn follow(env: &Env, cluster: &GpuCluster, timeout: Duration) -> Resul
     }
 }
 
-/// The buyer's GpuCluster (two A100-or-better workers of 8 GPUs for 10 minutes), then its
-/// deposit into escrow with the cluster's uid as memo.
-async fn order(
-    env: &Env,
-    coordinates: &Coordinates,
-    escrow_owner: &solana_sdk::pubkey::Pubkey,
-) -> Result<GpuCluster> {
+/// The buyer's GpuCluster (two A100-or-better workers of 8 GPUs for 10 minutes), then, once
+/// the controller has opened the cluster's escrow account, the deposit into it.
+async fn order(env: &Env, coordinates: &Coordinates) -> Result<GpuCluster> {
     let buyer = read_keypair(&coordinates.solana.buyer)?;
     let deposit: u64 = 3_000_000 * 16 / 6; // max price × GPUs × 10 minutes
     let cluster: GpuCluster = serde_json::from_value(serde_json::json!({
@@ -136,14 +132,35 @@ async fn order(
             "gpusPerWorker": 8,
             "duration": "10m",
             "maxPricePerGpuHour": 3_000_000,
-            "payment": {"buyerWallet": buyer.pubkey().to_string(), "deposit": deposit},
+            "payment": {"buyerWallet": buyer.pubkey().to_string()},
         }
     }))?;
     let clusters: Api<GpuCluster> = Api::namespaced(env.client().await?, "default");
     let cluster = clusters.create(&PostParams::default(), &cluster).await?;
-    let uid = cluster.metadata.uid.clone().context("the API server gave the cluster no uid")?;
-    coordinates.solana.deposit(&buyer, escrow_owner, deposit, &uid).await?;
+    let escrow = escrow_account(&clusters, &cluster, Duration::from_secs(120)).await?;
+    println!("demo: depositing {deposit} base units into the escrow account {escrow}");
+    coordinates.solana.transfer(&buyer, &escrow, deposit, Some("demo deposit")).await?;
     Ok(cluster)
+}
+
+/// The cluster's escrow account, once settlement has opened it (`status.escrow.account`).
+pub async fn escrow_account(
+    api: &Api<GpuCluster>,
+    cluster: &GpuCluster,
+    timeout: Duration,
+) -> Result<solana_sdk::pubkey::Pubkey> {
+    let name = cluster.metadata.name.clone().unwrap_or_default();
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let current = api.get(&name).await?;
+        if let Some(escrow) = current.status.and_then(|s| s.escrow) {
+            return Ok(escrow.account.parse()?);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no escrow account opened for GpuCluster {name} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn price_of(model: &str) -> u64 {

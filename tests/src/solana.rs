@@ -55,41 +55,34 @@ impl Solana {
         get_associated_token_address(wallet, &self.mint)
     }
 
-    /// A buyer's deposit into the escrow (the token account of `escrow_owner`, created when
-    /// missing), with `memo` (the GpuCluster uid) telling the controller whose deposit it is.
-    pub async fn deposit(
+    /// A transfer of `amount` from `from`'s token account into the token account `to` (a
+    /// cluster's escrow, a node's stake account), with `memo` when given: how a buyer deposits
+    /// and a supplier bonds stake.
+    pub async fn transfer(
         &self,
-        buyer: &Keypair,
-        escrow_owner: &Pubkey,
+        from: &Keypair,
+        to: &Pubkey,
         amount: u64,
-        memo: &str,
+        memo: Option<&str>,
     ) -> Result<Signature> {
-        let token = spl_token_interface::id();
-        let escrow = self.token_account(escrow_owner);
-        let instructions = [
-            create_associated_token_account_idempotent(
-                &buyer.pubkey(),
-                escrow_owner,
-                &self.mint,
-                &token,
-            ),
-            spl_token_interface::instruction::transfer_checked(
-                &token,
-                &self.token_account(&buyer.pubkey()),
-                &self.mint,
-                &escrow,
-                &buyer.pubkey(),
-                &[],
-                amount,
-                MINT_DECIMALS,
-            )?,
-            spl_memo_interface::instruction::build_memo(
+        let mut instructions = vec![spl_token_interface::instruction::transfer_checked(
+            &spl_token_interface::id(),
+            &self.token_account(&from.pubkey()),
+            &self.mint,
+            to,
+            &from.pubkey(),
+            &[],
+            amount,
+            MINT_DECIMALS,
+        )?];
+        if let Some(memo) = memo {
+            instructions.push(spl_memo_interface::instruction::build_memo(
                 &spl_memo_interface::v3::id(),
                 memo.as_bytes(),
-                &[&buyer.pubkey()],
-            ),
-        ];
-        send_with_retry(&self.rpc(), &instructions, buyer, &[buyer]).await.context("depositing")
+                &[&from.pubkey()],
+            ));
+        }
+        send_with_retry(&self.rpc(), &instructions, from, &[from]).await.context("transferring")
     }
 }
 
@@ -109,6 +102,17 @@ impl Solana {
         );
         send_with_retry(&self.rpc(), &[fund], &faucet, &[&faucet]).await?;
         Ok(authority.pubkey())
+    }
+
+    /// Base units held by the token account `account`; `None` when it does not exist (never
+    /// opened, or closed).
+    pub async fn account_balance(&self, account: &Pubkey) -> Result<Option<u64>> {
+        let rpc = self.rpc();
+        let found = rpc.get_account_with_commitment(account, CommitmentConfig::confirmed()).await?;
+        match found.value {
+            None => Ok(None),
+            Some(_) => Ok(Some(rpc.get_token_account_balance(account).await?.amount.parse()?)),
+        }
     }
 
     /// Base units held by `wallet`'s token account (0 when it has none yet).

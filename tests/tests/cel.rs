@@ -9,12 +9,16 @@ use std::path::{Path, PathBuf};
 use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
 use gpumarket_tests::Env;
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 const WALLET: &str = "9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin";
 const OTHER_WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
+/// A uid as the API server gives a GpuCluster.
+const CLUSTER_UID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+/// Above every price the schema accepts (100000000000): price × GPUs × hours would overflow.
+const PRICE_I64_MAX: i64 = i64::MAX;
 
 fn resource(kind: &str) -> ApiResource {
     match kind {
@@ -55,7 +59,7 @@ fn cluster(name: &str) -> Value {
             "minReputation": 600,
             "placement": "Pack",
             "ray": {"version": "2.41.0", "headGpus": 0},
-            "payment": {"buyerWallet": WALLET, "deposit": 80_000_000},
+            "payment": {"buyerWallet": WALLET},
         },
     })
 }
@@ -82,7 +86,7 @@ fn lease(name: &str) -> Value {
         "kind": "GpuLease",
         "metadata": {"name": name},
         "spec": {
-            "cluster": {"namespace": "default", "name": "llm", "uid": "0a1b2c3d"},
+            "cluster": {"namespace": "default", "name": "llm", "uid": CLUSTER_UID},
             "offer": "gpu-node-1",
             "supplierWallet": OTHER_WALLET,
             "gpus": ["GPU-0", "GPU-1"],
@@ -277,9 +281,9 @@ async fn invalid_manifests_are_refused_with_their_message() {
             "spec.ray.version must be a Ray release",
         ),
         (
-            "9 head GPUs",
-            with(c(), "spec/ray/headGpus", json!(9)),
-            "spec.ray.headGpus must be between 0 and 8",
+            "a GPU head",
+            with(c(), "spec/ray/headGpus", json!(1)),
+            "spec.ray.headGpus must be 0: the Ray head runs on CPU",
         ),
         (
             "buyer wallet not base-58",
@@ -287,9 +291,111 @@ async fn invalid_manifests_are_refused_with_their_message() {
             "spec.payment.buyerWallet must be a base-58 Solana public key",
         ),
         (
-            "no deposit",
-            with(c(), "spec/payment/deposit", json!(0)),
-            "spec.payment.deposit must be greater than 0",
+            "price of i64::MAX",
+            with(c(), "spec/maxPricePerGpuHour", json!(PRICE_I64_MAX)),
+            "spec.maxPricePerGpuHour must be greater than 0 and at most 100000000000",
+        ),
+        (
+            "price one above the bound",
+            with(c(), "spec/maxPricePerGpuHour", json!(100_000_000_001u64)),
+            "spec.maxPricePerGpuHour must be greater than 0 and at most 100000000000",
+        ),
+        (
+            "workers beyond u32",
+            with(c(), "spec/workers", json!(5_000_000_000u64)),
+            "spec.workers must be between 1 and 1024",
+        ),
+        (
+            "memory above 1 TiB",
+            with(c(), "spec/gpu/minMemoryMib", json!(1_048_577)),
+            "spec.gpu.minMemoryMib is in MiB and at most 1048576",
+        ),
+        (
+            "54-character name",
+            with(c(), "metadata/name", json!("a".repeat(54))),
+            "which KubeRay limits to 53 characters: rename the GpuCluster",
+        ),
+        (
+            "dotted name",
+            with(c(), "metadata/name", json!("llm.finetune")),
+            "must be a DNS-1035 label: rename it",
+        ),
+        (
+            "name starting with a digit",
+            with(c(), "metadata/name", json!("1llm")),
+            "must be a DNS-1035 label: rename it",
+        ),
+        (
+            "image with a space",
+            with(c(), "spec/ray/image", json!("rayproject/ray:2.41.0 --privileged")),
+            "spec.ray.image must be a container image reference",
+        ),
+        (
+            "image too long",
+            with(c(), "spec/ray/image", json!(format!("r/{}", "a".repeat(511)))),
+            "spec.ray.image: Too long",
+        ),
+        (
+            "env name starting with a digit",
+            with(c(), "spec/ray/worker/env", json!([{"name": "1VAR", "value": "x"}])),
+            "spec.ray.worker.env[].name must be letters, digits",
+        ),
+        (
+            "env name with a space",
+            with(c(), "spec/ray/worker/env", json!([{"name": "NCCL DEBUG", "value": "x"}])),
+            "spec.ray.worker.env[].name must be letters, digits",
+        ),
+        (
+            "env from a secret",
+            with(
+                c(),
+                "spec/ray/worker/env",
+                json!([{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]),
+            ),
+            "spec.ray.worker.env cannot use valueFrom.secretKeyRef: workers run on supplier machines",
+        ),
+        (
+            "65 env vars",
+            with(
+                c(),
+                "spec/ray/worker/env",
+                json!((0..65).map(|i| json!({"name": format!("V{i}"), "value": "x"})).collect::<Vec<_>>()),
+            ),
+            "Too many",
+        ),
+        (
+            "head memory 2Gx",
+            with(c(), "spec/ray/headResources", json!({"requests": {"memory": "2Gx"}})),
+            "spec.ray.headResources limits and requests must be Kubernetes quantities",
+        ),
+        (
+            "negative head CPU",
+            with(c(), "spec/ray/headResources", json!({"limits": {"cpu": -1}})),
+            "spec.ray.headResources limits and requests must be Kubernetes quantities",
+        ),
+        (
+            "worker CPU lots",
+            with(c(), "spec/ray/worker/resources", json!({"limits": {"cpu": "lots"}})),
+            "spec.ray.worker.resources limits and requests must be Kubernetes quantities",
+        ),
+        (
+            "negative worker memory",
+            with(c(), "spec/ray/worker/resources", json!({"requests": {"memory": "-1Gi"}})),
+            "spec.ray.worker.resources limits and requests must be Kubernetes quantities",
+        ),
+        (
+            "17 worker resources",
+            with(
+                c(),
+                "spec/ray/worker/resources",
+                json!({"limits": (0..17).map(|i| (format!("example.com/r{i}"), json!("1"))).collect::<serde_json::Map<_, _>>()}),
+            ),
+            "Too many",
+        ),
+        (
+            "ray start parameter with dashes",
+            with(c(), "spec/ray/worker/rayStartParams", json!({"--num-cpus": "4"})),
+            "spec.ray.worker.rayStartParams keys must be ray start options",
         ),
         // GpuOffer
         (
@@ -308,6 +414,16 @@ async fn invalid_manifests_are_refused_with_their_message() {
             "spec.pricePerGpuHour must be greater than 0",
         ),
         (
+            "offer price of i64::MAX",
+            with(o(), "spec/pricePerGpuHour", json!(PRICE_I64_MAX)),
+            "spec.pricePerGpuHour must be greater than 0 and at most 100000000000",
+        ),
+        (
+            "offer price negative",
+            with(o(), "spec/pricePerGpuHour", json!(-1)),
+            "should be greater than or equal to 0",
+        ),
+        (
             "offer region",
             with(o(), "spec/region", json!("eu_west")),
             "spec.region must be lower-case",
@@ -317,6 +433,40 @@ async fn invalid_manifests_are_refused_with_their_message() {
             "GPU without uuid",
             with(o(), "spec/gpus/0/uuid", json!("")),
             "gpus[].uuid must be the device's NVML uuid",
+        ),
+        (
+            "GPU uuid ../etc",
+            with(o(), "spec/gpus/0/uuid", json!("../etc")),
+            "gpus[].uuid must be the device's NVML uuid",
+        ),
+        (
+            "GPU uuid with a path",
+            with(o(), "spec/gpus/0/uuid", json!("GPU-../etc")),
+            "gpus[].uuid must be the device's NVML uuid",
+        ),
+        (
+            "GPU uuid too long",
+            with(o(), "spec/gpus/0/uuid", json!(format!("GPU-{}", "a".repeat(125)))),
+            "Too long",
+        ),
+        (
+            "65 GPUs",
+            with(
+                o(),
+                "spec/gpus",
+                json!((0..65).map(|i| json!({"uuid": format!("GPU-{i}"), "model": "H100", "memoryMib": 81920})).collect::<Vec<_>>()),
+            ),
+            "Too many",
+        ),
+        (
+            "GPU memory above 1 TiB",
+            with(o(), "spec/gpus/0/memoryMib", json!(2_000_000)),
+            "gpus[].memoryMib must be greater than 0 and at most 1048576",
+        ),
+        (
+            "driver version too long",
+            with(o(), "spec/driverVersion", json!("5".repeat(65))),
+            "Too long",
         ),
         (
             "GPU model",
@@ -353,6 +503,36 @@ async fn invalid_manifests_are_refused_with_their_message() {
             "lease free",
             with(l(), "spec/pricePerGpuHour", json!(0)),
             "spec.pricePerGpuHour must be greater than 0",
+        ),
+        (
+            "lease workers beyond u32",
+            with(l(), "spec/workers", json!(5_000_000_000u64)),
+            "spec.workers must be at least 1 and at most 64",
+        ),
+        (
+            "negative lease price",
+            with(l(), "spec/pricePerGpuHour", json!(-1)),
+            "should be greater than or equal to 0",
+        ),
+        (
+            "lease price of i64::MAX",
+            with(l(), "spec/pricePerGpuHour", json!(PRICE_I64_MAX)),
+            "spec.pricePerGpuHour must be greater than 0 and at most 100000000000",
+        ),
+        (
+            "lease GPU uuid ../etc",
+            with(l(), "spec/gpus", json!(["GPU-0", "../etc"])),
+            "spec.gpus[] must be NVML uuids",
+        ),
+        (
+            "lease cluster uid of any shape",
+            with(l(), "spec/cluster/uid", json!("0a1b2c3d")),
+            "spec.cluster.uid must be the GpuCluster's metadata.uid",
+        ),
+        (
+            "lease cluster namespace too long",
+            with(l(), "spec/cluster/namespace", json!("n".repeat(64))),
+            "Too long",
         ),
     ];
     // The valid bases pass, so each refusal below is down to its one change.
@@ -399,7 +579,17 @@ async fn cluster_spec_is_frozen_once_matched_and_buyer_wallet_is_immutable() {
     api.patch_status("frozen", &params, &merge(json!({"status": {"phase": "Running"}})))
         .await
         .unwrap();
-    for change in [
+    let fields = [
+        "workers",
+        "gpusPerWorker",
+        "gpu",
+        "maxPricePerGpuHour",
+        "duration",
+        "location",
+        "minReputation",
+        "placement",
+    ];
+    for (field, change) in fields.into_iter().zip([
         json!({"workers": 4}),
         json!({"gpusPerWorker": 4}),
         json!({"gpu": {"minTier": "H100"}}),
@@ -408,13 +598,24 @@ async fn cluster_spec_is_frozen_once_matched_and_buyer_wallet_is_immutable() {
         json!({"location": {"region": "us-east", "zone": null}}),
         json!({"minReputation": 700}),
         json!({"placement": "Spread"}),
-    ] {
+    ]) {
         let message = refusal(api.patch("frozen", &params, &merge(json!({"spec": change}))).await);
         assert!(
-            message.contains("cannot change once the cluster is matched"),
+            message.contains(&format!("spec.{field} cannot change once the cluster is matched")),
             "{change}: {message}"
         );
+        // Each refusal names the field that changed, and only that one.
+        for other in fields.iter().filter(|f| **f != field) {
+            assert!(
+                !message.contains(&format!("spec.{other} cannot change")),
+                "{change}: {message}"
+            );
+        }
     }
+    // Removing the location is a change too.
+    let message =
+        refusal(api.patch("frozen", &params, &merge(json!({"spec": {"location": null}}))).await);
+    assert!(message.contains("spec.location cannot change"), "{message}");
     api.patch("frozen", &params, &merge(json!({"spec": {"ray": {"version": "2.42.0"}}})))
         .await
         .unwrap();
@@ -449,6 +650,78 @@ async fn offer_node_and_lease_spec_are_immutable() {
     let message =
         refusal(leases.patch(&name, &params, &Patch::Merge(json!({"spec": {"workers": 2}}))).await);
     assert!(message.contains("a GpuLease spec is immutable"), "{message}");
+
+    offers.delete(&name, &Default::default()).await.unwrap();
+    leases.delete(&name, &Default::default()).await.unwrap();
+}
+
+#[tokio::test]
+async fn writes_that_would_not_fit_the_types_are_refused_and_every_list_still_reads() {
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let leases: Api<DynamicObject> = Api::all_with(client.clone(), &resource("GpuLease"));
+    let offers: Api<DynamicObject> = Api::all_with(client.clone(), &resource("GpuOffer"));
+    let params = PatchParams::default();
+    let name = format!("cel-lists-{}", std::process::id());
+    let through = "2026-01-01T01:00:00Z";
+
+    for bad in [
+        with(lease(&name), "spec/workers", json!(5_000_000_000u64)),
+        with(lease(&name), "spec/pricePerGpuHour", json!(-1)),
+        with(lease(&name), "spec/pricePerGpuHour", json!(PRICE_I64_MAX)),
+    ] {
+        refusal(leases.create(&PostParams::default(), &object(&bad)).await);
+    }
+    leases.create(&PostParams::default(), &object(&lease(&name))).await.unwrap();
+    let pod =
+        |i: usize| json!({"namespace": "ns", "name": format!("w-{i}"), "uid": "u", "ready": true});
+    for status in [
+        json!({"hiredGpuSeconds": -5}),
+        json!({"servedGpuSeconds": u64::MAX}),
+        json!({"amountSettled": -1}),
+        json!({"pods": (0..65).map(pod).collect::<Vec<_>>()}),
+        json!({"settlements": [{"period": "0001", "through": through, "amount": -1, "state": "Signed"}]}),
+        json!({"compacted": {"records": -1, "lastPeriod": "0001", "through": through, "amount": 0}}),
+    ] {
+        let patch = Patch::Merge(json!({"status": status}));
+        let message = refusal(leases.patch_status(&name, &params, &patch).await);
+        assert!(!message.is_empty(), "{status}");
+    }
+
+    offers.create(&PostParams::default(), &object(&offer(&name))).await.unwrap();
+    let condition = |i: usize| {
+        json!({"type": format!("T{i}"), "status": "True", "reason": "R", "message": "m",
+               "lastTransitionTime": through})
+    };
+    for status in [
+        json!({"freeGpus": 5_000_000_000u64}),
+        json!({"reputation": {"uptimePermille": 1001, "leasesCompleted": 0, "leasesFailed": 0, "score": 0}}),
+        json!({"reputation": {"uptimePermille": 0, "leasesCompleted": -1, "leasesFailed": 0, "score": 0}}),
+        json!({"gpus": [{"uuid": "../etc", "health": "Healthy"}]}),
+        json!({"conditions": (0..17).map(condition).collect::<Vec<_>>()}),
+        json!({"stake": {"account": WALLET, "bonded": -1}}),
+    ] {
+        let patch = Patch::Merge(json!({"status": status}));
+        let message = refusal(offers.patch_status(&name, &params, &patch).await);
+        assert!(!message.is_empty(), "{status}");
+    }
+
+    // Every object stored is one the controller can read: typed lists deserialize.
+    let typed_leases = Api::<GpuLease>::all(client.clone()).list(&ListParams::default()).await;
+    let typed_leases = typed_leases.expect("every GpuLease deserializes");
+    assert!(typed_leases.items.iter().any(|l| l.metadata.name.as_deref() == Some(name.as_str())));
+    let typed_offers = Api::<GpuOffer>::all(client.clone()).list(&ListParams::default()).await;
+    assert!(
+        typed_offers
+            .expect("every GpuOffer deserializes")
+            .items
+            .iter()
+            .any(|o| o.spec.node_name == name)
+    );
+    Api::<GpuCluster>::all(client)
+        .list(&ListParams::default())
+        .await
+        .expect("every GpuCluster deserializes");
 
     offers.delete(&name, &Default::default()).await.unwrap();
     leases.delete(&name, &Default::default()).await.unwrap();

@@ -173,6 +173,8 @@ fn rbac_is_least_privilege_without_wildcards() {
                 verbs(&["create", "get", "list", "watch", "patch", "update"])
             ),
             ("gpumarket.io".into(), "gpuoffers/status".into(), verbs(&["get", "patch", "update"])),
+            // Plugin mode: its node's leases, to hand their GPUs only to their worker pods.
+            ("gpumarket.io".into(), "gpuleases".into(), verbs(&["get", "list", "watch"])),
             ("".into(), "nodes".into(), verbs(&["get", "patch"])),
         ]
     );
@@ -187,40 +189,122 @@ fn rbac_is_least_privilege_without_wildcards() {
     for needed in ["gpuclusters/status", "gpuoffers/status", "gpuleases", "rayclusters", "events"] {
         assert!(resources.contains(&needed), "controller lacks {needed}");
     }
-    // The controller reads offers but never writes their spec.
+    // The controller reads offers but never writes their spec, and reads pods (to meter from a
+    // worker's readiness) but never writes them.
     for (_, resource, verbs) in &controller {
-        if resource == "gpuoffers" {
+        if resource == "gpuoffers" || resource == "pods" {
             assert_eq!(verbs, &["get", "list", "watch"], "{resource}");
         }
     }
+    assert!(resources.contains(&"pods"), "controller cannot watch worker pods");
 }
 
 #[test]
-fn leader_election_follows_the_replica_count() {
-    let single = render(&[], &[]);
-    let deployment = find(&single, "Deployment", "gpumarket-controller");
-    assert!(!args_of(deployment).contains(&"--leader-election".to_owned()));
-    assert!(!has_kind(&single, "Role"), "no lease permissions without leader election");
-    assert!(!has_kind(&single, "PodDisruptionBudget"));
+fn leader_election_is_on_by_default_and_recreate_keeps_two_settlers_apart_without_it() {
+    let lease_role = json!([
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": ["gpumarket-controller"], "verbs": ["get", "patch", "update"]},
+    ]);
+    // The default: one replica, elected, rolled (the new pod waits for the old one's Lease).
+    let default = render(&[], &[]);
+    let deployment = find(&default, "Deployment", "gpumarket-controller");
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    let args = args_of(deployment);
+    assert!(args.contains(&"--leader-election".to_owned()), "{args:?}");
+    assert!(args.contains(&"--leader-election-lease=gpumarket-controller".to_owned()), "{args:?}");
+    assert_eq!(deployment["spec"]["strategy"], json!({"type": "RollingUpdate"}));
+    assert_eq!(find(&default, "Role", "gpumarket-controller-leader-election")["rules"], lease_role);
+    assert!(!has_kind(&default, "PodDisruptionBudget"));
 
-    let replicated = render(&[], &["controller.replicas=3"]);
+    // Turned off: no Lease, and the old pod is gone before the new one starts.
+    let single = render(&[], &["controller.leaderElection=false"]);
+    let deployment = find(&single, "Deployment", "gpumarket-controller");
+    assert!(!args_of(deployment).iter().any(|a| a.starts_with("--leader-election")));
+    assert_eq!(deployment["spec"]["strategy"], json!({"type": "Recreate"}));
+    assert!(!has_kind(&single, "Role"), "no lease permissions without leader election");
+
+    // More than one replica elects whatever leaderElection says.
+    let replicated = render(&[], &["controller.replicas=3", "controller.leaderElection=false"]);
     let deployment = find(&replicated, "Deployment", "gpumarket-controller");
     assert_eq!(deployment["spec"]["replicas"], 3);
     assert!(args_of(deployment).contains(&"--leader-election".to_owned()));
-    assert!(
-        args_of(deployment).contains(&"--leader-election-lease=gpumarket-controller".to_owned())
-    );
+    assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate");
     let budget = find(&replicated, "PodDisruptionBudget", "gpumarket-controller");
     assert_eq!(budget["spec"]["minAvailable"], 1);
-    let role = find(&replicated, "Role", "gpumarket-controller-leader-election");
     assert_eq!(
-        role["rules"],
+        find(&replicated, "Role", "gpumarket-controller-leader-election")["rules"],
+        lease_role
+    );
+}
+
+/// The rule that keeps the controller (and the settlement key it mounts) off market nodes.
+fn off_market_nodes() -> Value {
+    json!({"key": "gpumarket.io/gpu-model", "operator": "DoesNotExist"})
+}
+
+fn controller_pod(objects: &[Value]) -> &Value {
+    &find(objects, "Deployment", "gpumarket-controller")["spec"]["template"]["spec"]
+}
+
+#[test]
+fn the_controller_stays_off_market_nodes_by_default_and_with_a_user_affinity() {
+    let default = render(&[], &[]);
+    let pod = controller_pod(&default);
+    assert_eq!(
+        pod["affinity"],
+        json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [off_market_nodes()]}]}}})
+    );
+    assert!(pod.get("tolerations").is_none(), "no toleration of the supplier taint");
+
+    // A user's affinity is kept; the rule is added to each of its (alternative) terms.
+    let user = [
+        "controller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=pool",
+        "controller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=In",
+        "controller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].values[0]=system",
+        "controller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[1].matchFields[0].key=metadata.name",
+        "controller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[1].matchFields[0].operator=In",
+        "controller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[1].matchFields[0].values[0]=ops-0",
+        "controller.affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=100",
+        "controller.affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].podAffinityTerm.topologyKey=kubernetes.io/hostname",
+    ];
+    let merged = render(&[], &user);
+    let affinity = &controller_pod(&merged)["affinity"];
+    assert_eq!(
+        affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
         json!([
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-             "resourceNames": ["gpumarket-controller"], "verbs": ["get", "patch", "update"]},
+            {"matchExpressions": [
+                {"key": "pool", "operator": "In", "values": ["system"]}, off_market_nodes()]},
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["ops-0"]}],
+             "matchExpressions": [off_market_nodes()]},
         ])
     );
+    assert_eq!(
+        affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+            ["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+
+    // Only a preferred node affinity of the user's: the required rule is added beside it.
+    let preferred = render(
+        &[],
+        &[
+            "controller.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1",
+            "controller.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].key=pool",
+            "controller.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].operator=Exists",
+        ],
+    );
+    let node = &controller_pod(&preferred)["affinity"]["nodeAffinity"];
+    assert_eq!(node["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"], 1);
+    assert_eq!(
+        node["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+        json!([{"matchExpressions": [off_market_nodes()]}])
+    );
+
+    // Turned off, the user's affinity alone (here none).
+    let off = render(&[], &["controller.avoidSupplierNodes=false"]);
+    assert!(controller_pod(&off).get("affinity").is_none());
 }
 
 #[test]
@@ -820,6 +904,7 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
         message.contains("may write only its own Node named chart-a, not chart-b"),
         "{message}"
     );
+    agent_marks_its_node_but_cannot_unmark_or_relabel_it(&admin, &nodes, "chart-a").await?;
 
     // A token that is not bound to a node (e.g. `kubectl create token`) writes nothing.
     let unbound = impersonating(env, &agent_user, None).await?;
@@ -841,8 +926,132 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
     refusal(secrets.list(&ListParams::default()).await);
     // ...while it does reach what it reconciles.
     Api::<GpuCluster>::all(controller.clone()).list(&ListParams::default()).await?;
-    let stake = Patch::Merge(json!({"status": {"stake": {"account": "11111111111111111111111111111111", "bonded": 6_000_000}}}));
+    let stake = Patch::Merge(
+        json!({"status": {"stake": {"account": "11111111111111111111111111111111", "bonded": 6_000_000}}}),
+    );
     Api::<GpuOffer>::all(controller).patch_status("chart-b", &pp, &stake).await?;
+    Ok(())
+}
+
+/// `mark_node`, retried while the node's status heartbeats race its resourceVersion check.
+async fn mark(nodes: &Api<Node>, name: &str, model: &str) -> anyhow::Result<()> {
+    for _ in 0..10 {
+        match gpumarket_device_plugin::node::mark_node(nodes, name, Some(model)).await {
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            other => return Ok(other?),
+        }
+    }
+    anyhow::bail!("mark_node of {name} conflicted 10 times")
+}
+
+/// Through the supplier-isolation policy, the agent of `name` (`nodes` acts as it) taints and
+/// labels its Node as `mark_node` does, and cannot take the taint off again, touch other taints,
+/// system labels or annotations, remove the market-node label, or change the rest of the spec.
+async fn agent_marks_its_node_but_cannot_unmark_or_relabel_it(
+    admin: &kube::Client,
+    nodes: &Api<Node>,
+    name: &str,
+) -> anyhow::Result<()> {
+    let pp = PatchParams::default();
+    let nodes_admin: Api<Node> = Api::all(admin.clone());
+    let dedicated = json!({"key": "dedicated", "value": "gpu", "effect": "NoSchedule"});
+    let admin_taint = Patch::Merge(json!({"spec": {"taints": [dedicated]}}));
+    nodes_admin.patch(name, &pp, &admin_taint).await?;
+    let before = nodes_admin.get(name).await?;
+
+    // What the agent does: taint (beside the admin's taint), label with the model, relabel.
+    mark(nodes, name, "A100").await?;
+    mark(nodes, name, "H100").await?;
+    let marked = nodes_admin.get(name).await?;
+    let taints = marked.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+    let taints: Vec<(&str, &str)> =
+        taints.iter().map(|t| (t.key.as_str(), t.effect.as_str())).collect();
+    assert_eq!(taints, [("dedicated", "NoSchedule"), ("gpumarket.io/supplier", "NoSchedule")]);
+    assert_eq!(marked.metadata.labels.as_ref().unwrap()["gpumarket.io/gpu-model"], "H100");
+
+    let supplier = json!({"key": "gpumarket.io/supplier", "effect": "NoSchedule"});
+    let untaint = "may not remove or change the gpumarket.io/supplier:NoSchedule taint";
+    let other_taints = "may add only the gpumarket.io/supplier:NoSchedule taint to its Node; \
+                        it may not add, remove or change any other taint";
+    let system_label = |key: &str| {
+        format!("may add, change or remove only gpumarket.io/ labels of its Node, not {key} ")
+    };
+    let forbidden = [
+        (json!({"spec": {"taints": [dedicated]}}), untaint.to_owned()),
+        (json!({"spec": {"taints": []}}), untaint.to_owned()),
+        (
+            json!({"spec": {"taints": [dedicated, {"key": "gpumarket.io/supplier", "effect": "PreferNoSchedule"}]}}),
+            untaint.to_owned(),
+        ),
+        (json!({"spec": {"taints": [supplier]}}), other_taints.to_owned()),
+        (
+            json!({"spec": {"taints": [dedicated, supplier, {"key": "example.com/mine", "effect": "NoSchedule"}]}}),
+            other_taints.to_owned(),
+        ),
+        (
+            json!({"metadata": {"labels": {"kubernetes.io/hostname": "chart-b"}}}),
+            system_label("kubernetes.io/hostname"),
+        ),
+        (
+            json!({"metadata": {"labels": {"topology.kubernetes.io/region": "elsewhere"}}}),
+            system_label("topology.kubernetes.io/region"),
+        ),
+        (
+            json!({"metadata": {"labels": {"topology.kubernetes.io/region": null}}}),
+            system_label("topology.kubernetes.io/region"),
+        ),
+        (
+            json!({"metadata": {"labels": {"topology.kubernetes.io/zone": "elsewhere-1a"}}}),
+            system_label("topology.kubernetes.io/zone"),
+        ),
+        (
+            json!({"metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}}}),
+            system_label("node-role.kubernetes.io/control-plane"),
+        ),
+        (
+            json!({"metadata": {"labels": {"node.kubernetes.io/instance-type": "big"}}}),
+            system_label("node.kubernetes.io/instance-type"),
+        ),
+        (
+            json!({"metadata": {"labels": {"gpumarket.io/gpu-model": null}}}),
+            "may change but not remove the gpumarket.io/gpu-model label of its Node".to_owned(),
+        ),
+        (
+            json!({"metadata": {"annotations": {"node.alpha.kubernetes.io/ttl": "30"}}}),
+            "may add, change or remove only gpumarket.io/ annotations of its Node, not \
+             node.alpha.kubernetes.io/ttl"
+                .to_owned(),
+        ),
+        (
+            json!({"spec": {"unschedulable": true}}),
+            "may change only the taints of its Node's spec".to_owned(),
+        ),
+        (
+            json!({"spec": {"providerID": "kwok://elsewhere"}}),
+            "may change only the taints of its Node's spec".to_owned(),
+        ),
+    ];
+    for (patch, expected) in forbidden {
+        let message = refusal(nodes.patch(name, &pp, &Patch::Merge(patch.clone())).await);
+        assert!(message.contains(&expected), "{patch}: {message}");
+    }
+
+    // ...while its own labels and annotations are its to write.
+    let own = json!({"metadata": {"labels": {"gpumarket.io/gpu-model": "A100", "gpumarket.io/x": "1"},
+                                  "annotations": {"gpumarket.io/note": "mine"}}});
+    nodes.patch(name, &pp, &Patch::Merge(own)).await?;
+    let after = nodes_admin.get(name).await?;
+    let system = |node: &Node| {
+        node.metadata
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("gpumarket.io/"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(system(&after), system(&before), "system labels unchanged");
+    assert_eq!(after.spec.and_then(|s| s.taints).map(|t| t.len()), Some(2));
     Ok(())
 }
 
@@ -930,7 +1139,7 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
         "metadata": {"name": "rbac"},
         "spec": {"gpu": {"models": ["H100"]}, "workers": 1, "gpusPerWorker": 2, "duration": "1h",
                  "maxPricePerGpuHour": 5_000_000, "location": {"region": region},
-                 "payment": {"buyerWallet": WALLET, "deposit": 1_000_000_000u64}}
+                 "payment": {"buyerWallet": WALLET}}
     }))?;
     let clusters: Api<GpuCluster> = Api::namespaced(admin.clone(), &ns);
     clusters.create(&PostParams::default(), &cluster).await?;

@@ -5,6 +5,9 @@
 //!
 //! The agent runs in-process in offer-only mode (the kubelet side is tested over unix sockets in
 //! device-plugin/tests/kubelet.rs); the controller runs in-process with a short heartbeat timeout.
+//! The plugin-mode agent's watch of its node's GpuLeases (selected by `spec.offer`, a selectable
+//! field the API server must serve) picks up a lease's worker pods from its status and drops the
+//! lease once it ends.
 // A failing expectation is meant to panic, in helpers as in tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,14 +16,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpumarket_crds::common::SUPPLIER_TAINT;
-use gpumarket_crds::{GpuHealth, GpuOffer, Interconnect, OfferMode};
+use gpumarket_crds::{GpuHealth, GpuLease, GpuOffer, Interconnect, OfferMode};
 use gpumarket_device_plugin::agent::{Agent, AgentConfig};
+use gpumarket_device_plugin::allocation::{NodeLease, PodName};
 use gpumarket_device_plugin::config::{Mode, Supplier};
+use gpumarket_device_plugin::leases::follow_leases;
 use gpumarket_device_plugin::registration::PluginSocket;
 use gpumarket_device_plugin::source::fake::{FakeFault, FakeSource};
 use gpumarket_tests::{Env, GpuNode};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::json;
+use tokio::sync::watch;
 
 const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
 const NODE: &str = "dp-h100";
@@ -83,6 +91,8 @@ async fn the_agent_publishes_heartbeats_and_reports_health_until_it_stops() {
         socket: PluginSocket { dir: env.dir().to_owned(), resource_name: "nvidia.com/gpu".into() },
         cdi: false,
         heartbeat: Duration::from_secs(1),
+        pod_resources_socket: env.dir().join("pod-resources.sock"),
+        lease_wait: Duration::from_secs(1),
     };
     let agent = Agent::prepare(config, Arc::new(source)).unwrap();
     let agent = tokio::spawn(agent.run(Some(client.clone())));
@@ -147,4 +157,93 @@ async fn the_agent_publishes_heartbeats_and_reports_health_until_it_stops() {
     println!("offer unavailable {:?} after the agent stopped", stopped.elapsed());
     assert!(stopped.elapsed() >= HEARTBEAT_TIMEOUT - Duration::from_secs(2));
     controller.abort();
+}
+
+const LEASE_NODE: &str = "dp-lease-h100";
+
+/// A lease of `gpus` on `offer`, as the controller creates it (no status yet).
+fn lease_manifest(name: &str, offer: &str, gpus: &[&str]) -> GpuLease {
+    serde_json::from_value(json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuLease",
+        "metadata": {"name": name},
+        "spec": {
+            "cluster": {"namespace": "ml", "name": "llm", "uid": "0a1b2c3d-0000-4000-8000-000000000001"},
+            "offer": offer,
+            "supplierWallet": WALLET,
+            "gpus": gpus,
+            "workers": 1,
+            "pricePerGpuHour": 2_200_000,
+            "startTime": "2026-01-01T00:00:00Z",
+        },
+    }))
+    .unwrap()
+}
+
+/// Waits until the agent's view of the leases satisfies `done`; that view.
+async fn until_view(
+    view: &mut watch::Receiver<Vec<NodeLease>>,
+    what: &str,
+    done: impl Fn(&[NodeLease]) -> bool,
+) -> Vec<NodeLease> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let seen = view.borrow_and_update().clone();
+        if done(&seen) {
+            return seen;
+        }
+        let changed = tokio::time::timeout_at(deadline, view.changed()).await;
+        assert!(changed.is_ok(), "timed out waiting for {what}; the agent sees {seen:?}");
+        changed.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_agent_follows_its_nodes_active_leases_and_their_worker_pods() {
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let leases: Api<GpuLease> = Api::all(client.clone());
+    let (publish, mut view) = watch::channel(Vec::new());
+    let follow = tokio::spawn(follow_leases(client.clone(), LEASE_NODE.into(), publish));
+
+    let mine =
+        ["GPU-5d2f0c0e-0000-4000-8000-000000000000", "GPU-5d2f0c0e-0000-4000-8000-000000000001"];
+    let post = PostParams::default();
+    leases.create(&post, &lease_manifest("dp-lease-mine", LEASE_NODE, &mine)).await.unwrap();
+    let elsewhere = ["GPU-5d2f0c0e-0000-4000-8000-0000000000ff"];
+    leases
+        .create(&post, &lease_manifest("dp-lease-other", "dp-elsewhere", &elsewhere))
+        .await
+        .unwrap();
+    let seen = until_view(&mut view, "the node's lease", |v| !v.is_empty()).await;
+    assert_eq!(seen.len(), 1, "only the leases of its own node: {seen:?}");
+    assert_eq!(
+        (seen[0].name.as_str(), seen[0].gpus.as_slice()),
+        ("dp-lease-mine", &mine.map(String::from)[..])
+    );
+    assert!(seen[0].pods.is_empty(), "no worker pods listed yet");
+
+    // The controller lists the lease's worker pod: the agent learns it from the lease alone.
+    let pods = json!({"status": {"phase": "Active", "pods": [
+        {"namespace": "ml", "name": "llm-worker-0", "uid": "0a1b2c3d-0000-4000-8000-0000000000aa", "ready": false},
+    ]}});
+    let started = Instant::now();
+    leases
+        .patch_status("dp-lease-mine", &PatchParams::default(), &Patch::Merge(&pods))
+        .await
+        .unwrap();
+    let seen =
+        until_view(&mut view, "the lease's worker pod", |v| v.iter().any(|l| !l.pods.is_empty()))
+            .await;
+    println!("worker pod in the agent's view {:?} after the status write", started.elapsed());
+    assert_eq!(seen[0].pods, [PodName::new("ml", "llm-worker-0")]);
+
+    // Once the lease ends, its GPUs go to no pod.
+    let ended = json!({"status": {"phase": "Ended", "endTime": "2026-01-01T01:00:00Z", "endReason": "Expired"}});
+    leases
+        .patch_status("dp-lease-mine", &PatchParams::default(), &Patch::Merge(&ended))
+        .await
+        .unwrap();
+    until_view(&mut view, "the ended lease dropped", <[NodeLease]>::is_empty).await;
+    follow.abort();
 }

@@ -146,7 +146,7 @@ async fn bench_thousand_nodes_two_hundred_clusters() {
             let mut spec = json!({
                 "gpu": {"models": models}, "workers": workers, "gpusPerWorker": gpus,
                 "duration": "1h", "maxPricePerGpuHour": 5_000_000,
-                "payment": {"buyerWallet": WALLET, "deposit": 1},
+                "payment": {"buyerWallet": WALLET},
             });
             if i % 3 == 0 {
                 let region = ["eu-west", "us-east"][i % 2];

@@ -1,11 +1,14 @@
-//! Settlement against the real Solana test validator and a real API server: deposits, payouts
-//! per period and at lease end to the base unit, exactly one payment across crashes, a
-//! validator outage and an expired blockhash, refunds, slashing of a failed supplier's stake,
-//! the reputation table anchored in a memo, and leases ended when the escrow runs dry.
+//! Settlement against the real Solana test validator and a real API server: each cluster's own
+//! escrow account and each node's own stake account, payouts per period and at lease end to the
+//! base unit, exactly one payment across crashes, two settlers at once, a validator outage, an
+//! expired blockhash and a lost record, refunds that close the escrow once and for all, slashing
+//! and unbonding of a supplier's own stake, stake sent by others returned, the reputation table
+//! anchored in a memo, leases ended when the escrow runs dry, and one unwritable lease that does
+//! not stop the others.
 //!
-//! Each test has its own settlement authority (so its own escrow account). A settlement round
-//! looks at every lease in the API server, so the tests take turns, and each test deletes its
-//! leases when it is done.
+//! Each test has its own settlement authority (so its own escrows). A settlement round looks at
+//! every lease in the API server, so the tests take turns, and each test deletes its leases when
+//! it is done.
 
 #![allow(clippy::expect_used)]
 
@@ -14,8 +17,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
+use gpumarket_controller::LeaderElection;
+use gpumarket_controller::leader::Fence;
 use gpumarket_controller::settlement::{
-    self, CrashPoint, DepositStatus, SettlementConfig, Settler, memo,
+    self, CrashPoint, DepositStatus, SettlementConfig, Settler, accounts, memo,
 };
 use gpumarket_crds::{
     ClusterRef, EndReason, GpuCluster, GpuClusterSpec, GpuLease, GpuLeaseSpec, GpuOffer,
@@ -73,16 +78,25 @@ impl Fixture {
         read_keypair(&self.sol.buyer)
     }
 
+    fn supplier_keypair(&self, i: usize) -> Result<Keypair> {
+        read_keypair(&self.sol.suppliers[i])
+    }
+
     fn supplier(&self, i: usize) -> Result<Pubkey> {
-        Ok(read_keypair(&self.sol.suppliers[i])?.pubkey())
+        Ok(self.supplier_keypair(i)?.pubkey())
     }
 
     async fn balance(&self, wallet: &Pubkey) -> Result<u64> {
         self.sol.balance(wallet).await
     }
 
+    fn escrow_of(&self, cluster: &GpuCluster) -> Result<Pubkey> {
+        let uid = cluster.uid().context("cluster uid")?;
+        accounts::escrow_address(&self.settler.authority(), &uid).context("escrow address")
+    }
+
     /// A Running GpuCluster of this test (its phase is set by the test, no controller runs).
-    async fn cluster(&self, name: &str, deposit: u64) -> Result<GpuCluster> {
+    async fn cluster(&self, name: &str) -> Result<GpuCluster> {
         let api: Api<GpuCluster> = Api::namespaced(self.client.clone(), &self.ns);
         let spec = GpuClusterSpec {
             gpu: GpuSelector {
@@ -113,16 +127,17 @@ impl Fixture {
         Ok(())
     }
 
-    /// Deposit into this test's escrow from the buyer, with the cluster uid as memo.
-    async fn deposit(&self, cluster: &GpuCluster, amount: u64) -> Result<()> {
-        let escrow = self.settler.escrow().await?;
-        let uid = cluster.uid().context("cluster uid")?;
-        self.sol.deposit(&self.buyer()?, &escrow.authority, amount, &uid).await?;
-        Ok(())
+    /// Deposit from the buyer into the cluster's escrow (opened by the settler, as the
+    /// controller's funding check does), with a memo as the buyer's receipt.
+    async fn deposit(&self, cluster: &GpuCluster, amount: u64) -> Result<Pubkey> {
+        let (escrow, _) =
+            self.settler.deposit_status(&cluster.uid().context("uid")?, u64::MAX).await?;
+        self.sol.transfer(&self.buyer()?, &escrow, amount, Some("receipt")).await?;
+        Ok(escrow)
     }
 
-    /// A lease of `gpus` GPUs of the cluster to supplier `supplier`, metered from `start`;
-    /// ended at `end` when given.
+    /// A lease of `gpus` GPUs of the cluster to supplier `supplier`, bound and serving from
+    /// `start`; ended at `end` when given.
     async fn lease(
         &self,
         cluster: &GpuCluster,
@@ -156,20 +171,18 @@ impl Fixture {
         };
         let created = api.create(&PostParams::default(), &lease).await?;
         let status = match end {
-            None => json!({"status": {"phase": "Active"}}),
-            Some(end) => {
-                json!({"status": {"phase": "Ended", "endTime": end, "endReason": "Expired"}})
-            }
+            None => json!({"status": {"phase": "Active", "servingSince": start}}),
+            Some(end) => json!({"status": {"phase": "Ended", "servingSince": start,
+                "endTime": end, "endReason": "Expired"}}),
         };
         Ok(api
             .patch_status(&created.name_any(), &PatchParams::default(), &Patch::Merge(&status))
             .await?)
     }
 
-    async fn end_lease(&self, lease: &GpuLease, end: Timestamp) -> Result<()> {
+    async fn end_lease(&self, lease: &GpuLease, end: Timestamp, reason: EndReason) -> Result<()> {
         let api: Api<GpuLease> = Api::all(self.client.clone());
-        let patch =
-            json!({"status": {"phase": "Ended", "endTime": end, "endReason": EndReason::Expired}});
+        let patch = json!({"status": {"phase": "Ended", "endTime": end, "endReason": reason}});
         api.patch_status(&lease.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
         Ok(())
     }
@@ -207,7 +220,7 @@ impl Fixture {
         }
     }
 
-    /// Run rounds of `settler` until cluster `name` has its refund recorded.
+    /// Run rounds of `settler` until cluster `name` has its refund confirmed.
     async fn settle_until_refunded(
         &self,
         settler: &Settler,
@@ -238,17 +251,17 @@ impl Fixture {
             .collect())
     }
 
-    /// Transactions on chain that carry this payout key in their memo.
-    async fn payments_with_key(&self, key: &str) -> Result<usize> {
-        let escrow = self.settler.escrow().await?.account();
+    /// Successful transactions in `account`'s history whose memo carries `key`.
+    async fn payments_with_key(&self, account: &Pubkey, key: &str) -> Result<usize> {
         let config = solana_client::rpc_client::GetConfirmedSignaturesForAddress2Config {
             commitment: Some(solana_commitment_config::CommitmentConfig::confirmed()),
             ..Default::default()
         };
         let history =
-            self.sol.rpc().get_signatures_for_address_with_config(&escrow, config).await?;
+            self.sol.rpc().get_signatures_for_address_with_config(account, config).await?;
         Ok(history
             .iter()
+            .filter(|entry| entry.err.is_none())
             .filter_map(|entry| entry.memo.as_deref())
             .filter(|m| m.split_whitespace().any(|word| word == key))
             .count())
@@ -275,20 +288,28 @@ fn seconds_ago(s: i64) -> Timestamp {
 }
 
 #[tokio::test]
-async fn leases_are_paid_per_period_and_at_their_end_and_the_rest_refunded() -> Result<()> {
+async fn leases_are_paid_from_their_clusters_own_escrow_and_the_rest_refunded_closing_it()
+-> Result<()> {
     let _turn = TURN.lock().await;
     let fx = Fixture::new("settle-lifecycle").await?;
     let (s0, s1, buyer) = (fx.supplier(0)?, fx.supplier(1)?, fx.buyer()?.pubkey());
     let deposit = 100_000;
-    let cluster = fx.cluster("lifecycle", deposit).await?;
+    let cluster = fx.cluster("lifecycle").await?;
     let uid = cluster.uid().context("uid")?;
 
     let required = fx.settler.required_deposit(3 * PRICE_PER_GPU_HOUR, Duration::from_secs(30));
     assert_eq!(required, 90_000);
-    let short = fx.settler.deposit_status(&uid, required).await?;
+    let (escrow, short) = fx.settler.deposit_status(&uid, required).await?;
+    assert_eq!(escrow, fx.escrow_of(&cluster)?, "the address anyone derives from the uid");
     assert_eq!(short, DepositStatus::Short { deposited: 0, missing: 90_000 });
     fx.deposit(&cluster, deposit).await?;
-    assert!(fx.settler.deposit_status(&uid, required).await?.is_covered());
+    assert!(fx.settler.deposit_status(&uid, required).await?.1.is_covered());
+    // Another cluster's escrow is another account, empty.
+    let other = fx.cluster("other").await?;
+    let (other_escrow, other_status) =
+        fx.settler.deposit_status(&other.uid().context("uid")?, 1).await?;
+    assert_ne!(other_escrow, escrow);
+    assert_eq!(other_status, DepositStatus::Short { deposited: 0, missing: 1 });
 
     let (before0, before1, buyer_before) =
         (fx.balance(&s0).await?, fx.balance(&s1).await?, fx.balance(&buyer).await?);
@@ -313,6 +334,8 @@ async fn leases_are_paid_per_period_and_at_their_end_and_the_rest_refunded() -> 
     }
     assert_eq!(fx.balance(&s0).await? - before0, 4_000);
     assert_eq!(fx.balance(&s1).await? - before1, 8_000);
+    let recorded = fx.get_cluster("lifecycle").await?.status.and_then(|s| s.escrow);
+    assert_eq!(recorded.map(|e| e.account), Some(escrow.to_string()), "status.escrow shows it");
 
     // The leases end 10 s after their start; the cluster completes.
     let end = Timestamp::from_second(start.as_second() + 10)?;
@@ -320,8 +343,8 @@ async fn leases_are_paid_per_period_and_at_their_end_and_the_rest_refunded() -> 
         (end.as_second() - Timestamp::now().as_second()).max(0),
     )?))
     .await;
-    fx.end_lease(&one, end).await?;
-    fx.end_lease(&two, end).await?;
+    fx.end_lease(&one, end, EndReason::Expired).await?;
+    fx.end_lease(&two, end, EndReason::Expired).await?;
     fx.set_cluster_phase(&cluster, "Completed").await?;
     let leases =
         fx.settle_until(&fx.settler, "both leases settle", |ls| ls.iter().all(settled)).await?;
@@ -329,12 +352,12 @@ async fn leases_are_paid_per_period_and_at_their_end_and_the_rest_refunded() -> 
     assert_eq!(fx.balance(&s0).await? - before0, 10_000, "1 GPU × 10 s");
     assert_eq!(fx.balance(&s1).await? - before1, 20_000, "2 GPUs × 10 s");
 
-    // Refund of what was not used.
+    // Refund of what was not used: the escrow is emptied and closed.
     let status = fx.settle_until_refunded(&fx.settler, "lifecycle").await?;
     assert_eq!(status.amount_refunded, Some(70_000));
     assert_eq!(status.amount_settled, Some(30_000));
     assert_eq!(fx.balance(&buyer).await?, buyer_before + 70_000);
-    assert_eq!(fx.balance(&fx.settler.authority()).await?, 0, "escrow ends empty");
+    assert_eq!(fx.sol.account_balance(&escrow).await?, None, "the escrow is closed");
     let told = fx.event_notes().await?;
     assert_eq!(told.iter().filter(|(reason, _)| reason == "Settled").count(), 2, "{told:?}");
     assert!(
@@ -345,13 +368,77 @@ async fn leases_are_paid_per_period_and_at_their_end_and_the_rest_refunded() -> 
     fx.cleanup().await
 }
 
+/// Issue 13, 1 and 11: a refund record that disappears (the old annotation was the buyer's to
+/// delete) never brings a second refund, deposits after the refund bounce instead of being
+/// stranded, and a deposit counts by what it moved, whatever its memos.
+#[tokio::test]
+async fn a_cluster_is_refunded_once_whatever_its_record_says_later() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("settle-refund-once").await?;
+    let buyer = fx.buyer()?;
+    let cluster = fx.cluster("once").await?;
+    let escrow = fx.deposit(&cluster, 30_000).await?;
+    // A second deposit with two memos: counted by the balance change like any other.
+    let two_memos = [
+        spl_token_interface::instruction::transfer_checked(
+            &spl_token_interface::id(),
+            &fx.sol.token_account(&buyer.pubkey()),
+            &fx.sol.mint,
+            &escrow,
+            &buyer.pubkey(),
+            &[],
+            12_345,
+            gpumarket_tests::solana::MINT_DECIMALS,
+        )?,
+        spl_memo_interface::instruction::build_memo(&spl_memo_interface::v3::id(), b"first", &[]),
+        spl_memo_interface::instruction::build_memo(&spl_memo_interface::v3::id(), b"second", &[]),
+    ];
+    gpumarket_tests::solana::send_with_retry(&fx.sol.rpc(), &two_memos, &buyer, &[&buyer])
+        .await?;
+    fx.set_cluster_phase(&cluster, "Completed").await?;
+    let before = fx.balance(&buyer.pubkey()).await?;
+    let status = fx.settle_until_refunded(&fx.settler, "once").await?;
+    assert_eq!(status.amount_refunded, Some(42_345), "both deposits, to the base unit");
+    assert_eq!(fx.balance(&buyer.pubkey()).await?, before + 42_345);
+
+    // The record is wiped (as the annotation once could be): rounds restore it from the chain
+    // and pay nothing again.
+    let api: Api<GpuCluster> = Api::namespaced(fx.client.clone(), &fx.ns);
+    let wipe = json!({"status": {"escrow": {"account": escrow.to_string(), "refund": null}, "amountRefunded": null}});
+    api.patch_status("once", &PatchParams::default(), &Patch::Merge(&wipe)).await?;
+    let restarted = fx.restarted()?;
+    for _ in 0..3 {
+        restarted.settle_round(&fx.client).await?;
+    }
+    let after = fx.get_cluster("once").await?;
+    let refund = settlement::plan::refund_record(&after).cloned().context("record restored")?;
+    assert_eq!(refund.state, SettlementState::Confirmed);
+    assert_eq!(fx.balance(&buyer.pubkey()).await?, before + 42_345, "refunded once");
+    assert_eq!(fx.payments_with_key(&escrow, &cluster.uid().context("uid")?).await?, 1);
+
+    // The escrow is closed: a late deposit fails and the buyer keeps the tokens.
+    let late = fx.sol.transfer(&buyer, &escrow, 5_000, None).await;
+    assert!(late.is_err(), "a transfer into a closed escrow must fail");
+    assert_eq!(fx.balance(&buyer.pubkey()).await?, before + 42_345);
+
+    // Deleted, the cluster is let go: its refund is confirmed.
+    api.delete("once", &DeleteParams::default()).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while api.get_opt("once").await?.is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the refunded cluster is not released");
+        restarted.settle_round(&fx.client).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    fx.cleanup().await
+}
+
 #[tokio::test]
 async fn a_crash_at_any_step_still_pays_exactly_once() -> Result<()> {
     let _turn = TURN.lock().await;
     let fx = Fixture::new("settle-crash").await?;
     let s2 = fx.supplier(2)?;
-    let cluster = fx.cluster("crash", 1_000_000).await?;
-    fx.deposit(&cluster, 1_000_000).await?;
+    let cluster = fx.cluster("crash").await?;
+    let escrow = fx.deposit(&cluster, 1_000_000).await?;
 
     for (i, point) in [CrashPoint::AfterSign, CrashPoint::AfterRecord, CrashPoint::AfterSend]
         .into_iter()
@@ -380,8 +467,116 @@ async fn a_crash_at_any_step_still_pays_exactly_once() -> Result<()> {
         let records = &lease.status.as_ref().context("status")?.settlements;
         assert_eq!(records.len(), 1, "{point:?}: one payout record: {records:?}");
         let key = memo::payout_key(&lease.uid().context("uid")?, &records[0].period);
-        assert_eq!(fx.payments_with_key(&key).await?, 1, "{point:?}: one transaction with the key");
+        assert_eq!(fx.payments_with_key(&escrow, &key).await?, 1, "{point:?}: one transaction");
     }
+    fx.cleanup().await
+}
+
+/// Issue 13, 2: two settlers (a rolling update's old and new pod) settle the same leases at
+/// the same time: every key is paid once; and a settler fenced off its Lease pays nothing.
+#[tokio::test]
+async fn two_settlers_at_once_pay_every_key_once_and_a_fenced_one_pays_nothing() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("settle-two").await?;
+    let suppliers = [fx.supplier(0)?, fx.supplier(1)?, fx.supplier(2)?];
+    let cluster = fx.cluster("two").await?;
+    let escrow = fx.deposit(&cluster, 1_000_000).await?;
+    let mut before = Vec::new();
+    for s in &suppliers {
+        before.push(fx.balance(s).await?);
+    }
+    // Six leases of 1 GPU, 7 s each, spread over the three suppliers: 7000 each.
+    for i in 0..6 {
+        fx.lease(&cluster, &format!("two-{i}"), i % 3, 1, seconds_ago(20), Some(seconds_ago(13)))
+            .await?;
+    }
+    let (a, b) = (fx.restarted()?, fx.restarted()?);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        // Both rounds run at once; each may lose races (conflicts) to the other.
+        let _ = tokio::join!(a.settle_round(&fx.client), b.settle_round(&fx.client));
+        if fx.leases().await?.iter().all(settled) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the leases never settled");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for (i, s) in suppliers.iter().enumerate() {
+        assert_eq!(fx.balance(s).await? - before[i], 14_000, "supplier {i}: two leases, once");
+    }
+    for lease in fx.leases().await? {
+        let uid = lease.uid().context("uid")?;
+        for record in &lease.status.as_ref().context("status")?.settlements {
+            let key = memo::payout_key(&uid, &record.period);
+            assert_eq!(fx.payments_with_key(&escrow, &key).await?, 1, "{}", lease.name_any());
+        }
+    }
+
+    // A replica whose election Lease is held by another pays nothing, even with work due.
+    fx.lease(&cluster, "fenced", 0, 1, seconds_ago(20), Some(seconds_ago(13))).await?;
+    let election = LeaderElection {
+        namespace: fx.ns.clone(),
+        lease_name: "gpumarket-controller".into(),
+        identity: "paused-old-leader".into(),
+        lease_duration: Duration::from_secs(15),
+    };
+    let lease: k8s_openapi::api::coordination::v1::Lease = serde_json::from_value(json!({
+        "metadata": {"name": "gpumarket-controller"},
+        "spec": {"holderIdentity": "new-leader", "leaseDurationSeconds": 15,
+                 "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(Timestamp::now())},
+    }))?;
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(fx.client.clone(), &fx.ns)
+        .create(&PostParams::default(), &lease)
+        .await?;
+    let fenced = Settler::new(fx.config.clone())?.fence_with(Fence::new(fx.client.clone(), &election));
+    let before0 = fx.balance(&suppliers[0]).await?;
+    let err = fenced.settle_round(&fx.client).await.expect_err("fenced");
+    assert!(matches!(err, settlement::Error::Fenced), "{err}");
+    assert_eq!(fx.balance(&suppliers[0]).await?, before0);
+    let unpaid = fx.leases().await?.into_iter().find(|l| l.name_any().ends_with("fenced"));
+    let records = unpaid.and_then(|l| l.status).map(|s| s.settlements).unwrap_or_default();
+    assert!(records.is_empty(), "nothing recorded by a fenced settler: {records:?}");
+    fx.cleanup().await
+}
+
+/// Issue 13, 4: "not found" is no proof a payout never landed. A recorded payout whose
+/// signature the node does not know (as a lagging or pruned node would answer), although its
+/// key was paid, is confirmed from the escrow's own history, never paid again.
+#[tokio::test]
+async fn a_payout_the_node_cannot_find_but_the_history_shows_is_never_paid_again() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("settle-absent").await?;
+    let s1 = fx.supplier(1)?;
+    let cluster = fx.cluster("absent").await?;
+    let escrow = fx.deposit(&cluster, 100_000).await?;
+    let before = fx.balance(&s1).await?;
+    let lease = fx.lease(&cluster, "absent", 1, 1, seconds_ago(20), Some(seconds_ago(13))).await?;
+    let name = lease.name_any();
+    fx.settle_until(&fx.settler, "the payout settles", |ls| ls.iter().all(settled)).await?;
+    assert_eq!(fx.balance(&s1).await? - before, 7_000);
+
+    // The record now names a signature nobody knows, signed long ago and expired, still Signed.
+    let api: Api<GpuLease> = Api::all(fx.client.clone());
+    let mut tampered = api.get_status(&name).await?;
+    let status = tampered.status.get_or_insert_default();
+    status.phase = Some(LeasePhase::Ended);
+    let record = &mut status.settlements[0];
+    record.signature = Some(solana_sdk::signature::Signature::new_unique().to_string());
+    record.state = SettlementState::Signed;
+    record.last_valid_block_height = Some(1);
+    record.signed_slot = Some(1);
+    record.transaction = None;
+    api.replace_status(&name, &PostParams::default(), &tampered).await?;
+
+    let restarted = fx.restarted()?;
+    let leases = fx
+        .settle_until(&restarted, "the payout is confirmed again", |ls| ls.iter().all(settled))
+        .await?;
+    let record = &leases[0].status.as_ref().context("status")?.settlements[0];
+    assert_eq!(record.state, SettlementState::Confirmed);
+    assert_eq!(fx.balance(&s1).await? - before, 7_000, "not paid a second time");
+    let key = memo::payout_key(&lease.uid().context("uid")?, &record.period);
+    assert_eq!(fx.payments_with_key(&escrow, &key).await?, 1);
     fx.cleanup().await
 }
 
@@ -391,7 +586,7 @@ async fn leases_end_out_of_funds_when_the_escrow_runs_dry() -> Result<()> {
     let fx = Fixture::new("settle-dry").await?;
     let s0 = fx.supplier(0)?;
     // Enough for about 8 GPU-seconds.
-    let cluster = fx.cluster("dry", 8_000).await?;
+    let cluster = fx.cluster("dry").await?;
     fx.deposit(&cluster, 8_000).await?;
     let before = fx.balance(&s0).await?;
     fx.lease(&cluster, "dry", 0, 1, seconds_ago(0), None).await?;
@@ -401,75 +596,157 @@ async fn leases_end_out_of_funds_when_the_escrow_runs_dry() -> Result<()> {
         .await?;
     let status = leases[0].status.as_ref().context("status")?;
     assert_eq!(status.end_reason, Some(EndReason::OutOfFunds));
-    let metered = status.served_gpu_seconds.context("metered")?;
-    assert_eq!(paid(&leases[0]), metered * 1000, "everything metered is paid");
+    let served = status.served_gpu_seconds.context("served")?;
+    assert_eq!(paid(&leases[0]), served * 1000, "everything served is paid");
     assert!(paid(&leases[0]) <= 8_000, "never more than the deposit");
     assert_eq!(fx.balance(&s0).await? - before, paid(&leases[0]));
+
+    // Issue 13, 9: the end is written once; a later end (a supplier failure noticed after the
+    // escrow ran dry) cannot rewrite it, so nothing is slashed for it.
+    let api: Api<GpuLease> = Api::all(fx.client.clone());
+    let flip = json!({"status": {"endReason": "SupplierFailure", "endTime": Timestamp::now()}});
+    let refused = api
+        .patch_status(&leases[0].name_any(), &PatchParams::default(), &Patch::Merge(&flip))
+        .await
+        .expect_err("an ended meter never moves");
+    assert!(refused.to_string().contains("written once"), "{refused}");
     fx.cleanup().await
 }
 
+/// Issue 13, 12 and 3: stake counts only when it comes from the offer's own wallet; anything
+/// else sent to a node's stake account (a burst of tiny deposits among it) goes back to its
+/// sender, once each; a failure slashes a share of the bond to the buyer; the wallet unbonds
+/// after the cooldown.
 #[tokio::test]
-async fn a_supplier_failure_slashes_its_stake_to_the_buyer_and_the_rest_is_refunded() -> Result<()>
-{
+async fn stake_is_the_offer_wallets_own_slashed_on_failure_and_unbonded_after_the_cooldown()
+-> Result<()> {
     let _turn = TURN.lock().await;
-    let fx = Fixture::new("settle-slash").await?;
+    let fx = Fixture::new("settle-stake").await?;
     let mut config = fx.config.clone();
     config.stake.slash_permille = 250;
+    config.stake.unbond_cooldown = Duration::from_secs(3);
     let settler = Settler::new(config)?;
-    let (buyer, s0) = (fx.buyer()?.pubkey(), fx.supplier(0)?);
-    let escrow = fx.settler.escrow().await?.authority;
+    let (buyer, supplier) = (fx.buyer()?, fx.supplier_keypair(0)?);
     let node = format!("{}-node-0", fx.ns);
-    fx.sol
-        .deposit(&fx.buyer()?, &escrow, 100_000, &format!("{}{node}", memo::STAKE_PREFIX))
-        .await?;
-    let cluster = fx.cluster("slash", 1_000_000).await?;
-    fx.deposit(&cluster, 1_000_000).await?;
-    let (buyer_before, supplier_before) = (fx.balance(&buyer).await?, fx.balance(&s0).await?);
+    let offers: Api<GpuOffer> = Api::all(fx.client.clone());
+    let offer: GpuOffer = serde_json::from_value(json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuOffer",
+        "metadata": {"name": node},
+        "spec": {"nodeName": node, "wallet": supplier.pubkey().to_string(), "pricePerGpuHour": 1,
+                 "region": "stake", "gpus": [{"uuid": "GPU-stake-0", "model": "H100", "memoryMib": 81920}]},
+    }))?;
+    offers.create(&PostParams::default(), &offer).await?;
+    settler.settle_round(&fx.client).await?; // opens the node's stake account
+    let stake = accounts::stake_address(&settler.authority(), &node).context("stake address")?;
+    let bonded = |o: &GpuOffer| o.status.as_ref().and_then(|s| s.stake.as_ref()).map(|s| s.bonded);
+    assert_eq!(bonded(&offers.get(&node).await?), Some(0));
 
-    // 1 GPU for 9 s, then the node fails.
-    let lease = fx.lease(&cluster, "slash", 0, 1, seconds_ago(9), None).await?;
-    let failed = json!({"status": {"phase": "Ended", "endTime": Timestamp::now(), "endReason": "SupplierFailure"}});
-    Api::<GpuLease>::all(fx.client.clone())
-        .patch_status(&lease.name_any(), &PatchParams::default(), &Patch::Merge(&failed))
+    // The supplier bonds 100000; a stranger (the buyer's wallet) sends 20 tiny transfers.
+    // The supplier's wallet has no tokens in this environment: the buyer funds it first.
+    fx.sol.transfer(&buyer, &fx.sol.token_account(&supplier.pubkey()), 100_001, None).await?;
+    fx.sol.transfer(&supplier, &stake, 100_000, Some("bond")).await?;
+    let buyer_before = fx.balance(&buyer.pubkey()).await?;
+    futures::stream::iter(0..20)
+        .map(|_| fx.sol.transfer(&buyer, &stake, 7, Some(node.as_str())))
+        .buffer_unordered(4)
+        .try_collect::<Vec<_>>()
         .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        settler.settle_round(&fx.client).await?;
+        let returned = fx.balance(&buyer.pubkey()).await? == buyer_before;
+        if returned && bonded(&offers.get(&node).await?) == Some(100_000) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "stranger's tokens not returned");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(fx.sol.account_balance(&stake).await?, Some(100_000), "only the bond is left");
+
+    // A lease on the node fails: a quarter of the bond goes to the buyer.
+    let cluster = fx.cluster("stake").await?;
+    fx.deposit(&cluster, 1_000_000).await?;
+    let lease = fx.lease(&cluster, "stake", 0, 1, seconds_ago(9), None).await?;
+    fx.end_lease(&lease, Timestamp::now(), EndReason::SupplierFailure).await?;
+    let buyer_before = fx.balance(&buyer.pubkey()).await?;
     let slashed = |l: &GpuLease| {
         l.status.as_ref().is_some_and(|s| {
-            s.settlements
-                .iter()
-                .any(|r| r.period == "slash" && r.state == SettlementState::Confirmed)
+            s.settlements.iter().any(|r| r.period == "slash" && r.state == SettlementState::Confirmed)
         })
     };
-    let leases = fx
-        .settle_until(&settler, "paid and slashed", |ls| {
-            ls.iter().all(|l| settled(l) && slashed(l))
-        })
+    fx.settle_until(&settler, "paid and slashed", |ls| ls.iter().all(|l| settled(l) && slashed(l)))
         .await?;
-    fx.set_cluster_phase(&cluster, "Completed").await?;
-    fx.settle_until_refunded(&settler, "slash").await?;
-
-    let paid = paid(&leases[0]);
-    let slash = leases[0]
-        .status
-        .as_ref()
-        .context("status")?
-        .settlements
-        .iter()
-        .find(|r| r.period == "slash")
-        .context("slash record")?
-        .amount;
-    assert_eq!(slash, 25_000, "a quarter of the 100000 staked");
-    assert_eq!(fx.balance(&s0).await? - supplier_before, paid, "the supplier is paid its time");
-    assert_eq!(
-        fx.balance(&buyer).await? - buyer_before,
-        slash + 1_000_000 - paid,
-        "the buyer gets the slash and the unused deposit"
-    );
-    assert_eq!(fx.balance(&escrow).await?, 100_000 - slash, "the escrow keeps the stake left");
+    assert_eq!(fx.balance(&buyer.pubkey()).await? - buyer_before, 25_000, "a quarter of 100000");
     let told = fx.event_notes().await?;
-    assert!(
-        told.iter().any(|(reason, note)| reason == "Slashed" && note.contains("0.025000")),
-        "{told:?}"
-    );
+    assert!(told.iter().any(|(r, n)| r == "Slashed" && n.contains("0.025000")), "{told:?}");
+
+    // The wallet asks to unbond (a transfer of one base unit with the memo); after the
+    // cooldown, with no lease active on the node, the bond goes back to it.
+    let supplier_before = fx.balance(&supplier.pubkey()).await?;
+    fx.sol.transfer(&supplier, &stake, 1, Some(memo::UNBOND)).await?;
+    settler.settle_round(&fx.client).await?;
+    let asked = offers.get(&node).await?;
+    assert!(asked.unbonding(), "the offer is no longer matched while unbonding");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while fx.sol.account_balance(&stake).await? != Some(0) {
+        assert!(tokio::time::Instant::now() < deadline, "the stake was not unbonded");
+        settler.settle_round(&fx.client).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(fx.balance(&supplier.pubkey()).await? - supplier_before, 75_000, "the rest, once");
+    offers.delete(&node, &DeleteParams::default()).await?;
+    fx.cleanup().await
+}
+
+/// Issue 13, 10: one lease whose status cannot be written (here an admission policy refuses it;
+/// an oversized object does the same) does not stop settlement for the others.
+#[tokio::test]
+async fn a_lease_that_cannot_be_written_does_not_stop_the_others() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("settle-stuck").await?;
+    let (s0, s1) = (fx.supplier(0)?, fx.supplier(1)?);
+    let cluster = fx.cluster("stuck").await?;
+    fx.deposit(&cluster, 100_000).await?;
+    let stuck = fx.lease(&cluster, "stuck", 0, 1, seconds_ago(20), Some(seconds_ago(13))).await?;
+    let fine = fx.lease(&cluster, "fine", 1, 1, seconds_ago(20), Some(seconds_ago(13))).await?;
+    let policy: k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy =
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{}-refuse", fx.ns)},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{"apiGroups": ["gpumarket.io"],
+                    "apiVersions": ["*"], "operations": ["UPDATE"], "resources": ["gpuleases/status"]}]},
+                "validations": [{"expression": format!("object.metadata.name != '{}'", stuck.name_any()),
+                    "message": "refused for the test"}],
+            },
+        }))?;
+    let binding: k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding =
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{}-refuse", fx.ns)},
+            "spec": {"policyName": format!("{}-refuse", fx.ns), "validationActions": ["Deny"]},
+        }))?;
+    let policies = Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy>::all(fx.client.clone());
+    let bindings = Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(fx.client.clone());
+    policies.create(&PostParams::default(), &policy).await?;
+    bindings.create(&PostParams::default(), &binding).await?;
+    // Policies take effect within a moment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let (before0, before1) = (fx.balance(&s0).await?, fx.balance(&s1).await?);
+    let name = fine.name_any();
+    fx.settle_until(&fx.settler, "the other lease settles", |ls| {
+        ls.iter().any(|l| l.name_any() == name && settled(l))
+    })
+    .await?;
+    assert_eq!(fx.balance(&s1).await? - before1, 7_000);
+    assert_eq!(fx.balance(&s0).await?, before0, "the unrecordable payout is never sent");
+
+    bindings.delete(&format!("{}-refuse", fx.ns), &DeleteParams::default()).await?;
+    policies.delete(&format!("{}-refuse", fx.ns), &DeleteParams::default()).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fx.settle_until(&fx.settler, "the stuck lease settles once writable", |ls| ls.iter().all(settled))
+        .await?;
+    assert_eq!(fx.balance(&s0).await? - before0, 7_000, "paid once it could be recorded");
     fx.cleanup().await
 }
 
@@ -523,8 +800,8 @@ async fn an_unreachable_validator_is_caught_up_with_without_duplicates() -> Resu
     config.rpc_url = format!("http://{}", relay.addr);
     let settler = Settler::new(config)?;
     let s0 = fx.supplier(0)?;
-    let cluster = fx.cluster("outage", 1_000_000).await?;
-    fx.deposit(&cluster, 1_000_000).await?;
+    let cluster = fx.cluster("outage").await?;
+    let escrow = fx.deposit(&cluster, 1_000_000).await?;
     let before = fx.balance(&s0).await?;
     let start = seconds_ago(10);
     let lease = fx.lease(&cluster, "outage", 0, 1, start, None).await?;
@@ -538,7 +815,7 @@ async fn an_unreachable_validator_is_caught_up_with_without_duplicates() -> Resu
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let end = Timestamp::now();
-    fx.end_lease(&lease, end).await?;
+    fx.end_lease(&lease, end, EndReason::Expired).await?;
     relay.restore();
 
     let leases = fx
@@ -552,7 +829,7 @@ async fn an_unreachable_validator_is_caught_up_with_without_duplicates() -> Resu
     assert!(records.len() >= 2, "periods before and after the outage: {records:?}");
     for record in records {
         let key = memo::payout_key(&uid, &record.period);
-        assert_eq!(fx.payments_with_key(&key).await?, 1, "period {}", record.period);
+        assert_eq!(fx.payments_with_key(&escrow, &key).await?, 1, "period {}", record.period);
     }
     fx.cleanup().await
 }
@@ -562,8 +839,8 @@ async fn a_payout_whose_blockhash_expired_unsent_is_re_signed_once() -> Result<(
     let _turn = TURN.lock().await;
     let fx = Fixture::new("settle-expiry").await?;
     let s1 = fx.supplier(1)?;
-    let cluster = fx.cluster("expiry", 100_000).await?;
-    fx.deposit(&cluster, 100_000).await?;
+    let cluster = fx.cluster("expiry").await?;
+    let escrow = fx.deposit(&cluster, 100_000).await?;
     let before = fx.balance(&s1).await?;
     // An ended lease of 1 GPU × 7 s: one payment of 7000.
     let lease = fx.lease(&cluster, "expiry", 1, 1, seconds_ago(20), Some(seconds_ago(13))).await?;
@@ -598,7 +875,7 @@ async fn a_payout_whose_blockhash_expired_unsent_is_re_signed_once() -> Result<(
     assert_ne!(records[0].signature, recorded.signature, "re-signed with a fresh blockhash");
     assert_eq!(rpc.get_signature_status(&signature).await?, None, "the expired one never landed");
     let key = memo::payout_key(&lease.uid().context("uid")?, &records[0].period);
-    assert_eq!(fx.payments_with_key(&key).await?, 1);
+    assert_eq!(fx.payments_with_key(&escrow, &key).await?, 1);
     fx.cleanup().await
 }
 
@@ -613,7 +890,7 @@ async fn bench_settle_many_leases() -> Result<()> {
     let count: usize =
         std::env::var("BENCH_LEASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let fx = Fixture::new("settle-bench").await?;
-    let cluster = fx.cluster("bench", 1).await?;
+    let cluster = fx.cluster("bench").await?;
     let per_lease = 7_000;
     fx.deposit(&cluster, per_lease * count as u64).await?;
     let (start, end) = (seconds_ago(20), seconds_ago(13));

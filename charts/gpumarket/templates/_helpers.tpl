@@ -60,7 +60,41 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
-{{/* Whether the controller runs leader election: asked for, or needed by more than one replica. */}}
+{{/* Whether the controller runs leader election: asked for (the default), or needed by more than one replica. */}}
 {{- define "gpumarket.controller.leaderElection" -}}
 {{- if or .Values.controller.leaderElection (gt (int .Values.controller.replicas) 1) }}true{{ end }}
+{{- end }}
+
+{{/* The label the supplier agent puts on every market node (MODEL_LABEL, device-plugin/src/node.rs). */}}
+{{- define "gpumarket.supplierNodeLabel" -}}
+gpumarket.io/gpu-model
+{{- end }}
+
+{{/*
+The controller's affinity: controller.affinity, and (controller.avoidSupplierNodes) a required
+node affinity that keeps it off market nodes, where the supplier has root and the controller
+would bring the settlement key. The rule is added to each of the user's required node selector
+terms (terms are alternatives, so each must exclude market nodes), or is the only term.
+*/}}
+{{- define "gpumarket.controller.affinity" -}}
+{{- $affinity := deepCopy (.Values.controller.affinity | default dict) }}
+{{- if .Values.controller.avoidSupplierNodes }}
+{{- $offMarket := dict "key" (include "gpumarket.supplierNodeLabel" .) "operator" "DoesNotExist" }}
+{{- $node := deepCopy (get $affinity "nodeAffinity" | default dict) }}
+{{- $required := deepCopy (get $node "requiredDuringSchedulingIgnoredDuringExecution" | default dict) }}
+{{- $terms := list }}
+{{- range (get $required "nodeSelectorTerms" | default list) }}
+{{- $expressions := append (get . "matchExpressions" | default list) $offMarket }}
+{{- $terms = append $terms (merge (dict "matchExpressions" $expressions) .) }}
+{{- end }}
+{{- if not $terms }}
+{{- $terms = list (dict "matchExpressions" (list $offMarket)) }}
+{{- end }}
+{{- $_ := set $required "nodeSelectorTerms" $terms }}
+{{- $_ = set $node "requiredDuringSchedulingIgnoredDuringExecution" $required }}
+{{- $_ = set $affinity "nodeAffinity" $node }}
+{{- end }}
+{{- if $affinity }}
+{{- toYaml $affinity }}
+{{- end }}
 {{- end }}

@@ -2,6 +2,7 @@
 
 pub mod reconcile;
 pub mod status;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -43,9 +45,18 @@ pub fn controller(ctx: &Arc<Context>) -> Controller<GpuCluster> {
             raycluster::api_resource(),
             watcher::Config::default(),
         )
-        .watches(Api::<GpuLease>::all(client), watcher::Config::default(), |lease| {
+        .watches(Api::<GpuLease>::all(client.clone()), watcher::Config::default(), |lease| {
             Some(ObjectRef::new(&lease.spec.cluster.name).within(&lease.spec.cluster.namespace))
         })
+        // Worker pods becoming Ready start the meter.
+        .watches(
+            Api::<Pod>::all(client),
+            watcher::Config::default().labels(raycluster::CLUSTER_LABEL),
+            |pod| {
+                let cluster = pod.labels().get(raycluster::CLUSTER_LABEL)?;
+                Some(ObjectRef::new(cluster).within(&pod.namespace()?))
+            },
+        )
         .watches_stream(offers, move |offer| {
             let grew = supply_grew(&seen, &offer);
             clusters_affected_by(&offer, grew, &clusters, &lease_store)

@@ -9,8 +9,9 @@ use gpumarket_crds::{
     Amount, ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer,
 };
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -18,8 +19,8 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
 use super::status::{
-    Ending, Observation, build_status, ended_status, ending, expires_at, is_active,
-    missing_workers, supplier_failure, surplus_leases,
+    Ending, Observation, build_status, ended_status, ending, expires_at, is_active, lease_pods,
+    missing_workers, not_serving, supplier_failure, surplus_leases, with_service,
 };
 use crate::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
 use crate::context::{Context, MANAGER};
@@ -106,9 +107,15 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
 
     let Read { mut leases, ray_cluster } = read(cluster, ctx).await?;
 
-    // validate
-    if let Err(e) = cluster.spec.duration() {
-        let message = format!("spec.duration: {e}");
+    // validate: before any GPU is leased, what the schema cannot check (or checked only for
+    // objects written after its rules) fails the cluster with a message that says what to change.
+    let started = cluster.status.as_ref().is_some_and(|s| s.start_time.is_some()) || !leases.is_empty();
+    let invalid = match cluster.spec.duration() {
+        Err(e) => Some(format!("spec.duration: {e}")),
+        Ok(_) if !started => super::validate::validate(cluster).err(),
+        Ok(_) => None,
+    };
+    if let Some(message) = invalid {
         ctx.event(cluster, EventType::Warning, "InvalidSpec", "Validate", message.clone()).await;
         let refs: Vec<&GpuLease> = leases.iter().collect();
         write_status(
@@ -139,6 +146,24 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
                 format!("lease {} ended: {why}", lease.name_any()),
             )
             .await;
+        }
+    }
+
+    // Service: each lease's worker pods, and when it began serving (billing starts there); a
+    // lease that has not served within the provisioning timeout has failed its buyer.
+    let pods = ctx.pods_of(cluster);
+    let pods: Vec<&Pod> = pods.iter().map(AsRef::as_ref).collect();
+    for lease in leases.iter_mut().filter(|l| is_active(l)) {
+        *lease = record_service(ctx, lease, &pods, now).await?;
+        if not_serving(lease, now, ctx.settings.provisioning_timeout) {
+            *lease = end_lease(ctx, lease, EndReason::NotServing, now).await?;
+            let note = format!(
+                "lease {} ended: its workers on {} were not Ready within {}s of the bind (not billed)",
+                lease.name_any(),
+                lease.spec.offer,
+                ctx.settings.provisioning_timeout.as_secs()
+            );
+            ctx.event(cluster, EventType::Warning, "NotServing", "Recover", note).await;
         }
     }
 
@@ -264,6 +289,11 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         let until = at.duration_since(now).unsigned_abs();
         next = next.min(until + Duration::from_millis(100));
     }
+    for lease in leases.iter().filter(|l| is_active(l) && !serves(l)) {
+        let waited = now.duration_since(lease.spec.start_time.0).unsigned_abs();
+        let left = ctx.settings.provisioning_timeout.saturating_sub(waited);
+        next = next.min(left + Duration::from_millis(100));
+    }
     Ok(Action::requeue(next))
 }
 
@@ -301,20 +331,23 @@ async fn match_and_bind(
             let required = settler.required_deposit(quoted, duration);
             let uid = cluster.uid().unwrap_or_default();
             match settler.deposit_status(&uid, required).await {
-                Ok(DepositStatus::Covered { deposited }) => Some((settler, duration, deposited)),
-                Ok(DepositStatus::Short { deposited, missing }) => {
+                Ok((escrow, DepositStatus::Covered { deposited })) => {
+                    Some((settler, duration, deposited, escrow))
+                }
+                Ok((escrow, DepositStatus::Short { deposited, missing })) => {
                     let why = format!(
-                        "deposit {} short of the {} this match needs: deposit {} more to the \
-                         escrow of {} with memo {uid}",
+                        "deposit {} short of the {} this match needs: transfer {} more of the \
+                         settlement mint {} to this cluster's escrow account {escrow}",
                         Amount::new(deposited),
                         Amount::new(required),
                         Amount::new(missing),
-                        settler.authority(),
+                        settler.config().mint,
                     );
                     return Ok((Bind::Unfunded(why.clone()), Some(Err(why))));
                 }
                 Err(e) => {
-                    let why = format!("cannot read deposits: {e}");
+                    tracing::warn!(cluster = %cluster.name_any(), error = %e, "reading the escrow");
+                    let why = format!("cannot read the escrow: {}", e.public_message());
                     return Ok((Bind::Unfunded(why.clone()), Some(Err(why))));
                 }
             }
@@ -337,18 +370,19 @@ async fn match_and_bind(
             Outcome::Matched(assignment) => assignment,
         };
         let mut funding = None;
-        if let Some((settler, duration, deposited)) = &deposited {
+        if let Some((settler, duration, deposited, escrow)) = &deposited {
             let required = settler.required_deposit(assignment.hourly_cost(), *duration);
             if required > *deposited {
                 let why = format!(
-                    "supply moved: the match now needs a deposit of {}, {} was deposited",
+                    "supply moved: the match now needs a deposit of {}, {} was deposited to the \
+                     escrow account {escrow}",
                     Amount::new(required),
                     Amount::new(*deposited)
                 );
                 return Ok((Bind::Unfunded(why.clone()), Some(Err(why))));
             }
             funding = Some(Ok(format!(
-                "deposit {} covers {} needed",
+                "escrow account {escrow} holds {}, covering the {} needed",
                 Amount::new(*deposited),
                 Amount::new(required)
             )));
@@ -401,8 +435,10 @@ async fn release_cluster_claims(cluster: &GpuCluster, ctx: &Context) -> Result<(
     Ok(())
 }
 
-/// Close a lease's meter (phase Ended) and return its GPUs to the offer. Metering is closed
-/// first: if the release fails, the offer controller reclaims allocations of ended leases.
+/// Close a lease's meter (phase Ended) and return its GPUs to the offer. The end is written
+/// once, conditionally on the version read: a lease already ended (by settlement running out
+/// of funds, say) keeps its end and its reason. Metering is closed first: if the release fails,
+/// the offer controller reclaims allocations of ended leases.
 pub async fn end_lease(
     ctx: &Context,
     lease: &GpuLease,
@@ -410,26 +446,18 @@ pub async fn end_lease(
     now: Timestamp,
 ) -> Result<GpuLease> {
     let api: Api<GpuLease> = Api::all(ctx.client.clone());
-    let mut ended_view = lease.clone();
-    ended_view.status.get_or_insert_default().end_time =
-        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
-    let patch = json!({
-        "apiVersion": "gpumarket.io/v1alpha1",
-        "kind": "GpuLease",
-        "status": {
-            "phase": "Ended",
-            "endTime": now,
-            "endReason": reason,
-            "servedGpuSeconds": super::status::served_gpu_seconds(&ended_view, now),
-        },
-    });
-    let ended = api
-        .patch_status(
-            &lease.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+    let mut current = lease.clone();
+    let ended = loop {
+        let Some(next) = super::status::ended_lease(&current, reason, now) else { break current };
+        let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
+        match api.replace_status(&lease.name_any(), &params, &next).await {
+            Ok(ended) => break ended,
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                current = api.get_status(&lease.name_any()).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     binding::release_lease_claims(&offers_api(ctx), lease).await?;
     Ok(ended)
 }
@@ -506,6 +534,35 @@ async fn delete_ray_cluster(cluster: &GpuCluster, ctx: &Context) -> Result<()> {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Write the lease's worker pods and start of service as seen now, conditionally on the
+/// version read (a start of service, once written, never moves).
+async fn record_service(
+    ctx: &Context,
+    lease: &GpuLease,
+    pods: &[&Pod],
+    now: Timestamp,
+) -> Result<GpuLease> {
+    let api: Api<GpuLease> = Api::all(ctx.client.clone());
+    let mut current = lease.clone();
+    loop {
+        let Some(next) = with_service(&current, &lease_pods(&current, pods), now) else {
+            return Ok(current);
+        };
+        let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
+        match api.replace_status(&lease.name_any(), &params, &next).await {
+            Ok(updated) => return Ok(updated),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                current = api.get_status(&lease.name_any()).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn serves(lease: &GpuLease) -> bool {
+    lease.status.as_ref().is_some_and(|s| s.serving_since.is_some())
 }
 
 fn cluster_api(cluster: &GpuCluster, ctx: &Context) -> Api<GpuCluster> {

@@ -5,10 +5,16 @@ use std::time::Duration;
 
 use gpumarket_crds::{
     ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, LeasePhase,
+    LeasePod,
 };
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
 
+use crate::raycluster::LEASE_ANNOTATION;
+
+use crate::settlement::meter::Meter;
 use crate::supply::{gpu_healthy, heartbeat_fresh};
 
 pub const MATCHED: &str = "Matched";
@@ -106,6 +112,86 @@ pub fn supplier_failure(
         .then(|| format!("GPU {} on node {} is unhealthy", sick.join(", "), lease.spec.offer))
 }
 
+/// The worker pods serving `lease` among `pods` (the cluster's): those KubeRay made for it
+/// (owned by a RayCluster, annotated with the lease), bound to the lease's node and not
+/// finished, oldest first, at most the lease's workers.
+pub fn lease_pods<'a>(lease: &GpuLease, pods: &[&'a Pod]) -> Vec<&'a Pod> {
+    let name = lease.metadata.name.as_deref().unwrap_or_default();
+    let mut serving: Vec<&Pod> = pods
+        .iter()
+        .copied()
+        .filter(|p| p.annotations().get(LEASE_ANNOTATION).map(String::as_str) == Some(name))
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&lease.spec.offer))
+        .filter(|p| p.owner_references().iter().any(|o| o.kind == "RayCluster" && o.controller == Some(true)))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Succeeded" | "Failed"))
+        })
+        .collect();
+    serving.sort_by(|a, b| {
+        (a.metadata.creation_timestamp.as_ref().map(|t| t.0), &a.metadata.name)
+            .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), &b.metadata.name))
+    });
+    serving.truncate(lease.spec.workers as usize);
+    serving
+}
+
+/// When a pod last became Ready, if it is Ready.
+fn ready_since(pod: &Pod) -> Option<Timestamp> {
+    let ready = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?;
+    Some(ready.last_transition_time.as_ref().map_or(Timestamp::UNIX_EPOCH, |t| t.0))
+}
+
+/// When the lease began serving: once every one of its workers is Ready, the moment the last of
+/// them became Ready (never before the bind, never after `now`). `None` while any is not.
+pub fn serving_since(lease: &GpuLease, serving: &[&Pod], now: Timestamp) -> Option<Timestamp> {
+    if serving.len() < lease.spec.workers as usize {
+        return None;
+    }
+    let all_ready = serving.iter().map(|p| ready_since(p)).collect::<Option<Vec<_>>>()?;
+    let last = all_ready.into_iter().max()?;
+    Some(last.max(lease.spec.start_time.0).min(now))
+}
+
+/// The lease with the worker pods seen and, once it serves, its start of service recorded (a
+/// start already recorded never moves); `None` when nothing changed.
+pub fn with_service(lease: &GpuLease, serving: &[&Pod], now: Timestamp) -> Option<GpuLease> {
+    let pods: Vec<LeasePod> = serving
+        .iter()
+        .map(|p| LeasePod {
+            namespace: p.namespace().unwrap_or_default(),
+            name: p.name_any(),
+            uid: p.uid().unwrap_or_default(),
+            ready: ready_since(p).is_some(),
+        })
+        .collect();
+    let status = lease.status.clone().unwrap_or_default();
+    let since = status.serving_since.clone().or_else(|| serving_since(lease, serving, now).map(Time));
+    if status.pods == pods && status.serving_since == since {
+        return None;
+    }
+    let mut next = lease.clone();
+    next.metadata.managed_fields = None;
+    let status = next.status.get_or_insert_default();
+    status.pods = pods;
+    status.serving_since = since;
+    Some(next)
+}
+
+/// Whether an active lease has failed to serve within the provisioning timeout of its bind.
+pub fn not_serving(lease: &GpuLease, now: Timestamp, timeout: Duration) -> bool {
+    let serving = lease.status.as_ref().is_some_and(|s| s.serving_since.is_some());
+    let waited = now.duration_since(lease.spec.start_time.0);
+    !serving && is_active(lease) && waited.is_positive() && waited.unsigned_abs() > timeout
+}
+
 /// Workers still to be placed: the spec's count minus those of the active leases.
 pub fn missing_workers(cluster: &GpuCluster, active: &[&GpuLease]) -> u32 {
     let placed: u32 = active.iter().map(|l| l.spec.workers).sum();
@@ -132,11 +218,23 @@ pub fn surplus_leases<'a>(cluster: &GpuCluster, active: &[&'a GpuLease]) -> Vec<
         .collect()
 }
 
-/// GPU-seconds metered by a lease up to `now` (or its end).
-pub fn served_gpu_seconds(lease: &GpuLease, now: Timestamp) -> u64 {
-    let end = lease.status.as_ref().and_then(|s| s.end_time.as_ref()).map_or(now, |t| t.0);
-    let seconds = end.as_second().saturating_sub(lease.spec.start_time.0.as_second()).max(0);
-    seconds as u64 * lease.spec.gpus.len() as u64
+/// The lease ended now for `reason`, with its meter closed (hired and served GPU-seconds), to
+/// be written; `None` when it has already ended (an ended meter never moves).
+pub fn ended_lease(lease: &GpuLease, reason: EndReason, now: Timestamp) -> Option<GpuLease> {
+    if lease.status.as_ref().is_some_and(|s| s.end_time.is_some()) {
+        return None;
+    }
+    let mut ended = lease.clone();
+    ended.metadata.managed_fields = None;
+    let status = ended.status.get_or_insert_default();
+    status.phase = Some(LeasePhase::Ended);
+    status.end_time = Some(Time(now));
+    status.end_reason = Some(reason);
+    let meter = Meter::of(&ended);
+    let status = ended.status.get_or_insert_default();
+    status.served_gpu_seconds = Some(meter.gpu_seconds_through(now));
+    status.hired_gpu_seconds = Some(meter.hired_gpu_seconds_through(now));
+    Some(ended)
 }
 
 /// What the reconcile saw, for `build_status`.
@@ -192,8 +290,7 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
         .leases
         .iter()
         .map(|l| {
-            let gpu_seconds = u128::from(served_gpu_seconds(l, meter_time));
-            (gpu_seconds * u128::from(l.spec.price_per_gpu_hour) / 3600) as u64
+            Meter::of(l).cost_through(meter_time)
         })
         .sum();
     let start_time = previous
@@ -288,8 +385,7 @@ pub fn ended_status(
     let cost: u64 = leases
         .iter()
         .map(|l| {
-            (u128::from(served_gpu_seconds(l, now)) * u128::from(l.spec.price_per_gpu_hour) / 3600)
-                as u64
+            Meter::of(l).cost_through(now)
         })
         .sum();
     GpuClusterStatus {
@@ -466,14 +562,17 @@ mod tests {
     fn running_cluster_reports_rate_cost_and_start() {
         let cluster = mk_cluster("c", 2, 2);
         let mut a = mk_lease(&cluster, "a", &["a1", "a2"], 1);
-        a.spec.start_time = Time(now() - jiff::SignedDuration::from_secs(1800));
+        a.spec.start_time = Time(now() - jiff::SignedDuration::from_secs(2400));
+        // Serving for the last half hour: the ten minutes before it are not billed.
+        a.status.get_or_insert_default().serving_since =
+            Some(Time(now() - jiff::SignedDuration::from_secs(1800)));
         let b = mk_lease(&cluster, "b", &["b1", "b2"], 1);
         let leases = [&a, &b];
         let status = build_status(&obs(&cluster, &leases, Some(true)));
         assert_eq!(status.phase, Some(ClusterPhase::Running));
         assert_eq!(status.gpus, Some(4));
         assert_eq!(status.hourly_rate, Some(4_000_000));
-        // Half an hour of 2 GPUs at 1 token per GPU-hour.
+        // Half an hour served of 2 GPUs at 1 token per GPU-hour; b has not served yet.
         assert_eq!(status.cost_accrued, Some(1_000_000));
         assert_eq!(status.start_time, Some(a.spec.start_time.clone()));
         assert_eq!(cond(&status, DEGRADED).status, "False");
@@ -596,5 +695,59 @@ mod tests {
         set_condition(&mut conditions, MATCHED, true, "Bound", "c".into(), later, None);
         assert_eq!(conditions[0].last_transition_time.0, later);
         assert_eq!(conditions.len(), 1);
+    }
+
+    #[test]
+    fn a_lease_serves_once_every_worker_on_its_node_is_ready() {
+        use crate::testing::mk_worker_pod;
+        let cluster = mk_cluster("c", 2, 1);
+        let lease = mk_lease(&cluster, "node-a", &["a1", "a2"], 2);
+        let first = mk_worker_pod(&lease, "w1", 1, Some(20));
+        let mut elsewhere = mk_worker_pod(&lease, "w2", 2, Some(5));
+        elsewhere.spec.get_or_insert_default().node_name = Some("node-b".into());
+        let mut forged = mk_worker_pod(&lease, "w3", 3, Some(5));
+        forged.metadata.owner_references = None; // a pod of the buyer's own, not KubeRay's
+        let pending = mk_worker_pod(&lease, "w4", 4, None);
+        let pods = [&first, &elsewhere, &forged, &pending];
+        let serving = lease_pods(&lease, &pods);
+        let names: Vec<String> = serving.iter().map(|p| p.name_any()).collect();
+        assert_eq!(names, ["w1", "w4"], "only KubeRay's pods of this lease on its node");
+        assert_eq!(serving_since(&lease, &serving, now()), None, "one worker is not Ready");
+
+        let later = mk_worker_pod(&lease, "w4", 4, Some(30));
+        let pods = [&first, &later];
+        let serving = lease_pods(&lease, &pods);
+        let at_30 = now() + jiff::SignedDuration::from_secs(30);
+        let at_40 = now() + jiff::SignedDuration::from_secs(40);
+        assert_eq!(serving_since(&lease, &serving, at_40), Some(at_30), "when the last got Ready");
+        let recorded = with_service(&lease, &serving, at_40).expect("changed");
+        let status = recorded.status.clone().expect("status");
+        assert_eq!(status.serving_since, Some(Time(at_30)));
+        assert!(status.pods.iter().all(|p| p.ready) && status.pods.len() == 2);
+        assert!(with_service(&recorded, &serving, at_40).is_none(), "nothing new");
+
+        // A start of service never moves, even when a worker is lost later.
+        let lost = [&first];
+        let after = with_service(&recorded, &lease_pods(&recorded, &lost), at_40).expect("pods changed");
+        assert_eq!(after.status.expect("status").serving_since, Some(Time(at_30)));
+    }
+
+    #[test]
+    fn a_lease_not_serving_in_time_has_failed_and_ends_once() {
+        let cluster = mk_cluster("c", 1, 1);
+        let lease = mk_lease(&cluster, "node-a", &["a1"], 1);
+        let timeout = Duration::from_secs(600);
+        let at = |s: i64| now() + jiff::SignedDuration::from_secs(s);
+        assert!(!not_serving(&lease, at(600), timeout));
+        assert!(not_serving(&lease, at(601), timeout));
+        let mut serving = lease.clone();
+        serving.status.get_or_insert_default().serving_since = Some(Time(at(30)));
+        assert!(!not_serving(&serving, at(6000), timeout));
+
+        let ended = ended_lease(&serving, EndReason::NotServing, at(90)).expect("ends");
+        let status = ended.status.clone().expect("status");
+        assert_eq!((status.phase, status.end_reason), (Some(LeasePhase::Ended), Some(EndReason::NotServing)));
+        assert_eq!((status.hired_gpu_seconds, status.served_gpu_seconds), (Some(90), Some(60)));
+        assert!(ended_lease(&ended, EndReason::OutOfFunds, at(95)).is_none(), "an end is written once");
     }
 }

@@ -180,6 +180,7 @@ impl<'a> Market<'a> {
             held: None,
             taken_by_older: 0,
             binding: None,
+            models_on_offer: super::explain::models_on_offer(&self.index, &need),
         };
         let mut held = 0;
         let mut relaxed = [0u64; Constraint::ALL.len()];

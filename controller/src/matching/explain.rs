@@ -4,6 +4,7 @@ use std::fmt;
 
 use gpumarket_crds::{Amount, GpuTier};
 
+use super::index::{Index, Need};
 use super::model::{Assignment, ModelFilter, Request};
 
 /// The answer for one request: a complete gang, or why there is none.
@@ -65,6 +66,25 @@ pub struct Shortage {
     pub taken_by_older: u64,
     /// The constraint whose relaxation alone would add the most usable GPUs, and how many.
     pub binding: Option<(Constraint, u64)>,
+    /// When offers are on the market but not one lists a model the request accepts (a typo in
+    /// `spec.gpu.models`, or a tier nobody offers): the models that are on offer, each once.
+    pub models_on_offer: Option<Box<[String]>>,
+}
+
+/// The models on offer when the market has offers and none of them, free GPUs or not, is of a
+/// model the request accepts (see [`Shortage::models_on_offer`]).
+pub(super) fn models_on_offer(index: &Index<'_>, need: &Need) -> Option<Box<[String]>> {
+    let lists_an_accepted_model =
+        index.entries.iter().any(|e| need.failures(e) & Constraint::Model.bit() == 0);
+    if index.entries.is_empty() || lists_an_accepted_model {
+        return None;
+    }
+    let mut models: Vec<String> = index.offers.iter().map(|o| o.model.clone()).collect();
+    // Spellings that differ in case only are one model, named by the first spelling in byte
+    // order, so that the answer does not depend on the order of the offers.
+    models.sort_by(|a, b| a.to_ascii_uppercase().cmp(&b.to_ascii_uppercase()).then(a.cmp(b)));
+    models.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+    Some(models.into_boxed_slice())
 }
 
 impl Shortage {
@@ -87,7 +107,8 @@ impl fmt::Display for Explanation {
 impl fmt::Display for Shortage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let r = &self.request;
-        write!(f, "need {} GPUs", self.needed())?;
+        let needed = self.needed();
+        write!(f, "need {needed} {}", if needed == 1 { "GPU" } else { "GPUs" })?;
         if r.gpus_per_worker > 1 {
             let workers = if r.workers == 1 { "worker" } else { "workers" };
             write!(f, " ({} {workers} × {} on one node)", r.workers, r.gpus_per_worker)?;
@@ -109,6 +130,23 @@ impl fmt::Display for Shortage {
         }
         if r.min_reputation > 0 {
             write!(f, " from reputation ≥ {}", r.min_reputation)?;
+        }
+        if let Some(models) = &self.models_on_offer {
+            return match &r.models {
+                ModelFilter::Models(wanted) => write!(
+                    f,
+                    "; no offer on the market lists model {}: the models on offer are {} \
+                     (check spec.gpu.models for a typo)",
+                    wanted.join(" or "),
+                    models.join(", ")
+                ),
+                ModelFilter::MinTier(tier) => write!(
+                    f,
+                    "; no offer on the market is of tier ≥ {tier}: the models on offer are {} \
+                     (lower spec.gpu.minTier, or wait for supply)",
+                    models.join(", ")
+                ),
+            };
         }
         write!(f, "; {} free match all constraints", self.free_matching)?;
         if self.usable < self.free_matching {
@@ -141,5 +179,90 @@ fn excluded_by(constraint: Constraint, r: &Request) -> String {
         Constraint::Reputation => {
             format!("are from suppliers below reputation {}", r.min_reputation)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gpumarket_crds::{GpuTier, Interconnect, Placement};
+
+    use super::super::{Offer, quote};
+    use super::*;
+
+    fn offer(node: &str, model: &str, free: usize) -> Offer {
+        Offer {
+            node: node.to_owned(),
+            free_gpus: (0..free).map(|i| format!("GPU-{node}-{i}")).collect(),
+            model: model.to_owned(),
+            tier: GpuTier::of_model(model),
+            memory_mib: 81_920,
+            price_per_gpu_hour: 1_000_000,
+            region: "eu-west".to_owned(),
+            zone: "eu-west-1a".to_owned(),
+            interconnect: Interconnect::NvLink,
+            reputation: 500,
+            stake: 0,
+        }
+    }
+
+    fn request(models: ModelFilter) -> Request {
+        Request {
+            key: "ns/typo".to_owned(),
+            models,
+            min_memory_mib: 0,
+            workers: 1,
+            gpus_per_worker: 1,
+            max_price_per_gpu_hour: 2_000_000,
+            region: None,
+            zone: None,
+            min_reputation: 0,
+            placement: Placement::Pack,
+            created: 0,
+        }
+    }
+
+    fn explanation(offers: &[Offer], request: &Request) -> Shortage {
+        match quote(offers, request) {
+            Outcome::Unmatched(Explanation::Short(shortage)) => shortage,
+            other => panic!("expected a shortage, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_model_no_offer_lists_is_named_with_the_models_on_offer() {
+        // The only H100s are all leased: H100 is still a model on offer.
+        let offers = [offer("a", "A100", 4), offer("b", "H100", 0), offer("c", "a100", 2)];
+        let typo = request(ModelFilter::Models(vec!["H10O".to_owned()]));
+        let why = explanation(&offers, &typo);
+        assert_eq!(
+            why.models_on_offer.as_deref(),
+            Some(&["A100".to_owned(), "H100".to_owned()][..])
+        );
+        assert_eq!(
+            why.to_string(),
+            "need 1 GPU of model H10O at ≤ 2.000000/h; no offer on the market lists model \
+             H10O: the models on offer are A100, H100 (check spec.gpu.models for a typo)"
+        );
+
+        let tier = request(ModelFilter::MinTier(GpuTier::H100));
+        let why = explanation(&[offer("a", "A100", 4)], &tier);
+        assert!(
+            why.to_string().ends_with(
+                "no offer on the market is of tier ≥ H100: the models on offer are A100 \
+                 (lower spec.gpu.minTier, or wait for supply)"
+            ),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_listed_model_without_free_gpus_is_explained_by_counts() {
+        let offers = [offer("a", "A100", 4), offer("b", "H100", 0)];
+        let why = explanation(&offers, &request(ModelFilter::Models(vec!["h100".to_owned()])));
+        assert_eq!(why.models_on_offer, None);
+        assert!(why.to_string().contains("; 0 free match all constraints"), "{why}");
+        // An empty market has no models to name.
+        let why = explanation(&[], &request(ModelFilter::Models(vec!["H10O".to_owned()])));
+        assert_eq!(why.models_on_offer, None);
     }
 }

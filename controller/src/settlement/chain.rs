@@ -1,20 +1,28 @@
 //! The thin Solana wiring: every RPC call settlement makes, and the pure parsing of what comes
-//! back. Commitment is `confirmed` throughout, except expiry, which is judged at `finalized`.
+//! back. Commitment is `confirmed` throughout, except expiry and the proof that an expired
+//! transaction never landed, which are judged at `finalized`.
 
 use std::collections::{HashMap, HashSet};
 
 use serde_json::{Value, json};
+use solana_client::client_error::{ClientError, ClientErrorKind};
 use solana_client::nonblocking::rpc_client::RpcClient;
 use solana_client::rpc_client::GetConfirmedSignaturesForAddress2Config;
 use solana_client::rpc_request::RpcRequest;
+use solana_client::rpc_response::RpcConfirmedTransactionStatusWithSignature;
 use solana_commitment_config::CommitmentConfig;
+use solana_keypair::Keypair;
 use solana_pubkey::Pubkey;
 use solana_transaction::{Hash, Signature};
 use spl_associated_token_account_interface::address::get_associated_token_address;
 
-use super::protocol::Observed;
+use super::accounts::{self, TOKEN_ACCOUNT_LEN, TokenAccount};
+use super::memo;
+use super::protocol::{History, Observed};
+use super::stake::StakeEntry;
+use super::transaction::{self, Custody};
 
-pub type RpcError = Box<solana_client::client_error::ClientError>;
+pub type RpcError = Box<ClientError>;
 
 /// Most signatures `getSignatureStatuses` takes per call.
 const STATUS_CHUNK: usize = 256;
@@ -23,114 +31,229 @@ const ACCOUNTS_CHUNK: usize = 100;
 /// Page size of `getSignaturesForAddress`.
 const HISTORY_PAGE: usize = 1000;
 
-/// Deposits into the escrow account, by memo (cluster uid, or `stake:<node>`), built up
-/// incrementally from the account's history. Confirmed transfers are final, so what was read
-/// once is never read again.
-#[derive(Debug, Default)]
-pub struct EscrowIndex {
+fn rpc_error(message: String) -> RpcError {
+    Box::new(ClientError::from(ClientErrorKind::Custom(message)))
+}
+
+/// What settlement has read of one account's history, built up incrementally (confirmed
+/// transactions are final, so what was read once is never read again).
+#[derive(Clone, Debug, Default)]
+pub struct AccountHistory {
     newest: Option<Signature>,
-    by_memo: HashMap<String, u64>,
+    /// The account's balance when its history was last read: a history needs reading again
+    /// only once the balance has moved.
+    pub scanned_balance: Option<u64>,
+    /// Settlement keys carried by successful transactions, with the signature that paid them.
+    pub paid: HashMap<String, String>,
+    /// Transfers that are not settlement's own (deposits, unbond requests), oldest first; read
+    /// for stake accounts only.
+    pub transfers: Vec<StakeEntry>,
 }
 
-impl EscrowIndex {
-    pub fn deposited(&self, memo: &str) -> u64 {
-        self.by_memo.get(memo).copied().unwrap_or(0)
-    }
-
-    pub fn by_memo(&self) -> &HashMap<String, u64> {
-        &self.by_memo
-    }
-}
-
-/// The memo text of a `getSignaturesForAddress` entry (formatted `[length] text`), when the
-/// transaction carries exactly one memo.
-pub fn listed_memo(listed: &str) -> Option<&str> {
-    if listed.contains("; [") {
-        return None;
-    }
-    let text = match listed.strip_prefix('[') {
-        Some(rest) => rest.split_once("] ").map_or(rest, |(_, text)| text),
-        None => listed,
-    };
-    Some(text.trim())
-}
-
-/// Base units a `jsonParsed` transaction moved into `account` with top-level SPL Token
-/// transfers; zero when it failed.
-pub fn transferred_to(tx: &Value, account: &str) -> u64 {
-    if !tx.pointer("/meta/err").is_none_or(Value::is_null) {
-        return 0;
-    }
-    let Some(instructions) =
-        tx.pointer("/transaction/message/instructions").and_then(Value::as_array)
-    else {
-        return 0;
-    };
-    instructions
-        .iter()
-        .filter(|ix| ix.get("program").and_then(Value::as_str) == Some("spl-token"))
-        .filter_map(|ix| ix.get("parsed"))
-        .filter(|p| {
-            matches!(p.get("type").and_then(Value::as_str), Some("transfer" | "transferChecked"))
-        })
-        .filter_map(|p| p.get("info"))
-        .filter(|info| info.get("destination").and_then(Value::as_str) == Some(account))
-        .filter_map(|info| {
-            info.get("amount")
-                .or_else(|| info.pointer("/tokenAmount/amount"))
-                .and_then(Value::as_str)
-                .and_then(|a| a.parse::<u64>().ok())
-        })
-        .fold(0u64, u64::saturating_add)
-}
-
-/// Read the escrow account's history newer than what the index holds, adding every successful
-/// transfer into it whose memo is a deposit (anything but settlement's own memos).
-pub async fn scan_deposits(
+/// Read the account's history newer than what `history` holds and add it. All or nothing: an
+/// RPC error (or a transaction the node cannot return yet) part-way leaves `history` as it
+/// was, so a retry reads the same entries again and nothing is counted twice or skipped.
+pub async fn scan(
     rpc: &RpcClient,
-    escrow_account: &Pubkey,
-    index: &mut EscrowIndex,
+    account: &Pubkey,
+    mint: &Pubkey,
+    history: &mut AccountHistory,
+    read_transfers: bool,
 ) -> Result<(), RpcError> {
+    let mut fresh: Vec<RpcConfirmedTransactionStatusWithSignature> = Vec::new();
     let mut before = None;
-    let mut newest = None;
     loop {
         let config = GetConfirmedSignaturesForAddress2Config {
             before,
-            until: index.newest,
+            until: history.newest,
             limit: Some(HISTORY_PAGE),
             commitment: Some(CommitmentConfig::confirmed()),
         };
-        let page = rpc.get_signatures_for_address_with_config(escrow_account, config).await?;
-        for entry in &page {
-            let Ok(signature) = entry.signature.parse::<Signature>() else { continue };
-            newest.get_or_insert(signature);
-            before = Some(signature);
-            let memo = entry.memo.as_deref().and_then(listed_memo).unwrap_or_default();
-            if entry.err.is_some() || memo.is_empty() || memo.starts_with("gpumarket ") {
-                continue;
-            }
-            let tx: Value = rpc
-                .send(
-                    RpcRequest::GetTransaction,
-                    json!([entry.signature, {
-                        "encoding": "jsonParsed",
-                        "commitment": "confirmed",
-                        "maxSupportedTransactionVersion": 0,
-                    }]),
-                )
-                .await?;
-            let amount = transferred_to(&tx, &escrow_account.to_string());
-            let total = index.by_memo.entry(memo.to_owned()).or_default();
-            *total = total.saturating_add(amount);
-        }
-        if page.len() < HISTORY_PAGE {
+        let page = rpc.get_signatures_for_address_with_config(account, config).await?;
+        let full = page.len() >= HISTORY_PAGE;
+        before = page.last().and_then(|e| e.signature.parse().ok());
+        fresh.extend(page);
+        if !full || before.is_none() {
             break;
         }
     }
-    if newest.is_some() {
-        index.newest = newest;
+    let mut paid = HashMap::new();
+    let mut transfers = Vec::new();
+    for entry in fresh.iter().rev().filter(|e| e.err.is_none()) {
+        let memos = entry.memo.as_deref().map(memo::listed_memos).unwrap_or_default();
+        for key in memos.iter().filter_map(|m| memo::settlement_keys(m)).flatten() {
+            paid.insert(key.to_owned(), entry.signature.clone());
+        }
+        if read_transfers && !memos.iter().any(|m| memo::is_settlements_own(m)) {
+            let tx = get_transaction(rpc, &entry.signature).await?;
+            let memos = memos.iter().map(|m| (*m).to_owned()).collect();
+            transfers.push(stake_entry(&tx, account, mint, &entry.signature, entry.block_time, memos));
+        }
+    }
+    history.paid.extend(paid);
+    history.transfers.extend(transfers);
+    if let Some(newest) = fresh.first().and_then(|e| e.signature.parse().ok()) {
+        history.newest = Some(newest);
     }
     Ok(())
+}
+
+/// A transaction, `jsonParsed`; an error (to retry) when the node cannot return it yet.
+async fn get_transaction(rpc: &RpcClient, signature: &str) -> Result<Value, RpcError> {
+    let tx: Value = rpc
+        .send(
+            RpcRequest::GetTransaction,
+            json!([signature, {
+                "encoding": "jsonParsed",
+                "commitment": "confirmed",
+                "maxSupportedTransactionVersion": 0,
+            }]),
+        )
+        .await?;
+    if tx.is_null() {
+        return Err(rpc_error(format!("transaction {signature} is listed but not yet returned")));
+    }
+    Ok(tx)
+}
+
+/// What a `jsonParsed` transaction did to `account`: its balance change (by the token balances
+/// before and after, however the transfer was made), who sent the tokens (the owner whose
+/// balance of the mint fell the most) and who signed.
+pub fn stake_entry(
+    tx: &Value,
+    account: &Pubkey,
+    mint: &Pubkey,
+    signature: &str,
+    block_time: Option<i64>,
+    memos: Vec<String>,
+) -> StakeEntry {
+    let keys: Vec<&Value> = tx
+        .pointer("/transaction/message/accountKeys")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    let key_of = |k: &Value| k.get("pubkey").and_then(Value::as_str).or_else(|| k.as_str()).map(str::to_owned);
+    let signers: Vec<Pubkey> = keys
+        .iter()
+        .filter(|k| k.get("signer").and_then(Value::as_bool) == Some(true))
+        .filter_map(|k| key_of(k)?.parse().ok())
+        .collect();
+    let index_of_account = keys.iter().position(|k| key_of(k).as_deref() == Some(&account.to_string()));
+    let mint = mint.to_string();
+    // Balance change and owner of every token account of the mint, by account index.
+    let mut changes: HashMap<u64, (i128, Option<String>)> = HashMap::new();
+    for (list, sign) in [("preTokenBalances", -1i128), ("postTokenBalances", 1)] {
+        let balances = tx.pointer(&format!("/meta/{list}")).and_then(Value::as_array);
+        for balance in balances.into_iter().flatten() {
+            if balance.get("mint").and_then(Value::as_str) != Some(mint.as_str()) {
+                continue;
+            }
+            let Some(index) = balance.get("accountIndex").and_then(Value::as_u64) else { continue };
+            let amount = balance
+                .pointer("/uiTokenAmount/amount")
+                .and_then(Value::as_str)
+                .and_then(|a| a.parse::<i128>().ok())
+                .unwrap_or(0);
+            let entry = changes.entry(index).or_default();
+            entry.0 += sign * amount;
+            if let Some(owner) = balance.get("owner").and_then(Value::as_str) {
+                entry.1 = Some(owner.to_owned());
+            }
+        }
+    }
+    let own_index = index_of_account.map(|i| i as u64);
+    let delta = own_index.and_then(|i| changes.get(&i)).map_or(0, |c| c.0);
+    let sender = changes
+        .iter()
+        .filter(|(i, (change, _))| Some(**i) != own_index && *change < 0)
+        .min_by_key(|(i, (change, _))| (*change, **i))
+        .and_then(|(_, (_, owner))| owner.as_deref()?.parse().ok())
+        .or_else(|| signers.first().copied());
+    StakeEntry { signature: signature.to_owned(), block_time, delta, sender, signers, memos }
+}
+
+/// Whether a successful transaction carrying `key` is in the account's history at `finalized`,
+/// read back past `signed_slot` (see [`super::protocol`]).
+pub async fn prove(
+    rpc: &RpcClient,
+    account: &Pubkey,
+    key: &str,
+    signed_slot: u64,
+) -> Result<History, RpcError> {
+    let mut before = None;
+    loop {
+        let config = GetConfirmedSignaturesForAddress2Config {
+            before,
+            until: None,
+            limit: Some(HISTORY_PAGE),
+            commitment: Some(CommitmentConfig::finalized()),
+        };
+        let page = rpc.get_signatures_for_address_with_config(account, config).await?;
+        for entry in &page {
+            let memos = entry.memo.as_deref().map(memo::listed_memos).unwrap_or_default();
+            let carries =
+                memos.iter().filter_map(|m| memo::settlement_keys(m)).flatten().any(|k| k == key);
+            if entry.err.is_none() && carries {
+                return Ok(History::Paid { signature: entry.signature.clone() });
+            }
+            if entry.slot < signed_slot {
+                return Ok(History::Absent);
+            }
+        }
+        before = page.last().and_then(|e| e.signature.parse().ok());
+        if page.len() < HISTORY_PAGE || before.is_none() {
+            return Ok(History::Incomplete);
+        }
+    }
+}
+
+/// Token accounts, read at `confirmed`: `None` for those that do not exist (never opened, or
+/// closed) or are not token accounts.
+pub async fn token_accounts(
+    rpc: &RpcClient,
+    addresses: &[Pubkey],
+) -> Result<HashMap<Pubkey, Option<TokenAccount>>, RpcError> {
+    let mut out = HashMap::new();
+    for chunk in addresses.chunks(ACCOUNTS_CHUNK) {
+        let accounts = rpc
+            .get_multiple_accounts_with_commitment(chunk, CommitmentConfig::confirmed())
+            .await?
+            .value;
+        for (address, account) in chunk.iter().zip(accounts) {
+            let parsed = account
+                .filter(|a| a.owner == spl_token_interface::id())
+                .and_then(|a| accounts::parse_token_account(&a.data));
+            out.insert(*address, parsed);
+        }
+    }
+    Ok(out)
+}
+
+/// Open the token account at `seed` of the authority (an escrow or a stake account) unless it
+/// exists; waits until it is confirmed.
+pub async fn open_account(
+    rpc: &RpcClient,
+    authority: &Keypair,
+    custody: &Custody,
+    seed: &str,
+) -> Result<Pubkey, super::Error> {
+    let address = accounts::derived(&custody.authority, seed)
+        .ok_or_else(|| super::Error::Config(format!("no account address for seed {seed:?}")))?;
+    if token_accounts(rpc, &[address]).await?.get(&address).is_some_and(Option::is_some) {
+        return Ok(address);
+    }
+    let rent = rpc.get_minimum_balance_for_rent_exemption(TOKEN_ACCOUNT_LEN).await.map_err(Box::new)?;
+    let ixs = transaction::open_account_instructions(custody, seed, &address, rent)?;
+    let (blockhash, _) = latest_blockhash(rpc).await?;
+    let tx = transaction::sign(&ixs, authority, blockhash)?;
+    if let Err(e) = rpc.send_and_confirm_transaction(&tx).await {
+        // Another replica (or an earlier attempt) may have opened it meanwhile.
+        if token_accounts(rpc, &[address]).await?.get(&address).is_some_and(Option::is_some) {
+            return Ok(address);
+        }
+        return Err(Box::new(e).into());
+    }
+    Ok(address)
 }
 
 /// What the chain says about each signature (searching the node's whole history).
@@ -147,6 +270,14 @@ pub async fn observe(rpc: &RpcClient, signatures: &[Signature]) -> Result<Vec<Ob
         }));
     }
     Ok(out)
+}
+
+/// A blockhash to sign with, its last valid block height, and a slot no later than the
+/// blockhash's (the transaction can only land after it: see [`prove`]).
+pub async fn latest_blockhash_and_slot(rpc: &RpcClient) -> Result<(Hash, u64, u64), RpcError> {
+    let slot = rpc.get_slot_with_commitment(CommitmentConfig::confirmed()).await?;
+    let (hash, last_valid) = latest_blockhash(rpc).await?;
+    Ok((hash, last_valid, slot))
 }
 
 pub async fn latest_blockhash(rpc: &RpcClient) -> Result<(Hash, u64), RpcError> {
@@ -175,14 +306,14 @@ pub async fn wallets_without_token_account(
     wallets: &[Pubkey],
     mint: &Pubkey,
 ) -> Result<HashSet<Pubkey>, RpcError> {
-    let mut missing = HashSet::new();
-    for chunk in wallets.chunks(ACCOUNTS_CHUNK) {
-        let atas: Vec<Pubkey> =
-            chunk.iter().map(|w| get_associated_token_address(w, mint)).collect();
-        let accounts = rpc.get_multiple_accounts(&atas).await?;
-        missing.extend(chunk.iter().zip(accounts).filter(|(_, a)| a.is_none()).map(|(w, _)| *w));
-    }
-    Ok(missing)
+    let atas: Vec<Pubkey> = wallets.iter().map(|w| get_associated_token_address(w, mint)).collect();
+    let found = token_accounts(rpc, &atas).await?;
+    Ok(wallets
+        .iter()
+        .zip(&atas)
+        .filter(|(_, ata)| found.get(ata).is_none_or(Option::is_none))
+        .map(|(w, _)| *w)
+        .collect())
 }
 
 /// Decimals of the mint (byte 44 of an SPL Token mint account).
@@ -196,32 +327,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn listed_memos_lose_their_length_prefix() {
-        assert_eq!(
-            listed_memo("[36] 6f1c4a0e-1b7e-4c55-9a1e-0c8a7f1d2b3c"),
-            Some("6f1c4a0e-1b7e-4c55-9a1e-0c8a7f1d2b3c")
-        );
-        assert_eq!(listed_memo("plain"), Some("plain"));
-        assert_eq!(listed_memo("[1] a; [1] b"), None, "two memos: not a deposit");
+    fn a_transfer_is_counted_by_the_balance_change_and_its_sender_found() {
+        let (stake, mint, sender, other) =
+            (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
+        // A program moved the tokens (no top-level transfer instruction): balances tell.
+        let tx = json!({
+            "meta": {"err": null,
+                "preTokenBalances": [
+                    {"accountIndex": 1, "mint": mint.to_string(), "owner": sender.to_string(), "uiTokenAmount": {"amount": "1000"}},
+                    {"accountIndex": 2, "mint": mint.to_string(), "owner": "auth", "uiTokenAmount": {"amount": "5"}},
+                    {"accountIndex": 3, "mint": Pubkey::new_unique().to_string(), "owner": other.to_string(), "uiTokenAmount": {"amount": "900"}},
+                ],
+                "postTokenBalances": [
+                    {"accountIndex": 1, "mint": mint.to_string(), "owner": sender.to_string(), "uiTokenAmount": {"amount": "300"}},
+                    {"accountIndex": 2, "mint": mint.to_string(), "owner": "auth", "uiTokenAmount": {"amount": "705"}},
+                    {"accountIndex": 3, "mint": Pubkey::new_unique().to_string(), "owner": other.to_string(), "uiTokenAmount": {"amount": "0"}},
+                ]},
+            "transaction": {"message": {"accountKeys": [
+                {"pubkey": other.to_string(), "signer": true},
+                {"pubkey": Pubkey::new_unique().to_string(), "signer": false},
+                {"pubkey": stake.to_string(), "signer": false},
+                {"pubkey": Pubkey::new_unique().to_string(), "signer": false},
+            ]}},
+        });
+        let entry = stake_entry(&tx, &stake, &mint, "sig", Some(7), vec!["m".into()]);
+        assert_eq!(entry.delta, 700);
+        assert_eq!(entry.sender, Some(sender), "the owner whose balance of the mint fell");
+        assert_eq!(entry.signers, [other]);
+        assert_eq!(entry.block_time, Some(7));
     }
 
     #[test]
-    fn transfers_into_the_escrow_are_summed() {
+    fn an_account_opened_in_the_same_transaction_counts_from_zero() {
+        let (stake, mint, payer) = (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
         let tx = json!({
-            "meta": {"err": null},
-            "transaction": {"message": {"instructions": [
-                {"program": "spl-token", "parsed": {"type": "transferChecked", "info": {
-                    "destination": "ESC", "tokenAmount": {"amount": "700"}}}},
-                {"program": "spl-token", "parsed": {"type": "transfer", "info": {
-                    "destination": "ESC", "amount": "300"}}},
-                {"program": "spl-token", "parsed": {"type": "transfer", "info": {
-                    "destination": "OTHER", "amount": "999"}}},
-                {"program": "spl-memo", "parsed": "uid"},
+            "meta": {"err": null, "preTokenBalances": [],
+                "postTokenBalances": [
+                    {"accountIndex": 0, "mint": mint.to_string(), "owner": "auth", "uiTokenAmount": {"amount": "0"}},
+                ]},
+            "transaction": {"message": {"accountKeys": [
+                {"pubkey": stake.to_string(), "signer": false},
+                {"pubkey": payer.to_string(), "signer": true},
             ]}},
         });
-        assert_eq!(transferred_to(&tx, "ESC"), 1000);
-        let mut failed = tx.clone();
-        failed["meta"]["err"] = json!({"InstructionError": [0, "Custom"]});
-        assert_eq!(transferred_to(&failed, "ESC"), 0);
+        let entry = stake_entry(&tx, &stake, &mint, "sig", None, vec![]);
+        assert_eq!((entry.delta, entry.sender), (0, Some(payer)));
     }
 }

@@ -1,15 +1,12 @@
-//! The buyer escrow, per GpuCluster: what was deposited, what is committed to payouts, whether
-//! it covers the cluster, when it has run dry, and what is refunded at the end.
-//!
-//! All clusters share one escrow token account (owned by the settlement authority); each
-//! cluster's share is its deposits (memo = its uid) less its payouts and refund. A payout is
-//! capped by its cluster's share, so one buyer's deposit never pays for another's GPUs.
+//! The buyer's escrow, one token account per GpuCluster (see [`super::accounts`]): whether it
+//! covers the cluster, when it has run dry. What it holds is simply its token balance: a
+//! deposit is any transfer into it, however it was made, and a refund empties and closes it.
 
 use std::time::Duration;
 
 use super::meter::cost_ceil;
 
-/// Whether the deposits for a cluster cover what it needs before it is provisioned.
+/// Whether a cluster's escrow covers what it needs before it is provisioned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DepositStatus {
     Covered { deposited: u64 },
@@ -27,18 +24,6 @@ impl DepositStatus {
     pub fn is_covered(&self) -> bool {
         matches!(self, DepositStatus::Covered { .. })
     }
-
-    /// For the GpuCluster's Funded condition.
-    pub fn message(&self) -> String {
-        match self {
-            DepositStatus::Covered { deposited } => {
-                format!("escrow holds a deposit of {deposited} base units")
-            }
-            DepositStatus::Short { deposited, missing } => format!(
-                "awaiting deposit of {missing} more base units (deposited {deposited}); send them to the escrow with the GpuCluster uid as memo"
-            ),
-        }
-    }
 }
 
 /// Deposit a cluster must have made: its hourly rate over its duration, rounded up, plus the
@@ -49,28 +34,10 @@ pub fn required_deposit(hourly_rate: u64, duration: Duration, margin_percent: u3
     u64::try_from(with_margin).unwrap_or(u64::MAX)
 }
 
-/// One cluster's share of the escrow.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Ledger {
-    /// Confirmed deposits with the cluster's uid as memo.
-    pub deposited: u64,
-    /// Payouts recorded for its leases: confirmed, or signed and possibly landing.
-    pub committed: u64,
-    /// Refund recorded (signed or confirmed).
-    pub refunded: u64,
-}
-
-impl Ledger {
-    /// What is left of the cluster's deposits for further payouts.
-    pub fn available(&self) -> u64 {
-        self.deposited.saturating_sub(self.committed).saturating_sub(self.refunded)
-    }
-}
-
-/// An active lease's call on the escrow.
+/// An active lease's call on its cluster's escrow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Accrual {
-    /// Cost metered so far and not yet committed to a payout.
+    /// Cost metered so far and not yet in a payout.
     pub unpaid: u64,
     pub hourly_rate: u64,
 }
@@ -85,15 +52,9 @@ pub fn exhausted(available: u64, active: &[Accrual], lookahead: Duration) -> boo
     !active.is_empty() && available < need
 }
 
-/// Refund owed to the buyer once every lease of the cluster is settled.
-pub fn refund_due(ledger: &Ledger) -> u64 {
-    ledger.available()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
     #[test]
     fn short_deposits_say_how_much_more() {
@@ -103,7 +64,6 @@ mod tests {
         );
         assert!(DepositStatus::new(100, 100).is_covered());
         assert!(DepositStatus::new(150, 100).is_covered());
-        assert!(DepositStatus::new(70, 100).message().contains("awaiting deposit of 30 more"));
     }
 
     #[test]
@@ -121,20 +81,5 @@ mod tests {
         assert!(!exhausted(60, &[lease], ten_s));
         assert!(exhausted(59, &[lease], ten_s));
         assert!(!exhausted(0, &[], ten_s), "no active lease, nothing to end");
-    }
-
-    proptest! {
-        #[test]
-        fn refund_plus_payouts_never_exceed_deposits(
-            deposited in 0u64..1_000_000, committed in 0u64..1_000_000, refunded in 0u64..1_000,
-        ) {
-            let ledger = Ledger { deposited, committed, refunded };
-            let refund = refund_due(&ledger);
-            prop_assert!(u128::from(refund) + u128::from(committed) + u128::from(refunded)
-                <= u128::from(deposited).max(u128::from(committed) + u128::from(refunded)));
-            if deposited >= committed + refunded {
-                prop_assert_eq!(refund + committed + refunded, deposited);
-            }
-        }
     }
 }

@@ -9,16 +9,24 @@
 
 use std::time::Duration;
 
-use gpumarket_crds::{GpuLease, SettlementRecord, SettlementState};
+use gpumarket_crds::{CompactedSettlements, GpuLease, GpuLeaseStatus, SettlementRecord, SettlementState};
 use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 pub const SECONDS_PER_HOUR: u64 = 3600;
 
+/// Payout records kept in full on a lease; older confirmed ones are compacted.
+pub const RECORDS_KEPT: usize = 8;
+
 /// What a lease's record says about its meter: never anything the controller remembers, so a
-/// restart never changes it.
+/// restart never changes it. Billing runs from the moment the lease serves (its workers Ready
+/// on the supplier's node), not from the bind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Meter {
-    pub start: Timestamp,
+    /// When the GPUs were bound.
+    pub hired: Timestamp,
+    /// When billing started (`status.servingSince`); `None` while the lease has not served.
+    pub start: Option<Timestamp>,
     /// When metering stopped; `None` while the lease is active.
     pub end: Option<Timestamp>,
     pub gpus: u64,
@@ -27,18 +35,29 @@ pub struct Meter {
 
 impl Meter {
     pub fn of(lease: &GpuLease) -> Meter {
+        let status = lease.status.as_ref();
         Meter {
-            start: lease.spec.start_time.0,
-            end: lease.status.as_ref().and_then(|s| s.end_time.as_ref()).map(|t| t.0),
+            hired: lease.spec.start_time.0,
+            start: status.and_then(|s| s.serving_since.as_ref()).map(|t| t.0),
+            end: status.and_then(|s| s.end_time.as_ref()).map(|t| t.0),
             gpus: lease.spec.gpus.len() as u64,
             price_per_gpu_hour: lease.spec.price_per_gpu_hour,
         }
     }
 
-    /// GPU-seconds from the start to `t` (or to the end, if earlier); whole seconds.
+    /// GPU-seconds served from the start of service to `t` (or to the end, if earlier).
     pub fn gpu_seconds_through(&self, t: Timestamp) -> u64 {
+        self.start.map_or(0, |start| self.gpu_seconds_between(start, t))
+    }
+
+    /// GPU-seconds the GPUs were bound for, to `t` (or to the end, if earlier).
+    pub fn hired_gpu_seconds_through(&self, t: Timestamp) -> u64 {
+        self.gpu_seconds_between(self.hired, t)
+    }
+
+    fn gpu_seconds_between(&self, from: Timestamp, t: Timestamp) -> u64 {
         let until = self.end.map_or(t, |end| end.min(t));
-        let seconds = until.as_second().saturating_sub(self.start.as_second()).max(0);
+        let seconds = until.as_second().saturating_sub(from.as_second()).max(0);
         (seconds as u64).saturating_mul(self.gpus)
     }
 
@@ -47,7 +66,7 @@ impl Meter {
         cost(self.gpu_seconds_through(t), self.price_per_gpu_hour)
     }
 
-    /// Base units per hour while active.
+    /// Base units per hour while serving.
     pub fn hourly_rate(&self) -> u64 {
         self.gpus.saturating_mul(self.price_per_gpu_hour)
     }
@@ -77,73 +96,113 @@ pub struct Due {
     pub amount: u64,
 }
 
-/// Base units confirmed paid to the supplier by these records.
-pub fn confirmed_paid(records: &[SettlementRecord]) -> u64 {
-    records
-        .iter()
-        .filter(|r| r.state == SettlementState::Confirmed && is_payout_period(&r.period))
-        .map(|r| r.amount)
-        .sum()
-}
-
 /// Payout periods are numbered; other records on a lease (such as a slash) are not payouts.
 pub fn is_payout_period(period: &str) -> bool {
     !period.is_empty() && period.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// Usage confirmed paid up to this time (the lease start when nothing is).
-pub fn settled_through(meter: &Meter, records: &[SettlementRecord]) -> Timestamp {
-    records
-        .iter()
-        .filter(|r| r.state == SettlementState::Confirmed && is_payout_period(&r.period))
-        .map(|r| r.through.0)
-        .max()
-        .unwrap_or(meter.start)
-        .max(meter.start)
+/// A lease's payouts so far: the compacted total and the records not folded into it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Paid<'a> {
+    pub compacted: Option<&'a CompactedSettlements>,
+    pub records: &'a [SettlementRecord],
 }
 
-/// Whether every second of an ended lease is confirmed paid.
-pub fn fully_settled(meter: &Meter, records: &[SettlementRecord]) -> bool {
-    meter.end.is_some_and(|end| settled_through(meter, records) >= end)
-        && !records.iter().any(|r| r.state != SettlementState::Confirmed)
+impl<'a> Paid<'a> {
+    pub fn of(lease: &'a GpuLease) -> Paid<'a> {
+        lease.status.as_ref().map_or_else(Paid::default, Paid::of_status)
+    }
+
+    pub fn of_status(status: &'a GpuLeaseStatus) -> Paid<'a> {
+        Paid { compacted: status.compacted.as_ref(), records: &status.settlements }
+    }
+
+    fn payouts(&self) -> impl Iterator<Item = &'a SettlementRecord> {
+        self.records.iter().filter(|r| is_payout_period(&r.period))
+    }
+
+    /// Base units confirmed paid to the supplier.
+    pub fn confirmed(&self) -> u64 {
+        let records: u64 = self
+            .payouts()
+            .filter(|r| r.state == SettlementState::Confirmed)
+            .map(|r| r.amount)
+            .sum();
+        records.saturating_add(self.compacted.map_or(0, |c| c.amount))
+    }
+
+    /// The time confirmed payouts cover usage up to, if any is confirmed.
+    pub fn confirmed_through(&self) -> Option<Timestamp> {
+        let records = self
+            .payouts()
+            .filter(|r| r.state == SettlementState::Confirmed)
+            .map(|r| r.through.0);
+        records.chain(self.compacted.map(|c| c.through.0)).max()
+    }
+
+    /// Usage confirmed paid up to this time (the start of service when nothing is); `None`
+    /// while the lease has not served.
+    pub fn through(&self, meter: &Meter) -> Option<Timestamp> {
+        let start = meter.start?;
+        Some(self.confirmed_through().unwrap_or(start).max(start))
+    }
+
+    /// The highest period key used so far (compacted ones included).
+    fn last_index(&self) -> u64 {
+        self.payouts()
+            .map(|r| r.period.as_str())
+            .chain(self.compacted.map(|c| c.last_period.as_str()))
+            .filter_map(|p| p.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Payouts and slashes that have landed or may still land (not expired).
+    pub fn committed(&self) -> u64 {
+        let records: u64 = self
+            .payouts()
+            .filter(|r| r.state != SettlementState::Expired)
+            .map(|r| r.amount)
+            .sum();
+        records.saturating_add(self.compacted.map_or(0, |c| c.amount))
+    }
 }
 
-/// The payout due now, if any. Periods are `period` long from the lease start; an active lease
-/// pays through the last whole period boundary that has passed, an ended lease through its end.
-/// Several overdue periods (the controller was down) are paid in one payment keyed by the last
-/// of them. A lease whose payout is in flight (`Signed`) has nothing new due; an `Expired`
-/// payout is due again unchanged (same key, same amount), to be re-signed.
-pub fn next_due(
-    meter: &Meter,
-    records: &[SettlementRecord],
-    period: Duration,
-    now: Timestamp,
-) -> Option<Due> {
-    let payouts = || records.iter().filter(|r| is_payout_period(&r.period));
-    if payouts().any(|r| r.state == SettlementState::Signed) {
+/// Whether every served second of an ended lease is confirmed paid, and nothing is in flight.
+pub fn fully_settled(meter: &Meter, paid: &Paid<'_>) -> bool {
+    let Some(end) = meter.end else { return false };
+    let through_end = paid.through(meter).is_none_or(|through| through >= end);
+    through_end && paid.records.iter().all(|r| r.state == SettlementState::Confirmed)
+}
+
+/// The payout due now, if any. Periods are `period` long from the start of service; an active
+/// lease pays through the last whole period boundary that has passed, an ended lease through
+/// its end. Several overdue periods (the controller was down) are paid in one payment keyed by
+/// the last of them. A lease whose payout is in flight (`Signed`) has nothing new due; an
+/// `Expired` payout is due again with the same key and through time (its amount is decided
+/// again, as it provably never moved).
+pub fn next_due(meter: &Meter, paid: &Paid<'_>, period: Duration, now: Timestamp) -> Option<Due> {
+    let start = meter.start?;
+    if paid.payouts().any(|r| r.state == SettlementState::Signed) {
         return None;
     }
-    if let Some(expired) = payouts().find(|r| r.state == SettlementState::Expired) {
-        return Some(Due {
-            period: expired.period.clone(),
-            through: expired.through.0,
-            amount: expired.amount,
-        });
+    if let Some(expired) = paid.payouts().find(|r| r.state == SettlementState::Expired) {
+        let amount = meter.cost_through(expired.through.0).saturating_sub(paid.confirmed());
+        return Some(Due { period: expired.period.clone(), through: expired.through.0, amount });
     }
     let period_s = period.as_secs().max(1) as i64;
-    let start = meter.start.as_second();
+    let start_s = start.as_second();
     let through_s = match meter.end {
-        Some(end) if end.as_second() <= now.as_second() => end.as_second(),
-        _ => start + (now.as_second() - start).max(0) / period_s * period_s,
+        Some(end) if end.as_second() <= now.as_second() => end.as_second().max(start_s),
+        _ => start_s + (now.as_second() - start_s).max(0) / period_s * period_s,
     };
     let through = Timestamp::from_second(through_s).ok()?;
-    if through <= settled_through(meter, records) {
+    if paid.through(meter).is_some_and(|t| through <= t) {
         return None;
     }
-    let index = ((through_s - start).max(0) as u64).div_ceil(period_s as u64);
-    let last_index = payouts().filter_map(|r| r.period.parse::<u64>().ok()).max().unwrap_or(0);
-    let amount = meter.cost_through(through).saturating_sub(confirmed_paid(records));
-    Some(Due { period: period_key(index.max(last_index + 1)), through, amount })
+    let index = ((through_s - start_s).max(0) as u64).div_ceil(period_s as u64);
+    let amount = meter.cost_through(through).saturating_sub(paid.confirmed());
+    Some(Due { period: period_key(index.max(paid.last_index() + 1)), through, amount })
 }
 
 /// Period key as written in records and memos: zero-padded so keys sort in time order.
@@ -151,18 +210,63 @@ pub fn period_key(index: u64) -> String {
     format!("{index:04}")
 }
 
+/// Fold confirmed payout records beyond the newest [`RECORDS_KEPT`] into `status.compacted`, so
+/// a lease paid over many periods keeps a bounded status.
+pub fn compact(status: &mut GpuLeaseStatus) {
+    let mut confirmed: Vec<usize> = status
+        .settlements
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| is_payout_period(&r.period) && r.state == SettlementState::Confirmed)
+        .map(|(i, _)| i)
+        .collect();
+    if confirmed.len() <= RECORDS_KEPT {
+        return;
+    }
+    confirmed.sort_by_key(|i| status.settlements[*i].period.parse::<u64>().unwrap_or(0));
+    let fold: Vec<usize> = confirmed[..confirmed.len() - RECORDS_KEPT].to_vec();
+    let mut compacted = status.compacted.clone().unwrap_or_else(|| CompactedSettlements {
+        records: 0,
+        last_period: period_key(0),
+        through: Time(Timestamp::UNIX_EPOCH),
+        amount: 0,
+    });
+    for &i in &fold {
+        let r = &status.settlements[i];
+        compacted.records += 1;
+        compacted.amount = compacted.amount.saturating_add(r.amount);
+        if r.through.0 > compacted.through.0 {
+            compacted.through = r.through.clone();
+        }
+        if r.period.parse::<u64>().unwrap_or(0) > compacted.last_period.parse::<u64>().unwrap_or(0) {
+            compacted.last_period = r.period.clone();
+        }
+    }
+    let mut index = 0;
+    status.settlements.retain(|_| {
+        let keep = !fold.contains(&index);
+        index += 1;
+        keep
+    });
+    status.compacted = Some(compacted);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use proptest::prelude::*;
 
     fn ts(s: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + s).expect("valid test time")
     }
 
+    /// A meter serving from its bind at 0.
     fn meter(gpus: u64, price: u64, end: Option<i64>) -> Meter {
-        Meter { start: ts(0), end: end.map(ts), gpus, price_per_gpu_hour: price }
+        Meter { hired: ts(0), start: Some(ts(0)), end: end.map(ts), gpus, price_per_gpu_hour: price }
+    }
+
+    fn paid(records: &[SettlementRecord]) -> Paid<'_> {
+        Paid { compacted: None, records }
     }
 
     fn confirmed(due: &Due) -> SettlementRecord {
@@ -182,7 +286,8 @@ mod tests {
     fn pay_at(meter: &Meter, times: &[i64], period: u64) -> Vec<SettlementRecord> {
         let mut records = Vec::new();
         for &t in times {
-            if let Some(due) = next_due(meter, &records, Duration::from_secs(period), ts(t)) {
+            if let Some(due) = next_due(meter, &paid(&records), Duration::from_secs(period), ts(t))
+            {
                 records.push(confirmed(&due));
             }
         }
@@ -199,6 +304,20 @@ mod tests {
     }
 
     #[test]
+    fn billing_runs_from_service_not_from_the_bind() {
+        let mut m = meter(2, 3600, Some(100));
+        m.start = None;
+        assert_eq!(m.gpu_seconds_through(ts(100)), 0, "never served, never billed");
+        assert_eq!(m.hired_gpu_seconds_through(ts(100)), 200);
+        assert_eq!(next_due(&m, &paid(&[]), Duration::from_secs(10), ts(200)), None);
+        assert!(fully_settled(&m, &paid(&[])), "nothing to pay for an unserved lease");
+        m.start = Some(ts(30));
+        assert_eq!(m.gpu_seconds_through(ts(100)), 140);
+        let due = next_due(&m, &paid(&[]), Duration::from_secs(60), ts(200)).expect("due");
+        assert_eq!((due.through, due.amount), (ts(100), 140));
+    }
+
+    #[test]
     fn cost_rounds_down_and_never_overflows() {
         assert_eq!(cost(1, 3599), 0);
         assert_eq!(cost(1, 3600), 1);
@@ -212,13 +331,13 @@ mod tests {
     fn active_lease_pays_whole_periods_only() {
         let m = meter(2, 3600, None);
         let period = Duration::from_secs(60);
-        assert_eq!(next_due(&m, &[], period, ts(59)), None);
-        let due = next_due(&m, &[], period, ts(61)).expect("first period due");
+        assert_eq!(next_due(&m, &paid(&[]), period, ts(59)), None);
+        let due = next_due(&m, &paid(&[]), period, ts(61)).expect("first period due");
         assert_eq!((due.period.as_str(), due.through, due.amount), ("0001", ts(60), 120));
         let records = vec![confirmed(&due)];
-        assert_eq!(next_due(&m, &records, period, ts(119)), None);
+        assert_eq!(next_due(&m, &paid(&records), period, ts(119)), None);
         // The controller was down for three periods: one catch-up payment, keyed by the last.
-        let due = next_due(&m, &records, period, ts(250)).expect("catch-up due");
+        let due = next_due(&m, &paid(&records), period, ts(250)).expect("catch-up due");
         assert_eq!((due.period.as_str(), due.through, due.amount), ("0004", ts(240), 360));
     }
 
@@ -226,26 +345,26 @@ mod tests {
     fn ended_lease_pays_through_its_end_then_nothing() {
         let m = meter(1, 7200, Some(90));
         let period = Duration::from_secs(60);
-        let first = next_due(&m, &[], period, ts(70)).expect("first period");
+        let first = next_due(&m, &paid(&[]), period, ts(70)).expect("first period");
         assert_eq!(first.through, ts(60));
         let records = vec![confirmed(&first)];
-        let last = next_due(&m, &records, period, ts(200)).expect("final payment");
+        let last = next_due(&m, &paid(&records), period, ts(200)).expect("final payment");
         assert_eq!((last.period.as_str(), last.through, last.amount), ("0002", ts(90), 60));
         let records = vec![confirmed(&first), confirmed(&last)];
-        assert!(fully_settled(&m, &records));
-        assert_eq!(next_due(&m, &records, period, ts(500)), None);
+        assert!(fully_settled(&m, &paid(&records)));
+        assert_eq!(next_due(&m, &paid(&records), period, ts(500)), None);
     }
 
     #[test]
-    fn in_flight_blocks_and_expired_is_due_again_unchanged() {
+    fn in_flight_blocks_and_expired_is_due_again_under_its_key() {
         let m = meter(1, 3600, None);
         let period = Duration::from_secs(10);
-        let due = next_due(&m, &[], period, ts(15)).expect("due");
+        let due = next_due(&m, &paid(&[]), period, ts(15)).expect("due");
         let mut record = confirmed(&due);
         record.state = SettlementState::Signed;
-        assert_eq!(next_due(&m, std::slice::from_ref(&record), period, ts(100)), None);
+        assert_eq!(next_due(&m, &paid(std::slice::from_ref(&record)), period, ts(100)), None);
         record.state = SettlementState::Expired;
-        assert_eq!(next_due(&m, &[record], period, ts(100)), Some(due));
+        assert_eq!(next_due(&m, &paid(&[record]), period, ts(100)), Some(due));
     }
 
     #[test]
@@ -254,13 +373,30 @@ mod tests {
         let records = pay_at(&m, &[100], 50);
         assert_eq!(records[0].period, "0002");
         // With a 100 s period, 200 s is boundary 2 again: the key moves on regardless.
-        let due = next_due(&m, &records, Duration::from_secs(100), ts(250)).expect("due");
+        let due = next_due(&m, &paid(&records), Duration::from_secs(100), ts(250)).expect("due");
         assert_eq!((due.period.as_str(), due.through, due.amount), ("0003", ts(200), 100));
     }
 
+    #[test]
+    fn compaction_keeps_totals_keys_and_a_bounded_record() {
+        let m = meter(1, 3600, None);
+        let times: Vec<i64> = (1..=30).map(|i| i * 10 + 1).collect();
+        let mut status = GpuLeaseStatus { settlements: pay_at(&m, &times, 10), ..Default::default() };
+        let before = (Paid::of_status(&status).confirmed(), Paid::of_status(&status).through(&m));
+        compact(&mut status);
+        assert_eq!(status.settlements.len(), RECORDS_KEPT);
+        let after = Paid::of_status(&status);
+        assert_eq!((after.confirmed(), after.through(&m)), before);
+        assert_eq!(status.compacted.as_ref().map(|c| c.records), Some(22));
+        let due = next_due(&m, &after, Duration::from_secs(10), ts(400)).expect("due");
+        assert_eq!(due.period, "0040", "keys go on past the compacted ones");
+        assert_eq!(due.amount, 100);
+    }
+
     proptest! {
-        /// However the payments fall, they add up to the cumulative rounded-down cost: never
-        /// more than the exact cost, never a whole base unit less.
+        /// However the payments fall (and however often they are compacted), they add up to the
+        /// cumulative rounded-down cost: never more than the exact cost, never a whole base unit
+        /// less.
         #[test]
         fn payments_add_up_to_the_exact_cost_less_under_one_unit(
             gpus in 1u64..16,
@@ -272,14 +408,20 @@ mod tests {
             let m = meter(gpus, price, Some(duration));
             times.sort_unstable();
             times.push(30_000);
-            let records = pay_at(&m, &times, period);
-            let paid: u64 = records.iter().map(|r| r.amount).sum();
+            let mut status = GpuLeaseStatus::default();
+            let mut keys = Vec::new();
+            for &t in &times {
+                if let Some(due) = next_due(&m, &Paid::of_status(&status), Duration::from_secs(period), ts(t)) {
+                    keys.push(due.period.parse::<u64>().expect("numeric"));
+                    status.settlements.push(confirmed(&due));
+                    compact(&mut status);
+                }
+            }
+            let paid_total = Paid::of_status(&status).confirmed();
             let exact_numerator = u128::from(gpus) * duration as u128 * u128::from(price);
-            prop_assert!(u128::from(paid) * 3600 <= exact_numerator);
-            prop_assert!(exact_numerator - u128::from(paid) * 3600 < 3600);
-            prop_assert!(fully_settled(&m, &records));
-            // Keys are numbers (zero-padded to four digits, longer past 9999).
-            let keys: Vec<u64> = records.iter().map(|r| r.period.parse().expect("numeric")).collect();
+            prop_assert!(u128::from(paid_total) * 3600 <= exact_numerator);
+            prop_assert!(exact_numerator - u128::from(paid_total) * 3600 < 3600);
+            prop_assert!(fully_settled(&m, &Paid::of_status(&status)));
             let mut sorted = keys.clone();
             sorted.sort_unstable();
             sorted.dedup();

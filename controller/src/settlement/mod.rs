@@ -1,17 +1,27 @@
-//! Settlement on Solana: buyers pay suppliers for every metered GPU-second, from an escrow,
-//! exactly once, with the unused deposit refunded; supplier reputation and stake.
+//! Settlement on Solana: buyers pay suppliers for every served GPU-second out of their cluster's
+//! own escrow, exactly once, with what is left refunded; supplier reputation and stake.
 //!
-//! The money logic is pure and tested without a chain: [`meter`] (GPU-seconds, cost, rounding,
-//! which period is due), [`escrow`] (deposit cover, exhaustion, refund), [`protocol`] (the
-//! exactly-once decisions), [`transaction`] (instructions, batching under the size limit),
-//! [`memo`] (idempotency keys), [`plan`] (what a round pays, ends and refunds),
-//! [`reputation`] and [`stake`]. [`chain`] is the thin RPC wiring, [`round`] the Kubernetes
-//! wiring and [`events`] what the buyer is told; [`run`] repeats rounds for the controller.
+//! Money sits in accounts of its own ([`accounts`]): one escrow token account per GpuCluster,
+//! one stake token account per node, at addresses anyone derives from the settlement authority.
+//! What an escrow holds is its token balance; a payment can only move what its own account
+//! holds; a refund empties and closes the escrow. The records of what was paid live where
+//! settlement alone writes (GpuLease status, GpuCluster `status.escrow`, GpuOffer
+//! `status.stake`), every write that moves money is conditional on the version read, and no
+//! payment is ever signed whose idempotency key is already in its source account's history.
+//!
+//! The money logic is pure and tested without a chain: [`meter`] (GPU-seconds served, cost,
+//! rounding, which period is due), [`escrow`] (deposit cover, exhaustion), [`stake`] (bonds,
+//! returns, unbonding), [`protocol`] (the exactly-once decisions), [`transaction`]
+//! (instructions, batching under the size limit), [`memo`] (idempotency keys), [`plan`] (what a
+//! round pays, ends and refunds) and [`reputation`]. [`chain`] is the thin RPC wiring, [`round`]
+//! the Kubernetes wiring and [`events`] what the buyer is told; [`run`] repeats rounds.
 //!
 //! Usage: `Settler::new(config)` once, then `settler.deposit_status(uid, required)` from the
-//! GpuCluster reconcile, and `run(client, settler, metrics)` beside the other controllers (on the
-//! leader only: one writer of settlement records).
+//! GpuCluster reconcile (it opens the cluster's escrow), and `run(client, settler, metrics)`
+//! beside the other controllers (on the leader only; a paused leader is fenced, see
+//! [`Settler::fence_with`]).
 
+pub mod accounts;
 pub mod chain;
 pub mod escrow;
 pub mod events;
@@ -24,6 +34,7 @@ mod round;
 pub mod stake;
 pub mod transaction;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -37,13 +48,14 @@ use solana_keypair::Keypair;
 use solana_pubkey::Pubkey;
 use solana_signer::Signer;
 
+use crate::leader::Fence;
 use crate::metrics::Metrics;
 pub use escrow::DepositStatus;
 pub use round::RoundReport;
 pub use stake::StakePolicy;
 
 /// What settlement is configured with (the controller's `--rpc-url`, `--settlement-keypair`,
-/// `--mint`, `--settlement-period`, `--deposit-margin` flags).
+/// `--mint`, `--settlement-period`, `--deposit-margin`, stake flags).
 #[derive(Clone, Debug)]
 pub struct SettlementConfig {
     pub rpc_url: String,
@@ -90,6 +102,8 @@ pub enum Error {
     Build(#[from] transaction::BuildError),
     #[error("the settlement mint {0} is not an SPL Token mint on this cluster")]
     NotAMint(Pubkey),
+    #[error("this replica no longer holds the leader election Lease; it pays nothing more")]
+    Fenced,
     #[error("stopped at injected crash point {0:?}")]
     InjectedCrash(CrashPoint),
 }
@@ -103,7 +117,21 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Build(_) => "build",
             Error::NotAMint(_) => "not_a_mint",
+            Error::Fenced => "fenced",
             Error::InjectedCrash(_) => "injected_crash",
+        }
+    }
+
+    /// What a buyer may be shown (conditions, Events): never the RPC URL, which often carries
+    /// an API key; the full error is in the controller's log.
+    pub fn public_message(&self) -> String {
+        match self {
+            Error::Rpc(_) => {
+                "the Solana RPC endpoint did not answer; the controller's log has the details"
+                    .into()
+            }
+            Error::Kube(_) => "the Kubernetes API did not answer; the controller's log has the details".into(),
+            other => other.to_string(),
         }
     }
 }
@@ -113,13 +141,13 @@ impl Error {
 pub enum CrashPoint {
     /// A payout transaction is signed but not recorded.
     AfterSign,
-    /// Recorded in the lease status, not sent.
+    /// Recorded, not sent.
     AfterRecord,
     /// Sent, not yet confirmed.
     AfterSend,
 }
 
-/// Holds the RPC client, the settlement authority and the escrow configuration.
+/// Holds the RPC client, the settlement authority and what settlement has read of the chain.
 pub struct Settler {
     rpc: RpcClient,
     authority: Keypair,
@@ -127,7 +155,11 @@ pub struct Settler {
     config: SettlementConfig,
     /// Mint decimals, read from the chain on first use.
     decimals: tokio::sync::OnceCell<u8>,
-    deposits: tokio::sync::Mutex<chain::EscrowIndex>,
+    /// What was read of each escrow's and stake account's history (only to save work: losing
+    /// it loses nothing).
+    histories: tokio::sync::Mutex<HashMap<Pubkey, chain::AccountHistory>>,
+    /// Held only while this replica leads; checked before anything is signed or sent.
+    fence: Option<Fence>,
     state: Mutex<RoundState>,
 }
 
@@ -141,9 +173,8 @@ struct RoundState {
 
 impl std::fmt::Debug for Settler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the keypair: only its public half.
+        // Never the keypair (only its public half), never the RPC URL (it may carry a key).
         f.debug_struct("Settler")
-            .field("rpc_url", &self.config.rpc_url)
             .field("authority", &self.authority.pubkey())
             .field("mint", &self.mint)
             .field("period", &self.config.period)
@@ -175,9 +206,17 @@ impl Settler {
             mint,
             config,
             decimals: tokio::sync::OnceCell::new(),
-            deposits: tokio::sync::Mutex::new(chain::EscrowIndex::default()),
+            histories: tokio::sync::Mutex::new(HashMap::new()),
+            fence: None,
             state: Mutex::new(RoundState::default()),
         })
+    }
+
+    /// Sign and send only while `fence` holds (the leader election Lease of this replica), so
+    /// that a leader paused past its Lease cannot resume a round beside the new leader.
+    pub fn fence_with(mut self, fence: Fence) -> Settler {
+        self.fence = Some(fence);
+        self
     }
 
     pub fn authority(&self) -> Pubkey {
@@ -188,15 +227,15 @@ impl Settler {
         &self.config
     }
 
-    /// The escrow: where buyers deposit (with the GpuCluster uid as memo) and stake is bonded.
-    pub async fn escrow(&self) -> Result<transaction::Escrow, Error> {
+    /// The authority and the mint every settlement account is of.
+    pub async fn custody(&self) -> Result<transaction::Custody, Error> {
         let decimals = self
             .decimals
             .get_or_try_init(|| async {
                 chain::mint_decimals(&self.rpc, &self.mint).await?.ok_or(Error::NotAMint(self.mint))
             })
             .await?;
-        Ok(transaction::Escrow {
+        Ok(transaction::Custody {
             authority: self.authority.pubkey(),
             mint: self.mint,
             decimals: *decimals,
@@ -208,17 +247,19 @@ impl Settler {
         escrow::required_deposit(hourly_rate, duration, self.config.deposit_margin_percent)
     }
 
-    /// Whether the deposits carrying `cluster_uid` as memo cover `required` (see
-    /// [`Settler::required_deposit`]).
+    /// The escrow account of the cluster with this uid (opened on chain if it is not yet), and
+    /// whether what it holds covers `required` (see [`Settler::required_deposit`]).
     pub async fn deposit_status(
         &self,
         cluster_uid: &str,
         required: u64,
-    ) -> Result<DepositStatus, Error> {
-        let escrow = self.escrow().await?;
-        let mut index = self.deposits.lock().await;
-        chain::scan_deposits(&self.rpc, &escrow.account(), &mut index).await?;
-        Ok(DepositStatus::new(index.deposited(cluster_uid), required))
+    ) -> Result<(Pubkey, DepositStatus), Error> {
+        let custody = self.custody().await?;
+        let seed = accounts::escrow_seed(cluster_uid);
+        let escrow = chain::open_account(&self.rpc, &self.authority, &custody, &seed).await?;
+        let held = chain::token_accounts(&self.rpc, &[escrow]).await?;
+        let balance = held.get(&escrow).copied().flatten().map_or(0, |a| a.amount);
+        Ok((escrow, DepositStatus::new(balance, required)))
     }
 
     /// Make the next rounds stop at `point` (tests of crash recovery); `None` to run normally.
@@ -233,6 +274,14 @@ impl Settler {
         }
     }
 
+    /// Fail unless this replica still holds its fence (always, without leader election).
+    async fn check_fence(&self) -> Result<(), Error> {
+        match &self.fence {
+            Some(fence) if !fence.holds().await => Err(Error::Fenced),
+            _ => Ok(()),
+        }
+    }
+
     fn lock_state(&self) -> std::sync::MutexGuard<'_, RoundState> {
         match self.state.lock() {
             Ok(state) => state,
@@ -242,8 +291,8 @@ impl Settler {
 }
 
 /// Held on every GpuCluster while settlement is on, so that a deleted cluster stays (with its
-/// refund record) until its deposit's remainder is refunded; released by the round that finds
-/// the refund confirmed.
+/// refund record) until its escrow is refunded and closed; released by the round that finds the
+/// refund confirmed (or no escrow ever opened).
 pub const FINALIZER: &str = "gpumarket.io/settlement";
 
 /// Whether the cluster's refund is confirmed on chain (nothing more to settle for it).
@@ -297,7 +346,8 @@ pub async fn run(client: kube::Client, settler: Arc<Settler>, metrics: Arc<Metri
     let mut wait = poll;
     loop {
         let round = settler.settle_round(&client).await;
-        metrics.record_round(&round);
+        let actions = round.as_ref().map(RoundReport::actions);
+        metrics.record_round(actions.as_ref().map(|a| a.as_slice()).map_err(|e| e.metric_label()));
         match round {
             Ok(report) => {
                 if !report.is_idle() {

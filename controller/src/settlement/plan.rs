@@ -1,38 +1,40 @@
-//! What a settlement round does, decided from the leases, clusters and deposits alone: which
-//! leases run out of funds, which payouts and slashes are due (capped by each cluster's share of
-//! the escrow, and by each node's stake), and which clusters get their refund.
+//! What a settlement round does, decided from the leases, clusters and offers and from what each
+//! account holds on chain: which leases run out of funds, which payouts are due (each capped by
+//! its cluster's own escrow), which slashes (capped by the node's own stake), which clusters get
+//! their refund, and which stake goes back to whom.
 
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
 use gpumarket_crds::{
-    ClusterPhase, EndReason, GpuCluster, GpuLease, LeasePhase, SettlementRecord, SettlementState,
+    ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, LeasePhase, SettlementRecord,
+    SettlementState,
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use solana_pubkey::Pubkey;
 
-use super::escrow::{Accrual, Ledger, exhausted};
-use super::memo::{STAKE_PREFIX, payout_key};
-use super::meter::{Meter, fully_settled, is_payout_period, next_due};
-use super::stake::{SLASH_PERIOD, StakePolicy};
+use super::accounts;
+use super::escrow::{Accrual, exhausted};
+use super::memo::payout_key;
+use super::meter::{Meter, Paid, fully_settled, is_payout_period, next_due};
+use super::stake::{SLASH_PERIOD, StakeBook, StakePolicy};
 use super::transaction::Payment;
-
-/// Annotation on a GpuCluster holding its refund's settlement record (JSON), written before
-/// the refund is sent, like a payout's record in the lease status.
-pub const REFUND_ANNOTATION: &str = "gpumarket.io/refund";
-/// Record period of a refund.
-pub const REFUND_PERIOD: &str = "refund";
 
 /// Everything a round decides from.
 #[derive(Clone, Copy, Debug)]
 pub struct Inputs<'a> {
     pub leases: &'a [GpuLease],
     pub clusters: &'a [GpuCluster],
-    /// Confirmed deposits into the escrow, by memo.
-    pub deposits: &'a HashMap<String, u64>,
+    pub offers: &'a [GpuOffer],
+    /// What each cluster's escrow holds, by cluster uid (escrows that exist).
+    pub escrows: &'a HashMap<String, u64>,
+    /// Each node's stake account, read, by node name.
+    pub stakes: &'a HashMap<String, StakeBook>,
+    /// The settlement authority (the escrows' and stake accounts' addresses derive from it).
+    pub authority: Pubkey,
     pub period: Duration,
     /// Time until the next round: an escrow must cover at least this much more usage.
     pub lookahead: Duration,
@@ -40,31 +42,43 @@ pub struct Inputs<'a> {
     pub now: Timestamp,
 }
 
-/// A payout (or slash) to record and send: the lease, its record (state `Signed`, signature
-/// still to fill in) and the payment.
+/// Where a payment's record is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Holder {
+    /// In the lease's `status.settlements` (payouts and slashes).
+    Lease { name: String, period: String },
+    /// In the offer's `status.stake.returns` (stake returned or unbonded).
+    Stake { offer: String, period: String },
+    /// In the cluster's `status.escrow.refund`.
+    Refund { namespace: String, name: String },
+}
+
+/// A payment to record and send: its holder, its record (state `Signed`, signature still to
+/// fill in) and the payment.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Planned {
-    pub lease: String,
+    pub holder: Holder,
     pub record: SettlementRecord,
     pub payment: Payment,
 }
 
-/// The payouts of a round.
+/// The payments of a round.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Payouts {
     pub to_send: Vec<Planned>,
-    /// Records that move no tokens (nothing to pay): confirmed as they are written.
+    /// Lease records that move no tokens (nothing to pay): confirmed as they are written.
     pub without_transfer: Vec<(String, SettlementRecord)>,
 }
 
-/// A refund to record and send.
+/// A refund to record and send: the whole escrow back to the buyer, the account closed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Refund {
     pub namespace: String,
     pub name: String,
     pub uid: String,
     pub buyer: Pubkey,
-    pub amount: u64,
+    pub escrow: Pubkey,
+    pub balance: u64,
 }
 
 fn cluster_uid(cluster: &GpuCluster) -> &str {
@@ -72,7 +86,7 @@ fn cluster_uid(cluster: &GpuCluster) -> &str {
 }
 
 fn records(lease: &GpuLease) -> &[SettlementRecord] {
-    lease.status.as_ref().map_or(&[][..], |s| s.settlements.as_slice())
+    lease.status.as_ref().map_or(&[], |s| &s.settlements)
 }
 
 fn is_active(lease: &GpuLease) -> bool {
@@ -80,46 +94,66 @@ fn is_active(lease: &GpuLease) -> bool {
         && lease.status.as_ref().and_then(|s| s.end_time.as_ref()).is_none()
 }
 
-/// Whether a record holds money: confirmed, or signed and possibly landing.
-fn holds_funds(record: &SettlementRecord) -> bool {
-    matches!(record.state, SettlementState::Confirmed | SettlementState::Signed)
+fn signed(record: &SettlementRecord) -> bool {
+    record.state == SettlementState::Signed
 }
 
-/// Base units of a lease's payouts that hold escrow funds.
-fn committed(lease: &GpuLease) -> u64 {
-    records(lease)
-        .iter()
-        .filter(|r| is_payout_period(&r.period) && holds_funds(r))
-        .map(|r| r.amount)
-        .sum()
+/// The refund record of a cluster.
+pub fn refund_record(cluster: &GpuCluster) -> Option<&SettlementRecord> {
+    cluster.status.as_ref()?.escrow.as_ref()?.refund.as_ref()
 }
 
-/// The refund record of a cluster, from its annotation.
-pub fn refund_record(cluster: &GpuCluster) -> Option<SettlementRecord> {
-    serde_json::from_str(cluster.annotations().get(REFUND_ANNOTATION)?).ok()
+/// A new `Signed` record (its transaction still to sign).
+pub fn new_record(period: String, through: Timestamp, amount: u64) -> SettlementRecord {
+    SettlementRecord {
+        period,
+        through: Time(through),
+        amount,
+        signature: None,
+        last_valid_block_height: None,
+        signed_slot: None,
+        transaction: None,
+        state: SettlementState::Signed,
+    }
 }
 
-/// Each cluster's share of the escrow, by uid (clusters that only their leases still name
-/// included).
-pub fn ledgers(inputs: &Inputs<'_>) -> HashMap<String, Ledger> {
-    let mut ledgers: HashMap<String, Ledger> = HashMap::new();
+/// What each cluster's escrow can still pay: its balance less its payouts in flight.
+pub fn escrow_available(inputs: &Inputs<'_>) -> HashMap<String, u64> {
+    let mut available = inputs.escrows.clone();
     for lease in inputs.leases {
-        let ledger = ledgers.entry(lease.spec.cluster.uid.clone()).or_default();
-        ledger.committed = ledger.committed.saturating_add(committed(lease));
+        let in_flight: u64 = records(lease)
+            .iter()
+            .filter(|r| is_payout_period(&r.period) && signed(r))
+            .map(|r| r.amount)
+            .sum();
+        if let Some(left) = available.get_mut(&lease.spec.cluster.uid) {
+            *left = left.saturating_sub(in_flight);
+        }
     }
-    for cluster in inputs.clusters {
-        let ledger = ledgers.entry(cluster_uid(cluster).to_owned()).or_default();
-        ledger.refunded = refund_record(cluster).filter(holds_funds).map_or(0, |r| r.amount);
+    available
+}
+
+/// Amount in flight out of each node's stake account that its book does not already owe:
+/// slashes and unbonds (returns of others' tokens are owed until paid, see [`StakeBook`]).
+pub fn stake_in_flight(leases: &[GpuLease], offers: &[GpuOffer]) -> HashMap<String, u64> {
+    let mut out: HashMap<String, u64> = HashMap::new();
+    for lease in leases {
+        for r in records(lease).iter().filter(|r| r.period == SLASH_PERIOD && signed(r)) {
+            *out.entry(lease.spec.offer.clone()).or_default() += r.amount;
+        }
     }
-    for (uid, ledger) in &mut ledgers {
-        ledger.deposited = inputs.deposits.get(uid).copied().unwrap_or(0);
+    for offer in offers {
+        let returns = offer.status.as_ref().and_then(|s| s.stake.as_ref()).map(|s| &s.returns);
+        for r in returns.into_iter().flatten().filter(|r| r.period.starts_with("unbond:") && signed(r)) {
+            *out.entry(offer.name_any()).or_default() += r.amount;
+        }
     }
-    ledgers
+    out
 }
 
 /// Active leases whose cluster's escrow is exhausted: they end now (OutOfFunds).
 pub fn out_of_funds(inputs: &Inputs<'_>) -> Vec<String> {
-    let ledgers = ledgers(inputs);
+    let available = escrow_available(inputs);
     let clusters: HashMap<&str, &GpuCluster> =
         inputs.clusters.iter().map(|c| (cluster_uid(c), c)).collect();
     let mut active: HashMap<&str, Vec<&GpuLease>> = HashMap::new();
@@ -139,13 +173,12 @@ pub fn out_of_funds(inputs: &Inputs<'_>) -> Vec<String> {
             .map(|l| {
                 let meter = Meter::of(l);
                 Accrual {
-                    unpaid: meter.cost_through(inputs.now).saturating_sub(committed(l)),
+                    unpaid: meter.cost_through(inputs.now).saturating_sub(Paid::of(l).committed()),
                     hourly_rate: meter.hourly_rate(),
                 }
             })
             .collect();
-        let available = ledgers.get(uid).map_or(0, Ledger::available);
-        if exhausted(available, &accruals, lookahead) {
+        if exhausted(available.get(uid).copied().unwrap_or(0), &accruals, lookahead) {
             ending.extend(leases.iter().map(|l| l.name_any()));
         }
     }
@@ -153,21 +186,25 @@ pub fn out_of_funds(inputs: &Inputs<'_>) -> Vec<String> {
     ending
 }
 
-/// Payouts due now, capped by each cluster's share of the escrow; slashes of leases ended by a
-/// supplier failure, capped by the node's stake.
+/// Payouts due now, each capped by what its cluster's escrow holds; slashes of leases ended by
+/// a supplier failure, capped by the node's bonded stake; stake owed back to its senders and
+/// unbonded stake.
 pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
-    let mut available: HashMap<String, u64> =
-        ledgers(inputs).into_iter().map(|(uid, l)| (uid, l.available())).collect();
+    let mut available = escrow_available(inputs);
     let mut out = Payouts::default();
     let mut leases: Vec<&GpuLease> = inputs.leases.iter().collect();
     leases.sort_by_key(|l| (l.spec.start_time.0, l.name_any()));
     for lease in &leases {
-        let Some(due) = next_due(&Meter::of(lease), records(lease), inputs.period, inputs.now)
+        let Some(due) = next_due(&Meter::of(lease), &Paid::of(lease), inputs.period, inputs.now)
         else {
             continue;
         };
         let Ok(wallet) = Pubkey::from_str(&lease.spec.supplier_wallet) else {
             tracing::warn!(lease = %lease.name_any(), "supplier wallet is not a public key; not paid");
+            continue;
+        };
+        let Some(source) = accounts::escrow_address(&inputs.authority, &lease.spec.cluster.uid)
+        else {
             continue;
         };
         let left = available.entry(lease.spec.cluster.uid.clone()).or_default();
@@ -179,31 +216,19 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
             continue; // nothing left: wait for a deposit
         }
         *left -= amount;
-        let record = SettlementRecord {
-            period: due.period.clone(),
-            through: Time(due.through),
-            amount,
-            signature: None,
-            last_valid_block_height: None,
-            signed_slot: None,
-            transaction: None,
-            state: SettlementState::Signed,
-        };
-        push(&mut out, lease, record, wallet);
+        let record = new_record(due.period.clone(), due.through, amount);
+        if amount == 0 {
+            let confirmed = SettlementRecord { state: SettlementState::Confirmed, ..record };
+            out.without_transfer.push((lease.name_any(), confirmed));
+            continue;
+        }
+        let key = payout_key(lease.uid().as_deref().unwrap_or_default(), &record.period);
+        let holder = Holder::Lease { name: lease.name_any(), period: record.period.clone() };
+        out.to_send.push(Planned { holder, record, payment: Payment { key, source, wallet, amount } });
     }
     plan_slashes(inputs, &leases, &mut out);
+    plan_stake_payments(inputs, &mut out);
     out
-}
-
-fn push(out: &mut Payouts, lease: &GpuLease, mut record: SettlementRecord, wallet: Pubkey) {
-    if record.amount == 0 {
-        record.state = SettlementState::Confirmed;
-        out.without_transfer.push((lease.name_any(), record));
-        return;
-    }
-    let key = payout_key(lease.uid().as_deref().unwrap_or_default(), &record.period);
-    let payment = Payment { key, wallet, amount: record.amount };
-    out.to_send.push(Planned { lease: lease.name_any(), record, payment });
 }
 
 fn plan_slashes(inputs: &Inputs<'_>, leases: &[&GpuLease], out: &mut Payouts) {
@@ -215,22 +240,14 @@ fn plan_slashes(inputs: &Inputs<'_>, leases: &[&GpuLease], out: &mut Payouts) {
         .iter()
         .map(|c| (cluster_uid(c), c.spec.payment.buyer_wallet.as_str()))
         .collect();
-    let mut remaining: HashMap<&str, u64> = HashMap::new();
+    let mut remaining: HashMap<&str, u64> =
+        inputs.stakes.iter().map(|(node, book)| (node.as_str(), book.bonded)).collect();
     for lease in leases {
-        let slashed: u64 = records(lease)
-            .iter()
-            .filter(|r| r.period == SLASH_PERIOD && holds_funds(r))
-            .map(|r| r.amount)
-            .sum();
-        let stake = remaining.entry(lease.spec.offer.as_str()).or_insert_with(|| {
-            let memo = format!("{STAKE_PREFIX}{}", lease.spec.offer);
-            inputs.deposits.get(&memo).copied().unwrap_or(0)
-        });
-        *stake = stake.saturating_sub(slashed);
-    }
-    for lease in leases {
-        let failed =
-            lease.status.as_ref().and_then(|s| s.end_reason) == Some(EndReason::SupplierFailure);
+        let failed = lease
+            .status
+            .as_ref()
+            .and_then(|s| s.end_reason)
+            .is_some_and(EndReason::is_supplier_failure);
         let slash = records(lease).iter().find(|r| r.period == SLASH_PERIOD);
         if !failed || slash.is_some_and(|r| r.state != SettlementState::Expired) {
             continue;
@@ -240,29 +257,99 @@ fn plan_slashes(inputs: &Inputs<'_>, leases: &[&GpuLease], out: &mut Payouts) {
         else {
             continue;
         };
-        let stake = remaining.entry(lease.spec.offer.as_str()).or_default();
+        let (Some(book), Some(stake)) =
+            (inputs.stakes.get(&lease.spec.offer), remaining.get_mut(lease.spec.offer.as_str()))
+        else {
+            continue;
+        };
         let amount = match slash {
             Some(expired) => expired.amount.min(*stake),
             None => inputs.stake.slash(*stake),
         };
         *stake -= amount;
-        let end = lease.status.as_ref().and_then(|s| s.end_time.clone());
-        let record = SettlementRecord {
-            period: SLASH_PERIOD.into(),
-            through: end.unwrap_or(Time(inputs.now)),
-            amount,
-            signature: None,
-            last_valid_block_height: None,
-            signed_slot: None,
-            transaction: None,
-            state: SettlementState::Signed,
-        };
-        push(out, lease, record, buyer);
+        let end = lease.status.as_ref().and_then(|s| s.end_time.as_ref()).map(|t| t.0);
+        let record = new_record(SLASH_PERIOD.into(), end.unwrap_or(inputs.now), amount);
+        if amount == 0 {
+            let confirmed = SettlementRecord { state: SettlementState::Confirmed, ..record };
+            out.without_transfer.push((lease.name_any(), confirmed));
+            continue;
+        }
+        let key = payout_key(lease.uid().as_deref().unwrap_or_default(), SLASH_PERIOD);
+        let payment = Payment { key, source: book.account, wallet: buyer, amount };
+        let holder = Holder::Lease { name: lease.name_any(), period: SLASH_PERIOD.into() };
+        out.to_send.push(Planned { holder, record, payment });
     }
 }
 
+/// The stake records of an offer.
+fn stake_records(offer: &GpuOffer) -> &[SettlementRecord] {
+    offer.status.as_ref().and_then(|s| s.stake.as_ref()).map_or(&[], |s| &s.returns)
+}
+
+/// Tokens sent to a stake account by anyone but the offer's wallet go back to their sender;
+/// an unbond is paid once its cooldown has passed and nothing can still be slashed.
+fn plan_stake_payments(inputs: &Inputs<'_>, out: &mut Payouts) {
+    for offer in inputs.offers {
+        let node = offer.name_any();
+        let Some(book) = inputs.stakes.get(&node) else { continue };
+        let recorded = |what: &str| {
+            stake_records(offer).iter().any(|r| r.period == what && r.state != SettlementState::Expired)
+        };
+        for foreign in book.foreign.iter().filter(|f| !recorded(&f.what)) {
+            let record = new_record(foreign.what.clone(), inputs.now, foreign.amount);
+            let payment = Payment {
+                key: foreign.key.clone(),
+                source: book.account,
+                wallet: foreign.to,
+                amount: foreign.amount,
+            };
+            let holder = Holder::Stake { offer: node.clone(), period: foreign.what.clone() };
+            out.to_send.push(Planned { holder, record, payment });
+        }
+        let Some(unbond) = &book.unbond else { continue };
+        let Ok(wallet) = Pubkey::from_str(&offer.spec.wallet) else { continue };
+        if recorded(&unbond.what) || book.bonded == 0 || !unbond_due(inputs, offer, unbond.at) {
+            continue;
+        }
+        let record = new_record(unbond.what.clone(), inputs.now, book.bonded);
+        let payment =
+            Payment { key: unbond.key.clone(), source: book.account, wallet, amount: book.bonded };
+        let holder = Holder::Stake { offer: node.clone(), period: unbond.what.clone() };
+        out.to_send.push(Planned { holder, record, payment });
+    }
+}
+
+/// Whether an unbond asked at `asked` (block time) can be paid now: the cooldown (counted from
+/// when settlement first recorded the request) has passed, no lease is active on the node and
+/// no failed lease of it still waits for its slash.
+fn unbond_due(inputs: &Inputs<'_>, offer: &GpuOffer, asked: Option<i64>) -> bool {
+    let recorded = offer
+        .status
+        .as_ref()
+        .and_then(|s| s.stake.as_ref())
+        .and_then(|s| s.unbond_requested.as_ref())
+        .map(|t| t.0.as_second());
+    let Some(since) = recorded.or(asked) else { return false };
+    let cooldown = i64::try_from(inputs.stake.unbond_cooldown.as_secs()).unwrap_or(i64::MAX);
+    if inputs.now.as_second() < since.saturating_add(cooldown) {
+        return false;
+    }
+    let node = offer.name_any();
+    inputs.leases.iter().filter(|l| l.spec.offer == node).all(|lease| {
+        let failed = lease
+            .status
+            .as_ref()
+            .and_then(|s| s.end_reason)
+            .is_some_and(EndReason::is_supplier_failure);
+        let slashed = records(lease)
+            .iter()
+            .any(|r| r.period == SLASH_PERIOD && r.state == SettlementState::Confirmed);
+        !is_active(lease) && (!failed || slashed || inputs.stake.slash_permille == 0)
+    })
+}
+
 /// Whether a cluster has ended: completed, failed or being deleted.
-fn has_ended(cluster: &GpuCluster) -> bool {
+pub fn has_ended(cluster: &GpuCluster) -> bool {
     cluster.metadata.deletion_timestamp.is_some()
         || matches!(
             cluster.status.as_ref().and_then(|s| s.phase),
@@ -270,10 +357,9 @@ fn has_ended(cluster: &GpuCluster) -> bool {
         )
 }
 
-/// Clusters that have ended with every lease settled, and whose refund is not recorded yet
-/// (or expired unsent): refund what is left of their deposits.
+/// Clusters that have ended with every lease settled, whose escrow exists and whose refund is
+/// not recorded yet (or provably never landed): their whole escrow goes back to the buyer.
 pub fn refunds(inputs: &Inputs<'_>) -> Vec<Refund> {
-    let ledgers = ledgers(inputs);
     inputs
         .clusters
         .iter()
@@ -284,16 +370,17 @@ pub fn refunds(inputs: &Inputs<'_>) -> Vec<Refund> {
                 .leases
                 .iter()
                 .filter(|l| l.spec.cluster.uid == cluster_uid(c))
-                .all(|l| !is_active(l) && fully_settled(&Meter::of(l), records(l)))
+                .all(|l| !is_active(l) && fully_settled(&Meter::of(l), &Paid::of(l)))
         })
         .filter_map(|c| {
-            let buyer = Pubkey::from_str(&c.spec.payment.buyer_wallet).ok()?;
+            let uid = cluster_uid(c);
             Some(Refund {
                 namespace: c.namespace().unwrap_or_default(),
                 name: c.name_any(),
-                uid: cluster_uid(c).to_owned(),
-                buyer,
-                amount: ledgers.get(cluster_uid(c)).map_or(0, Ledger::available),
+                uid: uid.to_owned(),
+                buyer: Pubkey::from_str(&c.spec.payment.buyer_wallet).ok()?,
+                escrow: accounts::escrow_address(&inputs.authority, uid)?,
+                balance: *inputs.escrows.get(uid)?,
             })
         })
         .collect()
@@ -302,8 +389,9 @@ pub fn refunds(inputs: &Inputs<'_>) -> Vec<Refund> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mk_cluster, mk_lease, now};
-    use gpumarket_crds::GpuLeaseStatus;
+    use crate::settlement::stake::{Foreign, UnbondRequest};
+    use crate::testing::{mk_cluster, mk_lease, mk_offer, now};
+    use gpumarket_crds::{EscrowStatus, GpuClusterStatus, GpuLeaseStatus, StakeStatus};
     use std::collections::HashSet;
 
     const SUPPLIER: &str = "TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA";
@@ -312,7 +400,7 @@ mod tests {
         Timestamp::from_second(now().as_second() + seconds).expect("valid")
     }
 
-    /// A lease of `gpus` GPUs at 3600 base units per GPU-hour (one per GPU-second), started at
+    /// A lease of `gpus` GPUs at 3600 base units per GPU-hour (one per GPU-second), serving from
     /// `now()`, ended at `end` seconds if given.
     fn lease(
         cluster: &GpuCluster,
@@ -328,6 +416,7 @@ mod tests {
         lease.spec.supplier_wallet = SUPPLIER.into();
         lease.status = Some(GpuLeaseStatus {
             phase: Some(if end.is_some() { LeasePhase::Ended } else { LeasePhase::Active }),
+            serving_since: Some(Time(now())),
             end_time: end.map(|(s, _)| Time(at(s))),
             end_reason: end.map(|(_, r)| r),
             ..GpuLeaseStatus::default()
@@ -335,156 +424,236 @@ mod tests {
         lease
     }
 
-    fn confirmed(lease: &mut GpuLease, period: &str, through: i64, amount: u64) {
-        lease.status.get_or_insert_default().settlements.push(SettlementRecord {
-            period: period.into(),
-            through: Time(at(through)),
-            amount,
+    fn record(lease: &mut GpuLease, period: &str, through: i64, amount: u64, state: SettlementState) {
+        let status = lease.status.get_or_insert_default();
+        status.settlements.push(SettlementRecord {
+            state,
             signature: Some("sig".into()),
-            last_valid_block_height: Some(10),
-            signed_slot: None,
-            transaction: None,
-            state: SettlementState::Confirmed,
+            ..new_record(period.into(), at(through), amount)
         });
-        lease.status.get_or_insert_default().phase = Some(LeasePhase::Settled);
     }
 
-    fn inputs<'a>(
-        leases: &'a [GpuLease],
-        clusters: &'a [GpuCluster],
-        deposits: &'a HashMap<String, u64>,
-        stake: &'a StakePolicy,
-        now_s: i64,
-    ) -> Inputs<'a> {
-        Inputs {
-            leases,
-            clusters,
-            deposits,
-            period: Duration::from_secs(60),
-            lookahead: Duration::from_secs(10),
-            stake,
-            now: at(now_s),
+    struct World {
+        authority: Pubkey,
+        escrows: HashMap<String, u64>,
+        stakes: HashMap<String, StakeBook>,
+        policy: StakePolicy,
+    }
+
+    impl World {
+        fn new(escrows: &[(&str, u64)]) -> World {
+            World {
+                authority: Pubkey::new_unique(),
+                escrows: escrows.iter().map(|(u, a)| (u.to_string(), *a)).collect(),
+                stakes: HashMap::new(),
+                policy: StakePolicy::default(),
+            }
+        }
+
+        fn inputs<'a>(
+            &'a self,
+            leases: &'a [GpuLease],
+            clusters: &'a [GpuCluster],
+            offers: &'a [GpuOffer],
+            now_s: i64,
+        ) -> Inputs<'a> {
+            Inputs {
+                leases,
+                clusters,
+                offers,
+                escrows: &self.escrows,
+                stakes: &self.stakes,
+                authority: self.authority,
+                period: Duration::from_secs(60),
+                lookahead: Duration::from_secs(10),
+                stake: &self.policy,
+                now: at(now_s),
+            }
         }
     }
 
-    fn deposits(entries: &[(&str, u64)]) -> HashMap<String, u64> {
-        entries.iter().map(|(m, a)| (m.to_string(), *a)).collect()
+    fn ended(mut cluster: GpuCluster) -> GpuCluster {
+        cluster.status = Some(GpuClusterStatus {
+            phase: Some(ClusterPhase::Completed),
+            ..Default::default()
+        });
+        cluster
     }
 
     #[test]
     fn leases_end_when_the_escrow_cannot_cover_the_next_round() {
         let cluster = mk_cluster("c", 2, 1);
         let leases = [lease(&cluster, "n1", 1, None), lease(&cluster, "n2", 1, None)];
-        let policy = StakePolicy::default();
-        // At 100 s: 200 unpaid + 2 × 10 s ahead = 220 needed.
-        let enough = deposits(&[("c-0000-uid", 220)]);
         let clusters = [cluster];
-        assert!(out_of_funds(&inputs(&leases, &clusters, &enough, &policy, 100)).is_empty());
-        let short = deposits(&[("c-0000-uid", 219)]);
-        let ending = out_of_funds(&inputs(&leases, &clusters, &short, &policy, 100));
+        // At 100 s: 200 unpaid + 2 × 10 s ahead = 220 needed.
+        let enough = World::new(&[("c-0000-uid", 220)]);
+        assert!(out_of_funds(&enough.inputs(&leases, &clusters, &[], 100)).is_empty());
+        let short = World::new(&[("c-0000-uid", 219)]);
+        let ending = out_of_funds(&short.inputs(&leases, &clusters, &[], 100));
         assert_eq!(ending.len(), 2, "every active lease of the cluster ends: {ending:?}");
     }
 
     #[test]
-    fn payouts_are_capped_by_the_cluster_share() {
-        let cluster = mk_cluster("c", 2, 1);
-        let mut paid = lease(&cluster, "n1", 1, None);
-        confirmed(&mut paid, "0001", 60, 60);
-        paid.status.get_or_insert_default().phase = Some(LeasePhase::Active);
-        let leases = [paid, lease(&cluster, "n2", 1, None)];
-        let policy = StakePolicy::default();
-        // Deposit 150: 60 already paid, 90 left for 60 (n1, period 2) + 120 (n2, periods 1-2).
-        let funds = deposits(&[("c-0000-uid", 150)]);
-        let clusters = [cluster];
-        let plan = payouts(&inputs(&leases, &clusters, &funds, &policy, 125));
-        let amounts: Vec<(&str, u64)> =
-            plan.to_send.iter().map(|p| (p.record.period.as_str(), p.payment.amount)).collect();
-        assert_eq!(amounts, [("0002", 60), ("0002", 30)]);
+    fn payouts_draw_only_on_their_own_clusters_escrow() {
+        let (rich, poor) = (mk_cluster("rich", 1, 1), mk_cluster("poor", 2, 1));
+        let mut paid = lease(&poor, "n1", 1, None);
+        record(&mut paid, "0001", 60, 60, SettlementState::Confirmed);
+        paid.spec.start_time = Time(at(-1)); // bound first, so paid first
+        let leases = [paid, lease(&poor, "n2", 1, None), lease(&rich, "n3", 1, None)];
+        let clusters = [rich, poor];
+        // The poor cluster's escrow holds 90 after its first payout: 60 (n1, period 2) and 30
+        // of n2's 120; the rich cluster's escrow pays its own lease in full and nothing else.
+        let world = World::new(&[("poor-0000-uid", 90), ("rich-0000-uid", 1_000_000)]);
+        let plan = payouts(&world.inputs(&leases, &clusters, &[], 125));
+        assert_eq!(plan.to_send.len(), 3);
+        let by_source = |uid: &str| {
+            let escrow = accounts::escrow_address(&world.authority, uid).expect("address");
+            plan.to_send.iter().filter(|p| p.payment.source == escrow).map(|p| p.payment.amount).collect::<Vec<_>>()
+        };
+        assert_eq!(by_source("poor-0000-uid"), [60, 30]);
+        assert_eq!(by_source("rich-0000-uid"), [120]);
         assert!(plan.to_send.iter().all(|p| p.record.state == SettlementState::Signed));
         let keys: HashSet<&str> = plan.to_send.iter().map(|p| p.payment.key.as_str()).collect();
-        assert_eq!(keys.len(), 2, "one idempotency key per lease and period");
+        assert_eq!(keys.len(), 3, "one idempotency key per lease and period");
     }
 
     #[test]
-    fn nothing_to_pay_is_confirmed_without_a_transfer() {
-        let cluster = mk_cluster("c", 1, 1);
-        let mut free = lease(&cluster, "n1", 1, Some((30, EndReason::Expired)));
-        free.spec.price_per_gpu_hour = 1; // 30 GPU-seconds cost 0 base units
-        let leases = [free];
-        let policy = StakePolicy::default();
-        let funds = deposits(&[("c-0000-uid", 5)]);
+    fn payouts_in_flight_are_held_back_from_the_escrow() {
+        let cluster = mk_cluster("c", 2, 1);
+        let mut flying = lease(&cluster, "n1", 1, None);
+        record(&mut flying, "0001", 60, 60, SettlementState::Signed);
+        let leases = [flying, lease(&cluster, "n2", 1, None)];
         let clusters = [cluster];
-        let plan = payouts(&inputs(&leases, &clusters, &funds, &policy, 40));
-        assert!(plan.to_send.is_empty());
-        assert_eq!(plan.without_transfer.len(), 1);
-        assert_eq!(plan.without_transfer[0].1.state, SettlementState::Confirmed);
+        let world = World::new(&[("c-0000-uid", 100)]);
+        let inputs = world.inputs(&leases, &clusters, &[], 61);
+        assert_eq!(escrow_available(&inputs)["c-0000-uid"], 40);
+        let plan = payouts(&inputs);
+        assert_eq!(plan.to_send.iter().map(|p| p.payment.amount).collect::<Vec<_>>(), [40]);
     }
 
     #[test]
-    fn supplier_failures_slash_a_share_of_the_remaining_stake_to_the_buyer() {
+    fn an_unserved_lease_costs_nothing() {
+        let cluster = mk_cluster("c", 1, 1);
+        let mut never = lease(&cluster, "n1", 1, Some((600, EndReason::NotServing)));
+        never.status.get_or_insert_default().serving_since = None;
+        let leases = [never];
+        let clusters = [ended(cluster)];
+        let world = World::new(&[("c-0000-uid", 5000)]);
+        let inputs = world.inputs(&leases, &clusters, &[], 700);
+        assert_eq!(payouts(&inputs), Payouts::default());
+        assert_eq!(refunds(&inputs).iter().map(|r| r.balance).collect::<Vec<_>>(), [5000]);
+    }
+
+    #[test]
+    fn supplier_failures_slash_a_share_of_the_bonded_stake_to_the_buyer() {
         let cluster = mk_cluster("c", 2, 1);
         let mut first = lease(&cluster, "n1", 1, Some((30, EndReason::SupplierFailure)));
-        confirmed(&mut first, "0001", 30, 30);
-        let mut second = lease(&cluster, "n1", 2, Some((30, EndReason::SupplierFailure)));
+        record(&mut first, "0001", 30, 30, SettlementState::Confirmed);
+        let mut second = lease(&cluster, "n1", 2, Some((30, EndReason::NotServing)));
         second.metadata.uid = Some("second-uid".into());
         second.metadata.name = Some("second".into());
-        confirmed(&mut second, "0001", 30, 60);
+        second.status.get_or_insert_default().serving_since = None;
         let leases = [first, second];
-        let policy = StakePolicy { slash_permille: 250, ..StakePolicy::default() };
-        let funds = deposits(&[("c-0000-uid", 1000), ("stake:n1", 1000)]);
         let clusters = [cluster];
-        let plan = payouts(&inputs(&leases, &clusters, &funds, &policy, 40));
-        let slashes: Vec<u64> = plan
+        let mut world = World::new(&[("c-0000-uid", 1000)]);
+        world.policy.slash_permille = 250;
+        let stake_account = Pubkey::new_unique();
+        world.stakes.insert(
+            "n1".into(),
+            StakeBook { account: stake_account, balance: 1000, bonded: 1000, ..Default::default() },
+        );
+        let plan = payouts(&world.inputs(&leases, &clusters, &[], 40));
+        let slashes: Vec<(u64, Pubkey)> = plan
             .to_send
             .iter()
             .filter(|p| p.record.period == SLASH_PERIOD)
-            .map(|p| p.payment.amount)
+            .map(|p| (p.payment.amount, p.payment.source))
             .collect();
-        assert_eq!(slashes, [250, 187]);
+        assert_eq!(slashes, [(250, stake_account), (187, stake_account)]);
         let buyer = Pubkey::from_str("11111111111111111111111111111111").expect("valid");
-        assert!(plan.to_send.iter().all(|p| p.payment.wallet == buyer));
+        assert!(plan.to_send.iter().filter(|p| p.record.period == SLASH_PERIOD).all(|p| p.payment.wallet == buyer));
     }
 
     #[test]
-    fn refund_once_every_lease_is_settled() {
-        let mut cluster = mk_cluster("c", 1, 1);
-        cluster.status = Some(gpumarket_crds::GpuClusterStatus {
-            phase: Some(ClusterPhase::Completed),
-            ..Default::default()
-        });
+    fn refund_once_every_lease_is_settled_and_never_while_recorded() {
+        let cluster = ended(mk_cluster("c", 1, 1));
         let mut settled = lease(&cluster, "n1", 1, Some((90, EndReason::Expired)));
-        confirmed(&mut settled, "0001", 60, 60);
-        let policy = StakePolicy::default();
-        let funds = deposits(&[("c-0000-uid", 1000)]);
+        record(&mut settled, "0001", 60, 60, SettlementState::Confirmed);
+        let world = World::new(&[("c-0000-uid", 940)]);
         let clusters = [cluster.clone()];
 
         let unsettled = [settled.clone()];
-        assert!(refunds(&inputs(&unsettled, &clusters, &funds, &policy, 100)).is_empty());
+        assert!(refunds(&world.inputs(&unsettled, &clusters, &[], 100)).is_empty());
 
-        confirmed(&mut settled, "0002", 90, 30);
+        record(&mut settled, "0002", 90, 30, SettlementState::Confirmed);
         let leases = [settled];
-        let refund = refunds(&inputs(&leases, &clusters, &funds, &policy, 100));
-        assert_eq!(refund.iter().map(|r| r.amount).collect::<Vec<_>>(), [910]);
+        let refund = refunds(&world.inputs(&leases, &clusters, &[], 100));
+        assert_eq!(refund.iter().map(|r| r.balance).collect::<Vec<_>>(), [940], "the whole escrow");
+        assert_eq!(
+            Some(refund[0].escrow),
+            accounts::escrow_address(&world.authority, "c-0000-uid")
+        );
 
         let mut recorded = cluster;
-        let record = SettlementRecord {
-            period: REFUND_PERIOD.into(),
-            through: Time(at(100)),
-            amount: 910,
-            signature: Some("sig".into()),
-            last_valid_block_height: Some(1),
-            signed_slot: None,
-            transaction: None,
-            state: SettlementState::Signed,
-        };
-        recorded.metadata.annotations = Some(
-            [(REFUND_ANNOTATION.to_string(), serde_json::to_string(&record).expect("json"))].into(),
-        );
+        recorded.status.get_or_insert_default().escrow = Some(EscrowStatus {
+            account: refund[0].escrow.to_string(),
+            balance: Some(940),
+            refund: Some(SettlementRecord {
+                signature: Some("sig".into()),
+                ..new_record("refund".into(), at(100), 940)
+            }),
+        });
         let clusters = [recorded];
-        assert!(refunds(&inputs(&leases, &clusters, &funds, &policy, 100)).is_empty());
-        assert_eq!(
-            ledgers(&inputs(&leases, &clusters, &funds, &policy, 100))["c-0000-uid"].available(),
-            0
+        assert!(refunds(&world.inputs(&leases, &clusters, &[], 100)).is_empty());
+        let gone = World::new(&[]);
+        let unrecorded = [ended(mk_cluster("c", 1, 1))];
+        assert!(
+            refunds(&gone.inputs(&leases, &unrecorded, &[], 100)).is_empty(),
+            "no escrow account (closed, or never opened), nothing to refund"
         );
+    }
+
+    #[test]
+    fn foreign_stake_goes_back_and_an_unbond_waits_for_its_cooldown_and_the_leases() {
+        let cluster = mk_cluster("c", 1, 1);
+        let mut offer = mk_offer("n1", "H100", 1, now());
+        offer.spec.wallet = SUPPLIER.into();
+        let wallet = Pubkey::from_str(SUPPLIER).expect("valid");
+        let stranger = Pubkey::new_unique();
+        let account = Pubkey::new_unique();
+        let mut world = World::new(&[]);
+        world.policy.unbond_cooldown = Duration::from_secs(100);
+        world.stakes.insert(
+            "n1".into(),
+            StakeBook {
+                account,
+                balance: 1000,
+                bonded: 700,
+                foreign: vec![Foreign { what: "return:s2".into(), key: "k2".into(), to: stranger, amount: 300 }],
+                unbond: Some(UnbondRequest { what: "unbond:s3".into(), key: "k3".into(), at: Some(at(0).as_second()) }),
+            },
+        );
+        let active = [lease(&cluster, "n1", 1, None)];
+        let offers = [offer.clone()];
+        let sent = |plan: Payouts| -> Vec<(String, Pubkey, u64)> {
+            plan.to_send.into_iter().map(|p| (p.payment.key, p.payment.wallet, p.payment.amount)).collect()
+        };
+        let early = payouts(&world.inputs(&[], &[], &offers, 50));
+        assert_eq!(sent(early), [("k2".to_owned(), stranger, 300)], "the cooldown runs");
+        let busy = payouts(&world.inputs(&active, &[], &offers, 150));
+        assert!(sent(busy).iter().all(|(k, _, _)| k != "k3"), "a lease is active on the node");
+        let due = payouts(&world.inputs(&[], &[], &offers, 150));
+        assert_eq!(sent(due), [("k2".to_owned(), stranger, 300), ("k3".to_owned(), wallet, 700)]);
+
+        // A return already recorded is not planned again.
+        offer.status.get_or_insert_default().stake = Some(StakeStatus {
+            account: account.to_string(),
+            bonded: 700,
+            unbond_requested: None,
+            returns: vec![new_record("return:s2".into(), at(10), 300)],
+        });
+        let offers = [offer];
+        let again = payouts(&world.inputs(&[], &[], &offers, 50));
+        assert!(again.to_send.is_empty());
     }
 }

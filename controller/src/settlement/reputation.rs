@@ -38,7 +38,7 @@ pub fn score(uptime_permille: u32, completed: u64, failed: u64) -> u32 {
 pub fn outcomes<'a>(offer: &str, leases: impl IntoIterator<Item = &'a GpuLease>) -> (u64, u64) {
     leases.into_iter().filter(|l| l.spec.offer == offer).fold((0, 0), |(ok, failed), lease| {
         match lease.status.as_ref().and_then(|s| s.end_reason) {
-            Some(EndReason::SupplierFailure) => (ok, failed + 1),
+            Some(EndReason::SupplierFailure | EndReason::NotServing) => (ok, failed + 1),
             Some(EndReason::Surplus) | None => (ok, failed),
             Some(_) => (ok + 1, failed),
         }

@@ -1,14 +1,20 @@
 //! One settlement round, the Kubernetes wiring around the pure plan: resolve recorded
-//! transactions, end leases whose escrow ran dry, record and send due payouts, refund ended
-//! clusters, publish cluster totals and supplier reputation.
+//! transactions, read what each escrow and stake account holds, end leases whose escrow ran
+//! dry, record and send due payments, refund ended clusters, publish totals and reputation.
+//!
+//! Every write that records money is conditional on the version read (a lost race is never
+//! overwritten), a payment is sent only once every payment in its transaction is recorded, and
+//! an error writing one object is counted and logged without stopping the round for the others.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
 use std::time::Instant;
 
-use futures::TryStreamExt;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use gpumarket_crds::{
-    EndReason, GpuCluster, GpuLease, GpuLeaseStatus, GpuOffer, LeasePhase, SettlementRecord,
-    SettlementState,
+    EndReason, GpuCluster, GpuLease, GpuLeaseStatus, GpuOffer, LeasePhase,
+    SettlementRecord, SettlementState, StakeStatus,
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -20,12 +26,12 @@ use solana_signer::Signer;
 use solana_transaction::Signature;
 
 use super::events::ClusterEvents;
-use super::meter::{Meter, confirmed_paid, fully_settled, is_payout_period};
-use super::plan::{self, Inputs, Planned, REFUND_ANNOTATION, REFUND_PERIOD};
-use super::protocol::{Step, decide};
-use super::stake::SLASH_PERIOD;
-use super::transaction::{self, Escrow, Payment};
-use super::{CrashPoint, Error, Settler, chain, memo, reputation};
+use super::meter::{Meter, Paid, compact, fully_settled, is_payout_period, next_due};
+use super::plan::{self, Holder, Inputs, Planned};
+use super::protocol::{Step, after_history, decide};
+use super::stake::{SLASH_PERIOD, StakeBook};
+use super::transaction::{self, Custody, Payment};
+use super::{CrashPoint, Error, Settler, accounts, chain, memo, reputation};
 
 /// Field manager of settlement's writes.
 pub const MANAGER: &str = "gpumarket-settlement";
@@ -35,98 +41,137 @@ fn patch_params() -> PatchParams {
     PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() }
 }
 
-/// Lease status writes in flight at once.
+/// Writes in flight at once.
 const CONCURRENT_WRITES: usize = 16;
+/// Attempts of a conditional write that lost a race to an unrelated change.
+const WRITE_ATTEMPTS: usize = 5;
 
 /// What a round did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoundReport {
-    /// Payouts and refunds found confirmed on chain.
+    /// Payments found confirmed on chain.
     pub confirmed: usize,
     pub rebroadcast: usize,
-    /// Payouts and refunds whose transaction expired or failed, to be re-signed.
+    /// Payments whose transaction failed, or expired and is provably absent: to be re-signed.
     pub expired: usize,
+    /// Expired payments whose absence the node's history could not prove (they wait).
+    pub unproven: usize,
+    /// Payments found already made (their key in the source account's history) and confirmed
+    /// instead of being paid again.
+    pub already_paid: usize,
     pub ended_out_of_funds: usize,
-    /// Payouts recorded and sent this round, and the transactions they went in.
+    /// Payments recorded and sent this round, and the transactions they went in.
     pub payouts_sent: usize,
     pub transactions_sent: usize,
+    /// Transactions signed whose payments could not all be recorded: never sent, left to expire.
+    pub transactions_held: usize,
     pub refunds_sent: usize,
     /// Deleted clusters let go once refunded.
     pub released: usize,
+    /// Writes to single objects that failed (logged; the round went on).
+    pub failed_writes: usize,
 }
 
 impl RoundReport {
     pub fn is_idle(&self) -> bool {
         *self == RoundReport::default()
     }
-}
 
-/// Who recorded a transaction.
-#[derive(Clone, Debug)]
-enum Holder {
-    Lease { name: String, period: String },
-    Refund { namespace: String, name: String },
+    /// Each count by its metric label.
+    pub fn actions(&self) -> [(&'static str, usize); 12] {
+        [
+            ("confirmed", self.confirmed),
+            ("rebroadcast", self.rebroadcast),
+            ("expired", self.expired),
+            ("unproven", self.unproven),
+            ("already_paid", self.already_paid),
+            ("ended_out_of_funds", self.ended_out_of_funds),
+            ("payouts_sent", self.payouts_sent),
+            ("transactions_sent", self.transactions_sent),
+            ("transactions_held", self.transactions_held),
+            ("refunds_sent", self.refunds_sent),
+            ("clusters_released", self.released),
+            ("failed_writes", self.failed_writes),
+        ]
+    }
 }
 
 /// A recorded, unconfirmed transaction and everyone who recorded it.
 #[derive(Debug, Default)]
 struct Flight {
     last_valid_block_height: u64,
+    signed_slot: u64,
     wire: Option<String>,
     recorded_keys: HashSet<String>,
-    holders: Vec<Holder>,
+    /// Each payment in it: who holds its record, its key, the account it is paid from.
+    payments: Vec<(Holder, String, Pubkey)>,
+}
+
+/// How a recorded payment ends.
+#[derive(Clone, Debug)]
+enum Outcome {
+    /// Paid, by this signature.
+    Confirmed(String),
+    /// Provably never paid.
+    Expired,
+}
+
+/// The three listings a round works from.
+struct Listed {
+    leases: Vec<GpuLease>,
+    clusters: Vec<GpuCluster>,
+    offers: Vec<GpuOffer>,
 }
 
 impl Settler {
     /// One round; safe to repeat and to interrupt anywhere (see [`super::protocol`]).
     pub async fn settle_round(&self, client: &Client) -> Result<RoundReport, Error> {
-        let leases_api: Api<GpuLease> = Api::all(client.clone());
-        let clusters_api: Api<GpuCluster> = Api::all(client.clone());
-        let escrow = self.escrow().await?;
+        let custody = self.custody().await?;
         let mut report = RoundReport::default();
         let events = ClusterEvents::new(client.clone());
 
-        let leases = leases_api.list(&ListParams::default()).await?.items;
-        let clusters = clusters_api.list(&ListParams::default()).await?.items;
-        let apis = (&leases_api, &clusters_api);
-        self.resolve_in_flight(apis, &events, &leases, &clusters, &mut report).await?;
+        let listed = list(client).await?;
+        self.resolve_in_flight(client, &events, &listed, &mut report).await?;
 
-        let mut leases = leases_api.list(&ListParams::default()).await?.items;
-        let clusters = clusters_api.list(&ListParams::default()).await?.items;
-        release_refunded(clusters_api.clone().into_client(), &clusters, &mut report).await?;
-        let deposits = {
-            let mut index = self.deposits.lock().await;
-            chain::scan_deposits(&self.rpc, &escrow.account(), &mut index).await?;
-            index.by_memo().clone()
-        };
+        let Listed { mut leases, clusters, offers } = list(client).await?;
+        let escrows = self.read_escrows(client, &clusters, &mut report).await?;
+        self.release_refunded(client, &clusters, &escrows, &mut report).await;
+        let stakes = self.read_stakes(client, &custody, &leases, &offers, &mut report).await?;
+
         let now = Timestamp::now();
-        let ending = plan::out_of_funds(&self.inputs(&leases, &clusters, &deposits, now));
-        for lease in leases.iter_mut().filter(|l| ending.contains(&l.name_any())) {
-            *lease = update_lease(&leases_api, lease, |status| end_now(status, now)).await?;
-            tracing::info!(lease = %lease.name_any(), "escrow exhausted: lease ended (OutOfFunds)");
-            report.ended_out_of_funds += 1;
-        }
-        let inputs = self.inputs(&leases, &clusters, &deposits, now);
-
-        let payouts = plan::payouts(&inputs);
-        let by_name: HashMap<String, &GpuLease> =
-            leases.iter().map(|l| (l.name_any(), l)).collect();
-        for (name, record) in payouts.without_transfer {
-            if let Some(lease) = by_name.get(&name) {
-                let meter = Meter::of(lease);
-                let after =
-                    update_lease(&leases_api, lease, |s| confirm(s, &meter, record.clone()))
-                        .await?;
-                events.lease_changed(lease, &after).await;
+        let ending = plan::out_of_funds(&self.inputs(&leases, &clusters, &offers, &escrows, &stakes, now));
+        let leases_api: Api<GpuLease> = Api::all(client.clone());
+        let ending: Vec<usize> =
+            (0..leases.len()).filter(|i| ending.contains(&leases[*i].name_any())).collect();
+        for i in ending {
+            let lease = &leases[i];
+            match update_lease(&leases_api, lease, |status| end_now(status, now)).await {
+                Ok(ended) => {
+                    tracing::info!(lease = %ended.name_any(), "escrow exhausted: lease ended (OutOfFunds)");
+                    leases[i] = ended;
+                    report.ended_out_of_funds += 1;
+                }
+                Err(e) => failed_write(&mut report, &lease.name_any(), &e),
             }
         }
-        self.send_payouts(&leases_api, &by_name, &escrow, payouts.to_send, &mut report).await?;
-
-        for refund in plan::refunds(&inputs) {
-            self.refund(&clusters_api, &events, &escrow, refund, &mut report).await?;
+        let inputs = self.inputs(&leases, &clusters, &offers, &escrows, &stakes, now);
+        let payouts = plan::payouts(&inputs);
+        let by_name: HashMap<String, &GpuLease> = leases.iter().map(|l| (l.name_any(), l)).collect();
+        for (name, record) in payouts.without_transfer {
+            let Some(lease) = by_name.get(&name) else { continue };
+            let meter = Meter::of(lease);
+            match update_lease(&leases_api, lease, |s| confirm_free(s, &meter, &record)).await {
+                Ok(after) => events.lease_changed(lease, &after).await,
+                Err(e) => failed_write(&mut report, &name, &e),
+            }
         }
-        publish_cluster_totals(&clusters_api, &leases, &clusters).await?;
-        self.update_reputation(client, &escrow, &leases, &deposits).await?;
+        self.send_payouts(client, &events, &custody, &by_name, &escrows, &stakes, payouts.to_send, &mut report)
+            .await?;
+        for refund in plan::refunds(&inputs) {
+            self.refund(client, &events, &custody, refund, &mut report).await?;
+        }
+        publish_cluster_totals(client, &leases, &clusters, &mut report).await;
+        self.update_reputation(client, &custody, &leases, &offers, &mut report).await?;
         Ok(report)
     }
 
@@ -134,13 +179,18 @@ impl Settler {
         &'a self,
         leases: &'a [GpuLease],
         clusters: &'a [GpuCluster],
-        deposits: &'a HashMap<String, u64>,
+        offers: &'a [GpuOffer],
+        escrows: &'a HashMap<String, u64>,
+        stakes: &'a HashMap<String, StakeBook>,
         now: Timestamp,
     ) -> Inputs<'a> {
         Inputs {
             leases,
             clusters,
-            deposits,
+            offers,
+            escrows,
+            stakes,
+            authority: self.authority(),
             period: self.config.period,
             // Two rounds ahead: a round may itself take a while.
             lookahead: self.config.poll_interval * 2,
@@ -151,149 +201,369 @@ impl Settler {
 
     async fn resolve_in_flight(
         &self,
-        (leases_api, clusters_api): (&Api<GpuLease>, &Api<GpuCluster>),
+        client: &Client,
         events: &ClusterEvents,
-        leases: &[GpuLease],
-        clusters: &[GpuCluster],
+        listed: &Listed,
         report: &mut RoundReport,
     ) -> Result<(), Error> {
-        let flights = in_flight(leases, clusters);
+        let flights = in_flight(listed, &self.authority());
         if flights.is_empty() {
             return Ok(());
         }
         let signatures: Vec<Signature> = flights.keys().copied().collect();
         let observed = chain::observe(&self.rpc, &signatures).await?;
         let finalized = chain::finalized_block_height(&self.rpc).await?;
-        let by_name: HashMap<String, &GpuLease> =
-            leases.iter().map(|l| (l.name_any(), l)).collect();
-        for (flight, observed) in flights.values().zip(observed) {
+        for ((signature, flight), observed) in flights.iter().zip(observed) {
+            let recorded = signature.to_string();
             let step =
                 decide(&observed, flight.last_valid_block_height, finalized, is_complete(flight));
+            let mut outcomes: Vec<(&Holder, Outcome)> = Vec::new();
             match step {
                 Step::Wait => {}
                 Step::Rebroadcast => {
                     if let Some(wire) = &flight.wire {
+                        self.check_fence().await?;
                         chain::send_wire(&self.rpc, wire).await?;
                         report.rebroadcast += 1;
                     }
                 }
-                Step::Confirm | Step::Resign => {
-                    if let Some(e) = landed_error(&observed) {
-                        tracing::warn!(error = %e, "settlement transaction failed on chain; re-signing");
+                Step::Confirm => outcomes.extend(
+                    flight.payments.iter().map(|(h, _, _)| (h, Outcome::Confirmed(recorded.clone()))),
+                ),
+                Step::Resign => {
+                    tracing::warn!(%signature, ?observed, "settlement transaction failed on chain; re-signing");
+                    outcomes.extend(flight.payments.iter().map(|(h, _, _)| (h, Outcome::Expired)));
+                }
+                Step::CheckHistory => {
+                    for (holder, key, source) in &flight.payments {
+                        let history = chain::prove(&self.rpc, source, key, flight.signed_slot).await?;
+                        match (after_history(&history), history) {
+                            (Step::Confirm, super::protocol::History::Paid { signature }) => {
+                                outcomes.push((holder, Outcome::Confirmed(signature)));
+                            }
+                            (Step::Resign, _) => outcomes.push((holder, Outcome::Expired)),
+                            _ => {
+                                tracing::warn!(%signature, %source, "expired transaction not found, but the node's history does not reach back to its signing: waiting");
+                                report.unproven += 1;
+                            }
+                        }
                     }
-                    futures::stream::iter(flight.holders.iter().map(Ok::<_, Error>))
-                        .try_for_each_concurrent(CONCURRENT_WRITES, |holder| {
-                            let apis = (leases_api, clusters_api);
-                            self.settle_holder(apis, events, &by_name, holder, step)
-                        })
-                        .await?;
-                    if step == Step::Confirm {
-                        report.confirmed += flight.holders.len();
-                    } else {
-                        report.expired += flight.holders.len();
-                    }
+                }
+            }
+            for (holder, outcome) in outcomes {
+                match settle_holder(client, events, holder, &recorded, &outcome).await {
+                    Ok(()) => match outcome {
+                        Outcome::Confirmed(_) => report.confirmed += 1,
+                        Outcome::Expired => report.expired += 1,
+                    },
+                    Err(e) => failed_write(report, &format!("{holder:?}"), &e),
                 }
             }
         }
         Ok(())
     }
 
-    async fn settle_holder(
+    /// What each cluster's escrow holds, by cluster uid, written to `status.escrow` when it
+    /// changed. Only accounts that are token accounts of the mint owned by the authority count.
+    async fn read_escrows(
         &self,
-        (leases_api, clusters_api): (&Api<GpuLease>, &Api<GpuCluster>),
-        events: &ClusterEvents,
-        leases: &HashMap<String, &GpuLease>,
-        holder: &Holder,
-        step: Step,
-    ) -> Result<(), Error> {
-        match holder {
-            Holder::Lease { name, period } => {
-                let Some(lease) = leases.get(name) else { return Ok(()) };
-                let meter = Meter::of(lease);
-                let after = update_lease(leases_api, lease, |status| {
-                    let Some(record) =
-                        status.settlements.iter().find(|r| &r.period == period).cloned()
-                    else {
-                        return;
-                    };
-                    if record.state != SettlementState::Signed {
-                        return;
-                    }
-                    match step {
-                        Step::Confirm => confirm(status, &meter, record),
-                        _ => expire(status, period),
-                    }
-                })
-                .await?;
-                events.lease_changed(lease, &after).await;
+        client: &Client,
+        clusters: &[GpuCluster],
+        report: &mut RoundReport,
+    ) -> Result<HashMap<String, u64>, Error> {
+        let authority = self.authority();
+        let addressed: Vec<(&GpuCluster, Pubkey)> = clusters
+            .iter()
+            .filter_map(|c| Some((c, accounts::escrow_address(&authority, c.metadata.uid.as_deref()?)?)))
+            .collect();
+        let addresses: Vec<Pubkey> = addressed.iter().map(|(_, a)| *a).collect();
+        let held = chain::token_accounts(&self.rpc, &addresses).await?;
+        let mut balances = HashMap::new();
+        let mut closed = Vec::new();
+        for (cluster, address) in addressed {
+            let Some(account) = held.get(&address).copied().flatten() else {
+                let recorded = cluster.status.as_ref().and_then(|s| s.escrow.as_ref()).is_some();
+                let refund = plan::refund_record(cluster).map(|r| r.state);
+                if recorded && matches!(refund, None | Some(SettlementState::Expired)) {
+                    closed.push((cluster, address));
+                }
+                continue;
+            };
+            if account.mint != self.mint || account.owner != authority {
+                tracing::warn!(%address, "an escrow address holds a foreign account; ignored");
+                continue;
             }
-            Holder::Refund { namespace, name } => {
-                let api: Api<GpuCluster> =
-                    Api::namespaced(clusters_api.clone().into_client(), namespace);
-                let cluster = api.get(name).await?;
-                let Some(mut record) = plan::refund_record(&cluster) else { return Ok(()) };
-                record.transaction = None;
-                record.state = if step == Step::Confirm {
-                    SettlementState::Confirmed
-                } else {
-                    SettlementState::Expired
-                };
-                write_refund_record(&api, name, &record).await?;
-                if step == Step::Confirm {
-                    let patch = json!({"status": {"amountRefunded": record.amount}});
-                    api.patch_status(name, &patch_params(), &Patch::Merge(&patch)).await?;
-                    events.refunded(&cluster, &record).await;
+            balances.insert(cluster.uid().unwrap_or_default(), account.amount);
+            let recorded = cluster.status.as_ref().and_then(|s| s.escrow.as_ref());
+            let current = (recorded.map(|e| e.account.clone()), recorded.and_then(|e| e.balance));
+            if current != (Some(address.to_string()), Some(account.amount)) {
+                let patch = json!({"status": {"escrow": {"account": address.to_string(), "balance": account.amount}}});
+                let api = cluster_api(client, cluster);
+                if let Err(e) = api.patch_status(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch)).await {
+                    failed_write(report, &cluster.name_any(), &e.into());
                 }
             }
         }
-        Ok(())
+        // An escrow that was opened and is gone was closed by its refund: its record (lost,
+        // or wiped by hand) is restored from the chain, and nothing is paid again.
+        for (cluster, address) in closed {
+            let uid = cluster.uid().unwrap_or_default();
+            let paid = self.paid_keys(&HashMap::from([(address, None)])).await?;
+            let Some(signature) = paid.get(&uid) else {
+                tracing::warn!(cluster = %cluster.name_any(), %address, "escrow recorded but not found on chain, and no refund in its history: waiting");
+                continue;
+            };
+            let last_seen = cluster.status.as_ref().and_then(|s| s.escrow.as_ref()).and_then(|e| e.balance);
+            let record = SettlementRecord {
+                signature: Some(signature.clone()),
+                ..plan::new_record(REFUND_PERIOD.into(), Timestamp::now(), last_seen.unwrap_or(0))
+            };
+            let api = cluster_api(client, cluster);
+            let holder = Holder::Refund { namespace: cluster.namespace().unwrap_or_default(), name: cluster.name_any() };
+            let restored = match record_refund(&api, &cluster.name_any(), &address, record).await {
+                Ok(true) => settle_holder(client, &ClusterEvents::new(client.clone()), &holder, signature, &Outcome::Confirmed(signature.clone())).await,
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            };
+            match restored {
+                Ok(()) => {
+                    tracing::warn!(cluster = %cluster.name_any(), "refund record restored from the chain");
+                    report.already_paid += 1;
+                }
+                Err(e) => failed_write(report, &cluster.name_any(), &e),
+            }
+        }
+        Ok(balances)
     }
 
+    /// Deleted clusters whose refund is confirmed, or whose escrow was never opened, are let go
+    /// (the settlement finalizer removed).
+    async fn release_refunded(
+        &self,
+        client: &Client,
+        clusters: &[GpuCluster],
+        escrows: &HashMap<String, u64>,
+        report: &mut RoundReport,
+    ) {
+        let held: Vec<&GpuCluster> = clusters
+            .iter()
+            .filter(|c| {
+                c.metadata.deletion_timestamp.is_some()
+                    && c.finalizers().iter().any(|f| f == super::FINALIZER)
+            })
+            .collect();
+        for cluster in held {
+            let never_opened = cluster.status.as_ref().and_then(|s| s.escrow.as_ref()).is_none()
+                && !escrows.contains_key(&cluster.uid().unwrap_or_default());
+            if !super::refunded(cluster) && !never_opened {
+                continue;
+            }
+            match super::set_finalizer(&cluster_api(client, cluster), cluster, false).await {
+                Ok(()) => report.released += 1,
+                Err(e) => failed_write(report, &cluster.name_any(), &e.into()),
+            }
+        }
+    }
+
+    /// Each offer's stake account (opened if it is not yet), read: balance, history, book;
+    /// `status.stake` written when it changed.
+    async fn read_stakes(
+        &self,
+        client: &Client,
+        custody: &Custody,
+        leases: &[GpuLease],
+        offers: &[GpuOffer],
+        report: &mut RoundReport,
+    ) -> Result<HashMap<String, StakeBook>, Error> {
+        let authority = self.authority();
+        let live: Vec<&GpuOffer> =
+            offers.iter().filter(|o| o.metadata.deletion_timestamp.is_none()).collect();
+        let addressed: Vec<(&GpuOffer, Pubkey)> = live
+            .iter()
+            .filter_map(|o| Some((*o, accounts::stake_address(&authority, &o.name_any())?)))
+            .collect();
+        let addresses: Vec<Pubkey> = addressed.iter().map(|(_, a)| *a).collect();
+        let mut held = chain::token_accounts(&self.rpc, &addresses).await?;
+        let missing: Vec<&GpuOffer> =
+            addressed.iter().filter(|(_, a)| held.get(a).is_none_or(Option::is_none)).map(|(o, _)| *o).collect();
+        if !missing.is_empty() {
+            self.check_fence().await?;
+            let opening: Vec<BoxFuture<'_, Result<Pubkey, Error>>> = missing
+                .iter()
+                .map(|offer| {
+                    let seed = accounts::stake_seed(&offer.name_any());
+                    async move { chain::open_account(&self.rpc, &self.authority, custody, &seed).await }
+                        .boxed()
+                })
+                .collect();
+            let opened: Vec<Result<Pubkey, Error>> =
+                futures::stream::iter(opening).buffer_unordered(CONCURRENT_WRITES).collect().await;
+            for result in opened {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "opening a stake account");
+                }
+            }
+            held = chain::token_accounts(&self.rpc, &addresses).await?;
+        }
+        let in_flight = plan::stake_in_flight(leases, offers);
+        let mut books = HashMap::new();
+        let mut histories = self.histories.lock().await;
+        for (offer, address) in addressed {
+            let Some(account) = held.get(&address).copied().flatten() else { continue };
+            if account.mint != self.mint || account.owner != authority {
+                continue;
+            }
+            let history = histories.entry(address).or_default();
+            if history.scanned_balance != Some(account.amount) {
+                chain::scan(&self.rpc, &address, &self.mint, history, true).await?;
+                history.scanned_balance = Some(account.amount);
+            }
+            let node = offer.name_any();
+            let wallet = Pubkey::from_str(&offer.spec.wallet).ok();
+            let flying = in_flight.get(&node).copied().unwrap_or(0);
+            let book = super::stake::book(&node, address, wallet, account.amount, &history.transfers, &history.paid, flying);
+            let previous = offer.status.as_ref().and_then(|s| s.stake.as_ref());
+            let unbond_requested = book.unbond.as_ref().map(|_| {
+                previous.and_then(|s| s.unbond_requested.clone()).unwrap_or(Time(Timestamp::now()))
+            });
+            let current = previous.map(|s| (s.account.clone(), s.bonded, s.unbond_requested.clone()));
+            if current != Some((address.to_string(), book.bonded, unbond_requested.clone())) {
+                let patch = json!({"status": {"stake": {
+                    "account": address.to_string(),
+                    "bonded": book.bonded,
+                    "unbondRequested": unbond_requested,
+                }}});
+                let api: Api<GpuOffer> = Api::all(client.clone());
+                if let Err(e) = api.patch_status(&node, &patch_params(), &Patch::Merge(&patch)).await {
+                    failed_write(report, &node, &e.into());
+                }
+            }
+            books.insert(node, book);
+        }
+        Ok(books)
+    }
+
+    /// The keys already paid from `sources` (their histories read again when their balance moved
+    /// since last read; a closed account's, whose balance is `None`, always).
+    async fn paid_keys(
+        &self,
+        sources: &HashMap<Pubkey, Option<u64>>,
+    ) -> Result<HashMap<String, String>, Error> {
+        let mut histories = self.histories.lock().await;
+        let mut paid = HashMap::new();
+        for (source, balance) in sources {
+            let history = histories.entry(*source).or_default();
+            if balance.is_none() || history.scanned_balance != *balance {
+                chain::scan(&self.rpc, source, &self.mint, history, false).await?;
+                history.scanned_balance = *balance;
+            }
+            paid.extend(history.paid.iter().map(|(k, s)| (k.clone(), s.clone())));
+        }
+        Ok(paid)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn send_payouts(
         &self,
-        leases_api: &Api<GpuLease>,
+        client: &Client,
+        events: &ClusterEvents,
+        custody: &Custody,
         leases: &HashMap<String, &GpuLease>,
-        escrow: &Escrow,
+        escrows: &HashMap<String, u64>,
+        stakes: &HashMap<String, StakeBook>,
         planned: Vec<Planned>,
         report: &mut RoundReport,
     ) -> Result<(), Error> {
         if planned.is_empty() {
             return Ok(());
         }
+        self.check_fence().await?;
+        // A key already in its source account's history was paid (its record lost): it is
+        // confirmed, never paid again.
+        let authority = self.authority();
+        let mut balances: HashMap<Pubkey, u64> = stakes.values().map(|b| (b.account, b.balance)).collect();
+        for (uid, balance) in escrows {
+            if let Some(address) = accounts::escrow_address(&authority, uid) {
+                balances.insert(address, *balance);
+            }
+        }
+        let used: HashMap<Pubkey, Option<u64>> = planned
+            .iter()
+            .map(|p| (p.payment.source, balances.get(&p.payment.source).copied()))
+            .collect();
+        let paid = self.paid_keys(&used).await?;
+        let (done, planned): (Vec<Planned>, Vec<Planned>) =
+            planned.into_iter().partition(|p| paid.contains_key(&p.payment.key));
+        for p in done {
+            tracing::warn!(key = %p.payment.key, holder = ?p.holder, "payment already on chain without its record: confirmed, not paid again");
+            let outcome = Outcome::Confirmed(paid[&p.payment.key].clone());
+            let recorded = record_new(client, leases, &p, self.config.period, None).await;
+            let settled = match recorded {
+                Ok(true) => settle_holder(client, events, &p.holder, "", &outcome).await,
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            };
+            match settled {
+                Ok(()) => report.already_paid += 1,
+                Err(e) => failed_write(report, &format!("{:?}", p.holder), &e),
+            }
+        }
+        if planned.is_empty() {
+            return Ok(());
+        }
         let mut wallets: Vec<Pubkey> = planned.iter().map(|p| p.payment.wallet).collect();
         wallets.sort();
         wallets.dedup();
-        let missing =
-            chain::wallets_without_token_account(&self.rpc, &wallets, &escrow.mint).await?;
+        let missing = chain::wallets_without_token_account(&self.rpc, &wallets, &custody.mint).await?;
         let payments: Vec<Payment> = planned.iter().map(|p| p.payment.clone()).collect();
-        let batches = transaction::batches(escrow, payments, &missing)?;
-        let (blockhash, last_valid_block_height) = chain::latest_blockhash(&self.rpc).await?;
+        let batches = transaction::batches(custody, payments, &missing)?;
+        let (blockhash, last_valid_block_height, slot) = chain::latest_blockhash_and_slot(&self.rpc).await?;
         let mut planned = planned.into_iter();
         for batch in batches {
             let members: Vec<Planned> = planned.by_ref().take(batch.len()).collect();
             let tx = transaction::sign(
-                &transaction::payout_instructions(escrow, &batch, &missing)?,
+                &transaction::payout_instructions(custody, &batch, &missing)?,
                 &self.authority,
                 blockhash,
             )?;
             let wire = transaction::wire_base64(&tx)?;
             let signature = tx.signatures.first().map(ToString::to_string);
             self.crash_if(CrashPoint::AfterSign)?;
-            futures::stream::iter(members.iter().map(Ok::<_, Error>))
-                .try_for_each_concurrent(CONCURRENT_WRITES, |member| {
-                    let mut record = member.record.clone();
-                    record.signature = signature.clone();
-                    record.last_valid_block_height = Some(last_valid_block_height);
-                    record.transaction = Some(wire.clone());
-                    async move {
-                        let Some(lease) = leases.get(&member.lease) else { return Ok(()) };
-                        update_lease(leases_api, lease, |s| upsert(s, record.clone()))
-                            .await
-                            .map(drop)
-                    }
+            let recording: Vec<BoxFuture<'_, Result<bool, Error>>> = members
+                .iter()
+                .map(|member| {
+                    let signed = SettlementRecord {
+                        signature: signature.clone(),
+                        last_valid_block_height: Some(last_valid_block_height),
+                        signed_slot: Some(slot),
+                        transaction: Some(wire.clone()),
+                        ..member.record.clone()
+                    };
+                    record_new(client, leases, member, self.config.period, Some(signed)).boxed()
                 })
-                .await?;
+                .collect();
+            let recorded: Vec<Result<bool, Error>> =
+                futures::stream::iter(recording).buffer_unordered(CONCURRENT_WRITES).collect().await;
+            let mut all_recorded = true;
+            for result in recorded {
+                match result {
+                    Ok(true) => {}
+                    Ok(false) => all_recorded = false,
+                    Err(e) => {
+                        all_recorded = false;
+                        failed_write(report, "payout record", &e);
+                    }
+                }
+            }
             self.crash_if(CrashPoint::AfterRecord)?;
+            if !all_recorded {
+                // Some payment of it is recorded elsewhere or not at all: it will be planned
+                // again, so this transaction must never land. Its records expire with it.
+                tracing::warn!(?signature, "not every payment of a transaction could be recorded: not sent");
+                report.transactions_held += 1;
+                continue;
+            }
+            self.check_fence().await?;
             chain::send_wire(&self.rpc, &wire).await?;
             self.crash_if(CrashPoint::AfterSend)?;
             report.transactions_sent += 1;
@@ -304,63 +574,77 @@ impl Settler {
 
     async fn refund(
         &self,
-        clusters_api: &Api<GpuCluster>,
+        client: &Client,
         events: &ClusterEvents,
-        escrow: &Escrow,
+        custody: &Custody,
         refund: plan::Refund,
         report: &mut RoundReport,
     ) -> Result<(), Error> {
-        let api: Api<GpuCluster> =
-            Api::namespaced(clusters_api.clone().into_client(), &refund.namespace);
-        let mut record = SettlementRecord {
-            period: REFUND_PERIOD.into(),
-            through: Time(Timestamp::now()),
-            amount: refund.amount,
-            signature: None,
-            last_valid_block_height: None,
-            signed_slot: None,
-            transaction: None,
-            state: SettlementState::Confirmed,
-        };
-        if refund.amount == 0 {
-            write_refund_record(&api, &refund.name, &record).await?;
-            let patch = json!({"status": {"amountRefunded": 0}});
-            let cluster =
-                api.patch_status(&refund.name, &patch_params(), &Patch::Merge(&patch)).await?;
-            events.refunded(&cluster, &record).await;
+        self.check_fence().await?;
+        let api: Api<GpuCluster> = Api::namespaced(client.clone(), &refund.namespace);
+        let holder = Holder::Refund { namespace: refund.namespace.clone(), name: refund.name.clone() };
+        let sources = HashMap::from([(refund.escrow, Some(refund.balance))]);
+        if let Some(signature) = self.paid_keys(&sources).await?.get(&refund.uid) {
+            tracing::warn!(cluster = %refund.name, "refund already on chain without its record: confirmed, not paid again");
+            let record = SettlementRecord {
+                signature: Some(signature.clone()),
+                ..plan::new_record(REFUND_PERIOD.into(), Timestamp::now(), refund.balance)
+            };
+            let written = record_refund(&api, &refund.name, &refund.escrow, record).await;
+            let settled = match written {
+                Ok(true) => settle_holder(client, events, &holder, signature, &Outcome::Confirmed(signature.clone())).await,
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            };
+            match settled {
+                Ok(()) => report.already_paid += 1,
+                Err(e) => failed_write(report, &refund.name, &e),
+            }
             return Ok(());
         }
-        let missing =
-            chain::wallets_without_token_account(&self.rpc, &[refund.buyer], &escrow.mint).await?;
-        let payment =
-            Payment { key: refund.uid.clone(), wallet: refund.buyer, amount: refund.amount };
-        let ixs = transaction::instructions(
-            escrow,
-            &[payment],
-            &missing,
-            &memo::refund_memo(&refund.uid),
+        let missing = chain::wallets_without_token_account(&self.rpc, &[refund.buyer], &custody.mint).await?;
+        let ixs = transaction::refund_instructions(
+            custody,
+            &refund.escrow,
+            &refund.buyer,
+            refund.balance,
+            !missing.contains(&refund.buyer),
+            &refund.uid,
         )?;
-        let (blockhash, last_valid_block_height) = chain::latest_blockhash(&self.rpc).await?;
+        let (blockhash, last_valid_block_height, slot) = chain::latest_blockhash_and_slot(&self.rpc).await?;
         let tx = transaction::sign(&ixs, &self.authority, blockhash)?;
         let wire = transaction::wire_base64(&tx)?;
-        record.signature = tx.signatures.first().map(ToString::to_string);
-        record.last_valid_block_height = Some(last_valid_block_height);
-        record.transaction = Some(wire.clone());
-        record.state = SettlementState::Signed;
-        write_refund_record(&api, &refund.name, &record).await?;
+        let record = SettlementRecord {
+            signature: tx.signatures.first().map(ToString::to_string),
+            last_valid_block_height: Some(last_valid_block_height),
+            signed_slot: Some(slot),
+            transaction: Some(wire.clone()),
+            ..plan::new_record(REFUND_PERIOD.into(), Timestamp::now(), refund.balance)
+        };
+        match record_refund(&api, &refund.name, &refund.escrow, record).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(e) => {
+                failed_write(report, &refund.name, &e);
+                return Ok(());
+            }
+        }
+        self.crash_if(CrashPoint::AfterRecord)?;
+        self.check_fence().await?;
         chain::send_wire(&self.rpc, &wire).await?;
         report.refunds_sent += 1;
         Ok(())
     }
 
-    /// Once per settlement period: sample each offer's heartbeat, write its reputation and
-    /// stake, and anchor the hash of the reputation table in a memo when it changed.
+    /// Once per settlement period: sample each offer's heartbeat, write its reputation, and
+    /// anchor the hash of the reputation table in a memo when it changed.
     async fn update_reputation(
         &self,
         client: &Client,
-        escrow: &Escrow,
+        custody: &Custody,
         leases: &[GpuLease],
-        deposits: &HashMap<String, u64>,
+        offers: &[GpuOffer],
+        report: &mut RoundReport,
     ) -> Result<(), Error> {
         let due =
             self.lock_state().last_reputation.is_none_or(|at| at.elapsed() >= self.config.period);
@@ -368,26 +652,22 @@ impl Settler {
             return Ok(());
         }
         let offers_api: Api<GpuOffer> = Api::all(client.clone());
-        let offers = offers_api.list(&ListParams::default()).await?.items;
         let now = Timestamp::now();
         let mut table: BTreeMap<String, gpumarket_crds::Reputation> = BTreeMap::new();
-        for offer in &offers {
+        for offer in offers {
             let name = offer.name_any();
             let status = offer.status.as_ref();
-            let fresh = status.and_then(|s| s.last_heartbeat.as_ref()).is_some_and(|hb| {
-                now.duration_since(hb.0).unsigned_abs() <= self.config.heartbeat_timeout
-            });
+            let fresh = crate::supply::heartbeat_fresh(offer, now, self.config.heartbeat_timeout);
             let rep = reputation::assess(
                 status.and_then(|s| s.reputation.as_ref()),
                 fresh,
                 reputation::outcomes(&name, leases),
             );
-            let stake = node_stake(&name, leases, deposits);
-            if status.and_then(|s| s.reputation.as_ref()) != Some(&rep)
-                || offer.bonded_stake() != stake
-            {
-                let patch = json!({"status": {"reputation": rep, "stake": {"account": "", "bonded": stake}}});
-                offers_api.patch_status(&name, &patch_params(), &Patch::Merge(&patch)).await?;
+            if status.and_then(|s| s.reputation.as_ref()) != Some(&rep) {
+                let patch = json!({"status": {"reputation": rep}});
+                if let Err(e) = offers_api.patch_status(&name, &patch_params(), &Patch::Merge(&patch)).await {
+                    failed_write(report, &name, &e.into());
+                }
             }
             table.insert(name, rep);
         }
@@ -398,10 +678,11 @@ impl Settler {
             let ixs = [spl_memo_interface::instruction::build_memo(
                 &spl_memo_interface::v3::id(),
                 memo::reputation_memo(&hash).as_bytes(),
-                &[&escrow.authority],
+                &[&custody.authority],
             )];
             let (blockhash, _) = chain::latest_blockhash(&self.rpc).await?;
             let tx = transaction::sign(&ixs, &self.authority, blockhash)?;
+            self.check_fence().await?;
             chain::send_wire(&self.rpc, &transaction::wire_base64(&tx)?).await?;
             tracing::info!(%hash, authority = %self.authority.pubkey(), "reputation table anchored");
         }
@@ -412,77 +693,296 @@ impl Settler {
     }
 }
 
-/// Stake a node has left: its `stake:<node>` deposits less what was slashed.
-fn node_stake(node: &str, leases: &[GpuLease], deposits: &HashMap<String, u64>) -> u64 {
-    let bonded = deposits.get(&format!("{}{node}", memo::STAKE_PREFIX)).copied().unwrap_or(0);
-    let slashed: u64 = leases
-        .iter()
-        .filter(|l| l.spec.offer == node)
-        .flat_map(|l| l.status.iter().flat_map(|s| &s.settlements))
-        .filter(|r| r.period == SLASH_PERIOD && r.state != SettlementState::Expired)
-        .map(|r| r.amount)
-        .sum();
-    bonded.saturating_sub(slashed)
+/// Record period of a refund.
+pub const REFUND_PERIOD: &str = "refund";
+
+async fn list(client: &Client) -> Result<Listed, Error> {
+    let params = ListParams::default();
+    Ok(Listed {
+        leases: Api::<GpuLease>::all(client.clone()).list(&params).await?.items,
+        clusters: Api::<GpuCluster>::all(client.clone()).list(&params).await?.items,
+        offers: Api::<GpuOffer>::all(client.clone()).list(&params).await?.items,
+    })
 }
 
-fn landed_error(observed: &super::protocol::Observed) -> Option<String> {
-    match observed {
-        super::protocol::Observed::Landed { error } => error.clone(),
-        _ => None,
-    }
+fn cluster_api(client: &Client, cluster: &GpuCluster) -> Api<GpuCluster> {
+    Api::namespaced(client.clone(), &cluster.namespace().unwrap_or_default())
+}
+
+fn failed_write(report: &mut RoundReport, object: &str, error: &Error) {
+    tracing::warn!(%object, error = %error, "settlement write failed; the round goes on");
+    report.failed_writes += 1;
+}
+
+fn is_conflict(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(e) if e.code == 409)
 }
 
 /// Every recorded, unconfirmed transaction, by signature.
-fn in_flight(leases: &[GpuLease], clusters: &[GpuCluster]) -> BTreeMap<Signature, Flight> {
+fn in_flight(listed: &Listed, authority: &Pubkey) -> BTreeMap<Signature, Flight> {
     let mut flights: BTreeMap<Signature, Flight> = BTreeMap::new();
-    let mut add = |record: &SettlementRecord, holder: Holder, key: Option<String>| {
-        let Some(signature) = record.signature.as_deref().and_then(|s| s.parse::<Signature>().ok())
+    let mut add = |record: &SettlementRecord, holder: Holder, key: String, source: Option<Pubkey>| {
+        let (Some(signature), Some(source)) =
+            (record.signature.as_deref().and_then(|s| s.parse::<Signature>().ok()), source)
         else {
             return;
         };
         let flight = flights.entry(signature).or_default();
         flight.last_valid_block_height = record.last_valid_block_height.unwrap_or(0);
+        flight.signed_slot = record.signed_slot.unwrap_or(0);
         flight.wire = flight.wire.take().or_else(|| record.transaction.clone());
-        flight.recorded_keys.extend(key);
-        flight.holders.push(holder);
+        flight.recorded_keys.insert(key.clone());
+        flight.payments.push((holder, key, source));
     };
-    for lease in leases {
+    for lease in &listed.leases {
         let uid = lease.uid().unwrap_or_default();
-        for record in lease.status.iter().flat_map(|s| &s.settlements) {
-            if record.state == SettlementState::Signed {
-                let holder =
-                    Holder::Lease { name: lease.name_any(), period: record.period.clone() };
-                add(record, holder, Some(memo::payout_key(&uid, &record.period)));
-            }
+        for record in lease.status.iter().flat_map(|s| &s.settlements).filter(|r| r.state == SettlementState::Signed) {
+            let source = if record.period == SLASH_PERIOD {
+                accounts::stake_address(authority, &lease.spec.offer)
+            } else {
+                accounts::escrow_address(authority, &lease.spec.cluster.uid)
+            };
+            let holder = Holder::Lease { name: lease.name_any(), period: record.period.clone() };
+            add(record, holder, memo::payout_key(&uid, &record.period), source);
         }
     }
-    for cluster in clusters {
-        if let Some(record) =
-            plan::refund_record(cluster).filter(|r| r.state == SettlementState::Signed)
-        {
-            let holder = Holder::Refund {
-                namespace: cluster.namespace().unwrap_or_default(),
-                name: cluster.name_any(),
-            };
-            add(&record, holder, None);
+    for cluster in &listed.clusters {
+        let Some(record) = plan::refund_record(cluster).filter(|r| r.state == SettlementState::Signed) else {
+            continue;
+        };
+        let uid = cluster.uid().unwrap_or_default();
+        let holder = Holder::Refund { namespace: cluster.namespace().unwrap_or_default(), name: cluster.name_any() };
+        add(record, holder, uid.clone(), accounts::escrow_address(authority, &uid));
+    }
+    for offer in &listed.offers {
+        let node = offer.name_any();
+        let records = offer.status.as_ref().and_then(|s| s.stake.as_ref()).map(|s| s.returns.as_slice());
+        for record in records.unwrap_or_default().iter().filter(|r| r.state == SettlementState::Signed) {
+            let holder = Holder::Stake { offer: node.clone(), period: record.period.clone() };
+            add(record, holder, memo::stake_key(&node, &record.period), accounts::stake_address(authority, &node));
         }
     }
     flights
 }
 
-/// Whether every payout a transaction's memo names is recorded with its signature (a refund
-/// names none). A transaction without recorded bytes is never complete: it can only expire.
+/// Whether every payment a transaction's memo names is recorded with its signature (a
+/// refund's memo names its own). A transaction without recorded bytes is never complete: it
+/// can only expire.
 fn is_complete(flight: &Flight) -> bool {
     let Some(memo_text) = flight.wire.as_deref().and_then(transaction::memo_of_wire) else {
         return false;
     };
-    match memo::payout_keys(&memo_text) {
-        Some(keys) => keys.iter().all(|k| flight.recorded_keys.contains(*k)),
-        None => true,
+    memo::settlement_keys(&memo_text)
+        .is_some_and(|keys| keys.iter().all(|k| flight.recorded_keys.contains(*k)))
+}
+
+/// Record a planned payment where its holder keeps it, conditionally: only if the holder, read
+/// fresh, still plans exactly this payment (no other record for it that may still pay, and for
+/// a lease payout the same period and time, for no more than is due). `signed` is the record
+/// to write (its transaction signed); `None` writes the planned record itself (a payment found
+/// already made). Returns whether it was written.
+async fn record_new(
+    client: &Client,
+    leases: &HashMap<String, &GpuLease>,
+    planned: &Planned,
+    period: std::time::Duration,
+    signed: Option<SettlementRecord>,
+) -> Result<bool, Error> {
+    let record = signed.unwrap_or_else(|| planned.record.clone());
+    match &planned.holder {
+        Holder::Lease { name, .. } => {
+            let Some(lease) = leases.get(name) else { return Ok(false) };
+            let api: Api<GpuLease> = Api::all(client.clone());
+            let mut current = (*lease).clone();
+            for _ in 0..WRITE_ATTEMPTS {
+                if !still_due(&current, &record, period) {
+                    return Ok(false);
+                }
+                let mut next = current.clone();
+                upsert(next.status.get_or_insert_default(), record.clone());
+                match replace_lease_status(&api, &next).await {
+                    Ok(_) => return Ok(true),
+                    Err(e) if is_conflict(&e) => current = api.get_status(name).await?,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(false)
+        }
+        Holder::Stake { offer, period: what } => {
+            let api: Api<GpuOffer> = Api::all(client.clone());
+            for _ in 0..WRITE_ATTEMPTS {
+                let current = api.get_status(offer).await?;
+                let stake = current.status.as_ref().and_then(|s| s.stake.clone()).unwrap_or_default();
+                if stake.returns.iter().any(|r| &r.period == what && r.state != SettlementState::Expired) {
+                    return Ok(false);
+                }
+                let mut returns = stake.returns.clone();
+                returns.retain(|r| &r.period != what);
+                returns.push(record.clone());
+                match patch_stake_returns(&api, &current, &returns).await {
+                    Ok(()) => return Ok(true),
+                    Err(e) if is_conflict(&e) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(false)
+        }
+        Holder::Refund { .. } => Ok(false),
     }
 }
 
-/// Insert or replace the record of its period.
+/// Whether a lease, read fresh, still plans `record`: no record of its period that may still
+/// pay, and (for a payout) the same period and time due now, for at least its amount.
+fn still_due(lease: &GpuLease, record: &SettlementRecord, period: std::time::Duration) -> bool {
+    let records = lease.status.as_ref().map_or(&[][..], |s| &s.settlements);
+    if records.iter().any(|r| r.period == record.period && r.state != SettlementState::Expired) {
+        return false;
+    }
+    if !is_payout_period(&record.period) {
+        return true;
+    }
+    let due = next_due(&Meter::of(lease), &Paid::of(lease), period, record.through.0.max(Timestamp::now()));
+    due.is_some_and(|d| d.period == record.period && d.through == record.through.0 && record.amount <= d.amount)
+}
+
+/// Write a refund record on the cluster, conditionally: only while it has none that may still
+/// pay. Returns whether it was written.
+async fn record_refund(
+    api: &Api<GpuCluster>,
+    name: &str,
+    escrow: &Pubkey,
+    record: SettlementRecord,
+) -> Result<bool, Error> {
+    for _ in 0..WRITE_ATTEMPTS {
+        let current = api.get_status(name).await?;
+        if plan::refund_record(&current).is_some_and(|r| r.state != SettlementState::Expired) {
+            return Ok(false);
+        }
+        match patch_refund(api, &current, &escrow.to_string(), &record, None).await {
+            Ok(()) => return Ok(true),
+            Err(e) if is_conflict(&e) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(false)
+}
+
+/// Confirm or expire the record of `holder` made with `recorded` (its signature; empty for a
+/// record written already confirmed), re-reading on conflicts. A record that has meanwhile
+/// changed (another signature, no longer `Signed`) is left alone.
+async fn settle_holder(
+    client: &Client,
+    events: &ClusterEvents,
+    holder: &Holder,
+    recorded: &str,
+    outcome: &Outcome,
+) -> Result<(), Error> {
+    let matches = |r: &SettlementRecord| {
+        r.state == SettlementState::Signed && (recorded.is_empty() || r.signature.as_deref() == Some(recorded))
+    };
+    let settled = |r: &SettlementRecord| match outcome {
+        Outcome::Confirmed(signature) => SettlementRecord {
+            state: SettlementState::Confirmed,
+            signature: Some(signature.clone()),
+            transaction: None,
+            ..r.clone()
+        },
+        Outcome::Expired => SettlementRecord { state: SettlementState::Expired, transaction: None, ..r.clone() },
+    };
+    match holder {
+        Holder::Lease { name, period } => {
+            let api: Api<GpuLease> = Api::all(client.clone());
+            let Some(lease) = api.get_opt(name).await? else { return Ok(()) };
+            let meter = Meter::of(&lease);
+            let after = update_lease(&api, &lease, |status| {
+                let Some(record) = status.settlements.iter().find(|r| &r.period == period && matches(r)).cloned() else {
+                    return;
+                };
+                let record = settled(&record);
+                match outcome {
+                    Outcome::Confirmed(_) => confirm(status, &meter, record),
+                    Outcome::Expired => upsert(status, record),
+                }
+            })
+            .await?;
+            events.lease_changed(&lease, &after).await;
+        }
+        Holder::Refund { namespace, name } => {
+            let api: Api<GpuCluster> = Api::namespaced(client.clone(), namespace);
+            for _ in 0..WRITE_ATTEMPTS {
+                let Some(cluster) = api.get_opt(name).await? else { return Ok(()) };
+                let Some(record) = plan::refund_record(&cluster).filter(|r| matches(r)).cloned() else { return Ok(()) };
+                let record = settled(&record);
+                let refunded = matches!(outcome, Outcome::Confirmed(_)).then_some(record.amount);
+                let account = cluster.status.as_ref().and_then(|s| s.escrow.as_ref()).map(|e| e.account.clone()).unwrap_or_default();
+                match patch_refund(&api, &cluster, &account, &record, refunded).await {
+                    Ok(()) => {
+                        if refunded.is_some() {
+                            events.refunded(&cluster, &record).await;
+                        }
+                        return Ok(());
+                    }
+                    Err(e) if is_conflict(&e) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Holder::Stake { offer, period } => {
+            let api: Api<GpuOffer> = Api::all(client.clone());
+            for _ in 0..WRITE_ATTEMPTS {
+                let Some(current) = api.get_opt(offer).await? else { return Ok(()) };
+                let Some(stake) = current.status.as_ref().and_then(|s| s.stake.clone()) else { return Ok(()) };
+                let returns: Vec<SettlementRecord> = stake
+                    .returns
+                    .iter()
+                    .map(|r| if &r.period == period && matches(r) { settled(r) } else { r.clone() })
+                    .collect();
+                if returns == stake.returns {
+                    return Ok(());
+                }
+                match patch_stake_returns(&api, &current, &returns).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if is_conflict(&e) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Merge-patch the cluster's refund record (and `amountRefunded`), conditional on the version
+/// read.
+async fn patch_refund(
+    api: &Api<GpuCluster>,
+    cluster: &GpuCluster,
+    account: &str,
+    record: &SettlementRecord,
+    refunded: Option<u64>,
+) -> Result<(), kube::Error> {
+    let mut status = json!({"escrow": {"account": account, "refund": record}});
+    if let Some(amount) = refunded {
+        status["amountRefunded"] = json!(amount);
+    }
+    let patch = json!({"metadata": {"resourceVersion": cluster.metadata.resource_version}, "status": status});
+    api.patch_status(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch)).await.map(drop)
+}
+
+/// Merge-patch the offer's stake records, conditional on the version read.
+async fn patch_stake_returns(
+    api: &Api<GpuOffer>,
+    offer: &GpuOffer,
+    returns: &[SettlementRecord],
+) -> Result<(), kube::Error> {
+    let stake = offer.status.as_ref().and_then(|s| s.stake.clone()).unwrap_or_else(StakeStatus::default);
+    let patch = json!({
+        "metadata": {"resourceVersion": offer.metadata.resource_version},
+        "status": {"stake": {"account": stake.account, "bonded": stake.bonded, "returns": returns}},
+    });
+    api.patch_status(&offer.name_any(), &patch_params(), &Patch::Merge(&patch)).await.map(drop)
+}
+
+/// Insert the record of its period, or replace one that expired.
 fn upsert(status: &mut GpuLeaseStatus, record: SettlementRecord) {
     match status.settlements.iter_mut().find(|r| r.period == record.period) {
         Some(existing) => *existing = record,
@@ -490,35 +990,34 @@ fn upsert(status: &mut GpuLeaseStatus, record: SettlementRecord) {
     }
 }
 
-/// A payout landed: the record is confirmed and the lease's totals follow.
-fn confirm(status: &mut GpuLeaseStatus, meter: &Meter, mut record: SettlementRecord) {
-    record.state = SettlementState::Confirmed;
-    record.transaction = None;
+/// A payment landed: the record is confirmed, the lease's totals follow and old confirmed
+/// records are compacted.
+fn confirm(status: &mut GpuLeaseStatus, meter: &Meter, record: SettlementRecord) {
     upsert(status, record);
-    status.amount_settled = Some(confirmed_paid(&status.settlements));
-    status.settled_through = status
-        .settlements
-        .iter()
-        .filter(|r| r.state == SettlementState::Confirmed && is_payout_period(&r.period))
-        .map(|r| r.through.clone())
-        .max_by_key(|t| t.0);
+    compact(status);
+    let (confirmed, through) = {
+        let paid = Paid::of_status(status);
+        (paid.confirmed(), paid.confirmed_through())
+    };
+    status.amount_settled = Some(confirmed);
+    status.settled_through = through.map(Time);
     if let Some(end) = meter.end {
-        status.served_gpu_seconds = Some(meter.gpu_seconds_through(end));
-        if fully_settled(meter, &status.settlements) {
+        if fully_settled(meter, &Paid::of_status(status)) {
             status.phase = Some(LeasePhase::Settled);
         }
+        status.served_gpu_seconds = Some(meter.gpu_seconds_through(end));
     }
 }
 
-/// A recorded transaction can never land: its payouts are due again.
-fn expire(status: &mut GpuLeaseStatus, period: &str) {
-    if let Some(record) = status.settlements.iter_mut().find(|r| r.period == period) {
-        record.state = SettlementState::Expired;
-        record.transaction = None;
+/// A record that moves no tokens, confirmed as it is written (if it is still due).
+fn confirm_free(status: &mut GpuLeaseStatus, meter: &Meter, record: &SettlementRecord) {
+    if status.settlements.iter().any(|r| r.period == record.period && r.state != SettlementState::Expired) {
+        return;
     }
+    confirm(status, meter, record.clone());
 }
 
-/// Close an active lease's meter now, for lack of funds.
+/// Close an active lease's meter now, for lack of funds (an ended meter never moves).
 fn end_now(status: &mut GpuLeaseStatus, now: Timestamp) {
     if status.end_time.is_none() {
         status.phase = Some(LeasePhase::Ended);
@@ -527,8 +1026,16 @@ fn end_now(status: &mut GpuLeaseStatus, now: Timestamp) {
     }
 }
 
+async fn replace_lease_status(api: &Api<GpuLease>, lease: &GpuLease) -> Result<GpuLease, kube::Error> {
+    let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
+    let mut lease = lease.clone();
+    lease.metadata.managed_fields = None;
+    api.replace_status(&lease.name_any(), &params, &lease).await
+}
+
 /// Apply `change` to the lease's status and write it, conditional on the version read; on a
-/// conflict, read again and re-apply (every change here is idempotent).
+/// conflict, read again and re-apply (every change passed here is idempotent and checks what
+/// it changes).
 async fn update_lease(
     api: &Api<GpuLease>,
     lease: &GpuLease,
@@ -542,95 +1049,67 @@ async fn update_lease(
         let meter = Meter::of(&next);
         if let (Some(status), Some(end)) = (next.status.as_mut(), meter.end) {
             status.served_gpu_seconds.get_or_insert(meter.gpu_seconds_through(end));
+            status.hired_gpu_seconds.get_or_insert(meter.hired_gpu_seconds_through(end));
         }
         if next.status == current.status {
             return Ok(current);
         }
-        let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
-        match api.replace_status(&name, &params, &next).await {
+        match replace_lease_status(api, &next).await {
             Ok(updated) => return Ok(updated),
-            Err(kube::Error::Api(e)) if e.code == 409 => current = api.get_status(&name).await?,
+            Err(e) if is_conflict(&e) => current = api.get_status(&name).await?,
             Err(e) => return Err(e.into()),
         }
     }
 }
 
-async fn write_refund_record(
-    api: &Api<GpuCluster>,
-    name: &str,
-    record: &SettlementRecord,
-) -> Result<(), Error> {
-    let value = serde_json::to_string(record).map_err(kube::Error::SerdeError)?;
-    let patch = json!({"metadata": {"annotations": {REFUND_ANNOTATION: value}}});
-    api.patch(name, &patch_params(), &Patch::Merge(&patch)).await?;
-    Ok(())
-}
-
-/// Deleted clusters whose refund is confirmed are let go (the settlement finalizer removed).
-async fn release_refunded(
-    client: Client,
-    clusters: &[GpuCluster],
-    report: &mut RoundReport,
-) -> Result<(), Error> {
-    let done = clusters.iter().filter(|c| {
-        c.metadata.deletion_timestamp.is_some()
-            && c.finalizers().iter().any(|f| f == super::FINALIZER)
-            && super::refunded(c)
-    });
-    for cluster in done {
-        let api: Api<GpuCluster> =
-            Api::namespaced(client.clone(), &cluster.namespace().unwrap_or_default());
-        super::set_finalizer(&api, cluster, false).await?;
-        report.released += 1;
-    }
-    Ok(())
-}
-
 /// Each cluster's amountSettled: the confirmed payouts of all its leases.
 async fn publish_cluster_totals(
-    api: &Api<GpuCluster>,
+    client: &Client,
     leases: &[GpuLease],
     clusters: &[GpuCluster],
-) -> Result<(), Error> {
+    report: &mut RoundReport,
+) {
     let mut settled: HashMap<&str, u64> = HashMap::new();
     for lease in leases {
-        let paid = lease.status.as_ref().and_then(|s| s.amount_settled).unwrap_or(0);
-        *settled.entry(lease.spec.cluster.uid.as_str()).or_default() += paid;
+        *settled.entry(lease.spec.cluster.uid.as_str()).or_default() += Paid::of(lease).confirmed();
     }
     for cluster in clusters {
         let uid = cluster.metadata.uid.as_deref().unwrap_or_default();
         let Some(total) = settled.get(uid).copied() else { continue };
         if cluster.status.as_ref().and_then(|s| s.amount_settled) != Some(total) {
-            let ns_api: Api<GpuCluster> = Api::namespaced(
-                api.clone().into_client(),
-                &cluster.namespace().unwrap_or_default(),
-            );
             let patch = json!({"status": {"amountSettled": total}});
-            ns_api
-                .patch_status(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch))
-                .await?;
+            let api = cluster_api(client, cluster);
+            if let Err(e) = api.patch_status(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch)).await {
+                failed_write(report, &cluster.name_any(), &e.into());
+            }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::{mk_cluster, mk_lease, now};
+
+    /// A round runs on any runtime thread (`tokio::spawn`): its future is `Send`.
+    #[allow(dead_code)]
+    fn a_round_is_send(settler: &'static Settler, client: &'static Client) {
+        fn send<T: Send>(_: T) {}
+        send(settler.settle_round(client));
+    }
     use solana_keypair::Keypair;
     use solana_transaction::Hash;
 
     fn signed_payout(keys: &[String]) -> (String, String) {
         let authority = Keypair::new();
-        let escrow =
-            Escrow { authority: authority.pubkey(), mint: Keypair::new().pubkey(), decimals: 6 };
+        let custody =
+            Custody { authority: authority.pubkey(), mint: Keypair::new().pubkey(), decimals: 6 };
         let payments: Vec<Payment> = keys
             .iter()
-            .map(|k| Payment { key: k.clone(), wallet: Keypair::new().pubkey(), amount: 5 })
+            .map(|k| Payment { key: k.clone(), source: Pubkey::new_unique(), wallet: Keypair::new().pubkey(), amount: 5 })
             .collect();
         let ixs =
-            transaction::payout_instructions(&escrow, &payments, &HashSet::new()).expect("ixs");
+            transaction::payout_instructions(&custody, &payments, &HashSet::new()).expect("ixs");
         let tx = transaction::sign(&ixs, &authority, Hash::default()).expect("signed");
         (tx.signatures[0].to_string(), transaction::wire_base64(&tx).expect("wire"))
     }
@@ -653,31 +1132,37 @@ mod tests {
             amount: 5,
             signature: Some(signature.into()),
             last_valid_block_height: Some(77),
-            signed_slot: None,
+            signed_slot: Some(70),
             transaction: Some(wire.into()),
             state: SettlementState::Signed,
         }
+    }
+
+    fn listed(leases: Vec<GpuLease>) -> Listed {
+        Listed { leases, clusters: Vec::new(), offers: Vec::new() }
     }
 
     #[test]
     fn a_batch_is_complete_only_when_every_payout_in_it_is_recorded() {
         let keys = [memo::payout_key("a-uid", "0001"), memo::payout_key("b-uid", "0001")];
         let (signature, wire) = signed_payout(&keys);
-        let both = [
+        let authority = Pubkey::new_unique();
+        let both = listed(vec![
             lease_with("a", Some(signed("0001", &signature, &wire))),
             lease_with("b", Some(signed("0001", &signature, &wire))),
-        ];
-        let flights = in_flight(&both, &[]);
+        ]);
+        let flights = in_flight(&both, &authority);
         assert_eq!(flights.len(), 1);
         let flight = flights.values().next().expect("one flight");
-        assert_eq!((flight.holders.len(), flight.last_valid_block_height), (2, 77));
+        assert_eq!((flight.payments.len(), flight.last_valid_block_height, flight.signed_slot), (2, 77, 70));
         assert!(is_complete(flight));
+        let escrow = accounts::escrow_address(&authority, "c-0000-uid");
+        assert!(flight.payments.iter().all(|(_, _, source)| Some(*source) == escrow));
 
-        // A crash between the two records: b's payout is unrecorded and will be planned again,
-        // so this transaction must never be sent.
-        let partial =
-            [lease_with("a", Some(signed("0001", &signature, &wire))), lease_with("b", None)];
-        let flights = in_flight(&partial, &[]);
+        // A crash (or a lost write race) between the two records: b's payout is unrecorded and
+        // will be planned again, so this transaction must never be sent.
+        let partial = listed(vec![lease_with("a", Some(signed("0001", &signature, &wire))), lease_with("b", None)]);
+        let flights = in_flight(&partial, &authority);
         assert!(!is_complete(flights.values().next().expect("one flight")));
     }
 
@@ -687,23 +1172,21 @@ mod tests {
         lease.spec.price_per_gpu_hour = 3600;
         let status = lease.status.get_or_insert_default();
         status.phase = Some(LeasePhase::Ended);
-        status.end_time =
-            Some(Time(Timestamp::from_second(now().as_second() + 90).expect("valid")));
+        status.serving_since = Some(Time(now()));
+        status.end_time = Some(Time(Timestamp::from_second(now().as_second() + 90).expect("valid")));
         let meter = Meter::of(&lease);
         let status = lease.status.get_or_insert_default();
         let mut first = signed("0001", "s1", "w1");
         first.through = Time(Timestamp::from_second(now().as_second() + 60).expect("valid"));
         first.amount = 60;
-        confirm(status, &meter, first);
+        confirm(status, &meter, SettlementRecord { state: SettlementState::Confirmed, transaction: None, ..first });
         assert_eq!(status.amount_settled, Some(60));
         assert_eq!(status.phase, Some(LeasePhase::Ended));
-        assert_eq!(status.settlements[0].transaction, None, "bytes dropped once confirmed");
 
         let mut last = signed("0002", "s2", "w2");
         last.through = status.end_time.clone().expect("ended");
         last.amount = 30;
-        upsert(status, last.clone());
-        confirm(status, &meter, last);
+        confirm(status, &meter, SettlementRecord { state: SettlementState::Confirmed, transaction: None, ..last });
         assert_eq!(status.amount_settled, Some(90));
         assert_eq!(status.served_gpu_seconds, Some(90));
         assert_eq!(status.phase, Some(LeasePhase::Settled));
@@ -711,13 +1194,33 @@ mod tests {
     }
 
     #[test]
-    fn expiring_keeps_the_record_for_re_signing() {
-        let mut status = GpuLeaseStatus::default();
-        upsert(&mut status, signed("0001", "s1", "w1"));
-        expire(&mut status, "0001");
-        assert_eq!(status.settlements[0].state, SettlementState::Expired);
-        assert_eq!(status.settlements[0].transaction, None);
-        assert_eq!(status.settlements[0].amount, 5);
+    fn a_record_is_written_only_while_the_fresh_lease_still_plans_it() {
+        let period = std::time::Duration::from_secs(60);
+        let mut lease = lease_with("a", None);
+        lease.spec.price_per_gpu_hour = 3600;
+        let start = Timestamp::from_second(Timestamp::now().as_second() - 100).expect("valid");
+        lease.spec.start_time = Time(start);
+        lease.status.get_or_insert_default().serving_since = Some(Time(start));
+        let due = next_due(&Meter::of(&lease), &Paid::of(&lease), period, Timestamp::now()).expect("due");
+        let record = plan::new_record(due.period.clone(), due.through, due.amount);
+        assert!(still_due(&lease, &record, period));
+
+        // Another settler recorded it first: never replaced.
+        let mut raced = lease.clone();
+        raced.status.get_or_insert_default().settlements.push(SettlementRecord {
+            signature: Some("other".into()),
+            ..record.clone()
+        });
+        assert!(!still_due(&raced, &record, period));
+        // ...unless that record provably expired.
+        raced.status.get_or_insert_default().settlements[0].state = SettlementState::Expired;
+        assert!(still_due(&raced, &record, period));
+
+        // The lease ended meanwhile, before the period boundary: the planned amount is stale.
+        let mut ended = lease.clone();
+        ended.status.get_or_insert_default().end_time =
+            Some(Time(Timestamp::from_second(start.as_second() + 30).expect("valid")));
+        assert!(!still_due(&ended, &record, period));
     }
 
     #[test]
@@ -728,5 +1231,12 @@ mod tests {
         let later = Timestamp::from_second(now().as_second() + 5).expect("valid");
         end_now(&mut status, later);
         assert_eq!(status.end_time, Some(Time(now())), "an ended meter never moves");
+        let mut failed = GpuLeaseStatus {
+            end_reason: Some(EndReason::SupplierFailure),
+            end_time: Some(Time(now())),
+            ..Default::default()
+        };
+        end_now(&mut failed, later);
+        assert_eq!(failed.end_reason, Some(EndReason::SupplierFailure), "never flips a reason");
     }
 }

@@ -1,6 +1,7 @@
-//! Building settlement transactions: SPL `TransferChecked` from the escrow, associated token
-//! accounts created where missing, a memo with the idempotency keys, and batches of payouts
-//! that fit in one transaction.
+//! Building settlement transactions: SPL `TransferChecked` out of a cluster's escrow or a node's
+//! stake account, recipients' associated token accounts created where missing, a memo with the
+//! idempotency keys, batches of payments that fit in one transaction, refunds that empty and
+//! close an escrow, and the creation of escrow and stake accounts.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -11,32 +12,29 @@ use solana_transaction::{Hash, Instruction, Message, Transaction};
 use spl_associated_token_account_interface::address::get_associated_token_address;
 use spl_associated_token_account_interface::instruction::create_associated_token_account_idempotent;
 
+use super::accounts::TOKEN_ACCOUNT_LEN;
 use super::memo;
 
 /// Largest serialised transaction the network accepts (an IPv6 packet less headers).
 pub const MAX_TRANSACTION_BYTES: usize = 1232;
 
-/// The accounts every settlement transaction uses.
+/// Who holds the settlement accounts, and of which mint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Escrow {
-    /// The settlement authority: owns the escrow token account, signs and pays fees.
+pub struct Custody {
+    /// The settlement authority: token owner of every escrow and stake account, signs and pays
+    /// fees and rent.
     pub authority: Pubkey,
     pub mint: Pubkey,
     pub decimals: u8,
 }
 
-impl Escrow {
-    /// The escrow token account: the authority's associated token account of the mint.
-    pub fn account(&self) -> Pubkey {
-        get_associated_token_address(&self.authority, &self.mint)
-    }
-}
-
-/// One payment out of escrow.
+/// One payment out of an escrow or stake account.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Payment {
     /// Idempotency key written in the memo.
     pub key: String,
+    /// The escrow or stake account paid from.
+    pub source: Pubkey,
     /// Wallet paid (its associated token account receives the tokens).
     pub wallet: Pubkey,
     pub amount: u64,
@@ -52,72 +50,139 @@ pub enum BuildError {
     Sign(String),
 }
 
-/// Instructions paying `payments` with `memo`: create the recipients' associated token accounts
-/// listed in `missing` (idempotently), one `TransferChecked` per recipient (payments to the same
-/// wallet merged), then the memo.
-pub fn instructions(
-    escrow: &Escrow,
+fn transfer(
+    custody: &Custody,
+    source: &Pubkey,
+    wallet: &Pubkey,
+    amount: u64,
+) -> Result<Instruction, BuildError> {
+    spl_token_interface::instruction::transfer_checked(
+        &spl_token_interface::id(),
+        source,
+        &custody.mint,
+        &get_associated_token_address(wallet, &custody.mint),
+        &custody.authority,
+        &[],
+        amount,
+        custody.decimals,
+    )
+    .map_err(|e| BuildError::Token(e.to_string()))
+}
+
+fn create_missing(custody: &Custody, wallets: &[Pubkey], missing: &HashSet<Pubkey>) -> Vec<Instruction> {
+    let mut created: Vec<&Pubkey> = wallets.iter().filter(|w| missing.contains(w)).collect();
+    created.sort();
+    created.dedup();
+    created
+        .into_iter()
+        .map(|wallet| {
+            create_associated_token_account_idempotent(
+                &custody.authority,
+                wallet,
+                &custody.mint,
+                &spl_token_interface::id(),
+            )
+        })
+        .collect()
+}
+
+fn memo_instruction(text: &str) -> Instruction {
+    spl_memo_interface::instruction::build_memo(&spl_memo_interface::v3::id(), text.as_bytes(), &[])
+}
+
+/// Instructions of a payout transaction: the recipients' associated token accounts listed in
+/// `missing` created (idempotently), one `TransferChecked` per source and recipient (payments
+/// between the same two merged), then a memo of every key.
+pub fn payout_instructions(
+    custody: &Custody,
     payments: &[Payment],
     missing: &HashSet<Pubkey>,
-    memo_text: &str,
 ) -> Result<Vec<Instruction>, BuildError> {
-    let mut per_wallet: BTreeMap<Pubkey, u64> = BTreeMap::new();
+    let mut merged: BTreeMap<(Pubkey, Pubkey), u64> = BTreeMap::new();
     for p in payments {
-        let total = per_wallet.entry(p.wallet).or_default();
+        let total = merged.entry((p.source, p.wallet)).or_default();
         *total = total.saturating_add(p.amount);
     }
-    let token_program = spl_token_interface::id();
-    let mut ixs = Vec::new();
-    for wallet in per_wallet.keys().filter(|w| missing.contains(w)) {
-        ixs.push(create_associated_token_account_idempotent(
-            &escrow.authority,
-            wallet,
-            &escrow.mint,
-            &token_program,
-        ));
+    let wallets: Vec<Pubkey> = payments.iter().map(|p| p.wallet).collect();
+    let mut ixs = create_missing(custody, &wallets, missing);
+    for ((source, wallet), amount) in merged.iter().filter(|(_, amount)| **amount > 0) {
+        ixs.push(transfer(custody, source, wallet, *amount)?);
     }
-    for (wallet, amount) in per_wallet.iter().filter(|(_, amount)| **amount > 0) {
-        ixs.push(
-            spl_token_interface::instruction::transfer_checked(
-                &token_program,
-                &escrow.account(),
-                &escrow.mint,
-                &get_associated_token_address(wallet, &escrow.mint),
-                &escrow.authority,
-                &[],
-                *amount,
-                escrow.decimals,
-            )
-            .map_err(|e| BuildError::Token(e.to_string()))?,
-        );
-    }
-    ixs.push(spl_memo_interface::instruction::build_memo(
-        &spl_memo_interface::v3::id(),
-        memo_text.as_bytes(),
-        &[],
-    ));
+    ixs.push(memo_instruction(&memo::payout_memo(payments.iter().map(|p| p.key.as_str()))));
     Ok(ixs)
 }
 
-/// Instructions of a payout transaction: the payments and a memo of their keys.
-pub fn payout_instructions(
-    escrow: &Escrow,
-    payments: &[Payment],
-    missing: &HashSet<Pubkey>,
+/// Instructions of a refund: the whole `balance` of the cluster's escrow to the buyer and the
+/// escrow closed (its rent back to the authority), with the cluster uid as memo. Closing fails
+/// unless the account is empty, so a deposit landing after the balance was read makes the whole
+/// transaction fail: nothing is ever left behind in a closed escrow.
+pub fn refund_instructions(
+    custody: &Custody,
+    escrow: &Pubkey,
+    buyer: &Pubkey,
+    balance: u64,
+    buyer_has_account: bool,
+    cluster_uid: &str,
 ) -> Result<Vec<Instruction>, BuildError> {
-    let memo_text = memo::payout_memo(payments.iter().map(|p| p.key.as_str()));
-    instructions(escrow, payments, missing, &memo_text)
+    let mut ixs = Vec::new();
+    if balance > 0 {
+        let missing: HashSet<Pubkey> =
+            if buyer_has_account { HashSet::new() } else { HashSet::from([*buyer]) };
+        ixs.extend(create_missing(custody, &[*buyer], &missing));
+        ixs.push(transfer(custody, escrow, buyer, balance)?);
+    }
+    ixs.push(
+        spl_token_interface::instruction::close_account(
+            &spl_token_interface::id(),
+            escrow,
+            &custody.authority,
+            &custody.authority,
+            &[],
+        )
+        .map_err(|e| BuildError::Token(e.to_string()))?,
+    );
+    ixs.push(memo_instruction(&memo::refund_memo(cluster_uid)));
+    Ok(ixs)
+}
+
+/// Instructions creating the token account at `seed` of the authority (an escrow or a stake
+/// account), funded with `rent` lamports by the authority.
+pub fn open_account_instructions(
+    custody: &Custody,
+    seed: &str,
+    address: &Pubkey,
+    rent: u64,
+) -> Result<Vec<Instruction>, BuildError> {
+    let token = spl_token_interface::id();
+    Ok(vec![
+        solana_system_interface::instruction::create_account_with_seed(
+            &custody.authority,
+            address,
+            &custody.authority,
+            seed,
+            rent,
+            TOKEN_ACCOUNT_LEN as u64,
+            &token,
+        ),
+        spl_token_interface::instruction::initialize_account3(
+            &token,
+            address,
+            &custody.mint,
+            &custody.authority,
+        )
+        .map_err(|e| BuildError::Token(e.to_string()))?,
+    ])
 }
 
 /// Serialised size of a transaction of these instructions, signatures included.
-pub fn transaction_size(escrow: &Escrow, ixs: &[Instruction]) -> usize {
-    let tx = Transaction::new_unsigned(Message::new(ixs, Some(&escrow.authority)));
+pub fn transaction_size(custody: &Custody, ixs: &[Instruction]) -> usize {
+    let tx = Transaction::new_unsigned(Message::new(ixs, Some(&custody.authority)));
     bincode::serialized_size(&tx).map_or(usize::MAX, |n| n as usize)
 }
 
 /// Split payments into batches that each fit in one payout transaction, in order.
 pub fn batches(
-    escrow: &Escrow,
+    custody: &Custody,
     payments: Vec<Payment>,
     missing: &HashSet<Pubkey>,
 ) -> Result<Vec<Vec<Payment>>, BuildError> {
@@ -125,7 +190,7 @@ pub fn batches(
     let mut current: Vec<Payment> = Vec::new();
     for payment in payments {
         current.push(payment);
-        let size = transaction_size(escrow, &payout_instructions(escrow, &current, missing)?);
+        let size = transaction_size(custody, &payout_instructions(custody, &current, missing)?);
         if size > MAX_TRANSACTION_BYTES {
             let overflow = current.pop().ok_or(BuildError::TooLarge)?;
             if current.is_empty() {
@@ -175,17 +240,18 @@ pub fn memo_of_wire(base64_tx: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn escrow() -> (Keypair, Escrow) {
+    fn custody() -> (Keypair, Custody) {
         let authority = Keypair::new();
-        let escrow =
-            Escrow { authority: authority.pubkey(), mint: Keypair::new().pubkey(), decimals: 6 };
-        (authority, escrow)
+        let custody =
+            Custody { authority: authority.pubkey(), mint: Keypair::new().pubkey(), decimals: 6 };
+        (authority, custody)
     }
 
-    fn payments(n: usize, wallets: &[Pubkey]) -> Vec<Payment> {
+    fn payments(n: usize, sources: &[Pubkey], wallets: &[Pubkey]) -> Vec<Payment> {
         (0..n)
             .map(|i| Payment {
                 key: memo::payout_key(&format!("lease-{i}"), "0001"),
+                source: sources[i % sources.len()],
                 wallet: wallets[i % wallets.len()],
                 amount: 1000 + i as u64,
             })
@@ -194,14 +260,15 @@ mod tests {
 
     #[test]
     fn batches_fit_the_size_limit_and_keep_every_payment_once() {
-        let (authority, escrow) = escrow();
+        let (authority, custody) = custody();
         let wallets: Vec<Pubkey> = (0..3).map(|_| Keypair::new().pubkey()).collect();
+        let sources = [Pubkey::new_unique()];
         let missing: HashSet<Pubkey> = wallets.iter().take(1).copied().collect();
-        let all = payments(500, &wallets);
-        let batches = batches(&escrow, all.clone(), &missing).expect("batches");
+        let all = payments(500, &sources, &wallets);
+        let batches = batches(&custody, all.clone(), &missing).expect("batches");
         assert_eq!(batches.concat(), all, "in order, none lost or repeated");
         for batch in &batches {
-            let ixs = payout_instructions(&escrow, batch, &missing).expect("ixs");
+            let ixs = payout_instructions(&custody, batch, &missing).expect("ixs");
             let tx = sign(&ixs, &authority, Hash::default()).expect("signed");
             let wire = bincode::serialize(&tx).expect("serialise");
             assert!(wire.len() <= MAX_TRANSACTION_BYTES, "{} bytes", wire.len());
@@ -211,25 +278,53 @@ mod tests {
     }
 
     #[test]
-    fn payments_to_one_wallet_are_one_transfer() {
-        let (_, escrow) = escrow();
+    fn payments_between_the_same_accounts_are_one_transfer() {
+        let (_, custody) = custody();
         let wallet = Keypair::new().pubkey();
-        let ixs =
-            payout_instructions(&escrow, &payments(3, &[wallet]), &HashSet::new()).expect("ixs");
+        let (a, b) = (Pubkey::new_unique(), Pubkey::new_unique());
+        let ixs = payout_instructions(&custody, &payments(3, &[a], &[wallet]), &HashSet::new())
+            .expect("ixs");
         assert_eq!(ixs.len(), 2, "one merged transfer and the memo");
-        let with_ata =
-            payout_instructions(&escrow, &payments(3, &[wallet]), &HashSet::from([wallet]))
+        let two_sources =
+            payout_instructions(&custody, &payments(4, &[a, b], &[wallet]), &HashSet::from([wallet]))
                 .expect("ixs");
-        assert_eq!(with_ata.len(), 3, "the missing token account is created first");
-        assert_eq!(with_ata[0].program_id, spl_associated_token_account_interface::program::id());
+        assert_eq!(two_sources.len(), 4, "the missing account, a transfer per source, the memo");
+        assert_eq!(
+            two_sources[0].program_id,
+            spl_associated_token_account_interface::program::id()
+        );
+        let sources: HashSet<Pubkey> =
+            two_sources[1..3].iter().map(|ix| ix.accounts[0].pubkey).collect();
+        assert_eq!(sources, HashSet::from([a, b]), "each transfer draws on its own account");
+    }
+
+    #[test]
+    fn a_refund_empties_and_closes_the_escrow() {
+        let (_, custody) = custody();
+        let (escrow, buyer) = (Pubkey::new_unique(), Pubkey::new_unique());
+        let ixs = refund_instructions(&custody, &escrow, &buyer, 70, false, "uid").expect("ixs");
+        let programs: Vec<Pubkey> = ixs.iter().map(|ix| ix.program_id).collect();
+        let token = spl_token_interface::id();
+        assert_eq!(
+            programs,
+            [
+                spl_associated_token_account_interface::program::id(),
+                token,
+                token,
+                spl_memo_interface::v3::id()
+            ]
+        );
+        assert_eq!(ixs[2].accounts[1].pubkey, custody.authority, "rent back to the authority");
+        let empty = refund_instructions(&custody, &escrow, &buyer, 0, true, "uid").expect("ixs");
+        assert_eq!(empty.len(), 2, "an empty escrow is only closed");
     }
 
     #[test]
     fn recorded_bytes_give_back_their_memo() {
-        let (authority, escrow) = escrow();
-        let batch = payments(2, &[Keypair::new().pubkey()]);
+        let (authority, custody) = custody();
+        let batch = payments(2, &[Pubkey::new_unique()], &[Keypair::new().pubkey()]);
         let tx = sign(
-            &payout_instructions(&escrow, &batch, &HashSet::new()).expect("ixs"),
+            &payout_instructions(&custody, &batch, &HashSet::new()).expect("ixs"),
             &authority,
             Hash::default(),
         )
