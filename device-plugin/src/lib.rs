@@ -1,5 +1,6 @@
 //! gpumarket supplier agent: discovers the node's GPUs (NVML, or a fake for simulation), serves
-//! them to the kubelet as a device plugin, and offers them on the market as the node's
+//! them to the kubelet as a device plugin (to the worker pods of the node's leases only, each
+//! its own lease's GPUs: see [`allocation`]), and offers them on the market as the node's
 //! `GpuOffer`, heartbeating it with per-GPU health.
 //!
 //! The node is tainted `gpumarket.io/supplier:NoSchedule` and labelled

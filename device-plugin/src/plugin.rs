@@ -94,20 +94,20 @@ impl LeaseGate {
                 },
                 Err(e) => GateError::Kubelet(e),
             };
-            let waited = match &error {
-                GateError::Refused(_) => tokio::time::timeout_at(deadline, leases.changed())
-                    .await
-                    // No lease source any more: nothing will change.
-                    .is_ok_and(|changed| changed.is_ok()),
-                GateError::Kubelet(_) => {
-                    tokio::time::sleep_until(
-                        deadline.min(tokio::time::Instant::now() + KUBELET_RETRY),
-                    )
-                    .await;
-                    true
-                }
-            };
-            if !waited || tokio::time::Instant::now() >= deadline {
+            // Decided again after each change that came in time; past the deadline, refused.
+            let now = tokio::time::Instant::now();
+            let waited = now < deadline
+                && match &error {
+                    GateError::Refused(_) => tokio::time::timeout_at(deadline, leases.changed())
+                        .await
+                        // No lease source any more: nothing will change.
+                        .is_ok_and(|changed| changed.is_ok()),
+                    GateError::Kubelet(_) => {
+                        tokio::time::sleep_until(deadline.min(now + KUBELET_RETRY)).await;
+                        true
+                    }
+                };
+            if !waited {
                 return Err(error);
             }
         }

@@ -8,6 +8,7 @@
 //! `GPUMARKET_KEEP_ENV=1`.
 
 pub mod certs;
+pub mod chaos;
 pub mod control_plane;
 pub mod crds;
 pub mod demo;

@@ -211,7 +211,7 @@ fn leader_election_is_on_by_default_and_recreate_keeps_two_settlers_apart_withou
     let deployment = find(&default, "Deployment", "gpumarket-controller");
     assert_eq!(deployment["spec"]["replicas"], 1);
     let args = args_of(deployment);
-    assert!(args.contains(&"--leader-election".to_owned()), "{args:?}");
+    assert!(args.contains(&"--leader-election=true".to_owned()), "{args:?}");
     assert!(args.contains(&"--leader-election-lease=gpumarket-controller".to_owned()), "{args:?}");
     assert_eq!(deployment["spec"]["strategy"], json!({"type": "RollingUpdate"}));
     assert_eq!(find(&default, "Role", "gpumarket-controller-leader-election")["rules"], lease_role);
@@ -220,7 +220,10 @@ fn leader_election_is_on_by_default_and_recreate_keeps_two_settlers_apart_withou
     // Turned off: no Lease, and the old pod is gone before the new one starts.
     let single = render(&[], &["controller.leaderElection=false"]);
     let deployment = find(&single, "Deployment", "gpumarket-controller");
-    assert!(!args_of(deployment).iter().any(|a| a.starts_with("--leader-election")));
+    // (The controller elects by default: the chart says so explicitly.)
+    let args = args_of(deployment);
+    assert!(args.contains(&"--leader-election=false".to_owned()), "{args:?}");
+    assert!(!args.iter().any(|a| a.starts_with("--leader-election-lease")), "{args:?}");
     assert_eq!(deployment["spec"]["strategy"], json!({"type": "Recreate"}));
     assert!(!has_kind(&single, "Role"), "no lease permissions without leader election");
 
@@ -228,7 +231,7 @@ fn leader_election_is_on_by_default_and_recreate_keeps_two_settlers_apart_withou
     let replicated = render(&[], &["controller.replicas=3", "controller.leaderElection=false"]);
     let deployment = find(&replicated, "Deployment", "gpumarket-controller");
     assert_eq!(deployment["spec"]["replicas"], 3);
-    assert!(args_of(deployment).contains(&"--leader-election".to_owned()));
+    assert!(args_of(deployment).contains(&"--leader-election=true".to_owned()));
     assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate");
     let budget = find(&replicated, "PodDisruptionBudget", "gpumarket-controller");
     assert_eq!(budget["spec"]["minAvailable"], 1);

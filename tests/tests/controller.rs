@@ -779,7 +779,8 @@ async fn a_cluster_out_of_funds_ends_instead_of_replacing_its_workers() {
 
     // What settlement does when the escrow runs dry.
     let patch = json!({"status": {
-        "phase": "Ended", "endTime": jiff::Timestamp::now(), "endReason": "OutOfFunds",
+        "phase": "Ended", "endTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+        "endReason": "OutOfFunds",
     }});
     Api::<GpuLease>::all(client.clone())
         .patch_status(&leases[0].name_any(), &PatchParams::default(), &Patch::Merge(&patch))

@@ -170,6 +170,7 @@ impl Fixture {
             status: None,
         };
         let created = api.create(&PostParams::default(), &lease).await?;
+        let (start, end) = (Time(start), end.map(Time));
         let status = match end {
             None => json!({"status": {"phase": "Active", "servingSince": start}}),
             Some(end) => json!({"status": {"phase": "Ended", "servingSince": start,
@@ -180,8 +181,10 @@ impl Fixture {
             .await?)
     }
 
+    /// End the lease at `end` (whole seconds, as Kubernetes times are written).
     async fn end_lease(&self, lease: &GpuLease, end: Timestamp, reason: EndReason) -> Result<()> {
         let api: Api<GpuLease> = Api::all(self.client.clone());
+        let end = Time(Timestamp::from_second(end.as_second())?);
         let patch = json!({"status": {"phase": "Ended", "endTime": end, "endReason": reason}});
         api.patch_status(&lease.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
         Ok(())

@@ -497,7 +497,7 @@ impl Settler {
         for p in done {
             tracing::warn!(key = %p.payment.key, holder = ?p.holder, "payment already on chain without its record: confirmed, not paid again");
             let outcome = Outcome::Confirmed(paid[&p.payment.key].clone());
-            let recorded = record_new(client, leases, &p, self.config.period, None).await;
+            let recorded = record_new(client, leases, &p, self.config.period, None, None).await;
             let settled = match recorded {
                 Ok(true) => settle_holder(client, events, &p.holder, "", &outcome).await,
                 Ok(false) => Ok(()),
@@ -517,12 +517,35 @@ impl Settler {
         let missing = chain::wallets_without_token_account(&self.rpc, &wallets, &custody.mint).await?;
         let payments: Vec<Payment> = planned.iter().map(|p| p.payment.clone()).collect();
         let batches = transaction::batches(custody, payments, &missing)?;
-        let (blockhash, last_valid_block_height, slot) = chain::latest_blockhash_and_slot(&self.rpc).await?;
         let mut planned = planned.into_iter();
         for batch in batches {
             let members: Vec<Planned> = planned.by_ref().take(batch.len()).collect();
+            self.sign_record_send(client, custody, leases, members, &missing, report).await?;
+        }
+        Ok(())
+    }
+
+    /// Sign one transaction of `members`, record every payment in it, send it once all are
+    /// recorded. When some could not be recorded (a lost race, an unwritable object), that
+    /// transaction is never sent, and the ones recorded are signed again at once without the
+    /// others (their records, naming a transaction nobody can send, are rewritten), so that one
+    /// bad object does not hold up the payments it shares a transaction with.
+    async fn sign_record_send(
+        &self,
+        client: &Client,
+        custody: &Custody,
+        leases: &HashMap<String, &GpuLease>,
+        mut members: Vec<Planned>,
+        missing: &HashSet<Pubkey>,
+        report: &mut RoundReport,
+    ) -> Result<(), Error> {
+        let mut unsent: Option<String> = None;
+        loop {
+            let (blockhash, last_valid_block_height, slot) =
+                chain::latest_blockhash_and_slot(&self.rpc).await?;
+            let payments: Vec<Payment> = members.iter().map(|p| p.payment.clone()).collect();
             let tx = transaction::sign(
-                &transaction::payout_instructions(custody, &batch, &missing)?,
+                &transaction::payout_instructions(custody, &payments, missing)?,
                 &self.authority,
                 blockhash,
             )?;
@@ -539,37 +562,40 @@ impl Settler {
                         transaction: Some(wire.clone()),
                         ..member.record.clone()
                     };
-                    record_new(client, leases, member, self.config.period, Some(signed)).boxed()
+                    let period = self.config.period;
+                    record_new(client, leases, member, period, Some(signed), unsent.as_deref())
+                        .boxed()
                 })
                 .collect();
-            let recorded: Vec<Result<bool, Error>> =
-                futures::stream::iter(recording).buffer_unordered(CONCURRENT_WRITES).collect().await;
-            let mut all_recorded = true;
-            for result in recorded {
+            let results: Vec<Result<bool, Error>> =
+                futures::stream::iter(recording).buffered(CONCURRENT_WRITES).collect().await;
+            let mut recorded = Vec::new();
+            for (member, result) in members.into_iter().zip(results) {
                 match result {
-                    Ok(true) => {}
-                    Ok(false) => all_recorded = false,
-                    Err(e) => {
-                        all_recorded = false;
-                        failed_write(report, "payout record", &e);
-                    }
+                    Ok(true) => recorded.push(member),
+                    Ok(false) => {}
+                    Err(e) => failed_write(report, &format!("{:?}", member.holder), &e),
                 }
             }
             self.crash_if(CrashPoint::AfterRecord)?;
-            if !all_recorded {
-                // Some payment of it is recorded elsewhere or not at all: it will be planned
-                // again, so this transaction must never land. Its records expire with it.
-                tracing::warn!(?signature, "not every payment of a transaction could be recorded: not sent");
-                report.transactions_held += 1;
-                continue;
+            if recorded.len() == payments.len() {
+                self.check_fence().await?;
+                chain::send_wire(&self.rpc, &wire).await?;
+                self.crash_if(CrashPoint::AfterSend)?;
+                report.transactions_sent += 1;
+                report.payouts_sent += recorded.len();
+                return Ok(());
             }
-            self.check_fence().await?;
-            chain::send_wire(&self.rpc, &wire).await?;
-            self.crash_if(CrashPoint::AfterSend)?;
-            report.transactions_sent += 1;
-            report.payouts_sent += members.len();
+            // Some payment of it is recorded elsewhere or not at all: this transaction must
+            // never land (its recorded payments expire with it if nothing replaces them).
+            tracing::warn!(?signature, recorded = recorded.len(), of = payments.len(), "not every payment of a transaction could be recorded: not sent");
+            report.transactions_held += 1;
+            if recorded.is_empty() || unsent.is_some() {
+                return Ok(());
+            }
+            members = recorded;
+            unsent = signature;
         }
-        Ok(())
     }
 
     async fn refund(
@@ -780,22 +806,32 @@ fn is_complete(flight: &Flight) -> bool {
 /// fresh, still plans exactly this payment (no other record for it that may still pay, and for
 /// a lease payout the same period and time, for no more than is due). `signed` is the record
 /// to write (its transaction signed); `None` writes the planned record itself (a payment found
-/// already made). Returns whether it was written.
+/// already made). A record of this settler's own naming `unsent` (a transaction it signed and
+/// never sent, which nobody can send: see [`is_complete`]) may be replaced. Returns whether it
+/// was written.
 async fn record_new(
     client: &Client,
     leases: &HashMap<String, &GpuLease>,
     planned: &Planned,
     period: std::time::Duration,
     signed: Option<SettlementRecord>,
+    unsent: Option<&str>,
 ) -> Result<bool, Error> {
     let record = signed.unwrap_or_else(|| planned.record.clone());
+    let own = |r: &SettlementRecord| {
+        unsent.is_some() && r.state == SettlementState::Signed && r.signature.as_deref() == unsent
+    };
     match &planned.holder {
         Holder::Lease { name, .. } => {
             let Some(lease) = leases.get(name) else { return Ok(false) };
             let api: Api<GpuLease> = Api::all(client.clone());
             let mut current = (*lease).clone();
             for _ in 0..WRITE_ATTEMPTS {
-                if !still_due(&current, &record, period) {
+                let mut view = current.clone();
+                if let Some(status) = view.status.as_mut() {
+                    status.settlements.retain(|r| !own(r));
+                }
+                if !still_due(&view, &record, period) {
                     return Ok(false);
                 }
                 let mut next = current.clone();
@@ -813,7 +849,11 @@ async fn record_new(
             for _ in 0..WRITE_ATTEMPTS {
                 let current = api.get_status(offer).await?;
                 let stake = current.status.as_ref().and_then(|s| s.stake.clone()).unwrap_or_default();
-                if stake.returns.iter().any(|r| &r.period == what && r.state != SettlementState::Expired) {
+                if stake
+                    .returns
+                    .iter()
+                    .any(|r| &r.period == what && r.state != SettlementState::Expired && !own(r))
+                {
                     return Ok(false);
                 }
                 let mut returns = stake.returns.clone();
