@@ -481,7 +481,7 @@ async fn racing_clusters_and_replicas_never_share_a_gpu() {
 }
 
 #[tokio::test]
-async fn silent_supplier_is_replaced_and_the_head_stays() {
+async fn silent_supplier_is_replaced_even_with_a_heartbeat_from_the_future_and_the_head_stays() {
     let (_turn, env, client, ns) = setup("ctl-failure").await;
     let mut suppliers = [
         Supplier::start(env, &client, "ctl-fail-a", "fail", 4, 1_000_000).await,
@@ -497,8 +497,20 @@ async fn silent_supplier_is_replaced_and_the_head_stays() {
     let used = pinned_nodes(&before);
     assert_eq!(used.len(), 2);
 
+    // The victim's agent goes silent, its last heartbeat dated an hour ahead (a lying or badly
+    // skewed clock): that must not keep the dead offer fresh.
     let victim = used.iter().next().unwrap().clone();
     suppliers.iter_mut().find(|s| s.name == victim).unwrap().stop();
+    let ahead = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+    let lie = json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuOffer",
+        "status": {"lastHeartbeat": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ahead)},
+    });
+    Api::<GpuOffer>::all(client.clone())
+        .patch_status(&victim, &PatchParams::apply("test-agent").force(), &Patch::Apply(&lie))
+        .await
+        .unwrap();
     let spare: BTreeSet<String> =
         suppliers.iter().map(|s| s.name.clone()).filter(|n| !used.contains(n)).collect();
 
