@@ -70,17 +70,23 @@ pub struct Context {
 /// The cache shows a claim within this time, or the claim was undone (rolled back, released).
 const RECENT_CLAIM_TTL: Duration = Duration::from_secs(30);
 
+/// The caches a Context reads, filled by their own watches.
+pub struct Caches {
+    pub offers: Store<GpuOffer>,
+    pub leases: Store<GpuLease>,
+    pub clusters: Store<GpuCluster>,
+    pub pods: Store<Pod>,
+}
+
 impl Context {
     pub fn new(
         client: Client,
         metrics: Arc<Metrics>,
         settings: Settings,
-        offers: Store<GpuOffer>,
-        leases: Store<GpuLease>,
-        clusters: Store<GpuCluster>,
-        pods: Store<Pod>,
+        caches: Caches,
         settler: Option<Arc<Settler>>,
     ) -> Self {
+        let Caches { offers, leases, clusters, pods } = caches;
         let reporter =
             Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Context {

@@ -121,7 +121,13 @@ impl Fence {
         let Some(spec) = lease.spec else { return false };
         let renewed = spec.renew_time.map(|t| t.0);
         let duration = spec.lease_duration_seconds.and_then(|s| u64::try_from(s).ok());
-        fence_holds(spec.holder_identity.as_deref(), &self.identity, renewed, duration, jiff::Timestamp::now())
+        fence_holds(
+            spec.holder_identity.as_deref(),
+            &self.identity,
+            renewed,
+            duration,
+            jiff::Timestamp::now(),
+        )
     }
 }
 
@@ -134,7 +140,8 @@ fn fence_holds(
     now: jiff::Timestamp,
 ) -> bool {
     let (Some(renewed), Some(seconds)) = (renewed, duration_seconds) else { return false };
-    let Ok(valid) = jiff::SignedDuration::try_from(Duration::from_secs(seconds).saturating_sub(FENCE_MARGIN))
+    let Ok(valid) =
+        jiff::SignedDuration::try_from(Duration::from_secs(seconds).saturating_sub(FENCE_MARGIN))
     else {
         return false;
     };

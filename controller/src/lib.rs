@@ -163,10 +163,12 @@ async fn run_controllers(
         client,
         metrics,
         settings,
-        offer_store,
-        lease_store,
-        cluster_store,
-        pod_store,
+        context::Caches {
+            offers: offer_store,
+            leases: lease_store,
+            clusters: cluster_store,
+            pods: pod_store,
+        },
         settler,
     ));
     let clusters = cluster::controller(&ctx);

@@ -10,10 +10,10 @@ use clap::Parser;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+use gpumarket_controller::leader::Fence;
 use gpumarket_controller::settlement::stake::parse_min_per_gpu;
 use gpumarket_controller::settlement::{SettlementConfig, Settler, StakePolicy};
 use gpumarket_controller::simulate::Simulation;
-use gpumarket_controller::leader::Fence;
 use gpumarket_controller::{Config, LeaderElection, Settings};
 use gpumarket_crds::GpuTier;
 use gpumarket_crds::common::parse_duration;

@@ -15,8 +15,8 @@ pub use cluster::{
 };
 pub use common::{Amount, GpuTier, Interconnect, OfferMode, Placement};
 pub use lease::{
-    ClusterRef, CompactedSettlements, EndReason, GpuLease, GpuLeaseSpec, GpuLeaseStatus, LeasePhase,
-    LeasePod, SettlementRecord, SettlementState,
+    ClusterRef, CompactedSettlements, EndReason, GpuLease, GpuLeaseSpec, GpuLeaseStatus,
+    LeasePhase, LeasePod, SettlementRecord, SettlementState,
 };
 pub use offer::{
     GpuHealth, GpuOffer, GpuOfferSpec, GpuOfferStatus, GpuState, OfferedGpu, Reputation,

@@ -658,11 +658,20 @@ async fn a_settled_cluster_pays_its_staked_supplier_for_served_time_and_refunds_
     let asked = eventually("the deposit asked for", WAIT, || async {
         let status = clusters.get("paid").await.ok()?.status?;
         let funded = status.conditions.into_iter().find(|c| c.type_ == "Funded")?;
-        (funded.status == "False" && funded.message.contains("escrow account")).then_some(funded.message)
+        (funded.status == "False" && funded.message.contains("escrow account"))
+            .then_some(funded.message)
     })
     .await;
     let escrow = eventually("the escrow recorded", WAIT, || async {
-        clusters.get("paid").await.ok()?.status?.escrow?.account.parse::<solana_sdk::pubkey::Pubkey>().ok()
+        clusters
+            .get("paid")
+            .await
+            .ok()?
+            .status?
+            .escrow?
+            .account
+            .parse::<solana_sdk::pubkey::Pubkey>()
+            .ok()
     })
     .await;
     assert!(

@@ -396,8 +396,7 @@ async fn a_cluster_is_refunded_once_whatever_its_record_says_later() -> Result<(
         spl_memo_interface::instruction::build_memo(&spl_memo_interface::v3::id(), b"first", &[]),
         spl_memo_interface::instruction::build_memo(&spl_memo_interface::v3::id(), b"second", &[]),
     ];
-    gpumarket_tests::solana::send_with_retry(&fx.sol.rpc(), &two_memos, &buyer, &[&buyer])
-        .await?;
+    gpumarket_tests::solana::send_with_retry(&fx.sol.rpc(), &two_memos, &buyer, &[&buyer]).await?;
     fx.set_cluster_phase(&cluster, "Completed").await?;
     let before = fx.balance(&buyer.pubkey()).await?;
     let status = fx.settle_until_refunded(&fx.settler, "once").await?;
@@ -531,7 +530,8 @@ async fn two_settlers_at_once_pay_every_key_once_and_a_fenced_one_pays_nothing()
     Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(fx.client.clone(), &fx.ns)
         .create(&PostParams::default(), &lease)
         .await?;
-    let fenced = Settler::new(fx.config.clone())?.fence_with(Fence::new(fx.client.clone(), &election));
+    let fenced =
+        Settler::new(fx.config.clone())?.fence_with(Fence::new(fx.client.clone(), &election));
     let before0 = fx.balance(&suppliers[0]).await?;
     let err = fenced.settle_round(&fx.client).await.expect_err("fenced");
     assert!(matches!(err, settlement::Error::Fenced), "{err}");
@@ -674,7 +674,9 @@ async fn stake_is_the_offer_wallets_own_slashed_on_failure_and_unbonded_after_th
     let buyer_before = fx.balance(&buyer.pubkey()).await?;
     let slashed = |l: &GpuLease| {
         l.status.as_ref().is_some_and(|s| {
-            s.settlements.iter().any(|r| r.period == "slash" && r.state == SettlementState::Confirmed)
+            s.settlements
+                .iter()
+                .any(|r| r.period == "slash" && r.state == SettlementState::Confirmed)
         })
     };
     fx.settle_until(&settler, "paid and slashed", |ls| ls.iter().all(|l| settled(l) && slashed(l)))
@@ -728,8 +730,13 @@ async fn a_lease_that_cannot_be_written_does_not_stop_the_others() -> Result<()>
             "metadata": {"name": format!("{}-refuse", fx.ns)},
             "spec": {"policyName": format!("{}-refuse", fx.ns), "validationActions": ["Deny"]},
         }))?;
-    let policies = Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy>::all(fx.client.clone());
-    let bindings = Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(fx.client.clone());
+    let policies =
+        Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy>::all(
+            fx.client.clone(),
+        );
+    let bindings = Api::<
+        k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding,
+    >::all(fx.client.clone());
     policies.create(&PostParams::default(), &policy).await?;
     bindings.create(&PostParams::default(), &binding).await?;
     // Policies take effect within a moment.
@@ -747,8 +754,10 @@ async fn a_lease_that_cannot_be_written_does_not_stop_the_others() -> Result<()>
     bindings.delete(&format!("{}-refuse", fx.ns), &DeleteParams::default()).await?;
     policies.delete(&format!("{}-refuse", fx.ns), &DeleteParams::default()).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    fx.settle_until(&fx.settler, "the stuck lease settles once writable", |ls| ls.iter().all(settled))
-        .await?;
+    fx.settle_until(&fx.settler, "the stuck lease settles once writable", |ls| {
+        ls.iter().all(settled)
+    })
+    .await?;
     assert_eq!(fx.balance(&s0).await? - before0, 7_000, "paid once it could be recorded");
     fx.cleanup().await
 }

@@ -109,7 +109,8 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
 
     // validate: before any GPU is leased, what the schema cannot check (or checked only for
     // objects written after its rules) fails the cluster with a message that says what to change.
-    let started = cluster.status.as_ref().is_some_and(|s| s.start_time.is_some()) || !leases.is_empty();
+    let started =
+        cluster.status.as_ref().is_some_and(|s| s.start_time.is_some()) || !leases.is_empty();
     let invalid = match cluster.spec.duration() {
         Err(e) => Some(format!("spec.duration: {e}")),
         Ok(_) if !started => super::validate::validate(cluster).err(),

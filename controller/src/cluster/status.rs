@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use gpumarket_crds::{
-    ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, LeasePhase,
-    LeasePod,
+    ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, LeasePhase, LeasePod,
 };
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
@@ -122,7 +121,11 @@ pub fn lease_pods<'a>(lease: &GpuLease, pods: &[&'a Pod]) -> Vec<&'a Pod> {
         .copied()
         .filter(|p| p.annotations().get(LEASE_ANNOTATION).map(String::as_str) == Some(name))
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&lease.spec.offer))
-        .filter(|p| p.owner_references().iter().any(|o| o.kind == "RayCluster" && o.controller == Some(true)))
+        .filter(|p| {
+            p.owner_references()
+                .iter()
+                .any(|o| o.kind == "RayCluster" && o.controller == Some(true))
+        })
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| {
             let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -173,7 +176,8 @@ pub fn with_service(lease: &GpuLease, serving: &[&Pod], now: Timestamp) -> Optio
         })
         .collect();
     let status = lease.status.clone().unwrap_or_default();
-    let since = status.serving_since.clone().or_else(|| serving_since(lease, serving, now).map(Time));
+    let since =
+        status.serving_since.clone().or_else(|| serving_since(lease, serving, now).map(Time));
     if status.pods == pods && status.serving_since == since {
         return None;
     }
@@ -286,13 +290,7 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
     let meter_time =
         Timestamp::from_second(obs.now.as_second() - obs.now.as_second().rem_euclid(60))
             .unwrap_or(obs.now);
-    let cost: u64 = obs
-        .leases
-        .iter()
-        .map(|l| {
-            Meter::of(l).cost_through(meter_time)
-        })
-        .sum();
+    let cost: u64 = obs.leases.iter().map(|l| Meter::of(l).cost_through(meter_time)).sum();
     let start_time = previous
         .start_time
         .clone()
@@ -382,12 +380,7 @@ pub fn ended_status(
     if phase == ClusterPhase::Failed {
         set_condition(&mut conditions, MATCHED, false, reason, message, now, generation);
     }
-    let cost: u64 = leases
-        .iter()
-        .map(|l| {
-            Meter::of(l).cost_through(now)
-        })
-        .sum();
+    let cost: u64 = leases.iter().map(|l| Meter::of(l).cost_through(now)).sum();
     GpuClusterStatus {
         phase: Some(phase),
         conditions,
@@ -728,7 +721,8 @@ mod tests {
 
         // A start of service never moves, even when a worker is lost later.
         let lost = [&first];
-        let after = with_service(&recorded, &lease_pods(&recorded, &lost), at_40).expect("pods changed");
+        let after =
+            with_service(&recorded, &lease_pods(&recorded, &lost), at_40).expect("pods changed");
         assert_eq!(after.status.expect("status").serving_since, Some(Time(at_30)));
     }
 
@@ -746,8 +740,14 @@ mod tests {
 
         let ended = ended_lease(&serving, EndReason::NotServing, at(90)).expect("ends");
         let status = ended.status.clone().expect("status");
-        assert_eq!((status.phase, status.end_reason), (Some(LeasePhase::Ended), Some(EndReason::NotServing)));
+        assert_eq!(
+            (status.phase, status.end_reason),
+            (Some(LeasePhase::Ended), Some(EndReason::NotServing))
+        );
         assert_eq!((status.hired_gpu_seconds, status.served_gpu_seconds), (Some(90), Some(60)));
-        assert!(ended_lease(&ended, EndReason::OutOfFunds, at(95)).is_none(), "an end is written once");
+        assert!(
+            ended_lease(&ended, EndReason::OutOfFunds, at(95)).is_none(),
+            "an end is written once"
+        );
     }
 }

@@ -90,7 +90,10 @@ mod tests {
         data[..32].copy_from_slice(mint.as_ref());
         data[32..64].copy_from_slice(owner.as_ref());
         data[64..72].copy_from_slice(&1_234_567u64.to_le_bytes());
-        assert_eq!(parse_token_account(&data), Some(TokenAccount { mint, owner, amount: 1_234_567 }));
+        assert_eq!(
+            parse_token_account(&data),
+            Some(TokenAccount { mint, owner, amount: 1_234_567 })
+        );
         assert_eq!(parse_token_account(&data[..100]), None);
     }
 }

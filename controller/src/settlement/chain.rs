@@ -87,7 +87,14 @@ pub async fn scan(
         if read_transfers && !memos.iter().any(|m| memo::is_settlements_own(m)) {
             let tx = get_transaction(rpc, &entry.signature).await?;
             let memos = memos.iter().map(|m| (*m).to_owned()).collect();
-            transfers.push(stake_entry(&tx, account, mint, &entry.signature, entry.block_time, memos));
+            transfers.push(stake_entry(
+                &tx,
+                account,
+                mint,
+                &entry.signature,
+                entry.block_time,
+                memos,
+            ));
         }
     }
     history.paid.extend(paid);
@@ -132,13 +139,16 @@ pub fn stake_entry(
         .and_then(Value::as_array)
         .map(|a| a.iter().collect())
         .unwrap_or_default();
-    let key_of = |k: &Value| k.get("pubkey").and_then(Value::as_str).or_else(|| k.as_str()).map(str::to_owned);
+    let key_of = |k: &Value| {
+        k.get("pubkey").and_then(Value::as_str).or_else(|| k.as_str()).map(str::to_owned)
+    };
     let signers: Vec<Pubkey> = keys
         .iter()
         .filter(|k| k.get("signer").and_then(Value::as_bool) == Some(true))
         .filter_map(|k| key_of(k)?.parse().ok())
         .collect();
-    let index_of_account = keys.iter().position(|k| key_of(k).as_deref() == Some(&account.to_string()));
+    let index_of_account =
+        keys.iter().position(|k| key_of(k).as_deref() == Some(&account.to_string()));
     let mint = mint.to_string();
     // Balance change and owner of every token account of the mint, by account index.
     let mut changes: HashMap<u64, (i128, Option<String>)> = HashMap::new();
@@ -242,7 +252,8 @@ pub async fn open_account(
     if token_accounts(rpc, &[address]).await?.get(&address).is_some_and(Option::is_some) {
         return Ok(address);
     }
-    let rent = rpc.get_minimum_balance_for_rent_exemption(TOKEN_ACCOUNT_LEN).await.map_err(Box::new)?;
+    let rent =
+        rpc.get_minimum_balance_for_rent_exemption(TOKEN_ACCOUNT_LEN).await.map_err(Box::new)?;
     let ixs = transaction::open_account_instructions(custody, seed, &address, rent)?;
     let (blockhash, _) = latest_blockhash(rpc).await?;
     let tx = transaction::sign(&ixs, authority, blockhash)?;
@@ -328,8 +339,12 @@ mod tests {
 
     #[test]
     fn a_transfer_is_counted_by_the_balance_change_and_its_sender_found() {
-        let (stake, mint, sender, other) =
-            (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
+        let (stake, mint, sender, other) = (
+            Pubkey::new_unique(),
+            Pubkey::new_unique(),
+            Pubkey::new_unique(),
+            Pubkey::new_unique(),
+        );
         // A program moved the tokens (no top-level transfer instruction): balances tell.
         let tx = json!({
             "meta": {"err": null,
@@ -359,7 +374,8 @@ mod tests {
 
     #[test]
     fn an_account_opened_in_the_same_transaction_counts_from_zero() {
-        let (stake, mint, payer) = (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
+        let (stake, mint, payer) =
+            (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
         let tx = json!({
             "meta": {"err": null, "preTokenBalances": [],
                 "postTokenBalances": [

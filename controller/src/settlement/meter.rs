@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use gpumarket_crds::{CompactedSettlements, GpuLease, GpuLeaseStatus, SettlementRecord, SettlementState};
+use gpumarket_crds::{
+    CompactedSettlements, GpuLease, GpuLeaseStatus, SettlementRecord, SettlementState,
+};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -133,10 +135,8 @@ impl<'a> Paid<'a> {
 
     /// The time confirmed payouts cover usage up to, if any is confirmed.
     pub fn confirmed_through(&self) -> Option<Timestamp> {
-        let records = self
-            .payouts()
-            .filter(|r| r.state == SettlementState::Confirmed)
-            .map(|r| r.through.0);
+        let records =
+            self.payouts().filter(|r| r.state == SettlementState::Confirmed).map(|r| r.through.0);
         records.chain(self.compacted.map(|c| c.through.0)).max()
     }
 
@@ -159,11 +159,8 @@ impl<'a> Paid<'a> {
 
     /// Payouts and slashes that have landed or may still land (not expired).
     pub fn committed(&self) -> u64 {
-        let records: u64 = self
-            .payouts()
-            .filter(|r| r.state != SettlementState::Expired)
-            .map(|r| r.amount)
-            .sum();
+        let records: u64 =
+            self.payouts().filter(|r| r.state != SettlementState::Expired).map(|r| r.amount).sum();
         records.saturating_add(self.compacted.map_or(0, |c| c.amount))
     }
 }
@@ -238,7 +235,8 @@ pub fn compact(status: &mut GpuLeaseStatus) {
         if r.through.0 > compacted.through.0 {
             compacted.through = r.through.clone();
         }
-        if r.period.parse::<u64>().unwrap_or(0) > compacted.last_period.parse::<u64>().unwrap_or(0) {
+        if r.period.parse::<u64>().unwrap_or(0) > compacted.last_period.parse::<u64>().unwrap_or(0)
+        {
             compacted.last_period = r.period.clone();
         }
     }
@@ -262,7 +260,13 @@ mod tests {
 
     /// A meter serving from its bind at 0.
     fn meter(gpus: u64, price: u64, end: Option<i64>) -> Meter {
-        Meter { hired: ts(0), start: Some(ts(0)), end: end.map(ts), gpus, price_per_gpu_hour: price }
+        Meter {
+            hired: ts(0),
+            start: Some(ts(0)),
+            end: end.map(ts),
+            gpus,
+            price_per_gpu_hour: price,
+        }
     }
 
     fn paid(records: &[SettlementRecord]) -> Paid<'_> {
@@ -381,7 +385,8 @@ mod tests {
     fn compaction_keeps_totals_keys_and_a_bounded_record() {
         let m = meter(1, 3600, None);
         let times: Vec<i64> = (1..=30).map(|i| i * 10 + 1).collect();
-        let mut status = GpuLeaseStatus { settlements: pay_at(&m, &times, 10), ..Default::default() };
+        let mut status =
+            GpuLeaseStatus { settlements: pay_at(&m, &times, 10), ..Default::default() };
         let before = (Paid::of_status(&status).confirmed(), Paid::of_status(&status).through(&m));
         compact(&mut status);
         assert_eq!(status.settlements.len(), RECORDS_KEPT);

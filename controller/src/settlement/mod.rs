@@ -130,7 +130,9 @@ impl Error {
                 "the Solana RPC endpoint did not answer; the controller's log has the details"
                     .into()
             }
-            Error::Kube(_) => "the Kubernetes API did not answer; the controller's log has the details".into(),
+            Error::Kube(_) => {
+                "the Kubernetes API did not answer; the controller's log has the details".into()
+            }
             other => other.to_string(),
         }
     }

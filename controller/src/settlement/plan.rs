@@ -144,7 +144,9 @@ pub fn stake_in_flight(leases: &[GpuLease], offers: &[GpuOffer]) -> HashMap<Stri
     }
     for offer in offers {
         let returns = offer.status.as_ref().and_then(|s| s.stake.as_ref()).map(|s| &s.returns);
-        for r in returns.into_iter().flatten().filter(|r| r.period.starts_with("unbond:") && signed(r)) {
+        for r in
+            returns.into_iter().flatten().filter(|r| r.period.starts_with("unbond:") && signed(r))
+        {
             *out.entry(offer.name_any()).or_default() += r.amount;
         }
     }
@@ -224,7 +226,11 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
         }
         let key = payout_key(lease.uid().as_deref().unwrap_or_default(), &record.period);
         let holder = Holder::Lease { name: lease.name_any(), period: record.period.clone() };
-        out.to_send.push(Planned { holder, record, payment: Payment { key, source, wallet, amount } });
+        out.to_send.push(Planned {
+            holder,
+            record,
+            payment: Payment { key, source, wallet, amount },
+        });
     }
     plan_slashes(inputs, &leases, &mut out);
     plan_stake_payments(inputs, &mut out);
@@ -293,7 +299,9 @@ fn plan_stake_payments(inputs: &Inputs<'_>, out: &mut Payouts) {
         let node = offer.name_any();
         let Some(book) = inputs.stakes.get(&node) else { continue };
         let recorded = |what: &str| {
-            stake_records(offer).iter().any(|r| r.period == what && r.state != SettlementState::Expired)
+            stake_records(offer)
+                .iter()
+                .any(|r| r.period == what && r.state != SettlementState::Expired)
         };
         for foreign in book.foreign.iter().filter(|f| !recorded(&f.what)) {
             let record = new_record(foreign.what.clone(), inputs.now, foreign.amount);
@@ -424,7 +432,13 @@ mod tests {
         lease
     }
 
-    fn record(lease: &mut GpuLease, period: &str, through: i64, amount: u64, state: SettlementState) {
+    fn record(
+        lease: &mut GpuLease,
+        period: &str,
+        through: i64,
+        amount: u64,
+        state: SettlementState,
+    ) {
         let status = lease.status.get_or_insert_default();
         status.settlements.push(SettlementRecord {
             state,
@@ -473,10 +487,8 @@ mod tests {
     }
 
     fn ended(mut cluster: GpuCluster) -> GpuCluster {
-        cluster.status = Some(GpuClusterStatus {
-            phase: Some(ClusterPhase::Completed),
-            ..Default::default()
-        });
+        cluster.status =
+            Some(GpuClusterStatus { phase: Some(ClusterPhase::Completed), ..Default::default() });
         cluster
     }
 
@@ -508,7 +520,11 @@ mod tests {
         assert_eq!(plan.to_send.len(), 3);
         let by_source = |uid: &str| {
             let escrow = accounts::escrow_address(&world.authority, uid).expect("address");
-            plan.to_send.iter().filter(|p| p.payment.source == escrow).map(|p| p.payment.amount).collect::<Vec<_>>()
+            plan.to_send
+                .iter()
+                .filter(|p| p.payment.source == escrow)
+                .map(|p| p.payment.amount)
+                .collect::<Vec<_>>()
         };
         assert_eq!(by_source("poor-0000-uid"), [60, 30]);
         assert_eq!(by_source("rich-0000-uid"), [120]);
@@ -571,7 +587,12 @@ mod tests {
             .collect();
         assert_eq!(slashes, [(250, stake_account), (187, stake_account)]);
         let buyer = Pubkey::from_str("11111111111111111111111111111111").expect("valid");
-        assert!(plan.to_send.iter().filter(|p| p.record.period == SLASH_PERIOD).all(|p| p.payment.wallet == buyer));
+        assert!(
+            plan.to_send
+                .iter()
+                .filter(|p| p.record.period == SLASH_PERIOD)
+                .all(|p| p.payment.wallet == buyer)
+        );
     }
 
     #[test]
@@ -629,14 +650,26 @@ mod tests {
                 account,
                 balance: 1000,
                 bonded: 700,
-                foreign: vec![Foreign { what: "return:s2".into(), key: "k2".into(), to: stranger, amount: 300 }],
-                unbond: Some(UnbondRequest { what: "unbond:s3".into(), key: "k3".into(), at: Some(at(0).as_second()) }),
+                foreign: vec![Foreign {
+                    what: "return:s2".into(),
+                    key: "k2".into(),
+                    to: stranger,
+                    amount: 300,
+                }],
+                unbond: Some(UnbondRequest {
+                    what: "unbond:s3".into(),
+                    key: "k3".into(),
+                    at: Some(at(0).as_second()),
+                }),
             },
         );
         let active = [lease(&cluster, "n1", 1, None)];
         let offers = [offer.clone()];
         let sent = |plan: Payouts| -> Vec<(String, Pubkey, u64)> {
-            plan.to_send.into_iter().map(|p| (p.payment.key, p.payment.wallet, p.payment.amount)).collect()
+            plan.to_send
+                .into_iter()
+                .map(|p| (p.payment.key, p.payment.wallet, p.payment.amount))
+                .collect()
         };
         let early = payouts(&world.inputs(&[], &[], &offers, 50));
         assert_eq!(sent(early), [("k2".to_owned(), stranger, 300)], "the cooldown runs");

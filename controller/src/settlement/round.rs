@@ -13,8 +13,8 @@ use std::time::Instant;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use gpumarket_crds::{
-    EndReason, GpuCluster, GpuLease, GpuLeaseStatus, GpuOffer, LeasePhase,
-    SettlementRecord, SettlementState, StakeStatus,
+    EndReason, GpuCluster, GpuLease, GpuLeaseStatus, GpuOffer, LeasePhase, SettlementRecord,
+    SettlementState,
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -139,7 +139,8 @@ impl Settler {
         let stakes = self.read_stakes(client, &custody, &leases, &offers, &mut report).await?;
 
         let now = Timestamp::now();
-        let ending = plan::out_of_funds(&self.inputs(&leases, &clusters, &offers, &escrows, &stakes, now));
+        let ending =
+            plan::out_of_funds(&self.inputs(&leases, &clusters, &offers, &escrows, &stakes, now));
         let leases_api: Api<GpuLease> = Api::all(client.clone());
         let ending: Vec<usize> =
             (0..leases.len()).filter(|i| ending.contains(&leases[*i].name_any())).collect();
@@ -156,7 +157,8 @@ impl Settler {
         }
         let inputs = self.inputs(&leases, &clusters, &offers, &escrows, &stakes, now);
         let payouts = plan::payouts(&inputs);
-        let by_name: HashMap<String, &GpuLease> = leases.iter().map(|l| (l.name_any(), l)).collect();
+        let by_name: HashMap<String, &GpuLease> =
+            leases.iter().map(|l| (l.name_any(), l)).collect();
         for (name, record) in payouts.without_transfer {
             let Some(lease) = by_name.get(&name) else { continue };
             let meter = Meter::of(lease);
@@ -165,8 +167,17 @@ impl Settler {
                 Err(e) => failed_write(&mut report, &name, &e),
             }
         }
-        self.send_payouts(client, &events, &custody, &by_name, &escrows, &stakes, payouts.to_send, &mut report)
-            .await?;
+        self.send_payouts(
+            client,
+            &events,
+            &custody,
+            &by_name,
+            &escrows,
+            &stakes,
+            payouts.to_send,
+            &mut report,
+        )
+        .await?;
         for refund in plan::refunds(&inputs) {
             self.refund(client, &events, &custody, refund, &mut report).await?;
         }
@@ -228,7 +239,10 @@ impl Settler {
                     }
                 }
                 Step::Confirm => outcomes.extend(
-                    flight.payments.iter().map(|(h, _, _)| (h, Outcome::Confirmed(recorded.clone()))),
+                    flight
+                        .payments
+                        .iter()
+                        .map(|(h, _, _)| (h, Outcome::Confirmed(recorded.clone()))),
                 ),
                 Step::Resign => {
                     tracing::warn!(%signature, ?observed, "settlement transaction failed on chain; re-signing");
@@ -236,7 +250,8 @@ impl Settler {
                 }
                 Step::CheckHistory => {
                     for (holder, key, source) in &flight.payments {
-                        let history = chain::prove(&self.rpc, source, key, flight.signed_slot).await?;
+                        let history =
+                            chain::prove(&self.rpc, source, key, flight.signed_slot).await?;
                         match (after_history(&history), history) {
                             (Step::Confirm, super::protocol::History::Paid { signature }) => {
                                 outcomes.push((holder, Outcome::Confirmed(signature)));
@@ -274,7 +289,9 @@ impl Settler {
         let authority = self.authority();
         let addressed: Vec<(&GpuCluster, Pubkey)> = clusters
             .iter()
-            .filter_map(|c| Some((c, accounts::escrow_address(&authority, c.metadata.uid.as_deref()?)?)))
+            .filter_map(|c| {
+                Some((c, accounts::escrow_address(&authority, c.metadata.uid.as_deref()?)?))
+            })
             .collect();
         let addresses: Vec<Pubkey> = addressed.iter().map(|(_, a)| *a).collect();
         let held = chain::token_accounts(&self.rpc, &addresses).await?;
@@ -299,7 +316,10 @@ impl Settler {
             if current != (Some(address.to_string()), Some(account.amount)) {
                 let patch = json!({"status": {"escrow": {"account": address.to_string(), "balance": account.amount}}});
                 let api = cluster_api(client, cluster);
-                if let Err(e) = api.patch_status(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch)).await {
+                if let Err(e) = api
+                    .patch_status(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch))
+                    .await
+                {
                     failed_write(report, &cluster.name_any(), &e.into());
                 }
             }
@@ -313,15 +333,28 @@ impl Settler {
                 tracing::warn!(cluster = %cluster.name_any(), %address, "escrow recorded but not found on chain, and no refund in its history: waiting");
                 continue;
             };
-            let last_seen = cluster.status.as_ref().and_then(|s| s.escrow.as_ref()).and_then(|e| e.balance);
+            let last_seen =
+                cluster.status.as_ref().and_then(|s| s.escrow.as_ref()).and_then(|e| e.balance);
             let record = SettlementRecord {
                 signature: Some(signature.clone()),
                 ..plan::new_record(REFUND_PERIOD.into(), Timestamp::now(), last_seen.unwrap_or(0))
             };
             let api = cluster_api(client, cluster);
-            let holder = Holder::Refund { namespace: cluster.namespace().unwrap_or_default(), name: cluster.name_any() };
+            let holder = Holder::Refund {
+                namespace: cluster.namespace().unwrap_or_default(),
+                name: cluster.name_any(),
+            };
             let restored = match record_refund(&api, &cluster.name_any(), &address, record).await {
-                Ok(true) => settle_holder(client, &ClusterEvents::new(client.clone()), &holder, signature, &Outcome::Confirmed(signature.clone())).await,
+                Ok(true) => {
+                    settle_holder(
+                        client,
+                        &ClusterEvents::new(client.clone()),
+                        &holder,
+                        signature,
+                        &Outcome::Confirmed(signature.clone()),
+                    )
+                    .await
+                }
                 Ok(false) => Ok(()),
                 Err(e) => Err(e),
             };
@@ -384,15 +417,20 @@ impl Settler {
             .collect();
         let addresses: Vec<Pubkey> = addressed.iter().map(|(_, a)| *a).collect();
         let mut held = chain::token_accounts(&self.rpc, &addresses).await?;
-        let missing: Vec<&GpuOffer> =
-            addressed.iter().filter(|(_, a)| held.get(a).is_none_or(Option::is_none)).map(|(o, _)| *o).collect();
+        let missing: Vec<&GpuOffer> = addressed
+            .iter()
+            .filter(|(_, a)| held.get(a).is_none_or(Option::is_none))
+            .map(|(o, _)| *o)
+            .collect();
         if !missing.is_empty() {
             self.check_fence().await?;
             let opening: Vec<BoxFuture<'_, Result<Pubkey, Error>>> = missing
                 .iter()
                 .map(|offer| {
                     let seed = accounts::stake_seed(&offer.name_any());
-                    async move { chain::open_account(&self.rpc, &self.authority, custody, &seed).await }
+                    async move {
+                            chain::open_account(&self.rpc, &self.authority, custody, &seed).await
+                        }
                         .boxed()
                 })
                 .collect();
@@ -421,12 +459,21 @@ impl Settler {
             let node = offer.name_any();
             let wallet = Pubkey::from_str(&offer.spec.wallet).ok();
             let flying = in_flight.get(&node).copied().unwrap_or(0);
-            let book = super::stake::book(&node, address, wallet, account.amount, &history.transfers, &history.paid, flying);
+            let book = super::stake::book(
+                &node,
+                address,
+                wallet,
+                account.amount,
+                &history.transfers,
+                &history.paid,
+                flying,
+            );
             let previous = offer.status.as_ref().and_then(|s| s.stake.as_ref());
             let unbond_requested = book.unbond.as_ref().map(|_| {
                 previous.and_then(|s| s.unbond_requested.clone()).unwrap_or(Time(Timestamp::now()))
             });
-            let current = previous.map(|s| (s.account.clone(), s.bonded, s.unbond_requested.clone()));
+            let current =
+                previous.map(|s| (s.account.clone(), s.bonded, s.unbond_requested.clone()));
             if current != Some((address.to_string(), book.bonded, unbond_requested.clone())) {
                 let patch = json!({"status": {"stake": {
                     "account": address.to_string(),
@@ -434,7 +481,9 @@ impl Settler {
                     "unbondRequested": unbond_requested,
                 }}});
                 let api: Api<GpuOffer> = Api::all(client.clone());
-                if let Err(e) = api.patch_status(&node, &patch_params(), &Patch::Merge(&patch)).await {
+                if let Err(e) =
+                    api.patch_status(&node, &patch_params(), &Patch::Merge(&patch)).await
+                {
                     failed_write(report, &node, &e.into());
                 }
             }
@@ -481,7 +530,8 @@ impl Settler {
         // A key already in its source account's history was paid (its record lost): it is
         // confirmed, never paid again.
         let authority = self.authority();
-        let mut balances: HashMap<Pubkey, u64> = stakes.values().map(|b| (b.account, b.balance)).collect();
+        let mut balances: HashMap<Pubkey, u64> =
+            stakes.values().map(|b| (b.account, b.balance)).collect();
         for (uid, balance) in escrows {
             if let Some(address) = accounts::escrow_address(&authority, uid) {
                 balances.insert(address, *balance);
@@ -514,7 +564,8 @@ impl Settler {
         let mut wallets: Vec<Pubkey> = planned.iter().map(|p| p.payment.wallet).collect();
         wallets.sort();
         wallets.dedup();
-        let missing = chain::wallets_without_token_account(&self.rpc, &wallets, &custody.mint).await?;
+        let missing =
+            chain::wallets_without_token_account(&self.rpc, &wallets, &custody.mint).await?;
         let payments: Vec<Payment> = planned.iter().map(|p| p.payment.clone()).collect();
         let batches = transaction::batches(custody, payments, &missing)?;
         let mut planned = planned.into_iter();
@@ -588,7 +639,12 @@ impl Settler {
             }
             // Some payment of it is recorded elsewhere or not at all: this transaction must
             // never land (its recorded payments expire with it if nothing replaces them).
-            tracing::warn!(?signature, recorded = recorded.len(), of = payments.len(), "not every payment of a transaction could be recorded: not sent");
+            tracing::warn!(
+                ?signature,
+                recorded = recorded.len(),
+                of = payments.len(),
+                "not every payment of a transaction could be recorded: not sent"
+            );
             report.transactions_held += 1;
             if recorded.is_empty() || unsent.is_some() {
                 return Ok(());
@@ -608,7 +664,8 @@ impl Settler {
     ) -> Result<(), Error> {
         self.check_fence().await?;
         let api: Api<GpuCluster> = Api::namespaced(client.clone(), &refund.namespace);
-        let holder = Holder::Refund { namespace: refund.namespace.clone(), name: refund.name.clone() };
+        let holder =
+            Holder::Refund { namespace: refund.namespace.clone(), name: refund.name.clone() };
         let sources = HashMap::from([(refund.escrow, Some(refund.balance))]);
         if let Some(signature) = self.paid_keys(&sources).await?.get(&refund.uid) {
             tracing::warn!(cluster = %refund.name, "refund already on chain without its record: confirmed, not paid again");
@@ -618,7 +675,16 @@ impl Settler {
             };
             let written = record_refund(&api, &refund.name, &refund.escrow, record).await;
             let settled = match written {
-                Ok(true) => settle_holder(client, events, &holder, signature, &Outcome::Confirmed(signature.clone())).await,
+                Ok(true) => {
+                    settle_holder(
+                        client,
+                        events,
+                        &holder,
+                        signature,
+                        &Outcome::Confirmed(signature.clone()),
+                    )
+                    .await
+                }
                 Ok(false) => Ok(()),
                 Err(e) => Err(e),
             };
@@ -628,7 +694,8 @@ impl Settler {
             }
             return Ok(());
         }
-        let missing = chain::wallets_without_token_account(&self.rpc, &[refund.buyer], &custody.mint).await?;
+        let missing =
+            chain::wallets_without_token_account(&self.rpc, &[refund.buyer], &custody.mint).await?;
         let ixs = transaction::refund_instructions(
             custody,
             &refund.escrow,
@@ -637,7 +704,8 @@ impl Settler {
             !missing.contains(&refund.buyer),
             &refund.uid,
         )?;
-        let (blockhash, last_valid_block_height, slot) = chain::latest_blockhash_and_slot(&self.rpc).await?;
+        let (blockhash, last_valid_block_height, slot) =
+            chain::latest_blockhash_and_slot(&self.rpc).await?;
         let tx = transaction::sign(&ixs, &self.authority, blockhash)?;
         let wire = transaction::wire_base64(&tx)?;
         let record = SettlementRecord {
@@ -691,7 +759,9 @@ impl Settler {
             );
             if status.and_then(|s| s.reputation.as_ref()) != Some(&rep) {
                 let patch = json!({"status": {"reputation": rep}});
-                if let Err(e) = offers_api.patch_status(&name, &patch_params(), &Patch::Merge(&patch)).await {
+                if let Err(e) =
+                    offers_api.patch_status(&name, &patch_params(), &Patch::Merge(&patch)).await
+                {
                     failed_write(report, &name, &e.into());
                 }
             }
@@ -747,22 +817,28 @@ fn is_conflict(error: &kube::Error) -> bool {
 /// Every recorded, unconfirmed transaction, by signature.
 fn in_flight(listed: &Listed, authority: &Pubkey) -> BTreeMap<Signature, Flight> {
     let mut flights: BTreeMap<Signature, Flight> = BTreeMap::new();
-    let mut add = |record: &SettlementRecord, holder: Holder, key: String, source: Option<Pubkey>| {
-        let (Some(signature), Some(source)) =
-            (record.signature.as_deref().and_then(|s| s.parse::<Signature>().ok()), source)
-        else {
-            return;
+    let mut add =
+        |record: &SettlementRecord, holder: Holder, key: String, source: Option<Pubkey>| {
+            let (Some(signature), Some(source)) =
+                (record.signature.as_deref().and_then(|s| s.parse::<Signature>().ok()), source)
+            else {
+                return;
+            };
+            let flight = flights.entry(signature).or_default();
+            flight.last_valid_block_height = record.last_valid_block_height.unwrap_or(0);
+            flight.signed_slot = record.signed_slot.unwrap_or(0);
+            flight.wire = flight.wire.take().or_else(|| record.transaction.clone());
+            flight.recorded_keys.insert(key.clone());
+            flight.payments.push((holder, key, source));
         };
-        let flight = flights.entry(signature).or_default();
-        flight.last_valid_block_height = record.last_valid_block_height.unwrap_or(0);
-        flight.signed_slot = record.signed_slot.unwrap_or(0);
-        flight.wire = flight.wire.take().or_else(|| record.transaction.clone());
-        flight.recorded_keys.insert(key.clone());
-        flight.payments.push((holder, key, source));
-    };
     for lease in &listed.leases {
         let uid = lease.uid().unwrap_or_default();
-        for record in lease.status.iter().flat_map(|s| &s.settlements).filter(|r| r.state == SettlementState::Signed) {
+        for record in lease
+            .status
+            .iter()
+            .flat_map(|s| &s.settlements)
+            .filter(|r| r.state == SettlementState::Signed)
+        {
             let source = if record.period == SLASH_PERIOD {
                 accounts::stake_address(authority, &lease.spec.offer)
             } else {
@@ -773,19 +849,32 @@ fn in_flight(listed: &Listed, authority: &Pubkey) -> BTreeMap<Signature, Flight>
         }
     }
     for cluster in &listed.clusters {
-        let Some(record) = plan::refund_record(cluster).filter(|r| r.state == SettlementState::Signed) else {
+        let Some(record) =
+            plan::refund_record(cluster).filter(|r| r.state == SettlementState::Signed)
+        else {
             continue;
         };
         let uid = cluster.uid().unwrap_or_default();
-        let holder = Holder::Refund { namespace: cluster.namespace().unwrap_or_default(), name: cluster.name_any() };
+        let holder = Holder::Refund {
+            namespace: cluster.namespace().unwrap_or_default(),
+            name: cluster.name_any(),
+        };
         add(record, holder, uid.clone(), accounts::escrow_address(authority, &uid));
     }
     for offer in &listed.offers {
         let node = offer.name_any();
-        let records = offer.status.as_ref().and_then(|s| s.stake.as_ref()).map(|s| s.returns.as_slice());
-        for record in records.unwrap_or_default().iter().filter(|r| r.state == SettlementState::Signed) {
+        let records =
+            offer.status.as_ref().and_then(|s| s.stake.as_ref()).map(|s| s.returns.as_slice());
+        for record in
+            records.unwrap_or_default().iter().filter(|r| r.state == SettlementState::Signed)
+        {
             let holder = Holder::Stake { offer: node.clone(), period: record.period.clone() };
-            add(record, holder, memo::stake_key(&node, &record.period), accounts::stake_address(authority, &node));
+            add(
+                record,
+                holder,
+                memo::stake_key(&node, &record.period),
+                accounts::stake_address(authority, &node),
+            );
         }
     }
     flights
@@ -848,7 +937,8 @@ async fn record_new(
             let api: Api<GpuOffer> = Api::all(client.clone());
             for _ in 0..WRITE_ATTEMPTS {
                 let current = api.get_status(offer).await?;
-                let stake = current.status.as_ref().and_then(|s| s.stake.clone()).unwrap_or_default();
+                let stake =
+                    current.status.as_ref().and_then(|s| s.stake.clone()).unwrap_or_default();
                 if stake
                     .returns
                     .iter()
@@ -881,8 +971,15 @@ fn still_due(lease: &GpuLease, record: &SettlementRecord, period: std::time::Dur
     if !is_payout_period(&record.period) {
         return true;
     }
-    let due = next_due(&Meter::of(lease), &Paid::of(lease), period, record.through.0.max(Timestamp::now()));
-    due.is_some_and(|d| d.period == record.period && d.through == record.through.0 && record.amount <= d.amount)
+    let due = next_due(
+        &Meter::of(lease),
+        &Paid::of(lease),
+        period,
+        record.through.0.max(Timestamp::now()),
+    );
+    due.is_some_and(|d| {
+        d.period == record.period && d.through == record.through.0 && record.amount <= d.amount
+    })
 }
 
 /// Write a refund record on the cluster, conditionally: only while it has none that may still
@@ -918,7 +1015,8 @@ async fn settle_holder(
     outcome: &Outcome,
 ) -> Result<(), Error> {
     let matches = |r: &SettlementRecord| {
-        r.state == SettlementState::Signed && (recorded.is_empty() || r.signature.as_deref() == Some(recorded))
+        r.state == SettlementState::Signed
+            && (recorded.is_empty() || r.signature.as_deref() == Some(recorded))
     };
     let settled = |r: &SettlementRecord| match outcome {
         Outcome::Confirmed(signature) => SettlementRecord {
@@ -927,7 +1025,9 @@ async fn settle_holder(
             transaction: None,
             ..r.clone()
         },
-        Outcome::Expired => SettlementRecord { state: SettlementState::Expired, transaction: None, ..r.clone() },
+        Outcome::Expired => {
+            SettlementRecord { state: SettlementState::Expired, transaction: None, ..r.clone() }
+        }
     };
     match holder {
         Holder::Lease { name, period } => {
@@ -935,7 +1035,9 @@ async fn settle_holder(
             let Some(lease) = api.get_opt(name).await? else { return Ok(()) };
             let meter = Meter::of(&lease);
             let after = update_lease(&api, &lease, |status| {
-                let Some(record) = status.settlements.iter().find(|r| &r.period == period && matches(r)).cloned() else {
+                let Some(record) =
+                    status.settlements.iter().find(|r| &r.period == period && matches(r)).cloned()
+                else {
                     return;
                 };
                 let record = settled(&record);
@@ -951,10 +1053,18 @@ async fn settle_holder(
             let api: Api<GpuCluster> = Api::namespaced(client.clone(), namespace);
             for _ in 0..WRITE_ATTEMPTS {
                 let Some(cluster) = api.get_opt(name).await? else { return Ok(()) };
-                let Some(record) = plan::refund_record(&cluster).filter(|r| matches(r)).cloned() else { return Ok(()) };
+                let Some(record) = plan::refund_record(&cluster).filter(|r| matches(r)).cloned()
+                else {
+                    return Ok(());
+                };
                 let record = settled(&record);
                 let refunded = matches!(outcome, Outcome::Confirmed(_)).then_some(record.amount);
-                let account = cluster.status.as_ref().and_then(|s| s.escrow.as_ref()).map(|e| e.account.clone()).unwrap_or_default();
+                let account = cluster
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.escrow.as_ref())
+                    .map(|e| e.account.clone())
+                    .unwrap_or_default();
                 match patch_refund(&api, &cluster, &account, &record, refunded).await {
                     Ok(()) => {
                         if refunded.is_some() {
@@ -971,7 +1081,9 @@ async fn settle_holder(
             let api: Api<GpuOffer> = Api::all(client.clone());
             for _ in 0..WRITE_ATTEMPTS {
                 let Some(current) = api.get_opt(offer).await? else { return Ok(()) };
-                let Some(stake) = current.status.as_ref().and_then(|s| s.stake.clone()) else { return Ok(()) };
+                let Some(stake) = current.status.as_ref().and_then(|s| s.stake.clone()) else {
+                    return Ok(());
+                };
                 let returns: Vec<SettlementRecord> = stake
                     .returns
                     .iter()
@@ -1014,7 +1126,7 @@ async fn patch_stake_returns(
     offer: &GpuOffer,
     returns: &[SettlementRecord],
 ) -> Result<(), kube::Error> {
-    let stake = offer.status.as_ref().and_then(|s| s.stake.clone()).unwrap_or_else(StakeStatus::default);
+    let stake = offer.status.as_ref().and_then(|s| s.stake.clone()).unwrap_or_default();
     let patch = json!({
         "metadata": {"resourceVersion": offer.metadata.resource_version},
         "status": {"stake": {"account": stake.account, "bonded": stake.bonded, "returns": returns}},
@@ -1051,7 +1163,11 @@ fn confirm(status: &mut GpuLeaseStatus, meter: &Meter, record: SettlementRecord)
 
 /// A record that moves no tokens, confirmed as it is written (if it is still due).
 fn confirm_free(status: &mut GpuLeaseStatus, meter: &Meter, record: &SettlementRecord) {
-    if status.settlements.iter().any(|r| r.period == record.period && r.state != SettlementState::Expired) {
+    if status
+        .settlements
+        .iter()
+        .any(|r| r.period == record.period && r.state != SettlementState::Expired)
+    {
         return;
     }
     confirm(status, meter, record.clone());
@@ -1066,7 +1182,10 @@ fn end_now(status: &mut GpuLeaseStatus, now: Timestamp) {
     }
 }
 
-async fn replace_lease_status(api: &Api<GpuLease>, lease: &GpuLease) -> Result<GpuLease, kube::Error> {
+async fn replace_lease_status(
+    api: &Api<GpuLease>,
+    lease: &GpuLease,
+) -> Result<GpuLease, kube::Error> {
     let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
     let mut lease = lease.clone();
     lease.metadata.managed_fields = None;
@@ -1119,7 +1238,9 @@ async fn publish_cluster_totals(
         if cluster.status.as_ref().and_then(|s| s.amount_settled) != Some(total) {
             let patch = json!({"status": {"amountSettled": total}});
             let api = cluster_api(client, cluster);
-            if let Err(e) = api.patch_status(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch)).await {
+            if let Err(e) =
+                api.patch_status(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch)).await
+            {
                 failed_write(report, &cluster.name_any(), &e.into());
             }
         }
@@ -1146,7 +1267,12 @@ mod tests {
             Custody { authority: authority.pubkey(), mint: Keypair::new().pubkey(), decimals: 6 };
         let payments: Vec<Payment> = keys
             .iter()
-            .map(|k| Payment { key: k.clone(), source: Pubkey::new_unique(), wallet: Keypair::new().pubkey(), amount: 5 })
+            .map(|k| Payment {
+                key: k.clone(),
+                source: Pubkey::new_unique(),
+                wallet: Keypair::new().pubkey(),
+                amount: 5,
+            })
             .collect();
         let ixs =
             transaction::payout_instructions(&custody, &payments, &HashSet::new()).expect("ixs");
@@ -1194,14 +1320,20 @@ mod tests {
         let flights = in_flight(&both, &authority);
         assert_eq!(flights.len(), 1);
         let flight = flights.values().next().expect("one flight");
-        assert_eq!((flight.payments.len(), flight.last_valid_block_height, flight.signed_slot), (2, 77, 70));
+        assert_eq!(
+            (flight.payments.len(), flight.last_valid_block_height, flight.signed_slot),
+            (2, 77, 70)
+        );
         assert!(is_complete(flight));
         let escrow = accounts::escrow_address(&authority, "c-0000-uid");
         assert!(flight.payments.iter().all(|(_, _, source)| Some(*source) == escrow));
 
         // A crash (or a lost write race) between the two records: b's payout is unrecorded and
         // will be planned again, so this transaction must never be sent.
-        let partial = listed(vec![lease_with("a", Some(signed("0001", &signature, &wire))), lease_with("b", None)]);
+        let partial = listed(vec![
+            lease_with("a", Some(signed("0001", &signature, &wire))),
+            lease_with("b", None),
+        ]);
         let flights = in_flight(&partial, &authority);
         assert!(!is_complete(flights.values().next().expect("one flight")));
     }
@@ -1213,20 +1345,29 @@ mod tests {
         let status = lease.status.get_or_insert_default();
         status.phase = Some(LeasePhase::Ended);
         status.serving_since = Some(Time(now()));
-        status.end_time = Some(Time(Timestamp::from_second(now().as_second() + 90).expect("valid")));
+        status.end_time =
+            Some(Time(Timestamp::from_second(now().as_second() + 90).expect("valid")));
         let meter = Meter::of(&lease);
         let status = lease.status.get_or_insert_default();
         let mut first = signed("0001", "s1", "w1");
         first.through = Time(Timestamp::from_second(now().as_second() + 60).expect("valid"));
         first.amount = 60;
-        confirm(status, &meter, SettlementRecord { state: SettlementState::Confirmed, transaction: None, ..first });
+        confirm(
+            status,
+            &meter,
+            SettlementRecord { state: SettlementState::Confirmed, transaction: None, ..first },
+        );
         assert_eq!(status.amount_settled, Some(60));
         assert_eq!(status.phase, Some(LeasePhase::Ended));
 
         let mut last = signed("0002", "s2", "w2");
         last.through = status.end_time.clone().expect("ended");
         last.amount = 30;
-        confirm(status, &meter, SettlementRecord { state: SettlementState::Confirmed, transaction: None, ..last });
+        confirm(
+            status,
+            &meter,
+            SettlementRecord { state: SettlementState::Confirmed, transaction: None, ..last },
+        );
         assert_eq!(status.amount_settled, Some(90));
         assert_eq!(status.served_gpu_seconds, Some(90));
         assert_eq!(status.phase, Some(LeasePhase::Settled));
@@ -1241,16 +1382,18 @@ mod tests {
         let start = Timestamp::from_second(Timestamp::now().as_second() - 100).expect("valid");
         lease.spec.start_time = Time(start);
         lease.status.get_or_insert_default().serving_since = Some(Time(start));
-        let due = next_due(&Meter::of(&lease), &Paid::of(&lease), period, Timestamp::now()).expect("due");
+        let due =
+            next_due(&Meter::of(&lease), &Paid::of(&lease), period, Timestamp::now()).expect("due");
         let record = plan::new_record(due.period.clone(), due.through, due.amount);
         assert!(still_due(&lease, &record, period));
 
         // Another settler recorded it first: never replaced.
         let mut raced = lease.clone();
-        raced.status.get_or_insert_default().settlements.push(SettlementRecord {
-            signature: Some("other".into()),
-            ..record.clone()
-        });
+        raced
+            .status
+            .get_or_insert_default()
+            .settlements
+            .push(SettlementRecord { signature: Some("other".into()), ..record.clone() });
         assert!(!still_due(&raced, &record, period));
         // ...unless that record provably expired.
         raced.status.get_or_insert_default().settlements[0].state = SettlementState::Expired;

@@ -241,7 +241,8 @@ mod tests {
 
     #[test]
     fn only_the_offer_wallet_bonds_and_the_rest_is_owed_back() {
-        let (wallet, stranger, account) = (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
+        let (wallet, stranger, account) =
+            (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
         let entries = [
             entry("s1", 700, wallet, &[]),
             entry("s2", 300, stranger, &["stake:n1"]),
@@ -264,8 +265,10 @@ mod tests {
 
     #[test]
     fn an_unbond_counts_only_from_the_offer_wallet_and_until_paid() {
-        let (wallet, stranger, account) = (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
-        let asked_by_other = [entry("s1", 500, wallet, &[]), entry("s2", 0, stranger, &[memo::UNBOND])];
+        let (wallet, stranger, account) =
+            (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
+        let asked_by_other =
+            [entry("s1", 500, wallet, &[]), entry("s2", 0, stranger, &[memo::UNBOND])];
         let none = book("n1", account, Some(wallet), 500, &asked_by_other, &HashMap::new(), 0);
         assert_eq!(none.unbond, None, "a stranger cannot unbond a node's stake");
         let asked = [entry("s1", 500, wallet, &[]), entry("s2", 0, wallet, &[memo::UNBOND])];

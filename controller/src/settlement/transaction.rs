@@ -69,7 +69,11 @@ fn transfer(
     .map_err(|e| BuildError::Token(e.to_string()))
 }
 
-fn create_missing(custody: &Custody, wallets: &[Pubkey], missing: &HashSet<Pubkey>) -> Vec<Instruction> {
+fn create_missing(
+    custody: &Custody,
+    wallets: &[Pubkey],
+    missing: &HashSet<Pubkey>,
+) -> Vec<Instruction> {
     let mut created: Vec<&Pubkey> = wallets.iter().filter(|w| missing.contains(w)).collect();
     created.sort();
     created.dedup();
@@ -285,9 +289,12 @@ mod tests {
         let ixs = payout_instructions(&custody, &payments(3, &[a], &[wallet]), &HashSet::new())
             .expect("ixs");
         assert_eq!(ixs.len(), 2, "one merged transfer and the memo");
-        let two_sources =
-            payout_instructions(&custody, &payments(4, &[a, b], &[wallet]), &HashSet::from([wallet]))
-                .expect("ixs");
+        let two_sources = payout_instructions(
+            &custody,
+            &payments(4, &[a, b], &[wallet]),
+            &HashSet::from([wallet]),
+        )
+        .expect("ixs");
         assert_eq!(two_sources.len(), 4, "the missing account, a transfer per source, the memo");
         assert_eq!(
             two_sources[0].program_id,
