@@ -134,7 +134,7 @@ impl Settler {
         self.resolve_in_flight(client, &events, &listed, &mut report).await?;
 
         let Listed { mut leases, clusters, offers } = list(client).await?;
-        let escrows = self.read_escrows(client, &clusters, &mut report).await?;
+        let escrows = self.read_escrows(client, &events, &clusters, &mut report).await?;
         self.release_refunded(client, &clusters, &escrows, &mut report).await;
         let stakes = self.read_stakes(client, &custody, &leases, &offers, &mut report).await?;
 
@@ -283,6 +283,7 @@ impl Settler {
     async fn read_escrows(
         &self,
         client: &Client,
+        events: &ClusterEvents,
         clusters: &[GpuCluster],
         report: &mut RoundReport,
     ) -> Result<HashMap<String, u64>, Error> {
@@ -335,30 +336,9 @@ impl Settler {
             };
             let last_seen =
                 cluster.status.as_ref().and_then(|s| s.escrow.as_ref()).and_then(|e| e.balance);
-            let record = SettlementRecord {
-                signature: Some(signature.clone()),
-                ..plan::new_record(REFUND_PERIOD.into(), Timestamp::now(), last_seen.unwrap_or(0))
-            };
-            let api = cluster_api(client, cluster);
-            let holder = Holder::Refund {
-                namespace: cluster.namespace().unwrap_or_default(),
-                name: cluster.name_any(),
-            };
-            let restored = match record_refund(&api, &cluster.name_any(), &address, record).await {
-                Ok(true) => {
-                    settle_holder(
-                        client,
-                        &ClusterEvents::new(client.clone()),
-                        &holder,
-                        signature,
-                        &Outcome::Confirmed(signature.clone()),
-                    )
-                    .await
-                }
-                Ok(false) => Ok(()),
-                Err(e) => Err(e),
-            };
-            match restored {
+            let found = FoundRefund { address, signature, amount: last_seen.unwrap_or(0) };
+            let holder = (cluster.namespace().unwrap_or_default(), cluster.name_any());
+            match confirm_found_refund(client, events, &holder, &found).await {
                 Ok(()) => {
                     tracing::warn!(cluster = %cluster.name_any(), "refund record restored from the chain");
                     report.already_paid += 1;
@@ -664,31 +644,12 @@ impl Settler {
     ) -> Result<(), Error> {
         self.check_fence().await?;
         let api: Api<GpuCluster> = Api::namespaced(client.clone(), &refund.namespace);
-        let holder =
-            Holder::Refund { namespace: refund.namespace.clone(), name: refund.name.clone() };
         let sources = HashMap::from([(refund.escrow, Some(refund.balance))]);
         if let Some(signature) = self.paid_keys(&sources).await?.get(&refund.uid) {
             tracing::warn!(cluster = %refund.name, "refund already on chain without its record: confirmed, not paid again");
-            let record = SettlementRecord {
-                signature: Some(signature.clone()),
-                ..plan::new_record(REFUND_PERIOD.into(), Timestamp::now(), refund.balance)
-            };
-            let written = record_refund(&api, &refund.name, &refund.escrow, record).await;
-            let settled = match written {
-                Ok(true) => {
-                    settle_holder(
-                        client,
-                        events,
-                        &holder,
-                        signature,
-                        &Outcome::Confirmed(signature.clone()),
-                    )
-                    .await
-                }
-                Ok(false) => Ok(()),
-                Err(e) => Err(e),
-            };
-            match settled {
+            let found = FoundRefund { address: refund.escrow, signature, amount: refund.balance };
+            let holder = (refund.namespace.clone(), refund.name.clone());
+            match confirm_found_refund(client, events, &holder, &found).await {
                 Ok(()) => report.already_paid += 1,
                 Err(e) => failed_write(report, &refund.name, &e),
             }
@@ -980,6 +941,34 @@ fn still_due(lease: &GpuLease, record: &SettlementRecord, period: std::time::Dur
     due.is_some_and(|d| {
         d.period == record.period && d.through == record.through.0 && record.amount <= d.amount
     })
+}
+
+/// A refund on chain (its key in the escrow's history) that its cluster has no record of.
+struct FoundRefund<'a> {
+    address: Pubkey,
+    signature: &'a str,
+    amount: u64,
+}
+
+/// Record a refund found on chain as confirmed on the cluster (namespace, name): never paid
+/// again.
+async fn confirm_found_refund(
+    client: &Client,
+    events: &ClusterEvents,
+    (namespace, name): &(String, String),
+    found: &FoundRefund<'_>,
+) -> Result<(), Error> {
+    let api: Api<GpuCluster> = Api::namespaced(client.clone(), namespace);
+    let record = SettlementRecord {
+        signature: Some(found.signature.to_owned()),
+        ..plan::new_record(REFUND_PERIOD.into(), Timestamp::now(), found.amount)
+    };
+    if !record_refund(&api, name, &found.address, record).await? {
+        return Ok(());
+    }
+    let holder = Holder::Refund { namespace: namespace.clone(), name: name.clone() };
+    let outcome = Outcome::Confirmed(found.signature.to_owned());
+    settle_holder(client, events, &holder, found.signature, &outcome).await
 }
 
 /// Write a refund record on the cluster, conditionally: only while it has none that may still
