@@ -389,4 +389,65 @@ mod tests {
         let entry = stake_entry(&tx, &stake, &mint, "sig", None, vec![]);
         assert_eq!((entry.delta, entry.sender), (0, Some(payer)));
     }
+
+    /// Issue 13, 3: a scan that fails part-way (an RPC error, a rate limit, a transaction the
+    /// node lists but cannot return yet) counts nothing; the retry counts every deposit once.
+    #[tokio::test]
+    async fn a_scan_is_all_or_nothing_and_a_null_transaction_is_retried() {
+        use solana_client::rpc_request::RpcRequest;
+        use solana_rpc_client::mock_sender::MocksMap;
+
+        let (stake, mint, sender) =
+            (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
+        let signatures: Vec<String> =
+            (0..3u8).map(|i| Signature::from([i + 1; 64]).to_string()).collect();
+        let listed = json!(
+            signatures
+                .iter()
+                .rev()
+                .enumerate()
+                .map(|(i, s)| json!({
+                    "signature": s, "slot": 10 - i, "err": null, "memo": "[4] mine",
+                    "blockTime": 1_800_000_000, "confirmationStatus": "confirmed",
+                }))
+                .collect::<Vec<_>>()
+        );
+        let deposit = |amount: u64| {
+            json!({
+                "meta": {"err": null,
+                    "preTokenBalances": [{"accountIndex": 1, "mint": mint.to_string(), "owner": sender.to_string(), "uiTokenAmount": {"amount": "1000"}},
+                                         {"accountIndex": 0, "mint": mint.to_string(), "owner": "auth", "uiTokenAmount": {"amount": "0"}}],
+                    "postTokenBalances": [{"accountIndex": 1, "mint": mint.to_string(), "owner": sender.to_string(), "uiTokenAmount": {"amount": (1000 - amount).to_string()}},
+                                          {"accountIndex": 0, "mint": mint.to_string(), "owner": "auth", "uiTokenAmount": {"amount": amount.to_string()}}]},
+                "transaction": {"message": {"accountKeys": [
+                    {"pubkey": stake.to_string(), "signer": false},
+                    {"pubkey": Pubkey::new_unique().to_string(), "signer": false},
+                    {"pubkey": sender.to_string(), "signer": true}]}},
+            })
+        };
+        let mut history = AccountHistory::default();
+
+        // The third transaction is listed but not returned yet (null): nothing is counted.
+        let mut mocks = MocksMap::default();
+        mocks.insert(RpcRequest::GetSignaturesForAddress, listed.clone());
+        for tx in [deposit(1), deposit(2), Value::Null] {
+            mocks.insert(RpcRequest::GetTransaction, tx);
+        }
+        let rpc = RpcClient::new_mock_with_mocks_map("succeeds", mocks);
+        assert!(scan(&rpc, &stake, &mint, &mut history, true).await.is_err());
+        assert!(history.transfers.is_empty() && history.newest.is_none(), "all or nothing");
+
+        // Retried: every deposit once, in order.
+        let mut mocks = MocksMap::default();
+        mocks.insert(RpcRequest::GetSignaturesForAddress, listed);
+        for tx in [deposit(1), deposit(2), deposit(3)] {
+            mocks.insert(RpcRequest::GetTransaction, tx);
+        }
+        let rpc = RpcClient::new_mock_with_mocks_map("succeeds", mocks);
+        scan(&rpc, &stake, &mint, &mut history, true).await.expect("scanned");
+        let deltas: Vec<i128> = history.transfers.iter().map(|t| t.delta).collect();
+        assert_eq!(deltas, [1, 2, 3]);
+        assert!(history.transfers.iter().all(|t| t.sender == Some(sender)));
+        assert_eq!(history.newest.map(|s| s.to_string()).as_ref(), signatures.last());
+    }
 }
