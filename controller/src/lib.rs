@@ -6,18 +6,14 @@
 
 #![cfg_attr(test, allow(clippy::expect_used))]
 
-pub mod binding;
 pub mod cluster;
-pub mod context;
 pub mod error;
-pub mod leader;
+pub mod market;
 pub mod matching;
-pub mod metrics;
-pub mod offer;
 pub mod raycluster;
+pub mod runtime;
 pub mod settlement;
 pub mod simulate;
-pub mod supply;
 #[cfg(test)]
 mod testing;
 
@@ -34,9 +30,9 @@ use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio_util::sync::CancellationToken;
 
-pub use context::Settings;
 pub use error::Error;
-pub use leader::LeaderElection;
+pub use runtime::context::Settings;
+pub use runtime::leader::LeaderElection;
 
 /// Everything [`run`] needs besides the client.
 #[derive(Clone, Debug, Default)]
@@ -82,11 +78,11 @@ async fn run_with(
     config: Config,
     settler: Option<Arc<settlement::Settler>>,
 ) -> Result<(), RunError> {
-    let metrics = Arc::new(metrics::Metrics::new()?);
+    let metrics = Arc::new(runtime::metrics::Metrics::new()?);
     let _server = config.metrics_addr.map(|addr| {
         let metrics = metrics.clone();
         AbortOnDrop(tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, metrics).await {
+            if let Err(e) = runtime::metrics::serve(addr, metrics).await {
                 tracing::error!(error = %e, %addr, "metrics server stopped");
             }
         }))
@@ -101,7 +97,8 @@ async fn run_with(
             Ok(())
         }
         Some(election) => {
-            let mut leadership = leader::Leadership::start(client.clone(), election).await?;
+            let mut leadership =
+                runtime::leader::Leadership::start(client.clone(), election).await?;
             // A standby replica is ready: it serves its purpose by waiting.
             metrics.ready.store(true, Ordering::Relaxed);
             tracing::info!(identity = %election.identity, "waiting for leadership");
@@ -130,7 +127,7 @@ async fn run_with(
 async fn run_controllers(
     client: Client,
     settings: Settings,
-    metrics: Arc<metrics::Metrics>,
+    metrics: Arc<runtime::metrics::Metrics>,
     settler: Option<Arc<settlement::Settler>>,
 ) {
     // The caches are filled by their own tasks, so a reconcile can wait for them without
@@ -159,11 +156,11 @@ async fn run_controllers(
             }
         }
     };
-    let ctx = Arc::new(context::Context::new(
+    let ctx = Arc::new(runtime::context::Context::new(
         client,
         metrics,
         settings,
-        context::Caches {
+        runtime::context::Caches {
             offers: offer_store,
             leases: lease_store,
             clusters: cluster_store,
@@ -179,7 +176,7 @@ async fn run_controllers(
             if cluster_store.wait_until_ready().await.is_ok() {
                 ctx.metrics.ready.store(true, Ordering::Relaxed);
             }
-            let mut ticks = tokio::time::interval(metrics::INVENTORY_PERIOD);
+            let mut ticks = tokio::time::interval(runtime::metrics::INVENTORY_PERIOD);
             loop {
                 ticks.tick().await;
                 let (o, l, c) = (ctx.offers.state(), ctx.leases.state(), cluster_store.state());
@@ -187,7 +184,7 @@ async fn run_controllers(
             }
         }
     };
-    let offer_controller = offer::run(ctx.clone());
+    let offer_controller = market::offer::run(ctx.clone());
     futures::future::join4(cluster::run(clusters, ctx), offer_controller, inventory, settle).await;
 }
 

@@ -10,7 +10,7 @@ use clap::Parser;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-use gpumarket_controller::leader::Fence;
+use gpumarket_controller::runtime::leader::Fence;
 use gpumarket_controller::settlement::stake::parse_min_per_gpu;
 use gpumarket_controller::settlement::{SettlementConfig, Settler, StakePolicy};
 use gpumarket_controller::simulate::Simulation;

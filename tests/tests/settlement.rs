@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
 use gpumarket_controller::LeaderElection;
-use gpumarket_controller::leader::Fence;
+use gpumarket_controller::runtime::leader::Fence;
 use gpumarket_controller::settlement::{
     self, CrashPoint, DepositStatus, SettlementConfig, Settler, accounts, memo,
 };

@@ -16,9 +16,9 @@ use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, watcher};
 
-use crate::context::Context;
+use crate::market::supply::free_gpus;
 use crate::raycluster;
-use crate::supply::free_gpus;
+use crate::runtime::context::Context;
 
 /// Events for one cluster closer together than this make one reconcile.
 const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(250);

@@ -22,13 +22,13 @@ use super::status::{
     Ending, Observation, build_status, ended_status, ending, expires_at, is_active, lease_pods,
     missing_workers, not_serving, supplier_failure, surplus_leases, with_service,
 };
-use crate::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
-use crate::context::{Context, MANAGER};
 use crate::error::{Error, Result};
+use crate::market::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
+use crate::market::supply::market_request;
 use crate::matching::{self, Outcome};
 use crate::raycluster::{self, build_ray_cluster, dashboard_address, is_ready, ray_cluster_name};
+use crate::runtime::context::{Context, MANAGER};
 use crate::settlement::{self, DepositStatus};
-use crate::supply::market_request;
 
 pub const FINALIZER: &str = "gpumarket.io/leases";
 const CONTROLLER: &str = "gpucluster";

@@ -13,8 +13,8 @@ use kube::ResourceExt;
 
 use crate::raycluster::LEASE_ANNOTATION;
 
+use crate::market::supply::{gpu_healthy, heartbeat_fresh};
 use crate::settlement::meter::Meter;
-use crate::supply::{gpu_healthy, heartbeat_fresh};
 
 pub const MATCHED: &str = "Matched";
 pub const FUNDED: &str = "Funded";

@@ -48,8 +48,8 @@ use solana_keypair::Keypair;
 use solana_pubkey::Pubkey;
 use solana_signer::Signer;
 
-use crate::leader::Fence;
-use crate::metrics::Metrics;
+use crate::runtime::leader::Fence;
+use crate::runtime::metrics::Metrics;
 pub use escrow::DepositStatus;
 pub use round::RoundReport;
 pub use stake::StakePolicy;

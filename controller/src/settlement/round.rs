@@ -712,7 +712,8 @@ impl Settler {
         for offer in offers {
             let name = offer.name_any();
             let status = offer.status.as_ref();
-            let fresh = crate::supply::heartbeat_fresh(offer, now, self.config.heartbeat_timeout);
+            let fresh =
+                crate::market::supply::heartbeat_fresh(offer, now, self.config.heartbeat_timeout);
             let rep = reputation::assess(
                 status.and_then(|s| s.reputation.as_ref()),
                 fresh,

@@ -17,7 +17,7 @@ use prometheus::{
 };
 
 use crate::cluster::status::is_active;
-use crate::supply::{gpu_healthy, gpu_lease};
+use crate::market::supply::{gpu_healthy, gpu_lease};
 
 /// Every metric of the controller, registered in its own registry (no globals).
 pub struct Metrics {

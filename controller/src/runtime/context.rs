@@ -10,13 +10,13 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
 
+use crate::market::supply::{gpu_lease, market_offer, market_request};
 use crate::matching::{Offer, Request};
 use crate::settlement::Settler;
-use crate::supply::{gpu_lease, market_offer, market_request};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 
-use crate::metrics::Metrics;
+use crate::runtime::metrics::Metrics;
 
 /// Field manager of every write, and the reporting controller of Events.
 pub const MANAGER: &str = "gpumarket-controller";

@@ -28,10 +28,10 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::context::MANAGER;
 use crate::error::{Error, Result};
 use crate::matching::Assignment;
 use crate::raycluster::CLUSTER_LABEL;
+use crate::runtime::context::MANAGER;
 
 /// Label on a lease carrying the GpuCluster's uid, for listing a cluster's leases.
 pub const CLUSTER_UID_LABEL: &str = "gpumarket.io/cluster-uid";
@@ -128,7 +128,7 @@ pub fn claim(
     let mut status = offer.status.clone().unwrap_or_default();
     for gpu in gpus {
         if !offer.spec.gpus.iter().any(|g| &g.uuid == gpu)
-            || !crate::supply::gpu_healthy(offer, gpu)
+            || !crate::market::supply::gpu_healthy(offer, gpu)
         {
             return Err(ClaimRefused::Unavailable { gpu: gpu.clone() });
         }
@@ -172,7 +172,7 @@ fn count_free(offer: &GpuOffer, status: &GpuOfferStatus) -> u32 {
         spec: offer.spec.clone(),
         status: Some(status.clone()),
     };
-    crate::supply::free_gpus(&with_status).len() as u32
+    crate::market::supply::free_gpus(&with_status).len() as u32
 }
 
 /// Write `status` to the offer, conditional on the resourceVersion it was read at.

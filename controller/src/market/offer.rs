@@ -18,11 +18,11 @@ use kube::runtime::{Controller, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::binding;
 use crate::cluster::status::set_condition;
-use crate::context::{Context, MANAGER};
 use crate::error::{Error, Result};
-use crate::supply::{free_gpus, gpu_healthy, heartbeat_deadline, heartbeat_fresh};
+use crate::market::binding;
+use crate::market::supply::{free_gpus, gpu_healthy, heartbeat_deadline, heartbeat_fresh};
+use crate::runtime::context::{Context, MANAGER};
 
 pub const AVAILABLE: &str = "Available";
 const CONTROLLER: &str = "gpuoffer";

@@ -44,7 +44,7 @@ impl Leadership {
             .with_identity(&election.identity)
             .with_duration(duration)
             .with_grace(election.grace_seconds())
-            .with_field_manager(crate::context::MANAGER)
+            .with_field_manager(crate::runtime::context::MANAGER)
             .build()
             .await?;
         let (state, task) = manager.watch().await;
