@@ -356,6 +356,29 @@ fn unbond_due(inputs: &Inputs<'_>, offer: &GpuOffer, asked: Option<i64>) -> bool
     })
 }
 
+/// Ended leases with nothing left to pay or slash whose record does not say so yet (a lease
+/// that never served has no payout to confirm): they are Settled now.
+pub fn closed(inputs: &Inputs<'_>) -> Vec<String> {
+    inputs
+        .leases
+        .iter()
+        .filter(|l| l.status.as_ref().and_then(|s| s.phase) == Some(LeasePhase::Ended))
+        .filter(|l| fully_settled(&Meter::of(l), &Paid::of(l)))
+        .filter(|l| {
+            let failed = l
+                .status
+                .as_ref()
+                .and_then(|s| s.end_reason)
+                .is_some_and(EndReason::is_supplier_failure);
+            let slashable =
+                inputs.stake.slash_permille > 0 && inputs.stakes.contains_key(&l.spec.offer);
+            let slashed = records(l).iter().any(|r| r.period == SLASH_PERIOD);
+            !failed || !slashable || slashed
+        })
+        .map(|l| l.name_any())
+        .collect()
+}
+
 /// Whether a cluster has ended: completed, failed or being deleted.
 pub fn has_ended(cluster: &GpuCluster) -> bool {
     cluster.metadata.deletion_timestamp.is_some()
@@ -548,7 +571,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unserved_lease_costs_nothing() {
+    fn an_unserved_lease_costs_nothing_and_is_settled_as_it_is() {
         let cluster = mk_cluster("c", 1, 1);
         let mut never = lease(&cluster, "n1", 1, Some((600, EndReason::NotServing)));
         never.status.get_or_insert_default().serving_since = None;
@@ -558,6 +581,15 @@ mod tests {
         let inputs = world.inputs(&leases, &clusters, &[], 700);
         assert_eq!(payouts(&inputs), Payouts::default());
         assert_eq!(refunds(&inputs).iter().map(|r| r.balance).collect::<Vec<_>>(), [5000]);
+        assert_eq!(closed(&inputs), [leases[0].name_any()]);
+
+        // With slashing on and stake to slash, it is settled only once the slash is recorded.
+        let mut slashing = World::new(&[("c-0000-uid", 5000)]);
+        slashing.policy.slash_permille = 100;
+        slashing.stakes.insert("n1".into(), StakeBook { bonded: 10, ..Default::default() });
+        let inputs = slashing.inputs(&leases, &clusters, &[], 700);
+        assert!(closed(&inputs).is_empty());
+        assert_eq!(payouts(&inputs).to_send.len(), 1, "the slash");
     }
 
     #[test]

@@ -156,9 +156,17 @@ impl Settler {
             }
         }
         let inputs = self.inputs(&leases, &clusters, &offers, &escrows, &stakes, now);
-        let payouts = plan::payouts(&inputs);
         let by_name: HashMap<String, &GpuLease> =
             leases.iter().map(|l| (l.name_any(), l)).collect();
+        for name in plan::closed(&inputs) {
+            let Some(lease) = by_name.get(&name) else { continue };
+            let meter = Meter::of(lease);
+            match update_lease(&leases_api, lease, |s| close(s, &meter)).await {
+                Ok(after) => events.lease_changed(lease, &after).await,
+                Err(e) => failed_write(&mut report, &name, &e),
+            }
+        }
+        let payouts = plan::payouts(&inputs);
         for (name, record) in payouts.without_transfer {
             let Some(lease) = by_name.get(&name) else { continue };
             let meter = Meter::of(lease);
@@ -1148,6 +1156,14 @@ fn confirm(status: &mut GpuLeaseStatus, meter: &Meter, record: SettlementRecord)
             status.phase = Some(LeasePhase::Settled);
         }
         status.served_gpu_seconds = Some(meter.gpu_seconds_through(end));
+    }
+}
+
+/// An ended lease with nothing more to pay: Settled, with its meter's totals.
+fn close(status: &mut GpuLeaseStatus, meter: &Meter) {
+    if status.phase == Some(LeasePhase::Ended) && fully_settled(meter, &Paid::of_status(status)) {
+        status.phase = Some(LeasePhase::Settled);
+        status.amount_settled.get_or_insert(0);
     }
 }
 
