@@ -333,7 +333,14 @@ pub fn parse_transaction(signature: &str, raw: &Value, mint: &Pubkey) -> Result<
         .as_array()
         .context("accountKeys")?
         .iter()
-        .map(|k| k["pubkey"].as_str().or(k.as_str()).context("an account key")?.parse::<Pubkey>().map_err(Into::into))
+        .map(|k| {
+            k["pubkey"]
+                .as_str()
+                .or(k.as_str())
+                .context("an account key")?
+                .parse::<Pubkey>()
+                .map_err(Into::into)
+        })
         .collect::<Result<_>>()?;
     let mint = mint.to_string();
     let mut deltas: BTreeMap<Pubkey, i128> = BTreeMap::new();
@@ -380,8 +387,12 @@ mod tests {
 
     #[test]
     fn token_balance_changes_and_memos_are_read_from_a_parsed_transaction() {
-        let (mint, escrow, wallet, authority) =
-            (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
+        let (mint, escrow, wallet, authority) = (
+            Pubkey::new_unique(),
+            Pubkey::new_unique(),
+            Pubkey::new_unique(),
+            Pubkey::new_unique(),
+        );
         let raw = json!({
             "slot": 42,
             "meta": {

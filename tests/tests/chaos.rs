@@ -15,13 +15,14 @@
 //!   which also runs longer with more nodes and clusters).
 //! - Every 300 ms a sampler lists the GpuLeases: no GPU may be in two Active leases.
 //!
-//! Then calm: every process runs, every remaining cluster is Running (or ended), all are
-//! deleted and must be gone (refunded, released) with every lease Settled. The chain, read
-//! from each escrow's, stake account's and the settlement authority's own history (token
-//! balances and memos, nothing the controller recorded), must show per cluster, to the base
-//! unit, Σ deposits (= the test's own ledger of transfers that landed) = Σ payouts + Σ refunds
-//! + what is left (nothing); every settlement key once; suppliers' and the buyer's wallets
-//! moved by exactly what was paid to them. The figures are printed (`-- --nocapture`).
+//! Then calm: every process runs, every remaining cluster is Running with its workers serving
+//! (or ended), all are deleted and must be gone (refunded, released) with every lease Settled.
+//! The chain, read from each escrow's, stake account's and the settlement authority's own
+//! history (token balances and memos, nothing the controller recorded), must show per cluster,
+//! to the base unit, that the deposits (the test's own ledger of the transfers that landed)
+//! equal the payouts plus the refund plus what is left (nothing); every settlement key once;
+//! the suppliers' and the buyer's wallets moved by exactly what was paid to them. The figures
+//! are printed (`-- --nocapture`).
 //!
 //! The seed is printed; `GPUMARKET_CHAOS_SEED=<n>` replays the same random choices (timing
 //! still differs). The controller and agent binaries must be built (`cargo build --bins`, as
@@ -60,6 +61,9 @@ const BOND: u64 = 3_000_000;
 const MIN_STAKE_PER_GPU: u64 = 100_000;
 /// The controllers' leader election Lease (the default name), in the test's namespace.
 const ELECTION_LEASE: &str = "gpumarket-controller";
+/// How long a leader holds the election Lease without renewing it: short, so that leaders
+/// change often.
+const ELECTION_DURATION: &str = "6s";
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(8);
 const TINY_DEPOSITS: usize = 20;
 
@@ -138,6 +142,7 @@ struct Figures {
     junk_annotations: usize,
     junk_refused: usize,
     deleted_mid_run: usize,
+    deleted_ended: usize,
     bursts: usize,
 }
 
@@ -164,6 +169,8 @@ struct Slot {
     identity: String,
     pid: Option<u32>,
     generation: u32,
+    /// Name of the current process's log.
+    log: String,
     restart_at: Option<Instant>,
     /// Sent SIGTERM by the rolling upgrade: not restarted.
     retiring: bool,
@@ -190,6 +197,7 @@ impl Fleet {
             identity: name.to_owned(),
             pid: None,
             generation: 0,
+            log: String::new(),
             restart_at: None,
             retiring: false,
         });
@@ -214,10 +222,9 @@ impl Fleet {
                 controller
                     .env("KUBECONFIG", self.env.kubeconfig())
                     .env("POD_NAMESPACE", &self.ns)
-                    .env("RUST_LOG", "info,kube=warn,gpumarket_controller=debug")
                     .args(["--metrics-addr", "127.0.0.1:0"])
                     .arg(format!("--leader-election-identity={}", slot.identity))
-                    .args(["--leader-election-duration", "6s"])
+                    .arg(format!("--leader-election-duration={ELECTION_DURATION}"))
                     .arg(format!("--heartbeat-timeout={}s", HEARTBEAT_TIMEOUT.as_secs()))
                     .args(["--provisioning-timeout", "60s", "--settlement-period", "5s"])
                     .arg(format!("--rpc-url={}", self.rpc_url))
@@ -246,6 +253,36 @@ impl Fleet {
             }
         };
         slot.pid = Some(self.env.spawn(&log, command)?);
+        slot.log = log;
+        Ok(())
+    }
+
+    /// Restart what is due; a process that died unasked (a replica that lost its Lease exits)
+    /// is counted and restarted a second later.
+    fn supervise(&mut self, figures: &mut Figures, wall: Instant) -> Result<()> {
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
+            if let Some(pid) = slot.pid.filter(|pid| !alive(*pid)) {
+                slot.pid = None;
+                if slot.retiring {
+                    continue;
+                }
+                let log = self.env.dir().join("logs").join(format!("{}.log", slot.log));
+                let line = format!(
+                    "{} (pid {pid}) exited on its own: {}",
+                    slot.log,
+                    gpumarket_tests::process::log_tail(&log, 3).replace('\n', " | ")
+                );
+                println!("[{:>6.1} s] {line}", elapsed(wall));
+                figures.exits_on_their_own.push(line);
+                slot.restart_at = Some(now + Duration::from_secs(1));
+            }
+            if self.slots[i].restart_at.is_some_and(|t| t <= now) {
+                self.start(i)?;
+                figures.processes_started += 1;
+            }
+        }
         Ok(())
     }
 
@@ -424,6 +461,28 @@ impl Buyers {
         }
     }
 
+    /// Delete the orders whose cluster has ended (Completed, Failed), as a buyer cleans up; how
+    /// many.
+    async fn delete_ended(&mut self) -> Result<usize> {
+        let listed = self.api.list(&ListParams::default()).await?.items;
+        let ended: Vec<String> = listed
+            .iter()
+            .filter(|c| {
+                let phase = c.status.as_ref().and_then(|s| s.phase);
+                matches!(phase, Some(ClusterPhase::Completed | ClusterPhase::Failed))
+            })
+            .map(ResourceExt::name_any)
+            .collect();
+        let mut deleted = 0;
+        for i in self.live() {
+            if ended.contains(&self.orders[i].name) {
+                self.delete(i).await?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Junk of the kind that fooled the old design (settlement state in annotations), written,
     /// rewritten or removed. `Ok(false)` when the API server refused it.
     async fn annotate(&self, i: usize, rng: &mut Rng) -> Result<bool> {
@@ -432,7 +491,9 @@ impl Buyers {
             1 => json!({"gpumarket.io/refund": "{\"state\":\"Confirmed\",\"amount\":0}",
                         "gpumarket.io/deposit": "999999999999"}),
             2 => json!({"gpumarket.io/refund": null, "gpumarket.io/settled": "[]"}),
-            _ => json!({"gpumarket.io/refund": "{\"state\":\"Signed\",\"signature\":\"1111111111111111111111111111111111111111111111111111111111111111\"}"}),
+            _ => {
+                json!({"gpumarket.io/refund": "{\"state\":\"Signed\",\"signature\":\"1111111111111111111111111111111111111111111111111111111111111111\"}"})
+            }
         };
         let patch = json!({"metadata": {"annotations": annotations}});
         let name = &self.orders[i].name;
@@ -451,7 +512,8 @@ impl Buyers {
         if cluster.metadata.deletion_timestamp.is_some() {
             return Ok(false);
         }
-        let Some(escrow) = cluster.status.and_then(|s| s.escrow).and_then(|e| e.account.parse().ok())
+        let Some(escrow) =
+            cluster.status.and_then(|s| s.escrow).and_then(|e| e.account.parse().ok())
         else {
             return Ok(false);
         };
@@ -591,7 +653,8 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
     let sol = env.solana().await?.clone();
     let rpc = sol.rpc();
     let buyer = Arc::new(read_keypair(&sol.buyer)?);
-    let suppliers: Vec<Keypair> = sol.suppliers.iter().map(|p| read_keypair(p)).collect::<Result<_>>()?;
+    let suppliers: Vec<Keypair> =
+        sol.suppliers.iter().map(|p| read_keypair(p)).collect::<Result<_>>()?;
     let wallets: Vec<Pubkey> = suppliers.iter().map(Signer::pubkey).collect();
     let ledger = Arc::new(Ledger::default());
 
@@ -629,7 +692,15 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         if bonds > 0 {
             let account = sol.token_account(wallet);
             ledger
-                .transfer(&rpc, &sol.mint, &buyer, &account, bonds * BOND, None, &format!("fund:{wallet}"))
+                .transfer(
+                    &rpc,
+                    &sol.mint,
+                    &buyer,
+                    &account,
+                    bonds * BOND,
+                    None,
+                    &format!("fund:{wallet}"),
+                )
                 .await?;
         }
     }
@@ -683,7 +754,12 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         assert!(
             Instant::now() < deadline,
             "no stake account in the offers of {:?} after 180 s",
-            nodes.iter().enumerate().filter(|(n, _)| !bonded.contains(n)).map(|(_, n)| &n.name).collect::<Vec<_>>()
+            nodes
+                .iter()
+                .enumerate()
+                .filter(|(n, _)| !bonded.contains(n))
+                .map(|(_, n)| &n.name)
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -692,9 +768,7 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         let listed = offers.list(&ListParams::default()).await?.items;
         let waiting: Vec<String> = nodes
             .iter()
-            .filter(|n| {
-                !listed.iter().any(|o| o.name_any() == n.name && o.bonded_stake() >= BOND)
-            })
+            .filter(|n| !listed.iter().any(|o| o.name_any() == n.name && o.bonded_stake() >= BOND))
             .map(|n| n.name.clone())
             .collect();
         if waiting.is_empty() {
@@ -703,7 +777,11 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         assert!(Instant::now() < deadline, "stake of {waiting:?} not seen bonded after 120 s");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    println!("[{:>6.1} s] {} nodes up and bonded, 2 controller replicas", elapsed(wall), nodes.len());
+    println!(
+        "[{:>6.1} s] {} nodes up and bonded, 2 controller replicas",
+        elapsed(wall),
+        nodes.len()
+    );
 
     // The sampler runs from the first order to the very end.
     let sampled = Arc::new(Mutex::new(Sampled::default()));
@@ -736,9 +814,11 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
     let mut deletions: Vec<Instant> =
         (0..scale.deletions).map(|_| at(0.1 + 0.8 * rng.unit())).collect();
     deletions.sort();
-    let mut next_annotation = chaos_start + rng.duration(Duration::from_secs(3), Duration::from_secs(10));
+    let mut next_annotation =
+        chaos_start + rng.duration(Duration::from_secs(3), Duration::from_secs(10));
     let mut bursts: Vec<Instant> = vec![at(0.3), at(0.75)];
     let mut next_order = chaos_start;
+    let mut next_cleanup = chaos_start;
     let mut retiring: Vec<usize> = Vec::new();
     let mut upgrade_replicas = 0;
     loop {
@@ -751,25 +831,7 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         {
             break;
         }
-        // Supervise: restart what is due; a process that died unasked is counted and restarted.
-        for i in 0..fleet.slots.len() {
-            let slot = &fleet.slots[i];
-            if let Some(pid) = slot.pid.filter(|pid| !alive(*pid)) {
-                if slot.retiring {
-                    fleet.slots[i].pid = None;
-                    continue;
-                }
-                let line = format!("{} {} (pid {pid}) exited on its own", slot.identity, slot.generation);
-                println!("[{:>6.1} s] {line}", elapsed(wall));
-                figures.exits_on_their_own.push(line);
-                fleet.slots[i].pid = None;
-                fleet.slots[i].restart_at = Some(now + Duration::from_secs(1));
-            }
-            if fleet.slots[i].restart_at.is_some_and(|t| t <= now) {
-                fleet.start(i)?;
-                figures.processes_started += 1;
-            }
-        }
+        fleet.supervise(&mut figures, wall)?;
         // A random kill -9 of a controller replica (often the leader) or an agent.
         if now >= next_kill {
             next_kill = now + rng.duration(mean / 3, mean * 5 / 3);
@@ -805,7 +867,10 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
                     Role::Agent => {
                         figures.agent_kills += 1;
                         // Some come back within the heartbeat timeout, some after it.
-                        rng.duration(Duration::from_secs(1), HEARTBEAT_TIMEOUT + Duration::from_secs(6))
+                        rng.duration(
+                            Duration::from_secs(1),
+                            HEARTBEAT_TIMEOUT + Duration::from_secs(6),
+                        )
                     }
                 };
                 let slot = &mut fleet.slots[i];
@@ -860,7 +925,8 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
             cut_since = Some(now);
             println!("[{:>6.1} s] validator RPC cut", elapsed(wall));
         }
-        if let Some(since) = cut_since.filter(|s| now.duration_since(*s) >= Duration::from_secs(10)) {
+        if let Some(since) = cut_since.filter(|s| now.duration_since(*s) >= Duration::from_secs(10))
+        {
             relay.restore();
             figures.cut_for += now.duration_since(since);
             cut_since = None;
@@ -898,6 +964,10 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
                 }
             }
         }
+        if now >= next_cleanup {
+            next_cleanup = now + Duration::from_secs(15);
+            figures.deleted_ended += buyers.delete_ended().await?;
+        }
         if bursts.first().is_some_and(|t| *t <= now) {
             bursts.remove(0);
             let live = buyers.live();
@@ -910,23 +980,27 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
     let chaos_time = chaos_start.elapsed();
     println!("[{:>6.1} s] chaos over: calm", elapsed(wall));
 
-    // Calm: every process runs again and a leader holds the Lease.
-    for i in 0..fleet.slots.len() {
-        let slot = &fleet.slots[i];
-        if !slot.retiring && !slot.pid.is_some_and(alive) {
-            fleet.start(i)?;
-            figures.processes_started += 1;
-        }
+    // Calm: every process runs again (and is kept running) and a leader holds the Lease.
+    for slot in fleet.slots.iter_mut().filter(|s| !s.retiring && !s.pid.is_some_and(alive)) {
+        slot.restart_at = Some(Instant::now());
     }
+    fleet.supervise(&mut figures, wall)?;
     let mut problems: Vec<String> = Vec::new();
-    let identities: Vec<String> =
-        fleet.running(Role::Controller).iter().map(|i| fleet.slots[*i].identity.clone()).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !lock(&sampled).leader.as_ref().is_some_and(|l| identities.contains(l)) {
+    loop {
+        let identities: Vec<String> = fleet
+            .running(Role::Controller)
+            .iter()
+            .map(|i| fleet.slots[*i].identity.clone())
+            .collect();
+        if lock(&sampled).leader.as_ref().is_some_and(|l| identities.contains(l)) {
+            break;
+        }
         if Instant::now() > deadline {
             problems.push(format!("no running replica ({identities:?}) took the lead within 60 s"));
             break;
         }
+        fleet.supervise(&mut figures, wall)?;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     for i in &retiring {
@@ -936,28 +1010,56 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
     }
 
     // Every funded cluster still ordered ends up Running (or ended): none stuck.
+    let deadline = Instant::now() + Duration::from_secs(200);
+    while buyers.orders.iter().any(|o| o.funding.as_ref().is_some_and(|t| !t.is_finished()))
+        && Instant::now() < deadline
+    {
+        fleet.supervise(&mut figures, wall)?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let mut fundings: HashMap<String, Funding> = HashMap::new();
     for order in &mut buyers.orders {
         if let Some(task) = order.funding.take() {
-            let funding = match tokio::time::timeout(Duration::from_secs(200), task).await {
-                Ok(Ok(funding)) => funding,
-                Ok(Err(e)) => Funding { note: Some(format!("funding task: {e}")), ..Funding::default() },
-                Err(_) => Funding { note: Some("funding still waiting".into()), ..Funding::default() },
+            let funding = if task.is_finished() {
+                task.await.unwrap_or_else(|e| Funding {
+                    note: Some(format!("funding task: {e}")),
+                    ..Funding::default()
+                })
+            } else {
+                task.abort();
+                Funding { note: Some("funding still waiting".into()), ..Funding::default() }
             };
             fundings.insert(order.name.clone(), funding);
         }
     }
     let clusters_api: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
-    let settled_phase =
-        |p: Option<ClusterPhase>| matches!(p, Some(ClusterPhase::Running | ClusterPhase::Completed | ClusterPhase::Failed));
-    let deadline = Instant::now() + Duration::from_secs(if scale.long { 300 } else { 120 });
+    // Running with every worker placed and serving (its Active leases have begun service), or
+    // ended.
+    let settled_phase = |cluster: &GpuCluster, leases: &[GpuLease]| {
+        let Some(status) = &cluster.status else { return false };
+        let degraded =
+            status.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True");
+        let serving = leases
+            .iter()
+            .filter(|l| l.spec.cluster.uid == cluster.uid().unwrap_or_default())
+            .filter(|l| l.status.as_ref().and_then(|s| s.phase) == Some(LeasePhase::Active))
+            .all(|l| l.status.as_ref().is_some_and(|s| s.serving_since.is_some()));
+        match status.phase {
+            Some(ClusterPhase::Running) => !degraded && serving,
+            Some(ClusterPhase::Completed | ClusterPhase::Failed) => true,
+            _ => false,
+        }
+    };
+    let all_leases: Api<GpuLease> = Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(if scale.long { 300 } else { 150 });
     let phases: BTreeMap<String, String> = loop {
         let listed = clusters_api.list(&ListParams::default()).await?.items;
+        let leases = all_leases.list(&ListParams::default()).await?.items;
         let stuck: Vec<&GpuCluster> = listed
             .iter()
             .filter(|c| c.metadata.deletion_timestamp.is_none())
             .filter(|c| fundings.get(&c.name_any()).is_some_and(|f| f.funded))
-            .filter(|c| !settled_phase(c.status.as_ref().and_then(|s| s.phase)))
+            .filter(|c| !settled_phase(c, &leases))
             .collect();
         if stuck.is_empty() || Instant::now() > deadline {
             for cluster in stuck {
@@ -967,8 +1069,18 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
                     .iter()
                     .map(|c| format!("{}={} ({})", c.type_, c.status, c.message))
                     .collect();
+                let waiting: Vec<String> = leases
+                    .iter()
+                    .filter(|l| l.spec.cluster.uid == cluster.uid().unwrap_or_default())
+                    .filter(|l| {
+                        l.status.as_ref().is_some_and(|s| {
+                            s.phase == Some(LeasePhase::Active) && s.serving_since.is_none()
+                        })
+                    })
+                    .map(|l| format!("{} on {}", l.name_any(), l.spec.offer))
+                    .collect();
                 problems.push(format!(
-                    "{} stuck {:?} after the calm: {}",
+                    "{} stuck {:?} after the calm: {}; Active leases not serving: {waiting:?}",
                     cluster.name_any(),
                     status.phase,
                     conditions.join("; ")
@@ -982,6 +1094,7 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
                 })
                 .collect();
         }
+        fleet.supervise(&mut figures, wall)?;
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let mut phase_counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -1014,13 +1127,14 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
             }
             break;
         }
+        fleet.supervise(&mut figures, wall)?;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let leases_api: Api<GpuLease> = Api::all(client.clone());
     let ours = |leases: Vec<GpuLease>| -> Vec<GpuLease> {
         leases.into_iter().filter(|l| l.spec.cluster.namespace == ns).collect()
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let leases = loop {
         let leases = ours(leases_api.list(&ListParams::default()).await?.items);
         let open: Vec<&GpuLease> = leases
@@ -1033,16 +1147,24 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         if Instant::now() > deadline {
             for lease in open {
                 let status = lease.status.clone().unwrap_or_default();
+                let states: Vec<String> = status
+                    .settlements
+                    .iter()
+                    .map(|r| format!("{} {} {:?}", r.period, r.amount, r.state))
+                    .collect();
                 problems.push(format!(
-                    "lease {} not Settled: phase {:?}, end {:?}, records {:?}",
+                    "lease {} not Settled: phase {:?}, end {:?}, served since {:?}, {} settled, records [{}]",
                     lease.name_any(),
                     status.phase,
                     status.end_reason,
-                    status.settlements
+                    status.serving_since.as_ref().map(|t| t.0),
+                    status.amount_settled.unwrap_or(0),
+                    states.join(", ")
                 ));
             }
             break leases;
         }
+        fleet.supervise(&mut figures, wall)?;
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     println!("[{:>6.1} s] every cluster gone, {} leases settled", elapsed(wall), leases.len());
@@ -1059,7 +1181,9 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
     let escrows: BTreeMap<Pubkey, (String, String)> = buyers
         .orders
         .iter()
-        .filter_map(|o| Some((accounts::escrow_address(&authority, &o.uid)?, (o.name.clone(), o.uid.clone()))))
+        .filter_map(|o| {
+            Some((accounts::escrow_address(&authority, &o.uid)?, (o.name.clone(), o.uid.clone())))
+        })
         .collect();
     let stakes: BTreeMap<Pubkey, String> = nodes
         .iter()
@@ -1077,30 +1201,39 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
                 book.deposits += delta;
                 book.deposit_txs += 1;
                 if !landed.iter().any(|t| t.signature.to_string() == tx.signature) {
-                    problems.push(format!("{name}: deposit {} of {delta} is not one the test made", tx.signature));
+                    problems.push(format!(
+                        "{name}: deposit {} of {delta} is not one the test made",
+                        tx.signature
+                    ));
                 }
             } else if tx.has_memo(memo::REFUND_PREFIX) {
                 book.refunds -= delta;
                 book.refund_txs += 1;
                 if !tx.memos.iter().any(|m| m.trim() == memo::refund_memo(uid)) {
-                    problems.push(format!("{name}: refund {} names another cluster: {:?}", tx.signature, tx.memos));
+                    problems.push(format!(
+                        "{name}: refund {} names another cluster: {:?}",
+                        tx.signature, tx.memos
+                    ));
                 }
             } else if tx.has_memo(memo::PAY_PREFIX) {
                 book.payouts -= delta;
                 book.payout_txs += usize::from(delta < 0);
             } else if delta < 0 {
-                problems.push(format!("{name}: {} left its escrow in {} without a settlement memo ({:?})", -delta, tx.signature, tx.memos));
+                problems.push(format!(
+                    "{name}: {} left its escrow in {} without a settlement memo ({:?})",
+                    -delta, tx.signature, tx.memos
+                ));
             }
         }
         book.left = i128::from(sol.account_balance(escrow).await?.unwrap_or(0));
         book.open = sol.account_balance(escrow).await?.is_some();
-        let ledger_deposits: i128 = landed
-            .iter()
-            .filter(|t| t.to == *escrow)
-            .map(|t| i128::from(t.amount))
-            .sum();
+        let ledger_deposits: i128 =
+            landed.iter().filter(|t| t.to == *escrow).map(|t| i128::from(t.amount)).sum();
         if book.deposits != ledger_deposits {
-            problems.push(format!("{name}: {} deposited on chain, {ledger_deposits} by the test's ledger", book.deposits));
+            problems.push(format!(
+                "{name}: {} deposited on chain, {ledger_deposits} by the test's ledger",
+                book.deposits
+            ));
         }
         if book.deposits != book.payouts + book.refunds + book.left {
             problems.push(format!(
@@ -1109,7 +1242,8 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
             ));
         }
         if book.left != 0 {
-            problems.push(format!("{name}: {} left in its escrow {escrow} after the end", book.left));
+            problems
+                .push(format!("{name}: {} left in its escrow {escrow} after the end", book.left));
         }
         if book.refund_txs > 1 {
             problems.push(format!("{name}: refunded {} times", book.refund_txs));
@@ -1133,13 +1267,20 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
                 book.payouts -= delta;
                 book.payout_txs += 1;
             } else if delta < 0 {
-                problems.push(format!("stake of {node}: {} left in {} without a settlement memo", -delta, tx.signature));
+                problems.push(format!(
+                    "stake of {node}: {} left in {} without a settlement memo",
+                    -delta, tx.signature
+                ));
             }
         }
         book.left = i128::from(sol.account_balance(account).await?.unwrap_or(0));
-        let bonds: i128 = landed.iter().filter(|t| t.to == *account).map(|t| i128::from(t.amount)).sum();
+        let bonds: i128 =
+            landed.iter().filter(|t| t.to == *account).map(|t| i128::from(t.amount)).sum();
         if book.deposits != bonds {
-            problems.push(format!("stake of {node}: {} bonded on chain, {bonds} by the test's ledger", book.deposits));
+            problems.push(format!(
+                "stake of {node}: {} bonded on chain, {bonds} by the test's ledger",
+                book.deposits
+            ));
         }
         if book.deposits != book.payouts + book.left {
             problems.push(format!(
@@ -1153,7 +1294,8 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
     // Every settlement transaction, from the authority's own history (it signs them all).
     chain.history(&authority).await?;
     let mut keys: HashMap<String, Vec<String>> = HashMap::new();
-    let (mut to_suppliers, mut to_buyer, mut from_escrows, mut from_stakes) = (0i128, 0i128, 0i128, 0i128);
+    let (mut to_suppliers, mut to_buyer, mut from_escrows, mut from_stakes) =
+        (0i128, 0i128, 0i128, 0i128);
     let mut paid_to: BTreeMap<Pubkey, i128> = BTreeMap::new();
     let mut settlement_txs = 0;
     let mut failed_txs = 0;
@@ -1194,9 +1336,13 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
             }
         }
     }
-    let twice: Vec<(&String, &Vec<String>)> = keys.iter().filter(|(_, sigs)| sigs.len() > 1).collect();
+    let twice: Vec<(&String, &Vec<String>)> =
+        keys.iter().filter(|(_, sigs)| sigs.len() > 1).collect();
     for (key, signatures) in &twice {
-        problems.push(format!("settlement key {key} on chain {} times: {signatures:?}", signatures.len()));
+        problems.push(format!(
+            "settlement key {key} on chain {} times: {signatures:?}",
+            signatures.len()
+        ));
     }
     if from_escrows != totals.payouts + totals.refunds {
         problems.push(format!(
@@ -1205,7 +1351,10 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         ));
     }
     if to_suppliers != totals.payouts {
-        problems.push(format!("suppliers received {to_suppliers} in payouts, escrows paid out {}", totals.payouts));
+        problems.push(format!(
+            "suppliers received {to_suppliers} in payouts, escrows paid out {}",
+            totals.payouts
+        ));
     }
     let slashed: i128 = stake_books.iter().map(|(_, b)| b.payouts).sum();
     if to_buyer != slashed || from_stakes != slashed {
@@ -1213,14 +1362,19 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
     }
 
     // The wallets themselves moved by exactly that.
-    let sum_to = |to: &Pubkey| -> i128 { landed.iter().filter(|t| t.to == *to).map(|t| i128::from(t.amount)).sum() };
+    let sum_to = |to: &Pubkey| -> i128 {
+        landed.iter().filter(|t| t.to == *to).map(|t| i128::from(t.amount)).sum()
+    };
     let bonds_from = |wallet: &Pubkey| -> i128 {
         landed
             .iter()
             .filter(|t| t.label.starts_with("bond:"))
             .filter(|t| {
                 let node = t.label.trim_start_matches("bond:");
-                nodes.iter().position(|n| n.name == node).is_some_and(|n| wallets[n % wallets.len()] == *wallet)
+                nodes
+                    .iter()
+                    .position(|n| n.name == node)
+                    .is_some_and(|n| wallets[n % wallets.len()] == *wallet)
             })
             .map(|t| i128::from(t.amount))
             .sum()
@@ -1237,11 +1391,8 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         }
     }
     let buyer_moved = i128::from(sol.balance(&buyer.pubkey()).await?) - i128::from(buyer_before);
-    let sent_by_buyer: i128 = landed
-        .iter()
-        .filter(|t| !t.label.starts_with("bond:"))
-        .map(|t| i128::from(t.amount))
-        .sum();
+    let sent_by_buyer: i128 =
+        landed.iter().filter(|t| !t.label.starts_with("bond:")).map(|t| i128::from(t.amount)).sum();
     if buyer_moved != totals.refunds + to_buyer - sent_by_buyer {
         problems.push(format!(
             "buyer: balance moved {buyer_moved}, expected refunds {} + slashes {to_buyer} − sent {sent_by_buyer}",
@@ -1249,14 +1400,25 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         ));
     }
     let recorded: u64 = leases.iter().filter_map(|l| l.status.as_ref()?.amount_settled).sum();
+    let mut end_reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for lease in &leases {
+        let reason = lease.status.as_ref().and_then(|s| s.end_reason);
+        *end_reasons.entry(reason.map_or("-".to_owned(), |r| format!("{r:?}"))).or_default() += 1;
+    }
 
     let sampled = lock(&sampled);
     for violation in sampled.violations.iter().take(20) {
         problems.push(violation.clone());
     }
     let deposits_landed = landed.iter().filter(|t| escrows.contains_key(&t.to)).count();
-    println!("\n==== chaos run figures ({}, seed {seed}) ====", if scale.long { "long" } else { "CI-sized" });
-    println!("{:<10} {:>6} {:>11} {:>11} {:>11} {:>6}  escrow", "cluster", "txs", "deposits", "payouts", "refunds", "left");
+    println!(
+        "\n==== chaos run figures ({}, seed {seed}) ====",
+        if scale.long { "long" } else { "CI-sized" }
+    );
+    println!(
+        "{:<10} {:>6} {:>11} {:>11} {:>11} {:>6}  escrow",
+        "cluster", "txs", "deposits", "payouts", "refunds", "left"
+    );
     for (name, book) in &per_cluster {
         println!(
             "{name:<10} {:>6} {:>11} {:>11} {:>11} {:>6}  {}",
@@ -1269,9 +1431,10 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         );
     }
     println!(
-        "clusters: {} ordered, {} deleted mid-run, phases before the end {phase_counts:?}",
+        "clusters: {} ordered, {} deleted mid-run, {} deleted once ended, phases before the end {phase_counts:?}",
         buyers.orders.len(),
-        figures.deleted_mid_run
+        figures.deleted_mid_run,
+        figures.deleted_ended
     );
     println!(
         "kills: {} kill -9 ({} controller, {} of them the leader; {} agent), {} processes started, {} rolling upgrade(s), exits on their own: {}",
@@ -1324,7 +1487,7 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         twice.len()
     );
     println!(
-        "leases: {} in all, {} samples every 300 ms, at most {} Active at once, {} GPU(s) in two Active leases",
+        "leases: {} in all, ended {end_reasons:?}; {} samples every 300 ms, at most {} Active at once, {} GPU(s) in two Active leases",
         leases.len(),
         sampled.samples,
         sampled.max_active,
@@ -1344,7 +1507,10 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
 
     assert!(figures.kills() >= scale.min_kills, "only {} kills", figures.kills());
     assert!(sampled.samples > 0, "the sampler never listed the leases");
-    assert!(totals.deposits > 0 && totals.payouts > 0, "nothing was deposited or paid: the run exercised nothing");
+    assert!(
+        totals.deposits > 0 && totals.payouts > 0,
+        "nothing was deposited or paid: the run exercised nothing"
+    );
     if !problems.is_empty() {
         bail!(
             "the chaos run found {} problem(s) (environment in {}; keep it with GPUMARKET_KEEP_ENV=1):\n{}",

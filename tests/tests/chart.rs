@@ -189,11 +189,14 @@ fn rbac_is_least_privilege_without_wildcards() {
     for needed in ["gpuclusters/status", "gpuoffers/status", "gpuleases", "rayclusters", "events"] {
         assert!(resources.contains(&needed), "controller lacks {needed}");
     }
-    // The controller reads offers but never writes their spec, and reads pods (to meter from a
-    // worker's readiness) but never writes them.
+    // The controller reads offers but never writes their spec; it reads pods (to meter from a
+    // worker's readiness) and deletes those of ended leases, but never creates or changes one.
     for (_, resource, verbs) in &controller {
-        if resource == "gpuoffers" || resource == "pods" {
+        if resource == "gpuoffers" {
             assert_eq!(verbs, &["get", "list", "watch"], "{resource}");
+        }
+        if resource == "pods" {
+            assert_eq!(verbs, &["get", "list", "watch", "delete"], "{resource}");
         }
     }
     assert!(resources.contains(&"pods"), "controller cannot watch worker pods");

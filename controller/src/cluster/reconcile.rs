@@ -20,7 +20,8 @@ use serde_json::json;
 
 use super::status::{
     Ending, Observation, build_status, ended_status, ending, expires_at, is_active, lease_pods,
-    missing_workers, not_serving, supplier_failure, surplus_leases, with_service,
+    missing_workers, not_serving, stale_worker_pods, supplier_failure, surplus_leases,
+    with_service,
 };
 use crate::error::{Error, Result};
 use crate::market::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
@@ -257,6 +258,18 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         }
         Some(ready)
     };
+
+    // The pods of ended leases go (KubeRay leaves them when their worker group is removed).
+    for pod in stale_worker_pods(&leases, &pods) {
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+        match api.delete(&pod.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {
+                tracing::info!(cluster = %cluster.name_any(), pod = %pod.name_any(), "worker pod of an ended lease deleted")
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 
     // status
     let awaiting_deposit = funding.as_ref().is_some_and(Result::is_err);

@@ -140,6 +140,24 @@ pub fn lease_pods<'a>(lease: &GpuLease, pods: &[&'a Pod]) -> Vec<&'a Pod> {
     serving
 }
 
+/// Worker pods of this cluster's leases that have ended. KubeRay leaves running the pods of a
+/// worker group taken out of the RayCluster: they would keep the supplier's GPUs after the
+/// lease (and its billing) ended, and keep the next lease on those GPUs from starting.
+pub fn stale_worker_pods<'a>(leases: &[GpuLease], pods: &[&'a Pod]) -> Vec<&'a Pod> {
+    let ended: Vec<&str> = leases
+        .iter()
+        .filter(|l| !is_active(l))
+        .filter_map(|l| l.metadata.name.as_deref())
+        .collect();
+    pods.iter()
+        .copied()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.annotations().get(LEASE_ANNOTATION).is_some_and(|l| ended.contains(&l.as_str()))
+        })
+        .collect()
+}
+
 /// When a pod last became Ready, if it is Ready.
 fn ready_since(pod: &Pod) -> Option<Timestamp> {
     let ready = pod
@@ -749,5 +767,20 @@ mod tests {
             ended_lease(&ended, EndReason::OutOfFunds, at(95)).is_none(),
             "an end is written once"
         );
+    }
+
+    #[test]
+    fn the_pods_of_ended_leases_are_stale() {
+        use crate::testing::mk_worker_pod;
+        let cluster = mk_cluster("c", 2, 1);
+        let active = mk_lease(&cluster, "node-a", &["a1"], 1);
+        let mut ended = mk_lease(&cluster, "node-b", &["b1"], 1);
+        ended.status.get_or_insert_default().phase = Some(LeasePhase::Ended);
+        let (live, left) =
+            (mk_worker_pod(&active, "w1", 0, Some(1)), mk_worker_pod(&ended, "w2", 0, Some(1)));
+        let mut going = mk_worker_pod(&ended, "w3", 0, Some(1));
+        going.metadata.deletion_timestamp = Some(Time(now()));
+        let stale = stale_worker_pods(&[active, ended], &[&live, &left, &going]);
+        assert_eq!(stale.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["w2"]);
     }
 }

@@ -89,6 +89,10 @@ pub struct Fence {
     leases: kube::Api<k8s_openapi::api::coordination::v1::Lease>,
     name: String,
     identity: String,
+    /// Kept before the Lease runs out: half the renewal grace, so the holder (which renews a
+    /// grace before expiry) is never fenced between renewals, while a clock skew of up to this
+    /// much between replicas cannot make two of them pay.
+    margin: Duration,
 }
 
 impl std::fmt::Debug for Fence {
@@ -97,15 +101,13 @@ impl std::fmt::Debug for Fence {
     }
 }
 
-/// Margin kept before the Lease runs out: a fence this close to expiry no longer holds.
-const FENCE_MARGIN: Duration = Duration::from_secs(2);
-
 impl Fence {
     pub fn new(client: Client, election: &LeaderElection) -> Self {
         Fence {
             leases: kube::Api::namespaced(client, &election.namespace),
             name: election.lease_name.clone(),
             identity: election.identity.clone(),
+            margin: Duration::from_millis(election.grace_seconds() * 500),
         }
     }
 
@@ -121,12 +123,14 @@ impl Fence {
         let Some(spec) = lease.spec else { return false };
         let renewed = spec.renew_time.map(|t| t.0);
         let duration = spec.lease_duration_seconds.and_then(|s| u64::try_from(s).ok());
+        let now = jiff::Timestamp::now();
         fence_holds(
             spec.holder_identity.as_deref(),
             &self.identity,
             renewed,
             duration,
-            jiff::Timestamp::now(),
+            self.margin,
+            now,
         )
     }
 }
@@ -137,11 +141,12 @@ fn fence_holds(
     identity: &str,
     renewed: Option<jiff::Timestamp>,
     duration_seconds: Option<u64>,
+    margin: Duration,
     now: jiff::Timestamp,
 ) -> bool {
     let (Some(renewed), Some(seconds)) = (renewed, duration_seconds) else { return false };
     let Ok(valid) =
-        jiff::SignedDuration::try_from(Duration::from_secs(seconds).saturating_sub(FENCE_MARGIN))
+        jiff::SignedDuration::try_from(Duration::from_secs(seconds).saturating_sub(margin))
     else {
         return false;
     };
@@ -155,10 +160,33 @@ mod tests {
     #[test]
     fn a_fence_holds_only_for_the_holder_within_its_lease() {
         let t = |s: i64| jiff::Timestamp::from_second(1_800_000_000 + s).expect("valid");
-        assert!(fence_holds(Some("me"), "me", Some(t(0)), Some(15), t(12)));
-        assert!(!fence_holds(Some("me"), "me", Some(t(0)), Some(15), t(13)), "too close to expiry");
-        assert!(!fence_holds(Some("other"), "me", Some(t(0)), Some(15), t(1)));
-        assert!(!fence_holds(None, "me", Some(t(0)), Some(15), t(1)));
-        assert!(!fence_holds(Some("me"), "me", None, Some(15), t(1)));
+        let margin = Duration::from_secs(1);
+        assert!(fence_holds(Some("me"), "me", Some(t(0)), Some(15), margin, t(13)));
+        assert!(!fence_holds(Some("me"), "me", Some(t(0)), Some(15), margin, t(14)), "too close");
+        assert!(!fence_holds(Some("other"), "me", Some(t(0)), Some(15), margin, t(1)));
+        assert!(!fence_holds(None, "me", Some(t(0)), Some(15), margin, t(1)));
+        assert!(!fence_holds(Some("me"), "me", None, Some(15), margin, t(1)));
+    }
+
+    /// The holder renews a grace before expiry: its fence must hold until then, whatever the
+    /// duration (a 6 s Lease once fenced its own leader between renewals).
+    #[test]
+    fn the_holder_is_never_fenced_before_it_renews() {
+        for seconds in [2, 6, 15, 30, 60] {
+            let election = LeaderElection {
+                namespace: "ns".into(),
+                lease_name: "l".into(),
+                identity: "me".into(),
+                lease_duration: Duration::from_secs(seconds),
+            };
+            let grace = election.grace_seconds();
+            let margin = Duration::from_millis(grace * 500);
+            let t = |s: u64| jiff::Timestamp::from_second(1_800_000_000 + s as i64).expect("valid");
+            let renews_at = t(seconds - grace);
+            assert!(
+                fence_holds(Some("me"), "me", Some(t(0)), Some(seconds), margin, renews_at),
+                "{seconds} s Lease"
+            );
+        }
     }
 }

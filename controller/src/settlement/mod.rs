@@ -357,6 +357,13 @@ pub async fn run(client: kube::Client, settler: Arc<Settler>, metrics: Arc<Metri
                 }
                 wait = poll;
             }
+            // Not leading (any more, or for a moment): look again soon, without backing off.
+            Err(Error::Fenced) => {
+                tracing::info!(
+                    "settlement paused: this replica does not hold the leader election Lease"
+                );
+                wait = poll;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, label = e.metric_label(), retry_in = ?wait, "settlement round failed");
                 tokio::time::sleep(wait).await;
