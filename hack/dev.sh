@@ -42,6 +42,24 @@ prepare() {
   hack/solana-validator/build.sh
   export PATH="$GPUMARKET_TOOLS_BIN:$PATH"
   export GPUMARKET_TOOLS_BIN
+  forget_other_checkouts
+}
+
+# Cargo keeps a workspace crate fresh when the checkout moves, but paths it compiled in
+# (env!("CARGO_MANIFEST_DIR")) still point at the old one: rebuild our own crates (not the
+# dependencies) when the cached target was built from another path.
+forget_other_checkouts() {
+  local stamp="$CARGO_TARGET_DIR/.gpumarket-checkout"
+  [[ -f "$stamp" && "$(cat "$stamp")" == "$root" ]] && return 0
+  if [[ -d "$CARGO_TARGET_DIR" ]]; then
+    step "cached build came from another checkout: rebuilding gpumarket's own crates"
+    local pkg
+    for pkg in $(cargo metadata --no-deps --format-version 1 | jq -r '.packages[].name'); do
+      cargo clean -q -p "$pkg"
+    done
+  fi
+  mkdir -p "$CARGO_TARGET_DIR"
+  printf '%s' "$root" >"$stamp"
 }
 
 case "${1:-}" in
