@@ -20,15 +20,16 @@ use std::time::Duration;
 use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::{
-    ClusterPhase, EndReason, GpuCluster, GpuHealth, GpuLease, GpuOffer, GpuTier, LeasePhase,
+    ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, GpuTier, LeasePhase,
 };
 use gpumarket_tests::solana::read_keypair;
-use gpumarket_tests::{Env, GpuNode, eventually};
+use gpumarket_tests::supplier::Supplier;
+use gpumarket_tests::{Env, eventually};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
 use kube::{Client, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use solana_sdk::signature::Signer;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -91,109 +92,6 @@ impl Controller {
 impl Drop for Controller {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// A supplier node with its offer, heartbeating until dropped (or `stop`ped).
-struct Supplier {
-    name: String,
-    heartbeat: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Supplier {
-    async fn start(
-        env: &Env,
-        client: &Client,
-        name: &str,
-        region: &str,
-        gpus: usize,
-        price: u64,
-    ) -> Self {
-        Supplier::start_paid_to(env, client, name, region, gpus, price, WALLET).await
-    }
-
-    /// [`Supplier::start`], paid to `wallet`.
-    async fn start_paid_to(
-        env: &Env,
-        client: &Client,
-        name: &str,
-        region: &str,
-        gpus: usize,
-        price: u64,
-        wallet: &str,
-    ) -> Self {
-        env.add_gpu_nodes(&[GpuNode::new(name, "H100", gpus as u32)
-            .region(region)
-            .zone(&format!("{region}-a"))])
-            .await
-            .expect("KWOK node");
-        let offers: Api<GpuOffer> = Api::all(client.clone());
-        let uuids: Vec<String> = (0..gpus).map(|i| format!("GPU-{name}-{i}")).collect();
-        let offer: GpuOffer = serde_json::from_value(json!({
-            "apiVersion": "gpumarket.io/v1alpha1",
-            "kind": "GpuOffer",
-            "metadata": {"name": name},
-            "spec": {
-                "nodeName": name,
-                "wallet": wallet,
-                "gpus": uuids.iter().map(|u| json!({"uuid": u, "model": "H100", "memoryMib": 81920})).collect::<Vec<_>>(),
-                "pricePerGpuHour": price,
-                "region": region,
-                "zone": format!("{region}-a"),
-            },
-        }))
-        .unwrap();
-        offers.create(&PostParams::default(), &offer).await.expect("create offer");
-        beat(&offers, name, &uuids, None).await;
-        let heartbeat = {
-            let (offers, name) = (offers.clone(), name.to_string());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(700)).await;
-                    beat(&offers, &name, &uuids, None).await;
-                }
-            })
-        };
-        Supplier { name: name.into(), heartbeat: Some(heartbeat) }
-    }
-
-    /// The agent goes silent: no more heartbeats.
-    fn stop(&mut self) {
-        if let Some(task) = self.heartbeat.take() {
-            task.abort();
-        }
-    }
-}
-
-impl Drop for Supplier {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// One agent heartbeat: health of every GPU (one optionally unhealthy) and the time.
-async fn beat(offers: &Api<GpuOffer>, name: &str, uuids: &[String], unhealthy: Option<&str>) {
-    let gpus: Vec<Value> = uuids
-        .iter()
-        .map(|u| {
-            let health = if Some(u.as_str()) == unhealthy {
-                GpuHealth::Unhealthy
-            } else {
-                GpuHealth::Healthy
-            };
-            json!({"uuid": u, "health": health})
-        })
-        .collect();
-    let patch = json!({
-        "apiVersion": "gpumarket.io/v1alpha1",
-        "kind": "GpuOffer",
-        "status": {"gpus": gpus, "lastHeartbeat": jiff::Timestamp::now()},
-    });
-    if let Err(e) = offers
-        .patch_status(name, &PatchParams::apply("test-agent").force(), &Patch::Apply(&patch))
-        .await
-    {
-        eprintln!("heartbeat of {name}: {e}");
     }
 }
 
@@ -282,17 +180,6 @@ fn pinned_nodes(ray: &DynamicObject) -> BTreeSet<String> {
                 .to_string()
         })
         .collect()
-}
-
-/// KubeRay's operator for the test's namespace: it makes the head and worker pods (which KWOK
-/// runs and makes Ready) and reports the RayCluster ready.
-fn start_kuberay(env: &Env, ns: &str) {
-    let mut operator = env.tools().command("kuberay-operator").unwrap();
-    operator
-        .arg(format!("-kubeconfig={}", env.kubeconfig().display()))
-        .arg(format!("-watch-namespace={ns}"))
-        .args(["-enable-leader-election=false", "-metrics-addr=0", "-health-probe-bind-address=0"]);
-    env.spawn(&format!("kuberay-operator-{ns}"), operator).unwrap();
 }
 
 /// What KubeRay's operator would do once the pods run.
@@ -636,7 +523,7 @@ async fn a_settled_cluster_pays_its_staked_supplier_for_served_time_and_refunds_
             .await;
     let _b =
         Supplier::start_paid_to(env, &client, "ctl-pay-b", "pay", 2, price / 2, &unstaked).await;
-    start_kuberay(env, &ns);
+    env.start_kuberay(&ns).unwrap();
     let _controller = Controller::start_with(&client, Some(settler));
 
     // The supplier bonds stake from its own wallet into the node's stake account.
