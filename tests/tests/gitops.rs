@@ -24,6 +24,7 @@ use gpumarket_tests::supplier::Supplier;
 use gpumarket_tests::{Env, Solana, eventually};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::config::Kubeconfig;
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use solana_sdk::pubkey::Pubkey;
@@ -31,6 +32,8 @@ use solana_sdk::signature::{Keypair, Signer};
 
 /// The field manager Argo CD applies with (`ServerSideApply=true`).
 const ARGOCD: &str = "argocd-controller";
+/// The field manager of the controller's writes.
+const CONTROLLER: &str = "gpumarket-controller";
 /// 1000 base units per GPU-second.
 const PRICE_PER_GPU_HOUR: u64 = 3_600_000;
 const WAIT: Duration = Duration::from_secs(60);
@@ -181,6 +184,14 @@ fn check_ownership(live: &GpuCluster, manifest: &Value, phase: &str) {
         }
     }
     assert_eq!(argocd, 1, "{phase}: one Argo CD entry");
+    let finalizers_owner = live.managed_fields().iter().find(|entry| {
+        entry.fields_v1.as_ref().unwrap().0["f:metadata"].get("f:finalizers").is_some()
+    });
+    assert_eq!(
+        finalizers_owner.and_then(|entry| entry.manager.as_deref()),
+        Some(CONTROLLER),
+        "{phase}: the controller owns its finalizers"
+    );
 }
 
 /// The real `kubectl diff --server-side --field-manager=argocd-controller`: (exit code, output).
@@ -263,7 +274,13 @@ impl Fixture {
         .await;
         env.start_kuberay(&ns).unwrap();
         let controller = {
-            let (client, settler) = (client.clone(), settler.clone());
+            let settler = settler.clone();
+            // As the controller's binary builds its client: named in every request.
+            let kubeconfig = Kubeconfig::read_from(env.kubeconfig()).unwrap();
+            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .unwrap();
+            let client = Client::try_from(gpumarket_controller::identified(config)).unwrap();
             let config = Config { settings: Settings::default(), ..Config::default() };
             tokio::spawn(async move {
                 gpumarket_controller::run_settling(client, config, settler).await.unwrap();
