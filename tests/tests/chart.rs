@@ -1384,6 +1384,7 @@ async fn buyers_bound_to_the_built_in_roles_manage_the_gpuclusters_of_their_name
     // ...nor offers or leases (cluster-scoped: a RoleBinding does not even let her read them).
     let offers: Api<GpuOffer> = Api::all(alice.clone());
     refusal(offers.create(&PostParams::default(), &market_offer).await);
+    refusal(offers.replace(&offer_name, &PostParams::default(), &market_offer).await);
     refusal(offers.patch(&offer_name, &PatchParams::default(), &heartbeat()).await);
     refusal(offers.patch_status(&offer_name, &PatchParams::default(), &heartbeat()).await);
     refusal(offers.delete(&offer_name, &DeleteParams::default()).await);
@@ -1391,6 +1392,7 @@ async fn buyers_bound_to_the_built_in_roles_manage_the_gpuclusters_of_their_name
     let leases: Api<GpuLease> = Api::all(alice.clone());
     let ended = Patch::Merge(json!({"status": {"phase": "Ended"}}));
     refusal(leases.create(&PostParams::default(), &lease).await);
+    refusal(leases.replace(&lease_name, &PostParams::default(), &lease).await);
     refusal(leases.patch(&lease_name, &PatchParams::default(), &ended).await);
     refusal(leases.patch_status(&lease_name, &PatchParams::default(), &ended).await);
     refusal(leases.delete(&lease_name, &DeleteParams::default()).await);
