@@ -118,6 +118,7 @@ fn shipped_values() -> Vec<(Vec<&'static str>, Vec<&'static str>)> {
     vec![
         (vec![], vec![]),
         (vec![], AGENT.to_vec()),
+        (vec![], [AGENT, &["agent.cdi=true"]].concat()),
         (vec!["values-local.yaml"], vec![]),
         (vec!["values-supplier-offer-only.yaml"], vec![]),
     ]
