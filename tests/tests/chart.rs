@@ -121,6 +121,7 @@ fn shipped_values() -> Vec<(Vec<&'static str>, Vec<&'static str>)> {
     vec![
         (vec![], vec![]),
         (vec![], AGENT.to_vec()),
+        (vec![], [AGENT, &["agent.cdi=true"]].concat()),
         (vec!["values-local.yaml"], vec![]),
         (vec!["values-supplier-offer-only.yaml"], vec![]),
     ]
@@ -448,6 +449,65 @@ fn only_plugin_mode_mounts_the_kubelet_device_plugin_directory() {
     assert!(!args.iter().any(|a| a.starts_with("--socket-dir")), "{args:?}");
 }
 
+/// The agent pod's volume and its mount named `name`, `null` for either it lacks.
+fn volume_and_mount(agent: &Value, name: &str) -> (Value, Value) {
+    let pod = &agent["spec"]["template"]["spec"];
+    let named = |list: &Value| {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    (named(&pod["volumes"]), named(&pod["containers"][0]["volumeMounts"]))
+}
+
+#[test]
+fn cdi_mounts_the_hosts_spec_directory_and_the_driver_read_only() {
+    let cdi: Vec<&str> = AGENT.iter().copied().chain(["agent.cdi=true"]).collect();
+    let objects = render(&[], &cdi);
+    let agent = find(&objects, "DaemonSet", "gpumarket-agent");
+    let (volume, mount) = volume_and_mount(agent, "cdi-specs");
+    assert_eq!(volume["hostPath"], json!({"path": "/var/run/cdi", "type": "DirectoryOrCreate"}));
+    assert_eq!(mount["mountPath"], "/var/run/cdi");
+    assert_ne!(mount["readOnly"], true, "the agent writes its spec there");
+    for (name, host_path) in [("host-dev", "/dev"), ("host-usr", "/usr")] {
+        let (volume, mount) = volume_and_mount(agent, name);
+        assert_eq!(volume["hostPath"]["path"], host_path, "{name}");
+        assert_eq!(mount["mountPath"], format!("/host{host_path}"), "{name}");
+        assert_eq!(mount["readOnly"], true, "{name}");
+    }
+    let args = args_of(agent);
+    for expected in ["--cdi", "--cdi-spec-dir=/var/run/cdi", "--host-root=/host"] {
+        assert!(args.contains(&expected.to_owned()), "{expected} missing from {args:?}");
+    }
+
+    let elsewhere: Vec<&str> = cdi.iter().copied().chain(["agent.cdiSpecDir=/etc/cdi"]).collect();
+    let objects = render(&[], &elsewhere);
+    let (volume, _) = volume_and_mount(find(&objects, "DaemonSet", "gpumarket-agent"), "cdi-specs");
+    assert_eq!(volume["hostPath"]["path"], "/etc/cdi");
+
+    // A fake node's files are named by its device file: nothing of the host is read.
+    let fake: Vec<&str> = cdi.iter().copied().chain(["agent.source=fake:/etc/gpus.yaml"]).collect();
+    let objects = render(&[], &fake);
+    let agent = find(&objects, "DaemonSet", "gpumarket-agent");
+    assert!(volume_and_mount(agent, "cdi-specs").0.is_object());
+    assert!(volume_and_mount(agent, "host-dev").0.is_null());
+    assert!(!args_of(agent).iter().any(|a| a.starts_with("--host-root")));
+
+    // Without CDI, and in offer-only mode (NVIDIA's plugin serves the GPUs), no spec is written.
+    let objects = render(&[], AGENT);
+    assert!(
+        volume_and_mount(find(&objects, "DaemonSet", "gpumarket-agent"), "cdi-specs").0.is_null()
+    );
+    let offer_only: Vec<&str> = cdi.iter().copied().chain(["agent.mode=offer-only"]).collect();
+    let objects = render(&[], &offer_only);
+    let agent = find(&objects, "DaemonSet", "gpumarket-agent");
+    assert!(agent["spec"]["template"]["spec"].get("volumes").is_none());
+    assert!(!args_of(agent).contains(&"--cdi".to_owned()));
+}
+
 #[test]
 fn bad_values_are_refused_with_a_message_that_says_what_to_change() {
     let cases: &[(&[&str], &str)] = &[
@@ -464,6 +524,7 @@ fn bad_values_are_refused_with_a_message_that_says_what_to_change() {
             "value must be one of 'plugin', 'offer-only'",
         ),
         (&["agent.wallet=0OIl0OIl"], "does not match pattern"),
+        (&["agent.cdiSpecDir=var/run/cdi"], "does not match pattern"),
         (&["controller.replicas=0"], "minimum"),
     ];
     for (sets, expected) in cases {
