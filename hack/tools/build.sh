@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the local Kubernetes tools (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, helm, KubeRay CRDs and operator) from their Go modules,
+# kube-scheduler, kubectl, kwok, helm, crane, KubeRay CRDs and operator) from their Go modules,
 # once, into a cache outside the repository keyed by version; reuses what is there.
 #
 # Pins live in the wrapper modules next to this script (<tool>/go.mod + go.sum); the
@@ -150,6 +150,11 @@ for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
   helm_ldflags+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$helm_k8s_minor"
 done
 build helm helm "$helm_v" helm helm.sh/helm/v3/cmd/helm "~2 min" version "$helm_ldflags"
+
+# --- crane (OCI image archives for hack/images/build.sh) ---------------------------------------
+crane_v="$(pin crane github.com/google/go-containerregistry)"
+build crane crane "$crane_v" crane github.com/google/go-containerregistry/cmd/crane "~1 min" version \
+  "-X github.com/google/go-containerregistry/cmd/crane/cmd.Version=$crane_v"
 
 # --- KubeRay -------------------------------------------------------------------------------
 kuberay_v="$(pin kuberay github.com/ray-project/kuberay/ray-operator)"
