@@ -14,7 +14,7 @@
 # Progress goes to stderr; stdout gets one line per image, <image>=<archive path>.
 #
 # Each archive is cached under ${GPUMARKET_CACHE:-~/.cache/gpumarket}/images/, named by a
-# hash of everything that goes into it (this script, the Dockerfile, the binary and libraries,
+# hash of everything that goes into it (the recipe, the Dockerfile, the binary and libraries,
 # the sources and pinned versions), and reused when present.
 #
 # Archive layout: an OCI image layout (oci-layout, index.json, blobs/sha256/...) whose index
@@ -27,7 +27,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cache="${GPUMARKET_CACHE:-$HOME/.cache/gpumarket}"
 images="$cache/images"
-script="$root/hack/images/build.sh"
 
 log() { printf '[images] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -36,10 +35,11 @@ die() { log "error: $*"; exit 1; }
 for tool in jq sha256sum gzip tar; do
   command -v "$tool" >/dev/null || die "$tool not found on PATH"
 done
+crane="$(command -v crane || echo "$cache/tools/bin/crane")"
+[[ -x "$crane" ]] || die "crane not found: build it with hack/tools/build.sh"
 mkdir -p "$images"
-exec 9>"$images/.lock"
-flock 9
-rm -rf "$images"/.tmp.*
+# Leftovers of interrupted runs (a run in progress holds its own for far less than a day).
+find "$images" -maxdepth 1 -name '.tmp.*' -mmin +1440 -exec rm -rf {} +
 tmp_root="$(mktemp -d "$images/.tmp.XXXXXX")"
 trap 'rm -rf "$tmp_root"' EXIT
 
@@ -130,21 +130,41 @@ oci_archive() {
     -cf "$out" oci-layout index.json manifest.json blobs
 }
 
-# cached <image> <key> <builder> [args]: prints <image>=<archive>, building it with
-# `<builder> <out.tar> [args]` unless the archive for this key is there.
-cached() {
-  local image="$1" k="$2" builder="$3"
-  shift 3
-  local archive="$images/$image-$k.tar"
-  if [[ -f "$archive" ]]; then
-    log "$image cached: $archive"
+# cached_file <file> <builder> [args]: builds <file> with `<builder> <tmp file> [args]` unless it
+# is there. One build per file at a time: a second caller waits, then finds it built.
+cached_file() {
+  local file="$1" builder="$2" lock
+  shift 2
+  exec {lock}>"$file.lock"
+  flock "$lock"
+  if [[ -f "$file" ]]; then
+    log "cached: $file"
   else
-    local start=$SECONDS
-    "$builder" "$tmp_root/$image.tar" "$@"
-    mv -f "$tmp_root/$image.tar" "$archive"
-    log "built $image in $((SECONDS - start)) s: $archive ($(du -h "$archive" | cut -f1))"
+    local start=$SECONDS tmp="$tmp_root/$(basename "$file")"
+    "$builder" "$tmp" "$@"
+    if [[ "$file" == *.oci.tar ]]; then
+      # A second implementation reads it back: digests, sizes and diff_ids must all agree.
+      local validated
+      validated="$("$crane" validate --tarball "$tmp")"
+      log "crane validate: ${validated%%:*}"
+    fi
+    mv -f "$tmp" "$file"
+    log "built $(basename "$file") in $((SECONDS - start)) s ($(du -h "$file" | cut -f1))"
   fi
-  echo "$image=$archive"
+  exec {lock}>&-
+}
+
+# image <image> <key> <builder> [args]: prints <image>=<archive> once the archive is built.
+image() {
+  local archive="$images/$1-$2.oci.tar"
+  cached_file "$archive" "${@:3}"
+  echo "$1=$archive"
+}
+
+# recipe <function>...: the source of the shell functions that build an image, for its key
+# (so that editing one recipe rebuilds only its images).
+recipe() {
+  declare -f "$@" tar_layer blob oci_archive
 }
 
 # --- pause ---------------------------------------------------------------------------------
@@ -176,8 +196,8 @@ pause() {
   [[ -n "$tag" && "$tag" == "$kubeadm_tag" ]] ||
     die "pause version: build/pause/Makefile says '$tag', kubeadm's PauseVersion '$kubeadm_tag'"
   local ref="registry.k8s.io/pause:$tag"
-  cached pause "$(key "$script" "$src/linux/pause.c" "$ref" "$k8s" "$(gcc --version | head -n1)")" \
-    build_pause_archive "$src" "$tag" "$k8s" "$ref"
+  image pause "$(key "$(recipe build_pause_archive)" "$src/linux/pause.c" "$ref" "$k8s" \
+    "$(gcc --version | head -n1)")" build_pause_archive "$src" "$tag" "$k8s" "$ref"
 }
 
 # --- controller and agent --------------------------------------------------------------------
@@ -243,9 +263,65 @@ rust_image() {
   [[ -f /etc/ssl/certs/ca-certificates.crt ]] || die "no CA bundle (apt-get install ca-certificates)"
   config="$(dockerfile_config "$dockerfile")"
   ref="$(chart_image "$component")"
-  local inputs=("$script" "$dockerfile" "$binary" /etc/ssl/certs/ca-certificates.crt "$ref" "$config")
+  local inputs=("$(recipe build_binary_archive libraries)" "$dockerfile" "$binary" /etc/ssl/certs/ca-certificates.crt "$ref" "$config")
   mapfile -t -O ${#inputs[@]} inputs < <(libraries "$binary")
-  cached "$image" "$(key "${inputs[@]}")" build_binary_archive "$binary" "$ref" "$config"
+  image "$image" "$(key "${inputs[@]}")" build_binary_archive "$binary" "$ref" "$config"
+}
+
+# --- ray -------------------------------------------------------------------------------------
+# A CPU Ray image for local clusters: Debian bookworm minbase, Python 3 in a venv at /opt/ray,
+# ray[default] from PyPI, user ray (1000, group users) as in rayproject/ray; bash and wget for
+# KubeRay's start command and probes. Needs root (debootstrap, chroot) and deb.debian.org/PyPI.
+debian_suite=bookworm
+debian_mirror=http://deb.debian.org/debian
+
+build_debian_base() {
+  local out="$1" rootfs="$tmp_root/debian"
+  command -v debootstrap >/dev/null ||
+    die "debootstrap not found (apt-get install debootstrap; hack/dev.sh installs it)"
+  [[ "$(id -u)" -eq 0 ]] || die "debootstrap and chroot need root"
+  log "debootstrap --variant=minbase $debian_suite (a few minutes)"
+  debootstrap --variant=minbase "$debian_suite" "$rootfs" "$debian_mirror" >&2
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+  tar -C "$rootfs" --numeric-owner -cf "$out" .
+}
+
+build_ray_archive() {
+  local out="$1" base="$2" version="$3" ref="$4" rootfs="$tmp_root/ray-rootfs"
+  rm -rf "$rootfs"
+  mkdir -p "$rootfs"
+  tar -C "$rootfs" --numeric-owner -xf "$base"
+  cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
+  log "apt-get install python3 python3-venv wget ca-certificates"
+  chroot "$rootfs" /bin/sh -ec '
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-venv wget ca-certificates >/dev/null
+    apt-get clean
+    rm -rf /var/lib/apt/lists/*
+    useradd --uid 1000 --gid users --create-home --shell /bin/bash ray' >&2
+  log "pip install ray[default]==$version (a few minutes)"
+  chroot "$rootfs" /bin/sh -ec "
+    python3 -m venv /opt/ray
+    /opt/ray/bin/pip install --no-cache-dir --progress-bar off -q 'ray[default]==$version'
+    /opt/ray/bin/ray --version" >&2
+  : >"$rootfs/etc/resolv.conf"
+  oci_archive "$out" "$ref" "$rootfs" '{
+    "User": "1000:100", "WorkingDir": "/home/ray", "Cmd": ["/bin/bash"],
+    "Env": ["PATH=/opt/ray/bin:/usr/local/bin:/usr/bin:/bin", "HOME=/home/ray", "LANG=C.UTF-8"]
+  }' --keep-owners
+}
+
+ray() {
+  local version base
+  version="$(awk '$1 == "ray:" { r = 1 } r && $1 == "version:" { print $2; exit }' \
+    "$root/examples/gpucluster.yaml")"
+  [[ -n "$version" ]] || die "no spec.ray.version in examples/gpucluster.yaml"
+  base="$images/debian-$debian_suite-minbase-$(key "$(declare -f build_debian_base)" \
+    "$debian_suite" "$debian_mirror").tar"
+  cached_file "$base" build_debian_base
+  local ref="ghcr.io/gpumarket/ray:$version"
+  image ray "$(key "$(recipe build_ray_archive)" "$base" "$ref")" build_ray_archive "$base" "$version" "$ref"
 }
 
 # --- main --------------------------------------------------------------------------------------
@@ -254,6 +330,7 @@ for image in "$@"; do
     pause) pause ;;
     controller) rust_image controller controller gpumarket-controller gpumarket-controller controller ;;
     agent) rust_image agent device-plugin gpumarket-device-plugin gpumarket-device-plugin agent ;;
+    ray) ray ;;
     *) die "unknown image '$image' (pause, controller, agent, ray)" ;;
   esac
 done
