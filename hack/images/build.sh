@@ -135,7 +135,8 @@ oci_archive() {
 cached_file() {
   local file="$1" builder="$2" lock
   shift 2
-  exec {lock}>"$file.lock"
+  mkdir -p "$images/.locks"
+  exec {lock}>"$images/.locks/$(basename "$file")"
   flock "$lock"
   if [[ -f "$file" ]]; then
     log "cached: $file"
@@ -301,10 +302,16 @@ build_ray_archive() {
     rm -rf /var/lib/apt/lists/*
     useradd --uid 1000 --gid users --create-home --shell /bin/bash ray' >&2
   log "pip install ray[default]==$version (a few minutes)"
-  chroot "$rootfs" /bin/sh -ec "
+  # pip trusts the build machine's CAs (a proxy's, say) while it runs; the image keeps
+  # Debian's. The index is the build machine's (PIP_INDEX_URL) if it names one.
+  cp -L /etc/ssl/certs/ca-certificates.crt "$rootfs/tmp/build-ca.crt"
+  chroot "$rootfs" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 \
+    PIP_CERT=/tmp/build-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    ${PIP_INDEX_URL:+PIP_INDEX_URL="$PIP_INDEX_URL"} /bin/sh -ec "
     python3 -m venv /opt/ray
     /opt/ray/bin/pip install --no-cache-dir --progress-bar off -q 'ray[default]==$version'
     /opt/ray/bin/ray --version" >&2
+  rm -rf "$rootfs/tmp/build-ca.crt" "$rootfs/root/.cache"
   : >"$rootfs/etc/resolv.conf"
   oci_archive "$out" "$ref" "$rootfs" '{
     "User": "1000:100", "WorkingDir": "/home/ray", "Cmd": ["/bin/bash"],
