@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the local Kubernetes tools (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, helm, KubeRay CRDs and operator, and for the real node
+# kube-scheduler, kubectl, kwok, helm, crane, KubeRay CRDs and operator, and for the real node
 # kubelet, kube-proxy, containerd, runc, CNI plugins and CoreDNS) from their Go modules,
 # once, into a cache outside the repository keyed by version; reuses what is there.
 #
@@ -129,7 +129,7 @@ containerd_ldflags="-X github.com/containerd/containerd/v2/version.Version=$cont
 for binary in containerd ctr containerd-shim-runc-v2; do
   vflag=--version; [[ $binary == containerd-shim-runc-v2 ]] && vflag=-v
   GOFLAGS="$GOFLAGS -tags=no_btrfs,no_devmapper,no_zfs" build containerd containerd \
-    "$containerd_v" "$binary" "github.com/containerd/containerd/v2/cmd/$binary" "~1 min" \
+    "$containerd_v" "$binary" "github.com/containerd/containerd/v2/cmd/$binary" "~2-5 min" \
     "$vflag" "$containerd_ldflags"
 done
 
@@ -150,7 +150,7 @@ done
 ln -sfn "cni-plugins-$cni_v/bin" "$tools/.cni-bin.new" && mv -Tf "$tools/.cni-bin.new" "$tools/cni-bin"
 
 coredns_v="$(pin coredns github.com/coredns/coredns)"
-build coredns coredns "$coredns_v" coredns github.com/coredns/coredns "~2 min" -version
+build coredns coredns "$coredns_v" coredns github.com/coredns/coredns "~5-15 min" -version
 
 # --- KWOK ------------------------------------------------------------------------------------
 kwok_v="$(pin kwok sigs.k8s.io/kwok)"
@@ -189,6 +189,11 @@ for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
   helm_ldflags+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$helm_k8s_minor"
 done
 build helm helm "$helm_v" helm helm.sh/helm/v3/cmd/helm "~2 min" version "$helm_ldflags"
+
+# --- crane (OCI image archives for hack/images/build.sh) ---------------------------------------
+crane_v="$(pin crane github.com/google/go-containerregistry)"
+build crane crane "$crane_v" crane github.com/google/go-containerregistry/cmd/crane "~1 min" version \
+  "-X github.com/google/go-containerregistry/cmd/crane/cmd.Version=$crane_v"
 
 # --- KubeRay -------------------------------------------------------------------------------
 kuberay_v="$(pin kuberay github.com/ray-project/kuberay/ray-operator)"
