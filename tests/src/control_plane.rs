@@ -85,6 +85,8 @@ pub async fn start(
         // As the admin (system:masters) towards kubelets: logs, exec.
         .arg(format!("--kubelet-client-certificate={}", path(&pki.admin_cert)))
         .arg(format!("--kubelet-client-key={}", path(&pki.admin_key)))
+        // Node names are not in any DNS the API server asks.
+        .arg("--kubelet-preferred-address-types=InternalIP,Hostname")
         .arg("--allow-privileged=true")
         .arg("--profiling=false");
     processes.push(Process::spawn(reaper, &logs, "kube-apiserver", apiserver)?);

@@ -110,6 +110,7 @@ pub async fn start(
     reaper: &Reaper,
     processes: &mut Vec<Process>,
 ) -> Result<RealNode> {
+    ensure_root()?;
     let (slot, slot_lock) = claim_slot()?;
     let layout = Layout::new(dir);
     for d in [&layout.containerd_root, &layout.containerd_state, &layout.cni_conf, &layout.cni_ipam]
@@ -141,6 +142,16 @@ pub async fn start(
     wait_dns_ready(&node, processes).await?;
     wait_node_ready(&Api::all(client), processes, Duration::from_secs(120)).await?;
     Ok(node)
+}
+
+/// Bridges, mounts and cgroups need root.
+fn ensure_root() -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or_default();
+    if uid.split_whitespace().nth(1) != Some("0") {
+        bail!("a real node needs root (it creates a bridge, mounts and cgroups): run as root");
+    }
+    Ok(())
 }
 
 /// The first free slot: its lock file, held (the kernel releases it when we exit).

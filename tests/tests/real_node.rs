@@ -157,6 +157,9 @@ async fn real_node_runs_a_pod_that_resolves_a_service_and_stops_clean() {
     let pod_ip = pod.status.unwrap().pod_ip.unwrap();
     assert!(pod_ip.starts_with(&format!("10.244.{}.", node.slot)), "pod IP {pod_ip} on the bridge");
     let netns = netns_with(node, &pod_ip);
+    // The API server reaches the kubelet (logs, exec): pause writes nothing.
+    let pods: Api<Pod> = Api::namespaced(env.client().await.unwrap(), &namespace);
+    assert_eq!(pods.logs("web", &Default::default()).await.unwrap(), "");
 
     let cluster_ip = service.spec.unwrap().cluster_ip.unwrap();
     let name = format!("web.{namespace}.svc.{CLUSTER_DOMAIN}");

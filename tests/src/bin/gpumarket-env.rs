@@ -133,6 +133,16 @@ async fn bring_up(
         env.dir().join("logs").display(),
         env.dir().display(),
     );
+    if let Some(node) = env.real_node() {
+        println!(
+            "\nreal node {}: pods on bridge {} ({}), cluster DNS {}; containerd at {}",
+            gpumarket_tests::real_node::NODE_NAME,
+            node.bridge,
+            node.pod_subnet,
+            node.dns(),
+            node.containerd_socket.display(),
+        );
+    }
     if demo {
         let cluster = gpumarket_tests::demo::run(env, &coordinates, nodes).await?;
         gpumarket_tests::demo::follow(env, &cluster, Duration::from_secs(600)).await?;
