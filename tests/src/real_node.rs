@@ -16,8 +16,9 @@
 //!
 //! What killing the processes leaves (pod processes, their shims, mounts, network namespaces,
 //! the bridge, cgroups, the kubelet's iptables chains) is removed by `cleanup.sh`, which the environment's reaper runs however
-//! the environment ends (see [`crate::process`]), and which also runs before a start to clear
-//! what an earlier environment of the same slot may have left.
+//! the environment ends (see [`crate::process`]). It also runs before a start, which clears the
+//! slot-named leftovers (pod processes and cgroups, the bridge) of an earlier environment whose
+//! reaper could not finish; its mounts and shims are that reaper's to remove.
 
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -555,4 +556,51 @@ where
         String::from_utf8_lossy(&output.stderr).trim()
     );
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn node(slot: u8) -> (Layout, RealNode) {
+        let layout = Layout::new(Path::new("/tmp/env"));
+        let node = RealNode {
+            slot,
+            bridge: format!("gpmreal{slot}"),
+            pod_subnet: format!("10.244.{slot}.0/24"),
+            host_address: Ipv4Addr::new(10, 244, slot, 1),
+            containerd_socket: layout.containerd_socket.clone(),
+            netns_dir: layout.netns_dir(),
+            _slot_lock: tempfile::tempfile().unwrap(),
+        };
+        (layout, node)
+    }
+
+    /// Nothing may leave the host: the bridge is no gateway (the plugin would turn on IP
+    /// forwarding host-wide), nothing is masqueraded, and pods get no route beyond the subnet.
+    #[test]
+    fn pod_network_routes_nothing_off_the_host() {
+        let (layout, node) = node(3);
+        let config = cni_config(&layout, &node);
+        let bridge = &config["plugins"][0];
+        assert_eq!(bridge["type"], "bridge");
+        assert_eq!(bridge["bridge"], "gpmreal3");
+        assert_eq!(bridge["isGateway"], false);
+        assert_eq!(bridge["ipMasq"], false);
+        assert!(bridge["ipam"].get("routes").is_none());
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");
+        assert_eq!(config["plugins"].as_array().unwrap().len(), 1, "no portmap (iptables)");
+    }
+
+    #[test]
+    fn cleanup_script_is_scoped_to_the_slot_and_the_environment() {
+        let (layout, node) = node(3);
+        let script = cleanup_script(&layout, &node);
+        assert!(script.contains("cgroup='gpumarket-real-3'"));
+        assert!(script.contains("ip link delete 'gpmreal3'"));
+        assert!(script.contains("socket='/tmp/env/real-node/containerd.sock'"));
+        assert!(script.contains("root='/tmp/env/real-node/'"), "mounts under the node's dir only");
+        assert!(script.contains("/var/lib/cni/results/'gpumarket-real-3'-*"));
+    }
 }
