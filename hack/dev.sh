@@ -18,10 +18,11 @@ step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Debian packages the builds and tests need: jq (tool build script), libclang/compilers/perl
-# (validator's RocksDB), lua5.4 (Argo CD health-check tests).
+# (validator's RocksDB), lua5.4 (Argo CD health-check tests), debootstrap (the ray image of
+# hack/images/build.sh), libseccomp-dev (runc), iptables (the real node tests check it is left clean).
 install_packages() {
   local missing=()
-  for pkg in jq build-essential libclang-dev perl pkg-config lua5.4; do
+  for pkg in jq build-essential libclang-dev perl pkg-config lua5.4 debootstrap libseccomp-dev iptables; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   ((${#missing[@]})) || return 0

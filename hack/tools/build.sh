@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local Kubernetes tools (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, helm, KubeRay CRDs and operator) from their Go modules,
+# kube-scheduler, kubectl, kwok, helm, crane, KubeRay CRDs and operator, and for the real node
+# kubelet, kube-proxy, containerd, runc, CNI plugins and CoreDNS) from their Go modules,
 # once, into a cache outside the repository keyed by version; reuses what is there.
 #
 # Pins live in the wrapper modules next to this script (<tool>/go.mod + go.sum); the
@@ -11,6 +12,7 @@
 #   tools/<name>-<version>/bin/<binary>     the binaries
 #   tools/kwok-<version>/stages/*.yaml      KWOK stage files, for `kwok -c`
 #   tools/kuberay-<version>/crds/*.yaml     KubeRay CRDs
+#   tools/cni-plugins-<version>/bin/*       CNI plugins (a CNI bin dir of their own)
 #   tools/bin/<binary>                      symlinks to the pinned versions (one PATH entry)
 #
 # Progress goes to stderr; stdout gets exactly one line, GPUMARKET_TOOLS_BIN=<dir>, so
@@ -70,6 +72,7 @@ link() {
 # build <wrapper-dir> <cache-name> <version> <binary> <package> <estimate> <version-cmd> [ldflags]
 # Builds <package> in the wrapper module unless tools/<cache-name>-<version>/bin/<binary>
 # exists; checks that the new binary runs <version-cmd>, then moves it into place.
+# Environment for one call: CGO_ENABLED, GOFLAGS (-tags), LINK=0 (see below).
 build() {
   local wrapper="$1" name="$2" version="$3" binary="$4" pkg="$5" estimate="$6" vcmd="$7"
   local ldflags="-s -w ${8:-}"
@@ -87,7 +90,8 @@ build() {
     mv -f "$out" "$dest"
     log "built $binary $version in $((SECONDS - start)) s"
   fi
-  link "$dest"
+  # LINK=0: not on the tools PATH (CNI plugins, found through their own directory).
+  [[ "${LINK:-1}" == 0 ]] || link "$dest"
 }
 
 # --- etcd --------------------------------------------------------------------------------
@@ -112,6 +116,41 @@ build kubernetes kubernetes "$k8s_v" kube-scheduler k8s.io/kubernetes/cmd/kube-s
   "~1 min" --version "$k8s_ldflags"
 build kubernetes kubernetes "$k8s_v" kubectl k8s.io/kubernetes/cmd/kubectl \
   "~1 min" "version --client" "$k8s_ldflags"
+
+build kubernetes kubernetes "$k8s_v" kubelet k8s.io/kubernetes/cmd/kubelet \
+  "~3 min" --version "$k8s_ldflags"
+build kubernetes kubernetes "$k8s_v" kube-proxy k8s.io/kubernetes/cmd/kube-proxy \
+  "~1 min" --version "$k8s_ldflags"
+
+# --- Real node: container runtime, CNI, cluster DNS ---------------------------------------------
+containerd_v="$(pin containerd github.com/containerd/containerd/v2)"
+# As containerd's Makefile for a Linux build without the optional snapshotters' C libraries.
+containerd_ldflags="-X github.com/containerd/containerd/v2/version.Version=$containerd_v"
+for binary in containerd ctr containerd-shim-runc-v2; do
+  vflag=--version; [[ $binary == containerd-shim-runc-v2 ]] && vflag=-v
+  GOFLAGS="$GOFLAGS -tags=no_btrfs,no_devmapper,no_zfs" build containerd containerd \
+    "$containerd_v" "$binary" "github.com/containerd/containerd/v2/cmd/$binary" "~2-5 min" \
+    "$vflag" "$containerd_ldflags"
+done
+
+runc_v="$(pin runc github.com/opencontainers/runc)"
+# runc needs cgo (its nsenter part runs before the Go runtime) and libseccomp for seccomp
+# profiles (Debian libseccomp-dev, installed by hack/dev.sh).
+[[ -f /usr/include/seccomp.h ]] || die "runc needs libseccomp-dev (apt-get install libseccomp-dev)"
+CGO_ENABLED=1 GOFLAGS="$GOFLAGS -tags=seccomp" build runc runc "$runc_v" runc \
+  github.com/opencontainers/runc "~1 min" --version
+
+cni_v="$(pin cni-plugins github.com/containernetworking/plugins)"
+cni_ldflags="-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=$cni_v"
+for plugin in main/bridge main/loopback ipam/host-local meta/portmap; do
+  # Plugins take no flags; CNI_COMMAND=VERSION makes one print its versions and exit 0.
+  LINK=0 CNI_COMMAND=VERSION build cni-plugins cni-plugins "$cni_v" "${plugin#*/}" \
+    "github.com/containernetworking/plugins/plugins/$plugin" "~30 s" "" "$cni_ldflags"
+done
+ln -sfn "cni-plugins-$cni_v/bin" "$tools/.cni-bin.new" && mv -Tf "$tools/.cni-bin.new" "$tools/cni-bin"
+
+coredns_v="$(pin coredns github.com/coredns/coredns)"
+build coredns coredns "$coredns_v" coredns github.com/coredns/coredns "~5-15 min" -version
 
 # --- KWOK ------------------------------------------------------------------------------------
 kwok_v="$(pin kwok sigs.k8s.io/kwok)"
@@ -150,6 +189,11 @@ for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
   helm_ldflags+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$helm_k8s_minor"
 done
 build helm helm "$helm_v" helm helm.sh/helm/v3/cmd/helm "~2 min" version "$helm_ldflags"
+
+# --- crane (OCI image archives for hack/images/build.sh) ---------------------------------------
+crane_v="$(pin crane github.com/google/go-containerregistry)"
+build crane crane "$crane_v" crane github.com/google/go-containerregistry/cmd/crane "~1 min" version \
+  "-X github.com/google/go-containerregistry/cmd/crane/cmd.Version=$crane_v"
 
 # --- KubeRay -------------------------------------------------------------------------------
 kuberay_v="$(pin kuberay github.com/ray-project/kuberay/ray-operator)"
@@ -195,4 +239,5 @@ fi
 
 log "kwok stages: $tools/kwok-stages (kwok -c $tools/kwok-stages/all.yaml)"
 log "kuberay CRDs: $tools/kuberay-crds"
+log "CNI plugins: $tools/cni-bin"
 echo "GPUMARKET_TOOLS_BIN=$stable_bin"

@@ -1,5 +1,6 @@
 //! The environment's PKI: one CA, the API server's serving certificate, an admin client
-//! certificate (`system:masters`) and the service-account signing key, written as PEM files.
+//! certificate (`system:masters`), the real node's kubelet client certificate and the
+//! service-account signing key, written as PEM files.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,10 @@ pub struct Pki {
     pub serving_key: PathBuf,
     pub admin_cert: PathBuf,
     pub admin_key: PathBuf,
+    /// The kubelet of the real node ([`crate::real_node::NODE_NAME`]), as the Node authorizer
+    /// wants it: `system:node:<name>` in `system:nodes`.
+    pub node_cert: PathBuf,
+    pub node_key: PathBuf,
     pub service_account_key: PathBuf,
     pub service_account_public_key: PathBuf,
 }
@@ -71,12 +76,17 @@ impl Pki {
         serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let serving_cert = serving.signed_by(&serving_key, &issuer)?;
 
-        let admin_key = KeyPair::generate()?;
-        let mut admin = CertificateParams::new(Vec::<String>::new())?;
-        admin.distinguished_name.push(DnType::CommonName, "gpumarket-admin");
-        admin.distinguished_name.push(DnType::OrganizationName, "system:masters");
-        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let admin_cert = admin.signed_by(&admin_key, &issuer)?;
+        let client = |name: &str, organization: &str| -> Result<(String, String)> {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.distinguished_name.push(DnType::OrganizationName, organization);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            Ok((params.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+        };
+        let (admin_cert, admin_key) = client("gpumarket-admin", "system:masters")?;
+        let node_user = format!("system:node:{}", crate::real_node::NODE_NAME);
+        let (node_cert, node_key) = client(&node_user, "system:nodes")?;
 
         let service_account = KeyPair::generate()?;
         Ok(Pki {
@@ -84,8 +94,10 @@ impl Pki {
             ca_key: ca_key_path,
             serving_cert: write("apiserver.crt", serving_cert.pem())?,
             serving_key: write("apiserver.key", serving_key.serialize_pem())?,
-            admin_cert: write("admin.crt", admin_cert.pem())?,
-            admin_key: write("admin.key", admin_key.serialize_pem())?,
+            admin_cert: write("admin.crt", admin_cert)?,
+            admin_key: write("admin.key", admin_key)?,
+            node_cert: write("node.crt", node_cert)?,
+            node_key: write("node.key", node_key)?,
             service_account_key: write("service-account.key", service_account.serialize_pem())?,
             service_account_public_key: write(
                 "service-account.pub",

@@ -21,6 +21,16 @@ const ETCD_MAX_REQUEST_BYTES: u32 = 4 * 1024 * 1024;
 const SERVICE_CIDR: &str = "10.96.0.0/16";
 const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
+/// A started control plane.
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    /// The admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// The API server's URL.
+    pub server: String,
+    pub pki: Pki,
+}
+
 /// Start etcd, the API server, controller-manager and scheduler; returns when the API server
 /// is ready and the controller-manager has created the `default` ServiceAccount.
 pub async fn start(
@@ -28,7 +38,7 @@ pub async fn start(
     tools: &Tools,
     reaper: &Reaper,
     processes: &mut Vec<Process>,
-) -> Result<PathBuf> {
+) -> Result<ControlPlane> {
     let logs = dir.join("logs");
     let pki = Pki::generate(&dir.join("pki"))?;
     let [etcd_client, etcd_peer, apiserver_port] = free_tcp_ports(3)?[..] else {
@@ -72,6 +82,11 @@ pub async fn start(
         .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
         // Loopback is not a valid Endpoints address: no `kubernetes` Service endpoints.
         .arg("--endpoint-reconciler-type=none")
+        // As the admin (system:masters) towards kubelets: logs, exec.
+        .arg(format!("--kubelet-client-certificate={}", path(&pki.admin_cert)))
+        .arg(format!("--kubelet-client-key={}", path(&pki.admin_key)))
+        // Node names are not in any DNS the API server asks.
+        .arg("--kubelet-preferred-address-types=InternalIP,Hostname")
         .arg("--allow-privileged=true")
         .arg("--profiling=false");
     processes.push(Process::spawn(reaper, &logs, "kube-apiserver", apiserver)?);
@@ -101,7 +116,7 @@ pub async fn start(
     processes.push(Process::spawn(reaper, &logs, "kube-scheduler", scheduler)?);
 
     wait_ready(&kubeconfig, processes).await?;
-    Ok(kubeconfig)
+    Ok(ControlPlane { kubeconfig, server, pki })
 }
 
 /// A client for the admin identity of a kubeconfig written by this module.

@@ -1,7 +1,8 @@
 //! gpumarket's local environment, shared by the integration tests (one per test binary, see
 //! [`Env::shared`]) and by `gpumarket-env up`: etcd, kube-apiserver, kube-controller-manager,
 //! kube-scheduler and KWOK on loopback ports, the gpumarket and KubeRay CRDs, fake GPU nodes,
-//! and (on demand) a Solana test validator with the settlement mint and funded wallets.
+//! (on demand) a Solana test validator with the settlement mint and funded wallets, and (on
+//! request) a real node running pods (see [`real_node`]).
 //!
 //! No process outlives the process that started the environment, however it ends (see
 //! [`process`]); its directory (certificates, etcd data, ledger, logs) goes with it unless
@@ -12,10 +13,12 @@ pub mod chaos;
 pub mod control_plane;
 pub mod crds;
 pub mod demo;
+pub mod dns;
 pub mod kwok;
 pub mod node_mix;
 pub mod ports;
 pub mod process;
+pub mod real_node;
 pub mod relay;
 pub mod solana;
 pub mod supplier;
@@ -32,6 +35,7 @@ use kube::api::{Api, PostParams};
 use serde_json::json;
 
 pub use kwok::GpuNode;
+pub use real_node::RealNode;
 pub use solana::Solana;
 
 use process::{Process, Reaper};
@@ -46,6 +50,9 @@ pub struct EnvOptions {
     pub keep_dir: bool,
     /// Start the Solana validator with the control plane (otherwise on first use).
     pub solana: bool,
+    /// Start a real node (containerd, kubelet, CNI bridge, CoreDNS) beside the KWOK ones;
+    /// needs root.
+    pub real_node: bool,
 }
 
 const SOLANA_READY: &str = "validator, mint and wallets ready";
@@ -58,6 +65,7 @@ pub struct Env {
     reaper: Reaper,
     processes: Mutex<Vec<Process>>,
     solana: tokio::sync::OnceCell<Solana>,
+    real_node: Option<RealNode>,
     namespaces: AtomicUsize,
     timings: Mutex<Vec<(String, Duration)>>,
 }
@@ -102,7 +110,7 @@ impl Env {
         let env = SHARED
             .get_or_init(|| async {
                 let keep_dir = std::env::var_os("GPUMARKET_KEEP_ENV").is_some_and(|v| v == "1");
-                let env = Env::start(EnvOptions { dir: None, keep_dir, solana: false })
+                let env = Env::start(EnvOptions { dir: None, keep_dir, ..EnvOptions::default() })
                     .await
                     .map_err(|e| format!("{e:#}"))?;
                 install_log_printer(env.dir.join("logs"));
@@ -116,7 +124,7 @@ impl Env {
     }
 
     /// Start the control plane and KWOK and install the CRDs; with `options.solana`, start the
-    /// validator at the same time.
+    /// validator at the same time; with `options.real_node`, then the real node.
     pub async fn start(options: EnvOptions) -> Result<Env> {
         let tools = Tools::locate();
         let dir = match options.dir {
@@ -143,8 +151,8 @@ impl Env {
         );
         processes.append(&mut validator);
         let mut timings = vec![("control plane ready".to_string(), kubeconfig.1)];
-        let kubeconfig = match kubeconfig.0 {
-            Ok(kubeconfig) => kubeconfig,
+        let control_plane = match kubeconfig.0 {
+            Ok(control_plane) => control_plane,
             Err(e) => return Err(abandon(e, &dir, &reaper)),
         };
         let solana = match solana {
@@ -155,13 +163,14 @@ impl Env {
             }
             Some((Err(e), _)) => return Err(abandon(e, &dir, &reaper)),
         };
-        let env = Env {
+        let mut env = Env {
             dir,
-            kubeconfig,
+            kubeconfig: control_plane.kubeconfig.clone(),
             tools,
             reaper,
             processes: Mutex::new(processes),
             solana: tokio::sync::OnceCell::new_with(solana),
+            real_node: None,
             namespaces: AtomicUsize::new(0),
             timings: Mutex::new(timings),
         };
@@ -169,6 +178,18 @@ impl Env {
             return Err(abandon(e, &env.dir, &env.reaper));
         }
         env.record("KWOK started and CRDs established", started.elapsed());
+        if options.real_node {
+            let mut processes = Vec::new();
+            let node =
+                real_node::start(&env.dir, &env.tools, &control_plane, &env.reaper, &mut processes)
+                    .await;
+            env.lock_processes()?.append(&mut processes);
+            match node {
+                Ok(node) => env.real_node = Some(node),
+                Err(e) => return Err(abandon(e, &env.dir, &env.reaper)),
+            }
+            env.record("real node Ready", started.elapsed());
+        }
         Ok(env)
     }
 
@@ -191,6 +212,11 @@ impl Env {
     /// The environment's directory (logs in `logs/`).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The real node, if the environment was started with one.
+    pub fn real_node(&self) -> Option<&RealNode> {
+        self.real_node.as_ref()
     }
 
     /// The prebuilt tools this environment runs (kubectl, helm, kuberay-operator, ...).

@@ -3,10 +3,10 @@
 //! Rust never drops statics, so the shared test environment cannot rely on `Drop`, and
 //! `PR_SET_PDEATHSIG` fires when the spawning *thread* exits (test threads do). Instead each
 //! environment starts a reaper: a tiny shell in its own process group that reads the process
-//! group ids of the environment's children from a pipe. The parent holds the pipe's write end
-//! until it exits — however it exits, even SIGKILL — and the kernel then closes it: the reaper
-//! reads EOF, terminates every group (SIGTERM, then SIGKILL), and removes the environment's
-//! directory.
+//! group ids of the environment's children (and `run <script>` lines: cleanup scripts) from a
+//! pipe. The parent holds the pipe's write end until it exits — however it exits, even
+//! SIGKILL — and the kernel then closes it: the reaper reads EOF, terminates every group
+//! (SIGTERM, then SIGKILL), runs the cleanup scripts, and removes the environment's directory.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -22,7 +22,10 @@ const REAPER_SCRIPT: &str = r#"
 trap '' INT TERM HUP
 dir="$1"
 groups=""
-while read -r group; do groups="$groups $group"; done
+scripts=""
+while read -r word arg; do
+  if [ "$word" = run ]; then scripts="$scripts $arg"; else groups="$groups $word"; fi
+done
 for g in $groups; do kill -s TERM -- "-$g" 2>/dev/null; done
 i=0
 while [ "$i" -lt 30 ]; do
@@ -33,6 +36,7 @@ while [ "$i" -lt 30 ]; do
   i=$((i + 1))
 done
 for g in $groups; do kill -s KILL -- "-$g" 2>/dev/null; done
+for s in $scripts; do /bin/sh "$s" >/dev/null 2>&1; done
 [ -n "$dir" ] && rm -rf -- "$dir"
 exit 0
 "#;
@@ -63,9 +67,23 @@ impl Reaper {
     }
 
     fn watch(&self, group: u32) -> Result<()> {
+        self.send(&group.to_string()).context("registering a child with the reaper")
+    }
+
+    /// Run the shell script at `script` (a path without spaces) once the processes are gone,
+    /// before the directory is removed.
+    pub fn run_at_end(&self, script: &Path) -> Result<()> {
+        let script = script.to_str().context("cleanup script path is not UTF-8")?;
+        if script.contains(char::is_whitespace) {
+            bail!("cleanup script path {script:?} has whitespace");
+        }
+        self.send(&format!("run {script}")).context("registering a cleanup script with the reaper")
+    }
+
+    fn send(&self, line: &str) -> Result<()> {
         let mut pipe = self.pipe.lock().map_err(|_| anyhow!("reaper lock poisoned"))?;
         let pipe = pipe.as_mut().context("the environment is shutting down")?;
-        writeln!(pipe, "{group}").context("registering a child with the reaper")?;
+        writeln!(pipe, "{line}")?;
         Ok(())
     }
 
@@ -186,7 +204,8 @@ mod tests {
     /// The pipe closing (here by `finish`, at exit by the kernel) makes the reaper kill every
     /// registered group, grandchildren included, and remove the directory.
     #[test]
-    fn reaper_kills_registered_groups_and_removes_the_directory_when_the_pipe_closes() {
+    fn reaper_kills_registered_groups_runs_cleanup_and_removes_the_directory_when_the_pipe_closes()
+    {
         let dir = tempfile::tempdir().unwrap().keep();
         let reaper = Reaper::start(Some(&dir)).unwrap();
         let mut command = Command::new("/bin/sh");
@@ -202,6 +221,12 @@ mod tests {
         let grandchild: u32 =
             std::fs::read_to_string(&grandchild_file).unwrap().trim().parse().unwrap();
         assert!(alive(pid) && alive(grandchild));
+        // A cleanup script (outside the directory, which is gone by then) runs at the end too.
+        let outside = tempfile::tempdir().unwrap();
+        let script = outside.path().join("cleanup.sh");
+        let marker = outside.path().join("ran");
+        std::fs::write(&script, format!("touch {}\n", marker.display())).unwrap();
+        reaper.run_at_end(&script).unwrap();
 
         reaper.finish().unwrap();
         let _ = process.child.lock().unwrap().wait();
@@ -212,5 +237,6 @@ mod tests {
         }
         assert!(!alive(grandchild), "grandchild killed");
         assert!(!dir.exists(), "directory removed");
+        assert!(marker.exists(), "cleanup script ran");
     }
 }

@@ -8,12 +8,15 @@ use anyhow::{Result, bail};
 
 #[derive(Clone, Debug)]
 pub struct Tools {
-    /// etcd, kube-*, kubectl, kwok, helm, kuberay-operator, gpumarket-validator.
+    /// etcd, kube-*, kubectl, kwok, helm, kuberay-operator, gpumarket-validator, and for the real
+    /// node kubelet, containerd, ctr, runc, coredns.
     pub bin: PathBuf,
     /// KWOK stage files (node-initialize.yaml, pod-ready.yaml, ...).
     pub kwok_stages: PathBuf,
     /// KubeRay CRD manifests.
     pub kuberay_crds: PathBuf,
+    /// CNI plugins (bridge, host-local, loopback, portmap), for the real node.
+    pub cni_bin: PathBuf,
 }
 
 impl Tools {
@@ -26,6 +29,7 @@ impl Tools {
         Tools {
             kwok_stages: tools_dir.join("kwok-stages"),
             kuberay_crds: tools_dir.join("kuberay-crds"),
+            cni_bin: tools_dir.join("cni-bin"),
             bin,
         }
     }

@@ -21,6 +21,14 @@ struct Cli {
 enum Command {
     /// Start the environment, write its kubeconfig and env file, run until Ctrl-C.
     Up(Up),
+    /// Print the IPv4 addresses a DNS server answers for a name, one a line (none for
+    /// NXDOMAIN); e.g. from a pod's network namespace with `nsenter --net=<netns>`.
+    Resolve {
+        /// The server, e.g. the real node's CoreDNS (`10.244.0.1:53`).
+        #[arg(long)]
+        server: std::net::SocketAddr,
+        name: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -46,12 +54,22 @@ struct Up {
     /// deposit.
     #[arg(long)]
     demo: bool,
+    /// Also start a real node (containerd, kubelet, a CNI bridge, CoreDNS) that runs pods;
+    /// needs root.
+    #[arg(long)]
+    real_node: bool,
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Up(up) => run_up(up).await,
+        Command::Resolve { server, name } => {
+            for address in gpumarket_tests::dns::resolve_a(server, &name, Duration::from_secs(2))? {
+                println!("{address}");
+            }
+            Ok(())
+        }
     }
 }
 
@@ -61,8 +79,13 @@ async fn run_up(up: Up) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let started = Instant::now();
     eprintln!("starting the environment in {}", dir.display());
-    let env =
-        Env::start(EnvOptions { dir: Some(dir), keep_dir: up.keep_dir, solana: true }).await?;
+    let env = Env::start(EnvOptions {
+        dir: Some(dir),
+        keep_dir: up.keep_dir,
+        solana: true,
+        real_node: up.real_node,
+    })
+    .await?;
     // Serve until a signal; a failure while starting or of a process later ends it too.
     let result = tokio::select! {
         failure = async {
@@ -110,6 +133,16 @@ async fn bring_up(
         env.dir().join("logs").display(),
         env.dir().display(),
     );
+    if let Some(node) = env.real_node() {
+        println!(
+            "\nreal node {}: pods on bridge {} ({}), cluster DNS {}; containerd at {}",
+            gpumarket_tests::real_node::NODE_NAME,
+            node.bridge,
+            node.pod_subnet,
+            node.dns(),
+            node.containerd_socket.display(),
+        );
+    }
     if demo {
         let cluster = gpumarket_tests::demo::run(env, &coordinates, nodes).await?;
         gpumarket_tests::demo::follow(env, &cluster, Duration::from_secs(600)).await?;

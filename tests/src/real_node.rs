@@ -1,0 +1,606 @@
+//! A real node beside the KWOK ones: containerd (CRI, overlayfs) running pods with runc on a CNI
+//! bridge of its own, a kubelet registered as [`NODE_NAME`], and CoreDNS serving the cluster
+//! domain from the API server at the bridge's address (the pods' nameserver).
+//!
+//! Everything host-wide it creates is named after a slot (a lock under the cache directory, so
+//! parallel environments each get their own): the bridge `gpmreal<slot>` with
+//! `10.244.<slot>.1/24`, the cgroup `/gpumarket-real-<slot>` of its pods, the CNI network
+//! `gpumarket-real-<slot>`. The rest lives in the environment's directory.
+//!
+//! Nothing is routed off the host: the bridge is not a gateway (no IP forwarding, no
+//! masquerading), so pods reach each other on the bridge and the host at the bridge address,
+//! and nothing else. That is also why there is no kube-proxy: a Service's ClusterIP, rewritten
+//! on the host to a pod's address, would have to be forwarded by the host, and turning
+//! forwarding on is host-wide. Service *names* resolve (CoreDNS), their ClusterIPs do not carry
+//! traffic.
+//!
+//! What killing the processes leaves (pod processes, their shims, mounts, network namespaces,
+//! the bridge, cgroups, the kubelet's iptables chains) is removed by `cleanup.sh`, which the environment's reaper runs however
+//! the environment ends (see [`crate::process`]). It also runs before a start, which clears the
+//! slot-named leftovers (pod processes and cgroups, the bridge) of an earlier environment whose
+//! reaper could not finish; its mounts and shims are that reaper's to remove.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use serde_json::json;
+
+use crate::control_plane::ControlPlane;
+use crate::process::{Process, Reaper};
+use crate::tools::{Tools, cache_dir};
+
+/// The real node's name (its kubelet's client certificate is made for it, see [`crate::certs`]).
+pub const NODE_NAME: &str = "gpumarket-real-0";
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// Image of every pod sandbox; `hack/images/build.sh pause` builds it.
+pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10.2";
+/// Parallel environments with a real node, at most.
+const SLOTS: u8 = 16;
+
+/// A running real node. See the module documentation.
+#[derive(Debug)]
+pub struct RealNode {
+    pub slot: u8,
+    /// The bridge the pods' `eth0` are plugged into.
+    pub bridge: String,
+    /// `10.244.<slot>.0/24`.
+    pub pod_subnet: String,
+    /// The bridge's address: the node's InternalIP, the kubelet's and CoreDNS's address.
+    pub host_address: Ipv4Addr,
+    /// containerd's CRI socket (for `ctr --address`).
+    pub containerd_socket: PathBuf,
+    /// Where containerd mounts pod network namespaces (`cni-<uuid>` files).
+    pub netns_dir: PathBuf,
+    /// Held while the slot is in use.
+    _slot_lock: File,
+}
+
+impl RealNode {
+    /// CoreDNS, as the pods' `/etc/resolv.conf` names it.
+    pub fn dns(&self) -> SocketAddr {
+        SocketAddr::from((self.host_address, 53))
+    }
+}
+
+/// Paths of one real node under `<env>/real-node`.
+struct Layout {
+    root: PathBuf,
+    containerd_root: PathBuf,
+    containerd_state: PathBuf,
+    containerd_socket: PathBuf,
+    cni_conf: PathBuf,
+    cni_ipam: PathBuf,
+    kubelet_root: PathBuf,
+    pod_logs: PathBuf,
+    cleanup: PathBuf,
+}
+
+impl Layout {
+    fn new(dir: &Path) -> Layout {
+        let root = dir.join("real-node");
+        let containerd_state = root.join("containerd-state");
+        Layout {
+            containerd_root: root.join("containerd"),
+            containerd_socket: root.join("containerd.sock"),
+            cni_conf: root.join("cni"),
+            cni_ipam: root.join("cni-ipam"),
+            kubelet_root: root.join("kubelet"),
+            pod_logs: root.join("pod-logs"),
+            cleanup: root.join("cleanup.sh"),
+            containerd_state,
+            root,
+        }
+    }
+
+    fn netns_dir(&self) -> PathBuf {
+        self.containerd_state.join("io.containerd.grpc.v1.cri").join("netns")
+    }
+}
+
+/// Start containerd, CoreDNS and the kubelet, and wait until the Node is Ready.
+pub async fn start(
+    dir: &Path,
+    tools: &Tools,
+    control_plane: &ControlPlane,
+    reaper: &Reaper,
+    processes: &mut Vec<Process>,
+) -> Result<RealNode> {
+    ensure_root()?;
+    let (slot, slot_lock) = claim_slot()?;
+    let layout = Layout::new(dir);
+    for d in [&layout.containerd_root, &layout.containerd_state, &layout.cni_conf, &layout.cni_ipam]
+    {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let node = RealNode {
+        slot,
+        bridge: format!("gpmreal{slot}"),
+        pod_subnet: format!("10.244.{slot}.0/24"),
+        host_address: Ipv4Addr::new(10, 244, slot, 1),
+        containerd_socket: layout.containerd_socket.clone(),
+        netns_dir: layout.netns_dir(),
+        _slot_lock: slot_lock,
+    };
+    std::fs::write(&layout.cleanup, cleanup_script(&layout, &node))?;
+    // What an earlier environment of this slot may have left, then ours whenever we end.
+    run("sh", [layout.cleanup.as_os_str()])?;
+    reaper.run_at_end(&layout.cleanup)?;
+    create_bridge(&node)?;
+
+    let logs = dir.join("logs");
+    let client = crate::control_plane::client(&control_plane.kubeconfig).await?;
+    processes.push(start_coredns(&layout, tools, control_plane, &node, reaper, &logs)?);
+    processes.push(start_containerd(&layout, tools, &node, reaper, &logs)?);
+    wait_for_containerd(&layout, tools, processes).await?;
+    import_pause_image(&layout, tools)?;
+    processes.push(start_kubelet(&layout, tools, control_plane, &node, reaper, &logs)?);
+    wait_dns_ready(&node, processes).await?;
+    wait_node_ready(&Api::all(client), processes, Duration::from_secs(120)).await?;
+    Ok(node)
+}
+
+/// Bridges, mounts and cgroups need root.
+fn ensure_root() -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or_default();
+    if uid.split_whitespace().nth(1) != Some("0") {
+        bail!("a real node needs root (it creates a bridge, mounts and cgroups): run as root");
+    }
+    Ok(())
+}
+
+/// The first free slot: its lock file, held (the kernel releases it when we exit).
+fn claim_slot() -> Result<(u8, File)> {
+    let locks = cache_dir().join("real-node-slots");
+    std::fs::create_dir_all(&locks)?;
+    for slot in 0..SLOTS {
+        let file = File::create(locks.join(format!("{slot}.lock")))?;
+        match file.try_lock() {
+            Ok(()) => return Ok((slot, file)),
+            Err(std::fs::TryLockError::WouldBlock) => continue,
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+    }
+    bail!("all {SLOTS} real-node slots are in use (locks in {})", locks.display())
+}
+
+/// The shell script that removes what the node's processes leave when killed. Idempotent.
+fn cleanup_script(layout: &Layout, node: &RealNode) -> String {
+    let cgroup = format!("gpumarket-real-{}", node.slot);
+    format!(
+        r#"# Written by gpumarket-tests (real_node.rs): what a killed real node leaves behind.
+cgroup='{cgroup}'
+socket='{socket}'
+root='{root}/'
+# Pod processes (their cgroups are under ours), then containerd's shims (found by its socket).
+for round in 1 2 3 4 5; do
+  pids=$(cat /sys/fs/cgroup/pids/"$cgroup"/cgroup.procs $(find /sys/fs/cgroup/pids/"$cgroup" -mindepth 2 -name cgroup.procs 2>/dev/null) 2>/dev/null)
+  for p in /proc/[0-9]*; do
+    tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "-address $socket " && pids="$pids ${{p#/proc/}}"
+  done
+  [ -z "$pids" ] && break
+  kill -s KILL $pids 2>/dev/null
+  sleep 0.2
+done
+# The shims' sockets (named by a hash of our socket, namespace and task id), then the
+# directories the shims made for them if nothing else is in there.
+for task in '{tasks}'/*; do
+  [ -e "$task" ] || continue
+  hash=$(printf '%s' "$socket/k8s.io/${{task##*/}}" | sha256sum | cut -c1-64)
+  rm -f "/run/containerd/s/$hash"
+done
+rmdir /run/containerd/s /run/containerd 2>/dev/null
+# Mounts (container root filesystems, sandbox /dev/shm, network namespaces, pod volumes,
+# the kubelet's shared bind mount of its root), deepest first.
+awk -v root="$root" 'index($2, root) == 1 {{ print $2 }}' /proc/self/mounts | sort -r |
+  while read -r m; do umount -l "$m" 2>/dev/null; done
+for c in /sys/fs/cgroup/*/"$cgroup"; do
+  [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {{}} \; 2>/dev/null
+done
+ip link delete '{bridge}' 2>/dev/null
+# The kubelet's chains (the same names for every kubelet: a parallel environment's kubelet
+# makes its own again).
+for cmd in iptables ip6tables; do
+  for chain in INPUT OUTPUT; do
+    while $cmd -w 5 -t filter -D "$chain" -j KUBE-FIREWALL 2>/dev/null; do :; done
+  done
+  $cmd -w 5 -t filter -F KUBE-FIREWALL 2>/dev/null
+  $cmd -w 5 -t filter -X KUBE-FIREWALL 2>/dev/null
+  for table in mangle filter nat; do $cmd -w 5 -t "$table" -X KUBE-KUBELET-CANARY 2>/dev/null; done
+  $cmd -w 5 -t mangle -X KUBE-IPTABLES-HINT 2>/dev/null
+done
+rm -f /var/lib/cni/results/'{network}'-* 2>/dev/null
+find /var/log/containers -maxdepth 1 -lname "$root*" -delete 2>/dev/null
+exit 0
+"#,
+        socket = layout.containerd_socket.display(),
+        root = layout.root.display(),
+        tasks = layout.containerd_state.join("io.containerd.runtime.v2.task/k8s.io").display(),
+        bridge = node.bridge,
+        network = network_name(node),
+    )
+}
+
+fn network_name(node: &RealNode) -> String {
+    format!("gpumarket-real-{}", node.slot)
+}
+
+fn create_bridge(node: &RealNode) -> Result<()> {
+    let bridge = node.bridge.as_str();
+    run("ip", ["link", "add", "name", bridge, "type", "bridge"])?;
+    run("ip", ["addr", "add", &format!("{}/24", node.host_address), "dev", bridge])?;
+    run("ip", ["link", "set", bridge, "up"])
+}
+
+fn start_coredns(
+    layout: &Layout,
+    tools: &Tools,
+    control_plane: &ControlPlane,
+    node: &RealNode,
+    reaper: &Reaper,
+    logs: &Path,
+) -> Result<Process> {
+    let corefile = layout.root.join("Corefile");
+    // Only the cluster domain: there is no upstream to forward anything else to.
+    std::fs::write(
+        &corefile,
+        format!(
+            ".:53 {{\n  bind {address}\n  errors\n  kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{\n    \
+             kubeconfig {kubeconfig} gpumarket\n    pods insecure\n    fallthrough in-addr.arpa ip6.arpa\n  }}\n  \
+             cache 5\n}}\n",
+            address = node.host_address,
+            kubeconfig = control_plane.kubeconfig.display(),
+        ),
+    )?;
+    let mut coredns = tools.command("coredns")?;
+    coredns.arg("-conf").arg(&corefile);
+    Process::spawn(reaper, logs, "coredns", coredns)
+}
+
+fn start_containerd(
+    layout: &Layout,
+    tools: &Tools,
+    node: &RealNode,
+    reaper: &Reaper,
+    logs: &Path,
+) -> Result<Process> {
+    std::fs::write(
+        layout.cni_conf.join("10-gpumarket.conflist"),
+        serde_json::to_string_pretty(&cni_config(layout, node))?,
+    )?;
+    let config = layout.root.join("containerd.toml");
+    std::fs::write(&config, containerd_config(layout, tools))?;
+    let mut containerd = tools.command("containerd")?;
+    containerd.arg("--config").arg(&config);
+    // The shim and runc are found on PATH.
+    containerd.env("PATH", path_with(&tools.bin)?);
+    Process::spawn(reaper, logs, "containerd", containerd)
+}
+
+/// The pods' network: a bridge that is not their gateway to anywhere (see the module docs).
+fn cni_config(layout: &Layout, node: &RealNode) -> serde_json::Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": network_name(node),
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": node.bridge,
+                "isGateway": false,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": layout.cni_ipam,
+                    // The gateway is only kept out of the pool: no routes, the subnet is
+                    // on-link and the host's address in it.
+                    "ranges": [[{"subnet": node.pod_subnet, "gateway": node.host_address}]],
+                },
+            },
+        ],
+    })
+}
+
+fn containerd_config(layout: &Layout, tools: &Tools) -> String {
+    format!(
+        r#"version = 3
+root = '{root}'
+state = '{state}'
+
+[grpc]
+  address = '{socket}'
+
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = 'overlayfs'
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = '{PAUSE_IMAGE}'
+
+[plugins.'io.containerd.cri.v1.runtime']
+  netns_mounts_under_state_dir = true
+  # Pods' oom_score_adj no lower than containerd's own: lowering it needs CAP_SYS_RESOURCE,
+  # which this sandbox does not give root.
+  restrict_oom_score_adj = true
+  enable_unprivileged_ports = false
+  enable_unprivileged_icmp = false
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+    runtime_type = 'io.containerd.runc.v2'
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+      BinaryName = '{runc}'
+      Root = '{state}/runc'
+      SystemdCgroup = false
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ['{cni_bin}']
+    conf_dir = '{cni_conf}'
+    # containerd brings up the pods' lo itself: no CNI result cached for it in /var/lib/cni.
+    use_internal_loopback = true
+
+[plugins.'io.containerd.grpc.v1.cri']
+  stream_server_address = '127.0.0.1'
+"#,
+        root = layout.containerd_root.display(),
+        state = layout.containerd_state.display(),
+        socket = layout.containerd_socket.display(),
+        runc = tools.bin.join("runc").display(),
+        cni_bin = tools.cni_bin.display(),
+        cni_conf = layout.cni_conf.display(),
+    )
+}
+
+async fn wait_for_containerd(layout: &Layout, tools: &Tools, processes: &[Process]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        processes.iter().try_for_each(Process::ensure_running)?;
+        let mut version = ctr(layout, tools)?;
+        version.arg("version");
+        if layout.containerd_socket.exists() && version.output()?.status.success() {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "containerd did not answer on its socket within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn ctr(layout: &Layout, tools: &Tools) -> Result<Command> {
+    let mut ctr = tools.command("ctr")?;
+    ctr.arg("--address").arg(&layout.containerd_socket).args(["--namespace", "k8s.io"]);
+    Ok(ctr)
+}
+
+/// The pause image, from `hack/images/build.sh pause` (cached), into the CRI's namespace.
+fn import_pause_image(layout: &Layout, tools: &Tools) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/images/build.sh");
+    let output = Command::new(&script)
+        .arg("pause")
+        .env("PATH", path_with(&tools.bin)?)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let archive = stdout.lines().find_map(|l| l.strip_prefix("pause=")).with_context(|| {
+        format!(
+            "{} pause printed no pause=<archive> line:\n{}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    let mut import = ctr(layout, tools)?;
+    import.args(["images", "import"]).arg(archive);
+    let output = import.output()?;
+    ensure!(
+        output.status.success(),
+        "ctr images import {archive} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+fn start_kubelet(
+    layout: &Layout,
+    tools: &Tools,
+    control_plane: &ControlPlane,
+    node: &RealNode,
+    reaper: &Reaper,
+    logs: &Path,
+) -> Result<Process> {
+    let pki = &control_plane.pki;
+    let kubeconfig = layout.root.join("kubelet.kubeconfig");
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "gpumarket", "cluster": {
+            "server": control_plane.server,
+            "certificate-authority": pki.ca_cert,
+        }}],
+        "users": [{"name": "kubelet", "user": {
+            "client-certificate": pki.node_cert,
+            "client-key": pki.node_key,
+        }}],
+        "contexts": [{"name": "gpumarket", "context": {"cluster": "gpumarket", "user": "kubelet"}}],
+        "current-context": "gpumarket",
+    });
+    std::fs::write(&kubeconfig, serde_yaml::to_string(&config)?)?;
+
+    let config = layout.root.join("kubelet.yaml");
+    std::fs::write(&config, serde_yaml::to_string(&kubelet_config(layout, node, pki))?)?;
+    ensure_cgroup_root(node)?;
+    let mut kubelet = tools.command("kubelet")?;
+    kubelet
+        .arg(format!("--config={}", config.display()))
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .arg(format!("--root-dir={}", layout.kubelet_root.display()))
+        .arg(format!("--hostname-override={NODE_NAME}"))
+        .arg(format!("--node-ip={}", node.host_address))
+        .arg("--v=1");
+    Process::spawn(reaper, logs, "kubelet", kubelet)
+}
+
+fn kubelet_config(layout: &Layout, node: &RealNode, pki: &crate::certs::Pki) -> serde_json::Value {
+    json!({
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "address": node.host_address,
+        "port": 10250,
+        "readOnlyPort": 0,
+        "healthzPort": 0,
+        "authentication": {
+            "anonymous": {"enabled": false},
+            "webhook": {"enabled": true},
+            "x509": {"clientCAFile": pki.ca_cert},
+        },
+        "authorization": {"mode": "Webhook"},
+        "containerRuntimeEndpoint": format!("unix://{}", layout.containerd_socket.display()),
+        // This machine kind has cgroup v1 (hybrid); Kubernetes 1.35+ refuses it without this.
+        "failCgroupV1": false,
+        "cgroupDriver": "cgroupfs",
+        "cgroupRoot": format!("/gpumarket-real-{}", node.slot),
+        "failSwapOn": false,
+        "clusterDNS": [node.host_address],
+        "clusterDomain": CLUSTER_DOMAIN,
+        // No host search domains or nameservers in pods: only the cluster's.
+        "resolvConf": "",
+        "podCIDR": node.pod_subnet,
+        "podLogsDir": layout.pod_logs,
+        // A shared machine: never evict the few test pods for disk or memory pressure.
+        "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+        "imageGCHighThresholdPercent": 100,
+        "registerNode": true,
+        "serializeImagePulls": false,
+    })
+}
+
+/// The cgroup the kubelet puts its pods under, in every v1 hierarchy (it must exist; cpuset
+/// needs the parent's cpus and mems before tasks can join).
+fn ensure_cgroup_root(node: &RealNode) -> Result<()> {
+    let name = format!("gpumarket-real-{}", node.slot);
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")? {
+        let hierarchy = hierarchy?.path();
+        if hierarchy.file_name().is_some_and(|n| n == "unified") {
+            continue;
+        }
+        let dir = hierarchy.join(&name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            if let Ok(value) = std::fs::read_to_string(hierarchy.join(file)) {
+                std::fs::write(dir.join(file), value.trim())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// CoreDNS answers for the API server's own Service: it serves and has synced from the API.
+async fn wait_dns_ready(node: &RealNode, processes: &[Process]) -> Result<()> {
+    let name = format!("kubernetes.default.svc.{CLUSTER_DOMAIN}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        processes.iter().try_for_each(Process::ensure_running)?;
+        let server = node.dns();
+        let answer = tokio::task::spawn_blocking({
+            let name = name.clone();
+            move || crate::dns::resolve_a(server, &name, Duration::from_millis(500))
+        })
+        .await?;
+        match answer {
+            Ok(addresses) if !addresses.is_empty() => return Ok(()),
+            answer if Instant::now() > deadline => {
+                bail!("CoreDNS at {server} did not resolve {name} within 60 s: {answer:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn wait_node_ready(api: &Api<Node>, processes: &[Process], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        processes.iter().try_for_each(Process::ensure_running)?;
+        let node = api.get_opt(NODE_NAME).await?;
+        let ready = node.as_ref().and_then(|n| n.status.as_ref()).is_some_and(|status| {
+            status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let conditions = node.and_then(|n| n.status).and_then(|s| s.conditions);
+            bail!("node {NODE_NAME} not Ready within {timeout:?}: {conditions:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `$PATH` with `dir` first.
+fn path_with(dir: &Path) -> Result<std::ffi::OsString> {
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    Ok(std::env::join_paths(
+        std::iter::once(dir.to_path_buf()).chain(std::env::split_paths(&rest)),
+    )?)
+}
+
+fn run<I, S>(program: &str, args: I) -> Result<()>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = Command::new(program);
+    command.args(args);
+    let output = command.output().with_context(|| format!("running {program}"))?;
+    ensure!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn node(slot: u8) -> (Layout, RealNode) {
+        let layout = Layout::new(Path::new("/tmp/env"));
+        let node = RealNode {
+            slot,
+            bridge: format!("gpmreal{slot}"),
+            pod_subnet: format!("10.244.{slot}.0/24"),
+            host_address: Ipv4Addr::new(10, 244, slot, 1),
+            containerd_socket: layout.containerd_socket.clone(),
+            netns_dir: layout.netns_dir(),
+            _slot_lock: tempfile::tempfile().unwrap(),
+        };
+        (layout, node)
+    }
+
+    /// Nothing may leave the host: the bridge is no gateway (the plugin would turn on IP
+    /// forwarding host-wide), nothing is masqueraded, and pods get no route beyond the subnet.
+    #[test]
+    fn pod_network_routes_nothing_off_the_host() {
+        let (layout, node) = node(3);
+        let config = cni_config(&layout, &node);
+        let bridge = &config["plugins"][0];
+        assert_eq!(bridge["type"], "bridge");
+        assert_eq!(bridge["bridge"], "gpmreal3");
+        assert_eq!(bridge["isGateway"], false);
+        assert_eq!(bridge["ipMasq"], false);
+        assert!(bridge["ipam"].get("routes").is_none());
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");
+        assert_eq!(config["plugins"].as_array().unwrap().len(), 1, "no portmap (iptables)");
+    }
+
+    #[test]
+    fn cleanup_script_is_scoped_to_the_slot_and_the_environment() {
+        let (layout, node) = node(3);
+        let script = cleanup_script(&layout, &node);
+        assert!(script.contains("cgroup='gpumarket-real-3'"));
+        assert!(script.contains("ip link delete 'gpmreal3'"));
+        assert!(script.contains("socket='/tmp/env/real-node/containerd.sock'"));
+        assert!(script.contains("root='/tmp/env/real-node/'"), "mounts under the node's dir only");
+        assert!(script.contains("/var/lib/cni/results/'gpumarket-real-3'-*"));
+    }
+}
