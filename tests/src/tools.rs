@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 
 #[derive(Clone, Debug)]
 pub struct Tools {
-    /// etcd, kube-*, kubectl, kwok, helm, kuberay-operator, gpumarket-validator.
+    /// etcd, kube-*, kubectl, kwok, helm, kuberay-operator, argocd-health, gpumarket-validator.
     pub bin: PathBuf,
     /// KWOK stage files (node-initialize.yaml, pod-ready.yaml, ...).
     pub kwok_stages: PathBuf,
