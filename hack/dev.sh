@@ -18,11 +18,11 @@ step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Debian packages the builds and tests need: jq (tool build script), libclang/compilers/perl
-# (validator's RocksDB), lua5.4 (Argo CD health-check tests), debootstrap (the ray image of
-# hack/images/build.sh), libseccomp-dev (runc), iptables (the real node tests check it is left clean).
+# (validator's RocksDB), debootstrap (the ray image of hack/images/build.sh), libseccomp-dev
+# (runc), iptables (the real node tests check it is left clean).
 install_packages() {
   local missing=()
-  for pkg in jq build-essential libclang-dev perl pkg-config lua5.4 debootstrap libseccomp-dev iptables; do
+  for pkg in jq build-essential libclang-dev perl pkg-config debootstrap libseccomp-dev iptables; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   ((${#missing[@]})) || return 0
@@ -37,7 +37,7 @@ prepare() {
   command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
   command -v go >/dev/null || die "go not found: install Go >= 1.26 (https://go.dev/dl)"
   install_packages
-  step "Kubernetes tools (cached after the first build, ~20 min cold)"
+  step "Kubernetes and Argo CD tools (cached after the first build, ~35 min cold)"
   eval "$(hack/tools/build.sh)"
   step "Solana test validator (cached after the first build, ~35 min cold)"
   hack/solana-validator/build.sh

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local Kubernetes tools (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, helm, crane, KubeRay CRDs and operator, and for the real node
-# kubelet, kube-proxy, containerd, runc, CNI plugins and CoreDNS) from their Go modules,
-# once, into a cache outside the repository keyed by version; reuses what is there.
+# kube-scheduler, kubectl, kwok, helm, crane, KubeRay CRDs and operator, argocd-health, and for
+# the real node kubelet, kube-proxy, containerd, runc, CNI plugins and CoreDNS) from their Go
+# modules, once, into a cache outside the repository keyed by version; reuses what is there.
 #
 # Pins live in the wrapper modules next to this script (<tool>/go.mod + go.sum); the
 # version in each cache directory name is read from the wrapper's go.mod, so bumping a pin
@@ -13,6 +13,7 @@
 #   tools/kwok-<version>/stages/*.yaml      KWOK stage files, for `kwok -c`
 #   tools/kuberay-<version>/crds/*.yaml     KubeRay CRDs
 #   tools/cni-plugins-<version>/bin/*       CNI plugins (a CNI bin dir of their own)
+#   tools/argocd-health-<version>-<hash>/bin/argocd-health   (hash: of the wrapper's files)
 #   tools/bin/<binary>                      symlinks to the pinned versions (one PATH entry)
 #
 # Progress goes to stderr; stdout gets exactly one line, GPUMARKET_TOOLS_BIN=<dir>, so
@@ -236,6 +237,17 @@ else
     log "kuberay-operator $kuberay_v unavailable: build failed (see $unavailable); CRDs are in $crds"
   fi
 fi
+
+# --- Argo CD health checks -------------------------------------------------------------------
+# argocd-health runs the chart's Lua health checks through Argo CD's own code (util/lua,
+# util/settings, gitops-engine's health). The wrapper holds a main.go of its own, so the cache
+# name carries a hash of the wrapper besides the Argo CD version. Argo CD v3.6 needs a newer Go
+# than the >= 1.26 the rest needs: with an older go on PATH, the go command fetches the
+# toolchain the wrapper's go.mod names from the module proxy (once, into the module cache).
+argocd_v="$(pin argocd-health github.com/argoproj/argo-cd/v3)"
+argocd_key="$argocd_v-$(cat "$here"/argocd-health/{go.mod,go.sum,main.go} | sha256sum | cut -c1-12)"
+(export GOTOOLCHAIN=local+auto
+ build argocd-health argocd-health "$argocd_key" argocd-health . "~15 min" --version)
 
 log "kwok stages: $tools/kwok-stages (kwok -c $tools/kwok-stages/all.yaml)"
 log "kuberay CRDs: $tools/kuberay-crds"

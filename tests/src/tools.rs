@@ -8,8 +8,8 @@ use anyhow::{Result, bail};
 
 #[derive(Clone, Debug)]
 pub struct Tools {
-    /// etcd, kube-*, kubectl, kwok, helm, kuberay-operator, gpumarket-validator, and for the real
-    /// node kubelet, containerd, ctr, runc, coredns.
+    /// etcd, kube-*, kubectl, kwok, helm, kuberay-operator, argocd-health, gpumarket-validator,
+    /// and for the real node kubelet, containerd, ctr, runc, coredns.
     pub bin: PathBuf,
     /// KWOK stage files (node-initialize.yaml, pod-ready.yaml, ...).
     pub kwok_stages: PathBuf,

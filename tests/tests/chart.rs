@@ -1,8 +1,8 @@
 //! The Helm chart: it lints and renders for the default and every example values file, the real
 //! API server accepts what it renders, RBAC is least privilege, the supplier-isolation policy
 //! holds against an impersonated agent, buyers get their GpuCluster permissions (and no more)
-//! through the built-in edit and view roles, and the Argo CD health checks (run by a real Lua
-//! interpreter) answer for every phase.
+//! through the built-in edit and view roles, and the Argo CD health checks (run by Argo CD's own
+//! code, hack/tools/argocd-health) answer for every phase and condition the controller writes.
 // A failing expectation is meant to panic, in helpers as in tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,14 +14,21 @@ use std::time::Duration;
 
 use clap::Parser as _;
 
+use gpumarket_controller::cluster::status::{
+    DEGRADED, FUNDED, MATCHED, RAY_READY, ended_status, set_condition,
+};
+use gpumarket_controller::market::offer::{AVAILABLE, availability};
+use gpumarket_controller::settlement::FINALIZER;
 use gpumarket_crds::{
     ClusterPhase, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, GpuOfferStatus,
 };
 use gpumarket_tests::tools::Tools;
 use gpumarket_tests::{Env, GpuNode, eventually};
+use jiff::Timestamp;
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
@@ -548,250 +555,460 @@ fn supplier_isolation_policy_matches_only_the_agent() {
     assert!(!has_kind(&render(&[], &[]), "ValidatingAdmissionPolicy"));
 }
 
-#[test]
-fn argocd_applications_point_at_files_that_exist() {
-    let text = std::fs::read_to_string(example("argocd/gpucluster-application.yaml")).unwrap();
+/// An Argo CD Application of examples/argocd/, as YAML.
+fn application(file: &str) -> Value {
+    let text = std::fs::read_to_string(example(&format!("argocd/{file}"))).unwrap();
     let app: Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(
+        (&app["apiVersion"], &app["kind"]),
+        (&json!("argoproj.io/v1alpha1"), &json!("Application"))
+    );
+    // This repository, as the chart names it.
+    let chart: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(app["spec"]["source"]["repoURL"], chart["home"], "{file}");
+    app
+}
+
+#[test]
+fn argocd_buyer_application_syncs_the_example_gpuclusters_into_its_namespace() {
+    let app = application("gpucluster-application.yaml");
     let source = &app["spec"]["source"];
     let file = repo_root()
         .join(source["path"].as_str().unwrap())
         .join(source["directory"]["include"].as_str().unwrap());
-    let cluster: GpuCluster = serde_yaml::from_str(
-        std::fs::read_to_string(&file).unwrap().split("\n---").next().unwrap(),
-    )
-    .unwrap();
-    assert_eq!(app["spec"]["destination"]["namespace"], json!(cluster.metadata.namespace));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let clusters: Vec<GpuCluster> = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .collect();
+    assert!(!clusters.is_empty());
+    for cluster in clusters {
+        let namespace = json!(cluster.metadata.namespace);
+        assert_eq!(
+            app["spec"]["destination"]["namespace"], namespace,
+            "{:?}",
+            cluster.metadata.name
+        );
+    }
     assert!(app["spec"].get("ignoreDifferences").is_none());
+}
 
-    let text = std::fs::read_to_string(example("argocd/supplier-application.yaml")).unwrap();
-    let app: Value = serde_yaml::from_str(&text).unwrap();
-    let chart = repo_root().join(app["spec"]["source"]["path"].as_str().unwrap());
+#[test]
+fn argocd_supplier_application_installs_the_chart_and_the_health_checks_the_readme_names() {
+    let app = application("supplier-application.yaml");
+    let source = &app["spec"]["source"];
+    let chart = repo_root().join(source["path"].as_str().unwrap());
     assert_eq!(chart, chart_dir());
-    for values in app["spec"]["source"]["helm"]["valueFiles"].as_array().unwrap() {
-        assert!(chart.join(values.as_str().unwrap()).is_file(), "{values}");
+    // Rendered as Argo CD renders it: the release is named after the Application, value files
+    // are relative to the chart's path.
+    let release = app["metadata"]["name"].as_str().unwrap();
+    let namespace = app["spec"]["destination"]["namespace"].as_str().unwrap();
+    let mut helm = tool("helm");
+    helm.args(["template", release]).arg(&chart).args(["--namespace", namespace]);
+    for values in source["helm"]["valueFiles"].as_array().unwrap() {
+        let path = chart.join(values.as_str().unwrap());
+        assert!(path.is_file(), "{values}");
+        helm.arg("-f").arg(path);
     }
+    let (ok, yaml, stderr) = run(&mut helm, "");
+    assert!(ok, "{stderr}");
+    let objects: Vec<Value> = serde_yaml::Deserializer::from_str(&yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .filter(|doc: &Value| !doc.is_null())
+        .collect();
+
+    // The README's merge command reads that release's health ConfigMap.
+    let readme = std::fs::read_to_string(example("argocd/README.md")).unwrap();
+    let named = readme.split("get configmap ").nth(1).and_then(|rest| rest.split(' ').next());
+    let configmap = format!("{release}-argocd-health");
+    assert_eq!(named, Some(configmap.as_str()));
+    assert_eq!(
+        readme.split("kubectl -n ").nth(2).and_then(|rest| rest.split(' ').next()),
+        Some(namespace)
+    );
+    let data = find(&objects, "ConfigMap", &configmap)["data"].as_object().unwrap();
+    let keys: Vec<&str> = data.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "resource.customizations.health.gpumarket.io_GpuCluster",
+            "resource.customizations.health.gpumarket.io_GpuOffer"
+        ]
+    );
 }
 
-// ---- Argo CD health checks, run by a real Lua interpreter ----
+// ---- Argo CD health checks, judged by Argo CD's own code ----
 
-/// A Lua table constructor for a JSON value (what Argo CD hands the script as `obj`).
-fn lua_literal(value: &Value) -> String {
-    let string = |s: &str| format!("\"{}\"", s.escape_default());
-    match value {
-        Value::Null => "nil".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => string(s),
-        Value::Array(items) => {
-            format!("{{{}}}", items.iter().map(lua_literal).collect::<Vec<_>>().join(", "))
-        }
-        Value::Object(fields) => format!(
-            "{{{}}}",
-            fields
-                .iter()
-                .map(|(k, v)| format!("[{}] = {}", string(k), lua_literal(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+/// Argo CD's verdicts (status, message) on `objects`, with the chart's health ConfigMap, as
+/// rendered, merged into argocd-cm: `argocd-health` (hack/tools/argocd-health) runs the checks
+/// through Argo CD's settings and health code, in gopher-lua as the application controller does.
+fn argocd_health(objects: &[Value]) -> Vec<(String, String)> {
+    let rendered = render(&[], &[]);
+    let configmap = find(&rendered, "ConfigMap", "gpumarket-argocd-health");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    // JSON is YAML too.
+    serde_json::to_writer(&file, configmap).unwrap();
+    let stdin: String = objects.iter().map(|o| format!("{o}\n")).collect();
+    let (ok, stdout, stderr) =
+        run(tool("argocd-health").arg("--argocd-cm").arg(file.path()), &stdin);
+    assert!(ok, "argocd-health failed:\n{stdout}{stderr}");
+    let verdicts: Vec<(String, String)> = stdout
+        .lines()
+        .map(|line| {
+            let verdict: Value = serde_json::from_str(line).unwrap();
+            let field = |name: &str| verdict[name].as_str().unwrap_or_default().to_owned();
+            (field("status"), field("message"))
+        })
+        .collect();
+    assert_eq!(verdicts.len(), objects.len(), "{stdout}");
+    verdicts
+}
+
+/// Runs every (case, object, status, message) through Argo CD at once; names each case that
+/// gets another verdict.
+fn assert_health(cases: &[(&str, Value, &str, &str)]) {
+    let objects: Vec<Value> = cases.iter().map(|(_, obj, _, _)| obj.clone()).collect();
+    let wrong: Vec<String> = cases
+        .iter()
+        .zip(argocd_health(&objects))
+        .filter(|((_, _, status, message), (got, said))| {
+            (got.as_str(), said.as_str()) != (*status, *message)
+        })
+        .map(|((case, obj, status, message), (got, said))| {
+            format!(
+                "{case}: expected {status} {message:?}, Argo CD says {got} {said:?}\n  status: {}",
+                obj["status"]
+            )
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+fn minute(n: i64) -> Timestamp {
+    Timestamp::from_second(1_798_761_600 + n * 60).unwrap()
+}
+
+/// (type, ok, reason, message) as the controller writes conditions: through its own setter.
+type Cond<'a> = (&'a str, bool, &'a str, &'a str);
+
+fn conditions(list: &[Cond<'_>]) -> Vec<Condition> {
+    let mut conditions = Vec::new();
+    for (type_, ok, reason, message) in list {
+        set_condition(&mut conditions, type_, *ok, reason, (*message).into(), minute(0), Some(1));
     }
+    conditions
 }
 
-/// Runs an Argo CD health script on `obj`; returns (status, message).
-fn argocd_health(script: &str, obj: &Value) -> (String, String) {
-    let path = chart_dir().join("argocd").join(script);
-    let program = format!(
-        "obj = {}\nlocal hs = dofile(\"{}\")\nio.write(hs.status, \"\\n\", hs.message or \"\")\n",
-        lua_literal(obj),
-        path.display().to_string().escape_default()
-    );
-    let (ok, stdout, stderr) = run(Command::new("lua5.4").arg("-"), &program);
-    assert!(
-        ok,
-        "{script} failed on {obj}:\n{stderr}\n(lua5.4 comes from Debian; hack/dev.sh installs it)"
-    );
-    let (status, message) = stdout.split_once('\n').unwrap_or((&stdout, ""));
-    (status.to_owned(), message.to_owned())
+/// The example GpuCluster (`llm-finetune`, 4 workers) at generation 1, with `status`.
+fn cluster(status: Option<GpuClusterStatus>) -> GpuCluster {
+    let text = std::fs::read_to_string(example("gpucluster.yaml")).unwrap();
+    let mut cluster: GpuCluster =
+        serde_yaml::from_str(text.split("\n---").next().unwrap()).unwrap();
+    cluster.metadata.generation = Some(1);
+    cluster.status = status;
+    cluster
 }
 
-fn condition(type_: &str, status: &str, message: &str) -> Value {
-    json!({"type": type_, "status": status, "reason": "Test", "message": message,
-           "lastTransitionTime": "2026-01-01T00:00:00Z"})
-}
-
-fn cluster(generation: i64, status: Option<GpuClusterStatus>) -> Value {
-    json!({"apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuCluster",
-           "metadata": {"name": "c", "namespace": "default", "generation": generation},
-           "status": status.map(|s| serde_json::to_value(s).unwrap())})
-}
-
-fn cluster_status(phase: ClusterPhase, conditions: Vec<Value>) -> GpuClusterStatus {
+fn cluster_status(phase: Option<ClusterPhase>, list: &[Cond<'_>]) -> GpuClusterStatus {
     GpuClusterStatus {
-        phase: Some(phase),
-        conditions: serde_json::from_value(Value::Array(conditions)).unwrap(),
+        phase,
+        conditions: conditions(list),
         observed_generation: Some(1),
         ..Default::default()
     }
 }
 
-#[test]
-fn gpucluster_health_follows_phase_and_conditions() {
-    use ClusterPhase::*;
-    let cases = [
-        (cluster(1, None), "Progressing", "Waiting for the gpumarket controller"),
-        (
-            cluster(1, Some(cluster_status(Pending, vec![]))),
-            "Progressing",
-            "Waiting for matching GPUs",
-        ),
-        (
-            cluster(
-                1,
-                Some(cluster_status(
-                    Pending,
-                    vec![
-                        condition("Matched", "False", "no H100 offers in eu-west"),
-                        condition("Funded", "False", "deposit 10 is below the 20 required"),
-                    ],
-                )),
-            ),
-            "Progressing",
-            "deposit 10 is below the 20 required",
-        ),
-        (
-            cluster(1, Some(cluster_status(Matched, vec![]))),
-            "Progressing",
-            "GPUs bound, Ray cluster starting",
-        ),
-        (
-            cluster(
-                1,
-                Some(cluster_status(
-                    Provisioning,
-                    vec![condition("RayReady", "False", "head pod pending")],
-                )),
-            ),
-            "Progressing",
-            "head pod pending",
-        ),
-        (
-            cluster(1, Some(cluster_status(Running, vec![condition("Degraded", "False", "")]))),
-            "Healthy",
-            "Ray cluster running",
-        ),
-        (
-            cluster(
-                1,
-                Some(cluster_status(
-                    Running,
-                    vec![condition("Degraded", "True", "1 of 8 GPUs lost, replacing")],
-                )),
-            ),
-            "Degraded",
-            "1 of 8 GPUs lost, replacing",
-        ),
-        (
-            cluster(2, Some(cluster_status(Running, vec![]))),
-            "Progressing",
-            "Waiting for the gpumarket controller to observe the latest spec",
-        ),
-        (
-            cluster(1, Some(cluster_status(Expiring, vec![]))),
-            "Progressing",
-            "Duration is up: tearing down and settling",
-        ),
-        (
-            cluster(1, Some(cluster_status(Completed, vec![]))),
-            "Healthy",
-            "Ran its duration and was settled",
-        ),
-        (
-            cluster(
-                1,
-                Some(cluster_status(
-                    Failed,
-                    vec![condition("Degraded", "True", "RayCluster deleted")],
-                )),
-            ),
-            "Degraded",
-            "RayCluster deleted",
-        ),
-        (cluster(1, Some(cluster_status(Failed, vec![]))), "Degraded", "Failed"),
-    ];
-    for (obj, status, message) in cases {
-        let phase = &obj["status"]["phase"];
-        assert_eq!(
-            argocd_health("gpucluster-health.lua", &obj),
-            (status.into(), message.into()),
-            "{phase}"
-        );
-    }
+fn to_json<T: serde::Serialize>(object: &T) -> Value {
+    serde_json::to_value(object).unwrap()
 }
 
-fn offer(status: Option<Value>) -> Value {
-    let mut obj = serde_json::to_value(GpuOffer::new(
-        "n1",
-        serde_json::from_value(json!({
-            "nodeName": "n1", "wallet": WALLET, "pricePerGpuHour": 1, "region": "eu-west",
-            "gpus": [{"uuid": "GPU-1", "model": "H100", "memoryMib": 81559},
-                     {"uuid": "GPU-2", "model": "H100", "memoryMib": 81559}]
-        }))
-        .unwrap(),
-    ))
-    .unwrap();
-    if let Some(status) = status {
-        // Through the status type, so the script reads the field names the controller writes.
-        let typed: GpuOfferStatus = serde_json::from_value(status).unwrap();
-        obj["status"] = serde_json::to_value(typed).unwrap();
-    }
+/// `obj` with its status replaced by `status` (JSON the typed status cannot hold).
+fn with_status(mut obj: Value, status: Value) -> Value {
+    obj["status"] = status;
     obj
 }
 
 #[test]
-fn gpuoffer_health_follows_conditions_and_gpu_health() {
-    let healthy_gpus = json!([{"uuid": "GPU-1", "health": "Healthy", "lease": "l-1"}, {"uuid": "GPU-2", "health": "Healthy"}]);
-    let cases = [
-        (offer(None), "Progressing", "Waiting for the first heartbeat of the supplier agent"),
+fn gpucluster_health_follows_phase_and_conditions() {
+    use ClusterPhase::*;
+    let funded = (FUNDED, true, "DepositCovers", "deposit 160 covers 160");
+    let short = (FUNDED, false, "DepositShort", "deposit 10 is below the 160 required");
+    let matching = (MATCHED, false, "Matching", "looking for GPUs");
+    let no_supply = (MATCHED, false, "NoMatchingSupply", "no A100 offers in eu-west");
+    let bound = (MATCHED, true, "Bound", "32 GPUs bound through 4 leases");
+    let placed = (DEGRADED, false, "AllWorkersPlaced", "all 4 workers have GPUs");
+    let lost = "1 of 4 workers have no GPUs: looking for replacement GPUs";
+    let missing = (DEGRADED, true, "MissingWorkers", lost);
+    let all_lost = (DEGRADED, true, "MissingWorkers", "4 of 4 workers have no GPUs: no offers");
+    let no_ray =
+        (RAY_READY, false, "NoRayCluster", "the RayCluster is created once GPUs are bound");
+    let starting = (RAY_READY, false, "Provisioning", "waiting for KubeRay to start the pods");
+    let ready = (RAY_READY, true, "Ready", "the RayCluster is ready");
+
+    let live =
+        |phase, list: &[Cond<'_>]| to_json(&cluster(Some(cluster_status(Some(phase), list))));
+    let running = cluster_status(Some(Running), &[bound, funded, ready, placed]);
+    // How the controller ends a cluster, from the status it had.
+    let ended = |from: &GpuClusterStatus, phase, reason, message: &str| {
+        ended_status(&cluster(Some(from.clone())), &[], phase, reason, message.into(), minute(9))
+    };
+    let dry =
+        "escrow exhausted: lease llm-finetune-0 ended OutOfFunds; deposit more for a new cluster";
+    let out_of_funds = ended(&running, Failed, "OutOfFunds", dry);
+    let invalid = ended(
+        &cluster_status(Some(Pending), &[matching, short]),
+        Failed,
+        "InvalidSpec",
+        "spec.duration: invalid duration \"2 hours\"",
+    );
+    let expired = ended(&running, Completed, "Expired", "ran its duration 2h");
+    // A spec edited after the controller last looked (generation 2, observedGeneration 1).
+    let edited = |status: GpuClusterStatus| {
+        let mut cluster = cluster(Some(status));
+        cluster.metadata.generation = Some(2);
+        to_json(&cluster)
+    };
+    let mut deleting = cluster(Some(running.clone()));
+    deleting.metadata.deletion_timestamp = Some(Time(minute(9)));
+    deleting.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let base = to_json(&cluster(None));
+
+    assert_health(&[
+        ("no status", base.clone(), "Progressing", "Waiting for the gpumarket controller"),
         (
-            offer(Some(json!({"gpus": healthy_gpus}))),
+            "empty status",
+            with_status(base.clone(), json!({})),
+            "Progressing",
+            "Waiting for the gpumarket controller",
+        ),
+        (
+            "conditions without a phase",
+            to_json(&cluster(Some(cluster_status(None, &[no_supply, short])))),
+            "Progressing",
+            "deposit 10 is below the 160 required",
+        ),
+        (
+            "phase without conditions",
+            with_status(base.clone(), json!({"phase": "Pending"})),
+            "Progressing",
+            "Waiting for matching GPUs",
+        ),
+        ("Pending, matching", live(Pending, &[matching]), "Progressing", "looking for GPUs"),
+        (
+            "Pending, no supply",
+            live(Pending, &[no_supply, funded]),
+            "Progressing",
+            "no A100 offers in eu-west",
+        ),
+        (
+            "Pending, deposit short (said before the supply)",
+            live(Pending, &[no_supply, short]),
+            "Progressing",
+            "deposit 10 is below the 160 required",
+        ),
+        (
+            "Matched",
+            live(Matched, &[bound, funded, no_ray]),
+            "Progressing",
+            "the RayCluster is created once GPUs are bound",
+        ),
+        (
+            "Matched, no conditions",
+            live(Matched, &[]),
+            "Progressing",
+            "GPUs bound, Ray cluster starting",
+        ),
+        (
+            "Provisioning",
+            live(Provisioning, &[bound, funded, starting, placed]),
+            "Progressing",
+            "waiting for KubeRay to start the pods",
+        ),
+        (
+            "Provisioning again after every worker was lost",
+            live(Provisioning, &[bound, funded, no_ray, all_lost]),
+            "Progressing",
+            "4 of 4 workers have no GPUs: no offers",
+        ),
+        ("Running", to_json(&cluster(Some(running.clone()))), "Healthy", "Ray cluster running"),
+        ("Running, no conditions", live(Running, &[]), "Healthy", "Ray cluster running"),
+        (
+            "Running, a worker lost",
+            live(Running, &[bound, funded, ready, missing]),
+            "Degraded",
+            lost,
+        ),
+        (
+            "Running, spec ahead of the status",
+            edited(running.clone()),
+            "Progressing",
+            "Waiting for the gpumarket controller to observe the latest spec",
+        ),
+        (
+            "Expiring",
+            to_json(&cluster(Some(GpuClusterStatus { phase: Some(Expiring), ..running.clone() }))),
+            "Progressing",
+            "Ending: deleting the RayCluster and ending its leases",
+        ),
+        ("Completed", to_json(&cluster(Some(expired))), "Healthy", "Expired: ran its duration 2h"),
+        ("Completed, no conditions", live(Completed, &[]), "Healthy", "Ran its duration"),
+        (
+            "Failed out of funds (Degraded False from when it ran)",
+            to_json(&cluster(Some(out_of_funds.clone()))),
+            "Degraded",
+            &format!("OutOfFunds: {dry}"),
+        ),
+        (
+            "Failed on an invalid spec (deposit short)",
+            to_json(&cluster(Some(invalid))),
+            "Degraded",
+            "InvalidSpec: spec.duration: invalid duration \"2 hours\"",
+        ),
+        (
+            "Failed, spec edited since (the controller no longer looks)",
+            edited(out_of_funds),
+            "Degraded",
+            &format!("OutOfFunds: {dry}"),
+        ),
+        ("Failed, no conditions", live(Failed, &[]), "Degraded", "Failed"),
+        (
+            "unknown phase",
+            with_status(base, json!({"phase": "Hibernating", "observedGeneration": 1})),
+            "Unknown",
+            "Unknown phase Hibernating",
+        ),
+        (
+            "deleted, waiting for its refund (Argo CD's own verdict)",
+            to_json(&deleting),
+            "Progressing",
+            &format!("Pending deletion; blocked by finalizers: {FINALIZER}"),
+        ),
+    ]);
+}
+
+/// A node's GpuOffer of two H100s (generation 1), with `status`, its heartbeat at minute 0.
+fn offer(status: Option<GpuOfferStatus>) -> GpuOffer {
+    let spec = json!({
+        "nodeName": "n1", "wallet": WALLET, "pricePerGpuHour": 1, "region": "eu-west",
+        "gpus": [{"uuid": "GPU-1", "model": "H100", "memoryMib": 81559},
+                 {"uuid": "GPU-2", "model": "H100", "memoryMib": 81559}]
+    });
+    let mut offer = GpuOffer::new("n1", serde_json::from_value(spec).unwrap());
+    offer.metadata.generation = Some(1);
+    offer.status = status;
+    offer
+}
+
+/// The agent's report: GPU health (uuid, health, reason), free GPUs, a heartbeat at minute 0.
+fn reported(gpus: Value, free: u32) -> GpuOfferStatus {
+    GpuOfferStatus {
+        gpus: serde_json::from_value(gpus).unwrap(),
+        free_gpus: Some(free),
+        last_heartbeat: Some(Time(minute(0))),
+        ..Default::default()
+    }
+}
+
+/// `offer` as the controller's offer reconcile leaves it at `now`: Available set from its
+/// own `availability`, observedGeneration current.
+fn assessed(mut offer: GpuOffer, now: Timestamp) -> Value {
+    let (ok, reason, message) = availability(&offer, now, Duration::from_secs(30));
+    let status = offer.status.get_or_insert_default();
+    set_condition(&mut status.conditions, AVAILABLE, ok, reason, message, now, Some(1));
+    status.observed_generation = Some(1);
+    to_json(&offer)
+}
+
+#[test]
+fn gpuoffer_health_follows_gpu_health_and_availability() {
+    let healthy = json!([{"uuid": "GPU-1", "health": "Healthy", "lease": "l-1"},
+                         {"uuid": "GPU-2", "health": "Healthy"}]);
+    let one_sick = json!([{"uuid": "GPU-1", "health": "Healthy"},
+                          {"uuid": "GPU-2", "health": "Unhealthy", "reason": "XID 79"}]);
+    let all_sick = json!([{"uuid": "GPU-1", "health": "Unhealthy"},
+                          {"uuid": "GPU-2", "health": "Unhealthy"}]);
+    let unreported = json!([{"uuid": "GPU-1"}, {"uuid": "GPU-2"}]);
+    let mut bad_wallet = offer(Some(reported(healthy.clone(), 2)));
+    bad_wallet.spec.wallet = "not-a-key".into();
+    let bad_wallet = assessed(bad_wallet, minute(0));
+    // The agent fixed its wallet (generation 2); the controller has not looked yet.
+    let mut fixed_wallet = bad_wallet.clone();
+    fixed_wallet["metadata"]["generation"] = json!(2);
+    fixed_wallet["spec"]["wallet"] = json!(WALLET);
+    let mut healthy_condition_false = offer(Some(reported(healthy.clone(), 2)));
+    healthy_condition_false.status.as_mut().unwrap().conditions =
+        conditions(&[("Healthy", false, "Xid", "XID 79 on GPU-2")]);
+    let base = to_json(&offer(None));
+
+    assert_health(&[
+        (
+            "no status",
+            base.clone(),
+            "Progressing",
+            "Waiting for the first heartbeat of the supplier agent",
+        ),
+        (
+            "empty status",
+            with_status(base, json!({})),
             "Progressing",
             "Waiting for the gpumarket controller to assess the offer",
         ),
         (
-            offer(Some(json!({"gpus": healthy_gpus, "freeGpus": 1,
-                "conditions": [condition("Available", "True", ""), condition("Healthy", "True", "")]}))),
+            "reported, not assessed yet",
+            to_json(&offer(Some(reported(healthy.clone(), 2)))),
+            "Progressing",
+            "Waiting for the gpumarket controller to assess the offer",
+        ),
+        (
+            "available, one GPU leased",
+            assessed(offer(Some(reported(healthy.clone(), 1))), minute(0)),
             "Healthy",
-            "1 GPUs free",
+            "1 of 2 GPUs free",
         ),
         (
-            offer(Some(json!({"gpus": healthy_gpus,
-                "conditions": [condition("Available", "False", "no heartbeat for 3m")]}))),
+            "available, health not reported yet",
+            assessed(offer(Some(reported(unreported, 2))), minute(0)),
+            "Healthy",
+            "2 of 2 GPUs free",
+        ),
+        (
+            "heartbeat stale",
+            assessed(offer(Some(reported(healthy, 2))), minute(5)),
             "Degraded",
-            "no heartbeat for 3m",
+            "no heartbeat from the node's agent within 30s",
         ),
         (
-            offer(Some(
-                json!({"conditions": [condition("Healthy", "False", "XID 79 on GPU-2"), condition("Available", "True", "")]}),
-            )),
+            "invalid wallet",
+            bad_wallet.clone(),
+            "Degraded",
+            bad_wallet["status"]["conditions"][0]["message"].as_str().unwrap(),
+        ),
+        (
+            "spec ahead of the status",
+            fixed_wallet,
+            "Progressing",
+            "Waiting for the gpumarket controller to assess the latest spec",
+        ),
+        (
+            "one GPU unhealthy, still available",
+            assessed(offer(Some(reported(one_sick, 1))), minute(0)),
+            "Degraded",
+            "1 of 2 GPUs unhealthy (GPU-2: XID 79)",
+        ),
+        (
+            "every GPU unhealthy",
+            assessed(offer(Some(reported(all_sick, 0))), minute(0)),
+            "Degraded",
+            "2 of 2 GPUs unhealthy (GPU-1)",
+        ),
+        (
+            "Healthy condition False",
+            to_json(&healthy_condition_false),
             "Degraded",
             "XID 79 on GPU-2",
         ),
-        (
-            offer(Some(
-                json!({"gpus": [{"uuid": "GPU-1", "health": "Healthy"}, {"uuid": "GPU-2", "health": "Unhealthy", "reason": "XID 79"}],
-                "conditions": [condition("Available", "True", "")]}),
-            )),
-            "Degraded",
-            "1 of 2 GPUs unhealthy",
-        ),
-    ];
-    for (obj, status, message) in cases {
-        assert_eq!(
-            argocd_health("gpuoffer-health.lua", &obj),
-            (status.into(), message.into()),
-            "{}",
-            obj["status"]
-        );
-    }
+    ]);
 }
 
 #[test]
@@ -939,7 +1156,7 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
 
     let offers_admin: Api<GpuOffer> = Api::all(admin.clone());
     let offer_for = |node: &str| -> GpuOffer {
-        let mut offer: GpuOffer = serde_json::from_value(offer(None)).unwrap();
+        let mut offer = offer(None);
         offer.metadata.name = Some(node.into());
         offer.spec.node_name = node.into();
         offer
@@ -1401,7 +1618,7 @@ async fn buyers_bound_to_the_built_in_roles_manage_the_gpuclusters_of_their_name
         .create(&PostParams::default(), &theirs)
         .await?;
     let offer_name = format!("{mine}-offer");
-    let mut market_offer: GpuOffer = serde_json::from_value(offer(None))?;
+    let mut market_offer: GpuOffer = offer(None);
     market_offer.metadata.name = Some(offer_name.clone());
     market_offer.spec.node_name = offer_name.clone();
     Api::<GpuOffer>::all(admin.clone()).create(&PostParams::default(), &market_offer).await?;

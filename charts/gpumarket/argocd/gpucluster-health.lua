@@ -1,12 +1,11 @@
 -- Argo CD health of a gpumarket GpuCluster, from status.phase and status.conditions.
--- Argo CD runs this with the object in `obj` (gopher-lua, Lua 5.1); it must return {status, message}.
+-- Argo CD runs this in gopher-lua (Lua 5.1) with the object in `obj` and only the base, table
+-- and os libraries open (no string or math); it returns {status, message}. tests/tests/chart.rs
+-- runs it through Argo CD's own code (hack/tools/argocd-health).
 local hs = {}
 
 local function condition(status, type)
-  if status.conditions == nil then
-    return nil
-  end
-  for _, c in ipairs(status.conditions) do
+  for _, c in ipairs(status.conditions or {}) do
     if c.type == type then
       return c
     end
@@ -14,61 +13,68 @@ local function condition(status, type)
   return nil
 end
 
--- The first of these conditions that is False says why a cluster is still waiting.
+-- Why a cluster is not running (yet): the first of these conditions in the state that holds it
+-- up, e.g. a deposit short of the price or no matching offers.
 local function waiting_reason(status, fallback)
-  for _, type in ipairs({ "Funded", "Matched", "RayReady" }) do
-    local c = condition(status, type)
-    if c ~= nil and c.status == "False" and c.message ~= nil and c.message ~= "" then
+  for _, want in ipairs({ { "Funded", "False" }, { "Matched", "False" }, { "Degraded", "True" }, { "RayReady", "False" } }) do
+    local c = condition(status, want[1])
+    if c ~= nil and c.status == want[2] and c.message ~= nil and c.message ~= "" then
       return c.message
     end
   end
   return fallback
 end
 
-local status = obj.status
-if status == nil or status.phase == nil then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the gpumarket controller"
+-- Why a cluster ended: the controller records the ending's reason and message on RayReady.
+local function ending(status, fallback)
+  local c = condition(status, "RayReady")
+  if c == nil or c.status ~= "False" or c.reason == nil or c.message == nil then
+    return fallback
+  end
+  return c.reason .. ": " .. c.message
+end
+
+local status = obj.status or {}
+local phase = status.phase
+
+-- Ended clusters are final: the controller no longer updates them, not even observedGeneration.
+if phase == "Completed" then
+  hs.status = "Healthy"
+  hs.message = ending(status, "Ran its duration")
+  return hs
+end
+if phase == "Failed" then
+  hs.status = "Degraded"
+  hs.message = ending(status, "Failed")
   return hs
 end
 
 local generation = obj.metadata.generation
-if generation ~= nil and status.observedGeneration ~= nil and status.observedGeneration < generation then
+if phase ~= nil and generation ~= nil and status.observedGeneration ~= nil and status.observedGeneration < generation then
   hs.status = "Progressing"
   hs.message = "Waiting for the gpumarket controller to observe the latest spec"
   return hs
 end
 
-local phase = status.phase
-if phase == "Running" then
+if phase == nil or phase == "Pending" then
+  hs.status = "Progressing"
+  hs.message = waiting_reason(status, phase == nil and "Waiting for the gpumarket controller" or "Waiting for matching GPUs")
+elseif phase == "Matched" or phase == "Provisioning" then
+  hs.status = "Progressing"
+  hs.message = waiting_reason(status, "GPUs bound, Ray cluster starting")
+elseif phase == "Running" then
   local degraded = condition(status, "Degraded")
   if degraded ~= nil and degraded.status == "True" then
     hs.status = "Degraded"
-    hs.message = degraded.message or "Running with lost GPUs"
+    hs.message = degraded.message or "Running with workers short of GPUs"
   else
     hs.status = "Healthy"
     hs.message = "Ray cluster running"
   end
-elseif phase == "Completed" then
-  hs.status = "Healthy"
-  hs.message = "Ran its duration and was settled"
-elseif phase == "Failed" then
-  local degraded = condition(status, "Degraded")
-  hs.status = "Degraded"
-  if degraded ~= nil and degraded.message ~= nil then
-    hs.message = degraded.message
-  else
-    hs.message = waiting_reason(status, "Failed")
-  end
-elseif phase == "Pending" then
-  hs.status = "Progressing"
-  hs.message = waiting_reason(status, "Waiting for matching GPUs")
-elseif phase == "Matched" or phase == "Provisioning" then
-  hs.status = "Progressing"
-  hs.message = waiting_reason(status, "GPUs bound, Ray cluster starting")
 elseif phase == "Expiring" then
+  -- Its duration is up or its escrow ran dry: the RayCluster and leases are being ended.
   hs.status = "Progressing"
-  hs.message = "Duration is up: tearing down and settling"
+  hs.message = "Ending: deleting the RayCluster and ending its leases"
 else
   hs.status = "Unknown"
   hs.message = "Unknown phase " .. tostring(phase)
