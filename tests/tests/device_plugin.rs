@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpumarket_crds::common::SUPPLIER_TAINT;
-use gpumarket_crds::{GpuHealth, GpuLease, GpuOffer, Interconnect, OfferMode};
+use gpumarket_crds::{GpuHealth, GpuLease, GpuOffer, HostResources, Interconnect, OfferMode};
 use gpumarket_device_plugin::agent::{Agent, AgentConfig};
 use gpumarket_device_plugin::allocation::{NodeLease, PodName};
 use gpumarket_device_plugin::config::{Mode, Supplier};
@@ -116,6 +116,11 @@ async fn the_agent_publishes_heartbeats_and_reports_health_until_it_stops() {
         (Interconnect::NvLink, OfferMode::OfferOnly)
     );
     assert_eq!(offer.spec.driver_version.as_deref(), Some("560.35.03"));
+    // The KWOK node's allocatable (16 cores and 128 GiB per GPU), for leases to share.
+    assert_eq!(
+        offer.spec.allocatable,
+        Some(HostResources { cpu_millicores: 32_000, memory_bytes: 256 << 30 })
+    );
     assert_eq!(health_of(&offer, "GPU-dp-1"), Some((GpuHealth::Healthy, None)));
 
     let first = heartbeat(&offer).unwrap();
