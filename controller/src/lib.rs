@@ -57,6 +57,18 @@ pub enum RunError {
     LeadershipLost,
 }
 
+/// The User-Agent of the controller's requests. The API server names the field manager of a
+/// write that gives none (the finalizer patches of kube-runtime's `finalizer` helper) after it,
+/// so managedFields show `gpumarket-controller` owning the finalizers, not `unknown`.
+const USER_AGENT: &str = concat!("gpumarket-controller/", env!("CARGO_PKG_VERSION"));
+
+/// `config` with the controller's User-Agent: build the controller's client from it.
+pub fn identified(mut config: kube::Config) -> kube::Config {
+    use axum::http::{HeaderValue, header};
+    config.headers.push((header::USER_AGENT, HeaderValue::from_static(USER_AGENT)));
+    config
+}
+
 /// Run the controller until `config.shutdown` is cancelled or the future dropped (or, with
 /// leader election, leadership is lost). No settlement: leases are metered but nobody is paid.
 pub async fn run(client: Client, config: Config) -> Result<(), RunError> {
@@ -213,5 +225,15 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_user_agent_names_the_field_manager() {
+        // The API server takes the field manager from the User-Agent up to the first '/'.
+        let manager = super::USER_AGENT.split('/').next();
+        assert_eq!(manager, Some(crate::runtime::context::MANAGER));
     }
 }

@@ -126,16 +126,15 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
 
-    let client = match &args.kubeconfig {
+    let config = match &args.kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            let config =
-                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-            kube::Client::try_from(config)?
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
         }
-        None => kube::Client::try_default().await.context("no kubeconfig and not in a cluster")?,
+        None => kube::Config::infer().await.context("no kubeconfig and not in a cluster")?,
     };
+    let client = kube::Client::try_from(gpumarket_controller::identified(config))?;
 
     let leader_election = args.leader_election.then(|| LeaderElection {
         namespace: args.leader_election_namespace.clone(),

@@ -11,7 +11,7 @@ use gpumarket_crds::OfferMode;
 use tokio::sync::{mpsc, watch};
 
 use crate::allocation::NodeLease;
-
+use crate::cdi::{self, CdiError, WrittenSpec};
 use crate::config::{Args, ConfigError, Mode, Supplier};
 use crate::health::track;
 use crate::leases::follow_leases;
@@ -27,6 +27,8 @@ pub struct AgentConfig {
     pub mode: Mode,
     pub socket: PluginSocket,
     pub cdi: bool,
+    /// Where the CDI spec is written (CDI on, plugin mode).
+    pub cdi_spec_dir: PathBuf,
     pub heartbeat: Duration,
     /// The kubelet's PodResources socket (plugin mode).
     pub pod_resources_socket: PathBuf,
@@ -47,6 +49,7 @@ impl AgentConfig {
                 resource_name: args.resource_name.clone(),
             },
             cdi: args.cdi,
+            cdi_spec_dir: args.cdi_spec_dir.clone(),
             heartbeat: args.heartbeat_interval,
             pod_resources_socket: args.pod_resources_socket.clone(),
             lease_wait: args.lease_wait,
@@ -66,6 +69,8 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Registration(#[from] RegistrationError),
+    #[error(transparent)]
+    Cdi(#[from] CdiError),
 }
 
 /// An agent whose GPUs were discovered and priced.
@@ -74,12 +79,15 @@ pub struct Agent {
     source: Arc<dyn DeviceSource>,
     inventory: Arc<Inventory>,
     price_per_gpu_hour: u64,
+    /// The CDI spec to write while serving the kubelet (CDI on, plugin mode).
+    cdi_spec: Option<cdi::Spec>,
     /// The node's leases, when fed by the caller rather than watched on the API server.
     leases: Option<watch::Receiver<Vec<NodeLease>>>,
 }
 
 impl Agent {
-    /// Discovers the GPUs and checks that each model has a price.
+    /// Discovers the GPUs, checks that each model has a price and, with CDI on in plugin mode,
+    /// that the driver's files make a CDI spec that works.
     pub fn prepare(
         config: AgentConfig,
         source: Arc<dyn DeviceSource>,
@@ -89,11 +97,16 @@ impl Agent {
         for gpu in &inventory.gpus {
             tracing::info!(uuid = %gpu.uuid, product = %gpu.product_name, model = %gpu.model(), memory_mib = gpu.memory_mib, nvlink_peers = gpu.nvlink_peers.len(), "discovered GPU");
         }
+        let cdi_spec = match (config.cdi, config.mode) {
+            (true, Mode::Plugin) => Some(cdi::spec(&inventory, &source.driver_files()?)?),
+            _ => None,
+        };
         Ok(Agent {
             config,
             source,
             inventory: Arc::new(inventory),
             price_per_gpu_hour,
+            cdi_spec,
             leases: None,
         })
     }
@@ -120,6 +133,11 @@ impl Agent {
         let plugin = async {
             match self.config.mode {
                 Mode::Plugin => {
+                    // Written before the kubelet learns of the GPUs, removed when this stops.
+                    let _written = match &self.cdi_spec {
+                        Some(spec) => Some(WrittenSpec::write(&self.config.cdi_spec_dir, spec)?),
+                        None => None,
+                    };
                     let (leases, follow) = match (&self.leases, lease_client) {
                         (Some(fed), _) => (fed.clone(), None),
                         (None, Some(client)) => {

@@ -312,6 +312,7 @@ mod tests {
                 pci_bus_id: String::new(),
                 nvlink_peers: BTreeSet::new(),
                 numa_node: None,
+                device_node: None,
             })
             .collect();
         for &(a, b) in links {

@@ -64,9 +64,24 @@ pub struct Args {
     /// refused, e.g. `5s`.
     #[arg(long, default_value = "5s", value_parser = parse_lease_wait, env = "GPUMARKET_LEASE_WAIT")]
     pub lease_wait: Duration,
-    /// Hand GPUs to containers as CDI devices (`nvidia.com/gpu=<uuid>`) besides NVIDIA_VISIBLE_DEVICES.
+    /// Hand GPUs to containers as CDI devices (`nvidia.com/gpu=<uuid>`) besides
+    /// NVIDIA_VISIBLE_DEVICES, and write the CDI spec of the node's GPUs to --cdi-spec-dir
+    /// (plugin mode).
     #[arg(long, env = "GPUMARKET_CDI")]
     pub cdi: bool,
+    /// Where the container runtime reads CDI specs (containerd and CRI-O read /etc/cdi and
+    /// /var/run/cdi); the agent's spec is removed when it stops.
+    #[arg(long, default_value = "/var/run/cdi", env = "GPUMARKET_CDI_SPEC_DIR")]
+    pub cdi_spec_dir: PathBuf,
+    /// Where the agent sees the node's root filesystem: the NVIDIA driver's device nodes and
+    /// libraries for the CDI spec are looked up under it (the chart mounts the node's /dev and
+    /// /usr under /host).
+    #[arg(long, default_value = "/", env = "GPUMARKET_HOST_ROOT")]
+    pub host_root: PathBuf,
+    /// Print what the source discovers (GPUs, driver files) and the CDI spec as JSON, then exit;
+    /// touches neither the kubelet nor the API server, and needs no wallet or prices.
+    #[arg(long)]
+    pub discover: bool,
     /// Where GPUs come from: `nvml`, or `fake:PATH` (a YAML file) for a simulated node.
     #[arg(long, default_value = "nvml", value_parser = parse_source, env = "GPUMARKET_SOURCE")]
     pub source: SourceSpec,
@@ -322,6 +337,7 @@ mod tests {
                 pci_bus_id: String::new(),
                 nvlink_peers: Default::default(),
                 numa_node: None,
+                device_node: None,
             })
             .collect();
         Inventory { gpus, ..Default::default() }
@@ -363,6 +379,10 @@ mod tests {
         );
         assert_eq!(a.lease_wait, Duration::from_secs(5));
         assert_eq!((a.reserve_cpu, a.reserve_memory), (0, 0), "nothing kept out unless asked");
+        assert_eq!(
+            (a.cdi_spec_dir.as_path(), a.host_root.as_path()),
+            (std::path::Path::new("/var/run/cdi"), std::path::Path::new("/"))
+        );
         let supplier = Supplier::from_args(&a).expect("valid");
         assert_eq!(supplier.prices.get("H100"), Some(&2_200_000));
 

@@ -1,7 +1,8 @@
 //! gpumarket supplier agent: discovers the node's GPUs (NVML, or a fake for simulation), serves
 //! them to the kubelet as a device plugin (to the worker pods of the node's leases only, each
 //! its own lease's GPUs: see [`allocation`]), and offers them on the market as the node's
-//! `GpuOffer`, heartbeating it with per-GPU health.
+//! `GpuOffer`, heartbeating it with per-GPU health. With CDI on, it writes the CDI spec of its
+//! GPUs (see [`cdi`]), so that the runtime needs no vendor toolkit to give containers GPUs.
 //!
 //! The node is tainted `gpumarket.io/supplier:NoSchedule` and labelled
 //! `gpumarket.io/gpu-model=<model>` so that only marketplace pods land on offered GPUs (see
@@ -11,6 +12,7 @@
 
 pub mod agent;
 pub mod allocation;
+pub mod cdi;
 pub mod config;
 pub mod health;
 pub mod leases;

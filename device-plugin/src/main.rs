@@ -4,6 +4,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use gpumarket_device_plugin::agent::{Agent, AgentConfig};
+use gpumarket_device_plugin::cdi;
 use gpumarket_device_plugin::config::{Args, SourceSpec, Supplier};
 use gpumarket_device_plugin::source::DeviceSource;
 use gpumarket_device_plugin::source::fake::FakeSource;
@@ -27,13 +28,18 @@ async fn run() -> anyhow::Result<()> {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        // Standard output is --discover's.
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let supplier = Supplier::from_args(&args)?;
     let source: Arc<dyn DeviceSource> = match &args.source {
-        SourceSpec::Nvml => Arc::new(NvmlSource::default()),
+        SourceSpec::Nvml => Arc::new(NvmlSource::new(args.host_root.clone())),
         SourceSpec::Fake(path) => Arc::new(FakeSource::from_file(path)?),
     };
+    if args.discover {
+        return discover(source.as_ref());
+    }
+    let supplier = Supplier::from_args(&args)?;
     let agent = Agent::prepare(AgentConfig::new(&args, supplier), source)?;
     let client = kube::Client::try_default()
         .await
@@ -43,6 +49,21 @@ async fn run() -> anyhow::Result<()> {
         () = shutdown() => tracing::info!("stopping"),
     }
     Ok(())
+}
+
+/// Prints the GPUs and driver files the source finds and the CDI spec made of them; a spec that
+/// cannot be made is an error after the rest is printed.
+fn discover(source: &dyn DeviceSource) -> anyhow::Result<()> {
+    let inventory = source.discover()?;
+    let driver_files = source.driver_files()?;
+    let spec = cdi::spec(&inventory, &driver_files);
+    let report = serde_json::json!({
+        "inventory": inventory,
+        "driverFiles": driver_files,
+        "cdiSpec": spec.as_ref().ok(),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    spec.map(drop).context("no CDI spec")
 }
 
 async fn shutdown() {

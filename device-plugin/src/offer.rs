@@ -245,6 +245,7 @@ mod tests {
             pci_bus_id: String::new(),
             nvlink_peers: BTreeSet::from([peer.to_string()]),
             numa_node: None,
+            device_node: None,
         };
         Inventory {
             gpus: vec![gpu("GPU-0", "GPU-1"), gpu("GPU-1", "GPU-0")],

@@ -3,7 +3,8 @@
 //! the kubelet does, and a PodResources server says which pods the kubelet has and which GPUs
 //! they hold; the node's leases are fed on a channel. Also: health changes on the ListAndWatch
 //! stream, re-registration after a kubelet restart, GPUs handed to leases' worker pods only,
-//! and the binary refusing bad settings with a message saying what to fix.
+//! the binary refusing bad settings with a message saying what to fix, and with CDI on, the CDI
+//! spec of the GPUs of a fake node written while the agent runs, and `--discover` printing it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use gpumarket_device_plugin::api::{
     ContainerPreferredAllocationRequest, Empty, ListAndWatchResponse, PreferredAllocationRequest,
     RegisterRequest,
 };
+use gpumarket_device_plugin::cdi::{self, SPEC_FILE};
 use gpumarket_device_plugin::config::{Mode, Supplier};
 use gpumarket_device_plugin::pod_resources_api::pod_resources_lister_server::{
     PodResourcesLister, PodResourcesListerServer,
@@ -173,12 +175,40 @@ fn lease(name: &str, since: i64, gpus: &[&str], pods: &[&str]) -> NodeLease {
     }
 }
 
+/// Lays out a fake node's `/` in `dir/node` as the NVIDIA driver leaves it (plain files for
+/// device nodes): the four GPUs' nodes, the control nodes, driver libraries and nvidia-smi.
+fn fake_node_root(dir: &Path) -> PathBuf {
+    let root = dir.join("node");
+    let lib = root.join("usr/lib/x86_64-linux-gnu");
+    for dir in [root.join("dev"), lib.clone(), root.join("usr/bin")] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    for file in ["nvidia0", "nvidia1", "nvidia2", "nvidia3", "nvidiactl", "nvidia-uvm"] {
+        std::fs::write(root.join("dev").join(file), "").unwrap();
+    }
+    for file in ["libcuda.so.560.35.03", "libnvidia-ml.so.560.35.03", "libcudart.so.12"] {
+        std::fs::write(lib.join(file), "").unwrap();
+    }
+    std::os::unix::fs::symlink("libcuda.so.560.35.03", lib.join("libcuda.so.1")).unwrap();
+    std::fs::write(root.join("usr/bin/nvidia-smi"), "").unwrap();
+    root
+}
+
+/// The fake GPUs, on a fake node root in `dir` when `cdi`.
+fn four_h100(dir: &Path, cdi: bool) -> String {
+    match cdi {
+        true => format!("{FOUR_H100}hostRoot: {}\n", fake_node_root(dir).display()),
+        false => FOUR_H100.into(),
+    }
+}
+
 /// A plugin-mode agent on the fake GPUs, serving in `dir`, with its PodResources API there too
-/// and its leases fed by the test; stopped when the test ends.
+/// and its leases fed by the test (its CDI spec in `dir/cdi`); stopped when the test ends.
 struct TestNode {
     injector: FaultInjector,
     leases: watch::Sender<Vec<NodeLease>>,
     pods: TestPodResources,
+    agent: tokio::task::JoinHandle<()>,
 }
 
 fn start_agent(dir: &Path, cdi: bool) -> TestNode {
@@ -186,7 +216,7 @@ fn start_agent(dir: &Path, cdi: bool) -> TestNode {
 }
 
 fn start_agent_with(dir: &Path, cdi: bool, client: Option<kube::Client>) -> TestNode {
-    let source = FakeSource::from_yaml(FOUR_H100).unwrap();
+    let source = FakeSource::from_yaml(&four_h100(dir, cdi)).unwrap();
     let injector = source.injector();
     let pods = start_pod_resources(dir);
     let (leases, view) = watch::channel(Vec::new());
@@ -196,14 +226,15 @@ fn start_agent_with(dir: &Path, cdi: bool, client: Option<kube::Client>) -> Test
         mode: Mode::Plugin,
         socket: PluginSocket { dir: dir.to_owned(), resource_name: "nvidia.com/gpu".into() },
         cdi,
+        cdi_spec_dir: dir.join("cdi"),
         heartbeat: Duration::from_secs(1),
         pod_resources_socket: dir.join("pod-resources.sock"),
         lease_wait: LEASE_WAIT,
         reserve: Default::default(),
     };
     let agent = Agent::prepare(config, Arc::new(source)).unwrap().with_leases(view);
-    tokio::spawn(async move { agent.run(client).await.unwrap() });
-    TestNode { injector, leases, pods }
+    let agent = tokio::spawn(async move { agent.run(client).await.unwrap() });
+    TestNode { injector, leases, pods, agent }
 }
 
 async fn next_registration(rx: &mut mpsc::Receiver<RegisterRequest>) -> RegisterRequest {
@@ -467,16 +498,82 @@ async fn a_pod_its_lease_lists_late_is_served_once_the_lease_watch_catches_up() 
     assert!(waited >= LEASE_WAIT / 4 && waited < LEASE_WAIT, "{waited:?}");
 }
 
-/// Runs the agent binary; its exit status and stderr.
-fn run_agent(args: &[&str]) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_gpumarket-device-plugin"))
+#[tokio::test]
+async fn the_cdi_spec_gives_each_gpu_its_node_and_goes_when_the_agent_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_kubelet, mut registrations) = start_kubelet(dir.path());
+    let node = start_agent(dir.path(), true);
+    // Written before the kubelet hears of the GPUs.
+    next_registration(&mut registrations).await;
+    let path = dir.path().join("cdi").join(SPEC_FILE);
+    let spec: cdi::Spec = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+
+    let root = dir.path().join("node");
+    let names: Vec<&str> = spec.devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["GPU-0", "GPU-1", "GPU-2", "GPU-3"]);
+    for (index, device) in spec.devices.iter().enumerate() {
+        let [node] = device.container_edits.device_nodes.as_slice() else {
+            panic!("{device:?} needs exactly its own device node")
+        };
+        assert_eq!(node.path, Path::new(&format!("/dev/nvidia{index}")));
+        assert_eq!(node.host_path, root.join(format!("dev/nvidia{index}")));
+    }
+    let common = &spec.container_edits;
+    let control: Vec<&Path> = common.device_nodes.iter().map(|n| n.host_path.as_path()).collect();
+    assert_eq!(control, [root.join("dev/nvidiactl"), root.join("dev/nvidia-uvm")]);
+    let mounted: Vec<&Path> = common.mounts.iter().map(|m| m.container_path.as_path()).collect();
+    assert_eq!(
+        mounted,
+        [
+            "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
+            "/usr/lib/x86_64-linux-gnu/libcuda.so.560.35.03",
+            "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.560.35.03",
+            "/usr/bin/nvidia-smi",
+        ]
+        .map(Path::new)
+    );
+    let edits = spec.devices.iter().map(|d| &d.container_edits).chain([common]);
+    for host_path in edits.flat_map(|e| {
+        e.device_nodes.iter().map(|n| &n.host_path).chain(e.mounts.iter().map(|m| &m.host_path))
+    }) {
+        assert!(host_path.exists(), "{} is on the node", host_path.display());
+    }
+
+    node.agent.abort();
+    assert!(node.agent.await.unwrap_err().is_cancelled());
+    assert!(!path.exists(), "the spec is removed when the agent stops");
+}
+
+/// Runs the agent binary.
+fn run_agent_output(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gpumarket-device-plugin"))
         .args(["--node-name", "node-a"])
         .args(args)
         .env("RUST_LOG", "off")
         .env("KUBECONFIG", "/nonexistent")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs the agent binary; its exit status and stderr.
+fn run_agent(args: &[&str]) -> (bool, String) {
+    let output = run_agent_output(args);
     (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn discover_prints_the_gpus_and_their_cdi_spec_without_any_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpus.yaml");
+    std::fs::write(&path, four_h100(dir.path(), true)).unwrap();
+    let output = run_agent_output(&["--discover", "--source", &format!("fake:{}", path.display())]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed["inventory"]["gpus"].as_array().map(Vec::len), Some(4));
+    assert_eq!(printed["inventory"]["gpus"][3]["deviceNode"], "/dev/nvidia3");
+    assert_eq!(printed["driverFiles"]["controlNodes"][0], "/dev/nvidiactl");
+    let spec: cdi::Spec = serde_json::from_value(printed["cdiSpec"].clone()).unwrap();
+    assert_eq!(spec.devices.len(), 4);
 }
 
 fn fake_file(dir: &Path) -> PathBuf {
@@ -506,6 +603,12 @@ fn bad_settings_stop_the_agent_with_what_to_fix() {
         ),
         // No NVIDIA driver on this machine: NVML fails only now that it is used, and says why.
         (vec!["--wallet", WALLET, "--price", "H100=1", "--source", "nvml"], "NVIDIA driver"),
+        // A fake node without driver files cannot make a CDI spec that would work.
+        (
+            vec!["--wallet", WALLET, "--price", "H100=1", "--source", &fake, "--cdi"],
+            "/dev/nvidiactl was not found",
+        ),
+        (vec!["--discover", "--source", &fake], "/dev/nvidiactl was not found"),
     ] {
         let (ok, stderr) = run_agent(&args);
         assert!(!ok, "{args:?} must stop the agent");

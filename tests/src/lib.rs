@@ -18,6 +18,7 @@ pub mod ports;
 pub mod process;
 pub mod relay;
 pub mod solana;
+pub mod supplier;
 pub mod tools;
 
 use std::path::{Path, PathBuf};
@@ -233,6 +234,21 @@ impl Env {
         let pid = process.id()?;
         self.lock_processes()?.push(process);
         Ok(pid)
+    }
+
+    /// KubeRay's operator for namespace `ns`: it makes the head and worker pods of RayClusters
+    /// there (which KWOK runs and makes Ready) and reports them ready. Returns its process id.
+    pub fn start_kuberay(&self, ns: &str) -> Result<u32> {
+        let mut operator = self.tools.command("kuberay-operator")?;
+        operator
+            .arg(format!("-kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("-watch-namespace={ns}"))
+            .args([
+                "-enable-leader-election=false",
+                "-metrics-addr=0",
+                "-health-probe-bind-address=0",
+            ]);
+        self.spawn(&format!("kuberay-operator-{ns}"), operator)
     }
 
     /// Create KWOK GPU nodes and wait until each is Ready with its GPUs allocatable.

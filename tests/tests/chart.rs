@@ -1,6 +1,7 @@
 //! The Helm chart: it lints and renders for the default and every example values file, the real
 //! API server accepts what it renders, RBAC is least privilege, the supplier-isolation policy
-//! holds against an impersonated agent, and the Argo CD health checks (run by a real Lua
+//! holds against an impersonated agent, buyers get their GpuCluster permissions (and no more)
+//! through the built-in edit and view roles, and the Argo CD health checks (run by a real Lua
 //! interpreter) answer for every phase.
 // A failing expectation is meant to panic, in helpers as in tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -17,9 +18,11 @@ use gpumarket_crds::{
     ClusterPhase, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, GpuOfferStatus,
 };
 use gpumarket_tests::tools::Tools;
-use gpumarket_tests::{Env, GpuNode};
+use gpumarket_tests::{Env, GpuNode, eventually};
+use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use k8s_openapi::api::core::v1::{Node, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
 
@@ -118,6 +121,7 @@ fn shipped_values() -> Vec<(Vec<&'static str>, Vec<&'static str>)> {
     vec![
         (vec![], vec![]),
         (vec![], AGENT.to_vec()),
+        (vec![], [AGENT, &["agent.cdi=true"]].concat()),
         (vec!["values-local.yaml"], vec![]),
         (vec!["values-supplier-offer-only.yaml"], vec![]),
     ]
@@ -138,6 +142,22 @@ fn helm_lint_passes_for_default_and_example_values() {
     }
 }
 
+/// (apiGroup, resource, verbs) of each resource a rendered ClusterRole names.
+fn rules_of(objects: &[Value], name: &str) -> Vec<(String, String, Vec<String>)> {
+    let role = find(objects, "ClusterRole", name);
+    let mut out = Vec::new();
+    for rule in role["rules"].as_array().unwrap() {
+        let verbs: Vec<String> = serde_json::from_value(rule["verbs"].clone()).unwrap();
+        for group in rule["apiGroups"].as_array().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                let (g, r) = (group.as_str().unwrap(), resource.as_str().unwrap());
+                out.push((g.to_owned(), r.to_owned(), verbs.clone()));
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn rbac_is_least_privilege_without_wildcards() {
     let objects = render(&[], AGENT);
@@ -149,20 +169,7 @@ fn rbac_is_least_privilege_without_wildcards() {
             }
         }
     }
-    let rules = |name: &str| -> Vec<(String, String, Vec<String>)> {
-        let role = find(&objects, "ClusterRole", name);
-        let mut out = Vec::new();
-        for rule in role["rules"].as_array().unwrap() {
-            let verbs: Vec<String> = serde_json::from_value(rule["verbs"].clone()).unwrap();
-            for group in rule["apiGroups"].as_array().unwrap() {
-                for resource in rule["resources"].as_array().unwrap() {
-                    let (g, r) = (group.as_str().unwrap(), resource.as_str().unwrap());
-                    out.push((g.to_owned(), r.to_owned(), verbs.clone()));
-                }
-            }
-        }
-        out
-    };
+    let rules = |name: &str| rules_of(&objects, name);
     let verbs = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     assert_eq!(
         rules("gpumarket-agent"),
@@ -242,6 +249,44 @@ fn leader_election_is_on_by_default_and_recreate_keeps_two_settlers_apart_withou
         find(&replicated, "Role", "gpumarket-controller-leader-election")["rules"],
         lease_role
     );
+}
+
+#[test]
+fn buyer_roles_aggregate_into_the_built_in_roles_and_never_write_status_offers_or_leases() {
+    let objects = render(&[], &[]);
+    let aggregated = |name: &str| -> Vec<String> {
+        let labels = find(&objects, "ClusterRole", name)["metadata"]["labels"].as_object().unwrap();
+        let mut roles: Vec<String> = labels
+            .iter()
+            .filter(|(_, v)| *v == "true")
+            .filter_map(|(k, _)| k.strip_prefix("rbac.authorization.k8s.io/aggregate-to-"))
+            .map(str::to_owned)
+            .collect();
+        roles.sort();
+        roles
+    };
+    assert_eq!(aggregated("gpumarket-buyer-edit"), ["admin", "edit"]);
+    assert_eq!(aggregated("gpumarket-buyer-view"), ["admin", "edit", "view"]);
+    let verbs = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let write = verbs(&["create", "update", "patch", "delete", "get", "list", "watch"]);
+    let read = verbs(&["get", "list", "watch"]);
+    let group = "gpumarket.io".to_owned();
+    assert_eq!(
+        rules_of(&objects, "gpumarket-buyer-edit"),
+        [(group.clone(), "gpuclusters".into(), write)]
+    );
+    assert_eq!(
+        rules_of(&objects, "gpumarket-buyer-view"),
+        [
+            (group.clone(), "gpuclusters".into(), read.clone()),
+            (group.clone(), "gpuoffers".into(), read.clone()),
+            (group, "gpuleases".into(), read),
+        ]
+    );
+    let off = render(&[], &["buyerRoles.enabled=false"]);
+    for name in ["gpumarket-buyer-edit", "gpumarket-buyer-view"] {
+        assert!(!off.iter().any(|o| o["metadata"]["name"] == name), "{name} rendered when off");
+    }
 }
 
 /// The rule that keeps the controller (and the settlement key it mounts) off market nodes.
@@ -404,6 +449,65 @@ fn only_plugin_mode_mounts_the_kubelet_device_plugin_directory() {
     assert!(!args.iter().any(|a| a.starts_with("--socket-dir")), "{args:?}");
 }
 
+/// The agent pod's volume and its mount named `name`, `null` for either it lacks.
+fn volume_and_mount(agent: &Value, name: &str) -> (Value, Value) {
+    let pod = &agent["spec"]["template"]["spec"];
+    let named = |list: &Value| {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    (named(&pod["volumes"]), named(&pod["containers"][0]["volumeMounts"]))
+}
+
+#[test]
+fn cdi_mounts_the_hosts_spec_directory_and_the_driver_read_only() {
+    let cdi: Vec<&str> = AGENT.iter().copied().chain(["agent.cdi=true"]).collect();
+    let objects = render(&[], &cdi);
+    let agent = find(&objects, "DaemonSet", "gpumarket-agent");
+    let (volume, mount) = volume_and_mount(agent, "cdi-specs");
+    assert_eq!(volume["hostPath"], json!({"path": "/var/run/cdi", "type": "DirectoryOrCreate"}));
+    assert_eq!(mount["mountPath"], "/var/run/cdi");
+    assert_ne!(mount["readOnly"], true, "the agent writes its spec there");
+    for (name, host_path) in [("host-dev", "/dev"), ("host-usr", "/usr")] {
+        let (volume, mount) = volume_and_mount(agent, name);
+        assert_eq!(volume["hostPath"]["path"], host_path, "{name}");
+        assert_eq!(mount["mountPath"], format!("/host{host_path}"), "{name}");
+        assert_eq!(mount["readOnly"], true, "{name}");
+    }
+    let args = args_of(agent);
+    for expected in ["--cdi", "--cdi-spec-dir=/var/run/cdi", "--host-root=/host"] {
+        assert!(args.contains(&expected.to_owned()), "{expected} missing from {args:?}");
+    }
+
+    let elsewhere: Vec<&str> = cdi.iter().copied().chain(["agent.cdiSpecDir=/etc/cdi"]).collect();
+    let objects = render(&[], &elsewhere);
+    let (volume, _) = volume_and_mount(find(&objects, "DaemonSet", "gpumarket-agent"), "cdi-specs");
+    assert_eq!(volume["hostPath"]["path"], "/etc/cdi");
+
+    // A fake node's files are named by its device file: nothing of the host is read.
+    let fake: Vec<&str> = cdi.iter().copied().chain(["agent.source=fake:/etc/gpus.yaml"]).collect();
+    let objects = render(&[], &fake);
+    let agent = find(&objects, "DaemonSet", "gpumarket-agent");
+    assert!(volume_and_mount(agent, "cdi-specs").0.is_object());
+    assert!(volume_and_mount(agent, "host-dev").0.is_null());
+    assert!(!args_of(agent).iter().any(|a| a.starts_with("--host-root")));
+
+    // Without CDI, and in offer-only mode (NVIDIA's plugin serves the GPUs), no spec is written.
+    let objects = render(&[], AGENT);
+    assert!(
+        volume_and_mount(find(&objects, "DaemonSet", "gpumarket-agent"), "cdi-specs").0.is_null()
+    );
+    let offer_only: Vec<&str> = cdi.iter().copied().chain(["agent.mode=offer-only"]).collect();
+    let objects = render(&[], &offer_only);
+    let agent = find(&objects, "DaemonSet", "gpumarket-agent");
+    assert!(agent["spec"]["template"]["spec"].get("volumes").is_none());
+    assert!(!args_of(agent).contains(&"--cdi".to_owned()));
+}
+
 #[test]
 fn every_agent_keeps_the_reserve_out_of_its_offer() {
     // In both modes: the node's other pods need room whoever serves its GPUs.
@@ -438,6 +542,7 @@ fn bad_values_are_refused_with_a_message_that_says_what_to_change() {
         ),
         (&["agent.wallet=0OIl0OIl"], "does not match pattern"),
         (&["agent.reserve.memory=lots"], "/agent/reserve/memory"),
+        (&["agent.cdiSpecDir=var/run/cdi"], "does not match pattern"),
         (&["controller.replicas=0"], "minimum"),
     ];
     for (sets, expected) in cases {
@@ -762,18 +867,34 @@ async fn the_api_server_accepts_every_rendered_manifest() -> anyhow::Result<()> 
 /// A client that acts as `user` (a service account) with the node-name extra of a pod-bound
 /// token when `node` is given, the way the API server sees the agent's requests.
 async fn impersonating(env: &Env, user: &str, node: Option<&str>) -> anyhow::Result<kube::Client> {
-    let kubeconfig = Kubeconfig::read_from(env.kubeconfig())?;
-    let mut config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
     let namespace = user.split(':').nth(2).unwrap_or_default();
-    config.auth_info.impersonate = Some(user.to_owned());
-    config.auth_info.impersonate_groups = Some(vec![
+    let groups = vec![
         "system:serviceaccounts".into(),
         format!("system:serviceaccounts:{namespace}"),
         "system:authenticated".into(),
-    ]);
-    config.auth_info.impersonate_user_extra =
-        node.map(|n| HashMap::from([(NODE_NAME_EXTRA.to_owned(), vec![n.to_owned()])]));
+    ];
+    let extra = node.map(|n| HashMap::from([(NODE_NAME_EXTRA.to_owned(), vec![n.to_owned()])]));
+    acting_as(env, user, groups, extra).await
+}
+
+/// A client that acts as a person `user` (authenticated, in no other group).
+async fn as_person(env: &Env, user: &str) -> anyhow::Result<kube::Client> {
+    acting_as(env, user, vec!["system:authenticated".into()], None).await
+}
+
+/// The admin's client impersonating `user` in `groups`, with `extra` user info.
+async fn acting_as(
+    env: &Env,
+    user: &str,
+    groups: Vec<String>,
+    extra: Option<HashMap<String, Vec<String>>>,
+) -> anyhow::Result<kube::Client> {
+    let kubeconfig = Kubeconfig::read_from(env.kubeconfig())?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    config.auth_info.impersonate = Some(user.to_owned());
+    config.auth_info.impersonate_groups = Some(groups);
+    config.auth_info.impersonate_user_extra = extra;
     Ok(kube::Client::try_from(config)?)
 }
 
@@ -1205,5 +1326,183 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
         Api::namespaced(admin.clone(), &ns).get(&format!("{fullname}-controller")).await?;
     assert_eq!(lease.spec.and_then(|s| s.holder_identity), None, "released on shutdown");
     agent.abort();
+    Ok(())
+}
+
+/// Whether `client`'s user may `verb` `resource` (of gpumarket.io) in `namespace` (all
+/// namespaces when empty), as the API server's authorizer answers a SelfSubjectAccessReview.
+async fn allowed(client: &kube::Client, verb: &str, resource: &str, namespace: &str) -> bool {
+    let review: SelfSubjectAccessReview = serde_json::from_value(json!({"spec": {
+        "resourceAttributes": {"group": "gpumarket.io", "resource": resource, "verb": verb,
+                               "namespace": namespace}}}))
+    .unwrap();
+    let answer = Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    answer.status.is_some_and(|s| s.allowed)
+}
+
+/// A buyer's GpuCluster manifest, as `kubectl apply` sends it.
+fn buyer_manifest(name: &str, workers: u32) -> Value {
+    json!({"apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuCluster", "metadata": {"name": name},
+           "spec": {"gpu": {"models": ["H100"]}, "workers": workers, "gpusPerWorker": 1,
+                    "duration": "1h", "maxPricePerGpuHour": 1_000_000,
+                    "payment": {"buyerWallet": WALLET}}})
+}
+
+/// Issue 15: buyers get their permissions through the built-in roles. The chart's buyer
+/// ClusterRoles, applied for real, are aggregated by the controller-manager into edit, admin and
+/// view. A RoleBinding to edit in one namespace lets a buyer apply, change and delete GpuClusters
+/// there and nowhere else, but never write their status, an offer or a lease; view only reads.
+/// Every refusal is the real request's 403.
+#[tokio::test]
+async fn buyers_bound_to_the_built_in_roles_manage_the_gpuclusters_of_their_namespace_only()
+-> anyhow::Result<()> {
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let admin = env.client().await?;
+    let mine = env.namespace("buyer-mine").await?;
+    let other = env.namespace("buyer-other").await?;
+
+    // The chart's buyer roles, as `helm install` would create them (release named after the
+    // namespace, so that its cluster-scoped roles are unique).
+    let (ok, yaml, stderr) = run(
+        tool("helm").args(["template", &mine]).arg(chart_dir()).args([
+            "--namespace",
+            &mine,
+            "--show-only",
+            "templates/buyer-rbac.yaml",
+        ]),
+        "",
+    );
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr) = run(kubectl(env).args(["apply", "--server-side", "-f", "-"]), &yaml);
+    assert!(ok, "{stdout}\n{stderr}");
+    let user =
+        |name: &str| json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": name});
+    let role = |name: &str| json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name});
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &mine);
+    for (person, built_in) in [("alice", "edit"), ("bob", "view")] {
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": format!("{person}-{built_in}")},
+            "roleRef": role(built_in), "subjects": [user(person)]}))?;
+        bindings.create(&PostParams::default(), &binding).await?;
+    }
+    // Carol views the whole cluster (a ClusterRoleBinding): the market's offers and leases too.
+    let cluster_bindings: Api<ClusterRoleBinding> = Api::all(admin.clone());
+    let carol = format!("{mine}-carol-view");
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": carol}, "roleRef": role("view"), "subjects": [user("carol")]}))?;
+    cluster_bindings.create(&PostParams::default(), &binding).await?;
+
+    let (alice, bob, carol_client) = (
+        as_person(env, "alice").await?,
+        as_person(env, "bob").await?,
+        as_person(env, "carol").await?,
+    );
+    // The aggregation controller copies the rules into the built-in roles within moments.
+    for (client, verb, resource, namespace) in [
+        (&alice, "create", "gpuclusters", mine.as_str()),
+        (&bob, "list", "gpuclusters", mine.as_str()),
+        (&carol_client, "list", "gpuleases", ""),
+    ] {
+        eventually(&format!("{verb} {resource} aggregated"), Duration::from_secs(30), || async {
+            allowed(client, verb, resource, namespace).await.then_some(())
+        })
+        .await;
+    }
+
+    // Objects the buyer must not touch: another team's cluster, an offer, a lease.
+    let theirs: GpuCluster = serde_json::from_value(buyer_manifest("theirs", 1))?;
+    Api::<GpuCluster>::namespaced(admin.clone(), &other)
+        .create(&PostParams::default(), &theirs)
+        .await?;
+    let offer_name = format!("{mine}-offer");
+    let mut market_offer: GpuOffer = serde_json::from_value(offer(None))?;
+    market_offer.metadata.name = Some(offer_name.clone());
+    market_offer.spec.node_name = offer_name.clone();
+    Api::<GpuOffer>::all(admin.clone()).create(&PostParams::default(), &market_offer).await?;
+    let lease_name = format!("{mine}-lease");
+    let lease: GpuLease = serde_json::from_value(json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuLease", "metadata": {"name": lease_name},
+        "spec": {"cluster": {"namespace": other, "name": "theirs",
+                             "uid": "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"},
+                 "offer": offer_name, "supplierWallet": WALLET, "gpus": ["GPU-1"], "workers": 1,
+                 "pricePerGpuHour": 1_000_000, "startTime": "2026-01-01T00:00:00Z"}}))?;
+    Api::<GpuLease>::all(admin.clone()).create(&PostParams::default(), &lease).await?;
+
+    // Alice (edit in her namespace): applies, changes, reads and deletes her GpuClusters.
+    let apply = PatchParams::apply("kubectl");
+    let clusters: Api<GpuCluster> = Api::namespaced(alice.clone(), &mine);
+    clusters.patch("train", &apply, &Patch::Apply(buyer_manifest("train", 1))).await?;
+    let changed =
+        clusters.patch("train", &apply, &Patch::Apply(buyer_manifest("train", 2))).await?;
+    assert_eq!(changed.spec.workers, 2);
+    let merged = Patch::Merge(json!({"metadata": {"labels": {"team": "ml"}}}));
+    clusters.patch("train", &PatchParams::default(), &merged).await?;
+    let mut replaced = clusters.get("train").await?;
+    replaced.spec.duration = "2h".into();
+    clusters.replace("train", &PostParams::default(), &replaced).await?;
+    let second: GpuCluster = serde_json::from_value(buyer_manifest("second", 1))?;
+    clusters.create(&PostParams::default(), &second).await?;
+    assert_eq!(clusters.list(&ListParams::default()).await?.items.len(), 2);
+    // ...but not their status: the controller's record of leases, escrow and refund.
+    let forged = json!({"status": {"phase": "Running", "amountRefunded": 1}});
+    refusal(clusters.patch_status("train", &PatchParams::default(), &Patch::Merge(&forged)).await);
+    let mut status = clusters.get("train").await?;
+    status.status = serde_json::from_value(forged["status"].clone())?;
+    refusal(clusters.replace_status("train", &PostParams::default(), &status).await);
+    // ...nor anything in another namespace.
+    let elsewhere: Api<GpuCluster> = Api::namespaced(alice.clone(), &other);
+    refusal(elsewhere.create(&PostParams::default(), &second).await);
+    refusal(elsewhere.patch("mine", &apply, &Patch::Apply(buyer_manifest("mine", 1))).await);
+    refusal(elsewhere.get("theirs").await);
+    refusal(elsewhere.list(&ListParams::default()).await);
+    refusal(elsewhere.delete("theirs", &DeleteParams::default()).await);
+    // ...nor offers or leases (cluster-scoped: a RoleBinding does not even let her read them).
+    let offers: Api<GpuOffer> = Api::all(alice.clone());
+    refusal(offers.create(&PostParams::default(), &market_offer).await);
+    refusal(offers.replace(&offer_name, &PostParams::default(), &market_offer).await);
+    refusal(offers.patch(&offer_name, &PatchParams::default(), &heartbeat()).await);
+    refusal(offers.patch_status(&offer_name, &PatchParams::default(), &heartbeat()).await);
+    refusal(offers.delete(&offer_name, &DeleteParams::default()).await);
+    refusal(offers.get(&offer_name).await);
+    let leases: Api<GpuLease> = Api::all(alice.clone());
+    let ended = Patch::Merge(json!({"status": {"phase": "Ended"}}));
+    refusal(leases.create(&PostParams::default(), &lease).await);
+    refusal(leases.replace(&lease_name, &PostParams::default(), &lease).await);
+    refusal(leases.patch(&lease_name, &PatchParams::default(), &ended).await);
+    refusal(leases.patch_status(&lease_name, &PatchParams::default(), &ended).await);
+    refusal(leases.delete(&lease_name, &DeleteParams::default()).await);
+
+    // Bob (view in the same namespace): reads, writes nothing.
+    let viewed: Api<GpuCluster> = Api::namespaced(bob.clone(), &mine);
+    assert_eq!(viewed.get("train").await?.spec.workers, 2);
+    assert_eq!(viewed.list(&ListParams::default()).await?.items.len(), 2);
+    let third: GpuCluster = serde_json::from_value(buyer_manifest("third", 1))?;
+    refusal(viewed.create(&PostParams::default(), &third).await);
+    refusal(viewed.patch("train", &apply, &Patch::Apply(buyer_manifest("train", 1))).await);
+    refusal(viewed.delete("train", &DeleteParams::default()).await);
+    refusal(Api::<GpuCluster>::namespaced(bob.clone(), &other).get("theirs").await);
+
+    // Carol (view everywhere) reads the market's offers and leases, and writes none.
+    Api::<GpuOffer>::all(carol_client.clone()).get(&offer_name).await?;
+    Api::<GpuLease>::all(carol_client.clone()).get(&lease_name).await?;
+    refusal(
+        Api::<GpuLease>::all(carol_client.clone())
+            .patch(&lease_name, &PatchParams::default(), &ended)
+            .await,
+    );
+
+    // Alice deletes her own clusters.
+    for name in ["train", "second"] {
+        clusters.delete(name, &DeleteParams::default()).await?;
+    }
+    assert!(clusters.list(&ListParams::default()).await?.items.is_empty());
+
+    Api::<GpuLease>::all(admin.clone()).delete(&lease_name, &DeleteParams::default()).await?;
+    Api::<GpuOffer>::all(admin.clone()).delete(&offer_name, &DeleteParams::default()).await?;
+    cluster_bindings.delete(&carol, &DeleteParams::default()).await?;
     Ok(())
 }

@@ -21,18 +21,19 @@ use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::common::quantity_scaled;
 use gpumarket_crds::{
-    ClusterPhase, EndReason, GpuCluster, GpuHealth, GpuLease, GpuOffer, GpuTier, HostResources,
-    LeasePhase, PerWorker,
+    ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, GpuTier, HostResources, LeasePhase,
+    PerWorker,
 };
 use gpumarket_tests::solana::read_keypair;
-use gpumarket_tests::{Env, GpuNode, eventually};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use gpumarket_tests::supplier::Supplier;
+use gpumarket_tests::{Env, eventually};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
     PatchParams, PostParams,
 };
 use kube::{Client, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use solana_sdk::signature::Signer;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -95,145 +96,6 @@ impl Controller {
 impl Drop for Controller {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// A supplier node with its offer, heartbeating until dropped (or `stop`ped).
-struct Supplier {
-    name: String,
-    heartbeat: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Supplier {
-    async fn start(
-        env: &Env,
-        client: &Client,
-        name: &str,
-        region: &str,
-        gpus: usize,
-        price: u64,
-    ) -> Self {
-        Supplier::start_paid_to(env, client, name, region, gpus, price, WALLET).await
-    }
-
-    /// [`Supplier::start`], paid to `wallet`: an agent from before offers published the node's
-    /// CPU and memory.
-    async fn start_paid_to(
-        env: &Env,
-        client: &Client,
-        name: &str,
-        region: &str,
-        gpus: usize,
-        price: u64,
-        wallet: &str,
-    ) -> Self {
-        Supplier::launch(env, client, name, region, gpus, price, wallet, false).await
-    }
-
-    /// [`Supplier::start`] with an offer that publishes the node's allocatable CPU and memory,
-    /// as the agent reads them from the Node.
-    async fn start_with_allocatable(
-        env: &Env,
-        client: &Client,
-        name: &str,
-        region: &str,
-        gpus: usize,
-        price: u64,
-    ) -> Self {
-        Supplier::launch(env, client, name, region, gpus, price, WALLET, true).await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn launch(
-        env: &Env,
-        client: &Client,
-        name: &str,
-        region: &str,
-        gpus: usize,
-        price: u64,
-        wallet: &str,
-        publish_allocatable: bool,
-    ) -> Self {
-        env.add_gpu_nodes(&[GpuNode::new(name, "H100", gpus as u32)
-            .region(region)
-            .zone(&format!("{region}-a"))])
-            .await
-            .expect("KWOK node");
-        let offers: Api<GpuOffer> = Api::all(client.clone());
-        let uuids: Vec<String> = (0..gpus).map(|i| format!("GPU-{name}-{i}")).collect();
-        let allocatable = if publish_allocatable {
-            let node = Api::<Node>::all(client.clone()).get(name).await.expect("the node");
-            let allocatable = node.status.and_then(|s| s.allocatable).unwrap_or_default();
-            Some(HostResources::from_allocatable(&allocatable).expect("KWOK allocatable"))
-        } else {
-            None
-        };
-        let offer: GpuOffer = serde_json::from_value(json!({
-            "apiVersion": "gpumarket.io/v1alpha1",
-            "kind": "GpuOffer",
-            "metadata": {"name": name},
-            "spec": {
-                "nodeName": name,
-                "wallet": wallet,
-                "gpus": uuids.iter().map(|u| json!({"uuid": u, "model": "H100", "memoryMib": 81920})).collect::<Vec<_>>(),
-                "pricePerGpuHour": price,
-                "region": region,
-                "zone": format!("{region}-a"),
-                "allocatable": allocatable,
-            },
-        }))
-        .unwrap();
-        offers.create(&PostParams::default(), &offer).await.expect("create offer");
-        beat(&offers, name, &uuids, None).await;
-        let heartbeat = {
-            let (offers, name) = (offers.clone(), name.to_string());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(700)).await;
-                    beat(&offers, &name, &uuids, None).await;
-                }
-            })
-        };
-        Supplier { name: name.into(), heartbeat: Some(heartbeat) }
-    }
-
-    /// The agent goes silent: no more heartbeats.
-    fn stop(&mut self) {
-        if let Some(task) = self.heartbeat.take() {
-            task.abort();
-        }
-    }
-}
-
-impl Drop for Supplier {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// One agent heartbeat: health of every GPU (one optionally unhealthy) and the time.
-async fn beat(offers: &Api<GpuOffer>, name: &str, uuids: &[String], unhealthy: Option<&str>) {
-    let gpus: Vec<Value> = uuids
-        .iter()
-        .map(|u| {
-            let health = if Some(u.as_str()) == unhealthy {
-                GpuHealth::Unhealthy
-            } else {
-                GpuHealth::Healthy
-            };
-            json!({"uuid": u, "health": health})
-        })
-        .collect();
-    let patch = json!({
-        "apiVersion": "gpumarket.io/v1alpha1",
-        "kind": "GpuOffer",
-        "status": {"gpus": gpus, "lastHeartbeat": jiff::Timestamp::now()},
-    });
-    if let Err(e) = offers
-        .patch_status(name, &PatchParams::apply("test-agent").force(), &Patch::Apply(&patch))
-        .await
-    {
-        eprintln!("heartbeat of {name}: {e}");
     }
 }
 
@@ -322,17 +184,6 @@ fn pinned_nodes(ray: &DynamicObject) -> BTreeSet<String> {
                 .to_string()
         })
         .collect()
-}
-
-/// KubeRay's operator for the test's namespace: it makes the head and worker pods (which KWOK
-/// runs and makes Ready) and reports the RayCluster ready.
-fn start_kuberay(env: &Env, ns: &str) {
-    let mut operator = env.tools().command("kuberay-operator").unwrap();
-    operator
-        .arg(format!("-kubeconfig={}", env.kubeconfig().display()))
-        .arg(format!("-watch-namespace={ns}"))
-        .args(["-enable-leader-election=false", "-metrics-addr=0", "-health-probe-bind-address=0"]);
-    env.spawn(&format!("kuberay-operator-{ns}"), operator).unwrap();
 }
 
 /// What KubeRay's operator would do once the pods run.
@@ -676,7 +527,7 @@ async fn a_settled_cluster_pays_its_staked_supplier_for_served_time_and_refunds_
             .await;
     let _b =
         Supplier::start_paid_to(env, &client, "ctl-pay-b", "pay", 2, price / 2, &unstaked).await;
-    start_kuberay(env, &ns);
+    env.start_kuberay(&ns).unwrap();
     let _controller = Controller::start_with(&client, Some(settler));
 
     // The supplier bonds stake from its own wallet into the node's stake account.
@@ -887,7 +738,7 @@ async fn workers_get_the_cpu_and_memory_that_come_with_their_gpus() {
     let (_turn, env, client, ns) = setup("ctl-cpu").await;
     // KWOK's node of 4 GPUs has 64 cores and 512 GiB allocatable: 16 cores and 128 GiB per GPU.
     let _a = Supplier::start_with_allocatable(env, &client, "ctl-cpu-a", "cpu", 4, 1_000_000).await;
-    start_kuberay(env, &ns);
+    env.start_kuberay(&ns).unwrap();
     let _controller = Controller::start(&client);
     let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
 

@@ -91,6 +91,7 @@ async fn the_agent_publishes_heartbeats_and_reports_health_until_it_stops() {
         mode: Mode::OfferOnly,
         socket: PluginSocket { dir: env.dir().to_owned(), resource_name: "nvidia.com/gpu".into() },
         cdi: false,
+        cdi_spec_dir: env.dir().join("cdi"),
         heartbeat: Duration::from_secs(1),
         pod_resources_socket: env.dir().join("pod-resources.sock"),
         lease_wait: Duration::from_secs(1),

@@ -16,10 +16,17 @@
 //! events:                      # times count from the start of the agent
 //!   - {after: 30s, uuid: GPU-0, xid: 79}
 //!   - {after: 2m, uuid: GPU-0, recover: true}
+//! hostRoot: /tmp/fake-node      # optional: stands in for the node's /
 //! ```
+//!
+//! The GPUs' device nodes are `/dev/nvidia<i>` in file order. With `hostRoot`, the driver's
+//! files (control nodes, libraries) are looked up under that directory as under `/` on a real
+//! node, and the CDI spec places every file there (`<hostRoot>/dev/nvidia0`): whoever sets up
+//! the fake node creates them (plain files do for tests that only check the spec). Without it
+//! the node has no driver files.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gpumarket_crds::GpuHealth;
@@ -27,8 +34,10 @@ use gpumarket_crds::common::parse_duration;
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 
+use super::driver::device_node;
 use super::{
-    DeviceSource, Gpu, HealthEvent, Inventory, SourceError, double_bit_ecc_event, xid_event,
+    DeviceSource, DriverFiles, Gpu, HealthEvent, Inventory, SourceError, double_bit_ecc_event,
+    xid_event,
 };
 
 #[derive(Deserialize)]
@@ -39,6 +48,7 @@ struct FakeFile {
     gpus: Vec<FakeGpu>,
     #[serde(default)]
     events: Vec<ScriptedEvent>,
+    host_root: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +102,7 @@ impl FakeFault {
 
 pub struct FakeSource {
     inventory: Inventory,
+    host_root: Option<PathBuf>,
     script: Vec<(Duration, String, FakeFault)>,
     injected: broadcast::Sender<(String, FakeFault)>,
 }
@@ -157,16 +168,16 @@ impl FakeSource {
             script.push((after, event.uuid.clone(), fault));
         }
         script.sort_by_key(|(after, _, _)| *after);
-        let gpus = file
-            .gpus
-            .iter()
-            .map(|g| Gpu {
+        let gpus = (0..)
+            .zip(&file.gpus)
+            .map(|(index, g)| Gpu {
                 uuid: g.uuid.clone(),
                 product_name: g.product_name.clone(),
                 memory_mib: g.memory_mib,
                 pci_bus_id: g.pci_bus_id.clone(),
                 nvlink_peers: peers.remove(g.uuid.as_str()).unwrap_or_default(),
                 numa_node: g.numa_node,
+                device_node: Some(device_node(index)),
             })
             .collect();
         let inventory = Inventory {
@@ -174,7 +185,12 @@ impl FakeSource {
             driver_version: file.driver_version,
             cuda_version: file.cuda_version,
         };
-        Ok(FakeSource { inventory, script, injected: broadcast::channel(64).0 })
+        Ok(FakeSource {
+            inventory,
+            host_root: file.host_root,
+            script,
+            injected: broadcast::channel(64).0,
+        })
     }
 
     pub fn injector(&self) -> FaultInjector {
@@ -215,6 +231,18 @@ impl DeviceSource for FakeSource {
         });
         Ok(())
     }
+
+    fn driver_files(&self) -> Result<DriverFiles, SourceError> {
+        match &self.host_root {
+            Some(root) => DriverFiles::find(root, root),
+            None => Ok(DriverFiles {
+                host_root: PathBuf::from("/"),
+                control_nodes: Vec::new(),
+                libraries: Vec::new(),
+                binaries: Vec::new(),
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +267,8 @@ events:
             Some(BTreeSet::from(["GPU-0".to_string()]))
         );
         assert_eq!(inventory.driver_version.as_deref(), Some("560.35.03"));
+        let nodes: Vec<_> = inventory.gpus.iter().map(|g| g.device_node.clone()).collect();
+        assert_eq!(nodes, [Some("/dev/nvidia0".into()), Some("/dev/nvidia1".into())]);
     }
 
     #[test]

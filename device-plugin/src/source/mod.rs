@@ -1,17 +1,24 @@
 //! Where GPUs come from: a `DeviceSource` discovers the node's GPUs and reports health changes.
 //! NVML in production ([`nvml::NvmlSource`]), a scripted file for tests and simulated suppliers
-//! ([`fake::FakeSource`]).
+//! ([`fake::FakeSource`]). Both also say which files of the node a container of the GPUs needs
+//! (device nodes, driver libraries: [`driver`]), for the CDI spec.
 
+pub mod driver;
 pub mod fake;
 pub mod nvml;
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 
 use gpumarket_crds::{GpuHealth, GpuTier};
+use serde::Serialize;
 use tokio::sync::mpsc;
 
+pub use driver::DriverFiles;
+
 /// One GPU as discovered on the node.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Gpu {
     /// NVML uuid, e.g. `GPU-5d2f...`; the device id the kubelet sees.
     pub uuid: String,
@@ -24,6 +31,8 @@ pub struct Gpu {
     pub nvlink_peers: BTreeSet<String>,
     /// NUMA node of the GPU's PCI device, when the platform reports one.
     pub numa_node: Option<u32>,
+    /// The GPU's device node as containers see it (`/dev/nvidia<minor>`), when known.
+    pub device_node: Option<PathBuf>,
 }
 
 impl Gpu {
@@ -38,7 +47,8 @@ impl Gpu {
 }
 
 /// Everything discovery found on the node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Inventory {
     pub gpus: Vec<Gpu>,
     pub driver_version: Option<String>,
@@ -71,6 +81,10 @@ pub trait DeviceSource: Send + Sync {
 
     /// Start reporting health changes on `events` until the receiver is dropped.
     fn watch_health(&self, events: mpsc::Sender<HealthEvent>) -> Result<(), SourceError>;
+
+    /// The node's files that every container of its GPUs needs besides the GPUs' own device
+    /// nodes: the driver's control nodes and user-space libraries.
+    fn driver_files(&self) -> Result<DriverFiles, SourceError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +99,8 @@ pub enum SourceError {
     Nvml(String),
     #[error("fake device file {path}: {message}")]
     FakeFile { path: String, message: String },
+    #[error("looking for the NVIDIA driver's files under {root}: {message}")]
+    DriverFiles { root: String, message: String },
 }
 
 /// XIDs that report application errors rather than a broken GPU; NVIDIA's device plugin skips
@@ -169,6 +185,7 @@ mod tests {
                 pci_bus_id: String::new(),
                 nvlink_peers: BTreeSet::new(),
                 numa_node: None,
+                device_node: None,
             };
             assert_eq!((gpu.model().as_str(), gpu.tier()), (model, tier), "{product}");
         }

@@ -3,6 +3,7 @@
 //! it needs NVML.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nvml_wrapper::Nvml;
@@ -11,8 +12,10 @@ use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use tokio::sync::mpsc;
 
+use super::driver::device_node;
 use super::{
-    DeviceSource, Gpu, HealthEvent, Inventory, SourceError, double_bit_ecc_event, xid_event,
+    DeviceSource, DriverFiles, Gpu, HealthEvent, Inventory, SourceError, double_bit_ecc_event,
+    xid_event,
 };
 
 /// Most NVLinks a GPU has (18 on H100); NVML answers InvalidArg past the last one.
@@ -20,12 +23,25 @@ const MAX_NVLINKS: u32 = 18;
 /// How long one wait for events blocks before checking whether anyone still listens.
 const EVENT_WAIT_MS: u32 = 5_000;
 
-#[derive(Default)]
 pub struct NvmlSource {
     nvml: Mutex<Option<Arc<Nvml>>>,
+    /// Where the agent sees the node's `/` (the driver's files are looked up there).
+    host_root: PathBuf,
+}
+
+impl Default for NvmlSource {
+    fn default() -> Self {
+        NvmlSource::new(PathBuf::from("/"))
+    }
 }
 
 impl NvmlSource {
+    /// NVML, with the node's `/` seen at `host_root` (`/` when the agent runs on the node
+    /// itself, a mount of it when the agent runs in a container).
+    pub fn new(host_root: PathBuf) -> Self {
+        NvmlSource { nvml: Mutex::new(None), host_root }
+    }
+
     fn nvml(&self) -> Result<Arc<Nvml>, SourceError> {
         let mut loaded =
             self.nvml.lock().map_err(|_| SourceError::Nvml("NVML handle lock poisoned".into()))?;
@@ -138,6 +154,9 @@ impl DeviceSource for NvmlSource {
                 memory_mib: device.memory_info().map_err(nvml_error("reading GPU memory"))?.total
                     / (1024 * 1024),
                 uuid,
+                device_node: Some(device_node(
+                    device.minor_number().map_err(nvml_error("reading a GPU's minor number"))?,
+                )),
                 numa_node: numa_node_of(&pci_bus_id),
                 pci_bus_id,
                 nvlink_peers: BTreeSet::new(),
@@ -165,6 +184,11 @@ impl DeviceSource for NvmlSource {
             })
             .map_err(|e| SourceError::Nvml(format!("starting the NVML event thread: {e}")))?;
         Ok(())
+    }
+
+    fn driver_files(&self) -> Result<DriverFiles, SourceError> {
+        // The runtime that reads the spec runs on the node: the files are at the node's paths.
+        DriverFiles::find(&self.host_root, Path::new("/"))
     }
 }
 
@@ -278,8 +302,13 @@ mod tests {
                 gpu.nvlink_peers.len()
             );
             assert!(gpu.uuid.starts_with("GPU-"));
+            assert!(gpu.device_node.as_ref().is_some_and(|node| node.exists()), "{gpu:?}");
             assert!(gpu.memory_mib > 1024);
             assert_ne!(gpu.model(), "Unknown");
         }
+        let files = NvmlSource::default().driver_files().expect("driver files");
+        println!("{files:#?}");
+        assert!(files.control_nodes.contains(&PathBuf::from("/dev/nvidiactl")));
+        assert!(files.libraries.iter().any(|l| l.ends_with("libcuda.so.1")), "{files:?}");
     }
 }
