@@ -11,10 +11,10 @@
 use std::time::{Duration, Instant};
 
 use gpumarket_controller::matching::{
-    Assignment, HoldPolicy, Market, ModelFilter, Offer, Outcome, Request, WorkerSlot, match_all,
-    match_in_turn, quote,
+    Assignment, HoldPolicy, Market, ModelFilter, Offer, Outcome, Request, WorkerAsk, WorkerSlot,
+    match_all, match_in_turn, quote,
 };
-use gpumarket_crds::{GpuTier, Interconnect, Placement};
+use gpumarket_crds::{GpuTier, HostResources, Interconnect, Placement};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -190,6 +190,7 @@ fn first_fit(offers: &[Offer], requests: &[Request]) -> Vec<(String, Option<Assi
                         node: offer.node.clone(),
                         gpus: offer.free_gpus[taken[i]..taken[i] + g].to_vec(),
                         price_per_gpu_hour: offer.price_per_gpu_hour,
+                        resources: r.per_worker.grant(offer.worker_share(r.gpus_per_worker)),
                     });
                     taken[i] += g;
                 }
@@ -294,6 +295,11 @@ fn gen_offer(rng: &mut StdRng, i: usize) -> Offer {
         interconnect: Interconnect::Pcie,
         reputation: rng.random_range(0..=1000),
         stake: 0,
+        // Most agents publish the node's CPU and memory (16 cores and 128 GiB per GPU).
+        allocatable: rng
+            .random_bool(0.9)
+            .then_some(HostResources { cpu_millicores: 128_000, memory_bytes: 1 << 40 }),
+        node_gpus: 8,
     }
 }
 
@@ -319,6 +325,10 @@ fn gen_request(rng: &mut StdRng, i: usize) -> Request {
         zone,
         min_reputation: if rng.random_bool(0.5) { 0 } else { rng.random_range(0..600) },
         placement: if rng.random_bool(0.7) { Placement::Pack } else { Placement::Spread },
+        per_worker: WorkerAsk {
+            cpu_millicores: rng.random_bool(0.2).then_some(12_000 * u64::from(gpus_per_worker)),
+            memory_bytes: None,
+        },
         created: rng.random_range(0..100_000),
     }
 }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use gpumarket_crds::common::{GPU_RESOURCE, SUPPLIER_TAINT};
-use gpumarket_crds::{GpuCluster, GpuLease};
+use gpumarket_crds::{GpuCluster, GpuLease, HostResources};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::Resource;
@@ -88,10 +88,14 @@ pub fn build_ray_cluster(cluster: &GpuCluster, leases: &[&GpuLease]) -> Result<V
         .map(|lease| {
             let mut start_params: BTreeMap<String, String> = overrides.ray_start_params.clone();
             start_params.insert("num-gpus".into(), cluster.spec.gpus_per_worker.to_string());
-            let resources = with_gpus(
+            let mut resources = with_gpus(
                 overrides.resources.clone().unwrap_or_default(),
                 cluster.spec.gpus_per_worker,
             );
+            if let Some(leased) = lease.spec.worker_resources {
+                resources = with_host_resources(resources, leased);
+                start_params.extend(ray_host_params(leased));
+            }
             Ok(json!({
                 "groupName": worker_group_name(lease),
                 "replicas": lease.spec.workers,
@@ -198,6 +202,32 @@ fn with_gpus(mut resources: ResourceRequirements, gpus: u32) -> ResourceRequirem
     resources
 }
 
+/// `resources` with CPU and memory requested and limited to what the lease gives each worker:
+/// requests equal to limits (with the GPUs) make the pod Guaranteed, and the lease's share is
+/// all it may use on the supplier's node, whatever the overrides say.
+fn with_host_resources(
+    mut resources: ResourceRequirements,
+    leased: HostResources,
+) -> ResourceRequirements {
+    let cpu = Quantity(format!("{}m", leased.cpu_millicores));
+    let memory = Quantity(leased.memory_bytes.to_string());
+    for list in [&mut resources.requests, &mut resources.limits] {
+        let map = list.get_or_insert_with(BTreeMap::new);
+        map.insert("cpu".into(), cpu.clone());
+        map.insert("memory".into(), memory.clone());
+    }
+    resources
+}
+
+/// What Ray is told the worker has, so that it schedules tasks within the pod's limits: whole
+/// cores (at least one, or Ray would schedule no task at all) and the memory in bytes.
+fn ray_host_params(leased: HostResources) -> [(String, String); 2] {
+    [
+        ("num-cpus".into(), (leased.cpu_millicores / 1000).max(1).to_string()),
+        ("memory".into(), leased.memory_bytes.to_string()),
+    ]
+}
+
 fn to_value<T: serde::Serialize>(value: &T, what: &'static str) -> Result<Value> {
     serde_json::to_value(value).map_err(|source| Error::Serialize { what, source })
 }
@@ -302,6 +332,68 @@ mod tests {
         assert_eq!(container["env"][0]["name"], "NCCL_DEBUG");
         assert_eq!(group["rayStartParams"]["object-store-memory"], "1000");
         assert_eq!(group["rayStartParams"]["num-gpus"], "4");
+    }
+
+    #[test]
+    fn workers_get_the_lease_cpu_and_memory_as_requests_and_limits_and_tell_ray() {
+        let mut cluster = mk_cluster("train", 2, 1);
+        // The buyer's overrides of CPU, memory and Ray's view of them give way to the lease.
+        cluster.spec.ray.worker = Some(gpumarket_crds::WorkerOverrides {
+            resources: Some(ResourceRequirements {
+                limits: Some(BTreeMap::from([
+                    ("cpu".into(), Quantity("64".into())),
+                    ("ephemeral-storage".into(), Quantity("10Gi".into())),
+                ])),
+                ..Default::default()
+            }),
+            ray_start_params: BTreeMap::from([
+                ("num-cpus".into(), "64".into()),
+                ("object-store-memory".into(), "1000".into()),
+            ]),
+            ..Default::default()
+        });
+        let mut lease = mk_lease(&cluster, "node-a", &["g1", "g2"], 2);
+        lease.spec.worker_resources =
+            Some(HostResources { cpu_millicores: 12_500, memory_bytes: 68_719_476_736 });
+        let mut small = mk_lease(&cluster, "node-b", &["g9"], 1);
+        small.spec.worker_resources = Some(HostResources { cpu_millicores: 500, memory_bytes: 1 });
+        let rc = build_ray_cluster(&cluster, &[&lease, &small]).expect("builds");
+
+        let group = |node: &str| {
+            rc["spec"]["workerGroupSpecs"]
+                .as_array()
+                .and_then(|groups| {
+                    groups
+                        .iter()
+                        .find(|g| g["groupName"].as_str().is_some_and(|n| n.starts_with(node)))
+                })
+                .expect("a group per lease")
+        };
+        let a = group("node-a");
+        let res = &a["template"]["spec"]["containers"][0]["resources"];
+        for list in ["requests", "limits"] {
+            // Requests equal to limits for CPU, memory and GPUs: Guaranteed QoS.
+            assert_eq!(res[list]["cpu"], "12500m", "{res}");
+            assert_eq!(res[list]["memory"], "68719476736", "{res}");
+            assert_eq!(res[list][GPU_RESOURCE], "1", "{res}");
+        }
+        assert_eq!(res["limits"]["ephemeral-storage"], "10Gi", "other overrides stay");
+        assert_eq!(a["rayStartParams"]["num-cpus"], "12", "whole cores");
+        assert_eq!(a["rayStartParams"]["memory"], "68719476736");
+        assert_eq!(a["rayStartParams"]["object-store-memory"], "1000");
+        // Less than a core is still one CPU to Ray, or it would schedule nothing there.
+        assert_eq!(group("node-b")["rayStartParams"]["num-cpus"], "1");
+    }
+
+    #[test]
+    fn a_lease_without_cpu_or_memory_leaves_the_worker_as_the_buyer_wrote_it() {
+        let cluster = mk_cluster("train", 1, 1);
+        let lease = mk_lease(&cluster, "node-a", &["g1"], 1);
+        let rc = build_ray_cluster(&cluster, &[&lease]).expect("builds");
+        let group = &rc["spec"]["workerGroupSpecs"][0];
+        let res = &group["template"]["spec"]["containers"][0]["resources"];
+        assert_eq!(res["limits"], json!({GPU_RESOURCE: "1"}));
+        assert_eq!(group["rayStartParams"], json!({"num-gpus": "1"}));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use gpumarket_crds::GpuOffer;
 use gpumarket_crds::common::{GPU_RESOURCE, REGION_LABEL, ZONE_LABEL};
+use gpumarket_crds::{GpuOffer, HostResources};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -46,6 +46,10 @@ pub fn offer_for(node: &Node, sim: &Simulation) -> Option<serde_json::Value> {
     });
     if let Some(zone) = labels.get(ZONE_LABEL) {
         spec["zone"] = json!(zone);
+    }
+    let allocatable = node.status.as_ref()?.allocatable.as_ref();
+    if let Some(host) = allocatable.and_then(HostResources::from_allocatable) {
+        spec["allocatable"] = json!(host);
     }
     Some(
         json!({"apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuOffer", "metadata": {"name": name}, "spec": spec}),
@@ -120,6 +124,18 @@ mod tests {
         assert_eq!(offer["spec"]["region"], "eu-west");
         assert_eq!(offer["spec"]["gpus"][1]["model"], "H100");
         assert!(offer["spec"].get("zone").is_none());
+        assert!(offer["spec"].get("allocatable").is_none(), "none reported");
+
+        let status = node.status.get_or_insert_default();
+        status.allocatable = Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("32".into())),
+            ("memory".to_string(), Quantity("256Gi".into())),
+        ]));
+        let offer = offer_for(&node, &sim()).expect("a GPU node");
+        assert_eq!(
+            offer["spec"]["allocatable"],
+            json!({"cpuMillicores": 32_000, "memoryBytes": 274_877_906_944u64})
+        );
 
         node.metadata.labels = None;
         assert!(offer_for(&node, &sim()).is_none(), "no model label, no offer");

@@ -28,6 +28,7 @@ pub fn mk_cluster(name: &str, workers: u32, gpus_per_worker: u32) -> GpuCluster 
             location: None,
             min_reputation: 0,
             placement: Default::default(),
+            per_worker: None,
             ray: Default::default(),
             payment: Payment { buyer_wallet: "11111111111111111111111111111111".into() },
         },
@@ -55,6 +56,7 @@ pub fn mk_lease(cluster: &GpuCluster, node: &str, gpus: &[&str], workers: u32) -
             gpus,
             workers,
             price_per_gpu_hour: 1_000_000,
+            worker_resources: None,
             start_time: Time(now()),
         },
         status: None,
@@ -82,6 +84,7 @@ pub fn mk_offer(node: &str, model: &str, count: usize, heartbeat: Timestamp) -> 
             driver_version: None,
             cuda_version: None,
             mode: Default::default(),
+            allocatable: None,
         },
         status: Some(GpuOfferStatus {
             last_heartbeat: Some(Time(heartbeat)),

@@ -49,7 +49,8 @@ use crate::common::{GpuTier, Placement, parse_duration};
     validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.duration == oldSelf.spec.duration").message("spec.duration cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change"),
     validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || (has(self.spec.location) == has(oldSelf.spec.location) && (!has(self.spec.location) || self.spec.location == oldSelf.spec.location))").message("spec.location cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change"),
     validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.minReputation == oldSelf.spec.minReputation").message("spec.minReputation cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change"),
-    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.placement == oldSelf.spec.placement").message("spec.placement cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change")
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec.placement == oldSelf.spec.placement").message("spec.placement cannot change once the cluster is matched (GPUs are leased for it): to change it, delete the GpuCluster and apply a new one; spec.ray may still change"),
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || (has(self.spec.perWorker) == has(oldSelf.spec.perWorker) && (!has(self.spec.perWorker) || self.spec.perWorker == oldSelf.spec.perWorker))").message("spec.perWorker cannot change once the cluster is matched (CPU and memory are leased with the GPUs): to change it, delete the GpuCluster and apply a new one; spec.ray may still change")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GpuClusterSpec {
@@ -85,6 +86,12 @@ pub struct GpuClusterSpec {
     /// Pack workers on few nodes, or spread them over many.
     #[serde(default)]
     pub placement: Placement,
+
+    /// CPU and memory each worker needs. Each worker gets the share of its node's CPU and
+    /// memory that comes with its GPUs (node allocatable × its GPUs / the node's GPUs); a part
+    /// set here is what the worker gets instead, and only nodes whose share holds it qualify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_worker: Option<PerWorker>,
 
     /// Ray version, image and pod settings.
     #[serde(default)]
@@ -125,6 +132,21 @@ impl GpuSelector {
         };
         model_ok && memory_mib >= self.min_memory_mib
     }
+}
+
+/// CPU and memory a buyer asks for each worker (requested and limited on the worker pod).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PerWorker {
+    /// CPU in millicores (1000 = one core), e.g. `8000`; the node's share when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 4096000").message("spec.perWorker.cpuMillicores must be between 1 and 4096000 (4096 cores): CPU per worker in millicores, e.g. 8000 for 8 cores"))]
+    pub cpu_millicores: Option<u64>,
+
+    /// Memory in MiB, e.g. `65536` for 64 GiB; the node's share when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 67108864").message("spec.perWorker.memoryMib must be between 1 and 67108864 (64 TiB): memory per worker in MiB, e.g. 65536 for 64 GiB"))]
+    pub memory_mib: Option<u64>,
 }
 
 /// Region and optionally zone the GPUs must be in.
@@ -197,7 +219,8 @@ impl Default for RaySettings {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.resources) || ((!has(self.resources.limits) || self.resources.limits.all(k, type(self.resources.limits[k]) == int ? self.resources.limits[k] >= 0 : isQuantity(self.resources.limits[k]) && !quantity(self.resources.limits[k]).isLessThan(quantity('0')))) && (!has(self.resources.requests) || self.resources.requests.all(k, type(self.resources.requests[k]) == int ? self.resources.requests[k] >= 0 : isQuantity(self.resources.requests[k]) && !quantity(self.resources.requests[k]).isLessThan(quantity('0')))))").message("spec.ray.worker.resources limits and requests must be Kubernetes quantities that are not negative, such as 500m, 4 or 16Gi"))]
 pub struct WorkerOverrides {
-    /// CPU and memory of a worker; GPUs are always `gpusPerWorker`.
+    /// Resources of a worker. GPUs are always `gpusPerWorker`; CPU and memory are the lease's
+    /// (`spec.perWorker`, else the node's share) wherever the node publishes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(transform = crate::common::bounds::resources)]
     pub resources: Option<ResourceRequirements>,

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +42,45 @@ pub const MAX_RAY_CLUSTER_NAME_LENGTH: usize = 53;
 pub const MAX_PRICE_PER_GPU_HOUR: u64 = 100_000_000_000;
 /// Largest GPU memory, in MiB, an offer may list or a request ask for (1 TiB).
 pub const MAX_GPU_MEMORY_MIB: u64 = 1_048_576;
+/// Most CPU, in millicores, a node may publish or a worker get or ask for (4096 cores).
+pub const MAX_CPU_MILLICORES: u64 = 4_096_000;
+/// Most memory, in bytes, a node may publish or a worker get (64 TiB).
+pub const MAX_MEMORY_BYTES: u64 = 64 << 40;
+/// Most memory, in MiB, a buyer may ask for each worker (64 TiB).
+pub const MAX_MEMORY_MIB: u64 = MAX_MEMORY_BYTES >> 20;
+
+/// CPU and memory in whole millicores and bytes: what a node lets pods request (a GpuOffer's
+/// `spec.allocatable`), or what each worker of a lease gets (a GpuLease's `spec.workerResources`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct HostResources {
+    /// CPU in millicores (1000 = one core).
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 4096000").message("cpuMillicores must be between 1 and 4096000 (4096 cores): CPU in millicores, e.g. 64000 for 64 cores"))]
+    pub cpu_millicores: u64,
+    /// Memory in bytes.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 70368744177664").message("memoryBytes must be between 1 and 70368744177664 (64 TiB): memory in bytes, e.g. 274877906944 for 256 GiB"))]
+    pub memory_bytes: u64,
+}
+
+impl HostResources {
+    /// CPU and memory of a Node's `status.allocatable` (what the kubelet admits pods against),
+    /// within the bounds the schema accepts; `None` when either is missing, unreadable or zero.
+    pub fn from_allocatable(
+        allocatable: &std::collections::BTreeMap<
+            String,
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+        >,
+    ) -> Option<HostResources> {
+        let read = |name: &str, scale: u32, max: u64| {
+            let value = quantity_scaled(&allocatable.get(name)?.0, scale)?;
+            (value > 0).then_some(value.min(max))
+        };
+        Some(HostResources {
+            cpu_millicores: read("cpu", 3, MAX_CPU_MILLICORES)?,
+            memory_bytes: read("memory", 0, MAX_MEMORY_BYTES)?,
+        })
+    }
+}
 
 /// The GPU hierarchy of the market, best first: H100 > A100 > A6000 > RTX 4090 > RTX 3090 > other.
 ///
@@ -217,6 +257,43 @@ pub fn is_valid_quantity(s: &str) -> bool {
             number(exponent) == Some(exponent.len())
         }),
     }
+}
+
+/// The value of a Kubernetes quantity (`500m`, `64`, `512Gi`, `1e3`) times `10^scale`, rounded
+/// down: `quantity_scaled(q, 3)` is CPU in millicores, `quantity_scaled(q, 0)` memory in bytes.
+/// `None` for what is not a quantity that is not negative, or does not fit in a `u64`.
+pub fn quantity_scaled(s: &str, scale: u32) -> Option<u64> {
+    if !is_valid_quantity(s) {
+        return None;
+    }
+    let unsigned = s.strip_prefix('+').unwrap_or(s);
+    let end = unsigned.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(unsigned.len());
+    let (number, suffix) = unsigned.split_at(end);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let mantissa: u128 = format!("0{whole}{fraction}").parse().ok()?;
+    let mut exponent = i64::from(scale) - i64::try_from(fraction.len()).ok()?;
+    let mut binary = 0u32;
+    match suffix {
+        "" => {}
+        "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => {
+            binary = 10 * (1 + "KMGTPE".find(&suffix[..1])? as u32);
+        }
+        "n" => exponent -= 9,
+        "u" => exponent -= 6,
+        "m" => exponent -= 3,
+        "k" => exponent += 3,
+        "M" | "G" | "T" | "P" | "E" => exponent += 3 * (2 + "MGTPE".find(suffix)? as i64),
+        scientific => exponent += scientific[1..].parse::<i64>().ok()?,
+    }
+    let value = mantissa.checked_mul(1u128.checked_shl(binary)?)?;
+    let power = |e: i64| u32::try_from(e).ok().and_then(|e| 10u128.checked_pow(e));
+    let value = if exponent >= 0 {
+        value.checked_mul(power(exponent)?)?
+    } else {
+        // A divisor too large for u128 leaves nothing of the value.
+        power(-exponent).map_or(0, |divisor| value / divisor)
+    };
+    u64::try_from(value).ok()
 }
 
 /// Schema transforms that bound the strings, lists and maps inside Kubernetes' own types
@@ -446,6 +523,58 @@ mod tests {
         }
         for bad in ["", "2Gx", "-1", "Gi", "1 Gi", "1e", "1.2.3", ".", "1KiB", "e3"] {
             assert!(!is_valid_quantity(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_nodes_allocatable_is_read_within_bounds() {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let node = |cpu: &str, memory: &str| {
+            std::collections::BTreeMap::from([
+                ("cpu".to_string(), Quantity(cpu.into())),
+                ("memory".to_string(), Quantity(memory.into())),
+                ("nvidia.com/gpu".to_string(), Quantity("8".into())),
+            ])
+        };
+        assert_eq!(
+            HostResources::from_allocatable(&node("63900m", "515933004Ki")),
+            Some(HostResources { cpu_millicores: 63_900, memory_bytes: 528_315_396_096 })
+        );
+        assert_eq!(
+            HostResources::from_allocatable(&node("100k", "1Ei")),
+            Some(HostResources {
+                cpu_millicores: MAX_CPU_MILLICORES,
+                memory_bytes: MAX_MEMORY_BYTES
+            })
+        );
+        assert_eq!(HostResources::from_allocatable(&node("0", "1Gi")), None);
+        assert_eq!(HostResources::from_allocatable(&node("8", "lots")), None);
+        assert_eq!(HostResources::from_allocatable(&Default::default()), None);
+    }
+
+    #[test]
+    fn quantities_scale_to_millicores_and_bytes_rounding_down() {
+        for (quantity, scale, value) in [
+            ("64", 3, Some(64_000)),
+            ("1500m", 3, Some(1_500)),
+            ("0.5", 3, Some(500)),
+            ("+2.", 3, Some(2_000)),
+            ("1u", 3, Some(0)),
+            ("1999u", 3, Some(1)),
+            ("2k", 0, Some(2_000)),
+            ("1e3", 0, Some(1_000)),
+            ("15E-1", 0, Some(1)),
+            ("32827456Ki", 0, Some(33_615_314_944)),
+            ("1.5Gi", 0, Some(1_610_612_736)),
+            ("1M", 0, Some(1_000_000)),
+            ("1E", 0, Some(1_000_000_000_000_000_000)),
+            ("16Ei", 0, None),
+            ("20E", 0, None),
+            ("-1", 0, None),
+            ("lots", 0, None),
+            ("1e-400", 3, Some(0)),
+        ] {
+            assert_eq!(quantity_scaled(quantity, scale), value, "{quantity} × 10^{scale}");
         }
     }
 

@@ -61,6 +61,12 @@ pub struct GpuLeaseSpec {
     #[x_kube(validation = Rule::new("self > 0 && self <= 100000000000").message("spec.pricePerGpuHour must be greater than 0 and at most 100000000000 base units of the settlement mint per GPU-hour"))]
     pub price_per_gpu_hour: u64,
 
+    /// CPU and memory each worker gets (requested and limited), fixed at binding: what the
+    /// buyer asked per worker, else the share of the node's allocatable that comes with the
+    /// worker's GPUs. Absent when the offer published no allocatable (an older agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_resources: Option<crate::common::HostResources>,
+
     /// When the GPUs were bound (hired); billing starts only once the lease serves
     /// (`status.servingSince`).
     #[schemars(length(max = 64))]

@@ -11,9 +11,9 @@ pub mod offer;
 
 pub use cluster::{
     ClusterPhase, EscrowStatus, GpuCluster, GpuClusterSpec, GpuClusterStatus, GpuSelector,
-    LocationConstraint, Payment, RaySettings, WorkerOverrides,
+    LocationConstraint, Payment, PerWorker, RaySettings, WorkerOverrides,
 };
-pub use common::{Amount, GpuTier, Interconnect, OfferMode, Placement};
+pub use common::{Amount, GpuTier, HostResources, Interconnect, OfferMode, Placement};
 pub use lease::{
     ClusterRef, CompactedSettlements, EndReason, GpuLease, GpuLeaseSpec, GpuLeaseStatus,
     LeasePhase, LeasePod, SettlementRecord, SettlementState,

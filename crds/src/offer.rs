@@ -5,7 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{GpuTier, Interconnect, OfferMode};
+use crate::common::{GpuTier, HostResources, Interconnect, OfferMode};
 
 /// The GPUs of one supplier node, offered at one price. Cluster-scoped, one per node, named after
 /// the node. The supplier agent writes the spec and the health/heartbeat part of the status; the
@@ -88,6 +88,13 @@ pub struct GpuOfferSpec {
     /// Whether the gpumarket agent is the node's device plugin or only publishes this offer.
     #[serde(default)]
     pub mode: OfferMode,
+
+    /// CPU and memory of the node that pods may request (the Node's allocatable): each lease
+    /// gets the share that comes with its GPUs. Absent from agents that predate it: their
+    /// workers get no CPU or memory requests, and requests that ask for CPU or memory per
+    /// worker are not matched to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocatable: Option<HostResources>,
 }
 
 /// One GPU of an offer.

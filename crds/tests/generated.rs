@@ -179,8 +179,9 @@ fn every_string_list_map_and_small_integer_is_bounded() {
 #[test]
 fn schema_rules_use_the_shared_patterns_and_bounds() {
     use gpumarket_crds::common::{
-        ENV_NAME_PATTERN, GPU_UUID_PATTERN, MAX_GPU_MEMORY_MIB, MAX_PRICE_PER_GPU_HOUR,
-        MAX_RAY_CLUSTER_NAME_LENGTH, RAY_CLUSTER_NAME_PATTERN,
+        ENV_NAME_PATTERN, GPU_UUID_PATTERN, MAX_CPU_MILLICORES, MAX_GPU_MEMORY_MIB,
+        MAX_MEMORY_BYTES, MAX_MEMORY_MIB, MAX_PRICE_PER_GPU_HOUR, MAX_RAY_CLUSTER_NAME_LENGTH,
+        RAY_CLUSTER_NAME_PATTERN,
     };
     let schemas: Vec<(String, String)> = gpumarket_crds::crds()
         .into_iter()
@@ -203,6 +204,13 @@ fn schema_rules_use_the_shared_patterns_and_bounds() {
     );
     assert!(cluster.contains(&format!("self <= {MAX_PRICE_PER_GPU_HOUR}")));
     assert!(cluster.contains(&format!("self <= {MAX_GPU_MEMORY_MIB}")));
+    // CPU and memory: the same bounds where offers publish them, buyers ask and leases give.
+    assert!(cluster.contains(&format!("self <= {MAX_CPU_MILLICORES}")));
+    assert!(cluster.contains(&format!("self <= {MAX_MEMORY_MIB}")));
+    for kind in ["GpuOffer", "GpuLease"] {
+        assert!(schema(kind).contains(&format!("self <= {MAX_CPU_MILLICORES}")), "{kind}");
+        assert!(schema(kind).contains(&format!("self <= {MAX_MEMORY_BYTES}")), "{kind}");
+    }
 }
 
 /// Each field frozen once a cluster is matched has a rule of its own, whose message names it.
@@ -226,6 +234,7 @@ fn each_frozen_cluster_field_has_its_own_message() {
         "location",
         "minReputation",
         "placement",
+        "perWorker",
     ];
     assert_eq!(messages.len(), fields.len(), "{messages:#?}");
     for field in fields {

@@ -15,7 +15,7 @@ use crate::cdi::{self, CdiError, WrittenSpec};
 use crate::config::{Args, ConfigError, Mode, Supplier};
 use crate::health::track;
 use crate::leases::follow_leases;
-use crate::offer::{OfferSettings, publish};
+use crate::offer::{OfferSettings, Reserve, publish};
 use crate::plugin::{GpuPlugin, LeaseGate};
 use crate::registration::{PluginSocket, RegistrationError, serve_and_register};
 use crate::source::{DeviceSource, Inventory, SourceError};
@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub pod_resources_socket: PathBuf,
     /// How long an allocation not explained by the leases seen so far waits for the lease watch.
     pub lease_wait: Duration,
+    /// CPU (millicores) and memory (bytes) of the node kept out of the offer's allocatable.
+    pub reserve: Reserve,
 }
 
 impl AgentConfig {
@@ -51,6 +53,10 @@ impl AgentConfig {
             heartbeat: args.heartbeat_interval,
             pod_resources_socket: args.pod_resources_socket.clone(),
             lease_wait: args.lease_wait,
+            reserve: Reserve {
+                cpu_millicores: args.reserve_cpu,
+                memory_bytes: args.reserve_memory,
+            },
         }
     }
 }
@@ -176,6 +182,7 @@ impl Agent {
                 supplier: self.config.supplier.clone(),
                 price_per_gpu_hour: self.price_per_gpu_hour,
                 mode: OfferMode::from(self.config.mode),
+                reserve: self.config.reserve,
             };
             Ok(publish(
                 client,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use gpumarket_crds::OfferMode;
-use gpumarket_crds::common::{is_valid_wallet, parse_duration};
+use gpumarket_crds::common::{is_valid_wallet, parse_duration, quantity_scaled};
 use serde::Deserialize;
 
 use crate::source::Inventory;
@@ -88,6 +88,25 @@ pub struct Args {
     /// How often the offer's heartbeat is renewed, e.g. `20s` or `1m`.
     #[arg(long, default_value = "20s", value_parser = parse_interval, env = "GPUMARKET_HEARTBEAT_INTERVAL")]
     pub heartbeat_interval: Duration,
+    /// CPU of the node kept out of what its offer shares among leases, for the pods it runs
+    /// besides workers (this agent, the CNI, kube-proxy, monitoring): at least the sum of their
+    /// CPU requests, as a quantity such as `500m`.
+    #[arg(long, default_value = "0", value_parser = parse_cpu, env = "GPUMARKET_RESERVE_CPU")]
+    pub reserve_cpu: u64,
+    /// Memory kept out likewise, as a quantity such as `1Gi`.
+    #[arg(long, default_value = "0", value_parser = parse_memory, env = "GPUMARKET_RESERVE_MEMORY")]
+    pub reserve_memory: u64,
+}
+
+/// A CPU quantity in millicores.
+fn parse_cpu(s: &str) -> Result<u64, String> {
+    quantity_scaled(s, 3).ok_or_else(|| format!("{s:?}: write a CPU quantity such as 500m or 2"))
+}
+
+/// A memory quantity in bytes.
+fn parse_memory(s: &str) -> Result<u64, String> {
+    quantity_scaled(s, 0)
+        .ok_or_else(|| format!("{s:?}: write a memory quantity such as 512Mi or 2Gi"))
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,6 +378,7 @@ mod tests {
             PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock")
         );
         assert_eq!(a.lease_wait, Duration::from_secs(5));
+        assert_eq!((a.reserve_cpu, a.reserve_memory), (0, 0), "nothing kept out unless asked");
         assert_eq!(
             (a.cdi_spec_dir.as_path(), a.host_root.as_path()),
             (std::path::Path::new("/var/run/cdi"), std::path::Path::new("/"))
@@ -374,17 +394,24 @@ mod tests {
             "--heartbeat-interval",
             "5s",
             "--cdi",
+            "--reserve-cpu",
+            "750m",
+            "--reserve-memory",
+            "1.5Gi",
         ]);
         assert_eq!(
             (a.mode, a.heartbeat_interval, a.cdi),
             (Mode::OfferOnly, Duration::from_secs(5), true)
         );
+        assert_eq!((a.reserve_cpu, a.reserve_memory), (750, 1_610_612_736));
         assert_eq!(a.source, SourceSpec::Fake("/tmp/gpus.yaml".into()));
         for bad in [
             ["--source", "cuda"],
             ["--heartbeat-interval", "0s"],
             ["--mode", "daemon"],
             ["--lease-wait", "10m"],
+            ["--reserve-cpu", "-1"],
+            ["--reserve-memory", "lots"],
         ] {
             let base = ["gpumarket-device-plugin", "--node-name", "n1"];
             assert!(Args::try_parse_from(base.iter().chain(&bad)).is_err(), "{bad:?}");

@@ -95,6 +95,7 @@ mod tests {
                 gpus: vec!["GPU-0".into(), "GPU-1".into()],
                 workers: 1,
                 price_per_gpu_hour: 1,
+                worker_resources: None,
                 start_time: Time(jiff::Timestamp::from_second(100).expect("valid time")),
             },
         );

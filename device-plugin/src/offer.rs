@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpumarket_crds::common::{REGION_LABEL, ZONE_LABEL};
-use gpumarket_crds::{GpuOffer, GpuOfferSpec, GpuState, Interconnect, OfferMode, OfferedGpu};
+use gpumarket_crds::{
+    GpuOffer, GpuOfferSpec, GpuState, HostResources, Interconnect, OfferMode, OfferedGpu,
+};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
@@ -31,6 +33,16 @@ pub struct OfferSettings {
     pub supplier: Supplier,
     pub price_per_gpu_hour: u64,
     pub mode: OfferMode,
+    pub reserve: Reserve,
+}
+
+/// CPU and memory of the node kept out of the offer, for the pods the node runs besides
+/// workers: without it the shares of a fully leased node would add up to all of its
+/// allocatable, and its last worker would not be admitted next to those pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reserve {
+    pub cpu_millicores: u64,
+    pub memory_bytes: u64,
 }
 
 /// Region and zone: the supplier's, else the node's topology labels.
@@ -50,10 +62,22 @@ pub fn resolve_location(
     Ok((region, zone))
 }
 
+/// CPU and memory the node lets workers request: its allocatable (what the kubelet admits pods
+/// against) less `reserve`, at least a millicore and a byte; `None` if the node does not report
+/// it.
+pub fn node_allocatable(node: &Node, reserve: Reserve) -> Option<HostResources> {
+    let allocatable = HostResources::from_allocatable(node.status.as_ref()?.allocatable.as_ref()?)?;
+    Some(HostResources {
+        cpu_millicores: allocatable.cpu_millicores.saturating_sub(reserve.cpu_millicores).max(1),
+        memory_bytes: allocatable.memory_bytes.saturating_sub(reserve.memory_bytes).max(1),
+    })
+}
+
 /// The offer's spec and labels, as applied.
 pub fn offer_manifest(
     settings: &OfferSettings,
     inventory: &Inventory,
+    node: &Node,
     region: &str,
     zone: Option<&str>,
 ) -> Value {
@@ -80,6 +104,7 @@ pub fn offer_manifest(
         driver_version: inventory.driver_version.clone(),
         cuda_version: inventory.cuda_version.clone(),
         mode: settings.mode,
+        allocatable: node_allocatable(node, settings.reserve),
     };
     let mut labels = json!({ REGION_LABEL: region });
     if let Some(zone) = zone {
@@ -136,7 +161,7 @@ pub async fn publish(
         tokio::time::sleep(START_RETRY).await;
     };
     let (region, zone) = resolve_location(&settings.supplier, &node)?;
-    let offer = offer_manifest(&settings, &inventory, &region, zone.as_deref());
+    let offer = offer_manifest(&settings, &inventory, &node, &region, zone.as_deref());
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let mut node_marked = false;
     let mut spec_applied = false;
@@ -184,6 +209,7 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use gpumarket_crds::GpuHealth;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     use super::*;
     use crate::source::Gpu;
@@ -199,6 +225,7 @@ mod tests {
             },
             price_per_gpu_hour: 5,
             mode: OfferMode::Plugin,
+            reserve: Reserve { cpu_millicores: 300, memory_bytes: 1 << 30 },
         }
     }
 
@@ -229,8 +256,21 @@ mod tests {
 
     #[test]
     fn the_offer_is_discovery_plus_supplier_settings() {
-        let offer =
-            offer_manifest(&settings(None), &two_linked_h100(), "eu-west", Some("eu-west-1a"));
+        let mut sized = node(&[]);
+        sized.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+            allocatable: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("31800m".into())),
+                ("memory".to_string(), Quantity("256Gi".into())),
+            ])),
+            ..Default::default()
+        });
+        let offer = offer_manifest(
+            &settings(None),
+            &two_linked_h100(),
+            &sized,
+            "eu-west",
+            Some("eu-west-1a"),
+        );
         let parsed: GpuOffer = serde_json::from_value(offer.clone()).expect("a GpuOffer");
         assert_eq!(parsed.name_any(), parsed.spec.node_name);
         assert_eq!(
@@ -243,7 +283,22 @@ mod tests {
             ("eu-west", Some("eu-west-1a"))
         );
         assert_eq!(parsed.spec.price_per_gpu_hour, 5);
+        assert_eq!(
+            parsed.spec.allocatable,
+            Some(HostResources { cpu_millicores: 31_500, memory_bytes: 255 << 30 }),
+            "the node's allocatable less the reserve"
+        );
         assert_eq!(offer["metadata"]["labels"][MODEL_LABEL], "H100");
+        // A node that reports no allocatable offers its GPUs without CPU or memory.
+        let bare = offer_manifest(&settings(None), &two_linked_h100(), &node(&[]), "eu-west", None);
+        assert!(bare["spec"].get("allocatable").is_none(), "{bare}");
+        // A reserve larger than the node leaves a millicore and a byte, not an offer that
+        // looks like an older agent's.
+        let all = Reserve { cpu_millicores: u64::MAX, memory_bytes: u64::MAX };
+        assert_eq!(
+            node_allocatable(&sized, all),
+            Some(HostResources { cpu_millicores: 1, memory_bytes: 1 })
+        );
         assert!(offer.get("status").is_none());
     }
 

@@ -230,6 +230,7 @@ fn start_agent_with(dir: &Path, cdi: bool, client: Option<kube::Client>) -> Test
         heartbeat: Duration::from_secs(1),
         pod_resources_socket: dir.join("pod-resources.sock"),
         lease_wait: LEASE_WAIT,
+        reserve: Default::default(),
     };
     let agent = Agent::prepare(config, Arc::new(source)).unwrap().with_leases(view);
     let agent = tokio::spawn(async move { agent.run(client).await.unwrap() });

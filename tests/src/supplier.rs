@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use gpumarket_crds::{GpuHealth, GpuOffer};
+use gpumarket_crds::{GpuHealth, GpuOffer, HostResources};
+use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -34,7 +35,8 @@ impl Supplier {
         Supplier::start_paid_to(env, client, name, region, gpus, price, SUPPLIER_WALLET).await
     }
 
-    /// [`Supplier::start`], paid to `wallet`.
+    /// [`Supplier::start`], paid to `wallet`: an agent from before offers published the node's
+    /// CPU and memory.
     pub async fn start_paid_to(
         env: &Env,
         client: &Client,
@@ -44,6 +46,33 @@ impl Supplier {
         price: u64,
         wallet: &str,
     ) -> Self {
+        Supplier::launch(env, client, name, region, gpus, price, wallet, false).await
+    }
+
+    /// [`Supplier::start`] with an offer that publishes the node's allocatable CPU and memory,
+    /// as the agent reads them from the Node.
+    pub async fn start_with_allocatable(
+        env: &Env,
+        client: &Client,
+        name: &str,
+        region: &str,
+        gpus: usize,
+        price: u64,
+    ) -> Self {
+        Supplier::launch(env, client, name, region, gpus, price, SUPPLIER_WALLET, true).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn launch(
+        env: &Env,
+        client: &Client,
+        name: &str,
+        region: &str,
+        gpus: usize,
+        price: u64,
+        wallet: &str,
+        publish_allocatable: bool,
+    ) -> Self {
         env.add_gpu_nodes(&[GpuNode::new(name, "H100", gpus as u32)
             .region(region)
             .zone(&format!("{region}-a"))])
@@ -51,6 +80,13 @@ impl Supplier {
             .expect("KWOK node");
         let offers: Api<GpuOffer> = Api::all(client.clone());
         let uuids: Vec<String> = (0..gpus).map(|i| format!("GPU-{name}-{i}")).collect();
+        let allocatable = if publish_allocatable {
+            let node = Api::<Node>::all(client.clone()).get(name).await.expect("the node");
+            let allocatable = node.status.and_then(|s| s.allocatable).unwrap_or_default();
+            Some(HostResources::from_allocatable(&allocatable).expect("KWOK allocatable"))
+        } else {
+            None
+        };
         let offer: GpuOffer = serde_json::from_value(json!({
             "apiVersion": "gpumarket.io/v1alpha1",
             "kind": "GpuOffer",
@@ -62,6 +98,7 @@ impl Supplier {
                 "pricePerGpuHour": price,
                 "region": region,
                 "zone": format!("{region}-a"),
+                "allocatable": allocatable,
             },
         }))
         .unwrap();

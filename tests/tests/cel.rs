@@ -58,6 +58,7 @@ fn cluster(name: &str) -> Value {
             "location": {"region": "eu-west", "zone": "eu-west-1a"},
             "minReputation": 600,
             "placement": "Pack",
+            "perWorker": {"cpuMillicores": 8000, "memoryMib": 65536},
             "ray": {"version": "2.41.0", "headGpus": 0},
             "payment": {"buyerWallet": WALLET},
         },
@@ -76,6 +77,7 @@ fn offer(name: &str) -> Value {
             "pricePerGpuHour": 2_200_000,
             "region": "eu-west",
             "zone": "eu-west-1a",
+            "allocatable": {"cpuMillicores": 64_000, "memoryBytes": 549_755_813_888u64},
         },
     })
 }
@@ -92,6 +94,7 @@ fn lease(name: &str) -> Value {
             "gpus": ["GPU-0", "GPU-1"],
             "workers": 1,
             "pricePerGpuHour": 2_200_000,
+            "workerResources": {"cpuMillicores": 16_000, "memoryBytes": 137_438_953_472u64},
             "startTime": "2026-01-01T00:00:00Z",
         },
     })
@@ -529,6 +532,47 @@ async fn invalid_manifests_are_refused_with_their_message() {
             with(l(), "spec/cluster/uid", json!("0a1b2c3d")),
             "spec.cluster.uid must be the GpuCluster's metadata.uid",
         ),
+        // CPU and memory: published by offers, asked per worker, given by leases.
+        (
+            "offer without CPU",
+            with(o(), "spec/allocatable/cpuMillicores", json!(0)),
+            "cpuMillicores must be between 1 and 4096000 (4096 cores)",
+        ),
+        (
+            "offer with more than 64 TiB",
+            with(o(), "spec/allocatable/memoryBytes", json!(70_368_744_177_665u64)),
+            "memoryBytes must be between 1 and 70368744177664 (64 TiB)",
+        ),
+        (
+            "offer with CPU but no memory",
+            without(o(), "spec/allocatable/memoryBytes"),
+            "spec.allocatable.memoryBytes: Required value",
+        ),
+        (
+            "worker asking for no CPU",
+            with(c(), "spec/perWorker/cpuMillicores", json!(0)),
+            "spec.perWorker.cpuMillicores must be between 1 and 4096000",
+        ),
+        (
+            "worker asking for more than 4096 cores",
+            with(c(), "spec/perWorker/cpuMillicores", json!(4_096_001)),
+            "spec.perWorker.cpuMillicores must be between 1 and 4096000",
+        ),
+        (
+            "worker asking for more than 64 TiB",
+            with(c(), "spec/perWorker/memoryMib", json!(67_108_865)),
+            "spec.perWorker.memoryMib must be between 1 and 67108864 (64 TiB)",
+        ),
+        (
+            "lease worker with more than 4096 cores",
+            with(l(), "spec/workerResources/cpuMillicores", json!(4_096_001)),
+            "cpuMillicores must be between 1 and 4096000 (4096 cores)",
+        ),
+        (
+            "lease worker without memory",
+            with(l(), "spec/workerResources/memoryBytes", json!(0)),
+            "memoryBytes must be between 1 and 70368744177664 (64 TiB)",
+        ),
         (
             "lease cluster namespace too long",
             with(l(), "spec/cluster/namespace", json!("n".repeat(64))),
@@ -588,6 +632,7 @@ async fn cluster_spec_is_frozen_once_matched_and_buyer_wallet_is_immutable() {
         "location",
         "minReputation",
         "placement",
+        "perWorker",
     ];
     for (field, change) in fields.into_iter().zip([
         json!({"workers": 4}),
@@ -598,6 +643,7 @@ async fn cluster_spec_is_frozen_once_matched_and_buyer_wallet_is_immutable() {
         json!({"location": {"region": "us-east", "zone": null}}),
         json!({"minReputation": 700}),
         json!({"placement": "Spread"}),
+        json!({"perWorker": {"cpuMillicores": 4000}}),
     ]) {
         let message = refusal(api.patch("frozen", &params, &merge(json!({"spec": change}))).await);
         assert!(
@@ -616,6 +662,9 @@ async fn cluster_spec_is_frozen_once_matched_and_buyer_wallet_is_immutable() {
     let message =
         refusal(api.patch("frozen", &params, &merge(json!({"spec": {"location": null}}))).await);
     assert!(message.contains("spec.location cannot change"), "{message}");
+    let message =
+        refusal(api.patch("frozen", &params, &merge(json!({"spec": {"perWorker": null}}))).await);
+    assert!(message.contains("spec.perWorker cannot change"), "{message}");
     api.patch("frozen", &params, &merge(json!({"spec": {"ray": {"version": "2.42.0"}}})))
         .await
         .unwrap();

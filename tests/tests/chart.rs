@@ -516,6 +516,23 @@ fn cdi_mounts_the_hosts_spec_directory_and_the_driver_read_only() {
 }
 
 #[test]
+fn every_agent_keeps_the_reserve_out_of_its_offer() {
+    // In both modes: the node's other pods need room whoever serves its GPUs.
+    for (values, expected) in [
+        (render(&[], AGENT), ["--reserve-cpu=500m", "--reserve-memory=1Gi"]),
+        (
+            render(&["values-supplier-offer-only.yaml"], &["agent.reserve.cpu=1500m"]),
+            ["--reserve-cpu=1500m", "--reserve-memory=1Gi"],
+        ),
+    ] {
+        let args = args_of(find(&values, "DaemonSet", "gpumarket-agent"));
+        for arg in expected {
+            assert!(args.contains(&arg.to_owned()), "{arg} missing from {args:?}");
+        }
+    }
+}
+
+#[test]
 fn bad_values_are_refused_with_a_message_that_says_what_to_change() {
     let cases: &[(&[&str], &str)] = &[
         (
@@ -531,6 +548,7 @@ fn bad_values_are_refused_with_a_message_that_says_what_to_change() {
             "value must be one of 'plugin', 'offer-only'",
         ),
         (&["agent.wallet=0OIl0OIl"], "does not match pattern"),
+        (&["agent.reserve.memory=lots"], "/agent/reserve/memory"),
         (&["agent.cdiSpecDir=var/run/cdi"], "does not match pattern"),
         (&["controller.replicas=0"], "minimum"),
     ];

@@ -19,14 +19,18 @@ use std::time::Duration;
 
 use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::{Config, Settings};
+use gpumarket_crds::common::quantity_scaled;
 use gpumarket_crds::{
-    ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, GpuTier, LeasePhase,
+    ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, GpuTier, HostResources, LeasePhase,
+    PerWorker,
 };
 use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::supplier::Supplier;
 use gpumarket_tests::{Env, eventually};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
 };
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -727,4 +731,61 @@ async fn new_supply_goes_to_the_oldest_waiting_request() {
     // The next supply is the younger one's.
     let _b = Supplier::start(env, &client, "ctl-fifo-b", "fifo", 4, 1_000_000).await;
     wait_phase(&clusters, "a-young", ClusterPhase::Provisioning).await;
+}
+
+#[tokio::test]
+async fn workers_get_the_cpu_and_memory_that_come_with_their_gpus() {
+    let (_turn, env, client, ns) = setup("ctl-cpu").await;
+    // KWOK's node of 4 GPUs has 64 cores and 512 GiB allocatable: 16 cores and 128 GiB per GPU.
+    let _a = Supplier::start_with_allocatable(env, &client, "ctl-cpu-a", "cpu", 4, 1_000_000).await;
+    env.start_kuberay(&ns).unwrap();
+    let _controller = Controller::start(&client);
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+
+    // More CPU than comes with one GPU anywhere: unmatched, saying what to change.
+    let mut greedy = gpu_cluster("greedy", "cpu", 1, 1);
+    greedy.spec.per_worker = Some(PerWorker { cpu_millicores: Some(17_000), memory_mib: None });
+    clusters.create(&PostParams::default(), &greedy).await.unwrap();
+    let why = eventually("greedy explained", WAIT, || async {
+        let status = clusters.get("greedy").await.ok()?.status?;
+        let matched = status.conditions.into_iter().find(|c| c.type_ == "Matched")?;
+        (matched.reason == "NoMatchingSupply").then_some(matched.message)
+    })
+    .await;
+    assert!(why.contains("lower spec.perWorker.cpuMillicores"), "{why}");
+    clusters.delete("greedy", &DeleteParams::default()).await.unwrap();
+
+    // One worker of 2 GPUs asking 20 of its 32 cores; its memory is the share, 256 GiB.
+    let mut train = gpu_cluster("train", "cpu", 1, 2);
+    train.spec.per_worker = Some(PerWorker { cpu_millicores: Some(20_000), memory_mib: None });
+    let created = clusters.create(&PostParams::default(), &train).await.unwrap();
+    // KubeRay makes the worker pod, the scheduler admits it on the node, KWOK makes it Ready.
+    wait_phase(&clusters, "train", ClusterPhase::Running).await;
+    let leases = leases_of(&client, &created).await;
+    let given = HostResources { cpu_millicores: 20_000, memory_bytes: 256 << 30 };
+    assert_eq!(leases[0].spec.worker_resources, Some(given), "frozen on the lease");
+
+    let ray = serde_json::to_value(ray_api(&client, &ns).get("train").await.unwrap()).unwrap();
+    let params = &ray["spec"]["workerGroupSpecs"][0]["rayStartParams"];
+    assert_eq!(params["num-cpus"], "20");
+    assert_eq!(params["memory"], (256u64 << 30).to_string());
+    assert_eq!(params["num-gpus"], "2");
+
+    let workers = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels("ray.io/node-type=worker"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    let worker = &workers[0];
+    assert_eq!(worker.spec.as_ref().unwrap().node_name.as_deref(), Some("ctl-cpu-a"));
+    let resources = worker.spec.as_ref().unwrap().containers[0].resources.clone().unwrap();
+    for list in [resources.requests.unwrap(), resources.limits.unwrap()] {
+        let read = |name: &str, scale| quantity_scaled(&list[name].0, scale);
+        assert_eq!(read("cpu", 3), Some(given.cpu_millicores), "{list:?}");
+        assert_eq!(read("memory", 0), Some(given.memory_bytes), "{list:?}");
+        assert_eq!(read("nvidia.com/gpu", 0), Some(2), "{list:?}");
+    }
+    let qos = worker.status.as_ref().and_then(|s| s.qos_class.clone());
+    assert_eq!(qos.as_deref(), Some("Guaranteed"));
 }

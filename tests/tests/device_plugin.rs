@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpumarket_crds::common::SUPPLIER_TAINT;
-use gpumarket_crds::{GpuHealth, GpuLease, GpuOffer, Interconnect, OfferMode};
+use gpumarket_crds::{GpuHealth, GpuLease, GpuOffer, HostResources, Interconnect, OfferMode};
 use gpumarket_device_plugin::agent::{Agent, AgentConfig};
 use gpumarket_device_plugin::allocation::{NodeLease, PodName};
 use gpumarket_device_plugin::config::{Mode, Supplier};
 use gpumarket_device_plugin::leases::follow_leases;
+use gpumarket_device_plugin::offer::Reserve;
 use gpumarket_device_plugin::registration::PluginSocket;
 use gpumarket_device_plugin::source::fake::{FakeFault, FakeSource};
 use gpumarket_tests::{Env, GpuNode};
@@ -94,6 +95,8 @@ async fn the_agent_publishes_heartbeats_and_reports_health_until_it_stops() {
         heartbeat: Duration::from_secs(1),
         pod_resources_socket: env.dir().join("pod-resources.sock"),
         lease_wait: Duration::from_secs(1),
+        // Kept out for the node's other pods: half a core and a GiB.
+        reserve: Reserve { cpu_millicores: 500, memory_bytes: 1 << 30 },
     };
     let agent = Agent::prepare(config, Arc::new(source)).unwrap();
     let agent = tokio::spawn(agent.run(Some(client.clone())));
@@ -117,6 +120,12 @@ async fn the_agent_publishes_heartbeats_and_reports_health_until_it_stops() {
         (Interconnect::NvLink, OfferMode::OfferOnly)
     );
     assert_eq!(offer.spec.driver_version.as_deref(), Some("560.35.03"));
+    // The KWOK node's allocatable (16 cores and 128 GiB per GPU) less the reserve, for leases
+    // to share.
+    assert_eq!(
+        offer.spec.allocatable,
+        Some(HostResources { cpu_millicores: 31_500, memory_bytes: 255 << 30 })
+    );
     assert_eq!(health_of(&offer, "GPU-dp-1"), Some((GpuHealth::Healthy, None)));
 
     let first = heartbeat(&offer).unwrap();

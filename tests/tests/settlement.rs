@@ -111,6 +111,7 @@ impl Fixture {
             location: None,
             min_reputation: 0,
             placement: Default::default(),
+            per_worker: None,
             ray: Default::default(),
             payment: Payment { buyer_wallet: self.buyer()?.pubkey().to_string() },
         };
@@ -165,6 +166,7 @@ impl Fixture {
                 gpus: (0..gpus).map(|i| format!("GPU-{name}-{i}")).collect(),
                 workers: 1,
                 price_per_gpu_hour: PRICE_PER_GPU_HOUR,
+                worker_resources: None,
                 start_time: Time(start),
             },
             status: None,

@@ -6,8 +6,9 @@
 
 use gpumarket_crds::GpuCluster;
 use gpumarket_crds::common::{
-    MAX_GPU_MEMORY_MIB, MAX_PRICE_PER_GPU_HOUR, MAX_RAY_CLUSTER_NAME_LENGTH, is_valid_env_name,
-    is_valid_quantity, is_valid_ray_cluster_name, is_valid_wallet,
+    MAX_CPU_MILLICORES, MAX_GPU_MEMORY_MIB, MAX_MEMORY_MIB, MAX_PRICE_PER_GPU_HOUR,
+    MAX_RAY_CLUSTER_NAME_LENGTH, is_valid_env_name, is_valid_quantity, is_valid_ray_cluster_name,
+    is_valid_wallet,
 };
 use k8s_openapi::api::core::v1::ResourceRequirements;
 
@@ -61,6 +62,19 @@ pub fn validate(cluster: &GpuCluster) -> Result<(), String> {
              for 80 GiB GPUs"
         ));
     }
+    let per_worker = spec.per_worker.unwrap_or_default();
+    if per_worker.cpu_millicores.is_some_and(|cpu| !(1..=MAX_CPU_MILLICORES).contains(&cpu)) {
+        return Err(format!(
+            "spec.perWorker.cpuMillicores must be between 1 and {MAX_CPU_MILLICORES} (4096 \
+             cores): CPU per worker in millicores, e.g. 8000 for 8 cores"
+        ));
+    }
+    if per_worker.memory_mib.is_some_and(|mib| !(1..=MAX_MEMORY_MIB).contains(&mib)) {
+        return Err(format!(
+            "spec.perWorker.memoryMib must be between 1 and {MAX_MEMORY_MIB} (64 TiB): memory \
+             per worker in MiB, e.g. 65536 for 64 GiB"
+        ));
+    }
     let ray = &spec.ray;
     if ray.head_gpus != 0 {
         return Err("spec.ray.headGpus must be 0: the Ray head runs on CPU, and GPUs on market \
@@ -112,7 +126,7 @@ fn check_quantities(field: &str, resources: Option<&ResourceRequirements>) -> Re
 mod tests {
     use super::*;
     use crate::testing::mk_cluster;
-    use gpumarket_crds::WorkerOverrides;
+    use gpumarket_crds::{PerWorker, WorkerOverrides};
     use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -180,6 +194,22 @@ mod tests {
 
         assert!(refusal(&mk_cluster("c", 1025, 1)).starts_with("spec.workers"));
         assert!(refusal(&mk_cluster("c", 1, 17)).starts_with("spec.gpusPerWorker"));
+
+        for (cpu_millicores, memory_mib, field) in [
+            (Some(0), None, "spec.perWorker.cpuMillicores"),
+            (Some(MAX_CPU_MILLICORES + 1), None, "spec.perWorker.cpuMillicores"),
+            (None, Some(MAX_MEMORY_MIB + 1), "spec.perWorker.memoryMib"),
+        ] {
+            let mut cluster = mk_cluster("c", 1, 1);
+            cluster.spec.per_worker = Some(PerWorker { cpu_millicores, memory_mib });
+            assert!(refusal(&cluster).starts_with(field), "{field}");
+        }
+        let mut cluster = mk_cluster("c", 1, 1);
+        cluster.spec.per_worker = Some(PerWorker {
+            cpu_millicores: Some(MAX_CPU_MILLICORES),
+            memory_mib: Some(MAX_MEMORY_MIB),
+        });
+        assert_eq!(validate(&cluster), Ok(()));
 
         let mut cluster = mk_cluster("c", 1, 1);
         cluster.spec.duration = "2161h".into();

@@ -29,7 +29,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::matching::Assignment;
+use crate::matching::{Assignment, WorkerSlot};
 use crate::raycluster::CLUSTER_LABEL;
 use crate::runtime::context::MANAGER;
 
@@ -68,9 +68,9 @@ pub fn plan_leases(
     wallets: &BTreeMap<String, String>,
     now: Timestamp,
 ) -> Result<Vec<GpuLease>> {
-    let mut per_node: BTreeMap<&str, (Vec<String>, u32, u64)> = BTreeMap::new();
+    let mut per_node: BTreeMap<&str, (Vec<String>, u32, &WorkerSlot)> = BTreeMap::new();
     for slot in &assignment.workers {
-        let entry = per_node.entry(&slot.node).or_insert((Vec::new(), 0, slot.price_per_gpu_hour));
+        let entry = per_node.entry(&slot.node).or_insert((Vec::new(), 0, slot));
         entry.0.extend(slot.gpus.iter().cloned());
         entry.1 += 1;
     }
@@ -81,7 +81,8 @@ pub fn plan_leases(
     };
     per_node
         .into_iter()
-        .map(|(node, (gpus, workers, price))| {
+        // The workers of one node come from one request on one offer: one price, one share.
+        .map(|(node, (gpus, workers, first))| {
             let wallet = wallets.get(node).ok_or_else(|| {
                 Error::InvalidSpec(format!("offer {node} vanished while binding"))
             })?;
@@ -100,7 +101,8 @@ pub fn plan_leases(
                     supplier_wallet: wallet.clone(),
                     gpus,
                     workers,
-                    price_per_gpu_hour: price,
+                    price_per_gpu_hour: first.price_per_gpu_hour,
+                    worker_resources: first.resources,
                     start_time: Time(now),
                 },
                 status: None,
@@ -299,8 +301,9 @@ pub async fn release_claims(
 
 #[cfg(test)]
 mod tests {
+    use gpumarket_crds::HostResources;
+
     use super::*;
-    use crate::matching::WorkerSlot;
     use crate::testing::{mk_cluster, mk_offer, now};
 
     #[test]
@@ -318,11 +321,19 @@ mod tests {
     #[test]
     fn one_lease_per_node_holding_its_workers() {
         let cluster = mk_cluster("train", 3, 1);
+        let share = HostResources { cpu_millicores: 8_000, memory_bytes: 64 << 30 };
+        let slot =
+            |node: &str, gpu: &str, price: u64, resources: Option<HostResources>| WorkerSlot {
+                node: node.into(),
+                gpus: vec![gpu.into()],
+                price_per_gpu_hour: price,
+                resources,
+            };
         let assignment = Assignment {
             workers: vec![
-                WorkerSlot { node: "b".into(), gpus: vec!["b1".into()], price_per_gpu_hour: 7 },
-                WorkerSlot { node: "a".into(), gpus: vec!["a1".into()], price_per_gpu_hour: 5 },
-                WorkerSlot { node: "a".into(), gpus: vec!["a2".into()], price_per_gpu_hour: 5 },
+                slot("b", "b1", 7, None),
+                slot("a", "a1", 5, Some(share)),
+                slot("a", "a2", 5, Some(share)),
             ],
         };
         let wallets = BTreeMap::from([
@@ -334,7 +345,9 @@ mod tests {
         assert_eq!((leases[0].spec.offer.as_str(), leases[0].spec.workers), ("a", 2));
         assert_eq!(leases[0].spec.gpus, ["a1", "a2"]);
         assert_eq!(leases[0].spec.supplier_wallet, "wa");
+        assert_eq!(leases[0].spec.worker_resources, Some(share), "each worker's CPU and memory");
         assert_eq!((leases[1].spec.offer.as_str(), leases[1].spec.workers), ("b", 1));
+        assert_eq!(leases[1].spec.worker_resources, None, "an offer without allocatable");
         assert_eq!(leases[1].spec.cluster.uid, cluster.uid().unwrap_or_default());
     }
 

@@ -7,7 +7,7 @@ use gpumarket_crds::common::is_valid_wallet;
 use gpumarket_crds::{GpuCluster, GpuHealth, GpuOffer, GpuState};
 use jiff::Timestamp;
 
-use crate::matching::{ModelFilter, Offer, Request};
+use crate::matching::{ModelFilter, Offer, Request, WorkerAsk};
 
 /// Most a heartbeat may lie in the future (clocks of the agent's node and the controller's
 /// differ a little); one further ahead is a lie that would keep a dead offer fresh forever.
@@ -91,6 +91,8 @@ pub fn market_offer(offer: &GpuOffer, now: Timestamp, timeout: Duration) -> Opti
         interconnect: offer.spec.interconnect,
         reputation: status.and_then(|s| s.reputation.as_ref()).map_or(0, |r| r.score),
         stake: offer.bonded_stake(),
+        allocatable: offer.spec.allocatable,
+        node_gpus: u32::try_from(offer.spec.gpus.len()).unwrap_or(u32::MAX),
     })
 }
 
@@ -118,6 +120,10 @@ pub fn market_request(cluster: &GpuCluster, workers: u32) -> Request {
         zone: spec.location.as_ref().and_then(|l| l.zone.clone()),
         min_reputation: spec.min_reputation,
         placement: spec.placement,
+        per_worker: WorkerAsk {
+            cpu_millicores: spec.per_worker.and_then(|p| p.cpu_millicores),
+            memory_bytes: spec.per_worker.and_then(|p| p.memory_mib).map(|mib| mib << 20),
+        },
         created: cluster.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
     }
 }

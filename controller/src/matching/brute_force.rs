@@ -17,6 +17,8 @@ pub fn accepts(offer: &Offer, request: &Request) -> bool {
         && request.region.as_ref().is_none_or(|r| *r == offer.region)
         && request.zone.as_ref().is_none_or(|z| *z == offer.zone)
         && offer.reputation >= request.min_reputation
+        && request.per_worker.cpu_fits(offer.worker_share(request.gpus_per_worker))
+        && request.per_worker.memory_fits(offer.worker_share(request.gpus_per_worker))
 }
 
 /// The cheapest complete gangs of one request on the offers' free GPUs.

@@ -80,7 +80,7 @@ impl<'a> Market<'a> {
                         if self.holder.is_none() && hold.may_hold(request) {
                             self.hold(request, &picks);
                         }
-                        Outcome::Unmatched(Explanation::Short(why))
+                        Outcome::Unmatched(Explanation::Short(Box::new(why)))
                     }
                 };
                 (request.key.clone(), outcome)
@@ -96,7 +96,7 @@ impl<'a> Market<'a> {
             Err(invalid) => Outcome::Unmatched(Explanation::Invalid(invalid)),
             Ok(Selection::Complete(picks)) => Outcome::Matched(self.assignment(request, &picks)),
             Ok(Selection::Partial(_)) => {
-                Outcome::Unmatched(Explanation::Short(self.shortage(request)))
+                Outcome::Unmatched(Explanation::Short(Box::new(self.shortage(request))))
             }
         }
     }
@@ -139,6 +139,9 @@ impl<'a> Market<'a> {
                     node: offer.node.clone(),
                     gpus: offer.free_gpus[first + w * g..first + (w + 1) * g].to_vec(),
                     price_per_gpu_hour: offer.price_per_gpu_hour,
+                    resources: request
+                        .per_worker
+                        .grant(offer.worker_share(request.gpus_per_worker)),
                 })
             })
             .collect();

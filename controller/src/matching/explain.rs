@@ -23,18 +23,24 @@ pub enum Constraint {
     Region,
     Zone,
     Reputation,
+    /// CPU per worker (`spec.perWorker.cpuMillicores`) beyond the node's share.
+    Cpu,
+    /// Memory per worker (`spec.perWorker.memoryMib`) beyond the node's share.
+    HostMemory,
 }
 
 impl Constraint {
     /// Every constraint, in the order that breaks ties when naming the binding one (price first:
     /// it is the one a buyer most often can change).
-    pub const ALL: [Constraint; 6] = [
+    pub const ALL: [Constraint; 8] = [
         Constraint::Price,
         Constraint::Model,
         Constraint::Memory,
         Constraint::Region,
         Constraint::Zone,
         Constraint::Reputation,
+        Constraint::Cpu,
+        Constraint::HostMemory,
     ];
 
     pub(super) fn bit(self) -> u8 {
@@ -48,7 +54,8 @@ impl Constraint {
 pub enum Explanation {
     /// The request cannot be served whatever the supply (the API schema normally prevents this).
     Invalid(String),
-    Short(Shortage),
+    /// Boxed: a shortage carries the whole request, many times the size of the other answers.
+    Short(Box<Shortage>),
 }
 
 /// The supply as the request saw it, and the constraint that cuts it most.
@@ -121,6 +128,17 @@ impl fmt::Display for Shortage {
         if r.min_memory_mib > 0 {
             write!(f, " with ≥ {} MiB", r.min_memory_mib)?;
         }
+        let with = if r.min_memory_mib > 0 { "and" } else { "with" };
+        match (r.per_worker.cpu_millicores, r.per_worker.memory_bytes) {
+            (Some(cpu), Some(bytes)) => write!(
+                f,
+                " {with} {cpu} millicores of CPU and {} MiB of memory per worker",
+                mib(bytes)
+            )?,
+            (Some(cpu), None) => write!(f, " {with} {cpu} millicores of CPU per worker")?,
+            (None, Some(bytes)) => write!(f, " {with} {} MiB of memory per worker", mib(bytes))?,
+            (None, None) => {}
+        }
         write!(f, " at ≤ {}/h", Amount::new(r.max_price_per_gpu_hour))?;
         match (&r.region, &r.zone) {
             (Some(region), Some(zone)) => write!(f, " in {region}/{zone}")?,
@@ -179,14 +197,31 @@ fn excluded_by(constraint: Constraint, r: &Request) -> String {
         Constraint::Reputation => {
             format!("are from suppliers below reputation {}", r.min_reputation)
         }
+        Constraint::Cpu => format!(
+            "are on nodes whose CPU share per worker is less than {} millicores (or not \
+             published): lower spec.perWorker.cpuMillicores, or leave it out to take each \
+             node's share",
+            r.per_worker.cpu_millicores.unwrap_or_default()
+        ),
+        Constraint::HostMemory => format!(
+            "are on nodes whose memory share per worker is less than {} MiB (or not \
+             published): lower spec.perWorker.memoryMib, or leave it out to take each node's \
+             share",
+            mib(r.per_worker.memory_bytes.unwrap_or_default())
+        ),
     }
+}
+
+/// Bytes as whole MiB (asks are made in MiB).
+fn mib(bytes: u64) -> u64 {
+    bytes >> 20
 }
 
 #[cfg(test)]
 mod tests {
     use gpumarket_crds::{GpuTier, Interconnect, Placement};
 
-    use super::super::{Offer, quote};
+    use super::super::{Offer, WorkerAsk, quote};
     use super::*;
 
     fn offer(node: &str, model: &str, free: usize) -> Offer {
@@ -202,6 +237,8 @@ mod tests {
             interconnect: Interconnect::NvLink,
             reputation: 500,
             stake: 0,
+            allocatable: None,
+            node_gpus: u32::try_from(free).unwrap_or(u32::MAX),
         }
     }
 
@@ -217,13 +254,14 @@ mod tests {
             zone: None,
             min_reputation: 0,
             placement: Placement::Pack,
+            per_worker: WorkerAsk::default(),
             created: 0,
         }
     }
 
     fn explanation(offers: &[Offer], request: &Request) -> Shortage {
         match quote(offers, request) {
-            Outcome::Unmatched(Explanation::Short(shortage)) => shortage,
+            Outcome::Unmatched(Explanation::Short(shortage)) => *shortage,
             other => panic!("expected a shortage, got {other:?}"),
         }
     }

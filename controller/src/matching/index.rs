@@ -3,10 +3,10 @@
 
 use std::collections::HashMap;
 
-use gpumarket_crds::GpuTier;
+use gpumarket_crds::{GpuTier, HostResources};
 
 use super::explain::Constraint;
-use super::model::{ModelFilter, Offer, Request};
+use super::model::{ModelFilter, Offer, Request, WorkerAsk, share};
 
 /// Interned id of a name that no offer has: matches nothing.
 const UNKNOWN: u32 = u32::MAX;
@@ -29,6 +29,8 @@ pub(super) struct Entry {
     pub region: u32,
     pub zone: u32,
     pub reputation: u32,
+    pub allocatable: Option<HostResources>,
+    pub node_gpus: u32,
 }
 
 impl Entry {
@@ -71,6 +73,8 @@ impl<'a> Index<'a> {
                 region: intern(&mut regions, o.region.as_str()),
                 zone: intern(&mut zones, o.zone.as_str()),
                 reputation: o.reputation,
+                allocatable: o.allocatable,
+                node_gpus: o.node_gpus,
             })
             .collect();
         // Node names are unique; the input position only orders duplicates, should any appear.
@@ -106,6 +110,8 @@ impl<'a> Index<'a> {
             region: id(&self.regions, &request.region),
             zone: id(&self.zones, &request.zone),
             min_reputation: request.min_reputation,
+            gpus_per_worker: request.gpus_per_worker,
+            per_worker: request.per_worker,
         }
     }
 }
@@ -130,6 +136,8 @@ pub(super) struct Need {
     region: Option<u32>,
     zone: Option<u32>,
     min_reputation: u32,
+    gpus_per_worker: u32,
+    per_worker: WorkerAsk,
 }
 
 impl Need {
@@ -153,6 +161,9 @@ impl Need {
         check(self.region.is_none_or(|r| r == e.region), Constraint::Region);
         check(self.zone.is_none_or(|z| z == e.zone), Constraint::Zone);
         check(e.reputation >= self.min_reputation, Constraint::Reputation);
+        let share = e.allocatable.map(|a| share(a, self.gpus_per_worker, e.node_gpus));
+        check(self.per_worker.cpu_fits(share), Constraint::Cpu);
+        check(self.per_worker.memory_fits(share), Constraint::HostMemory);
         failed
     }
 }

@@ -18,4 +18,4 @@ mod tests;
 
 pub use engine::{HoldPolicy, Market, match_all, match_in_turn, quote};
 pub use explain::{Constraint, Explanation, Outcome, Shortage};
-pub use model::{Assignment, ModelFilter, Offer, Request, WorkerSlot};
+pub use model::{Assignment, ModelFilter, Offer, Request, WorkerAsk, WorkerSlot, share};

@@ -2,7 +2,7 @@
 //! so the engine is pure and can be tested and benchmarked without any server; the controller
 //! converts GpuOffer / GpuCluster objects into them.
 
-use gpumarket_crds::{GpuTier, Interconnect, Placement};
+use gpumarket_crds::{GpuTier, HostResources, Interconnect, Placement};
 
 /// Free supply on one supplier node, as matching sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +22,63 @@ pub struct Offer {
     /// 0–1000, higher is better.
     pub reputation: u32,
     pub stake: u64,
+    /// CPU and memory of the node that pods may request; `None` from an agent that does not
+    /// publish them.
+    pub allocatable: Option<HostResources>,
+    /// Every GPU of the node, leased or not: what the allocatable is shared among.
+    pub node_gpus: u32,
+}
+
+impl Offer {
+    /// CPU and memory that come with each worker of `gpus_per_worker` GPUs here, if the node
+    /// publishes them.
+    pub fn worker_share(&self, gpus_per_worker: u32) -> Option<HostResources> {
+        self.allocatable.map(|a| share(a, gpus_per_worker, self.node_gpus))
+    }
+}
+
+/// The share of a node's `allocatable` that comes with `gpus` of its `node_gpus` GPUs:
+/// allocatable × gpus / node_gpus, rounded down to whole millicores and bytes, so that the
+/// shares of GPUs leased apart never add up to more than the node has.
+pub fn share(allocatable: HostResources, gpus: u32, node_gpus: u32) -> HostResources {
+    let part = |total: u64| {
+        let gpus = u128::from(gpus.min(node_gpus));
+        let exact = u128::from(total) * gpus / u128::from(node_gpus.max(1));
+        u64::try_from(exact).unwrap_or(total)
+    };
+    HostResources {
+        cpu_millicores: part(allocatable.cpu_millicores),
+        memory_bytes: part(allocatable.memory_bytes),
+    }
+}
+
+/// CPU and memory a request asks for each worker; a part left out is the node's share.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerAsk {
+    pub cpu_millicores: Option<u64>,
+    pub memory_bytes: Option<u64>,
+}
+
+impl WorkerAsk {
+    /// Whether the CPU asked fits in a worker's `share` (none when the node publishes no
+    /// allocatable: then only asking for nothing fits).
+    pub fn cpu_fits(&self, share: Option<HostResources>) -> bool {
+        self.cpu_millicores.is_none_or(|cpu| share.is_some_and(|s| cpu <= s.cpu_millicores))
+    }
+
+    /// Whether the memory asked fits in a worker's `share` (see [`WorkerAsk::cpu_fits`]).
+    pub fn memory_fits(&self, share: Option<HostResources>) -> bool {
+        self.memory_bytes.is_none_or(|bytes| share.is_some_and(|s| bytes <= s.memory_bytes))
+    }
+
+    /// What a worker gets out of its `share`: what was asked, the share for the rest; nothing
+    /// on a node that publishes no allocatable.
+    pub fn grant(&self, share: Option<HostResources>) -> Option<HostResources> {
+        share.map(|s| HostResources {
+            cpu_millicores: self.cpu_millicores.unwrap_or(s.cpu_millicores),
+            memory_bytes: self.memory_bytes.unwrap_or(s.memory_bytes),
+        })
+    }
 }
 
 /// What a request accepts, mirroring `GpuClusterSpec.gpu`.
@@ -47,6 +104,8 @@ pub struct Request {
     pub zone: Option<String>,
     pub min_reputation: u32,
     pub placement: Placement,
+    /// CPU and memory each worker needs.
+    pub per_worker: WorkerAsk,
     /// Creation time in seconds since the epoch: oldest requests are served first.
     pub created: i64,
 }
@@ -57,6 +116,9 @@ pub struct WorkerSlot {
     pub node: String,
     pub gpus: Vec<String>,
     pub price_per_gpu_hour: u64,
+    /// CPU and memory the worker gets (requested and limited); `None` on a node that
+    /// publishes no allocatable.
+    pub resources: Option<HostResources>,
 }
 
 /// A complete gang assignment for one request.

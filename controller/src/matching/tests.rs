@@ -1,6 +1,6 @@
 use std::collections::HashSet;
 
-use gpumarket_crds::{GpuTier, Interconnect, Placement};
+use gpumarket_crds::{GpuTier, HostResources, Interconnect, Placement};
 use proptest::prelude::*;
 
 use super::brute_force::{accepts, best_gang, best_total};
@@ -21,7 +21,15 @@ fn mk_offer(node: &str, model: &str, gpus: u32, price: u64) -> Offer {
         interconnect: Interconnect::NvLink,
         reputation: 500,
         stake: 0,
+        allocatable: None,
+        node_gpus: gpus,
     }
+}
+
+/// `offer` publishing a node of `cores` cores and `gib` GiB of memory to share among its GPUs.
+fn with_allocatable(offer: Offer, cores: u64, gib: u64) -> Offer {
+    let allocatable = HostResources { cpu_millicores: cores * 1000, memory_bytes: gib << 30 };
+    Offer { allocatable: Some(allocatable), ..offer }
 }
 
 fn mk_request(key: &str, workers: u32, gpus_per_worker: u32, max_price: u64) -> Request {
@@ -36,6 +44,7 @@ fn mk_request(key: &str, workers: u32, gpus_per_worker: u32, max_price: u64) -> 
         zone: None,
         min_reputation: 0,
         placement: Placement::Pack,
+        per_worker: WorkerAsk::default(),
         created: 0,
     }
 }
@@ -258,6 +267,82 @@ fn the_constraint_excluding_most_is_named() {
     assert_eq!(why.binding, Some((Constraint::Model, 16)));
 }
 
+#[test]
+fn a_worker_gets_the_share_of_cpu_and_memory_that_comes_with_its_gpus() {
+    // 8 GPUs, 100 cores and 1000 GiB + 7 bytes: the shares are rounded down.
+    let mut offer = with_allocatable(mk_offer("a", "A100", 8, DOLLAR), 100, 1000);
+    offer.allocatable =
+        offer.allocatable.map(|a| HostResources { memory_bytes: a.memory_bytes + 7, ..a });
+    let a = matched(&quote(&[offer], &mk_request("ns/a", 3, 2, DOLLAR))).clone();
+    let expected = HostResources { cpu_millicores: 25_000, memory_bytes: (250 << 30) + 1 };
+    assert!(a.workers.iter().all(|w| w.resources == Some(expected)), "{a:?}");
+
+    // 3 GPUs: a third of 1000 millicores is 333, not 333.33.
+    let odd = share(HostResources { cpu_millicores: 1_000, memory_bytes: 10 }, 1, 3);
+    assert_eq!(odd, HostResources { cpu_millicores: 333, memory_bytes: 3 });
+}
+
+#[test]
+fn an_ask_within_the_share_is_what_the_worker_gets_and_only_nodes_that_hold_it_qualify() {
+    let offers = vec![
+        // 4 cores per GPU, cheap; 16 cores per GPU, dearer.
+        with_allocatable(mk_offer("thin", "A100", 8, DOLLAR), 32, 512),
+        with_allocatable(mk_offer("fat", "A100", 8, 2 * DOLLAR), 128, 1024),
+    ];
+    let request = Request {
+        per_worker: WorkerAsk { cpu_millicores: Some(8_000), memory_bytes: None },
+        ..mk_request("ns/a", 2, 1, 2 * DOLLAR)
+    };
+    let a = matched(&quote(&offers, &request)).clone();
+    assert_eq!(nodes(&a), [("fat", 2)]);
+    let got = HostResources { cpu_millicores: 8_000, memory_bytes: 128 << 30 };
+    assert!(a.workers.iter().all(|w| w.resources == Some(got)), "the ask, and the memory share");
+
+    // Two GPUs per worker double the share: the thin node holds 8 cores then.
+    let pairs = Request { gpus_per_worker: 2, ..request };
+    assert_eq!(nodes(matched(&quote(&offers, &pairs))), [("thin", 2)]);
+}
+
+#[test]
+fn asking_more_than_any_share_is_unmatched_with_what_to_change() {
+    let offers = vec![with_allocatable(mk_offer("a", "A100", 8, DOLLAR), 64, 512)];
+    let request = Request {
+        per_worker: WorkerAsk { cpu_millicores: Some(16_000), memory_bytes: Some(32 << 30) },
+        ..mk_request("ns/a", 1, 1, DOLLAR)
+    };
+    let why = shortage(&quote(&offers, &request)).clone();
+    assert_eq!(why.binding, Some((Constraint::Cpu, 8)));
+    assert_eq!(
+        why.to_string(),
+        "need 1 GPU of tier ≥ A100 with 16000 millicores of CPU and 32768 MiB of memory per \
+         worker at ≤ 1.000000/h; 0 free match all constraints, 8 more are on nodes whose CPU \
+         share per worker is less than 16000 millicores (or not published): lower \
+         spec.perWorker.cpuMillicores, or leave it out to take each node's share"
+    );
+
+    let memory = Request {
+        per_worker: WorkerAsk { cpu_millicores: None, memory_bytes: Some(128 << 30) },
+        ..request
+    };
+    let why = shortage(&quote(&offers, &memory)).clone();
+    assert_eq!(why.binding, Some((Constraint::HostMemory, 8)));
+    assert!(why.to_string().contains("lower spec.perWorker.memoryMib"), "{why}");
+}
+
+#[test]
+fn an_offer_without_allocatable_serves_workers_without_cpu_or_memory_but_no_ask() {
+    // An agent from before allocatable was published.
+    let offers = vec![mk_offer("old", "A100", 4, DOLLAR)];
+    let a = matched(&quote(&offers, &mk_request("ns/a", 2, 1, DOLLAR))).clone();
+    assert!(a.workers.iter().all(|w| w.resources.is_none()), "{a:?}");
+
+    let asking = Request {
+        per_worker: WorkerAsk { cpu_millicores: None, memory_bytes: Some(1 << 30) },
+        ..mk_request("ns/a", 1, 1, DOLLAR)
+    };
+    assert_eq!(shortage(&quote(&offers, &asking)).binding, Some((Constraint::HostMemory, 4)));
+}
+
 // Across requests.
 
 #[test]
@@ -388,17 +473,27 @@ fn prop_assert_optimal(
 const MODELS: [&str; 4] = ["H100", "A100", "RTX4090", "a100"];
 
 fn arb_offers() -> impl Strategy<Value = Vec<Offer>> {
-    let offer = (0..MODELS.len(), 0u32..=8, 0..3usize, 1u64..=4, 0..2usize, 0..2usize, 0..3u32);
+    let place = (0..2usize, 0..2usize, 0..3u32);
+    // Nodes of 8 GPUs, some leased; half of them publish 32 or 64 cores and 256 or 512 GiB.
+    let allocatable = prop::option::of(1u64..=2);
+    let offer = (0..MODELS.len(), 0u32..=8, 0..3usize, 1u64..=4, place, allocatable);
     prop::collection::vec(offer, 0..7).prop_map(|offers| {
         offers
             .into_iter()
             .enumerate()
-            .map(|(i, (model, gpus, memory, price, region, zone, reputation))| Offer {
-                memory_mib: [24_576, 40_960, 81_920][memory],
-                region: ["eu-west", "us-east"][region].to_owned(),
-                zone: ["z1", "z2"][zone].to_owned(),
-                reputation: reputation * 400,
-                ..mk_offer(&format!("node-{i}"), MODELS[model], gpus, price * DOLLAR)
+            .map(|(i, (model, gpus, memory, price, (region, zone, reputation), allocatable))| {
+                let offer = Offer {
+                    memory_mib: [24_576, 40_960, 81_920][memory],
+                    region: ["eu-west", "us-east"][region].to_owned(),
+                    zone: ["z1", "z2"][zone].to_owned(),
+                    reputation: reputation * 400,
+                    node_gpus: 8,
+                    ..mk_offer(&format!("node-{i}"), MODELS[model], gpus, price * DOLLAR)
+                };
+                match allocatable {
+                    Some(size) => with_allocatable(offer, 32 * size, 256 * size),
+                    None => offer,
+                }
             })
             .collect()
     })
@@ -414,14 +509,29 @@ fn arb_request() -> impl Strategy<Value = Request> {
     let location = (prop::option::weighted(0.3, 0..2usize), prop::option::weighted(0.2, 0..2usize));
     let place = (location, prop::sample::select(vec![0, 0, 1, 2u32]), any::<bool>());
     let memory = prop::sample::select(vec![0, 0, 1, 2usize]);
-    (models, memory, 1u32..=4, 1u32..=4, 1u64..=4, place, 0i64..4).prop_map(
-        |(models, memory, workers, g, price, ((region, zone), rep, spread), created)| Request {
+    // Mostly no ask; else 4 or 8 cores and 32 or 64 GiB per worker.
+    let ask = (prop::option::weighted(0.3, 1u64..=2), prop::option::weighted(0.3, 1u64..=2));
+    (models, memory, 1u32..=4, 1u32..=4, 1u64..=4, place, 0i64..4, ask).prop_map(
+        |(
+            models,
+            memory,
+            workers,
+            g,
+            price,
+            ((region, zone), rep, spread),
+            created,
+            (cpu, mem),
+        )| Request {
             models,
             min_memory_mib: [0, 40_960, 81_920][memory],
             region: region.map(|r| ["eu-west", "us-east"][r].to_owned()),
             zone: zone.map(|z| ["z1", "z2"][z].to_owned()),
             min_reputation: rep * 400,
             placement: if spread { Placement::Spread } else { Placement::Pack },
+            per_worker: WorkerAsk {
+                cpu_millicores: cpu.map(|c| 4_000 * c),
+                memory_bytes: mem.map(|m| (32 * m) << 30),
+            },
             created,
             ..mk_request("", workers, g, price * DOLLAR)
         },
@@ -458,6 +568,12 @@ proptest! {
                 prop_assert!(accepts(offer, request), "{} breaks a constraint of {}", offer.node, key);
                 prop_assert_eq!(worker.price_per_gpu_hour, offer.price_per_gpu_hour);
                 prop_assert_eq!(worker.gpus.len(), request.gpus_per_worker as usize);
+                let share = offer.worker_share(request.gpus_per_worker);
+                prop_assert_eq!(worker.resources, request.per_worker.grant(share));
+                if let (Some(got), Some(share)) = (worker.resources, share) {
+                    prop_assert!(got.cpu_millicores <= share.cpu_millicores);
+                    prop_assert!(got.memory_bytes <= share.memory_bytes);
+                }
                 for gpu in &worker.gpus {
                     prop_assert!(offer.free_gpus.contains(gpu), "{} is not free on {}", gpu, offer.node);
                     prop_assert!(used.insert(gpu.clone()), "{} assigned twice", gpu);
@@ -478,6 +594,29 @@ proptest! {
             })
             .sum();
         prop_assert!(cost >= best_total(&offers, &served).expect("the engine served them"));
+    }
+
+    #[test]
+    fn shares_of_one_node_never_add_up_to_more_than_it_has(
+        cpu in 1u64..=4_096_000,
+        memory in 1u64..=(64 << 40),
+        leases in prop::collection::vec(1u32..=16, 1..8),
+        spare in 0u32..4,
+    ) {
+        let node_gpus = leases.iter().sum::<u32>() + spare;
+        let allocatable = HostResources { cpu_millicores: cpu, memory_bytes: memory };
+        let shares: Vec<HostResources> =
+            leases.iter().map(|&gpus| share(allocatable, gpus, node_gpus)).collect();
+        prop_assert!(shares.iter().map(|s| s.cpu_millicores).sum::<u64>() <= cpu);
+        prop_assert!(shares.iter().map(|s| s.memory_bytes).sum::<u64>() <= memory);
+        // Rounded down by less than a millicore or byte each.
+        for (s, &gpus) in shares.iter().zip(&leases) {
+            let exact = u128::from(cpu) * u128::from(gpus);
+            prop_assert!(u128::from(s.cpu_millicores) * u128::from(node_gpus) <= exact);
+            prop_assert!(u128::from(s.cpu_millicores + 1) * u128::from(node_gpus) > exact);
+        }
+        // The whole node's GPUs take the whole node.
+        prop_assert_eq!(share(allocatable, node_gpus, node_gpus), allocatable);
     }
 
     #[test]
