@@ -147,14 +147,17 @@ fn leftovers(dir: &Path, slot: u8) -> Vec<String> {
     let links = String::from_utf8_lossy(&links.stdout).into_owned();
     left.extend(links.lines().filter(|l| l.contains(&bridge)).map(|l| format!("link {l}")));
     let subnet = format!("10.244.{slot}.");
-    let rules = Command::new("iptables-save").output().map(|o| o.stdout).unwrap_or_default();
-    let rules = String::from_utf8_lossy(&rules).into_owned();
-    left.extend(
-        rules
-            .lines()
-            .filter(|l| l.contains(&bridge) || l.contains(&subnet) || l.contains("KUBE-"))
-            .map(|l| format!("iptables {l}")),
-    );
+    // kube-proxy runs dual-stack: its chains are in both families.
+    for save in ["iptables-save", "ip6tables-save"] {
+        let rules = Command::new(save).output().map(|o| o.stdout).unwrap_or_default();
+        let rules = String::from_utf8_lossy(&rules).into_owned();
+        left.extend(
+            rules
+                .lines()
+                .filter(|l| l.contains(&bridge) || l.contains(&subnet) || l.contains("KUBE-"))
+                .map(|l| format!("{save}: {l}")),
+        );
+    }
     let table = routing_table(slot).to_string();
     let ip = |args: &[&str]| {
         let out = Command::new("ip").args(args).output().unwrap();
