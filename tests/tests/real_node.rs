@@ -240,7 +240,15 @@ async fn real_node_pods_reach_services_nothing_leaves_the_host_and_it_stops_clea
     let pods: Api<Pod> = Api::namespaced(env.client().await.unwrap(), &namespace);
     assert_eq!(pods.logs("web", &Default::default()).await.unwrap(), "");
 
-    // The Service's name, asked of the kube-dns ClusterIP (the pod's nameserver) from the pod.
+    // The Service's name, asked of the kube-dns ClusterIP (the pods' nameserver) from the pod.
+    let sandboxes = env.dir().join("real-node/containerd/io.containerd.grpc.v1.cri/sandboxes");
+    let sandboxes: Vec<_> =
+        std::fs::read_dir(&sandboxes).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(sandboxes.len(), 2, "web's and client's sandboxes: {sandboxes:?}");
+    for sandbox in sandboxes {
+        let resolv_conf = std::fs::read_to_string(sandbox.join("resolv.conf")).unwrap();
+        assert!(resolv_conf.contains(&format!("nameserver {DNS_SERVICE_IP}\n")), "{resolv_conf}");
+    }
     let web_service = json!({"selector": {"app": "web"}, "ports": [{"port": 80}]});
     let cluster_ip = create_service(&env, &namespace, "web", web_service).await;
     let name = format!("web.{namespace}.svc.{CLUSTER_DOMAIN}");
