@@ -1,5 +1,5 @@
 //! The environment's PKI: one CA, the API server's serving certificate, an admin client
-//! certificate (`system:masters`), the real node's kubelet client certificate and the
+//! certificate (`system:masters`), the real node's kubelet and kube-proxy client certificates and the
 //! service-account signing key, written as PEM files.
 
 use std::path::{Path, PathBuf};
@@ -23,6 +23,10 @@ pub struct Pki {
     /// wants it: `system:node:<name>` in `system:nodes`.
     pub node_cert: PathBuf,
     pub node_key: PathBuf,
+    /// The real node's kube-proxy: `system:kube-proxy`, which the built-in
+    /// `system:node-proxier` binding authorizes.
+    pub proxy_cert: PathBuf,
+    pub proxy_key: PathBuf,
     pub service_account_key: PathBuf,
     pub service_account_public_key: PathBuf,
 }
@@ -87,6 +91,7 @@ impl Pki {
         let (admin_cert, admin_key) = client("gpumarket-admin", "system:masters")?;
         let node_user = format!("system:node:{}", crate::real_node::NODE_NAME);
         let (node_cert, node_key) = client(&node_user, "system:nodes")?;
+        let (proxy_cert, proxy_key) = client("system:kube-proxy", "gpumarket-env")?;
 
         let service_account = KeyPair::generate()?;
         Ok(Pki {
@@ -98,6 +103,8 @@ impl Pki {
             admin_key: write("admin.key", admin_key)?,
             node_cert: write("node.crt", node_cert)?,
             node_key: write("node.key", node_key)?,
+            proxy_cert: write("kube-proxy.crt", proxy_cert)?,
+            proxy_key: write("kube-proxy.key", proxy_key)?,
             service_account_key: write("service-account.key", service_account.serialize_pem())?,
             service_account_public_key: write(
                 "service-account.pub",

@@ -18,7 +18,8 @@ use crate::tools::Tools;
 /// The largest object etcd accepts; above the API server's own 3 MiB request limit so that
 /// large CRDs (KubeRay's RayCluster is close to 1 MiB, stored with managed fields) fit.
 const ETCD_MAX_REQUEST_BYTES: u32 = 4 * 1024 * 1024;
-const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The Services' ClusterIPs (the same in every environment).
+pub(crate) const SERVICE_CIDR: &str = "10.96.0.0/16";
 const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
 /// A started control plane.
@@ -46,7 +47,7 @@ pub async fn start(
     };
     let server = format!("https://127.0.0.1:{apiserver_port}");
     let kubeconfig = dir.join("kubeconfig");
-    write_kubeconfig(&kubeconfig, &server, &pki)?;
+    write_kubeconfig(&kubeconfig, &server, &pki.ca_cert, &pki.admin_cert, &pki.admin_key)?;
 
     let etcd_url = format!("http://127.0.0.1:{etcd_client}");
     let peer_url = format!("http://127.0.0.1:{etcd_peer}");
@@ -127,19 +128,23 @@ pub async fn client(kubeconfig: &Path) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<()> {
+/// A kubeconfig for `server` authenticating with a client certificate.
+pub(crate) fn write_kubeconfig(
+    path: &Path,
+    server: &str,
+    ca_cert: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<()> {
     let config = json!({
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "gpumarket", "cluster": {
             "server": server,
-            "certificate-authority": pki.ca_cert,
+            "certificate-authority": ca_cert,
         }}],
-        "users": [{"name": "admin", "user": {
-            "client-certificate": pki.admin_cert,
-            "client-key": pki.admin_key,
-        }}],
-        "contexts": [{"name": "gpumarket", "context": {"cluster": "gpumarket", "user": "admin"}}],
+        "users": [{"name": "user", "user": {"client-certificate": cert, "client-key": key}}],
+        "contexts": [{"name": "gpumarket", "context": {"cluster": "gpumarket", "user": "user"}}],
         "current-context": "gpumarket",
     });
     std::fs::write(path, serde_yaml::to_string(&config)?)

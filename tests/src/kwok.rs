@@ -25,6 +25,10 @@ pub const MEMORY_LABEL: &str = "gpumarket.io/gpu-memory-mib";
 const STAGES: &[&str] =
     &["node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-complete", "pod-delete"];
 
+/// The addresses KWOK gives its pods (room for many: the default /24 has 254). Nothing is
+/// there: the real node's routing keeps traffic to them on the host.
+pub(crate) const POD_CIDR: &str = "10.0.0.0/16";
+
 pub fn start(dir: &Path, tools: &Tools, kubeconfig: &Path, reaper: &Reaper) -> Result<Process> {
     let mut kwok = tools.command("kwok")?;
     kwok.arg(format!("--kubeconfig={}", kubeconfig.display()))
@@ -34,8 +38,7 @@ pub fn start(dir: &Path, tools: &Tools, kubeconfig: &Path, reaper: &Reaper) -> R
             KWOK_NODE_ANNOTATION.0, KWOK_NODE_ANNOTATION.1
         ))
         .arg("--node-lease-duration-seconds=40")
-        // Room for many pods (the default /24 has 254 addresses).
-        .arg("--cidr=10.0.0.0/16");
+        .arg(format!("--cidr={POD_CIDR}"));
     for stage in STAGES {
         let file = tools.kwok_stages.join(format!("{stage}.yaml"));
         if !file.is_file() {

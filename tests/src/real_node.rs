@@ -7,15 +7,26 @@
 //! `10.244.<slot>.1/24`, the cgroup `/gpumarket-real-<slot>` of its pods, the CNI network
 //! `gpumarket-real-<slot>`. The rest lives in the environment's directory.
 //!
-//! Nothing is routed off the host: the bridge is not a gateway (no IP forwarding, no
-//! masquerading), so pods reach each other on the bridge and the host at the bridge address,
-//! and nothing else. That is also why there is no kube-proxy: a Service's ClusterIP, rewritten
-//! on the host to a pod's address, would have to be forwarded by the host, and turning
-//! forwarding on is host-wide. Service *names* resolve (CoreDNS), their ClusterIPs do not carry
-//! traffic.
+//! kube-proxy (iptables mode) makes Services' ClusterIPs work, and nothing is routed off the
+//! host. Pods' default route is the bridge address, so a packet to a ClusterIP reaches the
+//! host, whose DNAT rewrites it to an endpoint; forwarding is on for the bridge only (IPv4
+//! decides by the input device), never host-wide, and nothing is masqueraded. A policy rule
+//! sends everything *from* the pod subnet (pods, and the host's own packets from the bridge
+//! address) to a routing table of the slot holding only the subnet and `blackhole default`:
+//! after any DNAT, only the bridge and the host's own addresses are reachable. The host's own
+//! packets to a ClusterIP are routed to the bridge (taking the bridge address as source, so
+//! the rule applies once DNAT has rerouted them), and those to KWOK's pod addresses to a
+//! blackhole, never to the default route. The pods' nameserver is the `kube-dns` Service
+//! ([`DNS_SERVICE_IP`]), selector-less, whose EndpointSlice names CoreDNS at the bridge address.
+//!
+//! Global, not per slot: kube-proxy's and the kubelet's iptables chains (fixed names: two
+//! real nodes at once would overwrite each other's Service rules, and either's cleanup removes
+//! both), the ClusterIP range and KWOK's pod range (the same in every environment; each slot
+//! adds its own routes for them, with its own metric), `kube-dns` in each environment's API.
 //!
 //! What killing the processes leaves (pod processes, their shims, mounts, network namespaces,
-//! the bridge, cgroups, the kubelet's iptables chains) is removed by `cleanup.sh`, which the environment's reaper runs however
+//! the bridge, cgroups, the kubelet's and kube-proxy's iptables chains, the slot's routes and
+//! policy rule) is removed by `cleanup.sh`, which the environment's reaper runs however
 //! the environment ends (see [`crate::process`]). It also runs before a start, which clears the
 //! slot-named leftovers (pod processes and cgroups, the bridge) of an earlier environment whose
 //! reaper could not finish; its mounts and shims are that reaper's to remove.
@@ -27,11 +38,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
+use kube::api::PostParams;
 use serde_json::json;
 
-use crate::control_plane::ControlPlane;
+use crate::control_plane::{ControlPlane, SERVICE_CIDR, write_kubeconfig};
 use crate::process::{Process, Reaper};
 use crate::tools::{Tools, cache_dir};
 
@@ -40,6 +53,8 @@ pub const NODE_NAME: &str = "gpumarket-real-0";
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// Image of every pod sandbox; `hack/images/build.sh pause` builds it.
 pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10.2";
+/// The ClusterIP of `kube-dns` in kube-system: the pods' nameserver (CoreDNS behind it).
+pub const DNS_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Parallel environments with a real node, at most.
 const SLOTS: u8 = 16;
 
@@ -62,10 +77,16 @@ pub struct RealNode {
 }
 
 impl RealNode {
-    /// CoreDNS, as the pods' `/etc/resolv.conf` names it.
+    /// CoreDNS on the bridge (pods' `/etc/resolv.conf` names [`DNS_SERVICE_IP`], in front of it).
     pub fn dns(&self) -> SocketAddr {
         SocketAddr::from((self.host_address, 53))
     }
+}
+
+/// The slot's routing table for traffic from its pod subnet; also its policy rule's priority
+/// and the metric of its routes for the ClusterIP and KWOK ranges.
+pub fn routing_table(slot: u8) -> u32 {
+    2440 + u32::from(slot)
 }
 
 /// Paths of one real node under `<env>/real-node`.
@@ -127,11 +148,17 @@ pub async fn start(
         netns_dir: layout.netns_dir(),
         _slot_lock: slot_lock,
     };
-    std::fs::write(&layout.cleanup, cleanup_script(&layout, &node))?;
+    std::fs::write(&layout.cleanup, cleanup_script(&layout, tools, &node))?;
     // What an earlier environment of this slot may have left, then ours whenever we end.
     run("sh", [layout.cleanup.as_os_str()])?;
     reaper.run_at_end(&layout.cleanup)?;
     create_bridge(&node)?;
+    for command in confine_commands(&node) {
+        run("ip", command)?;
+    }
+    // The bridge's own flag (deleted with it): IPv4 forwards by the input device's.
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{}/forwarding", node.bridge), "1")
+        .context("turning on forwarding for the bridge")?;
 
     let logs = dir.join("logs");
     let client = crate::control_plane::client(&control_plane.kubeconfig).await?;
@@ -140,8 +167,11 @@ pub async fn start(
     wait_for_containerd(&layout, tools, processes).await?;
     import_pause_image(&layout, tools)?;
     processes.push(start_kubelet(&layout, tools, control_plane, &node, reaper, &logs)?);
+    create_dns_service(&client, &node).await?;
+    processes.push(start_kube_proxy(&layout, tools, control_plane, &node, reaper, &logs)?);
     wait_dns_ready(&node, processes).await?;
     wait_node_ready(&Api::all(client), processes, Duration::from_secs(120)).await?;
+    wait_service_proxied(&DNS_SERVICE_IP.to_string(), processes, Duration::from_secs(60)).await?;
     Ok(node)
 }
 
@@ -171,7 +201,7 @@ fn claim_slot() -> Result<(u8, File)> {
 }
 
 /// The shell script that removes what the node's processes leave when killed. Idempotent.
-fn cleanup_script(layout: &Layout, node: &RealNode) -> String {
+fn cleanup_script(layout: &Layout, tools: &Tools, node: &RealNode) -> String {
     let cgroup = format!("gpumarket-real-{}", node.slot);
     format!(
         r#"# Written by gpumarket-tests (real_node.rs): what a killed real node leaves behind.
@@ -204,6 +234,13 @@ for c in /sys/fs/cgroup/*/"$cgroup"; do
   [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {{}} \; 2>/dev/null
 done
 ip link delete '{bridge}' 2>/dev/null
+# The slot's policy rule and routing table, and its routes for the ClusterIP range (gone
+# with the bridge) and KWOK's pods.
+while ip rule del pref {table} 2>/dev/null; do :; done
+ip route flush table {table} 2>/dev/null
+while ip route del blackhole '{kwok}' metric {table} 2>/dev/null; do :; done
+# kube-proxy's chains (the same names for every kube-proxy: see the module docs).
+'{kube_proxy}' --cleanup >/dev/null 2>&1
 # The kubelet's chains (the same names for every kubelet: a parallel environment's kubelet
 # makes its own again).
 for cmd in iptables ip6tables; do
@@ -224,6 +261,9 @@ exit 0
         tasks = layout.containerd_state.join("io.containerd.runtime.v2.task/k8s.io").display(),
         bridge = node.bridge,
         network = network_name(node),
+        table = routing_table(node.slot),
+        kwok = crate::kwok::POD_CIDR,
+        kube_proxy = tools.bin.join("kube-proxy").display(),
     )
 }
 
@@ -236,6 +276,20 @@ fn create_bridge(node: &RealNode) -> Result<()> {
     run("ip", ["link", "add", "name", bridge, "type", "bridge"])?;
     run("ip", ["addr", "add", &format!("{}/24", node.host_address), "dev", bridge])?;
     run("ip", ["link", "set", bridge, "up"])
+}
+
+/// The `ip` commands that keep everything from the pod subnet on the host (see the module docs).
+fn confine_commands(node: &RealNode) -> Vec<Vec<String>> {
+    let table = routing_table(node.slot).to_string();
+    let bridge = node.bridge.as_str();
+    let commands: [&[&str]; 5] = [
+        &["route", "add", &node.pod_subnet, "dev", bridge, "table", &table],
+        &["route", "add", "blackhole", "default", "table", &table],
+        &["rule", "add", "from", &node.pod_subnet, "lookup", &table, "pref", &table],
+        &["route", "add", SERVICE_CIDR, "dev", bridge, "metric", &table],
+        &["route", "add", "blackhole", crate::kwok::POD_CIDR, "metric", &table],
+    ];
+    commands.iter().map(|c| c.iter().map(|a| (*a).to_owned()).collect()).collect()
 }
 
 fn start_coredns(
@@ -283,7 +337,8 @@ fn start_containerd(
     Process::spawn(reaper, logs, "containerd", containerd)
 }
 
-/// The pods' network: a bridge that is not their gateway to anywhere (see the module docs).
+/// The pods' network: the bridge, with the host's address on it as their default route (not
+/// `isGateway`: the plugin would turn on forwarding host-wide). See the module docs.
 fn cni_config(layout: &Layout, node: &RealNode) -> serde_json::Value {
     json!({
         "cniVersion": "1.0.0",
@@ -298,9 +353,8 @@ fn cni_config(layout: &Layout, node: &RealNode) -> serde_json::Value {
                 "ipam": {
                     "type": "host-local",
                     "dataDir": layout.cni_ipam,
-                    // The gateway is only kept out of the pool: no routes, the subnet is
-                    // on-link and the host's address in it.
                     "ranges": [[{"subnet": node.pod_subnet, "gateway": node.host_address}]],
+                    "routes": [{"dst": "0.0.0.0/0", "gw": node.host_address}],
                 },
             },
         ],
@@ -409,21 +463,13 @@ fn start_kubelet(
 ) -> Result<Process> {
     let pki = &control_plane.pki;
     let kubeconfig = layout.root.join("kubelet.kubeconfig");
-    let config = json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "gpumarket", "cluster": {
-            "server": control_plane.server,
-            "certificate-authority": pki.ca_cert,
-        }}],
-        "users": [{"name": "kubelet", "user": {
-            "client-certificate": pki.node_cert,
-            "client-key": pki.node_key,
-        }}],
-        "contexts": [{"name": "gpumarket", "context": {"cluster": "gpumarket", "user": "kubelet"}}],
-        "current-context": "gpumarket",
-    });
-    std::fs::write(&kubeconfig, serde_yaml::to_string(&config)?)?;
+    write_kubeconfig(
+        &kubeconfig,
+        &control_plane.server,
+        &pki.ca_cert,
+        &pki.node_cert,
+        &pki.node_key,
+    )?;
 
     let config = layout.root.join("kubelet.yaml");
     std::fs::write(&config, serde_yaml::to_string(&kubelet_config(layout, node, pki))?)?;
@@ -459,7 +505,7 @@ fn kubelet_config(layout: &Layout, node: &RealNode, pki: &crate::certs::Pki) -> 
         "cgroupDriver": "cgroupfs",
         "cgroupRoot": format!("/gpumarket-real-{}", node.slot),
         "failSwapOn": false,
-        "clusterDNS": [node.host_address],
+        "clusterDNS": [DNS_SERVICE_IP],
         "clusterDomain": CLUSTER_DOMAIN,
         // No host search domains or nameservers in pods: only the cluster's.
         "resolvConf": "",
@@ -471,6 +517,109 @@ fn kubelet_config(layout: &Layout, node: &RealNode, pki: &crate::certs::Pki) -> 
         "registerNode": true,
         "serializeImagePulls": false,
     })
+}
+
+/// kube-proxy for the real node: Services of its pod subnet, NodePorts on the bridge address
+/// only, no health or metrics server, the host's conntrack settings left as they are.
+fn start_kube_proxy(
+    layout: &Layout,
+    tools: &Tools,
+    control_plane: &ControlPlane,
+    node: &RealNode,
+    reaper: &Reaper,
+    logs: &Path,
+) -> Result<Process> {
+    let pki = &control_plane.pki;
+    let kubeconfig = layout.root.join("kube-proxy.kubeconfig");
+    write_kubeconfig(
+        &kubeconfig,
+        &control_plane.server,
+        &pki.ca_cert,
+        &pki.proxy_cert,
+        &pki.proxy_key,
+    )?;
+    let mut proxy = tools.command("kube-proxy")?;
+    proxy.args(kube_proxy_args(node)).arg(format!("--kubeconfig={}", kubeconfig.display()));
+    Process::spawn(reaper, logs, "kube-proxy", proxy)
+}
+
+fn kube_proxy_args(node: &RealNode) -> Vec<String> {
+    vec![
+        "--proxy-mode=iptables".into(),
+        format!("--hostname-override={NODE_NAME}"),
+        format!("--cluster-cidr={}", node.pod_subnet),
+        format!("--nodeport-addresses={}/32", node.host_address),
+        "--iptables-localhost-nodeports=false".into(),
+        "--healthz-bind-address=".into(),
+        "--metrics-bind-address=".into(),
+        // 0: leave the host's conntrack table size and timeouts alone.
+        "--conntrack-max-per-core=0".into(),
+        "--conntrack-tcp-timeout-established=0".into(),
+        "--conntrack-tcp-timeout-close-wait=0".into(),
+        // Lowering it needs CAP_SYS_RESOURCE (see the containerd config).
+        "--oom-score-adj=0".into(),
+        "--iptables-min-sync-period=0".into(),
+        "--v=1".into(),
+    ]
+}
+
+/// `kube-dns` in kube-system at [`DNS_SERVICE_IP`], its endpoint CoreDNS on the bridge.
+async fn create_dns_service(client: &kube::Client, node: &RealNode) -> Result<()> {
+    let ports = [("dns", "UDP"), ("dns-tcp", "TCP")];
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "kube-dns", "labels": {"k8s-app": "kube-dns"}},
+        "spec": {
+            "clusterIP": DNS_SERVICE_IP,
+            "ports": ports.map(|(name, protocol)| json!({"name": name, "port": 53, "protocol": protocol})),
+        },
+    }))?;
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "kube-dns-coredns", "labels": {
+            "kubernetes.io/service-name": "kube-dns",
+            "endpointslice.kubernetes.io/managed-by": "gpumarket-tests",
+        }},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [node.host_address], "conditions": {"ready": true}}],
+        "ports": ports.map(|(name, protocol)| json!({"name": name, "port": 53, "protocol": protocol})),
+    }))?;
+    let params = PostParams::default();
+    Api::<Service>::namespaced(client.clone(), "kube-system")
+        .create(&params, &service)
+        .await
+        .context("creating the kube-dns Service")?;
+    Api::<EndpointSlice>::namespaced(client.clone(), "kube-system")
+        .create(&params, &slice)
+        .await
+        .context("creating kube-dns's EndpointSlice")?;
+    Ok(())
+}
+
+/// kube-proxy has written the rules of the Service at `cluster_ip`.
+pub fn service_proxied(cluster_ip: &str) -> Result<bool> {
+    let nat = Command::new("iptables-save").args(["-t", "nat"]).output()?;
+    let rule = format!("-d {cluster_ip}/32 ");
+    Ok(String::from_utf8_lossy(&nat.stdout)
+        .lines()
+        .any(|l| l.starts_with("-A KUBE-SERVICES ") && l.contains(&rule)))
+}
+
+async fn wait_service_proxied(
+    cluster_ip: &str,
+    processes: &[Process],
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        processes.iter().try_for_each(Process::ensure_running)?;
+        if service_proxied(cluster_ip)? {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "kube-proxy wrote no rule for {cluster_ip} within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The cgroup the kubelet puts its pods under, in every v1 hierarchy (it must exist; cpuset
@@ -577,10 +726,10 @@ mod tests {
         (layout, node)
     }
 
-    /// Nothing may leave the host: the bridge is no gateway (the plugin would turn on IP
-    /// forwarding host-wide), nothing is masqueraded, and pods get no route beyond the subnet.
+    /// Nothing may leave the host: the plugin is no gateway (it would turn on IP forwarding
+    /// host-wide), nothing is masqueraded; pods' one route beyond the subnet is the host.
     #[test]
-    fn pod_network_routes_nothing_off_the_host() {
+    fn pod_network_routes_only_to_the_host() {
         let (layout, node) = node(3);
         let config = cni_config(&layout, &node);
         let bridge = &config["plugins"][0];
@@ -588,19 +737,65 @@ mod tests {
         assert_eq!(bridge["bridge"], "gpmreal3");
         assert_eq!(bridge["isGateway"], false);
         assert_eq!(bridge["ipMasq"], false);
-        assert!(bridge["ipam"].get("routes").is_none());
+        assert_eq!(bridge["ipam"]["routes"], json!([{"dst": "0.0.0.0/0", "gw": "10.244.3.1"}]));
         assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");
         assert_eq!(config["plugins"].as_array().unwrap().len(), 1, "no portmap (iptables)");
+    }
+
+    /// Everything from the pod subnet looks up the slot's table, which routes the subnet and
+    /// blackholes the rest; the host's packets to ClusterIPs go to the bridge, to KWOK's pods
+    /// nowhere.
+    #[test]
+    fn pod_subnet_is_confined_to_the_bridge() {
+        let (_, node) = node(3);
+        let commands: Vec<String> = confine_commands(&node).iter().map(|c| c.join(" ")).collect();
+        assert_eq!(
+            commands,
+            [
+                "route add 10.244.3.0/24 dev gpmreal3 table 2443",
+                "route add blackhole default table 2443",
+                "rule add from 10.244.3.0/24 lookup 2443 pref 2443",
+                "route add 10.96.0.0/16 dev gpmreal3 metric 2443",
+                "route add blackhole 10.0.0.0/16 metric 2443",
+            ]
+        );
+    }
+
+    /// Only the bridge address for NodePorts, no listener beyond the host's loopback (none at
+    /// all), no host-wide conntrack change.
+    #[test]
+    fn kube_proxy_listens_nowhere_and_leaves_conntrack_alone() {
+        let (_, node) = node(3);
+        let args = kube_proxy_args(&node);
+        for expected in [
+            "--proxy-mode=iptables",
+            "--hostname-override=gpumarket-real-0",
+            "--cluster-cidr=10.244.3.0/24",
+            "--nodeport-addresses=10.244.3.1/32",
+            "--iptables-localhost-nodeports=false",
+            "--healthz-bind-address=",
+            "--metrics-bind-address=",
+            "--conntrack-max-per-core=0",
+            "--conntrack-tcp-timeout-established=0",
+            "--conntrack-tcp-timeout-close-wait=0",
+        ] {
+            assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
+        }
     }
 
     #[test]
     fn cleanup_script_is_scoped_to_the_slot_and_the_environment() {
         let (layout, node) = node(3);
-        let script = cleanup_script(&layout, &node);
+        let tools = Tools { bin: PathBuf::from("/tools/bin"), ..Tools::locate() };
+        let script = cleanup_script(&layout, &tools, &node);
         assert!(script.contains("cgroup='gpumarket-real-3'"));
         assert!(script.contains("ip link delete 'gpmreal3'"));
         assert!(script.contains("socket='/tmp/env/real-node/containerd.sock'"));
         assert!(script.contains("root='/tmp/env/real-node/'"), "mounts under the node's dir only");
         assert!(script.contains("/var/lib/cni/results/'gpumarket-real-3'-*"));
+        assert!(script.contains("while ip rule del pref 2443 "));
+        assert!(script.contains("ip route flush table 2443 "));
+        assert!(script.contains("ip route del blackhole '10.0.0.0/16' metric 2443 "));
+        assert!(script.contains("'/tools/bin/kube-proxy' --cleanup"));
     }
 }

@@ -135,10 +135,12 @@ async fn bring_up(
     );
     if let Some(node) = env.real_node() {
         println!(
-            "\nreal node {}: pods on bridge {} ({}), cluster DNS {}; containerd at {}",
+            "\nreal node {}: pods on bridge {} ({}, nothing routed off the host), kube-proxy, \
+             cluster DNS {} (kube-dns, CoreDNS at {}); containerd at {}",
             gpumarket_tests::real_node::NODE_NAME,
             node.bridge,
             node.pod_subnet,
+            gpumarket_tests::real_node::DNS_SERVICE_IP,
             node.dns(),
             node.containerd_socket.display(),
         );
