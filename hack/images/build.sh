@@ -244,7 +244,8 @@ build_binary_archive() {
     mkdir -p "$rootfs$(dirname "$lib")"
     cp -L "$lib" "$rootfs$lib"
   done < <(libraries "$binary")
-  cp -L /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
+  # Debian's Mozilla bundle only: not the build machine's local CAs (/usr/local/share/...).
+  cat /usr/share/ca-certificates/mozilla/*.crt >"$rootfs/etc/ssl/certs/ca-certificates.crt"
   # As distroless: root and the nonroot user (65532) the Dockerfile's USER names.
   printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' \
     >"$rootfs/etc/passwd"
@@ -261,10 +262,11 @@ rust_image() {
   (cd "$root" && cargo build --release --locked -q -p "$package" --bin "$bin")
   local target="${CARGO_TARGET_DIR:-$root/target}" dockerfile="$root/$dir/Dockerfile" config ref
   local binary="$target/release/$bin"
-  [[ -f /etc/ssl/certs/ca-certificates.crt ]] || die "no CA bundle (apt-get install ca-certificates)"
+  [[ -d /usr/share/ca-certificates/mozilla ]] || die "no CA certificates (apt-get install ca-certificates)"
   config="$(dockerfile_config "$dockerfile")"
   ref="$(chart_image "$component")"
-  local inputs=("$(recipe build_binary_archive libraries)" "$dockerfile" "$binary" /etc/ssl/certs/ca-certificates.crt "$ref" "$config")
+  local inputs=("$(recipe build_binary_archive libraries)" "$dockerfile" "$binary" "$ref" "$config"
+    /usr/share/ca-certificates/mozilla/*.crt)
   mapfile -t -O ${#inputs[@]} inputs < <(libraries "$binary")
   image "$image" "$(key "${inputs[@]}")" build_binary_archive "$binary" "$ref" "$config"
 }
