@@ -254,12 +254,15 @@ build_binary_archive() {
   oci_archive "$out" "$ref" "$rootfs" "$config"
 }
 
-# rust_image <image> <crate dir> <package> <binary> <chart component>
+# rust_image <image> <crate dir> <binary> <chart component>
 rust_image() {
-  local image="$1" dir="$2" package="$3" bin="$4" component="$5"
+  local image="$1" dir="$2" bin="$3" component="$4"
   command -v cargo >/dev/null || die "cargo not found"
-  log "cargo build --release -p $package --bin $bin"
-  (cd "$root" && cargo build --release --locked -q -p "$package" --bin "$bin")
+  # Both binaries in one build, always: the dependencies' features are unified the same way
+  # every time, so building one image never recompiles what the other's build left.
+  log "cargo build --release (gpumarket-controller, gpumarket-device-plugin)"
+  (cd "$root" && cargo build --release --locked -q -p gpumarket-controller \
+    --bin gpumarket-controller -p gpumarket-device-plugin --bin gpumarket-device-plugin)
   local target="${CARGO_TARGET_DIR:-$root/target}" dockerfile="$root/$dir/Dockerfile" config ref
   local binary="$target/release/$bin"
   [[ -d /usr/share/ca-certificates/mozilla ]] || die "no CA certificates (apt-get install ca-certificates)"
@@ -337,8 +340,8 @@ ray() {
 for image in "$@"; do
   case "$image" in
     pause) pause ;;
-    controller) rust_image controller controller gpumarket-controller gpumarket-controller controller ;;
-    agent) rust_image agent device-plugin gpumarket-device-plugin gpumarket-device-plugin agent ;;
+    controller) rust_image controller controller gpumarket-controller controller ;;
+    agent) rust_image agent device-plugin gpumarket-device-plugin agent ;;
     ray) ray ;;
     *) die "unknown image '$image' (pause, controller, agent, ray)" ;;
   esac
