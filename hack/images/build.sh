@@ -35,7 +35,7 @@ die() { log "error: $*"; exit 1; }
 for tool in jq sha256sum gzip tar; do
   command -v "$tool" >/dev/null || die "$tool not found on PATH"
 done
-crane="$(command -v crane || echo "$cache/tools/bin/crane")"
+crane="$(command -v crane || echo "${GPUMARKET_TOOLS_BIN:-$cache/tools/bin}/crane")"
 [[ -x "$crane" ]] || die "crane not found: build it with hack/tools/build.sh"
 mkdir -p "$images"
 # Leftovers of interrupted runs (a run in progress holds its own for far less than a day).

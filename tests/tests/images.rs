@@ -20,11 +20,11 @@ fn repo_root() -> PathBuf {
 
 /// Runs `hack/images/build.sh <image>` (cached: quick when warm) and opens the archive.
 fn build(image: &str) -> Image {
-    let tools = Tools::locate();
-    let path = format!("{}:{}", tools.bin.display(), std::env::var("PATH").unwrap_or_default());
+    // Where crane is, not on PATH: a changed PATH makes cargo rebuild release dependencies
+    // whose build scripts watch it.
     let out = Command::new(repo_root().join("hack/images/build.sh"))
         .arg(image)
-        .env("PATH", path)
+        .env("GPUMARKET_TOOLS_BIN", Tools::locate().bin)
         .output()
         .expect("running hack/images/build.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
