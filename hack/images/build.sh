@@ -35,7 +35,7 @@ die() { log "error: $*"; exit 1; }
 for tool in jq sha256sum gzip tar; do
   command -v "$tool" >/dev/null || die "$tool not found on PATH"
 done
-crane="$(command -v crane || echo "$cache/tools/bin/crane")"
+crane="$(command -v crane || echo "${GPUMARKET_TOOLS_BIN:-$cache/tools/bin}/crane")"
 [[ -x "$crane" ]] || die "crane not found: build it with hack/tools/build.sh"
 mkdir -p "$images"
 # Leftovers of interrupted runs (a run in progress holds its own for far less than a day).
@@ -244,7 +244,8 @@ build_binary_archive() {
     mkdir -p "$rootfs$(dirname "$lib")"
     cp -L "$lib" "$rootfs$lib"
   done < <(libraries "$binary")
-  cp -L /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
+  # Debian's Mozilla bundle only: not the build machine's local CAs (/usr/local/share/...).
+  cat /usr/share/ca-certificates/mozilla/*.crt >"$rootfs/etc/ssl/certs/ca-certificates.crt"
   # As distroless: root and the nonroot user (65532) the Dockerfile's USER names.
   printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' \
     >"$rootfs/etc/passwd"
@@ -253,18 +254,22 @@ build_binary_archive() {
   oci_archive "$out" "$ref" "$rootfs" "$config"
 }
 
-# rust_image <image> <crate dir> <package> <binary> <chart component>
+# rust_image <image> <crate dir> <binary> <chart component>
 rust_image() {
-  local image="$1" dir="$2" package="$3" bin="$4" component="$5"
+  local image="$1" dir="$2" bin="$3" component="$4"
   command -v cargo >/dev/null || die "cargo not found"
-  log "cargo build --release -p $package --bin $bin"
-  (cd "$root" && cargo build --release --locked -q -p "$package" --bin "$bin")
+  # Both binaries in one build, always: the dependencies' features are unified the same way
+  # every time, so building one image never recompiles what the other's build left.
+  log "cargo build --release (gpumarket-controller, gpumarket-device-plugin)"
+  (cd "$root" && cargo build --release --locked -q -p gpumarket-controller \
+    --bin gpumarket-controller -p gpumarket-device-plugin --bin gpumarket-device-plugin)
   local target="${CARGO_TARGET_DIR:-$root/target}" dockerfile="$root/$dir/Dockerfile" config ref
   local binary="$target/release/$bin"
-  [[ -f /etc/ssl/certs/ca-certificates.crt ]] || die "no CA bundle (apt-get install ca-certificates)"
+  [[ -d /usr/share/ca-certificates/mozilla ]] || die "no CA certificates (apt-get install ca-certificates)"
   config="$(dockerfile_config "$dockerfile")"
   ref="$(chart_image "$component")"
-  local inputs=("$(recipe build_binary_archive libraries)" "$dockerfile" "$binary" /etc/ssl/certs/ca-certificates.crt "$ref" "$config")
+  local inputs=("$(recipe build_binary_archive libraries)" "$dockerfile" "$binary" "$ref" "$config"
+    /usr/share/ca-certificates/mozilla/*.crt)
   mapfile -t -O ${#inputs[@]} inputs < <(libraries "$binary")
   image "$image" "$(key "${inputs[@]}")" build_binary_archive "$binary" "$ref" "$config"
 }
@@ -335,8 +340,8 @@ ray() {
 for image in "$@"; do
   case "$image" in
     pause) pause ;;
-    controller) rust_image controller controller gpumarket-controller gpumarket-controller controller ;;
-    agent) rust_image agent device-plugin gpumarket-device-plugin gpumarket-device-plugin agent ;;
+    controller) rust_image controller controller gpumarket-controller controller ;;
+    agent) rust_image agent device-plugin gpumarket-device-plugin agent ;;
     ray) ray ;;
     *) die "unknown image '$image' (pause, controller, agent, ray)" ;;
   esac
