@@ -21,8 +21,21 @@ fn repo_root() -> PathBuf {
 /// Runs `hack/images/build.sh <image>` (cached: quick when warm) and opens the archive.
 fn build(image: &str) -> Image {
     // Where crane is, not on PATH: a changed PATH makes cargo rebuild release dependencies
-    // whose build scripts watch it.
-    let out = Command::new(repo_root().join("hack/images/build.sh"))
+    // whose build scripts watch it. For the same reason the variables `cargo test` sets for
+    // this process stay out of the script's release build (hack/dev.sh warms it beforehand).
+    let mut script = Command::new(repo_root().join("hack/images/build.sh"));
+    for (name, _) in std::env::vars_os() {
+        let set_by_cargo_test = name.to_str().is_some_and(|n| {
+            n == "CARGO"
+                || n == "LD_LIBRARY_PATH"
+                || n == "OUT_DIR"
+                || (n.starts_with("CARGO_") && n != "CARGO_TARGET_DIR" && n != "CARGO_HOME")
+        });
+        if set_by_cargo_test {
+            script.env_remove(name);
+        }
+    }
+    let out = script
         .arg(image)
         .env("GPUMARKET_TOOLS_BIN", Tools::locate().bin)
         .output()
