@@ -76,8 +76,8 @@ case "${1:-}" in
     prepare
     step "building the workspace and its tests"
     cargo build --workspace --all-targets
-    step "container images (a release build of the controller and the agent; cached after the first)"
-    hack/images/build.sh pause controller agent >/dev/null
+    step "container images (release build of controller and agent, Ray from PyPI; ~25 min cold, cached)"
+    hack/images/build.sh pause controller agent ray >/dev/null
     step "running the tests"
     cargo test --workspace --no-fail-fast
     ;;
