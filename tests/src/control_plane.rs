@@ -128,8 +128,21 @@ pub async fn client(kubeconfig: &Path) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
+impl ControlPlane {
+    /// A kubeconfig at `path` for a client of this API server (kubelet, kube-proxy) that
+    /// authenticates with `cert` and `key`.
+    pub(crate) fn write_client_kubeconfig(
+        &self,
+        path: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<()> {
+        write_kubeconfig(path, &self.server, &self.pki.ca_cert, cert, key)
+    }
+}
+
 /// A kubeconfig for `server` authenticating with a client certificate.
-pub(crate) fn write_kubeconfig(
+fn write_kubeconfig(
     path: &Path,
     server: &str,
     ca_cert: &Path,

@@ -44,7 +44,7 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 
-use crate::control_plane::{ControlPlane, SERVICE_CIDR, write_kubeconfig};
+use crate::control_plane::{ControlPlane, SERVICE_CIDR};
 use crate::process::{Process, Reaper};
 use crate::tools::{Tools, cache_dir};
 
@@ -463,13 +463,7 @@ fn start_kubelet(
 ) -> Result<Process> {
     let pki = &control_plane.pki;
     let kubeconfig = layout.root.join("kubelet.kubeconfig");
-    write_kubeconfig(
-        &kubeconfig,
-        &control_plane.server,
-        &pki.ca_cert,
-        &pki.node_cert,
-        &pki.node_key,
-    )?;
+    control_plane.write_client_kubeconfig(&kubeconfig, &pki.node_cert, &pki.node_key)?;
 
     let config = layout.root.join("kubelet.yaml");
     std::fs::write(&config, serde_yaml::to_string(&kubelet_config(layout, node, pki))?)?;
@@ -531,13 +525,7 @@ fn start_kube_proxy(
 ) -> Result<Process> {
     let pki = &control_plane.pki;
     let kubeconfig = layout.root.join("kube-proxy.kubeconfig");
-    write_kubeconfig(
-        &kubeconfig,
-        &control_plane.server,
-        &pki.ca_cert,
-        &pki.proxy_cert,
-        &pki.proxy_key,
-    )?;
+    control_plane.write_client_kubeconfig(&kubeconfig, &pki.proxy_cert, &pki.proxy_key)?;
     let mut proxy = tools.command("kube-proxy")?;
     proxy.args(kube_proxy_args(node)).arg(format!("--kubeconfig={}", kubeconfig.display()));
     Process::spawn(reaper, logs, "kube-proxy", proxy)

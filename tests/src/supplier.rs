@@ -35,8 +35,8 @@ impl Supplier {
         Supplier::start_paid_to(env, client, name, region, gpus, price, SUPPLIER_WALLET).await
     }
 
-    /// [`Supplier::start`], paid to `wallet`: an agent from before offers published the node's
-    /// CPU and memory.
+    /// [`Supplier::start`], paid to `wallet`. Like `start`, its offer publishes no CPU or memory
+    /// (as an agent from before offers did).
     pub async fn start_paid_to(
         env: &Env,
         client: &Client,
