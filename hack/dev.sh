@@ -19,10 +19,11 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Debian packages the builds and tests need: jq (tool build script), libclang/compilers/perl
 # (validator's RocksDB), debootstrap (the ray image of hack/images/build.sh), libseccomp-dev
-# (runc), iptables (the real node tests check it is left clean).
+# (runc), iptables (the real node tests check it is left clean), curl (the Ray job test talks to
+# Ray's dashboard).
 install_packages() {
   local missing=()
-  for pkg in jq build-essential libclang-dev perl pkg-config debootstrap libseccomp-dev iptables; do
+  for pkg in jq build-essential libclang-dev perl pkg-config debootstrap libseccomp-dev iptables curl; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   ((${#missing[@]})) || return 0

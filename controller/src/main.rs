@@ -10,6 +10,7 @@ use clap::Parser;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+use gpumarket_controller::raycluster::HeadPlacement;
 use gpumarket_controller::runtime::leader::Fence;
 use gpumarket_controller::settlement::stake::parse_min_per_gpu;
 use gpumarket_controller::settlement::{SettlementConfig, Settler, StakePolicy};
@@ -41,6 +42,16 @@ struct Args {
     /// failure, unbilled, and its workers are placed elsewhere (e.g. 10m).
     #[arg(long, env = "GPUMARKET_PROVISIONING_TIMEOUT", default_value = "10m", value_parser = duration)]
     provisioning_timeout: Duration,
+
+    /// Ray heads run only on nodes with this label (KEY=VALUE, repeatable); by default on any
+    /// node without a taint.
+    #[arg(long = "head-node-selector", env = "GPUMARKET_HEAD_NODE_SELECTOR", value_delimiter = ',', value_parser = parse_label)]
+    head_node_selector: Vec<(String, String)>,
+
+    /// Ray heads tolerate taints with this key (repeatable), e.g. gpumarket.io/supplier where the
+    /// only nodes are suppliers' (an all-in-one cluster).
+    #[arg(long = "head-toleration", env = "GPUMARKET_HEAD_TOLERATIONS", value_delimiter = ',')]
+    head_tolerations: Vec<String>,
 
     /// Elect a leader through a coordination.k8s.io Lease before reconciling and settling, so
     /// that two replicas (a rolling update's surge pod among them) never pay at once; turn off
@@ -112,6 +123,13 @@ struct Args {
     simulated_wallet: String,
 }
 
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.into(), value.into())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
@@ -152,6 +170,10 @@ async fn main() -> anyhow::Result<()> {
         settings: Settings {
             heartbeat_timeout: args.heartbeat_timeout,
             provisioning_timeout: args.provisioning_timeout,
+            head_placement: HeadPlacement {
+                node_selector: args.head_node_selector.iter().cloned().collect(),
+                tolerated_taints: args.head_tolerations.clone(),
+            },
             ..Settings::default()
         },
         metrics_addr: Some(args.metrics_addr),

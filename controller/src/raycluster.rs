@@ -50,10 +50,25 @@ pub fn worker_group_name(lease: &GpuLease) -> String {
     format!("{}-{suffix}", node.trim_end_matches(['-', '.']))
 }
 
-/// The desired RayCluster: a head group (CPU only, never on a market node) and one worker
+/// Where the market's operator runs Ray heads (the buyer has no say: a head tolerating the
+/// supplier taint would run on a supplier's CPUs unpaid). Empty, the default: on any node
+/// without a taint, so never on a market node. An all-in-one cluster whose only real node is a
+/// supplier's (the local environment's) selects it and tolerates the taint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeadPlacement {
+    pub node_selector: BTreeMap<String, String>,
+    /// Keys of taints the head tolerates (any value and effect).
+    pub tolerated_taints: Vec<String>,
+}
+
+/// The desired RayCluster: a head group (CPU only, placed as `head` says) and one worker
 /// group per active lease, pinned to the lease's node and tolerating the supplier taint.
 /// Leases are taken in name order so the output does not depend on list order.
-pub fn build_ray_cluster(cluster: &GpuCluster, leases: &[&GpuLease]) -> Result<Value> {
+pub fn build_ray_cluster(
+    cluster: &GpuCluster,
+    leases: &[&GpuLease],
+    head: &HeadPlacement,
+) -> Result<Value> {
     let ray = &cluster.spec.ray;
     let image = ray.image.clone().unwrap_or_else(|| format!("rayproject/ray:{}-gpu", ray.version));
     let owner = cluster
@@ -66,7 +81,7 @@ pub fn build_ray_cluster(cluster: &GpuCluster, leases: &[&GpuLease]) -> Result<V
     // whose owner has root, and Ray needs no Kubernetes API.
     let head_resources =
         with_gpus(ray.head_resources.clone().unwrap_or_else(default_head_resources), 0);
-    let head_pod = json!({
+    let mut head_pod = json!({
         "automountServiceAccountToken": false,
         "containers": [{
             "name": "ray-head",
@@ -79,6 +94,17 @@ pub fn build_ray_cluster(cluster: &GpuCluster, leases: &[&GpuLease]) -> Result<V
             ],
         }],
     });
+    if !head.node_selector.is_empty() {
+        head_pod["nodeSelector"] = json!(head.node_selector);
+    }
+    if !head.tolerated_taints.is_empty() {
+        let tolerations: Vec<Value> = head
+            .tolerated_taints
+            .iter()
+            .map(|key| json!({"key": key, "operator": "Exists"}))
+            .collect();
+        head_pod["tolerations"] = json!(tolerations);
+    }
 
     let overrides = ray.worker.clone().unwrap_or_default();
     let mut sorted: Vec<&GpuLease> = leases.to_vec();
@@ -242,7 +268,7 @@ mod tests {
         let cluster = mk_cluster("train", 3, 2);
         let a = mk_lease(&cluster, "node-a", &["g1", "g2", "g3", "g4"], 2);
         let b = mk_lease(&cluster, "node-b", &["g9", "g8"], 1);
-        let rc = build_ray_cluster(&cluster, &[&b, &a]).expect("builds");
+        let rc = build_ray_cluster(&cluster, &[&b, &a], &HeadPlacement::default()).expect("builds");
 
         let groups = rc["spec"]["workerGroupSpecs"].as_array().expect("groups");
         assert_eq!(groups.len(), 2);
@@ -276,10 +302,28 @@ mod tests {
         assert_eq!(rc["metadata"]["ownerReferences"][0]["controller"], true);
     }
 
+    /// The operator's placement goes to the head only: workers stay pinned to their leases.
+    #[test]
+    fn head_goes_where_the_operator_places_it() {
+        let cluster = mk_cluster("train", 1, 1);
+        let lease = mk_lease(&cluster, "node-a", &["g1"], 1);
+        let placement = HeadPlacement {
+            node_selector: BTreeMap::from([("pool".into(), "heads".into())]),
+            tolerated_taints: vec![SUPPLIER_TAINT.into()],
+        };
+        let rc = build_ray_cluster(&cluster, &[&lease], &placement).expect("builds");
+        let head = &rc["spec"]["headGroupSpec"]["template"]["spec"];
+        assert_eq!(head["nodeSelector"], json!({"pool": "heads"}));
+        assert_eq!(head["tolerations"], json!([{"key": SUPPLIER_TAINT, "operator": "Exists"}]));
+        let worker = &rc["spec"]["workerGroupSpecs"][0]["template"]["spec"];
+        assert!(worker.get("nodeSelector").is_none());
+        assert_eq!(worker["tolerations"].as_array().map(Vec::len), Some(1));
+    }
+
     #[test]
     fn head_is_cpu_only_off_market_nodes_and_no_pod_gets_a_token() {
         let mut cluster = mk_cluster("train", 1, 1);
-        let rc = build_ray_cluster(&cluster, &[]).expect("builds");
+        let rc = build_ray_cluster(&cluster, &[], &HeadPlacement::default()).expect("builds");
         let head = &rc["spec"]["headGroupSpec"]["template"]["spec"];
         assert!(head["containers"][0]["resources"]["limits"].get(GPU_RESOURCE).is_none());
         assert!(head.get("tolerations").is_none());
@@ -290,7 +334,7 @@ mod tests {
         cluster.spec.ray.head_gpus = 1;
         cluster.spec.ray.image = Some("my/ray:custom".into());
         let lease = mk_lease(&cluster, "node-a", &["g1"], 1);
-        let rc = build_ray_cluster(&cluster, &[&lease]).expect("builds");
+        let rc = build_ray_cluster(&cluster, &[&lease], &HeadPlacement::default()).expect("builds");
         let head = &rc["spec"]["headGroupSpec"]["template"]["spec"];
         assert!(head["containers"][0]["resources"]["limits"].get(GPU_RESOURCE).is_none());
         assert!(head.get("tolerations").is_none());
@@ -324,7 +368,7 @@ mod tests {
             ]),
         });
         let lease = mk_lease(&cluster, "node-a", &["g1", "g2", "g3", "g4"], 1);
-        let rc = build_ray_cluster(&cluster, &[&lease]).expect("builds");
+        let rc = build_ray_cluster(&cluster, &[&lease], &HeadPlacement::default()).expect("builds");
         let group = &rc["spec"]["workerGroupSpecs"][0];
         let container = &group["template"]["spec"]["containers"][0];
         assert_eq!(container["resources"]["limits"]["cpu"], "8");
@@ -357,7 +401,8 @@ mod tests {
             Some(HostResources { cpu_millicores: 12_500, memory_bytes: 68_719_476_736 });
         let mut small = mk_lease(&cluster, "node-b", &["g9"], 1);
         small.spec.worker_resources = Some(HostResources { cpu_millicores: 500, memory_bytes: 1 });
-        let rc = build_ray_cluster(&cluster, &[&lease, &small]).expect("builds");
+        let rc = build_ray_cluster(&cluster, &[&lease, &small], &HeadPlacement::default())
+            .expect("builds");
 
         let group = |node: &str| {
             rc["spec"]["workerGroupSpecs"]
@@ -389,7 +434,7 @@ mod tests {
     fn a_lease_without_cpu_or_memory_leaves_the_worker_as_the_buyer_wrote_it() {
         let cluster = mk_cluster("train", 1, 1);
         let lease = mk_lease(&cluster, "node-a", &["g1"], 1);
-        let rc = build_ray_cluster(&cluster, &[&lease]).expect("builds");
+        let rc = build_ray_cluster(&cluster, &[&lease], &HeadPlacement::default()).expect("builds");
         let group = &rc["spec"]["workerGroupSpecs"][0];
         let res = &group["template"]["spec"]["containers"][0]["resources"];
         assert_eq!(res["limits"], json!({GPU_RESOURCE: "1"}));
@@ -402,8 +447,8 @@ mod tests {
         let a = mk_lease(&cluster, "node-a", &["g1"], 1);
         let b = mk_lease(&cluster, "node-b", &["g2"], 1);
         assert_eq!(
-            build_ray_cluster(&cluster, &[&a, &b]).ok(),
-            build_ray_cluster(&cluster, &[&b, &a]).ok()
+            build_ray_cluster(&cluster, &[&a, &b], &HeadPlacement::default()).ok(),
+            build_ray_cluster(&cluster, &[&b, &a], &HeadPlacement::default()).ok()
         );
     }
 

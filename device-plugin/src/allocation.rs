@@ -207,6 +207,10 @@ pub fn check_allocation<'a>(
 /// CDI vendor/class of NVIDIA GPUs (the NVIDIA container toolkit's CDI spec names them so).
 pub const CDI_KIND: &str = "nvidia.com/gpu";
 
+/// The container's GPUs, by uuid, for the workload itself (which GPUs it was given, whatever
+/// the runtime does with `NVIDIA_VISIBLE_DEVICES`).
+pub const GPU_UUIDS_ENV: &str = "GPUMARKET_GPU_UUIDS";
+
 /// What a container receives for `device_ids`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerDevices {
@@ -216,7 +220,8 @@ pub struct ContainerDevices {
 }
 
 /// `NVIDIA_VISIBLE_DEVICES` with the uuids (the NVIDIA container runtime's interface) and, with
-/// CDI, `nvidia.com/gpu=<uuid>` devices. Unknown ids are refused: the kubelet may only hand
+/// CDI, `nvidia.com/gpu=<uuid>` devices; [`GPU_UUIDS_ENV`] with the uuids either way (a CDI
+/// spec sets `NVIDIA_VISIBLE_DEVICES=void`). Unknown ids are refused: the kubelet may only hand
 /// out devices this plugin listed.
 pub fn container_devices(
     inventory: &Inventory,
@@ -229,7 +234,11 @@ pub fn container_devices(
             uuids(inventory).join(", ")
         ));
     }
-    let envs = HashMap::from([("NVIDIA_VISIBLE_DEVICES".to_string(), device_ids.join(","))]);
+    let uuids = device_ids.join(",");
+    let envs = HashMap::from([
+        ("NVIDIA_VISIBLE_DEVICES".to_string(), uuids.clone()),
+        (GPU_UUIDS_ENV.to_string(), uuids),
+    ]);
     let cdi_devices = if cdi {
         device_ids.iter().map(|id| format!("{CDI_KIND}={id}")).collect()
     } else {
@@ -504,9 +513,11 @@ mod tests {
         let inv = inventory(2, &[]);
         let plain = container_devices(&inv, &ids(&[0, 1]), false).expect("known devices");
         assert_eq!(plain.envs.get("NVIDIA_VISIBLE_DEVICES").map(String::as_str), Some("G0,G1"));
+        assert_eq!(plain.envs.get(GPU_UUIDS_ENV).map(String::as_str), Some("G0,G1"));
         assert!(plain.cdi_devices.is_empty());
         let cdi = container_devices(&inv, &ids(&[1]), true).expect("known devices");
         assert_eq!(cdi.cdi_devices, vec!["nvidia.com/gpu=G1".to_string()]);
+        assert_eq!(cdi.envs.get(GPU_UUIDS_ENV).map(String::as_str), Some("G1"));
         let error = container_devices(&inv, &ids(&[7]), false).expect_err("unknown device");
         assert!(error.contains("unknown device G7"), "{error}");
     }

@@ -29,6 +29,8 @@ pub struct ControlPlane {
     pub kubeconfig: PathBuf,
     /// The API server's URL.
     pub server: String,
+    /// The API server's port, on loopback.
+    pub port: u16,
     pub pki: Pki,
 }
 
@@ -117,7 +119,7 @@ pub async fn start(
     processes.push(Process::spawn(reaper, &logs, "kube-scheduler", scheduler)?);
 
     wait_ready(&kubeconfig, processes).await?;
-    Ok(ControlPlane { kubeconfig, server, pki })
+    Ok(ControlPlane { kubeconfig, server, port: apiserver_port, pki })
 }
 
 /// A client for the admin identity of a kubeconfig written by this module.

@@ -10,10 +10,12 @@
 
 pub mod certs;
 pub mod chaos;
+pub mod chart;
 pub mod control_plane;
 pub mod crds;
 pub mod demo;
 pub mod dns;
+pub mod images;
 pub mod kwok;
 pub mod node_mix;
 pub mod ports;

@@ -18,8 +18,16 @@
 //! the rule applies once DNAT has rerouted them), and those to KWOK's pod addresses to a
 //! blackhole, never to the default route. The pods' nameserver is the `kube-dns` Service
 //! ([`DNS_SERVICE_IP`]), selector-less, whose EndpointSlice names CoreDNS at the bridge address.
+//! The API server listens on loopback only: a relay on the bridge address ([`RealNode::expose`])
+//! is the `kubernetes` Service's endpoint, so in-cluster clients (the chart's pods) reach it.
 //!
-//! Global, not per slot: kube-proxy's and the kubelet's iptables chains (fixed names: two
+//! GPUs: [`FAKE_GPUS`] fake ones, described for the agent's fake source in
+//! [`RealNode::fake_gpus`], whose device nodes (`dev/nvidia<i>`, `dev/nvidiactl` under
+//! [`RealNode::fake_gpu_root`]) are character devices like `/dev/null`; containerd reads CDI
+//! specs from [`RealNode::cdi_spec_dir`], where the agent writes the spec naming them.
+//!
+//! Global, not per slot: the kubelet's device-plugin directory ([`DEVICE_PLUGIN_DIR`], fixed
+//! in the kubelet, unlike the rest of its root), kube-proxy's and the kubelet's iptables chains (fixed names: two
 //! real nodes at once would overwrite each other's Service rules, and either's cleanup removes
 //! both), the ClusterIP range and KWOK's pod range (the same in every environment; each slot
 //! adds its own routes for them, with its own metric), `kube-dns` in each environment's API.
@@ -46,6 +54,7 @@ use serde_json::json;
 
 use crate::control_plane::{ControlPlane, SERVICE_CIDR};
 use crate::process::{Process, Reaper};
+use crate::relay::Relay;
 use crate::tools::{Tools, cache_dir};
 
 /// The real node's name (its kubelet's client certificate is made for it, see [`crate::certs`]).
@@ -57,6 +66,15 @@ pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10.2";
 pub const DNS_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Parallel environments with a real node, at most.
 const SLOTS: u8 = 16;
+/// Where the kubelet serves device plugins (`kubelet.sock`) and they theirs: the same for
+/// every kubelet, whatever its root directory.
+pub const DEVICE_PLUGIN_DIR: &str = "/var/lib/kubelet/device-plugins";
+/// The real node's (fake) GPUs.
+pub const FAKE_GPUS: usize = 2;
+/// Where containers given the fake GPUs find the driver's library (a CDI mount).
+pub const FAKE_DRIVER_LIBRARY: &str = "/usr/lib/libcuda.so.1";
+/// Their model, as the agent's fake source reports it.
+pub const FAKE_GPU_PRODUCT: &str = "NVIDIA H100 80GB HBM3";
 
 /// A running real node. See the module documentation.
 #[derive(Debug)]
@@ -72,14 +90,45 @@ pub struct RealNode {
     pub containerd_socket: PathBuf,
     /// Where containerd mounts pod network namespaces (`cni-<uuid>` files).
     pub netns_dir: PathBuf,
+    /// The directory containerd reads CDI specs from.
+    pub cdi_spec_dir: PathBuf,
+    /// Stands in for the node's `/` for its fake GPUs' files (`hostRoot` of [`Self::fake_gpus`]).
+    pub fake_gpu_root: PathBuf,
+    /// The fake source's file of the node's GPUs (`--source fake:<path>`).
+    pub fake_gpus: PathBuf,
     /// Held while the slot is in use.
     _slot_lock: File,
+    /// The API server on the bridge address (see the module docs).
+    api_relay: Option<Relay>,
 }
 
 impl RealNode {
     /// CoreDNS on the bridge (pods' `/etc/resolv.conf` names [`DNS_SERVICE_IP`], in front of it).
     pub fn dns(&self) -> SocketAddr {
         SocketAddr::from((self.host_address, 53))
+    }
+
+    /// A relay on the bridge address, at the same port, to a server that listens on loopback
+    /// only: pods reach it at `<host_address>:<port>`. It stops when dropped.
+    pub async fn expose(&self, port: u16) -> Result<Relay> {
+        let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        Relay::listen(SocketAddr::from((self.host_address, port)), target)
+            .await
+            .with_context(|| format!("listening on {}:{port}", self.host_address))
+    }
+
+    /// Import an OCI image archive (`hack/images/build.sh`) into the CRI's image store.
+    pub fn import_image(&self, tools: &Tools, archive: &Path) -> Result<()> {
+        let mut import = ctr(&self.containerd_socket, tools)?;
+        import.args(["images", "import"]).arg(archive);
+        let output = import.output()?;
+        ensure!(
+            output.status.success(),
+            "ctr images import {} failed: {}",
+            archive.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
     }
 }
 
@@ -100,6 +149,8 @@ struct Layout {
     kubelet_root: PathBuf,
     pod_logs: PathBuf,
     cleanup: PathBuf,
+    cdi: PathBuf,
+    fake_gpus: PathBuf,
 }
 
 impl Layout {
@@ -114,6 +165,8 @@ impl Layout {
             kubelet_root: root.join("kubelet"),
             pod_logs: root.join("pod-logs"),
             cleanup: root.join("cleanup.sh"),
+            cdi: root.join("cdi"),
+            fake_gpus: root.join("fake-gpus"),
             containerd_state,
             root,
         }
@@ -135,8 +188,13 @@ pub async fn start(
     ensure_root()?;
     let (slot, slot_lock) = claim_slot()?;
     let layout = Layout::new(dir);
-    for d in [&layout.containerd_root, &layout.containerd_state, &layout.cni_conf, &layout.cni_ipam]
-    {
+    for d in [
+        &layout.containerd_root,
+        &layout.containerd_state,
+        &layout.cni_conf,
+        &layout.cni_ipam,
+        &layout.cdi,
+    ] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let node = RealNode {
@@ -146,9 +204,14 @@ pub async fn start(
         host_address: Ipv4Addr::new(10, 244, slot, 1),
         containerd_socket: layout.containerd_socket.clone(),
         netns_dir: layout.netns_dir(),
+        cdi_spec_dir: layout.cdi.clone(),
+        fake_gpu_root: layout.fake_gpus.clone(),
+        fake_gpus: layout.fake_gpus.join("gpus.yaml"),
         _slot_lock: slot_lock,
+        api_relay: None,
     };
     std::fs::write(&layout.cleanup, cleanup_script(&layout, tools, &node))?;
+    create_fake_gpus(&node)?;
     // What an earlier environment of this slot may have left, then ours whenever we end.
     run("sh", [layout.cleanup.as_os_str()])?;
     reaper.run_at_end(&layout.cleanup)?;
@@ -162,10 +225,14 @@ pub async fn start(
 
     let logs = dir.join("logs");
     let client = crate::control_plane::client(&control_plane.kubeconfig).await?;
+    let mut node = node;
+    node.api_relay = Some(node.expose(control_plane.port).await?);
+    create_api_endpoints(&client, &node, control_plane.port).await?;
     processes.push(start_coredns(&layout, tools, control_plane, &node, reaper, &logs)?);
     processes.push(start_containerd(&layout, tools, &node, reaper, &logs)?);
     wait_for_containerd(&layout, tools, processes).await?;
-    import_pause_image(&layout, tools)?;
+    // The pause image, from `hack/images/build.sh pause` (cached).
+    node.import_image(tools, &crate::images::build(tools, "pause")?)?;
     processes.push(start_kubelet(&layout, tools, control_plane, &node, reaper, &logs)?);
     create_dns_service(&client, &node).await?;
     processes.push(start_kube_proxy(&layout, tools, control_plane, &node, reaper, &logs)?);
@@ -253,6 +320,9 @@ for cmd in iptables ip6tables; do
   $cmd -w 5 -t mangle -X KUBE-IPTABLES-HINT 2>/dev/null
 done
 rm -f /var/lib/cni/results/'{network}'-* 2>/dev/null
+# The kubelet's device-plugin socket and checkpoint, and what plugins left beside them.
+rm -f '{device_plugins}'/* 2>/dev/null
+rmdir '{device_plugins}' /var/lib/kubelet 2>/dev/null
 find /var/log/containers -maxdepth 1 -lname "$root*" -delete 2>/dev/null
 exit 0
 "#,
@@ -264,6 +334,7 @@ exit 0
         table = routing_table(node.slot),
         kwok = crate::kwok::POD_CIDR,
         kube_proxy = tools.bin.join("kube-proxy").display(),
+        device_plugins = DEVICE_PLUGIN_DIR,
     )
 }
 
@@ -382,6 +453,8 @@ state = '{state}'
   restrict_oom_score_adj = true
   enable_unprivileged_ports = false
   enable_unprivileged_icmp = false
+  # Only the agent's spec of the fake GPUs, not the host's /etc/cdi and /var/run/cdi.
+  cdi_spec_dirs = ['{cdi}']
   [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
     runtime_type = 'io.containerd.runc.v2'
     [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
@@ -403,6 +476,7 @@ state = '{state}'
         runc = tools.bin.join("runc").display(),
         cni_bin = tools.cni_bin.display(),
         cni_conf = layout.cni_conf.display(),
+        cdi = layout.cdi.display(),
     )
 }
 
@@ -410,7 +484,7 @@ async fn wait_for_containerd(layout: &Layout, tools: &Tools, processes: &[Proces
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         processes.iter().try_for_each(Process::ensure_running)?;
-        let mut version = ctr(layout, tools)?;
+        let mut version = ctr(&layout.containerd_socket, tools)?;
         version.arg("version");
         if layout.containerd_socket.exists() && version.output()?.status.success() {
             return Ok(());
@@ -420,37 +494,10 @@ async fn wait_for_containerd(layout: &Layout, tools: &Tools, processes: &[Proces
     }
 }
 
-fn ctr(layout: &Layout, tools: &Tools) -> Result<Command> {
+fn ctr(socket: &Path, tools: &Tools) -> Result<Command> {
     let mut ctr = tools.command("ctr")?;
-    ctr.arg("--address").arg(&layout.containerd_socket).args(["--namespace", "k8s.io"]);
+    ctr.arg("--address").arg(socket).args(["--namespace", "k8s.io"]);
     Ok(ctr)
-}
-
-/// The pause image, from `hack/images/build.sh pause` (cached), into the CRI's namespace.
-fn import_pause_image(layout: &Layout, tools: &Tools) -> Result<()> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/images/build.sh");
-    let output = Command::new(&script)
-        .arg("pause")
-        .env("PATH", path_with(&tools.bin)?)
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let archive = stdout.lines().find_map(|l| l.strip_prefix("pause=")).with_context(|| {
-        format!(
-            "{} pause printed no pause=<archive> line:\n{}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })?;
-    let mut import = ctr(layout, tools)?;
-    import.args(["images", "import"]).arg(archive);
-    let output = import.output()?;
-    ensure!(
-        output.status.success(),
-        "ctr images import {archive} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
 }
 
 fn start_kubelet(
@@ -473,8 +520,11 @@ fn start_kubelet(
         .arg(format!("--config={}", config.display()))
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
         .arg(format!("--root-dir={}", layout.kubelet_root.display()))
+        .arg(format!("--cert-dir={}", layout.kubelet_root.join("pki").display()))
         .arg(format!("--hostname-override={NODE_NAME}"))
         .arg(format!("--node-ip={}", node.host_address))
+        // What NVIDIA's GPU feature discovery labels GPU nodes with (the chart's agent selects it).
+        .arg("--node-labels=nvidia.com/gpu.present=true")
         .arg("--v=1");
     Process::spawn(reaper, logs, "kubelet", kubelet)
 }
@@ -549,6 +599,67 @@ fn kube_proxy_args(node: &RealNode) -> Vec<String> {
         "--iptables-min-sync-period=0".into(),
         "--v=1".into(),
     ]
+}
+
+/// The fake GPUs' file, device nodes and driver library (see the module docs): the device
+/// nodes are character devices with `/dev/null`'s numbers, so a container given one by CDI
+/// opens a harmless device.
+fn create_fake_gpus(node: &RealNode) -> Result<()> {
+    let dev = node.fake_gpu_root.join("dev");
+    std::fs::create_dir_all(&dev)?;
+    let names = (0..FAKE_GPUS).map(|i| format!("nvidia{i}")).chain(["nvidiactl".to_string()]);
+    for name in names {
+        let path = dev.join(name);
+        if !path.exists() {
+            run("mknod", [path.as_os_str(), "c".as_ref(), "1".as_ref(), "3".as_ref()])?;
+        }
+    }
+    // The driver library a CDI spec must name (an empty stand-in: nothing here loads it).
+    let libraries = node.fake_gpu_root.join(FAKE_DRIVER_LIBRARY.trim_start_matches('/'));
+    std::fs::create_dir_all(libraries.parent().context("library directory")?)?;
+    std::fs::write(&libraries, b"")?;
+    let gpus: Vec<serde_json::Value> = (0..FAKE_GPUS)
+        .map(|i| {
+            json!({
+                "uuid": fake_gpu_uuid(node.slot, i),
+                "productName": FAKE_GPU_PRODUCT,
+                "memoryMib": 81559,
+                "pciBusId": format!("00000000:{:02X}:00.0", 0x1b + i),
+            })
+        })
+        .collect();
+    let file = json!({
+        "driverVersion": "560.35.03",
+        "cudaVersion": "12.6",
+        "gpus": gpus,
+        "hostRoot": node.fake_gpu_root,
+    });
+    std::fs::write(&node.fake_gpus, serde_yaml::to_string(&file)?)?;
+    Ok(())
+}
+
+/// The uuid of fake GPU `index` of the node in `slot` (distinct across parallel environments).
+pub fn fake_gpu_uuid(slot: u8, index: usize) -> String {
+    format!("GPU-real{slot}-{index}")
+}
+
+/// The `kubernetes` Service's EndpointSlice: the API server's relay on the bridge. (The API
+/// server manages none itself: its address is loopback, which no endpoint may be.)
+async fn create_api_endpoints(client: &kube::Client, node: &RealNode, port: u16) -> Result<()> {
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "kubernetes-relay", "labels": {
+            "kubernetes.io/service-name": "kubernetes",
+            "endpointslice.kubernetes.io/managed-by": "gpumarket-tests",
+        }},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [node.host_address], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+    }))?;
+    Api::<EndpointSlice>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &slice)
+        .await
+        .context("creating the kubernetes Service's EndpointSlice")?;
+    Ok(())
 }
 
 /// `kube-dns` in kube-system at [`DNS_SERVICE_IP`], its endpoint CoreDNS on the bridge.
@@ -709,7 +820,11 @@ mod tests {
             host_address: Ipv4Addr::new(10, 244, slot, 1),
             containerd_socket: layout.containerd_socket.clone(),
             netns_dir: layout.netns_dir(),
+            cdi_spec_dir: layout.cdi.clone(),
+            fake_gpu_root: layout.fake_gpus.clone(),
+            fake_gpus: layout.fake_gpus.join("gpus.yaml"),
             _slot_lock: tempfile::tempfile().unwrap(),
+            api_relay: None,
         };
         (layout, node)
     }

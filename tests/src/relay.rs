@@ -1,5 +1,7 @@
-//! A TCP relay in front of a local server that a test can cut and restore, to make a server
-//! unreachable for a while without stopping it (e.g. the validator's RPC port).
+//! A TCP relay in front of a local server: one a test can cut and restore, to make a server
+//! unreachable for a while without stopping it (e.g. the validator's RPC port), or one that
+//! lets the real node's pods reach a server that listens on loopback only (see
+//! [`crate::real_node::RealNode::expose`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinHandle};
 
 /// Forwards connections to `target` while open; stops with the value.
+#[derive(Debug)]
 pub struct Relay {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
@@ -20,7 +23,12 @@ pub struct Relay {
 impl Relay {
     /// Listen on a free loopback port, open.
     pub async fn start(target: SocketAddr) -> Result<Relay> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Relay::listen(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
+    }
+
+    /// Listen on `address` (port 0: a free one), open.
+    pub async fn listen(address: SocketAddr, target: SocketAddr) -> Result<Relay> {
+        let listener = TcpListener::bind(address).await?;
         let addr = listener.local_addr()?;
         let open = Arc::new(AtomicBool::new(true));
         let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();

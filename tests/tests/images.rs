@@ -21,36 +21,7 @@ fn repo_root() -> PathBuf {
 
 /// Runs `hack/images/build.sh <image>` (cached: quick when warm) and opens the archive.
 fn build(image: &str) -> Image {
-    // Where crane is, not on PATH: a changed PATH makes cargo rebuild release dependencies
-    // whose build scripts watch it. For the same reason the variables `cargo test` sets for
-    // this process stay out of the script's release build (hack/dev.sh warms it beforehand).
-    let mut script = Command::new(repo_root().join("hack/images/build.sh"));
-    for (name, _) in std::env::vars_os() {
-        let set_by_cargo_test = name.to_str().is_some_and(|n| {
-            n == "CARGO"
-                || n == "LD_LIBRARY_PATH"
-                || n == "OUT_DIR"
-                || (n.starts_with("CARGO_") && n != "CARGO_TARGET_DIR" && n != "CARGO_HOME")
-        });
-        if set_by_cargo_test {
-            script.env_remove(name);
-        }
-    }
-    let out = script
-        .arg(image)
-        .env("GPUMARKET_TOOLS_BIN", Tools::locate().bin)
-        .output()
-        .expect("running hack/images/build.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "hack/images/build.sh {image} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = stdout.lines().collect();
-    let [line] = lines[..] else { panic!("expected one line <image>=<archive>, got {stdout:?}") };
-    let archive = line.strip_prefix(&format!("{image}=")).expect("<image>=<archive>");
-    Image::open(Path::new(archive))
+    Image::open(&gpumarket_tests::images::build(&Tools::locate(), image).unwrap())
 }
 
 /// sha256 of the bytes, as an OCI digest.

@@ -14,7 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gpumarket_tests::real_node::{
-    CLUSTER_DOMAIN, DNS_SERVICE_IP, NODE_NAME, PAUSE_IMAGE, routing_table, service_proxied,
+    CLUSTER_DOMAIN, DEVICE_PLUGIN_DIR, DNS_SERVICE_IP, NODE_NAME, PAUSE_IMAGE, routing_table,
+    service_proxied,
 };
 use gpumarket_tests::{Env, EnvOptions, RealNode, eventually};
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -176,6 +177,9 @@ fn leftovers(dir: &Path, slot: u8) -> Vec<String> {
     );
     if std::path::Path::new(&format!("/proc/sys/net/ipv4/conf/{bridge}")).exists() {
         left.push(format!("sysctl net.ipv4.conf.{bridge}"));
+    }
+    if Path::new(DEVICE_PLUGIN_DIR).exists() {
+        left.push(format!("the kubelet's device-plugin directory {DEVICE_PLUGIN_DIR}"));
     }
     let cgroup = format!("gpumarket-real-{slot}");
     for result in std::fs::read_dir("/var/lib/cni/results").into_iter().flatten().flatten() {

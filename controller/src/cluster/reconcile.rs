@@ -231,7 +231,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     let ray_ready = if active.is_empty() && ray_cluster.is_none() {
         None
     } else {
-        let desired = build_ray_cluster(cluster, &active)?;
+        let desired = build_ray_cluster(cluster, &active, &ctx.settings.head_placement)?;
         let applied = ray_api(cluster, ctx)
             .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
             .await?;

@@ -12,6 +12,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::market::supply::{gpu_lease, market_offer, market_request};
 use crate::matching::{Offer, Request};
+use crate::raycluster::HeadPlacement;
 use crate::settlement::Settler;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
@@ -32,6 +33,8 @@ pub struct Settings {
     /// A lease whose workers are not all Ready this long after the bind has failed to serve: it
     /// ends (a supplier failure, never billed) and its workers are placed elsewhere.
     pub provisioning_timeout: Duration,
+    /// Where Ray heads run.
+    pub head_placement: HeadPlacement,
 }
 
 impl Default for Settings {
@@ -40,6 +43,7 @@ impl Default for Settings {
             heartbeat_timeout: Duration::from_secs(60),
             orphan_grace: Duration::from_secs(30),
             provisioning_timeout: Duration::from_secs(600),
+            head_placement: HeadPlacement::default(),
         }
     }
 }

@@ -1,0 +1,87 @@
+//! The chart installed for real on the real node, from the local images: the controller (paying
+//! through the local validator) and the supplier agent, the kubelet's device plugin for the
+//! node's fake GPUs with their CDI spec. `examples/values-real-node.yaml` holds the choices a
+//! user would make for such an all-in-one cluster; this adds what only the environment knows.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::Api;
+use kube::api::PostParams;
+use serde_json::json;
+
+use crate::{Env, images};
+
+pub const RELEASE: &str = "gpumarket";
+pub const NAMESPACE: &str = "gpumarket-system";
+
+/// Import the controller, agent and Ray images into the real node, then `helm install` the
+/// chart, the supplier paid to `wallet`, settlement signed by the keypair file `authority`;
+/// returns once its pods are Ready.
+pub async fn install_on_real_node(env: &Env, wallet: &str, authority: &Path) -> Result<()> {
+    let node = env.real_node().context("the chart is installed on the real node: start one")?;
+    for image in ["controller", "agent", "ray"] {
+        node.import_image(env.tools(), &images::build(env.tools(), image)?)?;
+    }
+    let solana = env.solana().await?;
+    // The validator's RPC listens on every address of the host, the bridge's too.
+    let rpc_port = solana.rpc_url.rsplit(':').next().context("the RPC URL's port")?;
+    let rpc_url = format!("http://{}:{rpc_port}", node.host_address);
+    create_settlement_secret(&env.client().await?, authority, &rpc_url).await?;
+
+    let kubelet = env.dir().join("real-node/kubelet");
+    let fake_gpus = node.fake_gpu_root.display().to_string();
+    let overrides = json!({
+        "settlement": {"mint": solana.mint.to_string()},
+        "agent": {
+            "wallet": wallet,
+            "source": format!("fake:{}", node.fake_gpus.display()),
+            "cdiSpecDir": node.cdi_spec_dir,
+            "kubeletPodResourcesDir": kubelet.join("pod-resources"),
+            "extraVolumes": [{"name": "fake-gpus", "hostPath": {"path": fake_gpus, "type": "Directory"}}],
+            "extraVolumeMounts": [{"name": "fake-gpus", "mountPath": fake_gpus, "readOnly": true}],
+        },
+    });
+    let overrides_file = env.dir().join("values-environment.yaml");
+    std::fs::write(&overrides_file, serde_yaml::to_string(&overrides)?)?;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = env
+        .tools()
+        .command("helm")?
+        .args(["install", RELEASE])
+        .arg(repo.join("charts/gpumarket"))
+        .args(["--namespace", NAMESPACE, "--wait", "--timeout", "10m", "--kubeconfig"])
+        .arg(env.kubeconfig())
+        .arg("-f")
+        .arg(repo.join("examples/values-real-node.yaml"))
+        .arg("-f")
+        .arg(&overrides_file)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "helm install: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// The chart's Secret: the settlement keypair and the RPC URL the controller pod reaches.
+async fn create_settlement_secret(
+    client: &kube::Client,
+    keypair: &Path,
+    rpc_url: &str,
+) -> Result<()> {
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &namespace).await?;
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "gpumarket-settlement"},
+        "stringData": {"keypair.json": std::fs::read_to_string(keypair)?, "rpc-url": rpc_url},
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .create(&PostParams::default(), &secret)
+        .await
+        .context("creating the settlement Secret")?;
+    Ok(())
+}
