@@ -77,6 +77,7 @@ impl Controller {
                 heartbeat_timeout: HEARTBEAT_TIMEOUT,
                 orphan_grace: Duration::from_secs(2),
                 provisioning_timeout,
+                proof_of_compute: None,
             },
             ..Config::default()
         };

@@ -32,6 +32,8 @@ pub struct Settings {
     /// A lease whose workers are not all Ready this long after the bind has failed to serve: it
     /// ends (a supplier failure, never billed) and its workers are placed elsewhere.
     pub provisioning_timeout: Duration,
+    /// Challenge idle offers to prove their GPUs compute; off when `None`.
+    pub proof_of_compute: Option<crate::market::proof::ProofSettings>,
 }
 
 impl Default for Settings {
@@ -40,6 +42,7 @@ impl Default for Settings {
             heartbeat_timeout: Duration::from_secs(60),
             orphan_grace: Duration::from_secs(30),
             provisioning_timeout: Duration::from_secs(600),
+            proof_of_compute: None,
         }
     }
 }
