@@ -10,6 +10,7 @@ use clap::Parser;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+use gpumarket_controller::market::proof::ProofSettings;
 use gpumarket_controller::raycluster::HeadPlacement;
 use gpumarket_controller::runtime::leader::Fence;
 use gpumarket_controller::settlement::stake::parse_min_per_gpu;
@@ -109,6 +110,11 @@ struct Args {
     #[arg(long, env = "GPUMARKET_UNBOND_COOLDOWN", default_value = "24h", value_parser = duration)]
     unbond_cooldown: Duration,
 
+    /// Challenge idle offers this often to prove their GPUs compute what they claim (e.g. 1h);
+    /// off when absent. An offer that answers late or wrong is not matched until it passes.
+    #[arg(long, env = "GPUMARKET_COMPUTE_CHALLENGE_INTERVAL", value_parser = duration)]
+    compute_challenge_interval: Option<Duration>,
+
     /// Also act as the agent of every node labelled gpumarket.io/gpu-model (KWOK nodes in the
     /// local environment): publish and heartbeat its GpuOffer.
     #[arg(long, env = "GPUMARKET_SIMULATE_SUPPLIERS")]
@@ -174,6 +180,9 @@ async fn main() -> anyhow::Result<()> {
                 node_selector: args.head_node_selector.iter().cloned().collect(),
                 tolerated_taints: args.head_tolerations.clone(),
             },
+            proof_of_compute: args
+                .compute_challenge_interval
+                .map(|interval| ProofSettings { interval, ..ProofSettings::default() }),
             ..Settings::default()
         },
         metrics_addr: Some(args.metrics_addr),

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod common;
 pub mod lease;
 pub mod offer;
+pub mod proof;
 
 pub use cluster::{
     ClusterPhase, EscrowStatus, GpuCluster, GpuClusterSpec, GpuClusterStatus, GpuSelector,
@@ -22,6 +23,7 @@ pub use offer::{
     GpuHealth, GpuOffer, GpuOfferSpec, GpuOfferStatus, GpuState, OfferedGpu, Reputation,
     StakeStatus,
 };
+pub use proof::{ComputeAnswer, ComputeChallenge, ProofOfCompute};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

@@ -156,6 +156,14 @@ pub struct GpuOfferStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stake: Option<StakeStatus>,
 
+    /// Proof of compute: the challenge in flight and the tally, written by the controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof_of_compute: Option<crate::proof::ProofOfCompute>,
+
+    /// The agent's answer to the proof-of-compute challenge, written by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_answer: Option<crate::proof::ComputeAnswer>,
+
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -227,6 +235,10 @@ pub struct Reputation {
     pub leases_completed: u64,
     /// Leases ended by a supplier failure.
     pub leases_failed: u64,
+    /// Proof-of-compute challenges answered late, wrong or not at all; each counts as a failed
+    /// lease in the score.
+    #[serde(default)]
+    pub challenges_failed: u64,
     /// Reputation score, 0–1000; requests set a minimum (spec.minReputation).
     #[schemars(range(max = 1000))]
     pub score: u32,

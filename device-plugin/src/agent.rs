@@ -1,6 +1,7 @@
 //! The agent put together: discovery and price checks before anything is served, then the
 //! kubelet device plugin (plugin mode, with the watch of the node's leases it allocates by) and
-//! the offer publisher side by side, sharing one view of GPU health. The publisher's API-server
+//! the offer publisher (with the answers to proof-of-compute challenges) side by side, sharing
+//! one view of GPU health. The publisher's API-server
 //! trouble never touches the kubelet side.
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use crate::health::track;
 use crate::leases::follow_leases;
 use crate::offer::{OfferSettings, Reserve, publish};
 use crate::plugin::{GpuPlugin, LeaseGate};
+use crate::proof::answer_challenges;
 use crate::registration::{PluginSocket, RegistrationError, serve_and_register};
 use crate::source::{DeviceSource, Inventory, SourceError};
 
@@ -184,14 +186,22 @@ impl Agent {
                 mode: OfferMode::from(self.config.mode),
                 reserve: self.config.reserve,
             };
-            Ok(publish(
+            let answers = answer_challenges(
+                client.clone(),
+                self.config.node_name.clone(),
+                self.source.clone(),
+            );
+            let publish = publish(
                 client,
                 settings,
                 self.inventory.clone(),
                 health.clone(),
                 self.config.heartbeat,
-            )
-            .await?)
+            );
+            tokio::select! {
+                result = publish => Ok(result?),
+                never = answers => match never {},
+            }
         };
         tokio::select! {
             result = plugin => result,

@@ -20,6 +20,7 @@ pub mod node;
 pub mod offer;
 pub mod plugin;
 pub mod pod_resources;
+pub mod proof;
 pub mod registration;
 pub mod source;
 

@@ -1234,6 +1234,9 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
     offers
         .patch("chart-a", &pp, &Patch::Merge(json!({"spec": {"pricePerGpuHour": 2_300_000}})))
         .await?;
+    // ...and so is its answer to a proof-of-compute challenge, but not the challenge or verdict.
+    let answer = json!({"status": {"computeAnswer": {"nonce": "ab", "commitments": []}}});
+    offers.patch_status("chart-a", &pp, &Patch::Merge(answer)).await?;
 
     let forbidden = [
         (
@@ -1251,6 +1254,14 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
         (
             json!({"status": {"gpus": [{"uuid": "GPU-1", "health": "Healthy", "lease": "lease-1"}, {"uuid": "GPU-2", "health": "Healthy", "lease": "mine"}]}}),
             "status.gpus[].lease of a GpuOffer is written only by the gpumarket controller",
+        ),
+        (
+            json!({"status": {"proofOfCompute": {"passed": 9, "failed": 0}}}),
+            "status.proofOfCompute of a GpuOffer (the challenge and its tally) is written only by the gpumarket controller",
+        ),
+        (
+            json!({"status": {"conditions": [{"type": "ComputeVerified", "status": "True", "reason": "Verified", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}),
+            "the ComputeVerified condition of a GpuOffer is the gpumarket controller's verdict",
         ),
     ];
     for (patch, expected) in forbidden {

@@ -20,8 +20,8 @@ use serde_json::json;
 
 use crate::cluster::status::set_condition;
 use crate::error::{Error, Result};
-use crate::market::binding;
 use crate::market::supply::{free_gpus, gpu_healthy, heartbeat_deadline, heartbeat_fresh};
+use crate::market::{binding, proof};
 use crate::runtime::context::{Context, MANAGER};
 
 pub const AVAILABLE: &str = "Available";
@@ -125,12 +125,14 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
             .await?;
     }
 
+    let proof_due = proof::advance(&offer, available, &ctx).await?;
     let next = match heartbeat_deadline(&offer, timeout).filter(|_| available) {
         Some(deadline) => {
             deadline.duration_since(now).unsigned_abs().min(RECHECK) + Duration::from_millis(200)
         }
         None => RECHECK,
     };
+    let next = proof_due.map_or(next, |due| due.min(next));
     Ok(Action::requeue(next))
 }
 

@@ -66,6 +66,10 @@ pub fn market_offer(offer: &GpuOffer, now: Timestamp, timeout: Duration) -> Opti
     if !heartbeat_fresh(offer, now, timeout) || !is_valid_wallet(&offer.spec.wallet) {
         return None;
     }
+    // GPUs that failed their last proof of compute are not what they claim to be.
+    if crate::market::proof::compute_refused(offer) {
+        return None;
+    }
     let first = offer.spec.gpus.first()?;
     let same_model =
         |uuid: &str| offer.spec.gpus.iter().any(|g| g.uuid == uuid && g.model == first.model);

@@ -35,6 +35,8 @@ pub struct Settings {
     pub provisioning_timeout: Duration,
     /// Where Ray heads run.
     pub head_placement: HeadPlacement,
+    /// Challenge idle offers to prove their GPUs compute; off when `None`.
+    pub proof_of_compute: Option<crate::market::proof::ProofSettings>,
 }
 
 impl Default for Settings {
@@ -44,6 +46,7 @@ impl Default for Settings {
             orphan_grace: Duration::from_secs(30),
             provisioning_timeout: Duration::from_secs(600),
             head_placement: HeadPlacement::default(),
+            proof_of_compute: None,
         }
     }
 }

@@ -45,18 +45,21 @@ pub fn outcomes<'a>(offer: &str, leases: impl IntoIterator<Item = &'a GpuLease>)
     })
 }
 
-/// The reputation of an offer after one more uptime sample.
+/// The reputation of an offer after one more uptime sample. A failed proof-of-compute
+/// challenge weighs as much as a failed lease: either way the GPUs were not what was sold.
 pub fn assess(
     previous: Option<&Reputation>,
     heartbeat_fresh: bool,
     (completed, failed): (u64, u64),
+    challenges_failed: u64,
 ) -> Reputation {
     let uptime_permille = next_uptime(previous.map(|r| r.uptime_permille), heartbeat_fresh);
     Reputation {
         uptime_permille,
         leases_completed: completed,
         leases_failed: failed,
-        score: score(uptime_permille, completed, failed),
+        challenges_failed,
+        score: score(uptime_permille, completed, failed.saturating_add(challenges_failed)),
     }
 }
 
@@ -120,11 +123,24 @@ mod tests {
     }
 
     #[test]
+    fn failed_challenges_lower_the_score_like_failed_leases() {
+        let honest = assess(None, true, (3, 0), 0);
+        let caught = assess(None, true, (3, 0), 2);
+        assert_eq!((honest.score, caught.score), (800, 571));
+        assert_eq!(caught.challenges_failed, 2);
+        assert_eq!(caught.score, assess(None, true, (3, 2), 0).score);
+    }
+
+    #[test]
     fn table_hash_ignores_order_but_not_content() {
-        let a =
-            Reputation { uptime_permille: 990, leases_completed: 3, leases_failed: 0, score: 792 };
+        let a = Reputation {
+            uptime_permille: 990,
+            leases_completed: 3,
+            score: 792,
+            ..Default::default()
+        };
         let b =
-            Reputation { uptime_permille: 500, leases_completed: 0, leases_failed: 1, score: 166 };
+            Reputation { uptime_permille: 500, leases_failed: 1, score: 166, ..Default::default() };
         let h1 = table_hash([("n1", &a), ("n2", &b)]);
         assert_eq!(h1, table_hash([("n2", &b), ("n1", &a)]));
         assert_ne!(h1, table_hash([("n1", &b), ("n2", &a)]));

@@ -726,6 +726,7 @@ impl Settler {
                 status.and_then(|s| s.reputation.as_ref()),
                 fresh,
                 reputation::outcomes(&name, leases),
+                status.and_then(|s| s.proof_of_compute.as_ref()).map_or(0, |p| p.failed),
             );
             if status.and_then(|s| s.reputation.as_ref()) != Some(&rep) {
                 let patch = json!({"status": {"reputation": rep}});

@@ -17,6 +17,9 @@
 //!   - {after: 30s, uuid: GPU-0, xid: 79}
 //!   - {after: 2m, uuid: GPU-0, recover: true}
 //! hostRoot: /tmp/fake-node      # optional: stands in for the node's /
+//! challenges:                   # optional: how proof-of-compute challenges are answered
+//!   answer: honest              # honest (default), wrong (a made-up product), silent (none)
+//!   opsPerSecond: 5000000       # optional: answer no faster than this many multiply-adds/s
 //! ```
 //!
 //! The GPUs' device nodes are `/dev/nvidia<i>` in file order. With `hostRoot`, the driver's
@@ -31,6 +34,7 @@ use std::time::Duration;
 
 use gpumarket_crds::GpuHealth;
 use gpumarket_crds::common::parse_duration;
+use gpumarket_crds::proof::{MODULUS, ProductTask};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 
@@ -49,6 +53,29 @@ struct FakeFile {
     #[serde(default)]
     events: Vec<ScriptedEvent>,
     host_root: Option<PathBuf>,
+    #[serde(default)]
+    challenges: FakeChallenges,
+}
+
+/// How the fake answers proof-of-compute challenges: it computes on the CPU, then, to play a
+/// slower GPU, waits until the work would have taken at `ops_per_second`.
+#[derive(Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FakeChallenges {
+    #[serde(default)]
+    pub answer: FakeAnswer,
+    pub ops_per_second: Option<u64>,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum FakeAnswer {
+    #[default]
+    Honest,
+    /// A product that is not `A·B` (every entry one more).
+    Wrong,
+    /// No answer at all.
+    Silent,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +132,7 @@ pub struct FakeSource {
     host_root: Option<PathBuf>,
     script: Vec<(Duration, String, FakeFault)>,
     injected: broadcast::Sender<(String, FakeFault)>,
+    challenges: FakeChallenges,
 }
 
 /// Injects faults into a running [`FakeSource`], as a GPU would raise them.
@@ -190,6 +218,7 @@ impl FakeSource {
             host_root: file.host_root,
             script,
             injected: broadcast::channel(64).0,
+            challenges: file.challenges,
         })
     }
 
@@ -242,6 +271,22 @@ impl DeviceSource for FakeSource {
                 binaries: Vec::new(),
             }),
         }
+    }
+
+    fn multiply(&self, task: &ProductTask) -> Result<Option<Vec<Vec<u64>>>, SourceError> {
+        let started = std::time::Instant::now();
+        let mut product = match self.challenges.answer {
+            FakeAnswer::Silent => return Ok(None),
+            FakeAnswer::Honest | FakeAnswer::Wrong => task.multiply(),
+        };
+        if self.challenges.answer == FakeAnswer::Wrong {
+            product.iter_mut().flatten().for_each(|v| *v = (*v + 1) % MODULUS);
+        }
+        if let Some(rate) = self.challenges.ops_per_second.filter(|r| *r > 0) {
+            let slow = Duration::from_secs_f64(task.operations() as f64 / rate as f64);
+            std::thread::sleep(slow.saturating_sub(started.elapsed()));
+        }
+        Ok(Some(product))
     }
 }
 

@@ -10,6 +10,7 @@ pub mod nvml;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use gpumarket_crds::proof::ProductTask;
 use gpumarket_crds::{GpuHealth, GpuTier};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -85,6 +86,10 @@ pub trait DeviceSource: Send + Sync {
     /// The node's files that every container of its GPUs needs besides the GPUs' own device
     /// nodes: the driver's control nodes and user-space libraries.
     fn driver_files(&self) -> Result<DriverFiles, SourceError>;
+
+    /// `C = A·B` of a proof-of-compute challenge, computed on the GPU `task.uuid`, row by row;
+    /// `None` when the source does not answer challenges. Blocks while it computes.
+    fn multiply(&self, task: &ProductTask) -> Result<Option<Vec<Vec<u64>>>, SourceError>;
 }
 
 #[derive(Debug, thiserror::Error)]
