@@ -251,10 +251,7 @@ mod tests {
             interconnect: Interconnect::NvLink,
             reputation,
             stake: 0,
-            allocatable: Some(HostResources {
-                cpu_millicores: 128_000,
-                memory_bytes: 1 << 40,
-            }),
+            allocatable: Some(HostResources { cpu_millicores: 128_000, memory_bytes: 1 << 40 }),
             node_gpus: 8,
         }
     }
