@@ -230,6 +230,14 @@ async fn a_quote_is_what_the_market_charges_and_a_deposit_is_exact_and_sent_once
     let yaml = market.plugin(&["status", "job", "-o", "yaml"]).await.unwrap();
     assert!(yaml.contains("phase: Running\n") && yaml.contains("node: plugin-a\n"), "{yaml}");
 
+    // What the buyer was charged never reads higher than what it cost.
+    let (settled, cost) = eventually("a payout", WAIT, || async {
+        let status = clusters.get("job").await.ok()?.status?;
+        Some((status.amount_settled.filter(|paid| *paid > 0)?, status.cost_accrued?))
+    })
+    .await;
+    assert!(cost >= settled, "costAccrued {cost} below amountSettled {settled}");
+
     // Deleted: the supplier is paid for the time served and the rest refunded; its earnings
     // are what reached its wallet on chain, to the base unit.
     clusters.delete("job", &DeleteParams::default()).await.unwrap();

@@ -272,13 +272,13 @@ mod tests {
         let supply: Vec<Offer> =
             (0..4).map(|i| offer(&format!("n{i}"), "eu-west", 2_000_000, 700)).collect();
         let q = quote_of(finetune, &supply);
-        let m = q.matched.clone().expect("four nodes of eight A100s match");
-        // 32 GPUs at 2.0 per hour, for 2 hours; the deposit has the 10 % margin on top.
-        assert_eq!(m.price_per_hour, 64_000_000);
-        assert_eq!(m.total, 128_000_000);
-        assert_eq!(m.deposit, 140_800_000);
-        assert_eq!(m.workers.len(), 4);
-        assert!(render(&[q]).contains("price:    64.000000 per hour"));
+        let m = q.matched.clone().expect("two nodes of eight A100s match");
+        // 16 GPUs at 2.0 per hour, for 2 hours; the deposit has the 10 % margin on top.
+        assert_eq!(m.price_per_hour, 32_000_000);
+        assert_eq!(m.total, 64_000_000);
+        assert_eq!(m.deposit, 70_400_000);
+        assert_eq!(m.workers.len(), 2);
+        assert!(render(&[q]).contains("price:    32.000000 per hour"));
     }
 
     #[test]
