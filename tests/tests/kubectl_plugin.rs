@@ -255,6 +255,8 @@ async fn a_quote_is_what_the_market_charges_and_a_deposit_is_exact_and_sent_once
     assert_eq!(earned["total"]["servedGpuSeconds"], received / 1000);
     assert_eq!(earned["byModel"]["H100"]["paid"], received);
     assert_eq!(earned["nodes"][0]["node"], "plugin-a");
+    let days = earned["byDay"].as_object().unwrap();
+    assert_eq!(days.values().map(|d| d["paid"].as_u64().unwrap()).sum::<u64>(), received);
     let text = market.plugin(&["earnings", "--wallet", &supplier.to_string()]).await.unwrap();
     assert!(text.contains("plugin-a") && text.contains("reputation"), "{text}");
 }

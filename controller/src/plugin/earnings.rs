@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use gpumarket_crds::{Amount, GpuLease, GpuOffer};
+use gpumarket_crds::{Amount, GpuLease, GpuOffer, SettlementState};
 use jiff::Timestamp;
 use kube::ResourceExt;
 use serde::Serialize;
 
-use crate::settlement::meter::{Meter, Paid};
+use crate::settlement::meter::{Meter, Paid, is_payout_period};
 use crate::settlement::stake::SLASH_PERIOD;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -21,6 +21,16 @@ pub struct Earnings {
     pub total: Totals,
     pub by_model: BTreeMap<String, Totals>,
     pub nodes: Vec<NodeEarnings>,
+    /// By UTC day (`YYYY-MM-DD`): GPU-seconds served that day, and payouts confirmed for usage
+    /// through that day.
+    pub by_day: BTreeMap<String, Day>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Day {
+    pub served_gpu_seconds: u64,
+    pub paid: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -59,6 +69,7 @@ pub fn tally(
     now: Timestamp,
 ) -> Earnings {
     let mut nodes: BTreeMap<String, NodeEarnings> = BTreeMap::new();
+    let mut by_day: BTreeMap<String, Day> = BTreeMap::new();
     for lease in leases.iter().filter(|l| wallet.is_none_or(|w| l.spec.supplier_wallet == w)) {
         let offer = offers.iter().find(|o| o.name_any() == lease.spec.offer);
         let node = nodes.entry(lease.spec.offer.clone()).or_insert_with(|| {
@@ -77,6 +88,7 @@ pub fn tally(
         });
         let meter = Meter::of(lease);
         let paid = Paid::of(lease).confirmed();
+        add_days(&mut by_day, &meter, &Paid::of(lease), now);
         let t = &mut node.totals;
         t.leases += 1;
         t.served_gpu_seconds += meter.gpu_seconds_through(now);
@@ -86,13 +98,46 @@ pub fn tally(
             s.settlements.iter().filter(|r| r.period == SLASH_PERIOD).map(|r| r.amount).sum()
         });
     }
-    let mut earnings = Earnings { wallet: wallet.map(str::to_owned), ..Earnings::default() };
+    let mut earnings =
+        Earnings { wallet: wallet.map(str::to_owned), by_day, ..Earnings::default() };
     for node in nodes.into_values() {
         add(&mut earnings.total, &node.totals);
         add(earnings.by_model.entry(node.model.clone()).or_default(), &node.totals);
         earnings.nodes.push(node);
     }
     earnings
+}
+
+const DAY: i64 = 24 * 3600;
+
+/// The UTC day of `second` (since the epoch) as `YYYY-MM-DD`.
+fn day_of(second: i64) -> String {
+    Timestamp::from_second(second)
+        .map_or_else(|_| "invalid".to_owned(), |t| t.strftime("%Y-%m-%d").to_string())
+}
+
+/// The lease's served GPU-seconds split at UTC midnights, and its confirmed payouts by the day
+/// they pay through.
+fn add_days(days: &mut BTreeMap<String, Day>, meter: &Meter, paid: &Paid<'_>, now: Timestamp) {
+    if let Some(start) = meter.start {
+        let end = meter.end.map_or(now, |end| end.min(now)).as_second();
+        let mut from = start.as_second();
+        while from < end {
+            let until = (from.div_euclid(DAY) + 1).saturating_mul(DAY).min(end);
+            let seconds = u64::try_from(until - from).unwrap_or(0);
+            days.entry(day_of(from)).or_default().served_gpu_seconds += seconds * meter.gpus;
+            from = until;
+        }
+    }
+    let confirmed = paid
+        .records
+        .iter()
+        .filter(|r| is_payout_period(&r.period) && r.state == SettlementState::Confirmed)
+        .map(|r| (r.through.0, r.amount))
+        .chain(paid.compacted.map(|c| (c.through.0, c.amount)));
+    for (through, amount) in confirmed {
+        days.entry(day_of(through.as_second())).or_default().paid += amount;
+    }
 }
 
 fn add(sum: &mut Totals, t: &Totals) {
@@ -134,6 +179,15 @@ pub fn render(e: &Earnings) -> String {
             Amount::new(n.totals.slashed)
         );
         line(&mut s, &n.node, &n.totals, &extra);
+    }
+    let _ = writeln!(s, " by day (UTC):");
+    for (day, d) in &e.by_day {
+        let _ = writeln!(
+            s,
+            "  {day:<24} {:>10.2} GPU-h  paid {:>14}",
+            d.served_gpu_seconds as f64 / 3600.0,
+            Amount::new(d.paid).to_string()
+        );
     }
     s
 }
@@ -192,5 +246,20 @@ mod tests {
         assert_eq!(e.nodes.len(), 1);
         let all = tally(&leases, &[], None, now);
         assert_eq!(all.total.served_gpu_seconds, 120);
+        // 1_000_000 s after the epoch is 1970-01-12 13:46:40 UTC: all on one day.
+        assert_eq!(e.by_day["1970-01-12"], Day { served_gpu_seconds: 20, paid: 15_000 });
+    }
+
+    #[test]
+    fn served_time_is_split_at_utc_midnight() {
+        // Served from 10 s before midnight for 30 s, on one GPU.
+        let mut across = lease("m", "W", 1, 30, 0);
+        let status = across.status.as_mut().expect("status");
+        let start = Timestamp::from_second(86_400 - 10).expect("time");
+        status.serving_since = Some(Time(start));
+        status.end_time = Some(Time(Timestamp::from_second(86_400 + 20).expect("time")));
+        let e = tally(&[across], &[], None, Timestamp::from_second(200_000).expect("time"));
+        assert_eq!(e.by_day["1970-01-01"].served_gpu_seconds, 10);
+        assert_eq!(e.by_day["1970-01-02"].served_gpu_seconds, 20);
     }
 }
