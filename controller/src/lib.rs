@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod error;
 pub mod market;
 pub mod matching;
+pub mod plugin;
 pub mod raycluster;
 pub mod runtime;
 pub mod settlement;

@@ -22,7 +22,11 @@ use serde::{Deserialize, Serialize};
     doc = "GPUs of one offer bound to one GpuCluster, with meter and settlement record",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.endReason"),
-    printcolumn(name = "Namespace", type_ = "string", json_path = ".spec.cluster.namespace"),
+    printcolumn(
+        name = "Cluster-Namespace",
+        type_ = "string",
+        json_path = ".spec.cluster.namespace"
+    ),
     printcolumn(name = "Cluster", type_ = "string", json_path = ".spec.cluster.name"),
     printcolumn(name = "Offer", type_ = "string", json_path = ".spec.offer"),
     printcolumn(name = "Price/h", type_ = "integer", json_path = ".spec.pricePerGpuHour"),

@@ -89,7 +89,7 @@ fn example_clusters_deserialize_with_their_meaning() {
         .collect();
     let big = &clusters[0].spec;
     assert_eq!(big.gpu.min_tier, Some(GpuTier::A100));
-    assert_eq!(big.total_gpus(), 32);
+    assert_eq!(big.total_gpus(), 16);
     assert_eq!(big.duration().unwrap().as_secs(), 7200);
     assert_eq!(big.placement, Placement::Pack);
     assert!(big.gpu.accepts("H100", 81559));

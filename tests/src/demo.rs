@@ -89,10 +89,12 @@ pub async fn follow(env: &Env, cluster: &GpuCluster, timeout: Duration) -> Resul
         };
         let Some(status) = cluster.status else { continue };
         let phase = status.phase.unwrap_or_default();
+        // What holds it up: conditions that do not hold, and Degraded when it does.
         let waiting: Vec<String> = status
             .conditions
             .iter()
-            .filter(|c| c.status == "False" && !c.message.is_empty())
+            .filter(|c| c.status == if c.type_ == "Degraded" { "True" } else { "False" })
+            .filter(|c| !c.message.is_empty())
             .map(|c| format!("{}: {}", c.type_, c.message))
             .collect();
         let line = format!(

@@ -78,6 +78,8 @@ pub struct Coordinates {
     pub kubeconfig: PathBuf,
     /// kubectl, helm, ... of the environment's Kubernetes version.
     pub tools_bin: PathBuf,
+    /// gpumarket's own binaries (`kubectl-gpumarket` among them): beside the running one.
+    pub gpumarket_bin: Option<PathBuf>,
     pub solana: Solana,
 }
 
@@ -87,9 +89,10 @@ impl Coordinates {
         let suppliers: Vec<String> =
             self.solana.suppliers.iter().map(|p| p.display().to_string()).collect();
         format!(
-            "export PATH={}:$PATH\nexport KUBECONFIG={}\nexport SOLANA_RPC_URL={}\nexport GPUMARKET_MINT={}\n\
+            "export PATH={}{}:$PATH\nexport KUBECONFIG={}\nexport SOLANA_RPC_URL={}\nexport GPUMARKET_MINT={}\n\
              export GPUMARKET_MINT_AUTHORITY={}\nexport GPUMARKET_BUYER_KEYPAIR={}\n\
              export GPUMARKET_SUPPLIER_KEYPAIRS={}\nexport GPUMARKET_FAUCET_KEYPAIR={}\n",
+            self.gpumarket_bin.as_ref().map_or(String::new(), |b| format!("{}:", b.display())),
             self.tools_bin.display(),
             self.kubeconfig.display(),
             self.solana.rpc_url,
@@ -305,6 +308,7 @@ impl Env {
         Ok(Coordinates {
             kubeconfig: self.kubeconfig.clone(),
             tools_bin: self.tools.bin.clone(),
+            gpumarket_bin: std::env::current_exe()?.parent().map(Path::to_path_buf),
             solana: self.solana().await?.clone(),
         })
     }

@@ -25,6 +25,12 @@ pub const MINT_DECIMALS: u8 = 6;
 pub const BUYER_TOKENS: u64 = 1_000_000 * 10u64.pow(MINT_DECIMALS as u32);
 /// Lamports each wallet receives for fees and rent.
 pub const WALLET_LAMPORTS: u64 = 10 * 1_000_000_000;
+/// Secret of the buyer's keypair: the same in every local environment, so that the examples can
+/// name its wallet (`examples/gpucluster.yaml`) and work as shipped. Its validator is local and
+/// thrown away: this key holds nothing anywhere else.
+pub const LOCAL_BUYER_SECRET: [u8; 32] = *b"gpumarket local env buyer (test)";
+/// The buyer's wallet, the public half of [`LOCAL_BUYER_SECRET`].
+pub const LOCAL_BUYER_WALLET: &str = "3u2K64yRh16TTAj7PT6gopzcL8w1D9omtof8r5UwgGcT";
 /// Number of supplier wallets.
 pub const SUPPLIERS: usize = 3;
 
@@ -164,16 +170,16 @@ pub async fn start(
 async fn setup_wallets(dir: &Path, rpc_url: String, faucet: PathBuf) -> Result<Solana> {
     let rpc = RpcClient::new_with_commitment(rpc_url.clone(), CommitmentConfig::confirmed());
     let payer = read_keypair(&faucet)?;
-    let new_keypair = |name: &str| -> Result<(Keypair, PathBuf)> {
-        let keypair = Keypair::new();
+    let write_keypair = |name: &str, keypair: Keypair| -> Result<(Keypair, PathBuf)> {
         let path = dir.join(format!("{name}.json"));
         write_keypair_file(&keypair, &path)
             .map_err(|e| anyhow!("writing keypair {}: {e}", path.display()))?;
         Ok((keypair, path))
     };
+    let new_keypair = |name: &str| write_keypair(name, Keypair::new());
     let (mint, _) = new_keypair("mint")?;
     let (authority, authority_path) = new_keypair("mint-authority")?;
-    let (buyer, buyer_path) = new_keypair("buyer")?;
+    let (buyer, buyer_path) = write_keypair("buyer", Keypair::new_from_array(LOCAL_BUYER_SECRET))?;
     let suppliers = (0..SUPPLIERS)
         .map(|i| new_keypair(&format!("supplier-{i}")))
         .collect::<Result<Vec<_>>>()?;
@@ -271,4 +277,23 @@ pub async fn send_with_retry(
 fn is_blockhash_not_found(error: &solana_client::client_error::ClientError) -> bool {
     format!("{error:?}").contains("BlockhashNotFound")
         || error.to_string().contains("Blockhash not found")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_examples_are_paid_by_the_local_buyer() {
+        let buyer = Keypair::new_from_array(LOCAL_BUYER_SECRET).pubkey().to_string();
+        assert_eq!(buyer, LOCAL_BUYER_WALLET);
+        let examples = include_str!("../../examples/gpucluster.yaml");
+        let wallets: Vec<&str> = examples
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("buyerWallet:"))
+            .map(str::trim)
+            .collect();
+        assert!(!wallets.is_empty());
+        assert!(wallets.iter().all(|w| *w == buyer), "{wallets:?}");
+    }
 }

@@ -723,7 +723,7 @@ fn conditions(list: &[Cond<'_>]) -> Vec<Condition> {
     conditions
 }
 
-/// The example GpuCluster (`llm-finetune`, 4 workers) at generation 1, with `status`.
+/// The example GpuCluster (`llm-finetune`, 2 workers) at generation 1, with `status`.
 fn cluster(status: Option<GpuClusterStatus>) -> GpuCluster {
     let text = std::fs::read_to_string(example("gpucluster.yaml")).unwrap();
     let mut cluster: GpuCluster =

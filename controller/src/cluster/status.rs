@@ -14,7 +14,7 @@ use kube::ResourceExt;
 use crate::raycluster::LEASE_ANNOTATION;
 
 use crate::market::supply::{gpu_healthy, heartbeat_fresh};
-use crate::settlement::meter::Meter;
+use crate::settlement::meter::{Meter, Paid};
 
 pub const MATCHED: &str = "Matched";
 pub const FUNDED: &str = "Funded";
@@ -26,6 +26,13 @@ pub fn expires_at(cluster: &GpuCluster) -> Option<Timestamp> {
     let start = cluster.status.as_ref()?.start_time.as_ref()?.0;
     let duration = jiff::SignedDuration::try_from(cluster.spec.duration().ok()?).ok()?;
     start.checked_add(duration).ok()
+}
+
+/// What a lease has cost through `t`: its meter, and never less than what was already paid for
+/// it (a payout may run through a time after `t`, which the status rounds down to the minute),
+/// so that the cost a buyer reads is never below what was charged.
+pub fn lease_cost(lease: &GpuLease, t: Timestamp) -> u64 {
+    Meter::of(lease).cost_through(t).max(Paid::of(lease).confirmed())
 }
 
 /// Whether a lease is still metering.
@@ -308,7 +315,7 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
     let meter_time =
         Timestamp::from_second(obs.now.as_second() - obs.now.as_second().rem_euclid(60))
             .unwrap_or(obs.now);
-    let cost: u64 = obs.leases.iter().map(|l| Meter::of(l).cost_through(meter_time)).sum();
+    let cost: u64 = obs.leases.iter().map(|l| lease_cost(l, meter_time)).sum();
     let start_time = previous
         .start_time
         .clone()
@@ -398,7 +405,7 @@ pub fn ended_status(
     if phase == ClusterPhase::Failed {
         set_condition(&mut conditions, MATCHED, false, reason, message, now, generation);
     }
-    let cost: u64 = leases.iter().map(|l| Meter::of(l).cost_through(now)).sum();
+    let cost: u64 = leases.iter().map(|l| lease_cost(l, now)).sum();
     GpuClusterStatus {
         phase: Some(phase),
         conditions,
@@ -588,6 +595,27 @@ mod tests {
         assert_eq!(status.start_time, Some(a.spec.start_time.clone()));
         assert_eq!(cond(&status, DEGRADED).status, "False");
         assert_eq!(cond(&status, RAY_READY).status, "True");
+    }
+
+    #[test]
+    fn the_cost_never_reads_below_what_was_paid() {
+        let cluster = mk_cluster("c", 1, 1);
+        let mut a = mk_lease(&cluster, "a", &["a1"], 1);
+        // 1000 per GPU-second, serving from 30 s before a whole minute until 59 s after it:
+        // the minute-rounded meter has 30000, a payout through then paid 89000.
+        a.spec.price_per_gpu_hour = 3_600_000;
+        let minute = now().as_second() / 60 * 60;
+        let at = |s: i64| Timestamp::from_second(minute + s).expect("time");
+        let mut paid = crate::settlement::plan::new_record("0001".into(), at(59), 89_000);
+        paid.state = gpumarket_crds::SettlementState::Confirmed;
+        let status = a.status.get_or_insert_default();
+        status.serving_since = Some(Time(at(-30)));
+        status.settlements = vec![paid];
+        let leases = [&a];
+        let mut o = obs(&cluster, &leases, Some(true));
+        o.now = at(59);
+        let built = build_status(&o);
+        assert_eq!(built.cost_accrued, Some(89_000), "not the 30000 of the rounded meter");
     }
 
     #[test]

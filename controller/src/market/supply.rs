@@ -1,10 +1,11 @@
 //! Conversions between the Kubernetes objects and the matching engine's plain types, and the
 //! health rules that decide which offered GPUs are usable. Pure.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use gpumarket_crds::common::is_valid_wallet;
-use gpumarket_crds::{GpuCluster, GpuHealth, GpuOffer, GpuState};
+use gpumarket_crds::{GpuCluster, GpuHealth, GpuLease, GpuOffer, GpuState};
 use jiff::Timestamp;
 
 use crate::matching::{ModelFilter, Offer, Request, WorkerAsk};
@@ -98,6 +99,44 @@ pub fn market_offer(offer: &GpuOffer, now: Timestamp, timeout: Duration) -> Opti
         allocatable: offer.spec.allocatable,
         node_gpus: u32::try_from(offer.spec.gpus.len()).unwrap_or(u32::MAX),
     })
+}
+
+/// The offers that `admits` (with settlement on: staked enough) as supply for matching at `now`:
+/// what the controller matches on, and what `kubectl gpumarket quote` quotes on.
+pub fn market_supply<'a>(
+    offers: impl IntoIterator<Item = &'a GpuOffer>,
+    admits: impl Fn(&GpuOffer) -> bool,
+    now: Timestamp,
+    timeout: Duration,
+) -> Vec<Offer> {
+    offers.into_iter().filter(|o| admits(o)).filter_map(|o| market_offer(o, now, timeout)).collect()
+}
+
+/// Workers of the active leases, by cluster uid.
+pub fn placed_workers<'a>(leases: impl IntoIterator<Item = &'a GpuLease>) -> HashMap<&'a str, u32> {
+    let mut placed: HashMap<&str, u32> = HashMap::new();
+    for lease in leases.into_iter().filter(|l| crate::cluster::status::is_active(l)) {
+        *placed.entry(lease.spec.cluster.uid.as_str()).or_default() += lease.spec.workers;
+    }
+    placed
+}
+
+/// Requests of the clusters looking for GPUs, each for its workers not `placed` yet: the queue
+/// a match waits its turn in.
+pub fn waiting_requests<'a>(
+    clusters: impl IntoIterator<Item = &'a GpuCluster>,
+    placed: &HashMap<&str, u32>,
+) -> Vec<Request> {
+    clusters
+        .into_iter()
+        .filter(|c| crate::cluster::status::wants_supply(c))
+        .map(|c| {
+            let uid = c.metadata.uid.as_deref().unwrap_or_default();
+            let missing = c.spec.workers.saturating_sub(placed.get(uid).copied().unwrap_or(0));
+            market_request(c, missing)
+        })
+        .filter(|r| r.workers > 0)
+        .collect()
 }
 
 /// The request for `workers` workers of `cluster` (all of them at first, the lost ones when

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
 
-use crate::market::supply::{gpu_lease, market_offer, market_request};
+use crate::market::supply::{gpu_lease, market_supply, placed_workers, waiting_requests};
 use crate::matching::{Offer, Request};
 use crate::raycluster::HeadPlacement;
 use crate::settlement::Settler;
@@ -126,25 +126,23 @@ impl Context {
         });
         let staked =
             |o: &GpuOffer| self.settler.as_ref().is_none_or(|s| s.config().stake.admits(o));
-        offers
-            .iter()
-            .filter(|o| staked(o))
-            .filter_map(|o| market_offer(o, now, self.settings.heartbeat_timeout))
-            .map(|mut offer| {
-                offer.free_gpus.retain(|g| !recent.contains_key(&(offer.node.clone(), g.clone())));
-                offer
-            })
-            .collect()
+        let mut supply = market_supply(
+            offers.iter().map(AsRef::as_ref),
+            staked,
+            now,
+            self.settings.heartbeat_timeout,
+        );
+        for offer in &mut supply {
+            offer.free_gpus.retain(|g| !recent.contains_key(&(offer.node.clone(), g.clone())));
+        }
+        supply
     }
 
     /// Requests of the clusters looking for GPUs (each for its workers not placed), from the
     /// caches and the leases just created: the queue a match waits its turn in.
     pub fn queue(&self) -> Vec<Request> {
         let cached: Vec<Arc<GpuLease>> = self.leases.state();
-        let mut placed: HashMap<&str, u32> = HashMap::new();
-        for lease in cached.iter().filter(|l| crate::cluster::status::is_active(l)) {
-            *placed.entry(lease.spec.cluster.uid.as_str()).or_default() += lease.spec.workers;
-        }
+        let mut placed = placed_workers(cached.iter().map(AsRef::as_ref));
         let in_cache: HashSet<&str> =
             cached.iter().filter_map(|l| l.metadata.name.as_deref()).collect();
         let mut recent = lock(&self.recent_leases);
@@ -154,17 +152,8 @@ impl Context {
         for (uid, workers, _) in recent.values() {
             *placed.entry(uid.as_str()).or_default() += workers;
         }
-        self.clusters
-            .state()
-            .iter()
-            .filter(|c| crate::cluster::status::wants_supply(c))
-            .map(|c| {
-                let uid = c.metadata.uid.as_deref().unwrap_or_default();
-                let missing = c.spec.workers.saturating_sub(placed.get(uid).copied().unwrap_or(0));
-                market_request(c, missing)
-            })
-            .filter(|r| r.workers > 0)
-            .collect()
+        let clusters = self.clusters.state();
+        waiting_requests(clusters.iter().map(AsRef::as_ref), &placed)
     }
 
     /// The pods labelled with `cluster` in its namespace.

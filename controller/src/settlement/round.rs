@@ -189,7 +189,7 @@ impl Settler {
         for refund in plan::refunds(&inputs) {
             self.refund(client, &events, &custody, refund, &mut report).await?;
         }
-        publish_cluster_totals(client, &leases, &clusters, &mut report).await;
+        publish_cluster_totals(client, &leases, &clusters, now, &mut report).await;
         self.update_reputation(client, &custody, &leases, &offers, &mut report).await?;
         Ok(report)
     }
@@ -1228,22 +1228,29 @@ async fn update_lease(
     }
 }
 
-/// Each cluster's amountSettled: the confirmed payouts of all its leases.
+/// Each cluster's amountSettled: the confirmed payouts of all its leases; its costAccrued is
+/// raised with it to the cost through `now`, so that what the buyer was charged never reads
+/// higher than what it cost (the reconcile refreshes the cost only every few minutes).
 async fn publish_cluster_totals(
     client: &Client,
     leases: &[GpuLease],
     clusters: &[GpuCluster],
+    now: Timestamp,
     report: &mut RoundReport,
 ) {
-    let mut settled: HashMap<&str, u64> = HashMap::new();
+    let mut totals: HashMap<&str, (u64, u64)> = HashMap::new();
     for lease in leases {
-        *settled.entry(lease.spec.cluster.uid.as_str()).or_default() += Paid::of(lease).confirmed();
+        let (settled, cost) = totals.entry(lease.spec.cluster.uid.as_str()).or_default();
+        *settled += Paid::of(lease).confirmed();
+        *cost += crate::cluster::status::lease_cost(lease, now);
     }
     for cluster in clusters {
         let uid = cluster.metadata.uid.as_deref().unwrap_or_default();
-        let Some(total) = settled.get(uid).copied() else { continue };
-        if cluster.status.as_ref().and_then(|s| s.amount_settled) != Some(total) {
-            let patch = json!({"status": {"amountSettled": total}});
+        let Some((total, cost)) = totals.get(uid).copied() else { continue };
+        let status = cluster.status.as_ref();
+        if status.and_then(|s| s.amount_settled) != Some(total) {
+            let cost = cost.max(status.and_then(|s| s.cost_accrued).unwrap_or(0));
+            let patch = json!({"status": {"amountSettled": total, "costAccrued": cost}});
             let api = cluster_api(client, cluster);
             if let Err(e) =
                 api.patch_status(&cluster.name_any(), &patch_params(), &Patch::Merge(&patch)).await

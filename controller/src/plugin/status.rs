@@ -1,0 +1,218 @@
+//! `status NAME`: a GpuCluster's state for its buyer, with cost counted from the leases' own
+//! meters (what settlement pays from), not from the status's periodic refresh.
+
+use std::fmt::Write as _;
+
+use gpumarket_crds::{Amount, ClusterPhase, GpuCluster, GpuLease};
+use jiff::Timestamp;
+use kube::ResourceExt;
+use serde::Serialize;
+
+use crate::cluster::status::{DEGRADED, is_active};
+use crate::settlement::meter::{Meter, Paid};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    /// `namespace/name`.
+    pub cluster: String,
+    pub phase: ClusterPhase,
+    /// What holds it up, or what is wrong, in the controller's words; empty when nothing is.
+    pub waiting: Vec<String>,
+    pub leases: Vec<LeaseLine>,
+    /// Base units per hour of the active leases.
+    pub hourly_rate: u64,
+    /// Metered cost of every lease so far.
+    pub cost_so_far: u64,
+    /// Paid to suppliers (confirmed on chain).
+    pub paid: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub escrow: Option<String>,
+    /// What the escrow held when settlement last looked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub escrow_balance: Option<u64>,
+    /// The escrow less what is metered and not paid yet: what is left to run on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deposit_left: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refunded: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dashboard: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseLine {
+    pub name: String,
+    pub node: String,
+    pub gpus: u32,
+    /// `Active`, `Ended (reason)`, `Settled (reason)`.
+    pub state: String,
+    pub served_gpu_seconds: u64,
+    pub cost: u64,
+    pub paid: u64,
+}
+
+/// The summary of `cluster` and its `leases` at `now`.
+pub fn summarize(cluster: &GpuCluster, leases: &[GpuLease], now: Timestamp) -> Summary {
+    let status = cluster.status.clone().unwrap_or_default();
+    let lines: Vec<LeaseLine> = leases
+        .iter()
+        .map(|lease| {
+            let meter = Meter::of(lease);
+            let s = lease.status.as_ref();
+            let phase = s.and_then(|s| s.phase).unwrap_or_default();
+            let state = match s.and_then(|s| s.end_reason) {
+                Some(reason) => format!("{phase:?} ({reason:?})"),
+                None => format!("{phase:?}"),
+            };
+            LeaseLine {
+                name: lease.name_any(),
+                node: lease.spec.offer.clone(),
+                gpus: u32::try_from(lease.spec.gpus.len()).unwrap_or(u32::MAX),
+                state,
+                served_gpu_seconds: meter.gpu_seconds_through(now),
+                cost: meter.cost_through(now),
+                paid: Paid::of(lease).confirmed(),
+            }
+        })
+        .collect();
+    let cost_so_far = lines.iter().map(|l| l.cost).sum();
+    let paid: u64 = lines.iter().map(|l| l.paid).sum();
+    let escrow = status.escrow.as_ref();
+    let balance = escrow.and_then(|e| e.balance);
+    Summary {
+        cluster: format!("{}/{}", cluster.namespace().unwrap_or_default(), cluster.name_any()),
+        phase: status.phase.unwrap_or_default(),
+        waiting: waiting(cluster),
+        hourly_rate: leases
+            .iter()
+            .filter(|l| is_active(l))
+            .map(|l| Meter::of(l).hourly_rate())
+            .sum(),
+        cost_so_far,
+        paid,
+        escrow: escrow.map(|e| e.account.clone()),
+        escrow_balance: balance,
+        // The balance already excludes what was paid out of it.
+        deposit_left: balance.map(|b| b.saturating_sub(cost_so_far.saturating_sub(paid))),
+        refunded: status.amount_refunded,
+        dashboard: status.dashboard.clone(),
+        leases: lines,
+    }
+}
+
+/// What holds the cluster up or is wrong with it: the conditions that do not hold (Matched,
+/// Funded, RayReady False) and Degraded when it holds, each with its message.
+pub fn waiting(cluster: &GpuCluster) -> Vec<String> {
+    let Some(status) = &cluster.status else {
+        return vec!["the controller has not looked at it yet".to_owned()];
+    };
+    status
+        .conditions
+        .iter()
+        .filter(|c| {
+            let problem = if c.type_ == DEGRADED { "True" } else { "False" };
+            c.status == problem
+        })
+        .map(|c| format!("{}: {}", c.type_, c.message))
+        .collect()
+}
+
+pub fn render(s: &Summary) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "GpuCluster {}: {:?}", s.cluster, s.phase);
+    for why in &s.waiting {
+        let _ = writeln!(out, "  waiting: {why}");
+    }
+    if !s.leases.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<40} {:<20} {:>4} {:>12} {:>14} {:>14}  STATE",
+            "LEASE", "NODE", "GPUS", "SERVED", "COST", "PAID"
+        );
+        for l in &s.leases {
+            let _ = writeln!(
+                out,
+                "  {:<40} {:<20} {:>4} {:>12} {:>14} {:>14}  {}",
+                l.name,
+                l.node,
+                l.gpus,
+                served(l.served_gpu_seconds),
+                Amount::new(l.cost).to_string(),
+                Amount::new(l.paid).to_string(),
+                l.state
+            );
+        }
+    }
+    let _ = writeln!(out, "  rate:        {} per hour", Amount::new(s.hourly_rate));
+    let _ = writeln!(out, "  cost so far: {}", Amount::new(s.cost_so_far));
+    let _ = writeln!(out, "  paid:        {}", Amount::new(s.paid));
+    if let Some(escrow) = &s.escrow {
+        let balance =
+            s.escrow_balance.map_or("not read yet".to_owned(), |b| Amount::new(b).to_string());
+        let _ = writeln!(out, "  escrow:      {escrow} holds {balance}");
+    }
+    if let Some(left) = s.deposit_left {
+        let _ = writeln!(out, "  deposit left: {}", Amount::new(left));
+    }
+    if let Some(refunded) = s.refunded {
+        let _ = writeln!(out, "  refunded:    {}", Amount::new(refunded));
+    }
+    if let Some(dashboard) = &s.dashboard {
+        let _ = writeln!(
+            out,
+            "  dashboard:   {dashboard} (`kubectl gpumarket dashboard` forwards it here)"
+        );
+    }
+    out
+}
+
+/// GPU-seconds as GPU-hours and minutes, the way served time is read.
+fn served(gpu_seconds: u64) -> String {
+    format!("{}h{:02}m GPU", gpu_seconds / 3600, gpu_seconds % 3600 / 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    fn condition(type_: &str, status: &str, message: &str) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            message: message.into(),
+            reason: "R".into(),
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
+            observed_generation: None,
+        }
+    }
+
+    #[test]
+    fn only_conditions_that_hold_it_up_are_shown_as_waiting() {
+        let mut cluster: GpuCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuCluster",
+            "metadata": {"name": "c", "namespace": "ns"},
+            "spec": {"gpu": {"models": ["H100"]}, "workers": 1, "gpusPerWorker": 1,
+                     "duration": "1h", "maxPricePerGpuHour": 1,
+                     "payment": {"buyerWallet": "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV"}},
+        }))
+        .expect("cluster");
+        assert_eq!(waiting(&cluster), ["the controller has not looked at it yet"]);
+        cluster.status = Some(gpumarket_crds::GpuClusterStatus {
+            conditions: vec![
+                condition("Matched", "True", "2 GPUs bound"),
+                condition("Funded", "False", "deposit 0.000000 short"),
+                condition("Degraded", "False", "all 2 workers have GPUs"),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(waiting(&cluster), ["Funded: deposit 0.000000 short"]);
+    }
+
+    #[test]
+    fn served_time_reads_in_hours_and_minutes() {
+        assert_eq!(served(3 * 3600 + 5 * 60 + 59), "3h05m GPU");
+    }
+}

@@ -1,0 +1,316 @@
+//! `kubectl gpumarket` against the real API server and the real validator, with the controller
+//! settling in-process: a quote is what the market then charges for the same spec, a deposit is
+//! exact and sent once however often it is run, status says what the buyer needs to know, and
+//! a supplier's earnings are its on-chain payouts to the base unit; stake and unstake move the
+//! offer wallet's own tokens.
+//!
+//! The plugin runs in-process through its library entry (`plugin::run`, what the binary's
+//! `main` calls) with the arguments a user types. KWOK makes the Ray pods Ready. Tests take
+//! turns: each starts a controller that watches the whole API server.
+// A failing expectation is meant to panic, in helpers as in tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use gpumarket_controller::plugin::{self, Cli};
+use gpumarket_controller::settlement::{SettlementConfig, Settler};
+use gpumarket_controller::{Config, Settings};
+use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer, LeasePhase};
+use gpumarket_tests::solana::read_keypair;
+use gpumarket_tests::supplier::Supplier;
+use gpumarket_tests::{Env, Solana, eventually};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::Value;
+use solana_sdk::pubkey::Pubkey;
+use solana_sdk::signature::Signer;
+use tokio::sync::{Mutex, MutexGuard};
+
+const WAIT: Duration = Duration::from_secs(60);
+/// 1000 base units per GPU-second.
+const PRICE: u64 = 3_600_000;
+
+static TURN: Mutex<()> = Mutex::const_new(());
+
+/// A test's turn, environment, namespace, and a controller settling on the validator with its
+/// own settlement authority (stopped when dropped).
+struct Market {
+    _turn: MutexGuard<'static, ()>,
+    env: &'static Env,
+    client: Client,
+    ns: String,
+    sol: &'static Solana,
+    controller: tokio::task::JoinHandle<()>,
+    _keys: tempfile::TempDir,
+}
+
+impl Market {
+    async fn start(namespace: &str) -> Market {
+        let turn = TURN.lock().await;
+        let env = Env::shared().await;
+        let client = env.client().await.unwrap();
+        let ns = env.namespace(namespace).await.unwrap();
+        let sol = env.solana().await.unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let keypair = keys.path().join("settlement.json");
+        sol.settlement_authority(&keypair).await.unwrap();
+        let mut settlement = SettlementConfig::new(
+            sol.rpc_url.clone(),
+            keypair,
+            sol.mint.to_string(),
+            Duration::from_secs(3),
+        );
+        settlement.poll_interval = Duration::from_secs(1);
+        let settler = Arc::new(Settler::new(settlement).unwrap());
+        let config = Config {
+            settings: Settings { heartbeat_timeout: Duration::from_secs(4), ..Settings::default() },
+            ..Config::default()
+        };
+        let controller = tokio::spawn({
+            let client = client.clone();
+            async move {
+                gpumarket_controller::run_settling(client, config, settler).await.unwrap();
+            }
+        });
+        env.start_kuberay(&ns).unwrap();
+        Market { _turn: turn, env, client, ns, sol, controller, _keys: keys }
+    }
+
+    /// `kubectl gpumarket ARGS` in this test's namespace, with the environment's kubeconfig
+    /// and RPC endpoint: what it printed, or its error.
+    async fn plugin(&self, args: &[&str]) -> anyhow::Result<String> {
+        let kubeconfig = self.env.kubeconfig().display().to_string();
+        let mut argv = vec!["kubectl-gpumarket", "--kubeconfig", &kubeconfig, "-n", &self.ns];
+        argv.extend(["--rpc-url", &self.sol.rpc_url]);
+        argv.extend(args);
+        let mut out = Vec::new();
+        plugin::run(Cli::try_parse_from(argv)?, &mut out).await?;
+        Ok(String::from_utf8(out)?)
+    }
+
+    async fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        let out = self.plugin(&args).await.unwrap();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    fn clusters(&self) -> Api<GpuCluster> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn leases_of(&self, cluster: &GpuCluster) -> Vec<GpuLease> {
+        let uid = cluster.uid().unwrap();
+        let all = Api::<GpuLease>::all(self.client.clone()).list(&Default::default()).await;
+        all.unwrap().items.into_iter().filter(|l| l.spec.cluster.uid == uid).collect()
+    }
+}
+
+impl Drop for Market {
+    fn drop(&mut self) {
+        self.controller.abort();
+    }
+}
+
+/// A manifest of one H100 worker of `gpus` GPUs in `region` for an hour, written to `dir`.
+fn manifest(
+    dir: &Path,
+    name: &str,
+    region: &str,
+    gpus: u32,
+    max_price: u64,
+    buyer: &Pubkey,
+) -> String {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: gpumarket.io/v1alpha1\nkind: GpuCluster\nmetadata:\n  name: {name}\n\
+             spec:\n  gpu:\n    models: [H100]\n  workers: 1\n  gpusPerWorker: {gpus}\n  \
+             duration: 1h\n  maxPricePerGpuHour: {max_price}\n  location:\n    region: {region}\n  \
+             payment:\n    buyerWallet: {buyer}\n"
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn a_quote_is_what_the_market_charges_and_a_deposit_is_exact_and_sent_once() {
+    let market = Market::start("plugin-buyer").await;
+    let (sol, clusters) = (market.sol, market.clusters());
+    let buyer = read_keypair(&sol.buyer).unwrap();
+    let supplier = read_keypair(&sol.suppliers[0]).unwrap().pubkey();
+    let dearer = read_keypair(&sol.suppliers[1]).unwrap().pubkey().to_string();
+    let _cheap = Supplier::start_paid_to(
+        market.env,
+        &market.client,
+        "plugin-a",
+        "plugin",
+        2,
+        PRICE,
+        &supplier.to_string(),
+    )
+    .await;
+    let _dear = Supplier::start_paid_to(
+        market.env,
+        &market.client,
+        "plugin-b",
+        "plugin",
+        2,
+        2 * PRICE,
+        &dearer,
+    )
+    .await;
+    let files = tempfile::tempdir().unwrap();
+    let job = manifest(files.path(), "job", "plugin", 2, 5_000_000, &buyer.pubkey());
+    let supplier_before = sol.balance(&supplier).await.unwrap();
+    let buyer_keypair = sol.buyer.display().to_string();
+
+    // Quote before applying: the cheaper node, 2 GPUs × 3.6 per hour for an hour.
+    let quotes = market.json(&["quote", "-f", &job]).await;
+    let quoted = &quotes[0]["matched"];
+    assert_eq!(quoted["pricePerHour"], 2 * PRICE, "{quotes}");
+    assert_eq!(quoted["total"], 2 * PRICE);
+    assert_eq!(quoted["deposit"], 2 * PRICE);
+    assert_eq!(quoted["workers"][0]["node"], "plugin-a");
+    let text = market.plugin(&["quote", "-f", &job]).await.unwrap();
+    assert!(text.contains("price:    7.200000 per hour") && text.contains("plugin-a"), "{text}");
+    // Too low a price: it says so, and what price would match.
+    let cheap = manifest(files.path(), "cheap", "plugin", 2, PRICE / 2, &buyer.pubkey());
+    let text = market.plugin(&["quote", "-f", &cheap]).await.unwrap();
+    assert!(text.contains("exceed the price"), "{text}");
+    assert!(text.contains("would match with spec.maxPricePerGpuHour: 3600000"), "{text}");
+    assert!(clusters.get_opt("job").await.unwrap().is_none(), "quote writes nothing");
+
+    // Applied: the deposit is exactly what the controller asks for, and sent once.
+    let spec = plugin::parse_clusters(&std::fs::read_to_string(&job).unwrap(), &market.ns).unwrap();
+    let created = clusters.create(&PostParams::default(), &spec[0]).await.unwrap();
+    let sent = market.json(&["deposit", "job", "--keypair", &buyer_keypair]).await;
+    assert_eq!(sent["sent"], 2 * PRICE, "{sent}");
+    let escrow: Pubkey = sent["escrow"].as_str().unwrap().parse().unwrap();
+    assert_eq!(sol.account_balance(&escrow).await.unwrap(), Some(2 * PRICE));
+    let again = market.plugin(&["deposit", "job", "--keypair", &buyer_keypair]).await.unwrap();
+    assert!(again.starts_with("nothing sent"), "{again}");
+    assert_eq!(sol.account_balance(&escrow).await.unwrap(), Some(2 * PRICE), "sent once");
+
+    // The market charges what was quoted, on the quoted node.
+    let running = eventually("the cluster Running", WAIT, || async {
+        let c = clusters.get("job").await.ok()?;
+        (c.status.as_ref()?.phase == Some(ClusterPhase::Running)).then_some(c)
+    })
+    .await;
+    assert_eq!(running.status.as_ref().unwrap().hourly_rate, Some(2 * PRICE));
+    let leases = market.leases_of(&created).await;
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].spec.offer, "plugin-a");
+    let refused = market.plugin(&["deposit", "job", "--keypair", &buyer_keypair]).await;
+    let refused = refused.expect_err("a bound cluster takes no deposit").to_string();
+    assert!(refused.contains("needs no deposit") && refused.contains("nothing sent"), "{refused}");
+
+    // Status, once the lease has served a few seconds.
+    eventually("the lease serving", WAIT, || async {
+        market.leases_of(&created).await.first()?.status.as_ref()?.serving_since.clone()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let status = market.json(&["status", "job"]).await;
+    assert_eq!(status["phase"], "Running", "{status}");
+    assert_eq!(status["waiting"], Value::Array(vec![]), "nothing holds it up: {status}");
+    assert_eq!(status["leases"][0]["node"], "plugin-a");
+    assert_eq!(status["hourlyRate"], 2 * PRICE);
+    assert!(status["costSoFar"].as_u64().unwrap() >= 2 * 4 * 1000, "{status}");
+    assert_eq!(status["escrow"], escrow.to_string());
+    let text = market.plugin(&["status", "job"]).await.unwrap();
+    assert!(text.starts_with(&format!("GpuCluster {}/job: Running", market.ns)), "{text}");
+    assert!(text.contains("plugin-a") && text.contains("rate:        7.200000 per hour"), "{text}");
+    let yaml = market.plugin(&["status", "job", "-o", "yaml"]).await.unwrap();
+    assert!(yaml.contains("phase: Running\n") && yaml.contains("node: plugin-a\n"), "{yaml}");
+
+    // What the buyer was charged never reads higher than what it cost.
+    let (settled, cost) = eventually("a payout", WAIT, || async {
+        let status = clusters.get("job").await.ok()?.status?;
+        Some((status.amount_settled.filter(|paid| *paid > 0)?, status.cost_accrued?))
+    })
+    .await;
+    assert!(cost >= settled, "costAccrued {cost} below amountSettled {settled}");
+
+    // Deleted: the supplier is paid for the time served and the rest refunded; its earnings
+    // are what reached its wallet on chain, to the base unit.
+    clusters.delete("job", &DeleteParams::default()).await.unwrap();
+    eventually("the GpuCluster refunded and gone", Duration::from_secs(90), || async {
+        clusters.get_opt("job").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let lease = &market.leases_of(&created).await[0];
+    assert_eq!(lease.status.as_ref().unwrap().phase, Some(LeasePhase::Settled));
+    let received = sol.balance(&supplier).await.unwrap() - supplier_before;
+    assert!(received > 0);
+    let earned = market.json(&["earnings", "--wallet", &supplier.to_string()]).await;
+    assert_eq!(earned["total"]["paid"], received, "{earned}");
+    assert_eq!(earned["total"]["pending"], 0);
+    assert_eq!(earned["total"]["servedGpuSeconds"], received / 1000);
+    assert_eq!(earned["byModel"]["H100"]["paid"], received);
+    assert_eq!(earned["nodes"][0]["node"], "plugin-a");
+    let days = earned["byDay"].as_object().unwrap();
+    assert_eq!(days.values().map(|d| d["paid"].as_u64().unwrap()).sum::<u64>(), received);
+    let text = market.plugin(&["earnings", "--wallet", &supplier.to_string()]).await.unwrap();
+    assert!(text.contains("plugin-a") && text.contains("reputation"), "{text}");
+}
+
+#[tokio::test]
+async fn a_supplier_bonds_and_unbonds_stake_from_its_offer_wallet_only() {
+    let market = Market::start("plugin-stake").await;
+    let sol = market.sol;
+    let wallet = read_keypair(&sol.suppliers[2]).unwrap();
+    let _node = Supplier::start_paid_to(
+        market.env,
+        &market.client,
+        "plugin-stake",
+        "plugin-stake",
+        1,
+        PRICE,
+        &wallet.pubkey().to_string(),
+    )
+    .await;
+    let offers: Api<GpuOffer> = Api::all(market.client.clone());
+    let account: Pubkey = eventually("the stake account opened", WAIT, || async {
+        offers.get("plugin-stake").await.ok()?.status?.stake?.account.parse().ok()
+    })
+    .await;
+    // The supplier's wallet has no tokens in this environment: the buyer funds it.
+    let buyer = read_keypair(&sol.buyer).unwrap();
+    sol.transfer(&buyer, &sol.token_account(&wallet.pubkey()), 500_001, None).await.unwrap();
+
+    let wallet_keypair = sol.suppliers[2].display().to_string();
+    let other = sol.buyer.display().to_string();
+    let args = ["stake", "plugin-stake", "--amount", "5", "--keypair", &other];
+    let refused = market.plugin(&args).await.expect_err("only the offer's wallet bonds");
+    let refused = refused.to_string();
+    assert!(refused.contains("is not the wallet of GpuOffer plugin-stake"), "{refused}");
+
+    let args = ["stake", "plugin-stake", "--amount", "500000", "--keypair", &wallet_keypair];
+    let text = market.plugin(&args).await.unwrap();
+    assert!(text.starts_with("sent 0.500000 (stake)"), "{text}");
+    eventually("the stake bonded", WAIT, || async {
+        (offers.get("plugin-stake").await.ok()?.bonded_stake() == 500_000).then_some(())
+    })
+    .await;
+    let earned = market.json(&["earnings", "--wallet", &wallet.pubkey().to_string()]).await;
+    assert_eq!(earned["nodes"], Value::Array(vec![]), "no lease yet: {earned}");
+
+    let text = market.plugin(&["unstake", "plugin-stake", "--keypair", &wallet_keypair]).await;
+    assert!(text.unwrap().starts_with("sent 0.000001 (unbond request)"));
+    eventually("the unbonding seen", WAIT, || async {
+        offers.get("plugin-stake").await.ok()?.unbonding().then_some(())
+    })
+    .await;
+    assert_eq!(
+        sol.account_balance(&account).await.unwrap(),
+        Some(500_001),
+        "bonded until the cooldown"
+    );
+}
