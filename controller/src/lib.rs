@@ -16,6 +16,7 @@ pub mod settlement;
 pub mod simulate;
 #[cfg(test)]
 mod testing;
+pub mod verification;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -42,6 +42,12 @@ struct Args {
     #[arg(long, env = "GPUMARKET_PROVISIONING_TIMEOUT", default_value = "10m", value_parser = duration)]
     provisioning_timeout: Duration,
 
+    /// Match only offers signed by their wallet's key (the agent's --wallet-keypair); with
+    /// `--require-signed-offers=false` unsigned offers are matched too. An offer whose
+    /// signature does not verify is never matched.
+    #[arg(long, env = "GPUMARKET_REQUIRE_SIGNED_OFFERS", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    require_signed_offers: bool,
+
     /// Elect a leader through a coordination.k8s.io Lease before reconciling and settling, so
     /// that two replicas (a rolling update's surge pod among them) never pay at once; turn off
     /// with `--leader-election=false` only where one process can ever run.
@@ -107,9 +113,10 @@ struct Args {
     #[arg(long, default_value_t = 2_000_000)]
     simulated_price: u64,
 
-    /// Wallet of simulated suppliers (base-58 public key).
-    #[arg(long, default_value = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV")]
-    simulated_wallet: String,
+    /// Keypair file of the wallet simulated suppliers are paid to and sign their offers with;
+    /// a new wallet, known to this process only, when absent.
+    #[arg(long)]
+    simulated_wallet_keypair: Option<std::path::PathBuf>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -152,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
         settings: Settings {
             heartbeat_timeout: args.heartbeat_timeout,
             provisioning_timeout: args.provisioning_timeout,
+            require_signed_offers: args.require_signed_offers,
             ..Settings::default()
         },
         metrics_addr: Some(args.metrics_addr),
@@ -165,12 +173,18 @@ async fn main() -> anyhow::Result<()> {
         shutdown.cancel();
     });
 
-    let simulation = args.simulate_suppliers.then(|| Simulation {
-        price_per_gpu_hour: args.simulated_price,
-        wallet: args.simulated_wallet.clone(),
-        heartbeat: args.heartbeat_timeout / 4,
-    });
-    if let Some(simulation) = simulation {
+    if args.simulate_suppliers {
+        let wallet = match &args.simulated_wallet_keypair {
+            Some(path) => solana_keypair::read_keypair_file(path).map_err(|e| {
+                anyhow::anyhow!("--simulated-wallet-keypair {}: {e}", path.display())
+            })?,
+            None => solana_keypair::Keypair::new(),
+        };
+        let simulation = Simulation {
+            price_per_gpu_hour: args.simulated_price,
+            wallet: Arc::new(wallet),
+            heartbeat: args.heartbeat_timeout / 4,
+        };
         tracing::info!(
             "simulating suppliers for nodes labelled {}",
             gpumarket_controller::simulate::MODEL_LABEL

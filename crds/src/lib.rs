@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod common;
 pub mod lease;
 pub mod offer;
+pub mod signature;
 
 pub use cluster::{
     ClusterPhase, EscrowStatus, GpuCluster, GpuClusterSpec, GpuClusterStatus, GpuSelector,

@@ -95,6 +95,15 @@ pub struct GpuOfferSpec {
     /// worker are not matched to them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocatable: Option<HostResources>,
+
+    /// Ed25519 signature (base-58) by `wallet`'s key of the rest of this spec, written by the
+    /// agent ([`crate::signature`]): it proves the offer is the wallet holder's, unchanged. The
+    /// controller matches only offers whose signature verifies (unsigned ones only where the
+    /// market does not require signatures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[1-9A-HJ-NP-Za-km-z]{64,88}$')").message("spec.signature must be a base-58 ed25519 signature (64 bytes) of the offer by spec.wallet's key, as the gpumarket agent writes it"))]
+    #[schemars(length(max = 88))]
+    pub signature: Option<String>,
 }
 
 /// One GPU of an offer.

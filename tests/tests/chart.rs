@@ -1443,6 +1443,14 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
          - {uuid: GPU-2, productName: NVIDIA H100 80GB HBM3, memoryMib: 81559}\n",
     )?;
     let source = format!("fake:{}", devices.path().display());
+    // The agent signs its offer with the wallet's keypair, as the market requires.
+    let wallet = tempfile::NamedTempFile::new()?;
+    solana_sdk::signer::keypair::write_keypair_file(
+        &solana_sdk::signature::Keypair::new(),
+        wallet.path(),
+    )
+    .map_err(|e| anyhow::anyhow!("writing the wallet keypair: {e}"))?;
+    let wallet = wallet.path().display().to_string();
     let args = gpumarket_device_plugin::config::Args::parse_from([
         "gpumarket-device-plugin",
         "--node-name",
@@ -1451,8 +1459,8 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
         "offer-only",
         "--source",
         &source,
-        "--wallet",
-        WALLET,
+        "--wallet-keypair",
+        &wallet,
         "--price",
         "H100=2200000",
         "--heartbeat-interval",

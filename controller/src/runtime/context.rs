@@ -13,6 +13,7 @@ use kube::{Resource, ResourceExt};
 use crate::market::supply::{gpu_lease, market_offer, market_request};
 use crate::matching::{Offer, Request};
 use crate::settlement::Settler;
+use crate::verification::{SignatureChecks, verdicts};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 
@@ -32,6 +33,9 @@ pub struct Settings {
     /// A lease whose workers are not all Ready this long after the bind has failed to serve: it
     /// ends (a supplier failure, never billed) and its workers are placed elsewhere.
     pub provisioning_timeout: Duration,
+    /// Match only offers signed by their wallet's key; offers with a bad signature are never
+    /// matched, unsigned ones are when this is off.
+    pub require_signed_offers: bool,
 }
 
 impl Default for Settings {
@@ -40,6 +44,7 @@ impl Default for Settings {
             heartbeat_timeout: Duration::from_secs(60),
             orphan_grace: Duration::from_secs(30),
             provisioning_timeout: Duration::from_secs(600),
+            require_signed_offers: true,
         }
     }
 }
@@ -61,6 +66,8 @@ pub struct Context {
     pub bind_lock: tokio::sync::Mutex<()>,
     /// Settlement, when on: a cluster is provisioned only once its deposit covers it.
     pub settler: Option<Arc<Settler>>,
+    /// Offer signatures verified so far (each once per change of its offer).
+    pub signatures: SignatureChecks,
     /// GPUs this replica claimed, by (offer, uuid), until the offer cache shows the claim.
     recent_claims: Mutex<HashMap<(String, String), Instant>>,
     /// Leases this replica created, until the lease cache shows them: (cluster uid, workers).
@@ -101,18 +108,24 @@ impl Context {
             orphans_seen: Mutex::new(HashMap::new()),
             bind_lock: tokio::sync::Mutex::new(()),
             settler,
+            signatures: SignatureChecks::default(),
             recent_claims: Mutex::new(HashMap::new()),
             recent_leases: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Free supply for matching: the cached offers (with settlement on, only those staked
-    /// enough), less the GPUs this replica claimed that the cache does not show yet.
+    /// Free supply for matching: the cached offers that verification admits (with settlement
+    /// on, only those staked enough), less the GPUs this replica claimed that the cache does
+    /// not show yet.
     pub fn supply(&self, now: jiff::Timestamp) -> Vec<Offer> {
         let offers = self.offers.state();
+        let listed: Vec<&GpuOffer> = offers.iter().map(AsRef::as_ref).collect();
+        let verdicts = verdicts(&listed, &self.signatures, self.settings.require_signed_offers);
+        let admitted = |o: &GpuOffer| verdicts.get(&o.name_any()).is_some_and(|v| v.admitted);
         let mut recent = lock(&self.recent_claims);
         let by_name: HashMap<String, &GpuOffer> =
             offers.iter().map(|o| (o.name_any(), o.as_ref())).collect();
+        self.signatures.retain(|name| by_name.contains_key(name));
         recent.retain(|(offer, gpu), at| {
             at.elapsed() < RECENT_CLAIM_TTL
                 && by_name.get(offer).is_some_and(|o| gpu_lease(o, gpu).is_none())
@@ -121,7 +134,7 @@ impl Context {
             |o: &GpuOffer| self.settler.as_ref().is_none_or(|s| s.config().stake.admits(o));
         offers
             .iter()
-            .filter(|o| staked(o))
+            .filter(|o| admitted(o) && staked(o))
             .filter_map(|o| market_offer(o, now, self.settings.heartbeat_timeout))
             .map(|mut offer| {
                 offer.free_gpus.retain(|g| !recent.contains_key(&(offer.node.clone(), g.clone())));
