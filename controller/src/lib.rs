@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod error;
 pub mod market;
 pub mod matching;
+pub mod policy;
 pub mod raycluster;
 pub mod runtime;
 pub mod settlement;
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
-use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer, MarketPolicy};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::Api;
@@ -151,10 +152,12 @@ async fn run_controllers(
     let (lease_store, _leases) = cache::<GpuLease>(&client, every());
     let (cluster_store, _clusters) = cache::<GpuCluster>(&client, every());
     let (pod_store, _pods) = cache::<Pod>(&client, every().labels(raycluster::CLUSTER_LABEL));
+    let (policy_store, _policies) = cache::<MarketPolicy>(&client, every());
     if offer_store.wait_until_ready().await.is_err()
         || lease_store.wait_until_ready().await.is_err()
         || cluster_store.wait_until_ready().await.is_err()
         || pod_store.wait_until_ready().await.is_err()
+        || policy_store.wait_until_ready().await.is_err()
     {
         tracing::error!("a cache stopped before it was filled");
         return;
@@ -178,6 +181,7 @@ async fn run_controllers(
             leases: lease_store,
             clusters: cluster_store,
             pods: pod_store,
+            policy: policy_store,
         },
         settler,
     ));
@@ -198,7 +202,15 @@ async fn run_controllers(
         }
     };
     let offer_controller = market::offer::run(ctx.clone());
-    futures::future::join4(cluster::run(clusters, ctx), offer_controller, inventory, settle).await;
+    let policy_events = policy::run(ctx.clone());
+    futures::future::join5(
+        cluster::run(clusters, ctx),
+        offer_controller,
+        inventory,
+        settle,
+        policy_events,
+    )
+    .await;
 }
 
 /// A cache of every `K` in the cluster that `config` selects, kept filled by its own task until

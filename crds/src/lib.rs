@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod common;
 pub mod lease;
 pub mod offer;
+pub mod policy;
 pub mod signature;
 
 pub use cluster::{
@@ -23,13 +24,14 @@ pub use offer::{
     GpuHealth, GpuOffer, GpuOfferSpec, GpuOfferStatus, GpuState, OfferedGpu, Reputation,
     StakeStatus,
 };
+pub use policy::{AcceptedModel, MarketPolicy, MarketPolicySpec, MarketPolicyStatus, TierStake};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-/// The three CRDs, in the order they should be installed.
+/// The CRDs, in the order they should be installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![GpuOffer::crd(), GpuCluster::crd(), GpuLease::crd()]
+    vec![GpuOffer::crd(), GpuCluster::crd(), GpuLease::crd(), MarketPolicy::crd()]
 }
 
 /// Each CRD as the YAML file that is committed (`crds/<file>`, and the chart's `crds/` folder),

@@ -35,6 +35,12 @@ use crate::common::{GpuTier, HostResources, Interconnect, OfferMode};
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Available\")].status"
     ),
+    printcolumn(
+        name = "Verified",
+        type_ = "string",
+        description = "whether the market believes the offer (signature, no GPU offered twice)",
+        json_path = ".status.conditions[?(@.type==\"Verified\")].reason"
+    ),
     printcolumn(name = "Score", type_ = "integer", json_path = ".status.reputation.score"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name == self.spec.nodeName").message("a GpuOffer is named after its node: set metadata.name to spec.nodeName")

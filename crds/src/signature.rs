@@ -103,7 +103,8 @@ mod tests {
             serde_json::from_value(serde_json::to_value(&signed).expect("json")).expect("spec");
         assert_eq!(verify(&round_trip), Ok(()));
 
-        let changes: Vec<(&str, Box<dyn Fn(&mut GpuOfferSpec)>)> = vec![
+        type Change = (&'static str, Box<dyn Fn(&mut GpuOfferSpec)>);
+        let changes: Vec<Change> = vec![
             ("node", Box::new(|s| s.node_name = "node-b".into())),
             ("price", Box::new(|s| s.price_per_gpu_hour -= 1)),
             ("region", Box::new(|s| s.region = "us-east".into())),

@@ -6,7 +6,8 @@
 //! real validator, a cluster is bound only once funded, only to staked offers, and deleting it
 //! pays the supplier and refunds the buyer to the base unit. Only offers signed by their
 //! wallet are matched: forged, replayed and re-walleted offers, and two offers claiming one GPU,
-//! are refused with the reason in their `Verified` condition and an Event.
+//! are refused with the reason in their `Verified` condition and an Event. A MarketPolicy
+//! change applies to the next lease and leaves running ones alone.
 //!
 //! The controller runs in-process (`gpumarket_controller::run`). Offers are published by the
 //! test itself, heartbeating like an agent. KubeRay's operator is not running, so the test marks
@@ -24,7 +25,7 @@ use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::common::quantity_scaled;
 use gpumarket_crds::{
     ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, GpuTier, HostResources, LeasePhase,
-    PerWorker,
+    MarketPolicy, PerWorker,
 };
 use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::supplier::{Supplier, add_node, signed_offer};
@@ -802,9 +803,9 @@ async fn verified(client: &Client, offer: &str, status: &str) -> String {
     .await
 }
 
-/// The notes of the controller's Events about `offer` with `reason` (cluster-scoped objects'
-/// Events go to the default namespace).
-async fn offer_events(client: &Client, offer: &str, reason: &str) -> Vec<String> {
+/// The notes of the controller's Events about the cluster-scoped object `name` (an offer, the
+/// policy) with `reason` (such objects' Events go to the default namespace).
+async fn events_about(client: &Client, name: &str, reason: &str) -> Vec<String> {
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::namespaced(client.clone(), "default");
     events
@@ -813,7 +814,7 @@ async fn offer_events(client: &Client, offer: &str, reason: &str) -> Vec<String>
         .unwrap()
         .items
         .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(offer))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
         .filter(|e| e.reason.as_deref() == Some(reason))
         .filter_map(|e| e.note)
         .collect()
@@ -881,7 +882,7 @@ async fn only_offers_signed_by_their_wallet_are_matched() {
     ] {
         assert_eq!(verified(&client, offer, "False").await, reason, "{offer}");
         let notes = eventually(&format!("a {reason} Event on {offer}"), WAIT, || async {
-            let notes = offer_events(&client, offer, reason).await;
+            let notes = events_about(&client, offer, reason).await;
             (!notes.is_empty()).then_some(notes)
         })
         .await;
@@ -938,7 +939,7 @@ async fn a_gpu_offered_by_two_nodes_quarantines_both_until_one_lets_go() {
     for offer in [first, second] {
         assert_eq!(verified(&client, offer, "False").await, "DuplicateGpu", "{offer}");
         let notes = eventually(&format!("a DuplicateGpu Event on {offer}"), WAIT, || async {
-            let notes = offer_events(&client, offer, "DuplicateGpu").await;
+            let notes = events_about(&client, offer, "DuplicateGpu").await;
             (!notes.is_empty()).then_some(notes)
         })
         .await;
@@ -956,4 +957,52 @@ async fn a_gpu_offered_by_two_nodes_quarantines_both_until_one_lets_go() {
     assert_eq!(verified(&client, first, "True").await, "Signed");
     let bound = wait_phase(&clusters, "one-gpu", ClusterPhase::Provisioning).await;
     assert_eq!(leased_offers(&client, &bound).await, BTreeSet::from([first.to_string()]));
+}
+
+#[tokio::test]
+async fn a_policy_change_applies_to_new_leases_and_leaves_running_ones_alone() {
+    let (_turn, env, client, ns) = setup("ctl-policy").await;
+    let region = "policy";
+    let _signed = Supplier::start(env, &client, "ctl-pol-signed", region, 2, 1_000_000).await;
+    let unsigned = "ctl-pol-unsigned";
+    add_node(env, unsigned, region, 2).await;
+    let mut spec = signed_offer(unsigned, region, 2, 1_000_000, None, &Keypair::new());
+    spec.signature = None;
+    let _unsigned = Supplier::publish(&client, spec).await;
+    let _controller = Controller::start(&client);
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    let first = provision(&clusters, "before", region, 1, 2).await;
+    let before = leases_of(&client, &first).await;
+    assert_eq!(leased_offers(&client, &first).await, BTreeSet::from(["ctl-pol-signed".into()]));
+    assert_eq!(verified(&client, unsigned, "False").await, "Unsigned");
+
+    // The market stops requiring signatures: the unsigned offer is supply for the next cluster.
+    let policies: Api<MarketPolicy> = Api::all(client.clone());
+    let policy = json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "MarketPolicy",
+        "metadata": {"name": "default"},
+        "spec": {"requireSignedOffers": false, "provisioningTimeout": "20m"},
+    });
+    policies
+        .patch("default", &PatchParams::apply("market-admin"), &Patch::Apply(&policy))
+        .await
+        .unwrap();
+    let note = eventually("a PolicyChanged Event", WAIT, || async {
+        events_about(&client, "default", "PolicyChanged").await.into_iter().next()
+    })
+    .await;
+    println!("policy: {note}");
+    assert!(note.contains("market-admin") && note.contains("requireSignedOffers: - → false"));
+    assert_eq!(verified(&client, unsigned, "True").await, "Unsigned");
+    let second = provision(&clusters, "after", region, 1, 2).await;
+    assert_eq!(leased_offers(&client, &second).await, BTreeSet::from([unsigned.to_string()]));
+
+    // The running lease kept its terms and runs on.
+    let after = leases_of(&client, &first).await;
+    assert_eq!(
+        before.iter().map(|l| &l.spec).collect::<Vec<_>>(),
+        after.iter().map(|l| &l.spec).collect::<Vec<_>>()
+    );
+    assert_eq!(active(&after).len(), 1);
+    policies.delete("default", &DeleteParams::default()).await.unwrap();
 }

@@ -71,15 +71,19 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
     let _timer = ctx.metrics.reconcile_duration.with_label_values(&[CONTROLLER]).start_timer();
     ctx.metrics.reconciles.with_label_values(&[CONTROLLER]).inc();
     let now = Timestamp::now();
-    let timeout = ctx.settings.heartbeat_timeout;
+    let timeout = ctx.settings().heartbeat_timeout;
 
     reclaim_allocations(&offer, &ctx).await?;
 
     let (available, reason, message) = availability(&offer, now, timeout);
     let listed = ctx.offers.state();
     let listed: Vec<&GpuOffer> = listed.iter().map(AsRef::as_ref).collect();
-    let verdict =
-        verification::verdict(&offer, &listed, &ctx.signatures, ctx.settings.require_signed_offers);
+    let verdict = verification::verdict(
+        &offer,
+        &listed,
+        &ctx.signatures,
+        ctx.settings().require_signed_offers,
+    );
     let status = offer.status.clone().unwrap_or_default();
     let mut conditions = status.conditions.clone();
     set_condition(

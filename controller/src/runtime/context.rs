@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer, MarketPolicy};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
@@ -14,8 +14,9 @@ use crate::market::supply::{gpu_lease, market_offer, market_request};
 use crate::matching::{Offer, Request};
 use crate::settlement::Settler;
 use crate::verification::{SignatureChecks, verdicts};
+use gpumarket_crds::policy::POLICY_NAME;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::runtime::metrics::Metrics;
 
@@ -60,6 +61,8 @@ pub struct Context {
     pub clusters: Store<GpuCluster>,
     /// The pods of every GpuCluster (labelled with it), to meter from their workers being Ready.
     pub pods: Store<Pod>,
+    /// The market's MarketPolicy, if there is one: it overrides the flags' settings.
+    pub policy: Store<MarketPolicy>,
     /// When each allocation to a missing lease was first seen, by lease name (offer controller).
     pub orphans_seen: Mutex<HashMap<String, Instant>>,
     /// Held while matching and binding, so this replica's reconciles do not race each other.
@@ -83,6 +86,7 @@ pub struct Caches {
     pub leases: Store<GpuLease>,
     pub clusters: Store<GpuCluster>,
     pub pods: Store<Pod>,
+    pub policy: Store<MarketPolicy>,
 }
 
 impl Context {
@@ -93,7 +97,7 @@ impl Context {
         caches: Caches,
         settler: Option<Arc<Settler>>,
     ) -> Self {
-        let Caches { offers, leases, clusters, pods } = caches;
+        let Caches { offers, leases, clusters, pods, policy } = caches;
         let reporter =
             Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Context {
@@ -105,6 +109,7 @@ impl Context {
             leases,
             clusters,
             pods,
+            policy,
             orphans_seen: Mutex::new(HashMap::new()),
             bind_lock: tokio::sync::Mutex::new(()),
             settler,
@@ -114,13 +119,20 @@ impl Context {
         }
     }
 
+    /// The settings in force: the flags', with what the MarketPolicy sets on top.
+    pub fn settings(&self) -> Settings {
+        let policy = self.policy.get(&ObjectRef::new(POLICY_NAME));
+        crate::policy::effective(&self.settings, policy.as_deref().map(|p| &p.spec))
+    }
+
     /// Free supply for matching: the cached offers that verification admits (with settlement
     /// on, only those staked enough), less the GPUs this replica claimed that the cache does
     /// not show yet.
     pub fn supply(&self, now: jiff::Timestamp) -> Vec<Offer> {
         let offers = self.offers.state();
         let listed: Vec<&GpuOffer> = offers.iter().map(AsRef::as_ref).collect();
-        let verdicts = verdicts(&listed, &self.signatures, self.settings.require_signed_offers);
+        let settings = self.settings();
+        let verdicts = verdicts(&listed, &self.signatures, settings.require_signed_offers);
         let admitted = |o: &GpuOffer| verdicts.get(&o.name_any()).is_some_and(|v| v.admitted);
         let mut recent = lock(&self.recent_claims);
         let by_name: HashMap<String, &GpuOffer> =
@@ -135,7 +147,7 @@ impl Context {
         offers
             .iter()
             .filter(|o| admitted(o) && staked(o))
-            .filter_map(|o| market_offer(o, now, self.settings.heartbeat_timeout))
+            .filter_map(|o| market_offer(o, now, settings.heartbeat_timeout))
             .map(|mut offer| {
                 offer.free_gpus.retain(|g| !recent.contains_key(&(offer.node.clone(), g.clone())));
                 offer

@@ -290,4 +290,29 @@ mod tests {
         checks.retain(|_| false);
         assert!(checks.checked.lock().expect("lock").is_empty());
     }
+
+    /// A figure, not a check: how many offers a controller verifies per second (each once per
+    /// change of the offer; the cache answers the rest).
+    #[test]
+    #[ignore = "prints a figure: cargo test -p gpumarket-controller --lib verification_rate -- --ignored --nocapture"]
+    fn verification_rate() {
+        let wallet = Keypair::new();
+        let offers: Vec<GpuOffer> =
+            (0..2000).map(|i| signed(&format!("n{i}"), 8, &wallet)).collect();
+        let started = std::time::Instant::now();
+        assert!(offers.iter().all(|o| verify(&o.spec).is_ok()));
+        let elapsed = started.elapsed();
+        let checks = SignatureChecks::default();
+        let listed: Vec<&GpuOffer> = offers.iter().collect();
+        verdicts(&listed, &checks, true);
+        let cached = std::time::Instant::now();
+        verdicts(&listed, &checks, true);
+        println!(
+            "verified {} offers of 8 GPUs in {elapsed:?}: {:.0} offers/s; every verdict again \
+             from the cache in {:?}",
+            offers.len(),
+            offers.len() as f64 / elapsed.as_secs_f64(),
+            cached.elapsed()
+        );
+    }
 }
