@@ -11,19 +11,21 @@ pub mod error;
 pub mod market;
 pub mod matching;
 pub mod plugin;
+pub mod policy;
 pub mod raycluster;
 pub mod runtime;
 pub mod settlement;
 pub mod simulate;
 #[cfg(test)]
 mod testing;
+pub mod verification;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
-use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer, MarketPolicy};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::Api;
@@ -151,10 +153,12 @@ async fn run_controllers(
     let (lease_store, _leases) = cache::<GpuLease>(&client, every());
     let (cluster_store, _clusters) = cache::<GpuCluster>(&client, every());
     let (pod_store, _pods) = cache::<Pod>(&client, every().labels(raycluster::CLUSTER_LABEL));
+    let (policy_store, _policies) = cache::<MarketPolicy>(&client, every());
     if offer_store.wait_until_ready().await.is_err()
         || lease_store.wait_until_ready().await.is_err()
         || cluster_store.wait_until_ready().await.is_err()
         || pod_store.wait_until_ready().await.is_err()
+        || policy_store.wait_until_ready().await.is_err()
     {
         tracing::error!("a cache stopped before it was filled");
         return;
@@ -178,6 +182,7 @@ async fn run_controllers(
             leases: lease_store,
             clusters: cluster_store,
             pods: pod_store,
+            policy: policy_store,
         },
         settler,
     ));
@@ -198,7 +203,15 @@ async fn run_controllers(
         }
     };
     let offer_controller = market::offer::run(ctx.clone());
-    futures::future::join4(cluster::run(clusters, ctx), offer_controller, inventory, settle).await;
+    let policy_events = policy::run(ctx.clone());
+    futures::future::join5(
+        cluster::run(clusters, ctx),
+        offer_controller,
+        inventory,
+        settle,
+        policy_events,
+    )
+    .await;
 }
 
 /// A cache of every `K` in the cluster that `config` selects, kept filled by its own task until

@@ -53,6 +53,11 @@ struct Args {
     /// only nodes are suppliers' (an all-in-one cluster).
     #[arg(long = "head-toleration", env = "GPUMARKET_HEAD_TOLERATIONS", value_delimiter = ',')]
     head_tolerations: Vec<String>,
+    /// Match only offers signed by their wallet's key (the agent's --wallet-keypair); with
+    /// `--require-signed-offers=false` unsigned offers are matched too. An offer whose
+    /// signature does not verify is never matched.
+    #[arg(long, env = "GPUMARKET_REQUIRE_SIGNED_OFFERS", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    require_signed_offers: bool,
 
     /// Elect a leader through a coordination.k8s.io Lease before reconciling and settling, so
     /// that two replicas (a rolling update's surge pod among them) never pay at once; turn off
@@ -124,9 +129,10 @@ struct Args {
     #[arg(long, default_value_t = 2_000_000)]
     simulated_price: u64,
 
-    /// Wallet of simulated suppliers (base-58 public key).
-    #[arg(long, default_value = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV")]
-    simulated_wallet: String,
+    /// Keypair file of the wallet simulated suppliers are paid to and sign their offers with;
+    /// a new wallet, known to this process only, when absent.
+    #[arg(long)]
+    simulated_wallet_keypair: Option<std::path::PathBuf>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -183,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
             proof_of_compute: args
                 .compute_challenge_interval
                 .map(|interval| ProofSettings { interval, ..ProofSettings::default() }),
+            require_signed_offers: args.require_signed_offers,
             ..Settings::default()
         },
         metrics_addr: Some(args.metrics_addr),
@@ -196,12 +203,18 @@ async fn main() -> anyhow::Result<()> {
         shutdown.cancel();
     });
 
-    let simulation = args.simulate_suppliers.then(|| Simulation {
-        price_per_gpu_hour: args.simulated_price,
-        wallet: args.simulated_wallet.clone(),
-        heartbeat: args.heartbeat_timeout / 4,
-    });
-    if let Some(simulation) = simulation {
+    if args.simulate_suppliers {
+        let wallet = match &args.simulated_wallet_keypair {
+            Some(path) => solana_keypair::read_keypair_file(path).map_err(|e| {
+                anyhow::anyhow!("--simulated-wallet-keypair {}: {e}", path.display())
+            })?,
+            None => solana_keypair::Keypair::new(),
+        };
+        let simulation = Simulation {
+            price_per_gpu_hour: args.simulated_price,
+            wallet: Arc::new(wallet),
+            heartbeat: args.heartbeat_timeout / 4,
+        };
         tracing::info!(
             "simulating suppliers for nodes labelled {}",
             gpumarket_controller::simulate::MODEL_LABEL

@@ -1,14 +1,17 @@
 //! Simulated suppliers for the local environment, until every node runs the real agent: a
 //! GpuOffer for each node labelled with a GPU model (KWOK nodes), heartbeating like an agent.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use gpumarket_crds::common::{GPU_RESOURCE, REGION_LABEL, ZONE_LABEL};
-use gpumarket_crds::{GpuOffer, HostResources};
+use gpumarket_crds::{GpuOffer, HostResources, signature};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+use solana_keypair::Keypair;
+use solana_signer::Signer;
 
 /// Label naming the GPU model of a node.
 pub const MODEL_LABEL: &str = "gpumarket.io/gpu-model";
@@ -16,11 +19,11 @@ pub const MODEL_LABEL: &str = "gpumarket.io/gpu-model";
 pub const MEMORY_LABEL: &str = "gpumarket.io/gpu-memory-mib";
 const FIELD_MANAGER: &str = "gpumarket-simulated-agent";
 
-/// What every simulated supplier asks and where it is paid.
+/// What every simulated supplier asks, and the wallet it is paid to and signs its offers with.
 #[derive(Clone, Debug)]
 pub struct Simulation {
     pub price_per_gpu_hour: u64,
-    pub wallet: String,
+    pub wallet: Arc<Keypair>,
     pub heartbeat: Duration,
 }
 
@@ -39,7 +42,7 @@ pub fn offer_for(node: &Node, sim: &Simulation) -> Option<serde_json::Value> {
         .collect();
     let mut spec = json!({
         "nodeName": name,
-        "wallet": sim.wallet,
+        "wallet": sim.wallet.pubkey().to_string(),
         "gpus": gpus,
         "pricePerGpuHour": sim.price_per_gpu_hour,
         "region": labels.get(REGION_LABEL).map_or("local", String::as_str),
@@ -51,6 +54,7 @@ pub fn offer_for(node: &Node, sim: &Simulation) -> Option<serde_json::Value> {
     if let Some(host) = allocatable.and_then(HostResources::from_allocatable) {
         spec["allocatable"] = json!(host);
     }
+    let spec = signature::sign(&serde_json::from_value(spec).ok()?, sim.wallet.as_ref());
     Some(
         json!({"apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuOffer", "metadata": {"name": name}, "spec": spec}),
     )
@@ -104,7 +108,11 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn sim() -> Simulation {
-        Simulation { price_per_gpu_hour: 5, wallet: "w".into(), heartbeat: Duration::from_secs(1) }
+        Simulation {
+            price_per_gpu_hour: 5,
+            wallet: Arc::new(Keypair::new()),
+            heartbeat: Duration::from_secs(1),
+        }
     }
 
     #[test]
@@ -125,6 +133,8 @@ mod tests {
         assert_eq!(offer["spec"]["gpus"][1]["model"], "H100");
         assert!(offer["spec"].get("zone").is_none());
         assert!(offer["spec"].get("allocatable").is_none(), "none reported");
+        let spec = serde_json::from_value(offer["spec"].clone()).expect("a spec");
+        assert_eq!(signature::verify(&spec), Ok(()), "signed like an agent's offer");
 
         let status = node.status.get_or_insert_default();
         status.allocatable = Some(BTreeMap::from([

@@ -85,6 +85,7 @@ pub fn mk_offer(node: &str, model: &str, count: usize, heartbeat: Timestamp) -> 
             cuda_version: None,
             mode: Default::default(),
             allocatable: None,
+            signature: None,
         },
         status: Some(GpuOfferStatus {
             last_heartbeat: Some(Time(heartbeat)),

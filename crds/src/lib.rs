@@ -8,7 +8,9 @@ pub mod cluster;
 pub mod common;
 pub mod lease;
 pub mod offer;
+pub mod policy;
 pub mod proof;
+pub mod signature;
 
 pub use cluster::{
     ClusterPhase, EscrowStatus, GpuCluster, GpuClusterSpec, GpuClusterStatus, GpuSelector,
@@ -23,14 +25,15 @@ pub use offer::{
     GpuHealth, GpuOffer, GpuOfferSpec, GpuOfferStatus, GpuState, OfferedGpu, Reputation,
     StakeStatus,
 };
+pub use policy::{AcceptedModel, MarketPolicy, MarketPolicySpec, MarketPolicyStatus, TierStake};
 pub use proof::{ComputeAnswer, ComputeChallenge, ProofOfCompute};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-/// The three CRDs, in the order they should be installed.
+/// The CRDs, in the order they should be installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![GpuOffer::crd(), GpuCluster::crd(), GpuLease::crd()]
+    vec![GpuOffer::crd(), GpuCluster::crd(), GpuLease::crd(), MarketPolicy::crd()]
 }
 
 /// Each CRD as the YAML file that is committed (`crds/<file>`, and the chart's `crds/` folder),

@@ -35,6 +35,12 @@ use crate::common::{GpuTier, HostResources, Interconnect, OfferMode};
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Available\")].status"
     ),
+    printcolumn(
+        name = "Verified",
+        type_ = "string",
+        description = "whether the market believes the offer (signature, no GPU offered twice)",
+        json_path = ".status.conditions[?(@.type==\"Verified\")].reason"
+    ),
     printcolumn(name = "Score", type_ = "integer", json_path = ".status.reputation.score"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name == self.spec.nodeName").message("a GpuOffer is named after its node: set metadata.name to spec.nodeName")
@@ -95,6 +101,15 @@ pub struct GpuOfferSpec {
     /// worker are not matched to them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocatable: Option<HostResources>,
+
+    /// Ed25519 signature (base-58) by `wallet`'s key of the rest of this spec, written by the
+    /// agent ([`crate::signature`]): it proves the offer is the wallet holder's, unchanged. The
+    /// controller matches only offers whose signature verifies (unsigned ones only where the
+    /// market does not require signatures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[1-9A-HJ-NP-Za-km-z]{64,88}$')").message("spec.signature must be a base-58 ed25519 signature (64 bytes) of the offer by spec.wallet's key, as the gpumarket agent writes it"))]
+    #[schemars(length(max = 88))]
+    pub signature: Option<String>,
 }
 
 /// One GPU of an offer.

@@ -3,13 +3,16 @@
 //! zero price or a GPU model without a price stops it with a message saying what to fix.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use gpumarket_crds::OfferMode;
 use gpumarket_crds::common::{is_valid_wallet, parse_duration, quantity_scaled};
 use serde::Deserialize;
+use solana_keypair::{Keypair, read_keypair_file};
+use solana_signer::Signer;
 
 use crate::source::Inventory;
 
@@ -23,6 +26,11 @@ pub struct Args {
     /// Solana wallet (base-58 public key) that receives the payouts.
     #[arg(long, env = "GPUMARKET_WALLET")]
     pub wallet: Option<String>,
+    /// The payout wallet's keypair file (a Solana keypair: JSON array of 64 bytes, as
+    /// `solana-keygen new` writes it), to sign the offer with: markets that require signed
+    /// offers match only signed ones. The wallet is its public key when --wallet is not given.
+    #[arg(long, env = "GPUMARKET_WALLET_KEYPAIR")]
+    pub wallet_keypair: Option<PathBuf>,
     /// Price per GPU-hour of a GPU model in base units of the settlement mint, e.g.
     /// `--price H100=2200000`; repeat for each model. A price for a tier (H100) also covers the
     /// models of that tier (H200) that have none of their own.
@@ -170,14 +178,57 @@ struct SupplierFile {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Supplier {
     pub wallet: String,
+    /// The wallet's key, when given: the offer is signed with it.
+    pub wallet_key: Option<WalletKey>,
     /// Price per GPU-hour by upper-case model name.
     pub prices: BTreeMap<String, u64>,
     pub region: Option<String>,
     pub zone: Option<String>,
 }
 
+/// The payout wallet's keypair. Shown and compared by its public key only: the secret never
+/// reaches a log.
+#[derive(Clone)]
+pub struct WalletKey(pub Arc<Keypair>);
+
+impl WalletKey {
+    pub fn read(path: &Path) -> Result<WalletKey, ConfigError> {
+        let keypair = read_keypair_file(path).map_err(|e| ConfigError::WalletKeypair {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(WalletKey(Arc::new(keypair)))
+    }
+
+    pub fn public_key(&self) -> String {
+        self.0.pubkey().to_string()
+    }
+}
+
+impl std::fmt::Debug for WalletKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WalletKey({})", self.public_key())
+    }
+}
+
+impl PartialEq for WalletKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.public_key() == other.public_key()
+    }
+}
+
+impl Eq for WalletKey {}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error(
+        "--wallet-keypair {path}: {message}: give the payout wallet's Solana keypair file (a JSON array of 64 bytes)"
+    )]
+    WalletKeypair { path: String, message: String },
+    #[error(
+        "--wallet {wallet} is not the public key of --wallet-keypair ({keypair}): give the keypair of the payout wallet, or leave --wallet out"
+    )]
+    WalletNotKeypair { wallet: String, keypair: String },
     #[error("no wallet: pass --wallet with the Solana public key (base-58) that receives payouts")]
     MissingWallet,
     #[error(
@@ -235,8 +286,19 @@ impl Supplier {
             let (model, units) = parse_price(price)?;
             prices.insert(model, units);
         }
+        let wallet_key = args.wallet_keypair.as_deref().map(WalletKey::read).transpose()?;
+        let wallet = args.wallet.clone().or(file.wallet);
+        let wallet = match (wallet, &wallet_key) {
+            (Some(wallet), Some(key)) if wallet != key.public_key() => {
+                return Err(ConfigError::WalletNotKeypair { wallet, keypair: key.public_key() });
+            }
+            (Some(wallet), _) => wallet,
+            (None, Some(key)) => key.public_key(),
+            (None, None) => return Err(ConfigError::MissingWallet),
+        };
         Supplier::validated(Supplier {
-            wallet: args.wallet.clone().or(file.wallet).ok_or(ConfigError::MissingWallet)?,
+            wallet,
+            wallet_key,
             prices,
             region: args.region.clone().or(file.region),
             zone: args.zone.clone().or(file.zone),
@@ -416,6 +478,44 @@ mod tests {
             let base = ["gpumarket-device-plugin", "--node-name", "n1"];
             assert!(Args::try_parse_from(base.iter().chain(&bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_wallet_keypair_signs_for_the_wallet() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wallet.json");
+        let keypair = Keypair::new();
+        solana_keypair::write_keypair_file(&keypair, &path).expect("write");
+        let path = path.to_str().expect("utf-8");
+        let supplier = Supplier::from_args(&args(&["--wallet-keypair", path, "--price", "H100=1"]))
+            .expect("the wallet is the keypair's");
+        assert_eq!(supplier.wallet, keypair.pubkey().to_string());
+        assert_eq!(supplier.wallet_key.as_ref().map(WalletKey::public_key), Some(supplier.wallet));
+        assert!(!format!("{:?}", supplier.wallet_key).contains(&keypair.to_base58_string()));
+
+        let other = Supplier::from_args(&args(&[
+            "--wallet-keypair",
+            path,
+            "--wallet",
+            WALLET,
+            "--price",
+            "H100=1",
+        ]));
+        assert_eq!(
+            other,
+            Err(ConfigError::WalletNotKeypair {
+                wallet: WALLET.into(),
+                keypair: keypair.pubkey().to_string()
+            })
+        );
+        let missing = Supplier::from_args(&args(&[
+            "--wallet-keypair",
+            "/nonexistent/wallet.json",
+            "--price",
+            "H100=1",
+        ]))
+        .expect_err("no such file");
+        assert!(missing.to_string().contains("--wallet-keypair /nonexistent"), "{missing}");
     }
 
     #[test]

@@ -105,6 +105,11 @@ pub fn offer_manifest(
         cuda_version: inventory.cuda_version.clone(),
         mode: settings.mode,
         allocatable: node_allocatable(node, settings.reserve),
+        signature: None,
+    };
+    let spec = match &settings.supplier.wallet_key {
+        Some(key) => gpumarket_crds::signature::sign(&spec, key.0.as_ref()),
+        None => spec,
     };
     let mut labels = json!({ REGION_LABEL: region });
     if let Some(zone) = zone {
@@ -219,6 +224,7 @@ mod tests {
             node_name: "node-a".into(),
             supplier: Supplier {
                 wallet: "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV".into(),
+                wallet_key: None,
                 prices: BTreeMap::from([("H100".into(), 5)]),
                 region: region.map(str::to_owned),
                 zone: None,
@@ -300,6 +306,19 @@ mod tests {
             Some(HostResources { cpu_millicores: 1, memory_bytes: 1 })
         );
         assert!(offer.get("status").is_none());
+        assert!(parsed.spec.signature.is_none(), "no keypair, no signature");
+    }
+
+    #[test]
+    fn with_the_wallet_keypair_the_offer_is_signed() {
+        let key = crate::config::WalletKey(std::sync::Arc::new(solana_keypair::Keypair::new()));
+        let mut signing = settings(None);
+        signing.supplier.wallet = key.public_key();
+        signing.supplier.wallet_key = Some(key);
+        let offer = offer_manifest(&signing, &two_linked_h100(), &node(&[]), "eu-west", None);
+        let parsed: GpuOffer = serde_json::from_value(offer).expect("a GpuOffer");
+        assert!(parsed.spec.signature.is_some());
+        assert_eq!(gpumarket_crds::signature::verify(&parsed.spec), Ok(()));
     }
 
     #[test]

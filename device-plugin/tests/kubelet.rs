@@ -159,6 +159,7 @@ fn start_pod_resources(dir: &Path) -> TestPodResources {
 fn supplier() -> Supplier {
     Supplier {
         wallet: WALLET.into(),
+        wallet_key: None,
         prices: [("H100".to_string(), 2_200_000)].into(),
         region: Some("eu-west".into()),
         zone: None,

@@ -15,11 +15,15 @@ use crate::{Env, images};
 
 pub const RELEASE: &str = "gpumarket";
 pub const NAMESPACE: &str = "gpumarket-system";
+/// The chart's default name of the settlement Secret (the authority's keypair, the RPC URL).
+const SETTLEMENT_SECRET: &str = "gpumarket-settlement";
+/// The supplier's keypair, which its agent signs its offers with.
+const WALLET_SECRET: &str = "gpumarket-wallet";
 
 /// Import the controller, agent and Ray images into the real node, then `helm install` the
-/// chart, the supplier paid to `wallet`, settlement signed by the keypair file `authority`;
-/// returns once its pods are Ready.
-pub async fn install_on_real_node(env: &Env, wallet: &str, authority: &Path) -> Result<()> {
+/// chart: the supplier's offers signed by (and paid to) the keypair file `wallet`, settlement
+/// signed by the keypair file `authority`; returns once its pods are Ready.
+pub async fn install_on_real_node(env: &Env, wallet: &Path, authority: &Path) -> Result<()> {
     let node = env.real_node().context("the chart is installed on the real node: start one")?;
     for image in ["controller", "agent", "ray"] {
         node.import_image(env.tools(), &images::build(env.tools(), image)?)?;
@@ -28,14 +32,21 @@ pub async fn install_on_real_node(env: &Env, wallet: &str, authority: &Path) -> 
     // The validator's RPC listens on every address of the host, the bridge's too.
     let rpc_port = solana.rpc_url.rsplit(':').next().context("the RPC URL's port")?;
     let rpc_url = format!("http://{}:{rpc_port}", node.host_address);
-    create_settlement_secret(&env.client().await?, authority, &rpc_url).await?;
+    let client = env.client().await?;
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &namespace).await?;
+    let settlement =
+        json!({"keypair.json": std::fs::read_to_string(authority)?, "rpc-url": rpc_url});
+    create_secret(&client, SETTLEMENT_SECRET, settlement).await?;
+    let keypair = json!({"keypair.json": std::fs::read_to_string(wallet)?});
+    create_secret(&client, WALLET_SECRET, keypair).await?;
 
     let kubelet = env.dir().join("real-node/kubelet");
     let fake_gpus = node.fake_gpu_root.display().to_string();
     let overrides = json!({
         "settlement": {"mint": solana.mint.to_string()},
         "agent": {
-            "wallet": wallet,
+            "walletKeypairSecret": WALLET_SECRET,
             "source": format!("fake:{}", node.fake_gpus.display()),
             "cdiSpecDir": node.cdi_spec_dir,
             "kubeletPodResourcesDir": kubelet.join("pod-resources"),
@@ -67,21 +78,13 @@ pub async fn install_on_real_node(env: &Env, wallet: &str, authority: &Path) -> 
     Ok(())
 }
 
-/// The chart's Secret: the settlement keypair and the RPC URL the controller pod reaches.
-async fn create_settlement_secret(
-    client: &kube::Client,
-    keypair: &Path,
-    rpc_url: &str,
-) -> Result<()> {
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &namespace).await?;
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "gpumarket-settlement"},
-        "stringData": {"keypair.json": std::fs::read_to_string(keypair)?, "rpc-url": rpc_url},
-    }))?;
+/// A Secret of the chart's namespace holding `data` (file name to content).
+async fn create_secret(client: &kube::Client, name: &str, data: serde_json::Value) -> Result<()> {
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))?;
     Api::<Secret>::namespaced(client.clone(), NAMESPACE)
         .create(&PostParams::default(), &secret)
         .await
-        .context("creating the settlement Secret")?;
+        .with_context(|| format!("creating the Secret {name}"))?;
     Ok(())
 }

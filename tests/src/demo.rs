@@ -39,6 +39,10 @@ pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Res
             .env("KUBECONFIG", &coordinates.kubeconfig)
             .args(["--node-name", &node.name, "--mode", "offer-only", "--heartbeat-interval", "5s"])
             .arg(format!("--wallet={}", wallets[i % wallets.len()].pubkey()))
+            .arg(format!(
+                "--wallet-keypair={}",
+                coordinates.solana.suppliers[i % wallets.len()].display()
+            ))
             .arg(format!("--price={}={}", node.model, price_of(&node.model)))
             .arg(format!("--source=fake:{}", source.display()));
         env.spawn(&format!("supplier-{}", node.name), agent)?;

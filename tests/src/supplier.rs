@@ -6,16 +6,14 @@
 
 use std::time::Duration;
 
-use gpumarket_crds::{GpuHealth, GpuOffer, HostResources};
+use gpumarket_crds::{GpuHealth, GpuOffer, GpuOfferSpec, HostResources, signature};
 use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
+use solana_sdk::signature::{Keypair, Signer};
 
 use crate::{Env, GpuNode};
-
-/// The payout wallet of [`Supplier::start`] (a valid public key nobody settles to).
-pub const SUPPLIER_WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
 
 /// A supplier node with its offer, heartbeating until dropped (or `stop`ped).
 pub struct Supplier {
@@ -24,6 +22,8 @@ pub struct Supplier {
 }
 
 impl Supplier {
+    /// A supplier of `gpus` H100s, its offer signed by a wallet of its own (a new key nobody
+    /// settles to).
     pub async fn start(
         env: &Env,
         client: &Client,
@@ -32,11 +32,11 @@ impl Supplier {
         gpus: usize,
         price: u64,
     ) -> Self {
-        Supplier::start_paid_to(env, client, name, region, gpus, price, SUPPLIER_WALLET).await
+        Supplier::start_paid_to(env, client, name, region, gpus, price, &Keypair::new()).await
     }
 
-    /// [`Supplier::start`], paid to `wallet`. Like `start`, its offer publishes no CPU or memory
-    /// (as an agent from before offers did).
+    /// [`Supplier::start`], paid to `wallet` and signed with its key. Like `start`, its offer
+    /// publishes no CPU or memory (as an agent from before offers did).
     pub async fn start_paid_to(
         env: &Env,
         client: &Client,
@@ -44,9 +44,10 @@ impl Supplier {
         region: &str,
         gpus: usize,
         price: u64,
-        wallet: &str,
+        wallet: &Keypair,
     ) -> Self {
-        Supplier::launch(env, client, name, region, gpus, price, wallet, false).await
+        add_node(env, name, region, gpus).await;
+        Supplier::publish(client, signed_offer(name, region, gpus, price, None, wallet)).await
     }
 
     /// [`Supplier::start`] with an offer that publishes the node's allocatable CPU and memory,
@@ -59,53 +60,25 @@ impl Supplier {
         gpus: usize,
         price: u64,
     ) -> Self {
-        Supplier::launch(env, client, name, region, gpus, price, SUPPLIER_WALLET, true).await
+        add_node(env, name, region, gpus).await;
+        let node = Api::<Node>::all(client.clone()).get(name).await.expect("the node");
+        let allocatable = node.status.and_then(|s| s.allocatable).unwrap_or_default();
+        let allocatable = HostResources::from_allocatable(&allocatable).expect("KWOK allocatable");
+        let spec = signed_offer(name, region, gpus, price, Some(allocatable), &Keypair::new());
+        Supplier::publish(client, spec).await
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn launch(
-        env: &Env,
-        client: &Client,
-        name: &str,
-        region: &str,
-        gpus: usize,
-        price: u64,
-        wallet: &str,
-        publish_allocatable: bool,
-    ) -> Self {
-        env.add_gpu_nodes(&[GpuNode::new(name, "H100", gpus as u32)
-            .region(region)
-            .zone(&format!("{region}-a"))])
-            .await
-            .expect("KWOK node");
+    /// Publishes `spec` as it is (signed or not, as the test made it) for the node it names,
+    /// which must exist ([`add_node`]), and heartbeats every GPU it lists as healthy.
+    pub async fn publish(client: &Client, spec: GpuOfferSpec) -> Self {
         let offers: Api<GpuOffer> = Api::all(client.clone());
-        let uuids: Vec<String> = (0..gpus).map(|i| format!("GPU-{name}-{i}")).collect();
-        let allocatable = if publish_allocatable {
-            let node = Api::<Node>::all(client.clone()).get(name).await.expect("the node");
-            let allocatable = node.status.and_then(|s| s.allocatable).unwrap_or_default();
-            Some(HostResources::from_allocatable(&allocatable).expect("KWOK allocatable"))
-        } else {
-            None
-        };
-        let offer: GpuOffer = serde_json::from_value(json!({
-            "apiVersion": "gpumarket.io/v1alpha1",
-            "kind": "GpuOffer",
-            "metadata": {"name": name},
-            "spec": {
-                "nodeName": name,
-                "wallet": wallet,
-                "gpus": uuids.iter().map(|u| json!({"uuid": u, "model": "H100", "memoryMib": 81920})).collect::<Vec<_>>(),
-                "pricePerGpuHour": price,
-                "region": region,
-                "zone": format!("{region}-a"),
-                "allocatable": allocatable,
-            },
-        }))
-        .unwrap();
+        let name = spec.node_name.clone();
+        let uuids: Vec<String> = spec.gpus.iter().map(|g| g.uuid.clone()).collect();
+        let offer = GpuOffer::new(&name, spec);
         offers.create(&PostParams::default(), &offer).await.expect("create offer");
-        beat(&offers, name, &uuids, None).await;
+        beat(&offers, &name, &uuids, None).await;
         let heartbeat = {
-            let (offers, name) = (offers.clone(), name.to_string());
+            let (offers, name) = (offers.clone(), name.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -113,7 +86,7 @@ impl Supplier {
                 }
             })
         };
-        Supplier { name: name.into(), heartbeat: Some(heartbeat) }
+        Supplier { name, heartbeat: Some(heartbeat) }
     }
 
     /// The agent goes silent: no more heartbeats.
@@ -128,6 +101,38 @@ impl Drop for Supplier {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A KWOK node of `gpus` H100s in `region` (zone `<region>-a`), for a supplier's offer.
+pub async fn add_node(env: &Env, name: &str, region: &str, gpus: usize) {
+    env.add_gpu_nodes(&[GpuNode::new(name, "H100", gpus as u32)
+        .region(region)
+        .zone(&format!("{region}-a"))])
+        .await
+        .expect("KWOK node");
+}
+
+/// The offer of `gpus` H100s (uuids `GPU-<name>-<i>`) of the node `name`, paid to and signed
+/// by `wallet`, as the agent publishes it.
+pub fn signed_offer(
+    name: &str,
+    region: &str,
+    gpus: usize,
+    price: u64,
+    allocatable: Option<HostResources>,
+    wallet: &Keypair,
+) -> GpuOfferSpec {
+    let spec: GpuOfferSpec = serde_json::from_value(json!({
+        "nodeName": name,
+        "wallet": wallet.pubkey().to_string(),
+        "gpus": (0..gpus).map(|i| json!({"uuid": format!("GPU-{name}-{i}"), "model": "H100", "memoryMib": 81920})).collect::<Vec<_>>(),
+        "pricePerGpuHour": price,
+        "region": region,
+        "zone": format!("{region}-a"),
+        "allocatable": allocatable,
+    }))
+    .unwrap();
+    signature::sign(&spec, wallet)
 }
 
 /// One agent heartbeat: health of every GPU (one optionally unhealthy) and the time.

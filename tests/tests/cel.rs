@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer, MarketPolicy};
 use gpumarket_tests::Env;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -25,6 +25,7 @@ fn resource(kind: &str) -> ApiResource {
         "GpuCluster" => ApiResource::erase::<GpuCluster>(&()),
         "GpuOffer" => ApiResource::erase::<GpuOffer>(&()),
         "GpuLease" => ApiResource::erase::<GpuLease>(&()),
+        "MarketPolicy" => ApiResource::erase::<MarketPolicy>(&()),
         other => panic!("not a gpumarket kind: {other}"),
     }
 }
@@ -96,6 +97,25 @@ fn lease(name: &str) -> Value {
             "pricePerGpuHour": 2_200_000,
             "workerResources": {"cpuMillicores": 16_000, "memoryBytes": 137_438_953_472u64},
             "startTime": "2026-01-01T00:00:00Z",
+        },
+    })
+}
+
+fn policy() -> Value {
+    json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "MarketPolicy",
+        "metadata": {"name": "default"},
+        "spec": {
+            "acceptedModels": [{"model": "H100", "tier": "H100", "relativeThroughputPermille": 1000}],
+            "minStakePerGpu": [{"tier": "H100", "amount": 5_000_000}],
+            "slashPermille": 100,
+            "depositMarginPercent": 10,
+            "settlementPeriod": "1h",
+            "heartbeatTimeout": "2m",
+            "provisioningTimeout": "10m",
+            "requireSignedOffers": true,
+            "marketFeePermille": 20,
         },
     })
 }
@@ -174,7 +194,7 @@ async fn every_example_is_accepted() {
     let client = env.client().await.unwrap();
     let ns = env.namespace("cel-examples").await.unwrap();
     let examples = example_manifests();
-    for kind in ["GpuCluster", "GpuOffer"] {
+    for kind in ["GpuCluster", "GpuOffer", "MarketPolicy"] {
         assert!(examples.iter().any(|(_, m)| m["kind"] == kind), "examples/ has a {kind}");
     }
     for (file, manifest) in examples {
@@ -201,6 +221,7 @@ async fn invalid_manifests_are_refused_with_their_message() {
     let c = || cluster("c");
     let o = || offer("node-1");
     let l = || lease("l");
+    let p = policy;
     let cases: Vec<(&str, Value, &str)> = vec![
         // GpuCluster
         (
@@ -578,9 +599,53 @@ async fn invalid_manifests_are_refused_with_their_message() {
             with(l(), "spec/cluster/namespace", json!("n".repeat(64))),
             "Too long",
         ),
+        (
+            "offer signature that is not base-58",
+            with(o(), "spec/signature", json!("0".repeat(88))),
+            "spec.signature must be a base-58 ed25519 signature",
+        ),
+        // MarketPolicy
+        (
+            "a second policy",
+            with(p(), "metadata/name", json!("strict")),
+            "a market has one MarketPolicy, named default",
+        ),
+        ("slashing more than all", with(p(), "spec/slashPermille", json!(1001)), "spec.slashPermille is a share per mille"),
+        ("fee above half", with(p(), "spec/marketFeePermille", json!(501)), "spec.marketFeePermille must be between 0 and 500"),
+        ("deposit margin of 1001 %", with(p(), "spec/depositMarginPercent", json!(1001)), "spec.depositMarginPercent must be between 0 and 1000"),
+        ("heartbeat timeout of 1s", with(p(), "spec/heartbeatTimeout", json!("1s")), "spec.heartbeatTimeout must be between 2s and 1h"),
+        ("settlement period not a duration", with(p(), "spec/settlementPeriod", json!("hourly")), "spec.settlementPeriod must be between 10s and 720h"),
+        ("provisioning timeout of two days", with(p(), "spec/provisioningTimeout", json!("48h")), "spec.provisioningTimeout must be between 10s and 24h"),
+        (
+            "a model accepted twice",
+            with(
+                p(),
+                "spec/acceptedModels",
+                json!([
+                    {"model": "H100", "tier": "H100", "relativeThroughputPermille": 1000},
+                    {"model": "H100", "tier": "A100", "relativeThroughputPermille": 300},
+                ]),
+            ),
+            "spec.acceptedModels lists a model twice",
+        ),
+        (
+            "a model without throughput",
+            with(p(), "spec/acceptedModels/0/relativeThroughputPermille", json!(0)),
+            "acceptedModels[].relativeThroughputPermille must be between 1 and 100000",
+        ),
+        (
+            "a tier staked twice",
+            with(
+                p(),
+                "spec/minStakePerGpu",
+                json!([{"tier": "H100", "amount": 5}, {"tier": "H100", "amount": 1}]),
+            ),
+            "spec.minStakePerGpu lists a tier twice",
+        ),
+        ("a tier that is none", with(p(), "spec/minStakePerGpu/0/tier", json!("TPU")), "Unsupported value"),
     ];
     // The valid bases pass, so each refusal below is down to its one change.
-    for base in [c(), o(), l()] {
+    for base in [c(), o(), l(), p()] {
         api_for(&client, &base, &ns).create(&dry_run(), &object(&base)).await.unwrap();
     }
     let mut failures = Vec::new();

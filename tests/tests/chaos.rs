@@ -186,6 +186,8 @@ struct Fleet {
     mint: Pubkey,
     nodes: Vec<GpuNode>,
     wallets: Vec<Pubkey>,
+    /// The wallets' keypair files, each agent signing its offer with its wallet's.
+    wallet_keypairs: Vec<PathBuf>,
     slots: Vec<Slot>,
 }
 
@@ -247,6 +249,10 @@ impl Fleet {
                     .args(["--node-name", &node.name, "--mode", "offer-only"])
                     .args(["--heartbeat-interval", "2s"])
                     .arg(format!("--wallet={}", self.wallets[n % self.wallets.len()]))
+                    .arg(format!(
+                        "--wallet-keypair={}",
+                        self.wallet_keypairs[n % self.wallet_keypairs.len()].display()
+                    ))
                     .arg(format!("--price=H100={}", price_of(n)))
                     .arg(format!("--source=fake:{}", source.display()));
                 agent
@@ -714,6 +720,7 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         mint: sol.mint,
         nodes: nodes.clone(),
         wallets: wallets.clone(),
+        wallet_keypairs: sol.suppliers.clone(),
         slots: Vec::new(),
     };
     let mut figures = Figures::default();

@@ -214,7 +214,9 @@ fn rbac_is_least_privilege_without_wildcards() {
         }
         // Settlement writes its records conditionally on the status it reads back (a refund
         // that cannot read it never happens).
-        if resource.ends_with("/status") {
+        if ["gpuclusters/status", "gpuoffers/status", "gpuleases/status"]
+            .contains(&resource.as_str())
+        {
             assert!(verbs.iter().any(|v| v == "get"), "the controller cannot read {resource}");
         }
     }
@@ -1459,6 +1461,14 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
          - {uuid: GPU-2, productName: NVIDIA H100 80GB HBM3, memoryMib: 81559}\n",
     )?;
     let source = format!("fake:{}", devices.path().display());
+    // The agent signs its offer with the wallet's keypair, as the market requires.
+    let wallet = tempfile::NamedTempFile::new()?;
+    solana_sdk::signer::keypair::write_keypair_file(
+        &solana_sdk::signature::Keypair::new(),
+        wallet.path(),
+    )
+    .map_err(|e| anyhow::anyhow!("writing the wallet keypair: {e}"))?;
+    let wallet = wallet.path().display().to_string();
     let args = gpumarket_device_plugin::config::Args::parse_from([
         "gpumarket-device-plugin",
         "--node-name",
@@ -1467,8 +1477,8 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
         "offer-only",
         "--source",
         &source,
-        "--wallet",
-        WALLET,
+        "--wallet-keypair",
+        &wallet,
         "--price",
         "H100=2200000",
         "--heartbeat-interval",

@@ -4,7 +4,10 @@
 //! replicas never share a GPU; a silent supplier's workers are replaced; deletion ends the
 //! leases first; a restarted controller converges without duplicates; with settlement on the
 //! real validator, a cluster is bound only once funded, only to staked offers, and deleting it
-//! pays the supplier and refunds the buyer to the base unit.
+//! pays the supplier and refunds the buyer to the base unit. Only offers signed by their
+//! wallet are matched: forged, replayed and re-walleted offers, and two offers claiming one GPU,
+//! are refused with the reason in their `Verified` condition and an Event. A MarketPolicy
+//! change applies to the next lease and leaves running ones alone.
 //!
 //! The controller runs in-process (`gpumarket_controller::run`). Offers are published by the
 //! test itself, heartbeating like an agent. KubeRay's operator is not running, so the test marks
@@ -22,10 +25,10 @@ use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::common::quantity_scaled;
 use gpumarket_crds::{
     ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, GpuTier, HostResources, LeasePhase,
-    PerWorker,
+    MarketPolicy, PerWorker,
 };
 use gpumarket_tests::solana::read_keypair;
-use gpumarket_tests::supplier::Supplier;
+use gpumarket_tests::supplier::{Supplier, add_node, signed_offer};
 use gpumarket_tests::{Env, eventually};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{
@@ -34,7 +37,7 @@ use kube::api::{
 };
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use solana_sdk::signature::Signer;
+use solana_sdk::signature::{Keypair, Signer};
 use tokio::sync::{Mutex, MutexGuard};
 
 const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
@@ -522,10 +525,9 @@ async fn a_settled_cluster_pays_its_staked_supplier_for_served_time_and_refunds_
     let price = 3_600_000;
     let supplier_key = read_keypair(&sol.suppliers[0]).unwrap();
     let supplier = supplier_key.pubkey();
-    let unstaked = read_keypair(&sol.suppliers[1]).unwrap().pubkey().to_string();
+    let unstaked = read_keypair(&sol.suppliers[1]).unwrap();
     let _a =
-        Supplier::start_paid_to(env, &client, "ctl-pay-a", "pay", 2, price, &supplier.to_string())
-            .await;
+        Supplier::start_paid_to(env, &client, "ctl-pay-a", "pay", 2, price, &supplier_key).await;
     let _b =
         Supplier::start_paid_to(env, &client, "ctl-pay-b", "pay", 2, price / 2, &unstaked).await;
     env.start_kuberay(&ns).unwrap();
@@ -789,4 +791,218 @@ async fn workers_get_the_cpu_and_memory_that_come_with_their_gpus() {
     }
     let qos = worker.status.as_ref().and_then(|s| s.qos_class.clone());
     assert_eq!(qos.as_deref(), Some("Guaranteed"));
+}
+
+/// The reason of the offer's `Verified` condition once it has `status`.
+async fn verified(client: &Client, offer: &str, status: &str) -> String {
+    eventually(&format!("{offer} Verified={status}"), WAIT, || async {
+        let offer = Api::<GpuOffer>::all(client.clone()).get(offer).await.ok()?;
+        let condition = offer.status?.conditions.into_iter().find(|c| c.type_ == "Verified")?;
+        (condition.status == status).then_some(condition.reason)
+    })
+    .await
+}
+
+/// The notes of the controller's Events about the cluster-scoped object `name` (an offer, the
+/// policy) with `reason` (such objects' Events go to the default namespace).
+async fn events_about(client: &Client, name: &str, reason: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
+    events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.note)
+        .collect()
+}
+
+/// The offers of a cluster's active leases.
+async fn leased_offers(client: &Client, cluster: &GpuCluster) -> BTreeSet<String> {
+    active(&leases_of(client, cluster).await).iter().map(|l| l.spec.offer.clone()).collect()
+}
+
+#[tokio::test]
+async fn only_offers_signed_by_their_wallet_are_matched() {
+    let (_turn, env, client, ns) = setup("ctl-verify").await;
+    let region = "verify";
+    let offers: Api<GpuOffer> = Api::all(client.clone());
+    let (honest_wallet, thief) = (Keypair::new(), Keypair::new());
+    // The honest supplier asks more than every impostor: a market that believed them would
+    // match them first.
+    let honest = "ctl-ver-honest";
+    add_node(env, honest, region, 2).await;
+    let honest_spec = signed_offer(honest, region, 2, 3_000_000, None, &honest_wallet);
+    let _honest = Supplier::publish(&client, honest_spec.clone()).await;
+
+    // Forged: signed by a key that is not the wallet's.
+    let forged = "ctl-ver-forged";
+    add_node(env, forged, region, 2).await;
+    let mut spec = signed_offer(forged, region, 2, 1_000_000, None, &thief);
+    spec.wallet = honest_wallet.pubkey().to_string();
+    let _forged = Supplier::publish(&client, spec).await;
+
+    // Replayed: the honest offer's signature on another node's offer of the same wallet.
+    let replayed = "ctl-ver-replayed";
+    add_node(env, replayed, region, 2).await;
+    let mut spec = signed_offer(replayed, region, 2, 1_000_000, None, &honest_wallet);
+    spec.signature = honest_spec.signature.clone();
+    let _replayed = Supplier::publish(&client, spec).await;
+
+    // Unsigned, where the market requires signatures.
+    let unsigned = "ctl-ver-unsigned";
+    add_node(env, unsigned, region, 2).await;
+    let mut spec = signed_offer(unsigned, region, 2, 1_000_000, None, &thief);
+    spec.signature = None;
+    let _unsigned = Supplier::publish(&client, spec).await;
+
+    // Rightly signed, then the payout wallet is swapped by someone who can edit the object.
+    let swapped = "ctl-ver-swapped";
+    add_node(env, swapped, region, 2).await;
+    let _swapped = Supplier::publish(
+        &client,
+        signed_offer(swapped, region, 2, 1_000_000, None, &honest_wallet),
+    )
+    .await;
+
+    let _controller = Controller::start(&client);
+    assert_eq!(verified(&client, swapped, "True").await, "Signed");
+    let swap = json!({"spec": {"wallet": thief.pubkey().to_string()}});
+    offers.patch(swapped, &PatchParams::default(), &Patch::Merge(&swap)).await.unwrap();
+
+    assert_eq!(verified(&client, honest, "True").await, "Signed");
+    for (offer, reason) in [
+        (forged, "BadSignature"),
+        (replayed, "BadSignature"),
+        (swapped, "BadSignature"),
+        (unsigned, "Unsigned"),
+    ] {
+        assert_eq!(verified(&client, offer, "False").await, reason, "{offer}");
+        let notes = eventually(&format!("a {reason} Event on {offer}"), WAIT, || async {
+            let notes = events_about(&client, offer, reason).await;
+            (!notes.is_empty()).then_some(notes)
+        })
+        .await;
+        println!("{offer}: {reason}: {}", notes[0]);
+    }
+
+    // Only the honest node's two GPUs are supply: a cluster of one worker of two GPUs is bound
+    // there, and a second such cluster waits.
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    clusters.create(&PostParams::default(), &gpu_cluster("signed", region, 1, 2)).await.unwrap();
+    let first = wait_phase(&clusters, "signed", ClusterPhase::Provisioning).await;
+    assert_eq!(leased_offers(&client, &first).await, BTreeSet::from([honest.to_string()]));
+    clusters.create(&PostParams::default(), &gpu_cluster("second", region, 1, 2)).await.unwrap();
+    let waiting = eventually("the second cluster waiting for verified supply", WAIT, || async {
+        let status = clusters.get("second").await.ok()?.status?;
+        let matched = status.conditions.iter().find(|c| c.type_ == "Matched")?;
+        (status.phase == Some(ClusterPhase::Pending) && matched.reason == "NoMatchingSupply")
+            .then_some(matched.message.clone())
+    })
+    .await;
+    println!("second cluster: {waiting}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(phase_of(&clusters, "second").await, Some(ClusterPhase::Pending));
+    let leases = Api::<GpuLease>::all(client.clone()).list(&ListParams::default()).await.unwrap();
+    let on_impostors: Vec<&str> = leases
+        .items
+        .iter()
+        .map(|l| l.spec.offer.as_str())
+        .filter(|o| [forged, replayed, unsigned, swapped].contains(o))
+        .collect();
+    assert!(on_impostors.is_empty(), "leases on unverified offers: {on_impostors:?}");
+}
+
+#[tokio::test]
+async fn a_gpu_offered_by_two_nodes_quarantines_both_until_one_lets_go() {
+    let (_turn, env, client, ns) = setup("ctl-dup").await;
+    let region = "dup";
+    let (first, second) = ("ctl-dup-a", "ctl-dup-b");
+    add_node(env, first, region, 2).await;
+    let _first = Supplier::publish(
+        &client,
+        signed_offer(first, region, 2, 1_000_000, None, &Keypair::new()),
+    )
+    .await;
+    // Another agent, with a wallet of its own, claims the first node's second GPU.
+    add_node(env, second, region, 2).await;
+    let claimer = Keypair::new();
+    let mut spec = signed_offer(second, region, 2, 1_000_000, None, &claimer);
+    spec.gpus[0].uuid = format!("GPU-{first}-1");
+    let mut second_supplier =
+        Supplier::publish(&client, gpumarket_crds::signature::sign(&spec, &claimer)).await;
+    let _controller = Controller::start(&client);
+
+    for offer in [first, second] {
+        assert_eq!(verified(&client, offer, "False").await, "DuplicateGpu", "{offer}");
+        let notes = eventually(&format!("a DuplicateGpu Event on {offer}"), WAIT, || async {
+            let notes = events_about(&client, offer, "DuplicateGpu").await;
+            (!notes.is_empty()).then_some(notes)
+        })
+        .await;
+        assert!(notes[0].contains(&format!("GPU-{first}-1")), "{notes:?}");
+        println!("{offer}: {}", notes[0]);
+    }
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    clusters.create(&PostParams::default(), &gpu_cluster("one-gpu", region, 1, 1)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(phase_of(&clusters, "one-gpu").await, Some(ClusterPhase::Pending), "quarantined");
+
+    // Resolved: the claimer's offer goes away; the first node is believed again and matched.
+    second_supplier.stop();
+    Api::<GpuOffer>::all(client.clone()).delete(second, &DeleteParams::default()).await.unwrap();
+    assert_eq!(verified(&client, first, "True").await, "Signed");
+    let bound = wait_phase(&clusters, "one-gpu", ClusterPhase::Provisioning).await;
+    assert_eq!(leased_offers(&client, &bound).await, BTreeSet::from([first.to_string()]));
+}
+
+#[tokio::test]
+async fn a_policy_change_applies_to_new_leases_and_leaves_running_ones_alone() {
+    let (_turn, env, client, ns) = setup("ctl-policy").await;
+    let region = "policy";
+    let _signed = Supplier::start(env, &client, "ctl-pol-signed", region, 2, 1_000_000).await;
+    let unsigned = "ctl-pol-unsigned";
+    add_node(env, unsigned, region, 2).await;
+    let mut spec = signed_offer(unsigned, region, 2, 1_000_000, None, &Keypair::new());
+    spec.signature = None;
+    let _unsigned = Supplier::publish(&client, spec).await;
+    let _controller = Controller::start(&client);
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    let first = provision(&clusters, "before", region, 1, 2).await;
+    let before = leases_of(&client, &first).await;
+    assert_eq!(leased_offers(&client, &first).await, BTreeSet::from(["ctl-pol-signed".into()]));
+    assert_eq!(verified(&client, unsigned, "False").await, "Unsigned");
+
+    // The market stops requiring signatures: the unsigned offer is supply for the next cluster.
+    let policies: Api<MarketPolicy> = Api::all(client.clone());
+    let policy = json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "MarketPolicy",
+        "metadata": {"name": "default"},
+        "spec": {"requireSignedOffers": false, "provisioningTimeout": "20m"},
+    });
+    policies
+        .patch("default", &PatchParams::apply("market-admin"), &Patch::Apply(&policy))
+        .await
+        .unwrap();
+    let note = eventually("a PolicyChanged Event", WAIT, || async {
+        events_about(&client, "default", "PolicyChanged").await.into_iter().next()
+    })
+    .await;
+    println!("policy: {note}");
+    assert!(note.contains("market-admin") && note.contains("requireSignedOffers: - → false"));
+    assert_eq!(verified(&client, unsigned, "True").await, "Unsigned");
+    let second = provision(&clusters, "after", region, 1, 2).await;
+    assert_eq!(leased_offers(&client, &second).await, BTreeSet::from([unsigned.to_string()]));
+
+    // The running lease kept its terms and runs on.
+    let after = leases_of(&client, &first).await;
+    assert_eq!(
+        before.iter().map(|l| &l.spec).collect::<Vec<_>>(),
+        after.iter().map(|l| &l.spec).collect::<Vec<_>>()
+    );
+    assert_eq!(active(&after).len(), 1);
+    policies.delete("default", &DeleteParams::default()).await.unwrap();
 }

@@ -19,7 +19,7 @@ use gpumarket_crds::common::SUPPLIER_TAINT;
 use gpumarket_crds::{GpuHealth, GpuLease, GpuOffer, HostResources, Interconnect, OfferMode};
 use gpumarket_device_plugin::agent::{Agent, AgentConfig};
 use gpumarket_device_plugin::allocation::{NodeLease, PodName};
-use gpumarket_device_plugin::config::{Mode, Supplier};
+use gpumarket_device_plugin::config::{Mode, Supplier, WalletKey};
 use gpumarket_device_plugin::leases::follow_leases;
 use gpumarket_device_plugin::offer::Reserve;
 use gpumarket_device_plugin::registration::PluginSocket;
@@ -29,6 +29,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
+use solana_sdk::signature::Keypair;
 use tokio::sync::watch;
 
 const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
@@ -79,11 +80,13 @@ async fn the_agent_publishes_heartbeats_and_reports_health_until_it_stops() {
 
     let source = FakeSource::from_yaml(TWO_H100).unwrap();
     let injector = source.injector();
+    let wallet = WalletKey(Arc::new(Keypair::new()));
     let config = AgentConfig {
         node_name: NODE.into(),
         // No region or zone given: the agent takes the node's topology labels.
         supplier: Supplier {
-            wallet: WALLET.into(),
+            wallet: wallet.public_key(),
+            wallet_key: Some(wallet.clone()),
             prices: [("H100".to_string(), 2_200_000)].into(),
             region: None,
             zone: None,
@@ -105,7 +108,8 @@ async fn the_agent_publishes_heartbeats_and_reports_health_until_it_stops() {
     let get = || async { offers.get_opt(NODE).await.unwrap() };
     let offer =
         wait_for("the offer and its first heartbeat", get, |o| heartbeat(o).is_some()).await;
-    assert_eq!(offer.spec.wallet, WALLET);
+    assert_eq!(offer.spec.wallet, wallet.public_key());
+    assert_eq!(gpumarket_crds::signature::verify(&offer.spec), Ok(()), "signed by the wallet");
     assert_eq!(offer.spec.price_per_gpu_hour, 2_200_000);
     assert_eq!(
         (offer.spec.region.as_str(), offer.spec.zone.as_deref()),

@@ -261,7 +261,7 @@ impl Fixture {
         );
         config.poll_interval = Duration::from_secs(1);
         let settler = Arc::new(Settler::new(config).unwrap());
-        let supplier = read_keypair(&sol.suppliers[0]).unwrap().pubkey();
+        let supplier = read_keypair(&sol.suppliers[0]).unwrap();
         let node = Supplier::start_paid_to(
             env,
             &client,
@@ -269,7 +269,7 @@ impl Fixture {
             region,
             2,
             PRICE_PER_GPU_HOUR,
-            &supplier.to_string(),
+            &supplier,
         )
         .await;
         env.start_kuberay(&ns).unwrap();
@@ -295,7 +295,7 @@ impl Fixture {
             ns,
             sol,
             settler,
-            supplier,
+            supplier: supplier.pubkey(),
             buyer,
             clusters,
             manifest,

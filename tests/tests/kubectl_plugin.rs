@@ -143,8 +143,9 @@ async fn a_quote_is_what_the_market_charges_and_a_deposit_is_exact_and_sent_once
     let market = Market::start("plugin-buyer").await;
     let (sol, clusters) = (market.sol, market.clusters());
     let buyer = read_keypair(&sol.buyer).unwrap();
-    let supplier = read_keypair(&sol.suppliers[0]).unwrap().pubkey();
-    let dearer = read_keypair(&sol.suppliers[1]).unwrap().pubkey().to_string();
+    let supplier_key = read_keypair(&sol.suppliers[0]).unwrap();
+    let supplier = supplier_key.pubkey();
+    let dearer = read_keypair(&sol.suppliers[1]).unwrap();
     let _cheap = Supplier::start_paid_to(
         market.env,
         &market.client,
@@ -152,7 +153,7 @@ async fn a_quote_is_what_the_market_charges_and_a_deposit_is_exact_and_sent_once
         "plugin",
         2,
         PRICE,
-        &supplier.to_string(),
+        &supplier_key,
     )
     .await;
     let _dear = Supplier::start_paid_to(
@@ -273,7 +274,7 @@ async fn a_supplier_bonds_and_unbonds_stake_from_its_offer_wallet_only() {
         "plugin-stake",
         1,
         PRICE,
-        &wallet.pubkey().to_string(),
+        &wallet,
     )
     .await;
     let offers: Api<GpuOffer> = Api::all(market.client.clone());

@@ -9,6 +9,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
+
+use solana_sdk::signature::Keypair;
 use std::time::Duration;
 
 use gpumarket_controller::market::proof::{ProofSettings, relative_throughput};
@@ -16,7 +18,7 @@ use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::GpuOffer;
 use gpumarket_crds::proof::COMPUTE_VERIFIED;
 use gpumarket_device_plugin::agent::{Agent, AgentConfig};
-use gpumarket_device_plugin::config::{Mode, Supplier};
+use gpumarket_device_plugin::config::{Mode, Supplier, WalletKey};
 use gpumarket_device_plugin::offer::Reserve;
 use gpumarket_device_plugin::proof::{PROOF_FIELD_MANAGER, answer, compute};
 use gpumarket_device_plugin::registration::PluginSocket;
@@ -28,7 +30,6 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Mutex, MutexGuard};
 
-const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
 const REGION: &str = "poc-west";
 const WAIT: Duration = Duration::from_secs(60);
 /// Matrices of side 64 (2·64³ = 524288 multiply-adds per GPU) at a reference of 1e6/s: an H100
@@ -92,10 +93,13 @@ fn fake(node: &str, gpus: u32, challenges: &str) -> FakeSource {
 /// offer-only, on a fake source with `challenges` as its knobs.
 async fn agent(env: &Env, client: &Client, node: &str, gpus: u32, challenges: &str) -> Running {
     env.add_gpu_nodes(&[GpuNode::new(node, "H100", gpus).region(REGION)]).await.unwrap();
+    // Signed, as the controller matches only signed offers.
+    let wallet = WalletKey(Arc::new(Keypair::new()));
     let config = AgentConfig {
         node_name: node.into(),
         supplier: Supplier {
-            wallet: WALLET.into(),
+            wallet: wallet.public_key(),
+            wallet_key: Some(wallet),
             prices: [("H100".to_string(), 2_000_000)].into(),
             region: Some(REGION.into()),
             zone: None,

@@ -58,7 +58,7 @@ async fn a_buyers_ray_job_runs_on_market_gpus_and_is_paid_on_chain() {
     let authority = keys.path().join("settlement.json");
     sol.settlement_authority(&authority).await.unwrap();
     let supplier = read_keypair(&sol.suppliers[0]).unwrap().pubkey();
-    chart::install_on_real_node(&env, &supplier.to_string(), &authority).await.unwrap();
+    chart::install_on_real_node(&env, &sol.suppliers[0], &authority).await.unwrap();
     println!("chart installed on the real node (images cached): {:.1?}", started.elapsed());
 
     let ns = env.namespace("ray-job").await.unwrap();

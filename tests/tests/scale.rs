@@ -86,7 +86,7 @@ async fn bench_thousand_nodes_two_hundred_clusters() {
     println!("{node_count} KWOK GPU nodes Ready in {:.1} s", started.elapsed().as_secs_f64());
     let simulation = Simulation {
         price_per_gpu_hour: 2_000_000,
-        wallet: WALLET.into(),
+        wallet: std::sync::Arc::new(solana_sdk::signature::Keypair::new()),
         heartbeat: Duration::from_secs(15),
     };
     let _suppliers = tokio::spawn(simulate::run(client.clone(), simulation));

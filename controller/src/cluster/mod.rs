@@ -69,6 +69,7 @@ fn offer_market_state(offer: &GpuOffer) -> Option<u64> {
     let mut hasher = DefaultHasher::new();
     offer.metadata.generation.hash(&mut hasher);
     offer.is_available().hash(&mut hasher);
+    crate::verification::admitted(offer).hash(&mut hasher);
     if let Some(status) = &offer.status {
         for gpu in &status.gpus {
             (&gpu.uuid, gpu.health.map(|h| h == gpumarket_crds::GpuHealth::Healthy), &gpu.lease)
@@ -80,10 +81,11 @@ fn offer_market_state(offer: &GpuOffer) -> Option<u64> {
     Some(hasher.finish())
 }
 
-/// Whether the offer has more matchable GPUs, or more stake (it may now be admitted), than
-/// when last seen (`seen` remembers).
+/// Whether the offer has more matchable GPUs (it became available or verified), or more stake
+/// (it may now be admitted), than when last seen (`seen` remembers).
 fn supply_grew(seen: &Mutex<HashMap<String, (usize, u64)>>, offer: &GpuOffer) -> bool {
-    let free = if offer.is_available() { free_gpus(offer).len() } else { 0 };
+    let matchable = offer.is_available() && crate::verification::admitted(offer);
+    let free = if matchable { free_gpus(offer).len() } else { 0 };
     let stake = offer.bonded_stake();
     let mut seen = match seen.lock() {
         Ok(seen) => seen,

@@ -137,7 +137,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     for lease in leases.iter_mut().filter(|l| is_active(l)) {
         let offer = ctx.offers.get(&ObjectRef::<GpuOffer>::new(&lease.spec.offer));
         if let Some(why) =
-            supplier_failure(lease, offer.as_deref(), now, ctx.settings.heartbeat_timeout)
+            supplier_failure(lease, offer.as_deref(), now, ctx.settings().heartbeat_timeout)
         {
             *lease = end_lease(ctx, lease, EndReason::SupplierFailure, now).await?;
             ctx.event(
@@ -157,13 +157,13 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     let pods: Vec<&Pod> = pods.iter().map(AsRef::as_ref).collect();
     for lease in leases.iter_mut().filter(|l| is_active(l)) {
         *lease = record_service(ctx, lease, &pods, now).await?;
-        if not_serving(lease, now, ctx.settings.provisioning_timeout) {
+        if not_serving(lease, now, ctx.settings().provisioning_timeout) {
             *lease = end_lease(ctx, lease, EndReason::NotServing, now).await?;
             let note = format!(
                 "lease {} ended: its workers on {} were not Ready within {}s of the bind (not billed)",
                 lease.name_any(),
                 lease.spec.offer,
-                ctx.settings.provisioning_timeout.as_secs()
+                ctx.settings().provisioning_timeout.as_secs()
             );
             ctx.event(cluster, EventType::Warning, "NotServing", "Recover", note).await;
         }
@@ -305,7 +305,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     }
     for lease in leases.iter().filter(|l| is_active(l) && !serves(l)) {
         let waited = now.duration_since(lease.spec.start_time.0).unsigned_abs();
-        let left = ctx.settings.provisioning_timeout.saturating_sub(waited);
+        let left = ctx.settings().provisioning_timeout.saturating_sub(waited);
         next = next.min(left + Duration::from_millis(100));
     }
     Ok(Action::requeue(next))

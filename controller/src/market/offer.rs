@@ -10,6 +10,7 @@ use futures::StreamExt;
 use gpumarket_crds::common::is_valid_wallet;
 use gpumarket_crds::{GpuLease, GpuOffer, LeasePhase};
 use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -23,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::market::supply::{free_gpus, gpu_healthy, heartbeat_deadline, heartbeat_fresh};
 use crate::market::{binding, proof};
 use crate::runtime::context::{Context, MANAGER};
+use crate::verification::{self, VERIFIED};
 
 pub const AVAILABLE: &str = "Available";
 const CONTROLLER: &str = "gpuoffer";
@@ -69,11 +71,19 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
     let _timer = ctx.metrics.reconcile_duration.with_label_values(&[CONTROLLER]).start_timer();
     ctx.metrics.reconciles.with_label_values(&[CONTROLLER]).inc();
     let now = Timestamp::now();
-    let timeout = ctx.settings.heartbeat_timeout;
+    let timeout = ctx.settings().heartbeat_timeout;
 
     reclaim_allocations(&offer, &ctx).await?;
 
     let (available, reason, message) = availability(&offer, now, timeout);
+    let listed = ctx.offers.state();
+    let listed: Vec<&GpuOffer> = listed.iter().map(AsRef::as_ref).collect();
+    let verdict = verification::verdict(
+        &offer,
+        &listed,
+        &ctx.signatures,
+        ctx.settings().require_signed_offers,
+    );
     let status = offer.status.clone().unwrap_or_default();
     let mut conditions = status.conditions.clone();
     set_condition(
@@ -85,33 +95,43 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
         now,
         offer.metadata.generation,
     );
-    let available_condition = conditions.iter().find(|c| c.type_ == AVAILABLE).cloned();
+    set_condition(
+        &mut conditions,
+        VERIFIED,
+        verdict.admitted,
+        verdict.reason,
+        verdict.message.clone(),
+        now,
+        offer.metadata.generation,
+    );
+    let ours = |c: &&Condition| c.type_ == AVAILABLE || c.type_ == VERIFIED;
+    let written: Vec<Condition> = conditions.iter().filter(ours).cloned().collect();
+    let shown =
+        |c: &Condition| (c.type_.clone(), c.status.clone(), c.reason.clone(), c.message.clone());
     let previous = status.conditions.iter().find(|c| c.type_ == AVAILABLE);
+    let previous_verdict = verification::condition(&offer);
     let free = free_gpus(&offer).len() as u32;
-    let changed = previous.map(|c| (&c.status, &c.reason, &c.message))
-        != available_condition.as_ref().map(|c| (&c.status, &c.reason, &c.message))
+    let changed = status.conditions.iter().filter(ours).map(shown).collect::<Vec<_>>()
+        != written.iter().map(shown).collect::<Vec<_>>()
         || status.free_gpus != Some(free)
         || status.observed_generation != offer.metadata.generation;
+    if !verdict.admitted
+        && previous_verdict
+            .is_none_or(|c| c.reason != verdict.reason || c.message != verdict.message)
+    {
+        publish_warning(&ctx, &offer, verdict.reason, verdict.message.clone(), "Verify").await;
+    }
     if changed {
         if !available && previous.is_some_and(|c| c.status == "True")
             || reason == "NoGpus" && previous.is_none()
         {
-            let event = Event {
-                type_: EventType::Warning,
-                reason: reason.into(),
-                note: Some(message),
-                action: "Check".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&event, &offer.object_ref(&())).await {
-                tracing::warn!(error = %e, "publishing event");
-            }
+            publish_warning(&ctx, &offer, reason, message, "Check").await;
         }
         let patch = json!({
             "apiVersion": "gpumarket.io/v1alpha1",
             "kind": "GpuOffer",
             "status": {
-                "conditions": available_condition.into_iter().collect::<Vec<_>>(),
+                "conditions": written,
                 "freeGpus": free,
                 "observedGeneration": offer.metadata.generation,
             },
@@ -134,6 +154,26 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
     };
     let next = proof_due.map_or(next, |due| due.min(next));
     Ok(Action::requeue(next))
+}
+
+/// A Warning Event on the offer. Best effort: a failure is logged, never fatal.
+async fn publish_warning(
+    ctx: &Context,
+    offer: &GpuOffer,
+    reason: &str,
+    note: String,
+    action: &str,
+) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &offer.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "publishing event");
+    }
 }
 
 /// Release allocations to leases that ended, or that are missing for longer than the grace

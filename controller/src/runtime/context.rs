@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer, MarketPolicy};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
@@ -14,8 +14,10 @@ use crate::market::supply::{gpu_lease, market_supply, placed_workers, waiting_re
 use crate::matching::{Offer, Request};
 use crate::raycluster::HeadPlacement;
 use crate::settlement::Settler;
+use crate::verification::{SignatureChecks, verdicts};
+use gpumarket_crds::policy::POLICY_NAME;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::runtime::metrics::Metrics;
 
@@ -37,6 +39,9 @@ pub struct Settings {
     pub head_placement: HeadPlacement,
     /// Challenge idle offers to prove their GPUs compute; off when `None`.
     pub proof_of_compute: Option<crate::market::proof::ProofSettings>,
+    /// Match only offers signed by their wallet's key; offers with a bad signature are never
+    /// matched, unsigned ones are when this is off.
+    pub require_signed_offers: bool,
 }
 
 impl Default for Settings {
@@ -47,6 +52,7 @@ impl Default for Settings {
             provisioning_timeout: Duration::from_secs(600),
             head_placement: HeadPlacement::default(),
             proof_of_compute: None,
+            require_signed_offers: true,
         }
     }
 }
@@ -62,12 +68,16 @@ pub struct Context {
     pub clusters: Store<GpuCluster>,
     /// The pods of every GpuCluster (labelled with it), to meter from their workers being Ready.
     pub pods: Store<Pod>,
+    /// The market's MarketPolicy, if there is one: it overrides the flags' settings.
+    pub policy: Store<MarketPolicy>,
     /// When each allocation to a missing lease was first seen, by lease name (offer controller).
     pub orphans_seen: Mutex<HashMap<String, Instant>>,
     /// Held while matching and binding, so this replica's reconciles do not race each other.
     pub bind_lock: tokio::sync::Mutex<()>,
     /// Settlement, when on: a cluster is provisioned only once its deposit covers it.
     pub settler: Option<Arc<Settler>>,
+    /// Offer signatures verified so far (each once per change of its offer).
+    pub signatures: SignatureChecks,
     /// GPUs this replica claimed, by (offer, uuid), until the offer cache shows the claim.
     recent_claims: Mutex<HashMap<(String, String), Instant>>,
     /// Leases this replica created, until the lease cache shows them: (cluster uid, workers).
@@ -83,6 +93,7 @@ pub struct Caches {
     pub leases: Store<GpuLease>,
     pub clusters: Store<GpuCluster>,
     pub pods: Store<Pod>,
+    pub policy: Store<MarketPolicy>,
 }
 
 impl Context {
@@ -93,7 +104,7 @@ impl Context {
         caches: Caches,
         settler: Option<Arc<Settler>>,
     ) -> Self {
-        let Caches { offers, leases, clusters, pods } = caches;
+        let Caches { offers, leases, clusters, pods, policy } = caches;
         let reporter =
             Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Context {
@@ -105,21 +116,35 @@ impl Context {
             leases,
             clusters,
             pods,
+            policy,
             orphans_seen: Mutex::new(HashMap::new()),
             bind_lock: tokio::sync::Mutex::new(()),
             settler,
+            signatures: SignatureChecks::default(),
             recent_claims: Mutex::new(HashMap::new()),
             recent_leases: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Free supply for matching: the cached offers (with settlement on, only those staked
-    /// enough), less the GPUs this replica claimed that the cache does not show yet.
+    /// The settings in force: the flags', with what the MarketPolicy sets on top.
+    pub fn settings(&self) -> Settings {
+        let policy = self.policy.get(&ObjectRef::new(POLICY_NAME));
+        crate::policy::effective(&self.settings, policy.as_deref().map(|p| &p.spec))
+    }
+
+    /// Free supply for matching: the cached offers that verification admits (with settlement
+    /// on, only those staked enough), less the GPUs this replica claimed that the cache does
+    /// not show yet.
     pub fn supply(&self, now: jiff::Timestamp) -> Vec<Offer> {
         let offers = self.offers.state();
+        let listed: Vec<&GpuOffer> = offers.iter().map(AsRef::as_ref).collect();
+        let settings = self.settings();
+        let verdicts = verdicts(&listed, &self.signatures, settings.require_signed_offers);
+        let admitted = |o: &GpuOffer| verdicts.get(&o.name_any()).is_some_and(|v| v.admitted);
         let mut recent = lock(&self.recent_claims);
         let by_name: HashMap<String, &GpuOffer> =
             offers.iter().map(|o| (o.name_any(), o.as_ref())).collect();
+        self.signatures.retain(|name| by_name.contains_key(name));
         recent.retain(|(offer, gpu), at| {
             at.elapsed() < RECENT_CLAIM_TTL
                 && by_name.get(offer).is_some_and(|o| gpu_lease(o, gpu).is_none())
@@ -128,9 +153,9 @@ impl Context {
             |o: &GpuOffer| self.settler.as_ref().is_none_or(|s| s.config().stake.admits(o));
         let mut supply = market_supply(
             offers.iter().map(AsRef::as_ref),
-            staked,
+            |o| admitted(o) && staked(o),
             now,
-            self.settings.heartbeat_timeout,
+            settings.heartbeat_timeout,
         );
         for offer in &mut supply {
             offer.free_gpus.retain(|g| !recent.contains_key(&(offer.node.clone(), g.clone())));

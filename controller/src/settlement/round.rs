@@ -720,8 +720,11 @@ impl Settler {
         for offer in offers {
             let name = offer.name_any();
             let status = offer.status.as_ref();
+            // A node quarantined for offering a GPU another node offers too is sampled as
+            // down: its reputation falls for as long as the clash lasts.
             let fresh =
-                crate::market::supply::heartbeat_fresh(offer, now, self.config.heartbeat_timeout);
+                crate::market::supply::heartbeat_fresh(offer, now, self.config.heartbeat_timeout)
+                    && !crate::verification::quarantined(offer);
             let rep = reputation::assess(
                 status.and_then(|s| s.reputation.as_ref()),
                 fresh,

@@ -1,0 +1,144 @@
+//! The market's MarketPolicy, read live: the settings the controllers act on are the flags'
+//! with whatever the policy sets on top ([`effective`]), and every change of the policy is an
+//! Event on it saying who changed what ([`changes`]). Pure, but for [`run`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use gpumarket_crds::common::parse_duration;
+use gpumarket_crds::{MarketPolicy, MarketPolicySpec};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+
+use crate::runtime::context::{Context, MANAGER, Settings};
+
+/// The settings the controllers act on: `flags`, overridden by what `policy` sets. A duration
+/// the schema let through but that does not parse keeps the flag's value.
+pub fn effective(flags: &Settings, policy: Option<&MarketPolicySpec>) -> Settings {
+    let Some(policy) = policy else { return flags.clone() };
+    let duration = |value: &Option<String>, flag: Duration| {
+        value.as_deref().and_then(|v| parse_duration(v).ok()).unwrap_or(flag)
+    };
+    Settings {
+        heartbeat_timeout: duration(&policy.heartbeat_timeout, flags.heartbeat_timeout),
+        provisioning_timeout: duration(&policy.provisioning_timeout, flags.provisioning_timeout),
+        require_signed_offers: policy.require_signed_offers.unwrap_or(flags.require_signed_offers),
+        ..flags.clone()
+    }
+}
+
+/// What changed from `old` to `new`, one `field: old → new` per changed field (`-` for unset).
+pub fn changes(old: &MarketPolicySpec, new: &MarketPolicySpec) -> Vec<String> {
+    let (old, new) = (fields(old), fields(new));
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| {
+            let shown =
+                |v: Option<&serde_json::Value>| v.map_or("-".to_string(), |v| v.to_string());
+            format!("{k}: {} → {}", shown(old.get(k)), shown(new.get(k)))
+        })
+        .collect()
+}
+
+fn fields(spec: &MarketPolicySpec) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(spec) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// The field manager that wrote the policy last (from its managedFields), as "who".
+fn last_writer(policy: &MarketPolicy) -> String {
+    policy
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .max_by_key(|f| f.time.as_ref().map(|t| t.0))
+        .and_then(|f| f.manager.clone())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Publishes an Event on the policy for each change, until the future is dropped. The first
+/// sight of a policy (at start) is an Event too, so the log shows which rules are in force.
+pub async fn run(ctx: Arc<Context>) {
+    let mut seen: Option<MarketPolicySpec> = None;
+    let policies: Api<MarketPolicy> = Api::all(ctx.client.clone());
+    let mut updates = std::pin::pin!(
+        watcher(policies.clone(), watcher::Config::default()).default_backoff().applied_objects()
+    );
+    while let Some(update) = updates.next().await {
+        let policy = match update {
+            Ok(policy) => policy,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching the MarketPolicy");
+                continue;
+            }
+        };
+        let changed = changes(seen.as_ref().unwrap_or(&MarketPolicySpec::default()), &policy.spec);
+        if changed.is_empty() {
+            continue;
+        }
+        let note = format!("by {}: {}", last_writer(&policy), changed.join("; "));
+        tracing::info!(policy = %policy.name_any(), %note, "market policy changed");
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "PolicyChanged".into(),
+            note: Some(note),
+            action: "Apply".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
+            tracing::warn!(error = %e, "publishing event");
+        }
+        let status = serde_json::json!({
+            "apiVersion": "gpumarket.io/v1alpha1",
+            "kind": "MarketPolicy",
+            "status": {"observedGeneration": policy.metadata.generation},
+        });
+        let apply = PatchParams::apply(MANAGER).force();
+        if let Err(e) =
+            policies.patch_status(&policy.name_any(), &apply, &Patch::Apply(&status)).await
+        {
+            tracing::warn!(error = %e, "writing the MarketPolicy status");
+        }
+        seen = Some(policy.spec.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_overrides_the_flags_it_sets() {
+        let flags = Settings::default();
+        assert_eq!(effective(&flags, None).heartbeat_timeout, flags.heartbeat_timeout);
+        let policy = MarketPolicySpec {
+            heartbeat_timeout: Some("2m".into()),
+            require_signed_offers: Some(false),
+            ..Default::default()
+        };
+        let settings = effective(&flags, Some(&policy));
+        assert_eq!(settings.heartbeat_timeout, Duration::from_secs(120));
+        assert!(!settings.require_signed_offers);
+        assert_eq!(settings.provisioning_timeout, flags.provisioning_timeout, "left to the flag");
+    }
+
+    #[test]
+    fn changes_name_each_field_with_its_old_and_new_value() {
+        let old = MarketPolicySpec { slash_permille: Some(100), ..Default::default() };
+        let new = MarketPolicySpec {
+            slash_permille: Some(250),
+            market_fee_permille: Some(20),
+            ..Default::default()
+        };
+        assert_eq!(changes(&old, &new), ["marketFeePermille: - → 20", "slashPermille: 100 → 250"]);
+        assert!(changes(&new, &new).is_empty());
+    }
+}

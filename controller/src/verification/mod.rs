@@ -1,0 +1,318 @@
+//! Verified supply: which offers the market believes. An offer is matched only if its
+//! signature by `spec.wallet` verifies (or it is unsigned and the market accepts that), and
+//! none of its GPUs is claimed by another such offer: a GPU uuid in two offers quarantines all
+//! of them until one lets go of it. The verdict is the offer's `Verified` condition. Pure, but
+//! for the cache of signature checks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use gpumarket_crds::GpuOffer;
+use gpumarket_crds::signature::{SignatureError, verify};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::ResourceExt;
+
+/// The offer's condition that says whether the market believes it, and why not.
+pub const VERIFIED: &str = "Verified";
+/// Reason of a `Verified=False` condition of an offer that shares a GPU with another.
+pub const DUPLICATE_GPU: &str = "DuplicateGpu";
+
+/// What verification says of one offer: whether it may be matched (the `Verified` condition's
+/// status), and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub admitted: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The verdict on an offer's signature alone, `require_signed` being the market's policy.
+pub fn signature_verdict(check: &Result<(), SignatureError>, require_signed: bool) -> Verdict {
+    let refused = |reason, message: String| Verdict { admitted: false, reason, message };
+    match check {
+        Ok(()) => Verdict {
+            admitted: true,
+            reason: "Signed",
+            message: "signed by spec.wallet's key".into(),
+        },
+        Err(SignatureError::Unsigned) if !require_signed => Verdict {
+            admitted: true,
+            reason: "Unsigned",
+            message: "the offer is not signed; matched because the market does not require \
+                      signed offers"
+                .into(),
+        },
+        Err(SignatureError::Unsigned) => refused(
+            "Unsigned",
+            "the offer is not signed and the market requires signed offers: give the agent the \
+             payout wallet's keypair (--wallet-keypair, chart value agent.walletKeypairSecret)"
+                .into(),
+        ),
+        Err(e @ SignatureError::Malformed) => refused("MalformedSignature", e.to_string()),
+        Err(e @ (SignatureError::BadWallet | SignatureError::Mismatch)) => refused(
+            "BadSignature",
+            format!("{e}; not matched until the wallet's own agent publishes the offer again"),
+        ),
+    }
+}
+
+/// GPU uuids listed by more than one of `offers`, each with the names of the offers listing it.
+pub fn shared_gpus<'a>(
+    offers: impl IntoIterator<Item = &'a GpuOffer>,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut claims: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for offer in offers {
+        for gpu in &offer.spec.gpus {
+            claims.entry(gpu.uuid.clone()).or_default().insert(offer.name_any());
+        }
+    }
+    claims.retain(|_, offers| offers.len() > 1);
+    claims
+}
+
+/// The quarantine of `offer` if it lists a GPU that `shared` (from [`shared_gpus`]) says
+/// another offer lists too.
+pub fn quarantine(
+    offer: &GpuOffer,
+    shared: &BTreeMap<String, BTreeSet<String>>,
+) -> Option<Verdict> {
+    let name = offer.name_any();
+    let clashes: Vec<String> = offer
+        .spec
+        .gpus
+        .iter()
+        .filter_map(|g| {
+            let others: Vec<&str> =
+                shared.get(&g.uuid)?.iter().map(String::as_str).filter(|o| *o != name).collect();
+            (!others.is_empty()).then(|| format!("{} (also in {})", g.uuid, others.join(", ")))
+        })
+        .collect();
+    (!clashes.is_empty()).then(|| Verdict {
+        admitted: false,
+        reason: DUPLICATE_GPU,
+        message: format!(
+            "GPUs offered by more than one node: {}; every offer listing them is quarantined \
+             (not matched) until only one does",
+            clashes.join("; ")
+        ),
+    })
+}
+
+/// Whether the controller quarantined `offer` for a shared GPU (its `Verified` condition).
+pub fn quarantined(offer: &GpuOffer) -> bool {
+    condition(offer).is_some_and(|c| c.status == "False" && c.reason == DUPLICATE_GPU)
+}
+
+/// Whether the controller last found the offer matchable (its `Verified` condition is `True`):
+/// what wakes clusters waiting for supply. Matching itself verifies, never trusting a status.
+pub fn admitted(offer: &GpuOffer) -> bool {
+    condition(offer).is_some_and(|c| c.status == "True")
+}
+
+/// The offer's `Verified` condition, if the controller has written one.
+pub fn condition(offer: &GpuOffer) -> Option<&Condition> {
+    offer.status.as_ref()?.conditions.iter().find(|c| c.type_ == VERIFIED)
+}
+
+/// Signature checks by offer, kept while the offer's uid and generation stay the same (the
+/// signature is part of the spec, so any change to what was signed bumps the generation):
+/// each offer's signature is verified once per change, not on every match.
+#[derive(Default)]
+pub struct SignatureChecks {
+    checked: Mutex<HashMap<String, SignatureCheck>>,
+}
+
+/// One offer's signature check: the offer's uid and generation, and the result.
+type SignatureCheck = (String, Option<i64>, Result<(), SignatureError>);
+
+impl SignatureChecks {
+    pub fn check(&self, offer: &GpuOffer) -> Result<(), SignatureError> {
+        let name = offer.name_any();
+        let (uid, generation) = (offer.uid().unwrap_or_default(), offer.metadata.generation);
+        let mut checked = match self.checked.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some((u, g, result)) = checked.get(&name)
+            && *u == uid
+            && *g == generation
+        {
+            return result.clone();
+        }
+        let result = verify(&offer.spec);
+        checked.insert(name, (uid, generation, result.clone()));
+        result
+    }
+
+    /// Forget offers that are gone.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        if let Ok(mut checked) = self.checked.lock() {
+            checked.retain(|name, _| keep(name));
+        }
+    }
+}
+
+/// The verdict on `offer` among `offers` (which may include it): [`verdicts`] for one offer,
+/// checking only the offers that list one of its GPUs.
+pub fn verdict(
+    offer: &GpuOffer,
+    offers: &[&GpuOffer],
+    checks: &SignatureChecks,
+    require_signed: bool,
+) -> Verdict {
+    let own = signature_verdict(&checks.check(offer), require_signed);
+    if !own.admitted {
+        return own;
+    }
+    let name = offer.name_any();
+    let uuids: BTreeSet<&str> = offer.spec.gpus.iter().map(|g| g.uuid.as_str()).collect();
+    let rivals = offers.iter().copied().filter(|o| {
+        o.name_any() != name
+            && o.spec.gpus.iter().any(|g| uuids.contains(g.uuid.as_str()))
+            && signature_verdict(&checks.check(o), require_signed).admitted
+    });
+    let shared = shared_gpus(std::iter::once(offer).chain(rivals));
+    quarantine(offer, &shared).unwrap_or(own)
+}
+
+/// The verdict on each of `offers` (signature, then shared GPUs among the offers whose
+/// signature is admitted: a forged offer cannot quarantine an honest one), by offer name.
+pub fn verdicts(
+    offers: &[&GpuOffer],
+    checks: &SignatureChecks,
+    require_signed: bool,
+) -> HashMap<String, Verdict> {
+    let mut verdicts: HashMap<String, Verdict> = offers
+        .iter()
+        .map(|o| (o.name_any(), signature_verdict(&checks.check(o), require_signed)))
+        .collect();
+    let admitted = offers.iter().copied().filter(|o| verdicts[&o.name_any()].admitted);
+    let shared = shared_gpus(admitted);
+    if !shared.is_empty() {
+        for offer in offers {
+            if let Some(quarantine) = quarantine(offer, &shared) {
+                verdicts.insert(offer.name_any(), quarantine);
+            }
+        }
+    }
+    verdicts
+}
+
+#[cfg(test)]
+mod tests {
+    use gpumarket_crds::signature::sign;
+    use solana_keypair::Keypair;
+    use solana_signer::Signer;
+
+    use super::*;
+    use crate::testing::{mk_offer, now};
+
+    fn signed(node: &str, gpus: usize, wallet: &Keypair) -> GpuOffer {
+        let mut offer = mk_offer(node, "H100", gpus, now());
+        offer.spec.wallet = wallet.pubkey().to_string();
+        offer.spec = sign(&offer.spec, wallet);
+        offer
+    }
+
+    #[test]
+    fn only_offers_signed_by_their_wallet_are_admitted() {
+        let wallet = Keypair::new();
+        let good = signed("a", 2, &wallet);
+        let mut forged = signed("b", 2, &Keypair::new());
+        forged.spec.wallet = wallet.pubkey().to_string();
+        let mut replayed = signed("c", 2, &wallet);
+        replayed.spec.signature = good.spec.signature.clone();
+        let mut swapped = signed("d", 2, &wallet);
+        swapped.spec.wallet = Keypair::new().pubkey().to_string();
+        let unsigned = mk_offer("e", "H100", 2, now());
+
+        let checks = SignatureChecks::default();
+        let offers = [&good, &forged, &replayed, &swapped, &unsigned];
+        let required = verdicts(&offers, &checks, true);
+        let reasons: Vec<(&str, bool, &str)> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|n| (*n, required[*n].admitted, required[*n].reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("a", true, "Signed"),
+                ("b", false, "BadSignature"),
+                ("c", false, "BadSignature"),
+                ("d", false, "BadSignature"),
+                ("e", false, "Unsigned"),
+            ]
+        );
+        assert!(required["e"].message.contains("--wallet-keypair"), "{}", required["e"].message);
+        let lenient = verdicts(&offers, &checks, false);
+        assert!(lenient["e"].admitted);
+        assert_eq!(lenient["e"].reason, "Unsigned");
+        assert!(!lenient["b"].admitted, "a bad signature is refused whatever the policy");
+    }
+
+    #[test]
+    fn a_gpu_in_two_offers_quarantines_both_but_not_when_one_is_forged() {
+        let (alice, bob) = (Keypair::new(), Keypair::new());
+        let a = signed("a", 2, &alice);
+        let mut b = mk_offer("b", "H100", 1, now());
+        b.spec.gpus[0].uuid = "a-gpu-1".into();
+        b.spec.wallet = bob.pubkey().to_string();
+        let b = GpuOffer { spec: sign(&b.spec, &bob), ..b };
+        let c = signed("c", 2, &alice);
+        let checks = SignatureChecks::default();
+        let all = verdicts(&[&a, &b, &c], &checks, true);
+        for offer in [&a, &b, &c] {
+            assert_eq!(verdict(offer, &[&a, &b, &c], &checks, true), all[&offer.name_any()]);
+        }
+        assert_eq!((all["a"].reason, all["b"].reason), (DUPLICATE_GPU, DUPLICATE_GPU));
+        assert!(!all["a"].admitted && !all["b"].admitted && all["c"].admitted);
+        assert!(all["a"].message.contains("a-gpu-1 (also in b)"), "{}", all["a"].message);
+
+        // Someone without bob's key claims alice's GPU: alice is not quarantined by a forgery.
+        let mut forged = b.clone();
+        forged.spec.price_per_gpu_hour += 1;
+        forged.metadata.generation = Some(2); // as the API server counts a spec change
+        let all = verdicts(&[&a, &forged], &checks, true);
+        assert_eq!((all["a"].reason, all["b"].reason), ("Signed", "BadSignature"));
+    }
+
+    #[test]
+    fn signature_checks_are_cached_per_generation() {
+        let wallet = Keypair::new();
+        let mut offer = signed("a", 1, &wallet);
+        offer.metadata.generation = Some(1);
+        let checks = SignatureChecks::default();
+        assert_eq!(checks.check(&offer), Ok(()));
+        // A changed spec comes with a new generation, and is checked again.
+        offer.spec.price_per_gpu_hour += 1;
+        offer.metadata.generation = Some(2);
+        assert_eq!(checks.check(&offer), Err(SignatureError::Mismatch));
+        checks.retain(|_| false);
+        assert!(checks.checked.lock().expect("lock").is_empty());
+    }
+
+    /// A figure, not a check: how many offers a controller verifies per second (each once per
+    /// change of the offer; the cache answers the rest).
+    #[test]
+    #[ignore = "prints a figure: cargo test -p gpumarket-controller --lib verification_rate -- --ignored --nocapture"]
+    fn verification_rate() {
+        let wallet = Keypair::new();
+        let offers: Vec<GpuOffer> =
+            (0..2000).map(|i| signed(&format!("n{i}"), 8, &wallet)).collect();
+        let started = std::time::Instant::now();
+        assert!(offers.iter().all(|o| verify(&o.spec).is_ok()));
+        let elapsed = started.elapsed();
+        let checks = SignatureChecks::default();
+        let listed: Vec<&GpuOffer> = offers.iter().collect();
+        verdicts(&listed, &checks, true);
+        let cached = std::time::Instant::now();
+        verdicts(&listed, &checks, true);
+        println!(
+            "verified {} offers of 8 GPUs in {elapsed:?}: {:.0} offers/s; every verdict again \
+             from the cache in {:?}",
+            offers.len(),
+            offers.len() as f64 / elapsed.as_secs_f64(),
+            cached.elapsed()
+        );
+    }
+}
