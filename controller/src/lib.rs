@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod error;
+pub mod fleet;
 pub mod market;
 pub mod matching;
 pub mod raycluster;
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
-use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use gpumarket_crds::{GpuCluster, GpuFleet, GpuLease, GpuOffer};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::Api;
@@ -150,10 +151,12 @@ async fn run_controllers(
     let (lease_store, _leases) = cache::<GpuLease>(&client, every());
     let (cluster_store, _clusters) = cache::<GpuCluster>(&client, every());
     let (pod_store, _pods) = cache::<Pod>(&client, every().labels(raycluster::CLUSTER_LABEL));
+    let (fleet_store, _fleets) = cache::<GpuFleet>(&client, every());
     if offer_store.wait_until_ready().await.is_err()
         || lease_store.wait_until_ready().await.is_err()
         || cluster_store.wait_until_ready().await.is_err()
         || pod_store.wait_until_ready().await.is_err()
+        || fleet_store.wait_until_ready().await.is_err()
     {
         tracing::error!("a cache stopped before it was filled");
         return;
@@ -177,6 +180,7 @@ async fn run_controllers(
             leases: lease_store,
             clusters: cluster_store,
             pods: pod_store,
+            fleets: fleet_store,
         },
         settler,
     ));
@@ -197,7 +201,15 @@ async fn run_controllers(
         }
     };
     let offer_controller = market::offer::run(ctx.clone());
-    futures::future::join4(cluster::run(clusters, ctx), offer_controller, inventory, settle).await;
+    let fleet_controller = fleet::run(ctx.clone());
+    futures::future::join5(
+        cluster::run(clusters, ctx),
+        offer_controller,
+        fleet_controller,
+        inventory,
+        settle,
+    )
+    .await;
 }
 
 /// A cache of every `K` in the cluster that `config` selects, kept filled by its own task until

@@ -50,12 +50,18 @@ pub fn worker_group_name(lease: &GpuLease) -> String {
     format!("{}-{suffix}", node.trim_end_matches(['-', '.']))
 }
 
+/// Image of the cluster's head and workers: `spec.ray.image`, else `rayproject/ray:<version>-gpu`.
+pub fn ray_image(cluster: &GpuCluster) -> String {
+    let ray = &cluster.spec.ray;
+    ray.image.clone().unwrap_or_else(|| format!("rayproject/ray:{}-gpu", ray.version))
+}
+
 /// The desired RayCluster: a head group (CPU only, never on a market node) and one worker
 /// group per active lease, pinned to the lease's node and tolerating the supplier taint.
 /// Leases are taken in name order so the output does not depend on list order.
 pub fn build_ray_cluster(cluster: &GpuCluster, leases: &[&GpuLease]) -> Result<Value> {
     let ray = &cluster.spec.ray;
-    let image = ray.image.clone().unwrap_or_else(|| format!("rayproject/ray:{}-gpu", ray.version));
+    let image = ray_image(cluster);
     let owner = cluster
         .controller_owner_ref(&())
         .ok_or_else(|| Error::InvalidSpec("GpuCluster has no name or uid yet".into()))?;

@@ -1,11 +1,13 @@
 //! gpumarket's custom resources (`gpumarket.io/v1alpha1`): the offers suppliers publish, the
-//! clusters buyers request and the leases that bind one to the other.
+//! clusters buyers request, the leases that bind one to the other and the fleets (supplier
+//! clusters) that join the market from outside.
 //!
 //! Validation lives in the schema (CEL rules with messages that say what to change), so the API
 //! server refuses bad input at `kubectl apply`.
 
 pub mod cluster;
 pub mod common;
+pub mod fleet;
 pub mod lease;
 pub mod offer;
 
@@ -14,6 +16,10 @@ pub use cluster::{
     LocationConstraint, Payment, PerWorker, RaySettings, WorkerOverrides,
 };
 pub use common::{Amount, GpuTier, HostResources, Interconnect, OfferMode, Placement};
+pub use fleet::{
+    FLEET_LABEL, FLEET_NAMESPACE, FleetAssignment, FleetWorkload, GpuFleet, GpuFleetSpec,
+    GpuFleetStatus, fleet_offer_name,
+};
 pub use lease::{
     ClusterRef, CompactedSettlements, EndReason, GpuLease, GpuLeaseSpec, GpuLeaseStatus,
     LeasePhase, LeasePod, SettlementRecord, SettlementState,
@@ -26,9 +32,9 @@ pub use offer::{
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-/// The three CRDs, in the order they should be installed.
+/// The CRDs, in the order they should be installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![GpuOffer::crd(), GpuCluster::crd(), GpuLease::crd()]
+    vec![GpuOffer::crd(), GpuCluster::crd(), GpuLease::crd(), GpuFleet::crd()]
 }
 
 /// Each CRD as the YAML file that is committed (`crds/<file>`, and the chart's `crds/` folder),

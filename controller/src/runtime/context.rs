@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use gpumarket_crds::{GpuCluster, GpuFleet, GpuLease, GpuOffer};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
@@ -55,6 +55,8 @@ pub struct Context {
     pub clusters: Store<GpuCluster>,
     /// The pods of every GpuCluster (labelled with it), to meter from their workers being Ready.
     pub pods: Store<Pod>,
+    /// Every GpuFleet, to meter a fleet's leases from the workloads it reports.
+    pub fleets: Store<GpuFleet>,
     /// When each allocation to a missing lease was first seen, by lease name (offer controller).
     pub orphans_seen: Mutex<HashMap<String, Instant>>,
     /// Held while matching and binding, so this replica's reconciles do not race each other.
@@ -76,6 +78,7 @@ pub struct Caches {
     pub leases: Store<GpuLease>,
     pub clusters: Store<GpuCluster>,
     pub pods: Store<Pod>,
+    pub fleets: Store<GpuFleet>,
 }
 
 impl Context {
@@ -86,7 +89,7 @@ impl Context {
         caches: Caches,
         settler: Option<Arc<Settler>>,
     ) -> Self {
-        let Caches { offers, leases, clusters, pods } = caches;
+        let Caches { offers, leases, clusters, pods, fleets } = caches;
         let reporter =
             Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Context {
@@ -98,6 +101,7 @@ impl Context {
             leases,
             clusters,
             pods,
+            fleets,
             orphans_seen: Mutex::new(HashMap::new()),
             bind_lock: tokio::sync::Mutex::new(()),
             settler,
