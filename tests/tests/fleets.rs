@@ -1,5 +1,6 @@
 //! Remote fleets against real components: a hub and two fleets, each its own control plane
-//! (etcd, kube-apiserver, controller-manager, scheduler, KWOK GPU nodes). The hub admin applies
+//! (etcd, kube-apiserver, controller-manager, scheduler, KWOK GPU nodes), and the real Solana
+//! validator for a fleet's payouts. The hub admin applies
 //! each fleet's join objects (`gpumarket-fleet join`) and the chart's fleet-isolation policy; each
 //! fleet agent runs with its own cluster's client and a hub client holding only its join
 //! credential (a ServiceAccount token from the hub's TokenRequest API). The hub never gets a
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::{
     FLEET_NAMESPACE, GpuCluster, GpuFleet, GpuLease, GpuOffer, LeasePhase, fleet_offer_name,
@@ -23,6 +25,7 @@ use gpumarket_crds::{
 use gpumarket_device_plugin::fleet::{self, FleetConfig, join::join_objects};
 use gpumarket_device_plugin::offer::Reserve;
 use gpumarket_tests::kwok::GpuNode;
+use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::{Env, EnvOptions, eventually};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
@@ -30,6 +33,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
+use solana_sdk::signature::Signer;
 
 const WALLET_A: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
 const WALLET_B: &str = "9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin";
@@ -51,14 +55,13 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn start(name: &'static str, price: u64, hub: &Env) -> Fleet {
+    async fn start(name: &'static str, wallet: &str, region: &str, price: u64, hub: &Env) -> Fleet {
         let keep_dir = std::env::var_os("GPUMARKET_KEEP_ENV").is_some_and(|v| v == "1");
         let options = EnvOptions { keep_dir, ..EnvOptions::default() };
         let env = Env::start(options).await.expect("a fleet control plane");
         eprintln!("{name}: control plane in {}", env.dir().display());
-        env.add_gpu_nodes(&[GpuNode::new("gpu-1", "H100", 4).region(REGION)]).await.unwrap();
+        env.add_gpu_nodes(&[GpuNode::new("gpu-1", "H100", 4).region(region)]).await.unwrap();
         let namespace = env.namespace("gpumarket-workloads").await.unwrap();
-        let wallet = if name == "fleet-a" { WALLET_A } else { WALLET_B };
         apply(hub, &join_objects(name, wallet).unwrap());
         let hub_requests = Arc::new(AtomicU64::new(0));
         let mut fleet = Fleet {
@@ -187,7 +190,7 @@ async fn join_credential(hub: &Env, name: &str, counter: Option<Arc<AtomicU64>>)
     }
 }
 
-fn gpu_cluster(name: &str) -> GpuCluster {
+fn gpu_cluster(name: &str, region: &str, gpus_per_worker: u32, buyer: &str) -> GpuCluster {
     serde_json::from_value(json!({
         "apiVersion": "gpumarket.io/v1alpha1",
         "kind": "GpuCluster",
@@ -195,11 +198,11 @@ fn gpu_cluster(name: &str) -> GpuCluster {
         "spec": {
             "gpu": {"models": ["H100"]},
             "workers": 1,
-            "gpusPerWorker": 4,
+            "gpusPerWorker": gpus_per_worker,
             "duration": "1h",
             "maxPricePerGpuHour": 5_000_000,
-            "location": {"region": REGION},
-            "payment": {"buyerWallet": WALLET_A},
+            "location": {"region": region},
+            "payment": {"buyerWallet": buyer},
         },
     }))
     .unwrap()
@@ -231,13 +234,14 @@ fn fleet_offer_manifest(fleet: &str, name: &str) -> Value {
     })
 }
 
-#[tokio::test]
-async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined() {
-    let hub = Env::shared().await;
-    let admin = hub.client().await.unwrap();
-    install_fleet_isolation(hub);
-    let controller = {
-        let client = admin.clone();
+/// Tests take turns: each runs its own hub controller, which watches the whole hub.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The hub's controller, in this test's runtime (settling through `settler`), until dropped.
+struct HubController(tokio::task::JoinHandle<()>);
+
+impl HubController {
+    fn start(client: &Client, settler: Option<Arc<Settler>>) -> HubController {
         let config = Config {
             settings: Settings {
                 heartbeat_timeout: HEARTBEAT_TIMEOUT,
@@ -246,21 +250,41 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
             },
             ..Config::default()
         };
-        tokio::spawn(async move {
-            if let Err(e) = gpumarket_controller::run(client, config).await {
+        let client = client.clone();
+        HubController(tokio::spawn(async move {
+            let stopped = match settler {
+                Some(settler) => gpumarket_controller::run_settling(client, config, settler).await,
+                None => gpumarket_controller::run(client, config).await,
+            };
+            if let Err(e) = stopped {
                 panic!("controller stopped: {e}");
             }
-        })
-    };
+        }))
+    }
+}
+
+impl Drop for HubController {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[tokio::test]
+async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined() {
+    let _turn = TURN.lock().await;
+    let hub = Env::shared().await;
+    let admin = hub.client().await.unwrap();
+    install_fleet_isolation(hub);
+    let _controller = HubController::start(&admin, None);
 
     // Join: each fleet's GPU node is on the hub, as an offer of its own name and wallet. One
     // fleet after the other: three control planes starting at once overload a small machine.
     let offers: Api<GpuOffer> = Api::all(admin.clone());
     let offer_a = fleet_offer_name("fleet-a", "gpu-1");
     let offer_b = fleet_offer_name("fleet-b", "gpu-1");
-    let mut fleet_a = Fleet::start("fleet-a", 2_000_000, hub).await;
+    let mut fleet_a = Fleet::start("fleet-a", WALLET_A, REGION, 2_000_000, hub).await;
     let joined_a = offer_available(&offers, &offer_a, WALLET_A, fleet_a.agent_started).await;
-    let fleet_b = Fleet::start("fleet-b", 3_000_000, hub).await;
+    let fleet_b = Fleet::start("fleet-b", WALLET_B, REGION, 3_000_000, hub).await;
     let joined_b = offer_available(&offers, &offer_b, WALLET_B, fleet_b.agent_started).await;
     let fleets: Api<GpuFleet> = Api::all(admin.clone());
     eventually("fleet-a to be Joined", WAIT, || async {
@@ -275,7 +299,10 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     let ns = hub.namespace("fleet-buyer").await.unwrap();
     let clusters: Api<GpuCluster> = Api::namespaced(admin.clone(), &ns);
     let applied = Instant::now();
-    clusters.create(&PostParams::default(), &gpu_cluster("llm")).await.unwrap();
+    clusters
+        .create(&PostParams::default(), &gpu_cluster("llm", REGION, 4, WALLET_A))
+        .await
+        .unwrap();
     let leases: Api<GpuLease> = Api::all(admin.clone());
     let lease = eventually("a lease on fleet A's offer", WAIT, || async {
         leases.list(&ListParams::default()).await.unwrap().items.into_iter().find(|l| {
@@ -414,7 +441,97 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
            (offers + 1 GpuFleet report per heartbeat, plus one watch: {:.0}/min at the default 20s)",
         per_minute * HEARTBEAT.as_secs_f64() / 20.0
     );
-    controller.abort();
+}
+
+#[tokio::test]
+async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
+    let _turn = TURN.lock().await;
+    let hub = Env::shared().await;
+    let admin = hub.client().await.unwrap();
+    install_fleet_isolation(hub);
+    let sol = hub.solana().await.unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let keypair = keys.path().join("settlement.json");
+    sol.settlement_authority(&keypair).await.unwrap();
+    let mut config = SettlementConfig::new(
+        sol.rpc_url.clone(),
+        keypair,
+        sol.mint.to_string(),
+        Duration::from_secs(3),
+    );
+    config.poll_interval = Duration::from_secs(1);
+    config.heartbeat_timeout = HEARTBEAT_TIMEOUT;
+    let _controller = HubController::start(&admin, Some(Arc::new(Settler::new(config).unwrap())));
+
+    // 1000 base units per GPU-second, paid to the wallet of the fleet's GpuFleet.
+    let price = 3_600_000;
+    let fleet_wallet = read_keypair(&sol.suppliers[0]).unwrap().pubkey();
+    let fleet = Fleet::start("fleet-pay", &fleet_wallet.to_string(), "fleet-pay", price, hub).await;
+    offer_available(
+        &Api::all(admin.clone()),
+        &fleet_offer_name("fleet-pay", "gpu-1"),
+        &fleet_wallet.to_string(),
+        fleet.agent_started,
+    )
+    .await;
+
+    let ns = hub.namespace("fleet-payer").await.unwrap();
+    let clusters: Api<GpuCluster> = Api::namespaced(admin.clone(), &ns);
+    let buyer = read_keypair(&sol.buyer).unwrap();
+    let spec = gpu_cluster("paid", "fleet-pay", 2, &buyer.pubkey().to_string());
+    let created = clusters.create(&PostParams::default(), &spec).await.unwrap();
+    let escrow = eventually("the escrow recorded", WAIT, || async {
+        clusters
+            .get("paid")
+            .await
+            .ok()?
+            .status?
+            .escrow?
+            .account
+            .parse::<solana_sdk::pubkey::Pubkey>()
+            .ok()
+    })
+    .await;
+    let (buyer_before, fleet_before) =
+        (sol.balance(&buyer.pubkey()).await.unwrap(), sol.balance(&fleet_wallet).await.unwrap());
+    sol.transfer(&buyer, &escrow, 2 * price, Some("deposit")).await.unwrap();
+    let uid = created.uid().unwrap();
+    let leases: Api<GpuLease> = Api::all(admin.clone());
+    let served = eventually("the fleet's lease serving", WAIT, || async {
+        let lease = leases
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|l| l.spec.cluster.uid == uid)?;
+        lease.status.as_ref()?.serving_since.as_ref()?;
+        Some(lease)
+    })
+    .await;
+    assert_eq!(served.spec.supplier_wallet, fleet_wallet.to_string());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    clusters.delete("paid", &kube::api::DeleteParams::default()).await.unwrap();
+    eventually("the GpuCluster refunded and gone", Duration::from_secs(90), || async {
+        clusters.get_opt("paid").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let status = leases.get(&served.name_any()).await.unwrap().status.unwrap();
+    assert_eq!(status.phase, Some(LeasePhase::Settled), "{status:?}");
+    let paid = status.amount_settled.unwrap();
+    assert!(paid > 0);
+    assert_eq!(paid, status.served_gpu_seconds.unwrap() * 1000, "served time, to the base unit");
+    assert_eq!(
+        sol.balance(&fleet_wallet).await.unwrap() - fleet_before,
+        paid,
+        "paid to the fleet's wallet"
+    );
+    assert_eq!(buyer_before - sol.balance(&buyer.pubkey()).await.unwrap(), paid, "rest refunded");
+    eventually("the fleet to remove the worker of the ended lease", WAIT, || async {
+        fleet.workers().await.is_empty().then_some(())
+    })
+    .await;
 }
 
 /// Waits for `name` to be Available on the hub, paid to `wallet`, with the node's 4 GPUs; how
