@@ -102,9 +102,12 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let args = match cli.command {
         Command::Join { name, wallet } => {
+            let mut yaml = String::new();
             for object in fleet::join::join_objects(&name, &wallet).map_err(anyhow::Error::msg)? {
-                print!("---\n{}", serde_yaml::to_string(&object)?);
+                yaml.push_str(&format!("---\n{}", serde_yaml::to_string(&object)?));
             }
+            // Written, not printed: a closed pipe (`| head`) is an error, not a panic.
+            std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())?;
             return Ok(());
         }
         Command::Run(args) => args,
