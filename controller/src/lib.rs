@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod error;
+pub mod fleet;
 pub mod market;
 pub mod matching;
 pub mod plugin;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
-use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer, MarketPolicy};
+use gpumarket_crds::{GpuCluster, GpuFleet, GpuLease, GpuOffer, MarketPolicy};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::Api;
@@ -154,11 +155,13 @@ async fn run_controllers(
     let (cluster_store, _clusters) = cache::<GpuCluster>(&client, every());
     let (pod_store, _pods) = cache::<Pod>(&client, every().labels(raycluster::CLUSTER_LABEL));
     let (policy_store, _policies) = cache::<MarketPolicy>(&client, every());
+    let (fleet_store, _fleets) = cache::<GpuFleet>(&client, every());
     if offer_store.wait_until_ready().await.is_err()
         || lease_store.wait_until_ready().await.is_err()
         || cluster_store.wait_until_ready().await.is_err()
         || pod_store.wait_until_ready().await.is_err()
         || policy_store.wait_until_ready().await.is_err()
+        || fleet_store.wait_until_ready().await.is_err()
     {
         tracing::error!("a cache stopped before it was filled");
         return;
@@ -183,6 +186,7 @@ async fn run_controllers(
             clusters: cluster_store,
             pods: pod_store,
             policy: policy_store,
+            fleets: fleet_store,
         },
         settler,
     ));
@@ -204,14 +208,15 @@ async fn run_controllers(
     };
     let offer_controller = market::offer::run(ctx.clone());
     let policy_events = policy::run(ctx.clone());
-    futures::future::join5(
+    let fleet_controller = fleet::run(ctx.clone());
+    futures::join!(
         cluster::run(clusters, ctx),
         offer_controller,
+        fleet_controller,
         inventory,
         settle,
         policy_events,
-    )
-    .await;
+    );
 }
 
 /// A cache of every `K` in the cluster that `config` selects, kept filled by its own task until

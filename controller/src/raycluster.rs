@@ -61,6 +61,12 @@ pub struct HeadPlacement {
     pub tolerated_taints: Vec<String>,
 }
 
+/// Image of the cluster's head and workers: `spec.ray.image`, else `rayproject/ray:<version>-gpu`.
+pub fn ray_image(cluster: &GpuCluster) -> String {
+    let ray = &cluster.spec.ray;
+    ray.image.clone().unwrap_or_else(|| format!("rayproject/ray:{}-gpu", ray.version))
+}
+
 /// The desired RayCluster: a head group (CPU only, placed as `head` says) and one worker
 /// group per active lease, pinned to the lease's node and tolerating the supplier taint.
 /// Leases are taken in name order so the output does not depend on list order.
@@ -70,7 +76,7 @@ pub fn build_ray_cluster(
     head: &HeadPlacement,
 ) -> Result<Value> {
     let ray = &cluster.spec.ray;
-    let image = ray.image.clone().unwrap_or_else(|| format!("rayproject/ray:{}-gpu", ray.version));
+    let image = ray_image(cluster);
     let owner = cluster
         .controller_owner_ref(&())
         .ok_or_else(|| Error::InvalidSpec("GpuCluster has no name or uid yet".into()))?;

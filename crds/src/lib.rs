@@ -1,11 +1,13 @@
 //! gpumarket's custom resources (`gpumarket.io/v1alpha1`): the offers suppliers publish, the
-//! clusters buyers request and the leases that bind one to the other.
+//! clusters buyers request, the leases that bind one to the other and the fleets (supplier
+//! clusters) that join the market from outside.
 //!
 //! Validation lives in the schema (CEL rules with messages that say what to change), so the API
 //! server refuses bad input at `kubectl apply`.
 
 pub mod cluster;
 pub mod common;
+pub mod fleet;
 pub mod lease;
 pub mod offer;
 pub mod policy;
@@ -17,6 +19,10 @@ pub use cluster::{
     LocationConstraint, Payment, PerWorker, RaySettings, WorkerOverrides,
 };
 pub use common::{Amount, GpuTier, HostResources, Interconnect, OfferMode, Placement};
+pub use fleet::{
+    FLEET_LABEL, FLEET_NAMESPACE, FleetAssignment, FleetWorkload, GpuFleet, GpuFleetSpec,
+    GpuFleetStatus, fleet_offer_name,
+};
 pub use lease::{
     ClusterRef, CompactedSettlements, EndReason, GpuLease, GpuLeaseSpec, GpuLeaseStatus,
     LeasePhase, LeasePod, SettlementRecord, SettlementState,
@@ -33,7 +39,7 @@ use kube::CustomResourceExt;
 
 /// The CRDs, in the order they should be installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![GpuOffer::crd(), GpuCluster::crd(), GpuLease::crd(), MarketPolicy::crd()]
+    vec![GpuOffer::crd(), GpuCluster::crd(), GpuLease::crd(), MarketPolicy::crd(), GpuFleet::crd()]
 }
 
 /// Each CRD as the YAML file that is committed (`crds/<file>`, and the chart's `crds/` folder),

@@ -305,6 +305,18 @@ impl Supplier {
         })
     }
 
+    /// A fleet's settings: the wallet of its GpuFleet on the hub, its `--price` flags and
+    /// location.
+    pub fn for_fleet(
+        wallet: String,
+        prices: &[String],
+        region: Option<String>,
+        zone: Option<String>,
+    ) -> Result<Supplier, ConfigError> {
+        let prices = prices.iter().map(|p| parse_price(p)).collect::<Result<_, _>>()?;
+        Supplier::validated(Supplier { wallet, wallet_key: None, prices, region, zone })
+    }
+
     fn validated(self) -> Result<Supplier, ConfigError> {
         if !is_valid_wallet(&self.wallet) {
             return Err(ConfigError::InvalidWallet(self.wallet));

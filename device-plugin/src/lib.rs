@@ -7,6 +7,9 @@
 //! The node is tainted `gpumarket.io/supplier:NoSchedule` and labelled
 //! `gpumarket.io/gpu-model=<model>` so that only marketplace pods land on offered GPUs (see
 //! [`node`]).
+//!
+//! In fleet mode (`gpumarket-fleet`, see [`fleet`]) a whole Kubernetes GPU cluster joins the
+//! market's cluster from outside, with a join credential of the hub.
 // A failing expectation is meant to panic in unit tests.
 #![cfg_attr(test, allow(clippy::expect_used))]
 
@@ -14,6 +17,7 @@ pub mod agent;
 pub mod allocation;
 pub mod cdi;
 pub mod config;
+pub mod fleet;
 pub mod health;
 pub mod leases;
 pub mod node;

@@ -22,7 +22,7 @@ pub async fn install(client: &kube::Client, kuberay_crds: &Path) -> Result<()> {
         api.patch(name, apply, &Patch::Apply(crd))
             .await
             .with_context(|| format!("applying CRD {name}"))?;
-        wait_established(api, name, Duration::from_secs(60)).await
+        wait_established(api, name, Duration::from_secs(180)).await
     });
     futures::future::try_join_all(applies).await?;
     Ok(())

@@ -576,8 +576,13 @@ fn supplier_isolation_policy_matches_only_the_agent() {
     let binding =
         find(&objects, "ValidatingAdmissionPolicyBinding", "gpumarket-supplier-isolation");
     assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
-    // Without an agent there is nothing to isolate.
-    assert!(!has_kind(&render(&[], &[]), "ValidatingAdmissionPolicy"));
+    // Without an agent there is nothing to isolate (the fleet-isolation policy stays).
+    let names: Vec<Value> = render(&[], &[])
+        .iter()
+        .filter(|o| o["kind"] == "ValidatingAdmissionPolicy")
+        .map(|o| o["metadata"]["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("gpumarket-fleet-isolation")]);
 }
 
 /// An Argo CD Application of examples/argocd/, as YAML.

@@ -9,7 +9,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer};
+use gpumarket_crds::{GpuCluster, GpuFleet, GpuLease, GpuOffer};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DynamicObject};
@@ -50,13 +50,20 @@ pub fn controller(ctx: &Arc<Context>) -> Controller<GpuCluster> {
         })
         // Worker pods becoming Ready start the meter.
         .watches(
-            Api::<Pod>::all(client),
+            Api::<Pod>::all(client.clone()),
             watcher::Config::default().labels(raycluster::CLUSTER_LABEL),
             |pod| {
                 let cluster = pod.labels().get(raycluster::CLUSTER_LABEL)?;
                 Some(ObjectRef::new(cluster).within(&pod.namespace()?))
             },
         )
+        // A fleet reporting its workers Ready starts the meter of the leases it runs.
+        .watches(Api::<GpuFleet>::all(client), watcher::Config::default(), |fleet| {
+            let assigned = fleet.status.map(|s| s.assignments).unwrap_or_default();
+            assigned
+                .into_iter()
+                .map(|a| ObjectRef::new(&a.cluster.name).within(&a.cluster.namespace))
+        })
         .watches_stream(offers, move |offer| {
             let grew = supply_grew(&seen, &offer);
             clusters_affected_by(&offer, grew, &clusters, &lease_store)

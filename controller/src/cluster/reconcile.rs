@@ -24,6 +24,7 @@ use super::status::{
     with_service,
 };
 use crate::error::{Error, Result};
+use crate::fleet::{fleet_service, offer_fleet};
 use crate::market::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
 use crate::market::supply::market_request;
 use crate::matching::{self, Outcome};
@@ -560,8 +561,20 @@ async fn record_service(
 ) -> Result<GpuLease> {
     let api: Api<GpuLease> = Api::all(ctx.client.clone());
     let mut current = lease.clone();
+    // A lease on a fleet's offer serves in the fleet's cluster: the fleet reports its workers.
+    let fleet = ctx
+        .offers
+        .get(&ObjectRef::new(&lease.spec.offer))
+        .and_then(|offer| offer_fleet(&offer).map(|f| ctx.fleets.get(&ObjectRef::new(f))));
     loop {
-        let Some(next) = with_service(&current, &lease_pods(&current, pods), now) else {
+        let next = match &fleet {
+            Some(fleet) => {
+                let workload = fleet.as_deref().and_then(|f| f.workload(&lease.name_any()));
+                fleet_service(&current, workload, now)
+            }
+            None => with_service(&current, &lease_pods(&current, pods), now),
+        };
+        let Some(next) = next else {
             return Ok(current);
         };
         let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer, MarketPolicy};
+use gpumarket_crds::{GpuCluster, GpuFleet, GpuLease, GpuOffer, MarketPolicy};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
@@ -70,6 +70,8 @@ pub struct Context {
     pub pods: Store<Pod>,
     /// The market's MarketPolicy, if there is one: it overrides the flags' settings.
     pub policy: Store<MarketPolicy>,
+    /// Every GpuFleet, to meter a fleet's leases from the workloads it reports.
+    pub fleets: Store<GpuFleet>,
     /// When each allocation to a missing lease was first seen, by lease name (offer controller).
     pub orphans_seen: Mutex<HashMap<String, Instant>>,
     /// Held while matching and binding, so this replica's reconciles do not race each other.
@@ -94,6 +96,7 @@ pub struct Caches {
     pub clusters: Store<GpuCluster>,
     pub pods: Store<Pod>,
     pub policy: Store<MarketPolicy>,
+    pub fleets: Store<GpuFleet>,
 }
 
 impl Context {
@@ -104,7 +107,7 @@ impl Context {
         caches: Caches,
         settler: Option<Arc<Settler>>,
     ) -> Self {
-        let Caches { offers, leases, clusters, pods, policy } = caches;
+        let Caches { offers, leases, clusters, pods, policy, fleets } = caches;
         let reporter =
             Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Context {
@@ -117,6 +120,7 @@ impl Context {
             clusters,
             pods,
             policy,
+            fleets,
             orphans_seen: Mutex::new(HashMap::new()),
             bind_lock: tokio::sync::Mutex::new(()),
             settler,

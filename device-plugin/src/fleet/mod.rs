@@ -1,0 +1,291 @@
+//! Fleet mode: an existing Kubernetes GPU cluster (a *fleet*, with its own API server, device
+//! plugin or DRA driver) joins the market's cluster (the *hub*) as a supplier without re-homing
+//! a node. The fleet dials out; the hub holds no credential to it and needs no route to it.
+//!
+//! ```text
+//!  fleet cluster                          hub cluster
+//!  ┌──────────────────────────┐  join    ┌──────────────────────────────────────────┐
+//!  │ gpumarket-fleet          │ ───────► │ GpuFleet <name> (admin: wallet)           │
+//!  │  in-cluster client:      │  token   │  status.lastHeartbeat, offers, workloads  │
+//!  │   Nodes (GPUs, labels)   │          │        (fleet)                            │
+//!  │   worker Pods it runs    │          │  status.conditions, assignments           │
+//!  │  hub client (SA token):  │          │        (controller)                       │
+//!  │   offers, heartbeats,    │          │ GpuOffer <name>.<node> (fleet: spec,      │
+//!  │   own GpuFleet           │          │   health, heartbeat; label fleet=<name>)  │
+//!  └──────────────────────────┘          └──────────────────────────────────────────┘
+//! ```
+//!
+//! - **Join** ([`join`]): the hub admin applies the fleet's GpuFleet, a ServiceAccount
+//!   `gpumarket-fleets/<name>` and RBAC reaching only that GpuFleet by name, plus creating and
+//!   patching GpuOffers; the chart's `fleet-isolation` ValidatingAdmissionPolicy confines those
+//!   writes to offers named `<name>.<node>` labelled `gpumarket.io/fleet=<name>` and keeps the
+//!   fleet off what the controller owns. The ServiceAccount's token in a kubeconfig is the join
+//!   credential (`kubectl create token -n gpumarket-fleets <name>`, or a token Secret).
+//! - **Offers** ([`mirror`]): every heartbeat the fleet lists its Nodes and applies one
+//!   offer-only GpuOffer per GPU node (allocatable `nvidia.com/gpu`, model and memory from GPU
+//!   feature discovery's labels or gpumarket's), heartbeats its status (GPUs unhealthy while the
+//!   node is not Ready) and its GpuFleet (heartbeat and offer names).
+//! - **Work** ([`workload`]): the controller lists each active lease placed on a fleet's offers
+//!   in the GpuFleet's `status.assignments` with what running it needs; the fleet watches its
+//!   GpuFleet (by name: it reads no lease, cluster or other fleet), runs one worker pod per Ray
+//!   worker on the node in its own cluster, removes pods of leases no longer assigned, and
+//!   reports workers and Ready workers per lease in `status.workloads`, from which the
+//!   controller meters service (billing starts when all are Ready) as it does from pods.
+//! - **Failure**: a silent fleet stops heartbeating its offers, so its leases end as supplier
+//!   failures and the clusters are re-placed (in another fleet if needed) as for any node.
+
+pub mod join;
+pub mod mirror;
+pub mod workload;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use gpumarket_crds::{FleetAssignment, FleetWorkload, GpuFleet, GpuOffer};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::config::{ConfigError, Supplier};
+use crate::offer::{Reserve, status_manifest};
+
+/// Field manager of the fleet's writes on the hub and in the fleet.
+pub const FIELD_MANAGER: &str = "gpumarket-fleet";
+/// How long to wait before asking the hub for the GpuFleet again while it is missing.
+const JOIN_RETRY: Duration = Duration::from_secs(2);
+
+/// What the fleet offers and how it runs its work.
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    /// Name of the fleet's GpuFleet on the hub.
+    pub name: String,
+    /// `MODEL=UNITS` prices per GPU-hour, as the agent's `--price`.
+    pub prices: Vec<String>,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    /// How often offers and the GpuFleet are heartbeated.
+    pub heartbeat: Duration,
+    /// How often the fleet's own worker pods are checked (a local read; the hub hears only of
+    /// changes).
+    pub workload_check: Duration,
+    /// Namespace of the fleet's cluster the workers run in.
+    pub namespace: String,
+    pub reserve: Reserve,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Joins the hub as fleet `config.name` and runs until the future is dropped. API errors (hub
+/// or fleet) are logged and retried; only settings that cannot work end it.
+pub async fn run(fleet: Client, hub: Client, config: FleetConfig) -> Result<(), FleetError> {
+    let fleets: Api<GpuFleet> = Api::all(hub.clone());
+    let joined = loop {
+        match fleets.get(&config.name).await {
+            Ok(joined) => break joined,
+            Err(e) => {
+                tracing::warn!(error = %e, fleet = %config.name, "reading the GpuFleet on the hub; retrying")
+            }
+        }
+        tokio::time::sleep(JOIN_RETRY).await;
+    };
+    let supplier = Supplier::for_fleet(
+        joined.spec.wallet.clone(),
+        &config.prices,
+        config.region.clone(),
+        config.zone.clone(),
+    )?;
+    tracing::info!(fleet = %config.name, "joined the hub");
+    let pods = Api::namespaced(fleet.clone(), &config.namespace);
+    let mut state = Runner {
+        config,
+        supplier,
+        nodes: Api::all(fleet),
+        pods,
+        offers: Api::all(hub.clone()),
+        fleets: fleets.clone(),
+        applied: BTreeMap::new(),
+        skipped: BTreeMap::new(),
+        offer_names: Vec::new(),
+        assignments: Vec::new(),
+        workloads: Vec::new(),
+    };
+    let selector =
+        watcher::Config::default().fields(&format!("metadata.name={}", state.config.name));
+    let mut own = std::pin::pin!(watcher(fleets, selector).default_backoff().applied_objects());
+    let mut heartbeat = tokio::time::interval(state.config.heartbeat);
+    let mut check = tokio::time::interval(state.config.workload_check);
+    for ticks in [&mut heartbeat, &mut check] {
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                state.publish_offers().await;
+                state.report(true).await;
+            }
+            _ = check.tick() => state.run_workloads().await,
+            Some(event) = own.next() => match event {
+                Ok(fleet) => {
+                    state.assignments = fleet.status.map(|s| s.assignments).unwrap_or_default();
+                    state.run_workloads().await;
+                }
+                Err(e) => tracing::warn!(error = %e, "watching the GpuFleet on the hub"),
+            },
+        }
+    }
+}
+
+struct Runner {
+    config: FleetConfig,
+    supplier: Supplier,
+    nodes: Api<Node>,
+    pods: Api<Pod>,
+    offers: Api<GpuOffer>,
+    fleets: Api<GpuFleet>,
+    /// The offer last applied for each node, so an unchanged spec is not sent again.
+    applied: BTreeMap<String, Value>,
+    /// Why each node is not offered, so the reason is logged once.
+    skipped: BTreeMap<String, String>,
+    offer_names: Vec<String>,
+    assignments: Vec<FleetAssignment>,
+    /// What the hub was last told.
+    workloads: Vec<FleetWorkload>,
+}
+
+impl Runner {
+    /// Applies the offer of each GPU node whose spec changed and heartbeats every offer.
+    async fn publish_offers(&mut self) {
+        let nodes = match self.nodes.list(&ListParams::default()).await {
+            Ok(nodes) => nodes.items,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the fleet's nodes; retrying");
+                return;
+            }
+        };
+        let apply = PatchParams::apply(FIELD_MANAGER).force();
+        let mut names = Vec::new();
+        for node in &nodes {
+            let node_name = node.name_any();
+            let (offer, inventory) = match mirror::fleet_offer(
+                &self.config.name,
+                &self.supplier,
+                node,
+                self.config.reserve,
+            ) {
+                Ok(offer) => offer,
+                Err(why) => {
+                    let why = why.to_string();
+                    if self.skipped.get(&node_name) != Some(&why) {
+                        tracing::info!(node = %node_name, %why, "node not offered");
+                        self.skipped.insert(node_name, why);
+                    }
+                    continue;
+                }
+            };
+            self.skipped.remove(&node_name);
+            let name = gpumarket_crds::fleet_offer_name(&self.config.name, &node_name);
+            if self.applied.get(&node_name) != Some(&offer) {
+                match self.offers.patch(&name, &apply, &Patch::Apply(&offer)).await {
+                    Ok(_) => {
+                        tracing::info!(offer = %name, "offer published on the hub");
+                        self.applied.insert(node_name.clone(), offer);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, offer = %name, "publishing the offer; retrying");
+                        continue;
+                    }
+                }
+            }
+            let health = mirror::node_health(node, &inventory);
+            let status = status_manifest(&health, jiff::Timestamp::now());
+            if let Err(e) = self.offers.patch_status(&name, &apply, &Patch::Apply(&status)).await {
+                tracing::warn!(error = %e, offer = %name, "heartbeat; retrying");
+                // The offer may have been deleted on the hub: publish it again next time.
+                self.applied.remove(&node_name);
+            }
+            names.push(name);
+        }
+        names.sort();
+        self.offer_names = names;
+    }
+
+    /// Starts the workers of new assignments, removes those of ended ones, and tells the hub
+    /// when what runs has changed (or, with `heartbeat`, in any case).
+    async fn run_workloads(&mut self) {
+        let managed = ListParams::default().labels(&format!("{}=true", workload::MANAGED_LABEL));
+        let pods = match self.pods.list(&managed).await {
+            Ok(pods) => pods.items,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the fleet's worker pods; retrying");
+                return;
+            }
+        };
+        for pod in workload::stale_pods(&self.assignments, &pods) {
+            match self.pods.delete(&pod.name_any(), &DeleteParams::default()).await {
+                Ok(_) => tracing::info!(pod = %pod.name_any(), "worker of an ended lease removed"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => tracing::warn!(error = %e, pod = %pod.name_any(), "removing a worker"),
+            }
+        }
+        let existing: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
+        for assignment in &self.assignments {
+            let Some(desired) =
+                workload::worker_pods(&self.config.name, &self.config.namespace, assignment)
+            else {
+                continue;
+            };
+            for pod in desired {
+                let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                if existing.contains(&name) {
+                    continue;
+                }
+                let created = match serde_json::from_value::<Pod>(pod) {
+                    Ok(pod) => self.pods.create(&PostParams::default(), &pod).await.map(drop),
+                    Err(e) => Err(kube::Error::SerdeError(e)),
+                };
+                match created {
+                    Ok(()) => {
+                        tracing::info!(pod = %name, lease = %assignment.lease, "worker started")
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => tracing::warn!(error = %e, pod = %name, "starting a worker"),
+                }
+            }
+        }
+        let workloads = workload::workloads(&self.config.name, &self.assignments, &pods);
+        if workloads != self.workloads {
+            self.workloads = workloads;
+            self.report(false).await;
+        }
+    }
+
+    /// The fleet's part of its GpuFleet status, all of it in each apply (what a field manager
+    /// leaves out of an apply is removed).
+    async fn report(&mut self, heartbeat: bool) {
+        let status = json!({
+            "apiVersion": "gpumarket.io/v1alpha1",
+            "kind": "GpuFleet",
+            "status": {
+                "lastHeartbeat": Time(jiff::Timestamp::now()),
+                "offers": self.offer_names,
+                "workloads": self.workloads,
+            },
+        });
+        let apply = PatchParams::apply(FIELD_MANAGER).force();
+        if let Err(e) =
+            self.fleets.patch_status(&self.config.name, &apply, &Patch::Apply(&status)).await
+        {
+            tracing::warn!(error = %e, heartbeat, "reporting to the hub; retrying");
+            // Reported again at the next check.
+            self.workloads.clear();
+        }
+    }
+}

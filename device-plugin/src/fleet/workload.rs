@@ -1,0 +1,184 @@
+//! The work placed on a fleet, run in the fleet's own cluster: one pod per Ray worker of each
+//! assignment, pinned to the assignment's node and holding its GPUs through the fleet's own
+//! device plugin; and what the hub is told of them.
+
+use std::collections::BTreeMap;
+
+use gpumarket_crds::common::GPU_RESOURCE;
+use gpumarket_crds::{FleetAssignment, FleetWorkload};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+/// Label on every pod the fleet runs for a lease, naming it.
+pub const LEASE_LABEL: &str = "gpumarket.io/lease";
+/// Label on every pod the fleet runs for the market (what it lists and cleans up).
+pub const MANAGED_LABEL: &str = "gpumarket.io/fleet-workload";
+
+/// The fleet node an offer of fleet `fleet` stands for (`<fleet>.<node>`), if it is the fleet's.
+pub fn offer_node<'a>(fleet: &str, offer: &'a str) -> Option<&'a str> {
+    offer.strip_prefix(fleet)?.strip_prefix('.')
+}
+
+/// Name of worker `index` of `lease`.
+pub fn worker_name(lease: &str, index: u32) -> String {
+    format!("{lease}-w{index}")
+}
+
+/// The worker pods of an assignment. `None` when the offer is not one of the fleet's.
+pub fn worker_pods(
+    fleet: &str,
+    namespace: &str,
+    assignment: &FleetAssignment,
+) -> Option<Vec<Value>> {
+    let node = offer_node(fleet, &assignment.offer)?;
+    let mut limits = json!({GPU_RESOURCE: assignment.gpus_per_worker.to_string()});
+    let mut ray_args = format!("--num-gpus={}", assignment.gpus_per_worker);
+    if let Some(host) = assignment.worker_resources {
+        limits["cpu"] = json!(format!("{}m", host.cpu_millicores));
+        limits["memory"] = json!(host.memory_bytes.to_string());
+        ray_args.push_str(&format!(" --num-cpus={}", (host.cpu_millicores / 1000).max(1)));
+    }
+    let pods = (0..assignment.workers)
+        .map(|i| {
+            json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": worker_name(&assignment.lease, i),
+                    "namespace": namespace,
+                    "labels": {LEASE_LABEL: assignment.lease, MANAGED_LABEL: "true"},
+                    "annotations": {
+                        "gpumarket.io/cluster": format!("{}/{}", assignment.cluster.namespace, assignment.cluster.name),
+                    },
+                },
+                "spec": {
+                    "nodeName": node,
+                    "restartPolicy": "Always",
+                    // Workers need no Kubernetes API, of the fleet or the hub.
+                    "automountServiceAccountToken": false,
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [{
+                        "name": "ray-worker",
+                        "image": assignment.image,
+                        "command": ["sh", "-c", format!("exec ray start --block {ray_args}")],
+                        "resources": {"limits": limits.clone(), "requests": limits},
+                    }],
+                },
+            })
+        })
+        .collect();
+    Some(pods)
+}
+
+/// What the hub is told: for each assignment, its workers and how many are Ready, or why it
+/// cannot run.
+pub fn workloads(fleet: &str, assignments: &[FleetAssignment], pods: &[Pod]) -> Vec<FleetWorkload> {
+    let mut by_lease: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+    for pod in pods {
+        if let Some(lease) = pod.labels().get(LEASE_LABEL) {
+            by_lease.entry(lease).or_default().push(pod);
+        }
+    }
+    assignments
+        .iter()
+        .map(|a| {
+            let pods = by_lease.get(a.lease.as_str()).map(Vec::as_slice).unwrap_or_default();
+            FleetWorkload {
+                lease: a.lease.clone(),
+                workers: u32::try_from(pods.len()).unwrap_or(u32::MAX),
+                ready_workers: u32::try_from(pods.iter().filter(|p| is_ready(p)).count())
+                    .unwrap_or(u32::MAX),
+                message: offer_node(fleet, &a.offer)
+                    .is_none()
+                    .then(|| format!("offer {} is not one of fleet {fleet}'s", a.offer)),
+            }
+        })
+        .collect()
+}
+
+/// Pods the fleet runs for leases no longer assigned to it: to delete.
+pub fn stale_pods<'a>(assignments: &[FleetAssignment], pods: &'a [Pod]) -> Vec<&'a Pod> {
+    pods.iter()
+        .filter(|p| {
+            p.labels()
+                .get(LEASE_LABEL)
+                .is_none_or(|lease| !assignments.iter().any(|a| &a.lease == lease))
+        })
+        .collect()
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+#[cfg(test)]
+mod tests {
+    use gpumarket_crds::{ClusterRef, HostResources};
+
+    use super::*;
+
+    fn assignment(lease: &str, offer: &str) -> FleetAssignment {
+        FleetAssignment {
+            lease: lease.into(),
+            offer: offer.into(),
+            cluster: ClusterRef {
+                namespace: "team".into(),
+                name: "llm".into(),
+                uid: "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d".into(),
+            },
+            workers: 2,
+            gpus_per_worker: 4,
+            worker_resources: Some(HostResources { cpu_millicores: 8500, memory_bytes: 1 << 34 }),
+            image: "rayproject/ray:2.41.0-gpu".into(),
+        }
+    }
+
+    fn pod(name: &str, lease: &str, ready: bool) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {LEASE_LABEL: lease}},
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+        }))
+        .expect("a pod")
+    }
+
+    #[test]
+    fn each_worker_is_a_pod_on_the_offers_node_with_its_gpus_cpu_and_memory() {
+        let pods = worker_pods("fleet-a", "market", &assignment("llm-x1", "fleet-a.gpu-7.dc1"))
+            .expect("the fleet's offer");
+        assert_eq!(pods.len(), 2);
+        let spec = &pods[1]["spec"];
+        assert_eq!(pods[1]["metadata"]["name"], "llm-x1-w1");
+        assert_eq!(spec["nodeName"], "gpu-7.dc1");
+        assert_eq!(spec["automountServiceAccountToken"], false);
+        let limits = &spec["containers"][0]["resources"]["limits"];
+        assert_eq!(
+            limits,
+            &json!({"nvidia.com/gpu": "4", "cpu": "8500m", "memory": "17179869184"})
+        );
+        assert_eq!(spec["containers"][0]["resources"]["requests"], *limits);
+        assert!(worker_pods("fleet-a", "market", &assignment("l", "fleet-b.gpu-7")).is_none());
+        assert!(worker_pods("fleet-a", "market", &assignment("l", "fleet-ab.gpu-7")).is_none());
+    }
+
+    #[test]
+    fn the_hub_is_told_ready_workers_per_lease_and_stale_pods_go() {
+        let assignments = [assignment("l1", "fleet-a.n1"), assignment("l2", "fleet-b.n1")];
+        let pods =
+            [pod("l1-w0", "l1", true), pod("l1-w1", "l1", false), pod("old-w0", "old", true)];
+        let report = workloads("fleet-a", &assignments, &pods);
+        assert_eq!((report[0].workers, report[0].ready_workers, &report[0].message), (2, 1, &None));
+        assert_eq!((report[1].workers, report[1].ready_workers), (0, 0));
+        assert!(
+            report[1].message.as_deref().is_some_and(|m| m.contains("not one of fleet fleet-a"))
+        );
+        let stale: Vec<String> =
+            stale_pods(&assignments, &pods).iter().map(|p| p.name_any()).collect();
+        assert_eq!(stale, ["old-w0"]);
+    }
+}

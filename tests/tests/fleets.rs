@@ -1,0 +1,571 @@
+//! Remote fleets against real components: a hub and two fleets, each its own control plane
+//! (etcd, kube-apiserver, controller-manager, scheduler, KWOK GPU nodes), and the real Solana
+//! validator for a fleet's payouts. The hub admin applies
+//! each fleet's join objects (`gpumarket-fleet join`) and the chart's fleet-isolation policy; each
+//! fleet agent runs with its own cluster's client and a hub client holding only its join
+//! credential (a ServiceAccount token from the hub's TokenRequest API). The hub never gets a
+//! client of a fleet.
+//!
+//! The controller and the fleet agents run in-process (`gpumarket_controller::run`,
+//! `gpumarket_device_plugin::fleet::run`); stopping a fleet is dropping its task.
+// A failing expectation is meant to panic, in helpers as in tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use gpumarket_controller::settlement::{SettlementConfig, Settler};
+use gpumarket_controller::{Config, Settings};
+use gpumarket_crds::{
+    FLEET_NAMESPACE, GpuCluster, GpuFleet, GpuLease, GpuOffer, LeasePhase, fleet_offer_name,
+};
+use gpumarket_device_plugin::fleet::{self, FleetConfig, join::join_objects};
+use gpumarket_device_plugin::offer::Reserve;
+use gpumarket_tests::kwok::GpuNode;
+use gpumarket_tests::solana::read_keypair;
+use gpumarket_tests::{Env, EnvOptions, eventually};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use solana_sdk::signature::Signer;
+
+const WALLET_A: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
+const WALLET_B: &str = "9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin";
+const REGION: &str = "fleets";
+const HEARTBEAT: Duration = Duration::from_secs(2);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(8);
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A fleet: its own control plane and KWOK GPU nodes, and (while running) its agent.
+struct Fleet {
+    name: &'static str,
+    env: Env,
+    namespace: String,
+    /// Hub requests made with this fleet's credential.
+    hub_requests: Arc<AtomicU64>,
+    agent: Option<tokio::task::JoinHandle<()>>,
+    /// When the agent last started.
+    agent_started: Instant,
+}
+
+impl Fleet {
+    async fn start(name: &'static str, wallet: &str, region: &str, price: u64, hub: &Env) -> Fleet {
+        let keep_dir = std::env::var_os("GPUMARKET_KEEP_ENV").is_some_and(|v| v == "1");
+        let options = EnvOptions { keep_dir, ..EnvOptions::default() };
+        let env = Env::start(options).await.expect("a fleet control plane");
+        eprintln!("{name}: control plane in {}", env.dir().display());
+        env.add_gpu_nodes(&[GpuNode::new("gpu-1", "H100", 4).region(region)]).await.unwrap();
+        let namespace = env.namespace("gpumarket-workloads").await.unwrap();
+        apply(hub, &join_objects(name, wallet).unwrap());
+        let hub_requests = Arc::new(AtomicU64::new(0));
+        let mut fleet = Fleet {
+            name,
+            env,
+            namespace,
+            hub_requests,
+            agent: None,
+            agent_started: Instant::now(),
+        };
+        fleet.run(hub, price).await;
+        fleet
+    }
+
+    /// Starts the fleet's agent: this fleet's admin client and a hub client with the join
+    /// credential only.
+    async fn run(&mut self, hub: &Env, price: u64) {
+        let local = self.env.client().await.unwrap();
+        let credential = join_credential(hub, self.name, Some(self.hub_requests.clone())).await;
+        let config = FleetConfig {
+            name: self.name.into(),
+            prices: vec![format!("H100={price}")],
+            region: None,
+            zone: None,
+            heartbeat: HEARTBEAT,
+            workload_check: Duration::from_millis(500),
+            namespace: self.namespace.clone(),
+            reserve: Reserve::default(),
+        };
+        self.agent_started = Instant::now();
+        self.agent = Some(tokio::spawn(async move {
+            if let Err(e) = fleet::run(local, credential, config).await {
+                panic!("fleet agent stopped: {e}");
+            }
+        }));
+    }
+
+    fn stop(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.abort();
+        }
+    }
+
+    async fn workers(&self) -> Vec<Pod> {
+        let pods: Api<Pod> = Api::namespaced(self.env.client().await.unwrap(), &self.namespace);
+        pods.list(&ListParams::default()).await.unwrap().items
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = self.env.shutdown();
+    }
+}
+
+/// `kubectl apply` of `objects` on `env`.
+fn apply(env: &Env, objects: &[Value]) {
+    let yaml: String =
+        objects.iter().map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap())).collect();
+    let mut kubectl = env.tools().command("kubectl").unwrap();
+    kubectl.arg("--kubeconfig").arg(env.kubeconfig()).args(["apply", "--server-side", "-f", "-"]);
+    run_with_stdin(&mut kubectl, &yaml);
+}
+
+fn run_with_stdin(command: &mut Command, stdin: &str) -> String {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{command:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// The chart's fleet-isolation policy, as `helm template` renders it, applied on the hub.
+fn install_fleet_isolation(hub: &Env) {
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/gpumarket");
+    let mut helm = hub.tools().command("helm").unwrap();
+    helm.args(["template", "gpumarket"]).arg(chart).args([
+        "--namespace",
+        "gpumarket",
+        "--show-only",
+        "templates/fleet-isolation.yaml",
+    ]);
+    let rendered = run_with_stdin(&mut helm, "");
+    let objects: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .filter(|doc: &Value| !doc.is_null())
+        .collect();
+    assert_eq!(objects.len(), 2, "the policy and its binding");
+    apply(hub, &objects);
+}
+
+/// A hub client holding nothing but fleet `name`'s join credential (a ServiceAccount token),
+/// counting its requests into `counter`.
+async fn join_credential(hub: &Env, name: &str, counter: Option<Arc<AtomicU64>>) -> Client {
+    let admin = hub.client().await.unwrap();
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin, FLEET_NAMESPACE);
+    let request: TokenRequest = serde_json::from_value(json!({
+        "spec": {"audiences": [], "expirationSeconds": 3600}
+    }))
+    .unwrap();
+    let issued =
+        accounts.create_token_request(name, &PostParams::default(), &request).await.unwrap();
+    let token = issued.status.and_then(|s| s.token).expect("a token");
+    let kubeconfig = Kubeconfig::read_from(hub.kubeconfig()).unwrap();
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+    config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
+    let builder = kube::client::ClientBuilder::try_from(config).unwrap();
+    match counter {
+        None => builder.build(),
+        Some(counter) => builder
+            .with_layer(&tower::util::MapRequestLayer::new(move |request| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                request
+            }))
+            .build(),
+    }
+}
+
+fn gpu_cluster(name: &str, region: &str, gpus_per_worker: u32, buyer: &str) -> GpuCluster {
+    serde_json::from_value(json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuCluster",
+        "metadata": {"name": name},
+        "spec": {
+            "gpu": {"models": ["H100"]},
+            "workers": 1,
+            "gpusPerWorker": gpus_per_worker,
+            "duration": "1h",
+            "maxPricePerGpuHour": 5_000_000,
+            "location": {"region": region},
+            "payment": {"buyerWallet": buyer},
+        },
+    }))
+    .unwrap()
+}
+
+/// The status code of a refused request, and its message.
+fn refused<T: std::fmt::Debug>(what: &str, result: Result<T, kube::Error>) -> String {
+    match result {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "{what}: {status:?}");
+            status.message
+        }
+        other => panic!("{what}: expected Forbidden, got {other:?}"),
+    }
+}
+
+fn fleet_offer_manifest(fleet: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuOffer",
+        "metadata": {"name": name, "labels": {"gpumarket.io/fleet": fleet}},
+        "spec": {
+            "nodeName": name,
+            "wallet": WALLET_A,
+            "gpus": [{"uuid": "GPU-x-0", "model": "H100", "memoryMib": 81920}],
+            "pricePerGpuHour": 1,
+            "region": REGION,
+        },
+    })
+}
+
+/// Tests take turns: each runs its own hub controller, which watches the whole hub.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The hub's controller, in this test's runtime (settling through `settler`), until dropped.
+struct HubController(tokio::task::JoinHandle<()>);
+
+impl HubController {
+    fn start(client: &Client, settler: Option<Arc<Settler>>) -> HubController {
+        let config = Config {
+            settings: Settings {
+                heartbeat_timeout: HEARTBEAT_TIMEOUT,
+                orphan_grace: Duration::from_secs(2),
+                provisioning_timeout: Duration::from_secs(120),
+                // Fleets do not sign their offers yet: the hub trusts the fleet's confined
+                // credential and the wallet of its GpuFleet instead.
+                require_signed_offers: false,
+                ..Settings::default()
+            },
+            ..Config::default()
+        };
+        let client = client.clone();
+        HubController(tokio::spawn(async move {
+            let stopped = match settler {
+                Some(settler) => gpumarket_controller::run_settling(client, config, settler).await,
+                None => gpumarket_controller::run(client, config).await,
+            };
+            if let Err(e) = stopped {
+                panic!("controller stopped: {e}");
+            }
+        }))
+    }
+}
+
+impl Drop for HubController {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[tokio::test]
+async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined() {
+    let _turn = TURN.lock().await;
+    let hub = Env::shared().await;
+    let admin = hub.client().await.unwrap();
+    install_fleet_isolation(hub);
+    let _controller = HubController::start(&admin, None);
+
+    // Join: each fleet's GPU node is on the hub, as an offer of its own name and wallet. One
+    // fleet after the other: three control planes starting at once overload a small machine.
+    let offers: Api<GpuOffer> = Api::all(admin.clone());
+    let offer_a = fleet_offer_name("fleet-a", "gpu-1");
+    let offer_b = fleet_offer_name("fleet-b", "gpu-1");
+    let mut fleet_a = Fleet::start("fleet-a", WALLET_A, REGION, 2_000_000, hub).await;
+    let joined_a = offer_available(&offers, &offer_a, WALLET_A, fleet_a.agent_started).await;
+    let fleet_b = Fleet::start("fleet-b", WALLET_B, REGION, 3_000_000, hub).await;
+    let joined_b = offer_available(&offers, &offer_b, WALLET_B, fleet_b.agent_started).await;
+    let fleets: Api<GpuFleet> = Api::all(admin.clone());
+    eventually("fleet-a to be Joined", WAIT, || async {
+        let fleet = fleets.get("fleet-a").await.unwrap();
+        let status = fleet.status?;
+        let joined = status.conditions.iter().any(|c| c.type_ == "Joined" && c.status == "True");
+        (joined && status.offers == [offer_a.clone()]).then_some(())
+    })
+    .await;
+
+    // A GpuCluster on the hub runs in fleet A (the cheaper), its worker in fleet A's cluster.
+    let ns = hub.namespace("fleet-buyer").await.unwrap();
+    let clusters: Api<GpuCluster> = Api::namespaced(admin.clone(), &ns);
+    let applied = Instant::now();
+    clusters
+        .create(&PostParams::default(), &gpu_cluster("llm", REGION, 4, WALLET_A))
+        .await
+        .unwrap();
+    let leases: Api<GpuLease> = Api::all(admin.clone());
+    let lease = eventually("a lease on fleet A's offer", WAIT, || async {
+        leases.list(&ListParams::default()).await.unwrap().items.into_iter().find(|l| {
+            l.spec.cluster.namespace == ns
+                && l.spec.offer == offer_a
+                && l.spec.supplier_wallet == WALLET_A
+        })
+    })
+    .await;
+    let worker = eventually("the worker pod Running in fleet A", WAIT, || async {
+        fleet_a.workers().await.into_iter().find(|p| {
+            p.labels().get("gpumarket.io/lease") == Some(&lease.name_any())
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
+    })
+    .await;
+    let to_workers = applied.elapsed();
+    let spec = worker.spec.as_ref().unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some("gpu-1"));
+    let limits = spec.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits["nvidia.com/gpu"].0, "4");
+    assert!(fleet_b.workers().await.is_empty(), "nothing runs in fleet B");
+    eventually("the lease to serve from fleet A's report", WAIT, || async {
+        let lease = leases.get(&lease.name_any()).await.unwrap();
+        lease.status?.serving_since
+    })
+    .await;
+
+    // Confinement: fleet A's credential, against the hub's real API server.
+    let as_a = join_credential(hub, "fleet-a", None).await;
+    let fleets_a: Api<GpuFleet> = Api::all(as_a.clone());
+    let offers_a: Api<GpuOffer> = Api::all(as_a.clone());
+    let leases_a: Api<GpuLease> = Api::all(as_a.clone());
+    fleets_a.get("fleet-a").await.expect("its own GpuFleet");
+    refused("read fleet B's GpuFleet", fleets_a.get("fleet-b").await);
+    refused("list GpuFleets", fleets_a.list(&ListParams::default()).await);
+    refused("read fleet B's offer", offers_a.get(&offer_b).await);
+    refused("list offers", offers_a.list(&ListParams::default()).await);
+    refused("read its own lease", leases_a.get(&lease.name_any()).await);
+    refused("list leases", leases_a.list(&ListParams::default()).await);
+    refused(
+        "read the buyer's GpuCluster",
+        Api::<GpuCluster>::namespaced(as_a.clone(), &ns).get("llm").await,
+    );
+    let apply = PatchParams::apply("intruder").force();
+    // The policy is in force once its informer has it; RBAC alone would allow these writes.
+    let message =
+        eventually("the fleet-isolation policy to refuse fleet B's offer", WAIT, || async {
+            match offers_a
+                .patch(&offer_b, &apply, &Patch::Apply(fleet_offer_manifest("fleet-b", &offer_b)))
+                .await
+            {
+                Err(kube::Error::Api(status))
+                    if status.code == 403 && status.message.contains("fleet-isolation") =>
+                {
+                    Some(status.message)
+                }
+                _ => None,
+            }
+        })
+        .await;
+    assert!(message.contains("may write only its own GpuOffers"), "{message}");
+    let unlabelled = fleet_offer_manifest("fleet-b", "fleet-a.extra");
+    let message = refused(
+        "an offer of its name without its label",
+        offers_a.patch("fleet-a.extra", &apply, &Patch::Apply(&unlabelled)).await,
+    );
+    assert!(message.contains("must carry the label gpumarket.io/fleet=fleet-a"), "{message}");
+    let claim = json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuOffer",
+        "status": {"gpus": [{"uuid": "GPU-gpu-1-0", "lease": "stolen"}]},
+    });
+    let message = refused(
+        "allocate its own GPU",
+        offers_a.patch_status(&offer_a, &apply, &Patch::Apply(&claim)).await,
+    );
+    assert!(message.contains("written only by the gpumarket controller"), "{message}");
+    let assign = json!({"status": {"assignments": []}});
+    let message = refused(
+        "clear its own assignments",
+        fleets_a.patch_status("fleet-a", &PatchParams::default(), &Patch::Merge(&assign)).await,
+    );
+    assert!(message.contains("assignments are the hub's"), "{message}");
+    refused(
+        "report on fleet B",
+        fleets_a
+            .patch_status("fleet-b", &PatchParams::default(), &Patch::Merge(json!({"status": {}})))
+            .await,
+    );
+
+    // Steady state: the hub requests of fleet B's credential over a window.
+    let window = Duration::from_secs(20);
+    let before = fleet_b.hub_requests.load(Ordering::Relaxed);
+    tokio::time::sleep(window).await;
+    let per_minute = (fleet_b.hub_requests.load(Ordering::Relaxed) - before) as f64 * 60.0
+        / window.as_secs_f64();
+
+    // Fleet A goes silent: its lease ends as a supplier failure and the cluster is re-placed
+    // in fleet B, whole.
+    fleet_a.stop();
+    let stopped = Instant::now();
+    let ended = eventually("fleet A's lease to end as a supplier failure", WAIT, || async {
+        let lease = leases.get(&lease.name_any()).await.unwrap();
+        let status = lease.status?;
+        (status.phase == Some(LeasePhase::Ended)).then_some(status.end_reason)
+    })
+    .await;
+    assert_eq!(ended, Some(gpumarket_crds::EndReason::SupplierFailure));
+    let replaced = eventually("the worker re-placed in fleet B", WAIT, || async {
+        fleet_b
+            .workers()
+            .await
+            .into_iter()
+            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+    })
+    .await;
+    let replacement =
+        leases.get(replaced.labels().get("gpumarket.io/lease").unwrap()).await.unwrap();
+    assert_eq!(
+        (replacement.spec.offer.as_str(), replacement.spec.supplier_wallet.as_str()),
+        (offer_b.as_str(), WALLET_B)
+    );
+    let to_replaced = stopped.elapsed();
+    let events = hub_events(hub, &ns).await;
+    assert!(
+        events.iter().any(|e| e.contains("Replaced")),
+        "the buyer sees the re-placement: {events:?}"
+    );
+
+    println!(
+        "\nfleet figures (two fleets, one 4-GPU KWOK node each, heartbeat {HEARTBEAT:?}):\n\
+         - fleet agent start to its offer Available on the hub: {joined_a:.1?} (fleet A), {joined_b:.1?} (fleet B)\n\
+         - GpuCluster apply on the hub to its worker Running in fleet A: {to_workers:.1?}\n\
+         - fleet A stopped to the worker Running in fleet B: {to_replaced:.1?}\n\
+         - hub API requests of one fleet (1 node) at steady state: {per_minute:.0}/min at a {HEARTBEAT:?} heartbeat\n\
+           (offers + 1 GpuFleet report per heartbeat, plus one watch: {:.0}/min at the default 20s)",
+        per_minute * HEARTBEAT.as_secs_f64() / 20.0
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
+    let _turn = TURN.lock().await;
+    let hub = Env::shared().await;
+    let admin = hub.client().await.unwrap();
+    install_fleet_isolation(hub);
+    let sol = hub.solana().await.unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let keypair = keys.path().join("settlement.json");
+    sol.settlement_authority(&keypair).await.unwrap();
+    let mut config = SettlementConfig::new(
+        sol.rpc_url.clone(),
+        keypair,
+        sol.mint.to_string(),
+        Duration::from_secs(3),
+    );
+    config.poll_interval = Duration::from_secs(1);
+    config.heartbeat_timeout = HEARTBEAT_TIMEOUT;
+    let _controller = HubController::start(&admin, Some(Arc::new(Settler::new(config).unwrap())));
+
+    // 1000 base units per GPU-second, paid to the wallet of the fleet's GpuFleet.
+    let price = 3_600_000;
+    let fleet_wallet = read_keypair(&sol.suppliers[0]).unwrap().pubkey();
+    let fleet = Fleet::start("fleet-pay", &fleet_wallet.to_string(), "fleet-pay", price, hub).await;
+    offer_available(
+        &Api::all(admin.clone()),
+        &fleet_offer_name("fleet-pay", "gpu-1"),
+        &fleet_wallet.to_string(),
+        fleet.agent_started,
+    )
+    .await;
+
+    let ns = hub.namespace("fleet-payer").await.unwrap();
+    let clusters: Api<GpuCluster> = Api::namespaced(admin.clone(), &ns);
+    let buyer = read_keypair(&sol.buyer).unwrap();
+    let spec = gpu_cluster("paid", "fleet-pay", 2, &buyer.pubkey().to_string());
+    let created = clusters.create(&PostParams::default(), &spec).await.unwrap();
+    let escrow = eventually("the escrow recorded", WAIT, || async {
+        clusters
+            .get("paid")
+            .await
+            .ok()?
+            .status?
+            .escrow?
+            .account
+            .parse::<solana_sdk::pubkey::Pubkey>()
+            .ok()
+    })
+    .await;
+    let (buyer_before, fleet_before) =
+        (sol.balance(&buyer.pubkey()).await.unwrap(), sol.balance(&fleet_wallet).await.unwrap());
+    sol.transfer(&buyer, &escrow, 2 * price, Some("deposit")).await.unwrap();
+    let uid = created.uid().unwrap();
+    let leases: Api<GpuLease> = Api::all(admin.clone());
+    let served = eventually("the fleet's lease serving", WAIT, || async {
+        let lease = leases
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|l| l.spec.cluster.uid == uid)?;
+        lease.status.as_ref()?.serving_since.as_ref()?;
+        Some(lease)
+    })
+    .await;
+    assert_eq!(served.spec.supplier_wallet, fleet_wallet.to_string());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    clusters.delete("paid", &kube::api::DeleteParams::default()).await.unwrap();
+    eventually("the GpuCluster refunded and gone", Duration::from_secs(90), || async {
+        clusters.get_opt("paid").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let status = leases.get(&served.name_any()).await.unwrap().status.unwrap();
+    assert_eq!(status.phase, Some(LeasePhase::Settled), "{status:?}");
+    let paid = status.amount_settled.unwrap();
+    assert!(paid > 0);
+    assert_eq!(paid, status.served_gpu_seconds.unwrap() * 1000, "served time, to the base unit");
+    assert_eq!(
+        sol.balance(&fleet_wallet).await.unwrap() - fleet_before,
+        paid,
+        "paid to the fleet's wallet"
+    );
+    assert_eq!(buyer_before - sol.balance(&buyer.pubkey()).await.unwrap(), paid, "rest refunded");
+    eventually("the fleet to remove the worker of the ended lease", WAIT, || async {
+        fleet.workers().await.is_empty().then_some(())
+    })
+    .await;
+}
+
+/// Waits for `name` to be Available on the hub, paid to `wallet`, with the node's 4 GPUs; how
+/// long after `since` it was.
+async fn offer_available(
+    offers: &Api<GpuOffer>,
+    name: &str,
+    wallet: &str,
+    since: Instant,
+) -> Duration {
+    let published = eventually("the fleet's offer to be Available on the hub", WAIT, || async {
+        offers.get_opt(name).await.unwrap().filter(GpuOffer::is_available)
+    })
+    .await;
+    let elapsed = since.elapsed();
+    assert_eq!(published.spec.wallet, wallet);
+    assert_eq!(published.spec.gpus.len(), 4);
+    elapsed
+}
+
+/// The reasons and messages of the Events in `ns` on the hub.
+async fn hub_events(hub: &Env, ns: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(hub.client().await.unwrap(), ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| format!("{}: {}", e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
