@@ -129,12 +129,13 @@ fn main() {
     compare_with_optimum(&mut rng);
 }
 
-/// Total cost of both on the requests both matched, and how many each matched.
+/// Side by side: requests served (fill rate), GPUs placed (utilisation of the free GPUs) and
+/// cost, of all matched and of the requests both matched.
 fn compare_with_first_fit(offers: &[Offer], requests: &[Request], ours: &[(String, Outcome)]) {
     let baseline = first_fit(offers, requests);
     let (mut ours_cost, mut baseline_cost, mut both) = (0u64, 0u64, 0usize);
     for ((key, outcome), (baseline_key, baseline_outcome)) in ours.iter().zip(&baseline) {
-        assert_eq!(key, baseline_key, "both serve requests oldest first");
+        assert_eq!(key, baseline_key, "both list requests oldest first");
         if let (Outcome::Matched(a), Some(b)) = (outcome, baseline_outcome) {
             ours_cost += a.hourly_cost();
             baseline_cost += b.hourly_cost();
@@ -149,25 +150,45 @@ fn compare_with_first_fit(offers: &[Offer], requests: &[Request], ours: &[(Strin
         })
         .collect();
     let baseline_all: Vec<&Assignment> = baseline.iter().filter_map(|(_, b)| b.as_ref()).collect();
+    let free: usize = offers.iter().map(|o| o.free_gpus.len()).sum();
+    let wanted: u64 = requests.iter().map(|r| u64::from(r.workers * r.gpus_per_worker)).sum();
+    let row = |name: &str, ours: String, first_fit: String| {
+        println!("  {name:<34} {ours:>18} {first_fit:>18}");
+    };
+    println!("vs first fit, same mix ({free} free GPUs, {wanted} GPUs asked):");
+    row("", "gpumarket".into(), "first fit".into());
+    let served = |n: usize| format!("{n} ({:.1}%)", 100.0 * n as f64 / requests.len() as f64);
+    row("requests served (fill rate)", served(ours_all.len()), served(baseline_all.len()));
+    let placed = |a: &[&Assignment]| {
+        let gpus = gpus(a);
+        format!("{gpus} ({:.1}%)", 100.0 * gpus as f64 / free as f64)
+    };
+    row("GPUs placed (utilisation)", placed(&ours_all), placed(&baseline_all));
+    let cost = |a: &[&Assignment]| {
+        format!("{:.2}/h", a.iter().map(|a| a.hourly_cost()).sum::<u64>() as f64 / DOLLAR)
+    };
+    row("cost of all matched", cost(&ours_all), cost(&baseline_all));
+    let per_gpu = |a: &[&Assignment]| format!("{:.4}/h", mean_gpu_price(a));
+    row("mean price per GPU-hour", per_gpu(&ours_all), per_gpu(&baseline_all));
+    row(
+        &format!("cost of the {both} both matched"),
+        format!("{:.2}/h", ours_cost as f64 / DOLLAR),
+        format!("{:.2}/h", baseline_cost as f64 / DOLLAR),
+    );
     println!(
-        "vs first fit: on the {both} requests both matched {:.2}/h vs {:.2}/h: {:.1}% cheaper",
-        ours_cost as f64 / DOLLAR,
-        baseline_cost as f64 / DOLLAR,
+        "  gpumarket {:.1}% cheaper per GPU-hour, {:.1}% cheaper on the requests both matched",
+        100.0 * (1.0 - mean_gpu_price(&ours_all) / mean_gpu_price(&baseline_all)),
         100.0 * (1.0 - ours_cost as f64 / baseline_cost as f64)
     );
-    println!(
-        "  requests matched: {} vs {}; mean price per matched GPU-hour: {:.4} vs {:.4}",
-        ours_all.len(),
-        baseline_all.len(),
-        mean_gpu_price(&ours_all),
-        mean_gpu_price(&baseline_all)
-    );
+}
+
+fn gpus(assignments: &[&Assignment]) -> usize {
+    assignments.iter().flat_map(|a| &a.workers).map(|w| w.gpus.len()).sum()
 }
 
 fn mean_gpu_price(assignments: &[&Assignment]) -> f64 {
     let cost: u64 = assignments.iter().map(|a| a.hourly_cost()).sum();
-    let gpus: usize = assignments.iter().flat_map(|a| &a.workers).map(|w| w.gpus.len()).sum();
-    cost as f64 / DOLLAR / gpus as f64
+    cost as f64 / DOLLAR / gpus(assignments) as f64
 }
 
 /// The baseline (see the module documentation).
@@ -204,12 +225,14 @@ fn first_fit(offers: &[Offer], requests: &[Request]) -> Vec<(String, Option<Assi
         .collect()
 }
 
-/// On small instances where requests compete: our costs against the best in age order (the
-/// engine's own rule, see `brute_force::best_in_age_order`) and against the cheapest way to
-/// serve the same requests with no regard to age.
+/// On small instances where requests compete: what we serve against the best in strict age
+/// order (`brute_force::best_in_age_order`, no request going ahead of an older one), and what
+/// fairness costs: our total against the cheapest way to serve the same requests with no regard
+/// to age (mean over the instances, and the worst).
 fn compare_with_optimum(rng: &mut StdRng) {
     let instances = 300;
     let (mut in_order_exact, mut ours_total, mut joint_total, mut worst) = (0, 0u64, 0u64, 0.0f64);
+    let (mut ours_served, mut in_order_served, mut excess_sum) = (0usize, 0usize, 0.0f64);
     for _ in 0..instances {
         let offers: Vec<Offer> = (0..6)
             .map(|i| {
@@ -242,9 +265,10 @@ fn compare_with_optimum(rng: &mut StdRng) {
                 Outcome::Unmatched(_) => None,
             })
             .collect();
-        if costs == brute_force::best_in_age_order(&offers, &requests) {
-            in_order_exact += 1;
-        }
+        let in_order = brute_force::best_in_age_order(&offers, &requests);
+        in_order_exact += usize::from(costs == in_order);
+        ours_served += costs.iter().flatten().count();
+        in_order_served += in_order.iter().flatten().count();
         let served: Vec<Request> = results
             .iter()
             .filter(|(_, o)| matches!(o, Outcome::Matched(_)))
@@ -255,14 +279,19 @@ fn compare_with_optimum(rng: &mut StdRng) {
         ours_total += ours;
         joint_total += joint;
         if joint > 0 {
-            worst = worst.max(ours as f64 / joint as f64 - 1.0);
+            let excess = ours as f64 / joint as f64 - 1.0;
+            worst = worst.max(excess);
+            excess_sum += excess;
         }
     }
     println!(
         "vs brute force on {instances} small instances (6 offers, 3 competing requests): \
-         {in_order_exact} exactly the best in age order; vs the cheapest joint assignment of the \
-         same requests, ignoring age: {:.2}% above in total, worst {:.1}%",
+         {ours_served} requests served vs {in_order_served} by the best in strict age order \
+         ({in_order_exact} instances exactly that); fairness cost, against the cheapest joint \
+         assignment of the same requests ignoring age: {:.2}% in total, {:.2}% mean per \
+         instance, worst {:.1}%",
         100.0 * (ours_total as f64 / joint_total as f64 - 1.0),
+        100.0 * excess_sum / instances as f64,
         100.0 * worst
     );
 }

@@ -1,6 +1,15 @@
 //! Matching over a standing market: a pass over all pending requests, oldest first with
 //! backfill, and quotes for requests not applied yet against what the pass left.
 //!
+//! Promotion: taking the cheapest GPUs oldest first leaves buyers with a low price limit
+//! unserved once older buyers with higher limits took the cheap supply, while a market that
+//! placed them first would serve both. So a request that does not fit on what older ones left
+//! is tried ahead of them: placed first, then every request matched so far again in the same
+//! order, each on its cheapest gang. If all of them still get a complete gang, that placement
+//! stands (the older ones may pay more, never above their own price limit); else nothing
+//! changes. An older request never loses its match to a younger one this way; what fairness
+//! costs in price is what the matching bench prints.
+//!
 //! Anti-starvation: backfill alone lets a stream of small requests take every GPU that frees up
 //! while an old large request waits for enough of them to be free at once. So the oldest
 //! unmatched request that has waited [`HoldPolicy::after_secs`] holds the free GPUs it could use
@@ -59,33 +68,96 @@ impl<'a> Market<'a> {
     }
 
     /// Match every request, oldest first (then by key); a request that cannot be matched does
-    /// not stop younger ones that can (backfill), within the hold rule. GPUs matched are taken
-    /// from the market; any earlier hold is replaced by this pass's.
+    /// not stop younger ones that can (backfill), within the hold rule. A request that does not
+    /// fit on what older ones took is placed ahead of them when every one of them still fits
+    /// after it (see [`Market::promote`]); what such moves free is offered again, oldest first,
+    /// to the requests still unmatched at the end. GPUs matched are taken from the market; any
+    /// earlier hold is replaced by this pass's.
     pub fn match_all(&mut self, requests: &[Request], hold: HoldPolicy) -> Vec<(String, Outcome)> {
         self.release_hold();
         let mut order: Vec<&Request> = requests.iter().collect();
         order.sort_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)));
-        order
-            .into_iter()
-            .map(|request| {
-                let outcome = match self.select(request) {
-                    Err(invalid) => Outcome::Unmatched(Explanation::Invalid(invalid)),
-                    Ok(Selection::Complete(picks)) => {
-                        let assignment = self.assignment(request, &picks);
-                        self.take(request, &picks);
-                        Outcome::Matched(assignment)
+        let before: Vec<u32> = self.index.entries.iter().map(|e| e.taken).collect();
+        // Positions in `order` of the matched requests, in the order their GPUs were taken.
+        let mut placed: Vec<usize> = Vec::new();
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(order.len());
+        let mut promoted = false;
+        for (at, request) in order.iter().enumerate() {
+            match self.select(request) {
+                Err(invalid) => outcomes.push(Outcome::Unmatched(Explanation::Invalid(invalid))),
+                Ok(Selection::Complete(picks)) => {
+                    outcomes.push(Outcome::Matched(self.assignment(request, &picks)));
+                    self.take(request, &picks);
+                    placed.push(at);
+                }
+                Ok(Selection::Partial(picks)) => {
+                    outcomes.push(Outcome::Unmatched(Explanation::Short(Box::new(
+                        self.shortage(request),
+                    ))));
+                    if self.holder.is_some() {
+                        continue;
                     }
-                    Ok(Selection::Partial(picks)) => {
-                        let why = self.shortage(request);
-                        if self.holder.is_none() && hold.may_hold(request) {
-                            self.hold(request, &picks);
-                        }
-                        Outcome::Unmatched(Explanation::Short(Box::new(why)))
+                    let ahead: Vec<usize> =
+                        std::iter::once(at).chain(placed.iter().copied()).collect();
+                    if self.promote(&order, &ahead, &before, &mut outcomes) {
+                        placed = ahead;
+                        promoted = true;
+                    } else if hold.may_hold(request) {
+                        self.hold(request, &picks);
                     }
-                };
-                (request.key.clone(), outcome)
-            })
-            .collect()
+                }
+            }
+        }
+        // Promotions move older requests onto other GPUs, which may free some that a request
+        // left unmatched in its turn can use.
+        if promoted {
+            for (request, outcome) in order.iter().zip(&mut outcomes) {
+                if !matches!(outcome, Outcome::Unmatched(Explanation::Short(_))) {
+                    continue;
+                }
+                if let Ok(Selection::Complete(picks)) = self.select(request) {
+                    *outcome = Outcome::Matched(self.assignment(request, &picks));
+                    self.take(request, &picks);
+                }
+            }
+        }
+        order.iter().map(|r| r.key.clone()).zip(outcomes).collect()
+    }
+
+    /// Place the requests at the positions `ahead` of `order` again, in that order, from the
+    /// market as it was before the pass (`before`: GPUs taken per entry). When every one gets a
+    /// complete gang, their outcomes become those gangs and the market keeps the new placement;
+    /// otherwise nothing changes. Each still gets the cheapest gang on what those placed ahead
+    /// of it left, within its own constraints and price limit.
+    fn promote(
+        &mut self,
+        order: &[&Request],
+        ahead: &[usize],
+        before: &[u32],
+        outcomes: &mut [Outcome],
+    ) -> bool {
+        let current: Vec<u32> = self.index.entries.iter().map(|e| e.taken).collect();
+        self.set_taken(before);
+        let mut gangs = Vec::with_capacity(ahead.len());
+        for &at in ahead {
+            let request = order[at];
+            let Ok(Selection::Complete(picks)) = self.select(request) else {
+                self.set_taken(&current);
+                return false;
+            };
+            gangs.push((at, Outcome::Matched(self.assignment(request, &picks))));
+            self.take(request, &picks);
+        }
+        for (at, outcome) in gangs {
+            outcomes[at] = outcome;
+        }
+        true
+    }
+
+    fn set_taken(&mut self, taken: &[u32]) {
+        for (entry, &t) in self.index.entries.iter_mut().zip(taken) {
+            entry.taken = t;
+        }
     }
 
     /// What the request would get now, without taking anything: the cheapest complete gang on
@@ -227,9 +299,10 @@ pub fn match_all(
     Market::new(offers).match_all(requests, hold)
 }
 
-/// What `request` gets in its turn: every request of `queue` older than it (oldest first, then
-/// by key) is served first, with backfill and the hold rule as in [`Market::match_all`]; younger
-/// ones come after it and do not change its outcome. `request` need not be in `queue`.
+/// What `request` gets in its turn: the pass of [`Market::match_all`] over it and every request
+/// of `queue` older than it (oldest first, then by key; with backfill, promotion and the hold
+/// rule); younger ones come after it and do not change its outcome. `request` need not be in
+/// `queue`.
 pub fn match_in_turn(
     offers: &[Offer],
     queue: &[Request],
@@ -237,10 +310,11 @@ pub fn match_in_turn(
     hold: HoldPolicy,
 ) -> Outcome {
     let turn = |r: &Request| (r.created, r.key.clone());
-    let older: Vec<Request> = queue.iter().filter(|r| turn(r) < turn(request)).cloned().collect();
-    let mut market = Market::new(offers);
-    market.match_all(&older, hold);
-    market.quote(request)
+    let mut older: Vec<Request> =
+        queue.iter().filter(|r| turn(r) < turn(request)).cloned().collect();
+    older.push(request.clone());
+    let mut results = Market::new(offers).match_all(&older, hold);
+    results.pop().map(|(_, outcome)| outcome).unwrap_or_else(|| quote(offers, request))
 }
 
 /// What the request would get on these offers now (see [`Market::quote`]).

@@ -370,6 +370,26 @@ fn younger_requests_backfill_behind_one_that_cannot_be_matched() {
 }
 
 #[test]
+fn a_request_that_fits_only_ahead_of_older_ones_goes_ahead_when_they_all_still_fit() {
+    let offers =
+        vec![mk_offer("cheap", "A100", 4, DOLLAR), mk_offer("dear", "A100", 4, 2 * DOLLAR)];
+    let rich = Request { created: 10, ..mk_request("ns/rich", 1, 4, 2 * DOLLAR) };
+    let frugal = Request { created: 20, ..mk_request("ns/frugal", 1, 4, DOLLAR) };
+    let results = match_all(&offers, &[rich.clone(), frugal.clone()], no_hold());
+    assert_eq!(nodes(matched(&results[0].1)), vec![("dear", 1)]);
+    assert_eq!(nodes(matched(&results[1].1)), vec![("cheap", 1)]);
+    assert_eq!(
+        nodes(matched(&match_in_turn(&offers, std::slice::from_ref(&rich), &frugal, no_hold()))),
+        vec![("cheap", 1)]
+    );
+    // Not when the older request would lose its match: it keeps the cheap GPUs.
+    let only_cheap = vec![offers[0].clone()];
+    let results = match_all(&only_cheap, &[rich, frugal], no_hold());
+    assert_eq!(nodes(matched(&results[0].1)), vec![("cheap", 1)]);
+    shortage(&results[1].1);
+}
+
+#[test]
 fn in_its_turn_a_request_gets_what_older_ones_leave_whoever_asks_first() {
     let offers = vec![mk_offer("a", "A100", 4, DOLLAR), mk_offer("b", "A100", 2, DOLLAR)];
     let old = Request { created: 10, ..mk_request("ns/old", 1, 4, DOLLAR) };
@@ -632,21 +652,55 @@ proptest! {
     }
 
     #[test]
-    fn each_request_of_a_pass_is_as_cheap_as_what_older_ones_left_allows(
+    fn no_request_could_do_better_on_what_a_pass_leaves_free(
         offers in arb_offers(),
         requests in arb_requests(),
     ) {
         let results = match_all(&offers, &requests, no_hold());
+        let taken: HashSet<&String> = results
+            .iter()
+            .filter_map(|(_, outcome)| match outcome {
+                Outcome::Matched(a) => Some(a.workers.iter().flat_map(|w| &w.gpus)),
+                Outcome::Unmatched(_) => None,
+            })
+            .flatten()
+            .collect();
+        for (key, outcome) in &results {
+            let request = requests.iter().find(|r| r.key == *key).expect("known key");
+            // What is free after the pass, plus the request's own GPUs.
+            let own: HashSet<&String> = match outcome {
+                Outcome::Matched(a) => a.workers.iter().flat_map(|w| &w.gpus).collect(),
+                Outcome::Unmatched(_) => HashSet::new(),
+            };
+            let mut left = offers.clone();
+            left.iter_mut()
+                .for_each(|o| o.free_gpus.retain(|g| own.contains(g) || !taken.contains(g)));
+            match outcome {
+                Outcome::Matched(_) => prop_assert_optimal(outcome, &left, request)?,
+                Outcome::Unmatched(Explanation::Short(_)) => {
+                    prop_assert_eq!(best_gang(&left, request), None, "{} left unmatched", key);
+                }
+                Outcome::Unmatched(Explanation::Invalid(_)) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_younger_request_goes_ahead_only_when_every_older_one_still_fits(
+        offers in arb_offers(),
+        requests in arb_requests(),
+    ) {
+        // Matched in age order alone means matched in the pass: promotions never cost an older
+        // request its match.
+        let results = match_all(&offers, &requests, no_hold());
         let mut age_order = requests.clone();
         age_order.sort_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)));
-        let mut left = offers.clone();
-        for ((key, outcome), request) in results.iter().zip(&age_order) {
-            prop_assert_eq!(key, &request.key);
-            prop_assert_optimal(outcome, &left, request)?;
-            if let Outcome::Matched(assignment) = outcome {
-                let taken: HashSet<&String> = assignment.workers.iter().flat_map(|w| &w.gpus).collect();
-                left.iter_mut().for_each(|o| o.free_gpus.retain(|g| !taken.contains(g)));
-            }
+        for (at, request) in age_order.iter().enumerate() {
+            let Outcome::Matched(_) = match_all(&offers, &age_order[..=at], no_hold())[at].1 else {
+                continue;
+            };
+            let (_, outcome) = results.iter().find(|(k, _)| *k == request.key).expect("known key");
+            prop_assert!(matches!(outcome, Outcome::Matched(_)), "{} lost its match", request.key);
         }
     }
 
