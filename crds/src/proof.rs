@@ -73,6 +73,7 @@ pub struct ProductSize {
 pub struct RowPick {
     #[schemars(length(max = 128))]
     pub uuid: String,
+    #[schemars(range(max = 4095))]
     pub row: u32,
 }
 
@@ -124,12 +125,13 @@ pub struct Commitment {
 pub struct RevealedRow {
     #[schemars(length(max = 128))]
     pub uuid: String,
+    #[schemars(range(max = 4095))]
     pub row: u32,
     /// The row's entries, 4 hex digits each.
     #[schemars(length(max = 16384))]
     pub values: String,
     /// Sibling hashes from the leaf up (64 hex digits each; a level without one is skipped).
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 16), inner(length(max = 64)))]
     pub proof: Vec<String>,
 }
 
