@@ -1268,7 +1268,7 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
         ),
         (
             json!({"status": {"conditions": [{"type": "ComputeVerified", "status": "True", "reason": "Verified", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}),
-            "the ComputeVerified condition of a GpuOffer is the gpumarket controller's verdict",
+            "status.conditions of a GpuOffer (Available, Verified, ComputeVerified) are written only by the gpumarket controller",
         ),
     ];
     for (patch, expected) in forbidden {

@@ -377,7 +377,7 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     assert!(message.contains("must carry the label gpumarket.io/fleet=fleet-a"), "{message}");
     let claim = json!({
         "apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuOffer",
-        "status": {"gpus": [{"uuid": "GPU-gpu-1-0", "lease": "stolen"}]},
+        "status": {"gpus": [{"uuid": "GPU-fleet-a-gpu-1-0", "lease": "stolen"}]},
     });
     let message = refused(
         "allocate its own GPU",

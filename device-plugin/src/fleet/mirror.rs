@@ -1,7 +1,9 @@
 //! A fleet node as a GpuOffer on the hub: its GPUs from the node's allocatable `nvidia.com/gpu`
 //! and its model and memory from labels (NVIDIA's GPU feature discovery, or gpumarket's own).
 //! The fleet's device plugin (NVIDIA's, or a DRA driver) hands out the GPUs, so the offer is
-//! offer-only and its GPUs are slots `GPU-<node>-<i>`: the fleet's scheduler picks the devices.
+//! offer-only and its GPUs are slots `GPU-<fleet>-<node>-<i>`: the fleet's scheduler picks the
+//! devices. The fleet is in the name because node names repeat across fleets, and the market
+//! quarantines a GPU that two offers list.
 
 use gpumarket_crds::common::GPU_RESOURCE;
 use gpumarket_crds::{FLEET_LABEL, GpuHealth, OfferMode, fleet_offer_name};
@@ -39,8 +41,8 @@ pub enum SkipReason {
     Config(#[from] ConfigError),
 }
 
-/// The node's GPUs as an inventory of slots.
-pub fn node_inventory(node: &Node) -> Result<Inventory, SkipReason> {
+/// The node's GPUs as an inventory of slots of `fleet`.
+pub fn node_inventory(fleet: &str, node: &Node) -> Result<Inventory, SkipReason> {
     let count = node
         .status
         .as_ref()
@@ -63,8 +65,7 @@ pub fn node_inventory(node: &Node) -> Result<Inventory, SkipReason> {
         .find_map(|key| labels.get(*key)?.parse::<u64>().ok())
         .filter(|m| *m > 0 && *m <= gpumarket_crds::common::MAX_GPU_MEMORY_MIB)
         .ok_or(SkipReason::NoMemory)?;
-    let slot: String = node
-        .name_any()
+    let slot: String = fleet_offer_name(fleet, &node.name_any())
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .take(100)
@@ -90,7 +91,7 @@ pub fn fleet_offer(
     node: &Node,
     reserve: Reserve,
 ) -> Result<(Value, Inventory), SkipReason> {
-    let inventory = node_inventory(node)?;
+    let inventory = node_inventory(fleet, node)?;
     let (region, zone) = resolve_location(supplier, node)?;
     let settings = OfferSettings {
         node_name: fleet_offer_name(fleet, &node.name_any()),
@@ -179,12 +180,12 @@ mod tests {
             offer.spec.gpus,
             vec![
                 OfferedGpu {
-                    uuid: "GPU-gpu-7-dc1-0".into(),
+                    uuid: "GPU-fleet-a-gpu-7-dc1-0".into(),
                     model: "H100".into(),
                     memory_mib: 81_559
                 },
                 OfferedGpu {
-                    uuid: "GPU-gpu-7-dc1-1".into(),
+                    uuid: "GPU-fleet-a-gpu-7-dc1-1".into(),
                     model: "H100".into(),
                     memory_mib: 81_559
                 },
@@ -218,7 +219,7 @@ mod tests {
             "1",
             false,
         );
-        let inventory = node_inventory(&node).expect("inventory");
+        let inventory = node_inventory("fleet-a", &node).expect("inventory");
         let health = node_health(&node, &inventory);
         assert_eq!(health[0].health, GpuHealth::Unhealthy);
         assert!(health[0].reason.as_deref().is_some_and(|r| r.contains("not Ready")));
