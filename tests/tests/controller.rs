@@ -16,6 +16,8 @@
 // A failing expectation is meant to panic, in helpers as in tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +40,7 @@ use kube::api::{
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use solana_sdk::signature::{Keypair, Signer};
+use support::InProcessController;
 use tokio::sync::{Mutex, MutexGuard};
 
 const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
@@ -57,7 +60,9 @@ async fn setup(namespace: &str) -> (MutexGuard<'static, ()>, &'static Env, Clien
 }
 
 /// A controller replica running in this test's runtime; stopped when dropped.
-struct Controller(tokio::task::JoinHandle<()>);
+struct Controller {
+    _replica: InProcessController,
+}
 
 impl Controller {
     fn start(client: &Client) -> Self {
@@ -84,22 +89,7 @@ impl Controller {
             },
             ..Config::default()
         };
-        let client = client.clone();
-        Controller(tokio::spawn(async move {
-            let stopped = match settler {
-                Some(settler) => gpumarket_controller::run_settling(client, config, settler).await,
-                None => gpumarket_controller::run(client, config).await,
-            };
-            if let Err(e) = stopped {
-                panic!("controller stopped: {e}");
-            }
-        }))
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.0.abort();
+        Controller { _replica: InProcessController::start(client, config, settler) }
     }
 }
 

@@ -11,6 +11,8 @@
 // A failing expectation is meant to panic, in helpers as in tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -34,6 +36,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use solana_sdk::signature::Signer;
+use support::InProcessController;
 
 const WALLET_A: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
 const WALLET_B: &str = "9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin";
@@ -238,39 +241,20 @@ fn fleet_offer_manifest(fleet: &str, name: &str) -> Value {
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The hub's controller, in this test's runtime (settling through `settler`), until dropped.
-struct HubController(tokio::task::JoinHandle<()>);
-
-impl HubController {
-    fn start(client: &Client, settler: Option<Arc<Settler>>) -> HubController {
-        let config = Config {
-            settings: Settings {
-                heartbeat_timeout: HEARTBEAT_TIMEOUT,
-                orphan_grace: Duration::from_secs(2),
-                provisioning_timeout: Duration::from_secs(120),
-                // Fleets do not sign their offers yet: the hub trusts the fleet's confined
-                // credential and the wallet of its GpuFleet instead.
-                require_signed_offers: false,
-                ..Settings::default()
-            },
-            ..Config::default()
-        };
-        let client = client.clone();
-        HubController(tokio::spawn(async move {
-            let stopped = match settler {
-                Some(settler) => gpumarket_controller::run_settling(client, config, settler).await,
-                None => gpumarket_controller::run(client, config).await,
-            };
-            if let Err(e) = stopped {
-                panic!("controller stopped: {e}");
-            }
-        }))
-    }
-}
-
-impl Drop for HubController {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+fn start_hub_controller(client: &Client, settler: Option<Arc<Settler>>) -> InProcessController {
+    let config = Config {
+        settings: Settings {
+            heartbeat_timeout: HEARTBEAT_TIMEOUT,
+            orphan_grace: Duration::from_secs(2),
+            provisioning_timeout: Duration::from_secs(120),
+            // Fleets do not sign their offers yet: the hub trusts the fleet's confined
+            // credential and the wallet of its GpuFleet instead.
+            require_signed_offers: false,
+            ..Settings::default()
+        },
+        ..Config::default()
+    };
+    InProcessController::start(client, config, settler)
 }
 
 #[tokio::test]
@@ -279,7 +263,7 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     let hub = Env::shared().await;
     let admin = hub.client().await.unwrap();
     install_fleet_isolation(hub);
-    let _controller = HubController::start(&admin, None);
+    let _controller = start_hub_controller(&admin, None);
 
     // Join: each fleet's GPU node is on the hub, as an offer of its own name and wallet. One
     // fleet after the other: three control planes starting at once overload a small machine.
@@ -465,7 +449,7 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
     );
     config.poll_interval = Duration::from_secs(1);
     config.heartbeat_timeout = HEARTBEAT_TIMEOUT;
-    let _controller = HubController::start(&admin, Some(Arc::new(Settler::new(config).unwrap())));
+    let _controller = start_hub_controller(&admin, Some(Arc::new(Settler::new(config).unwrap())));
 
     // 1000 base units per GPU-second, paid to the wallet of the fleet's GpuFleet.
     let price = 3_600_000;
