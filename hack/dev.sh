@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # gpumarket's two entry points, for a fresh machine or a warm one:
-#   hack/dev.sh demo   the local environment (control plane, KWOK GPU nodes, Solana validator),
-#                      simulated suppliers and the controller; runs until Ctrl-C
+#   hack/dev.sh demo   the local environment (control plane, a real node, KWOK GPU nodes, Solana
+#                      validator), the chart on the real node, simulated suppliers, a buyer's
+#                      Ray cluster running and a first job on it; runs until Ctrl-C (needs root)
 #   hack/dev.sh test   the whole test suite (what .ci/run calls)
 # Everything slow is cached outside the checkout under ${GPUMARKET_CACHE:-~/.cache/gpumarket}:
 # Kubernetes tools (hack/tools/build.sh), the validator (hack/solana-validator/build.sh) and
@@ -70,6 +71,8 @@ case "${1:-}" in
     prepare
     step "building gpumarket"
     cargo build --release --bins
+    step "container images (controller, agent, Ray from PyPI; ~25 min cold, cached)"
+    hack/images/build.sh pause controller agent ray >/dev/null
     step "starting the local environment (Ctrl-C stops it and cleans up)"
     exec "$CARGO_TARGET_DIR/release/gpumarket-env" up --demo "$@"
     ;;

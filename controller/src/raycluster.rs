@@ -22,6 +22,20 @@ pub const CLUSTER_LABEL: &str = "gpumarket.io/cluster";
 pub const LEASE_ANNOTATION: &str = "gpumarket.io/lease";
 /// Port of the Ray dashboard on the head service.
 pub const DASHBOARD_PORT: u16 = 8265;
+/// Init container of every Ray pod that fails, saying so, when the image's Ray is not
+/// `spec.ray.version`: before the pod serves, so before its GPUs are billed.
+pub const VERSION_CHECK: &str = "ray-version-check";
+/// Reads the installed package's metadata (without importing Ray: fast) and exits with a
+/// message for the buyer; the version asked comes as an argument, never as code.
+const VERSION_CHECK_SCRIPT: &str = r#"import importlib.metadata as m, sys
+want = sys.argv[1]
+try:
+    have = m.version("ray")
+except m.PackageNotFoundError:
+    sys.exit(f"the image has no Ray; spec.ray.version asks {want}: set spec.ray.image to an image with Ray {want}")
+if have != want:
+    sys.exit(f"the image has Ray {have}; spec.ray.version asks {want}: set spec.ray.version to {have} or spec.ray.image to an image with Ray {want}")
+"#;
 
 /// `ray.io/v1` `RayCluster`.
 pub fn api_resource() -> ApiResource {
@@ -89,6 +103,7 @@ pub fn build_ray_cluster(
         with_gpus(ray.head_resources.clone().unwrap_or_else(default_head_resources), 0);
     let mut head_pod = json!({
         "automountServiceAccountToken": false,
+        "initContainers": [version_check(&image, &ray.version, &head_resources)?],
         "containers": [{
             "name": "ray-head",
             "image": image,
@@ -149,6 +164,7 @@ pub fn build_ray_cluster(
                             }]}],
                         }}},
                         "tolerations": [supplier_toleration()],
+                        "initContainers": [version_check(&image, &ray.version, &resources)?],
                         "containers": [{
                             "name": "ray-worker",
                             "image": image,
@@ -202,6 +218,20 @@ pub fn is_ready(ray_cluster: &Value) -> bool {
         })
     };
     condition_true("HeadPodReady") && condition_true("RayClusterProvisioned")
+}
+
+/// The [`VERSION_CHECK`] init container of a pod whose Ray container has `resources`: the same
+/// CPU and memory (the pod's QoS class stays), never a GPU.
+fn version_check(image: &str, version: &str, resources: &ResourceRequirements) -> Result<Value> {
+    let resources = with_gpus(resources.clone(), 0);
+    Ok(json!({
+        "name": VERSION_CHECK,
+        "image": image,
+        "command": ["python", "-c", VERSION_CHECK_SCRIPT, version],
+        "resources": to_value(&resources, "version check resources")?,
+        // The script's exit message becomes the container's termination message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }))
 }
 
 fn supplier_toleration() -> Value {
@@ -306,6 +336,32 @@ mod tests {
         }
         assert_eq!(rc["metadata"]["ownerReferences"][0]["kind"], "GpuCluster");
         assert_eq!(rc["metadata"]["ownerReferences"][0]["controller"], true);
+    }
+
+    /// Every Ray pod first checks that the image's Ray is the spec's, with its container's CPU
+    /// and memory (the pod's QoS class stays) and never a GPU; the version is an argument.
+    #[test]
+    fn every_pod_checks_the_images_ray_version_first_without_a_gpu() {
+        let mut cluster = mk_cluster("train", 1, 2);
+        cluster.spec.ray.version = "2.9.3".into();
+        let lease = mk_lease(&cluster, "node-a", &["g1", "g2"], 1);
+        let rc = build_ray_cluster(&cluster, &[&lease], &HeadPlacement::default()).expect("builds");
+        let head = &rc["spec"]["headGroupSpec"]["template"]["spec"];
+        let worker = &rc["spec"]["workerGroupSpecs"][0]["template"]["spec"];
+        for pod in [head, worker] {
+            let check = &pod["initContainers"][0];
+            assert_eq!(check["name"], VERSION_CHECK);
+            assert_eq!(check["image"], pod["containers"][0]["image"]);
+            assert_eq!(check["command"][3], "2.9.3");
+            let mut main = pod["containers"][0]["resources"].clone();
+            for list in ["requests", "limits"] {
+                if let Some(map) = main[list].as_object_mut() {
+                    map.remove(GPU_RESOURCE);
+                }
+            }
+            assert_eq!(check["resources"], main, "{pod}");
+        }
+        assert_eq!(worker["containers"][0]["resources"]["limits"][GPU_RESOURCE], "2");
     }
 
     /// The operator's placement goes to the head only: workers stay pinned to their leases.

@@ -120,6 +120,9 @@ pub enum EndReason {
     /// Its workers were not Ready on the supplier's node within the provisioning timeout: a
     /// supplier failure, never billed.
     NotServing,
+    /// The buyer's Ray pods could not start before serving (an image the head cannot get, an
+    /// image without the spec's Ray version): the buyer's to fix, never billed.
+    WorkloadFailed,
 }
 
 impl EndReason {

@@ -11,6 +11,7 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 
+use crate::real_node::NODE_NAME;
 use crate::{Env, images};
 
 pub const RELEASE: &str = "gpumarket";
@@ -45,6 +46,8 @@ pub async fn install_on_real_node(env: &Env, wallet: &Path, authority: &Path) ->
     let fake_gpus = node.fake_gpu_root.display().to_string();
     let overrides = json!({
         "settlement": {"mint": solana.mint.to_string()},
+        // Ray heads really run only here; KWOK nodes beside it would only pretend to.
+        "controller": {"rayHead": {"nodeSelector": {"kubernetes.io/hostname": NODE_NAME}}},
         "agent": {
             "walletKeypairSecret": WALLET_SECRET,
             "source": format!("fake:{}", node.fake_gpus.display()),

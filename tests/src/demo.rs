@@ -1,7 +1,9 @@
-//! `gpumarket-env up --demo`: the market at work on the local environment. Every KWOK node gets
-//! a simulated supplier (the real agent, offer-only, with a scripted fake GPU source); the
-//! controller runs with settlement on the local validator, the KubeRay operator runs the Ray
-//! pods, and a buyer applies a GpuCluster and deposits into escrow, as a user would.
+//! `gpumarket-env up --demo`: the market at work on the local environment. The chart runs the
+//! controller (settling on the local validator) and the supplier agent of the real node as
+//! real pods; every KWOK node gets a simulated supplier beside it (the real agent, offer-only,
+//! with a scripted fake GPU source) for a market to quote from; the KubeRay operator runs the
+//! Ray pods. A buyer applies `examples/gpucluster-local.yaml` and deposits into its escrow, as
+//! a user would; its Ray cluster really runs on the real node, and a first job runs on it.
 
 use std::path::Path;
 use std::process::Command;
@@ -16,14 +18,29 @@ use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use solana_sdk::signature::{Keypair, Signer};
 
+use crate::ray::{Dashboard, python_entrypoint};
 use crate::solana::read_keypair;
-use crate::{Coordinates, Env, GpuNode};
+use crate::{Coordinates, Env, GpuNode, chart};
 
 /// Price per GPU-hour each simulated supplier asks, in base units (6 decimals).
 const PRICES: [(&str, u64); 3] = [("H100", 2_200_000), ("A100", 1_400_000), ("RTX4090", 350_000)];
 const DEFAULT_PRICE: u64 = 1_000_000;
+/// The buyer's order, as a user copies it.
+const ORDER: &str = include_str!("../../examples/gpucluster-local.yaml");
+/// The first job: what Ray sees, and the GPUs the market gave each `num_gpus=1` task.
+const FIRST_JOB: &str = r#"import os, ray
+ray.init()
+@ray.remote(num_gpus=1)
+def gpu():
+    return os.environ.get("GPUMARKET_GPU_UUIDS", "")
+print("Ray resources:", ray.cluster_resources())
+print("market GPUs seen by each task:", ray.get([gpu.remote() for _ in range(int(ray.cluster_resources()["GPU"]))]))
+"#;
+/// What the demo suggests to submit next.
+const NEXT_JOB: &str = "import ray; ray.init(); print(ray.cluster_resources())";
 
-/// Start suppliers, the KubeRay operator and the controller, then place the buyer's order.
+/// Start the chart on the real node, simulated suppliers and the KubeRay operator, then place
+/// the buyer's order.
 pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Result<GpuCluster> {
     let binaries = std::env::current_exe()?
         .parent()
@@ -48,9 +65,6 @@ pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Res
         env.spawn(&format!("supplier-{}", node.name), agent)?;
     }
 
-    // Ray heads need no GPU and do not tolerate the supplier taint: they run on a plain node, as
-    // in a buyer's own cluster.
-    env.add_gpu_nodes(&[GpuNode::new("cpu-0", "none", 0)]).await?;
     let mut operator = env.tools().command("kuberay-operator")?;
     operator.arg(format!("-kubeconfig={}", coordinates.kubeconfig.display())).args([
         "-enable-leader-election=false",
@@ -59,18 +73,10 @@ pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Res
     ]);
     env.spawn("kuberay-operator", operator)?;
 
+    println!("demo: installing the chart on the real node (controller and supplier agent pods)");
     let authority = env.dir().join("settlement-keypair.json");
     coordinates.solana.settlement_authority(&authority).await?;
-    let mut controller = Command::new(binaries.join("gpumarket-controller"));
-    controller
-        .env("KUBECONFIG", &coordinates.kubeconfig)
-        .args(["--metrics-addr", "127.0.0.1:0", "--heartbeat-timeout", "30s"])
-        .args(["--settlement-period", "2m"])
-        .arg(format!("--rpc-url={}", coordinates.solana.rpc_url))
-        .arg(format!("--settlement-keypair={}", authority.display()))
-        .arg(format!("--mint={}", coordinates.solana.mint));
-    env.spawn("controller", controller)?;
-
+    chart::install_on_real_node(env, &coordinates.solana.suppliers[0], &authority).await?;
     order(env, coordinates).await
 }
 
@@ -123,30 +129,51 @@ pub async fn follow(env: &Env, cluster: &GpuCluster, timeout: Duration) -> Resul
     }
 }
 
-/// The buyer's GpuCluster (two A100-or-better workers of 8 GPUs for 10 minutes), then, once
-/// the controller has opened the cluster's escrow account, the deposit into it.
+/// The buyer's GpuCluster (`examples/gpucluster-local.yaml`, paid from the environment's buyer
+/// wallet), then, once the controller has opened the cluster's escrow account, the deposit
+/// into it: max price × GPUs × duration.
 async fn order(env: &Env, coordinates: &Coordinates) -> Result<GpuCluster> {
     let buyer = read_keypair(&coordinates.solana.buyer)?;
-    let deposit: u64 = 3_000_000 * 16 / 6; // max price × GPUs × 10 minutes
-    let cluster: GpuCluster = serde_json::from_value(serde_json::json!({
-        "apiVersion": "gpumarket.io/v1alpha1",
-        "kind": "GpuCluster",
-        "metadata": {"name": "demo", "namespace": "default"},
-        "spec": {
-            "gpu": {"minTier": "A100"},
-            "workers": 2,
-            "gpusPerWorker": 8,
-            "duration": "10m",
-            "maxPricePerGpuHour": 3_000_000,
-            "payment": {"buyerWallet": buyer.pubkey().to_string()},
-        }
-    }))?;
-    let clusters: Api<GpuCluster> = Api::namespaced(env.client().await?, "default");
+    let mut cluster: GpuCluster = serde_yaml::from_str(ORDER)?;
+    cluster.spec.payment.buyer_wallet = buyer.pubkey().to_string();
+    let hours = cluster.spec.duration()?.as_secs().div_ceil(3600);
+    let gpus = u64::from(cluster.spec.workers * cluster.spec.gpus_per_worker);
+    let deposit = cluster.spec.max_price_per_gpu_hour * gpus * hours;
+    let namespace = cluster.metadata.namespace.clone().unwrap_or_default();
+    let clusters: Api<GpuCluster> = Api::namespaced(env.client().await?, &namespace);
     let cluster = clusters.create(&PostParams::default(), &cluster).await?;
     let escrow = escrow_account(&clusters, &cluster, Duration::from_secs(120)).await?;
     println!("demo: depositing {deposit} base units into the escrow account {escrow}");
     coordinates.solana.transfer(&buyer, &escrow, deposit, Some("demo deposit")).await?;
     Ok(cluster)
+}
+
+/// Run a first job on the cluster's Ray head and print it, then how to submit more.
+pub async fn first_job(env: &Env, cluster: &GpuCluster) -> Result<()> {
+    let node = env.real_node().context("the demo runs on the real node")?;
+    let name = cluster.metadata.name.clone().unwrap_or_default();
+    let namespace = cluster.metadata.namespace.clone().unwrap_or_default();
+    let dashboard = Dashboard::find(node, &name, &namespace, Duration::from_secs(300)).await?;
+    let run = dashboard
+        .run("demo-first-job", &python_entrypoint(FIRST_JOB), Duration::from_secs(600))
+        .await?;
+    println!("demo: Ray job demo-first-job on {namespace}/{name}: {}", run.status);
+    for line in
+        run.logs.lines().filter(|l| l.starts_with("Ray resources") || l.starts_with("market GPUs"))
+    {
+        println!("  {line}");
+    }
+    if run.status != "SUCCEEDED" {
+        bail!("the first job ended {}:\n{}", run.status, run.logs);
+    }
+    let address = &dashboard.address;
+    let body = serde_json::json!({"entrypoint": python_entrypoint(NEXT_JOB)}).to_string();
+    println!(
+        "\ndemo: submit your jobs to {namespace}/{name} (its head's job API, on the node's bridge):\n         \n  ray job submit --address {address} -- {}         \n  curl -X POST {address}/api/jobs/ -H 'Content-Type: application/json' -d '{}'         \n  curl {address}/api/jobs/   # their states",
+        python_entrypoint(NEXT_JOB),
+        body.replace('\'', r"'\''"),
+    );
+    Ok(())
 }
 
 /// The cluster's escrow account, once settlement has opened it (`status.escrow.account`).

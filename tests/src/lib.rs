@@ -20,6 +20,7 @@ pub mod kwok;
 pub mod node_mix;
 pub mod ports;
 pub mod process;
+pub mod ray;
 pub mod real_node;
 pub mod relay;
 pub mod solana;
@@ -321,6 +322,18 @@ impl Env {
             process.stop(Duration::from_secs(5))?;
         }
         self.reaper.finish()
+    }
+
+    /// Stop the environment's process `name` and start it again as it was started (a
+    /// kubelet restarted under running pods, say); its log goes on after
+    /// [`process::RESTARTED`].
+    pub fn restart(&self, name: &str) -> Result<()> {
+        let processes = self.lock_processes()?;
+        let process = processes
+            .iter()
+            .find(|p| p.name() == name)
+            .with_context(|| format!("the environment runs no process {name}"))?;
+        process.restart(&self.reaper, Duration::from_secs(10))
     }
 
     /// Fail if a process of the environment has died.

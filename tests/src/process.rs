@@ -100,21 +100,33 @@ pub struct Process {
     name: String,
     log: PathBuf,
     child: Mutex<Child>,
+    /// How it was started, to start it again.
+    command: Mutex<Command>,
 }
 
 impl Process {
     pub fn spawn(reaper: &Reaper, logs: &Path, name: &str, mut command: Command) -> Result<Self> {
         let log = logs.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
-        reaper.watch(child.id())?;
-        Ok(Process { name: name.to_string(), log, child: Mutex::new(child) })
+        let child = start(reaper, name, &mut command, out)?;
+        Ok(Process {
+            name: name.to_string(),
+            log,
+            child: Mutex::new(child),
+            command: Mutex::new(command),
+        })
+    }
+
+    /// Stop the process (as [`Self::stop`]) and start it again as it was started, its output
+    /// appended to the same log after a line that marks the restart.
+    pub fn restart(&self, reaper: &Reaper, grace: Duration) -> Result<()> {
+        self.stop(grace)?;
+        let mut out = File::options().append(true).open(&self.log)?;
+        writeln!(out, "{RESTARTED}")?;
+        let mut command = self.command.lock().map_err(|_| anyhow!("process lock poisoned"))?;
+        let child = start(reaper, &self.name, &mut command, out)?;
+        *self.child.lock().map_err(|_| anyhow!("process lock poisoned"))? = child;
+        Ok(())
     }
 
     /// The process id (also its process group).
@@ -181,6 +193,21 @@ impl Process {
         child.wait()?;
         Ok(())
     }
+}
+
+/// The line [`Process::restart`] writes in the log before the new process's output.
+pub const RESTARTED: &str = "--- restarted ---";
+
+fn start(reaper: &Reaper, name: &str, command: &mut Command, out: File) -> Result<Child> {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
+    reaper.watch(child.id())?;
+    Ok(child)
 }
 
 /// The last `lines` lines of a log file (empty if it cannot be read).

@@ -6,29 +6,34 @@
 //! worker (uuids in the environment, device nodes by CDI); then the cluster deleted, the lease
 //! metered from the worker's Ready time and paid on chain to the base unit, the rest refunded.
 //!
+//! Faults on the way: the kubelet restarted under a running job (the agent registers again,
+//! the job keeps its GPUs and succeeds); the worker pod deleted (the market says so, KubeRay
+//! replaces it on the lease's node, the job runs again). Bad input after it: an image nobody
+//! can pull and an image without the spec's Ray version each fail their GpuCluster with a
+//! condition that says so, before anything is billed, and the deposit comes back whole.
+//!
 //! Prints what it took (apply to job succeeded) and the memory of the environment with the
 //! Ray cluster up. Needs root, like every real-node test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer, LeasePhase};
-use gpumarket_tests::dns::resolve_a;
-use gpumarket_tests::real_node::{
-    CLUSTER_DOMAIN, FAKE_DRIVER_LIBRARY, FAKE_GPUS, NODE_NAME, fake_gpu_uuid,
-};
-use gpumarket_tests::solana::read_keypair;
-use gpumarket_tests::{Env, EnvOptions, RealNode, chart, eventually};
-use k8s_openapi::api::core::v1::Pod;
+use gpumarket_crds::{ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, LeasePhase};
+use gpumarket_tests::process::RESTARTED;
+use gpumarket_tests::ray::{Dashboard, python_entrypoint};
+use gpumarket_tests::real_node::{FAKE_DRIVER_LIBRARY, FAKE_GPUS, NODE_NAME, fake_gpu_uuid};
+use gpumarket_tests::solana::{Solana, read_keypair};
+use gpumarket_tests::{Env, EnvOptions, chart, eventually};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use solana_sdk::signature::Signer;
+use solana_sdk::signature::{Keypair, Signer};
 
 /// 1,000 base units per GPU-second: amounts read as served seconds.
 const PRICE_PER_GPU_HOUR: u64 = 3_600_000;
 const RAY_IMAGE: &str = "ghcr.io/gpumarket/ray:2.41.0";
+const RAY_VERSION: &str = "2.41.0";
 /// Ray on a shared two-core machine: pods and the job take minutes, not seconds.
 const WAIT: Duration = Duration::from_secs(600);
 
@@ -42,6 +47,16 @@ def gpu():
             "deviceNodes": sorted(d for d in os.listdir("/dev") if d.startswith("nvidia")),
             "driverLibrary": os.path.exists(DRIVER_LIBRARY)}
 print("GPUS " + json.dumps(ray.get([gpu.remote() for _ in range(int(ray.cluster_resources()["GPU"]))])))
+"#;
+
+/// Every GPU held by a task for a minute: long enough to restart the kubelet under it.
+const HOLD_JOB: &str = r#"import time, ray
+ray.init()
+@ray.remote(num_gpus=1)
+def hold():
+    time.sleep(60)
+    return ray.get_gpu_ids()
+print("HELD", ray.get([hold.remote() for _ in range(int(ray.cluster_resources()["GPU"]))]))
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,19 +88,12 @@ async fn a_buyers_ray_job_runs_on_market_gpus_and_is_paid_on_chain() {
     let buyer = read_keypair(&sol.buyer).unwrap();
     let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
     let applied = Instant::now();
-    clusters
-        .create(&PostParams::default(), &gpu_cluster(&buyer.pubkey().to_string()))
-        .await
-        .unwrap();
-    let escrow = eventually("the escrow asked for", WAIT, || async {
-        clusters.get("train").await.ok()?.status?.escrow?.account.parse().ok()
-    })
-    .await;
+    let train = gpu_cluster("train", &buyer, FAKE_GPUS, RAY_IMAGE, RAY_VERSION);
+    clusters.create(&PostParams::default(), &train).await.unwrap();
     let (buyer_before, supplier_before) =
         (sol.balance(&buyer.pubkey()).await.unwrap(), sol.balance(&supplier).await.unwrap());
     // price × GPUs × one hour, no margin.
-    let deposit = PRICE_PER_GPU_HOUR * FAKE_GPUS as u64;
-    sol.transfer(&buyer, &escrow, deposit, Some("deposit")).await.unwrap();
+    let escrow = deposit(sol, &clusters, "train", &buyer, FAKE_GPUS).await;
     eventually("the GpuCluster Running", WAIT, || async {
         let cluster = clusters.get("train").await.ok()?;
         (cluster.status?.phase == Some(ClusterPhase::Running)).then_some(())
@@ -93,14 +101,24 @@ async fn a_buyers_ray_job_runs_on_market_gpus_and_is_paid_on_chain() {
     .await;
     let running = applied.elapsed();
 
-    let logs = run_job(node, &ns).await;
+    let dashboard = Dashboard::find(node, "train", &ns, WAIT).await.unwrap();
+    let job =
+        python_entrypoint(&JOB.replace("DRIVER_LIBRARY", &format!("{FAKE_DRIVER_LIBRARY:?}")));
+    let run = dashboard.run("gpus", &job, WAIT).await.unwrap();
+    assert_eq!(run.status, "SUCCEEDED", "{}", run.logs);
     let job_done = applied.elapsed();
     let uid = clusters.get("train").await.unwrap().uid().unwrap();
     let lease = leases_of(&client, &uid).await.pop().unwrap();
-    check_gpus_seen(&logs, &lease, node.slot);
+    check_gpus_seen(&run.logs, &lease, node.slot);
     check_metered_from_ready(&client, &ns, &lease).await;
     println!("GpuCluster apply → Running: {running:.1?}; → Ray job succeeded: {job_done:.1?}");
     println!("memory with the Ray cluster up: {}", memory_report(&env, node.slot));
+
+    kubelet_restart_keeps_the_jobs_gpus(&env, &client, &ns, &dashboard).await;
+    lost_worker_is_replaced(&client, &ns, &lease).await;
+    let run = dashboard.run("gpus-again", &job, WAIT).await.unwrap();
+    assert_eq!(run.status, "SUCCEEDED", "the job runs again on the new worker: {}", run.logs);
+    check_gpus_seen(&run.logs, &lease, node.slot);
 
     clusters.delete("train", &DeleteParams::default()).await.unwrap();
     eventually("the GpuCluster gone, its lease settled", WAIT, || async {
@@ -119,66 +137,198 @@ async fn a_buyers_ray_job_runs_on_market_gpus_and_is_paid_on_chain() {
         "the rest refunded"
     );
     assert_eq!(sol.account_balance(&escrow).await.unwrap(), None, "the escrow is closed");
+
+    broken_workloads_fail_before_billing(sol, &client, &ns, &buyer, supplier).await;
 }
 
-/// One worker with every GPU of the real node, running the local Ray image.
-fn gpu_cluster(buyer: &str) -> GpuCluster {
+/// The kubelet restarted while a job holds every GPU: the agent registers again (the kubelet
+/// logs it, the GPUs are allocatable again), the worker keeps running untouched and the job
+/// succeeds.
+async fn kubelet_restart_keeps_the_jobs_gpus(
+    env: &Env,
+    client: &Client,
+    ns: &str,
+    dashboard: &Dashboard,
+) {
+    let hold = python_entrypoint(HOLD_JOB);
+    dashboard.wait_for("hold", &hold, &["RUNNING"], WAIT).await.unwrap();
+    let worker = only_worker(client, ns).await;
+    // The tasks take their GPUs within moments of the driver starting.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    env.restart("kubelet").unwrap();
+    let log = env.dir().join("logs/kubelet.log");
+    eventually("the agent registered with the restarted kubelet", WAIT, || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let (_, after) = text.rsplit_once(RESTARTED)?;
+        after
+            .lines()
+            .any(|l| {
+                l.contains("Got registration request from device plugin")
+                    && l.contains("nvidia.com/gpu")
+            })
+            .then_some(())
+    })
+    .await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    eventually("the GPUs allocatable again after the restart", WAIT, || async {
+        let node = nodes.get(NODE_NAME).await.ok()?;
+        let allocatable = node.status?.allocatable?;
+        (allocatable.get("nvidia.com/gpu")?.0 == FAKE_GPUS.to_string()).then_some(())
+    })
+    .await;
+    let run = dashboard.run("hold", &hold, WAIT).await.unwrap();
+    assert_eq!(run.status, "SUCCEEDED", "{}", run.logs);
+    assert!(run.logs.contains("HELD"), "{}", run.logs);
+    let after = only_worker(client, ns).await;
+    assert_eq!(after.uid(), worker.uid(), "the same worker pod");
+    let restarts: i32 =
+        after.status.unwrap().container_statuses.unwrap().iter().map(|c| c.restart_count).sum();
+    assert_eq!(restarts, 0, "its containers never restarted");
+}
+
+/// The worker pod deleted: the GpuCluster's Events say it was lost, KubeRay starts another on
+/// the lease's node with the same GPUs, and the lease records it.
+async fn lost_worker_is_replaced(client: &Client, ns: &str, lease: &GpuLease) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let lost = only_worker(client, ns).await;
+    pods.delete(&lost.name_any(), &DeleteParams::default()).await.unwrap();
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    eventually("an Event saying the worker pod was lost", WAIT, || async {
+        let list =
+            events.list(&ListParams::default().fields("involvedObject.name=train")).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("WorkerPodLost")
+                    && e.message.as_deref().unwrap_or_default().contains(&lost.name_any())
+            })
+            .then_some(())
+    })
+    .await;
+    let leases: Api<GpuLease> = Api::all(client.clone());
+    let replacement = eventually("a new worker pod Ready, recorded by the lease", WAIT, || async {
+        let workers =
+            pods.list(&ListParams::default().labels("ray.io/node-type=worker")).await.ok()?;
+        let new = workers
+            .items
+            .into_iter()
+            .find(|p| p.uid() != lost.uid() && p.metadata.deletion_timestamp.is_none())?;
+        let status = leases.get(&lease.name_any()).await.ok()?.status?;
+        let recorded = status.pods.iter().any(|p| Some(&p.uid) == new.uid().as_ref() && p.ready);
+        recorded.then_some(new)
+    })
+    .await;
+    assert_eq!(replacement.spec.as_ref().unwrap().node_name.as_deref(), Some(NODE_NAME));
+}
+
+/// Two buyers' mistakes: an image no node can pull, and an image whose Ray is not the spec's
+/// version. Each GpuCluster is matched and funded, then Failed with the reason in its RayReady
+/// condition before any lease served: the lease ends WorkloadFailed (not the supplier's
+/// failure), nothing is paid, and the whole deposit comes back.
+async fn broken_workloads_fail_before_billing(
+    sol: &Solana,
+    client: &Client,
+    ns: &str,
+    buyer: &Keypair,
+    supplier: solana_sdk::pubkey::Pubkey,
+) {
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), ns);
+    let broken = [
+        (
+            "missing-image",
+            "ghcr.io/gpumarket/ray:missing",
+            RAY_VERSION,
+            "ImageUnavailable",
+            "ghcr.io/gpumarket/ray:missing",
+        ),
+        (
+            "old-ray",
+            RAY_IMAGE,
+            "2.9.3",
+            "RayVersionMismatch",
+            "the image has Ray 2.41.0; spec.ray.version asks 2.9.3",
+        ),
+    ];
+    let (buyer_before, supplier_before) =
+        (sol.balance(&buyer.pubkey()).await.unwrap(), sol.balance(&supplier).await.unwrap());
+    for (name, image, version, _, _) in broken {
+        let cluster = gpu_cluster(name, buyer, 1, image, version);
+        clusters.create(&PostParams::default(), &cluster).await.unwrap();
+        deposit(sol, &clusters, name, buyer, 1).await;
+    }
+    for (name, _, _, reason, says) in broken {
+        let status = eventually(&format!("{name} Failed and refunded"), WAIT, || async {
+            let status = clusters.get(name).await.ok()?.status?;
+            (status.phase == Some(ClusterPhase::Failed) && status.amount_refunded.is_some())
+                .then_some(status)
+        })
+        .await;
+        let ray = status.conditions.iter().find(|c| c.type_ == "RayReady").unwrap();
+        assert_eq!(ray.reason, reason, "{ray:?}");
+        assert!(ray.message.contains(says), "{ray:?}");
+        assert_eq!(status.amount_refunded, Some(PRICE_PER_GPU_HOUR), "the whole deposit back");
+        let uid = clusters.get(name).await.unwrap().uid().unwrap();
+        let lease = leases_of(client, &uid).await.pop().expect("it was matched").status.unwrap();
+        assert_eq!(lease.end_reason, Some(EndReason::WorkloadFailed), "{lease:?}");
+        assert_eq!(lease.serving_since, None, "{lease:?}");
+        assert_eq!(lease.amount_settled.unwrap_or(0), 0, "{lease:?}");
+        clusters.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    assert_eq!(sol.balance(&buyer.pubkey()).await.unwrap(), buyer_before, "nothing billed");
+    assert_eq!(sol.balance(&supplier).await.unwrap(), supplier_before, "nothing paid");
+}
+
+/// One worker of `gpus` GPUs of the real node's model, running `image` as Ray `version`.
+fn gpu_cluster(name: &str, buyer: &Keypair, gpus: usize, image: &str, version: &str) -> GpuCluster {
     serde_json::from_value(json!({
-        "metadata": {"name": "train"},
+        "metadata": {"name": name},
         "spec": {
             "gpu": {"models": ["H100"]},
             "workers": 1,
-            "gpusPerWorker": FAKE_GPUS,
+            "gpusPerWorker": gpus,
             "duration": "1h",
             "maxPricePerGpuHour": PRICE_PER_GPU_HOUR,
             "ray": {
-                "version": "2.41.0",
-                "image": RAY_IMAGE,
+                "version": version,
+                "image": image,
                 "headResources": {
                     "requests": {"cpu": "500m", "memory": "2Gi"},
                     "limits": {"cpu": "500m", "memory": "2Gi"},
                 },
             },
-            "payment": {"buyerWallet": buyer},
+            "payment": {"buyerWallet": buyer.pubkey().to_string()},
         },
     }))
     .unwrap()
 }
 
-/// Submits [`JOB`] through the head's dashboard, found as an in-cluster client finds it (its
-/// Service's name, through the cluster's DNS; KubeRay's head Service is headless), and waits
-/// for it to succeed; returns its logs. The submission id is ours, so a retried submission
-/// whose first answer was lost cannot start the job twice.
-async fn run_job(node: &RealNode, ns: &str) -> String {
-    let name = format!("train-head-svc.{ns}.svc.{CLUSTER_DOMAIN}");
-    let dns = node.dns();
-    let head = eventually("the head Service's name resolved", WAIT, || {
-        let name = name.clone();
-        async move { resolve_a(dns, &name, Duration::from_secs(2)).ok()?.first().copied() }
+/// Pay price × `gpus` × one hour (the cluster's duration, no margin) into the escrow the
+/// controller opened for cluster `name`; returns the escrow account.
+async fn deposit(
+    sol: &Solana,
+    clusters: &Api<GpuCluster>,
+    name: &str,
+    buyer: &Keypair,
+    gpus: usize,
+) -> solana_sdk::pubkey::Pubkey {
+    let escrow = eventually(&format!("the escrow {name} asks for"), WAIT, || async {
+        clusters.get(name).await.ok()?.status?.escrow?.account.parse().ok()
     })
     .await;
-    let jobs = format!("http://{head}:8265/api/jobs/");
-    let job = JOB.replace("DRIVER_LIBRARY", &format!("{FAKE_DRIVER_LIBRARY:?}"));
-    let entrypoint = format!("python -c '{}'", job.replace('\'', r"'\''"));
-    let body = json!({"entrypoint": entrypoint, "submission_id": "gpus"}).to_string();
-    let status = eventually("the job finished", WAIT, || async {
-        // Submitting again is refused once it exists: then only its status matters.
-        curl(&["-X", "POST", "-H", "Content-Type: application/json", "-d", &body, &jobs]);
-        let status = curl(&[&format!("{jobs}gpus")])?;
-        let state = status["status"].as_str()?.to_owned();
-        ["SUCCEEDED", "FAILED", "STOPPED"].contains(&state.as_str()).then_some(status)
-    })
-    .await;
-    let logs = curl(&[&format!("{jobs}gpus/logs")]).unwrap()["logs"].as_str().unwrap().to_owned();
-    assert_eq!(status["status"], "SUCCEEDED", "{status}\n{logs}");
-    logs
+    let amount = PRICE_PER_GPU_HOUR * gpus as u64;
+    sol.transfer(buyer, &escrow, amount, Some("deposit")).await.unwrap();
+    escrow
 }
 
-/// A JSON answer from `curl -fsS <args>`; `None` until the server answers with success.
-fn curl(args: &[&str]) -> Option<Value> {
-    let output =
-        Command::new("curl").args(["-fsS", "--max-time", "10"]).args(args).output().ok()?;
-    output.status.success().then(|| serde_json::from_slice(&output.stdout).ok()).flatten()
+/// The cluster's one worker pod (not being deleted).
+async fn only_worker(client: &Client, ns: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let workers =
+        pods.list(&ListParams::default().labels("ray.io/node-type=worker")).await.unwrap();
+    let mut live = workers.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none());
+    let worker = live.next().expect("a worker pod");
+    assert!(live.next().is_none(), "one worker pod");
+    worker
 }
 
 /// Each task saw one GPU of Ray's own and, from the container, the uuids Allocate gave the

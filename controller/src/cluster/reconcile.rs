@@ -18,9 +18,10 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
+use super::pod_trouble::pod_trouble;
 use super::status::{
     Ending, Observation, build_status, ended_status, ending, expires_at, is_active, lease_pods,
-    missing_workers, not_serving, stale_worker_pods, supplier_failure, surplus_leases,
+    lost_pods, missing_workers, not_serving, stale_worker_pods, supplier_failure, surplus_leases,
     with_service,
 };
 use crate::error::{Error, Result};
@@ -130,7 +131,10 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
 
-    if let Some(end) = ending(cluster, &leases, now) {
+    let pods = ctx.pods_of(cluster);
+    let pods: Vec<&Pod> = pods.iter().map(AsRef::as_ref).collect();
+    let trouble = pod_trouble(&pods);
+    if let Some(end) = ending(cluster, &leases, trouble.as_ref(), now) {
         return finish(cluster, ctx, leases, ray_cluster.is_some(), end).await;
     }
 
@@ -154,10 +158,17 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
 
     // Service: each lease's worker pods, and when it began serving (billing starts there); a
     // lease that has not served within the provisioning timeout has failed its buyer.
-    let pods = ctx.pods_of(cluster);
-    let pods: Vec<&Pod> = pods.iter().map(AsRef::as_ref).collect();
     for lease in leases.iter_mut().filter(|l| is_active(l)) {
+        let before = lease.clone();
         *lease = record_service(ctx, lease, &pods, now).await?;
+        for pod in lost_pods(&before, lease) {
+            let note = format!(
+                "worker pod {pod} of lease {} is gone: KubeRay starts another on {}; Ray jobs that ran on it must be resubmitted",
+                lease.name_any(),
+                lease.spec.offer
+            );
+            ctx.event(cluster, EventType::Warning, "WorkerPodLost", "Recover", note).await;
+        }
         if not_serving(lease, now, ctx.settings().provisioning_timeout) {
             *lease = end_lease(ctx, lease, EndReason::NotServing, now).await?;
             let note = format!(
@@ -283,6 +294,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         dashboard: ray_ready.map(|_| dashboard_address(&name, &namespace)),
         unmatched,
         funding,
+        pod_trouble: trouble.as_ref(),
         now,
     });
     let pending = status.phase == Some(ClusterPhase::Pending);

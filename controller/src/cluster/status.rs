@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
+use crate::cluster::pod_trouble::PodTrouble;
 use crate::raycluster::LEASE_ANNOTATION;
 
 use crate::market::supply::{gpu_healthy, heartbeat_fresh};
@@ -72,16 +73,35 @@ pub struct Ending {
     pub message: String,
 }
 
-/// Whether the cluster is over, and how: its duration ran out (Completed), or settlement ended
+/// Whether the cluster is over, and how: its duration ran out (Completed), settlement ended
 /// a lease because the escrow ran dry (Failed: its workers are not re-placed, nobody would pay
-/// for them).
-pub fn ending(cluster: &GpuCluster, leases: &[GpuLease], now: Timestamp) -> Option<Ending> {
+/// for them), or the buyer's pods cannot start before any lease served (Failed: no supplier
+/// could run them; nothing billed, no supplier blamed).
+pub fn ending(
+    cluster: &GpuCluster,
+    leases: &[GpuLease],
+    trouble: Option<&PodTrouble>,
+    now: Timestamp,
+) -> Option<Ending> {
     if let Some(at) = expires_at(cluster).filter(|at| *at <= now) {
         return Some(Ending {
             lease_reason: EndReason::Expired,
             phase: ClusterPhase::Completed,
             reason: "Expired",
             message: format!("ran its duration {} (until {at})", cluster.spec.duration),
+        });
+    }
+    let served =
+        leases.iter().any(|l| l.status.as_ref().is_some_and(|s| s.serving_since.is_some()));
+    if let Some(trouble) = trouble.filter(|t| t.buyers && !served) {
+        return Some(Ending {
+            lease_reason: EndReason::WorkloadFailed,
+            phase: ClusterPhase::Failed,
+            reason: trouble.reason,
+            message: format!(
+                "{}; nothing was billed: apply the GpuCluster again once that is fixed",
+                trouble.message
+            ),
         });
     }
     let dry = leases
@@ -214,6 +234,14 @@ pub fn with_service(lease: &GpuLease, serving: &[&Pod], now: Timestamp) -> Optio
     Some(next)
 }
 
+/// Worker pods `before` recorded as serving the lease that `after` no longer does (deleted,
+/// evicted or failed): their Ray tasks are gone, and KubeRay starts new pods on the lease's node.
+pub fn lost_pods(before: &GpuLease, after: &GpuLease) -> Vec<String> {
+    let recorded = |l: &GpuLease| l.status.as_ref().map(|s| s.pods.clone()).unwrap_or_default();
+    let now: Vec<String> = recorded(after).into_iter().map(|p| p.uid).collect();
+    recorded(before).into_iter().filter(|p| !now.contains(&p.uid)).map(|p| p.name).collect()
+}
+
 /// Whether an active lease has failed to serve within the provisioning timeout of its bind.
 pub fn not_serving(lease: &GpuLease, now: Timestamp, timeout: Duration) -> bool {
     let serving = lease.status.as_ref().is_some_and(|s| s.serving_since.is_some());
@@ -281,6 +309,8 @@ pub struct Observation<'a> {
     /// Outcome of the deposit check, when settlement is on: `Ok(message)` when the escrow
     /// covers the cluster, `Err(message)` when it is short.
     pub funding: Option<Result<String, String>>,
+    /// Why the Ray pods are not starting, if they are not.
+    pub pod_trouble: Option<&'a PodTrouble>,
     pub now: Timestamp,
 }
 
@@ -343,9 +373,15 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
     }
     match obs.ray_ready {
         Some(true) => set(RAY_READY, true, "Ready", "the RayCluster is ready".into()),
-        Some(false) => {
-            set(RAY_READY, false, "Provisioning", "waiting for KubeRay to start the pods".into())
-        }
+        Some(false) => match obs.pod_trouble {
+            Some(trouble) => set(RAY_READY, false, trouble.reason, trouble.message.clone()),
+            None => set(
+                RAY_READY,
+                false,
+                "Provisioning",
+                "waiting for KubeRay to start the pods".into(),
+            ),
+        },
         None => set(
             RAY_READY,
             false,
@@ -475,6 +511,7 @@ mod tests {
             dashboard: None,
             unmatched: None,
             funding: None,
+            pod_trouble: None,
             now: now(),
         }
     }
@@ -529,8 +566,13 @@ mod tests {
         let failed = ended(EndReason::SupplierFailure);
         let dry = ended(EndReason::OutOfFunds);
         let active = mk_lease(&cluster, "n2", &["g0"], 1);
-        assert_eq!(ending(&cluster, &[failed.clone(), active.clone()], now()), None, "re-placed");
-        let out = ending(&cluster, &[failed, dry.clone(), active.clone()], now()).expect("ends");
+        assert_eq!(
+            ending(&cluster, &[failed.clone(), active.clone()], None, now()),
+            None,
+            "re-placed"
+        );
+        let out =
+            ending(&cluster, &[failed, dry.clone(), active.clone()], None, now()).expect("ends");
         assert_eq!((out.phase, out.lease_reason), (ClusterPhase::Failed, EndReason::OutOfFunds));
         assert!(out.message.contains(dry.metadata.name.as_deref().expect("named")));
 
@@ -538,8 +580,66 @@ mod tests {
             start_time: Some(Time(now() - jiff::SignedDuration::from_hours(1))),
             ..Default::default()
         });
-        let up = ending(&cluster, &[dry, active], now()).expect("ends");
+        let up = ending(&cluster, &[dry, active], None, now()).expect("ends");
         assert_eq!((up.phase, up.reason), (ClusterPhase::Completed, "Expired"), "time first");
+    }
+
+    #[test]
+    fn a_recorded_worker_pod_that_is_gone_is_lost() {
+        let cluster = mk_cluster("c", 1, 1);
+        let pod = |name: &str, uid: &str| LeasePod {
+            namespace: "ns".into(),
+            name: name.into(),
+            uid: uid.into(),
+            ready: true,
+        };
+        let with_pods = |pods: Vec<LeasePod>| {
+            let mut lease = mk_lease(&cluster, "n1", &["g0"], 2);
+            lease.status = Some(GpuLeaseStatus { pods, ..Default::default() });
+            lease
+        };
+        let before = with_pods(vec![pod("w-a", "1"), pod("w-b", "2")]);
+        assert_eq!(lost_pods(&before, &before), Vec::<String>::new());
+        let replaced = with_pods(vec![pod("w-b", "2"), pod("w-c", "3")]);
+        assert_eq!(lost_pods(&before, &replaced), ["w-a"]);
+        assert_eq!(lost_pods(&replaced, &with_pods(vec![])), ["w-b", "w-c"]);
+    }
+
+    /// The buyer's pods that cannot start fail the cluster before any lease served (nothing
+    /// billed, no supplier blamed); after service began, or when a worker's node may be at
+    /// fault, they only say so in RayReady.
+    #[test]
+    fn the_buyers_pods_failing_before_service_fail_the_cluster() {
+        let cluster = mk_cluster("c", 1, 1);
+        let mut lease = mk_lease(&cluster, "n1", &["g0"], 1);
+        let trouble = PodTrouble {
+            reason: "RayVersionMismatch",
+            message: "the image has Ray 2.41.0; spec.ray.version asks 2.9.3".into(),
+            buyers: true,
+        };
+        let out =
+            ending(&cluster, std::slice::from_ref(&lease), Some(&trouble), now()).expect("fails");
+        assert_eq!(
+            (out.phase, out.lease_reason, out.reason),
+            (ClusterPhase::Failed, EndReason::WorkloadFailed, "RayVersionMismatch")
+        );
+        assert!(out.message.starts_with(&trouble.message), "{}", out.message);
+        assert!(!EndReason::WorkloadFailed.is_supplier_failure());
+
+        let suppliers = PodTrouble { buyers: false, ..trouble.clone() };
+        assert_eq!(ending(&cluster, std::slice::from_ref(&lease), Some(&suppliers), now()), None);
+        lease.status =
+            Some(GpuLeaseStatus { serving_since: Some(Time(now())), ..Default::default() });
+        assert_eq!(ending(&cluster, std::slice::from_ref(&lease), Some(&trouble), now()), None);
+
+        let leases = [&lease];
+        let status = build_status(&Observation {
+            pod_trouble: Some(&suppliers),
+            ..obs(&cluster, &leases, Some(false))
+        });
+        let ray = cond(&status, RAY_READY);
+        assert_eq!((ray.status.as_str(), ray.reason.as_str()), ("False", "RayVersionMismatch"));
+        assert_eq!(ray.message, trouble.message);
     }
 
     #[test]

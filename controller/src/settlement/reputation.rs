@@ -34,12 +34,13 @@ pub fn score(uptime_permille: u32, completed: u64, failed: u64) -> u32 {
 
 /// Lease outcomes of one offer: (completed, failed). Only ended leases count; a lease ended by
 /// the buyer running out of funds or deleting the cluster counts as completed by the supplier,
-/// a surplus lease (never served) not at all.
+/// a surplus lease or one whose buyer's pods could not start (never served: a supplier buying
+/// its own GPUs with a broken image would gain from it) not at all.
 pub fn outcomes<'a>(offer: &str, leases: impl IntoIterator<Item = &'a GpuLease>) -> (u64, u64) {
     leases.into_iter().filter(|l| l.spec.offer == offer).fold((0, 0), |(ok, failed), lease| {
         match lease.status.as_ref().and_then(|s| s.end_reason) {
             Some(EndReason::SupplierFailure | EndReason::NotServing) => (ok, failed + 1),
-            Some(EndReason::Surplus) | None => (ok, failed),
+            Some(EndReason::Surplus | EndReason::WorkloadFailed) | None => (ok, failed),
             Some(_) => (ok + 1, failed),
         }
     })
@@ -116,6 +117,7 @@ mod tests {
             ended("n1", Some(EndReason::OutOfFunds)),
             ended("n1", Some(EndReason::SupplierFailure)),
             ended("n1", Some(EndReason::Surplus)),
+            ended("n1", Some(EndReason::WorkloadFailed)),
             ended("n1", None),
             ended("n2", Some(EndReason::SupplierFailure)),
         ];

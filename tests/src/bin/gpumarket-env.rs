@@ -49,9 +49,9 @@ struct Up {
     /// Keep the directory (logs, etcd data, ledger) after stopping.
     #[arg(long)]
     keep_dir: bool,
-    /// Also run the market: a simulated supplier agent per node, the KubeRay operator, the
-    /// controller with settlement on the local validator, and a buyer's GpuCluster with its
-    /// deposit.
+    /// Also run the market (with a real node): the chart's controller and supplier agent as
+    /// pods on the real node, a simulated supplier agent per KWOK node, the KubeRay operator,
+    /// and a buyer's GpuCluster with its deposit whose Ray cluster runs on the real node.
     #[arg(long)]
     demo: bool,
     /// Also start a real node (containerd, kubelet, a CNI bridge, CoreDNS) that runs pods;
@@ -83,7 +83,7 @@ async fn run_up(up: Up) -> Result<()> {
         dir: Some(dir),
         keep_dir: up.keep_dir,
         solana: true,
-        real_node: up.real_node,
+        real_node: up.real_node || up.demo,
     })
     .await?;
     // Serve until a signal; a failure while starting or of a process later ends it too.
@@ -147,13 +147,15 @@ async fn bring_up(
     }
     if demo {
         let cluster = gpumarket_tests::demo::run(env, &coordinates, nodes).await?;
-        gpumarket_tests::demo::follow(env, &cluster, Duration::from_secs(600)).await?;
+        gpumarket_tests::demo::follow(env, &cluster, Duration::from_secs(900)).await?;
+        gpumarket_tests::demo::first_job(env, &cluster).await?;
         println!(
             "\ndemo: suppliers publish offers, the controller and the KubeRay operator run, and the\n\
-             buyer's GpuCluster default/{} runs, paid from its escrow deposit. Watch it:\n\
+             buyer's GpuCluster {ns}/{name} runs on the real node, paid from its escrow deposit:\n\
              \n  kubectl get gpuclusters,gpuleases,gpuoffers,rayclusters -A\
-             \n  kubectl describe gpucluster demo\n",
-            cluster.metadata.name.as_deref().unwrap_or_default(),
+             \n  kubectl gpumarket status {name}\n",
+            ns = cluster.metadata.namespace.as_deref().unwrap_or_default(),
+            name = cluster.metadata.name.as_deref().unwrap_or_default(),
         );
     }
     Ok(())
