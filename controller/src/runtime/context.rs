@@ -143,7 +143,10 @@ impl Context {
         let offers = self.offers.state();
         let listed: Vec<&GpuOffer> = offers.iter().map(AsRef::as_ref).collect();
         let settings = self.settings();
-        let verdicts = verdicts(&listed, &self.signatures, settings.require_signed_offers);
+        let verdicts =
+            verdicts(&listed, &self.signatures, settings.require_signed_offers, &|fleet| {
+                self.fleet_wallet(fleet)
+            });
         let admitted = |o: &GpuOffer| verdicts.get(&o.name_any()).is_some_and(|v| v.admitted);
         let mut recent = lock(&self.recent_claims);
         let by_name: HashMap<String, &GpuOffer> =
@@ -165,6 +168,11 @@ impl Context {
             offer.free_gpus.retain(|g| !recent.contains_key(&(offer.node.clone(), g.clone())));
         }
         supply
+    }
+
+    /// The wallet of GpuFleet `name`, if the hub has it.
+    pub fn fleet_wallet(&self, name: &str) -> Option<String> {
+        self.fleets.get(&ObjectRef::new(name)).map(|f| f.spec.wallet.clone())
     }
 
     /// Requests of the clusters looking for GPUs (each for its workers not placed), from the

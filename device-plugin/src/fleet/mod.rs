@@ -23,8 +23,10 @@
 //!   credential (`kubectl create token -n gpumarket-fleets <name>`, or a token Secret).
 //! - **Offers** ([`mirror`]): every heartbeat the fleet lists its Nodes and applies one
 //!   offer-only GpuOffer per GPU node (allocatable `nvidia.com/gpu`, model and memory from GPU
-//!   feature discovery's labels or gpumarket's), heartbeats its status (GPUs unhealthy while the
-//!   node is not Ready) and its GpuFleet (heartbeat and offer names).
+//!   feature discovery's labels or gpumarket's), signed with the keypair of the GpuFleet's
+//!   wallet as any supplier's offer is (the hub matches only offers signed by their wallet, and
+//!   a fleet's offers only with its GpuFleet's wallet), heartbeats its status (GPUs unhealthy
+//!   while the node is not Ready) and its GpuFleet (heartbeat and offer names).
 //! - **Work** ([`workload`]): the controller lists each active lease placed on a fleet's offers
 //!   in the GpuFleet's `status.assignments` with what running it needs; the fleet watches its
 //!   GpuFleet (by name: it reads no lease, cluster or other fleet), runs one worker pod per Ray
@@ -50,7 +52,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::config::{ConfigError, Supplier};
+use crate::config::{ConfigError, Supplier, WalletKey};
 use crate::offer::{Reserve, status_manifest};
 
 /// Field manager of the fleet's writes on the hub and in the fleet.
@@ -63,6 +65,8 @@ const JOIN_RETRY: Duration = Duration::from_secs(2);
 pub struct FleetConfig {
     /// Name of the fleet's GpuFleet on the hub.
     pub name: String,
+    /// Keypair of the GpuFleet's wallet: it signs the fleet's offers.
+    pub wallet_key: WalletKey,
     /// `MODEL=UNITS` prices per GPU-hour, as the agent's `--price`.
     pub prices: Vec<String>,
     pub region: Option<String>,
@@ -81,6 +85,12 @@ pub struct FleetConfig {
 pub enum FleetError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(
+        "the wallet of GpuFleet {fleet} on the hub is {wallet}, not the public key of the fleet's \
+         wallet keypair ({keypair}): give the keypair of {wallet}, or have the hub admin set the \
+         GpuFleet's wallet"
+    )]
+    WrongKeypair { fleet: String, wallet: String, keypair: String },
 }
 
 /// Joins the hub as fleet `config.name` and runs until the future is dropped. API errors (hub
@@ -96,8 +106,15 @@ pub async fn run(fleet: Client, hub: Client, config: FleetConfig) -> Result<(), 
         }
         tokio::time::sleep(JOIN_RETRY).await;
     };
+    if joined.spec.wallet != config.wallet_key.public_key() {
+        return Err(FleetError::WrongKeypair {
+            fleet: config.name,
+            wallet: joined.spec.wallet,
+            keypair: config.wallet_key.public_key(),
+        });
+    }
     let supplier = Supplier::for_fleet(
-        joined.spec.wallet.clone(),
+        config.wallet_key.clone(),
         &config.prices,
         config.region.clone(),
         config.zone.clone(),
