@@ -296,8 +296,27 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     })
     .await;
 
+    // A gang stays inside one fleet: two workers of 4 GPUs, with 4 free in each fleet, are
+    // refused, and the buyer is told what to change.
     let ns = hub.namespace("fleet-buyer").await.unwrap();
     let clusters: Api<GpuCluster> = Api::namespaced(admin.clone(), &ns);
+    let mut split = gpu_cluster("split", REGION, 4, BUYER_WALLET);
+    split.spec.workers = 2;
+    clusters.create(&PostParams::default(), &split).await.unwrap();
+    let refusal = eventually("the gang across two fleets to be refused", WAIT, || async {
+        let status = clusters.get("split").await.unwrap().status?;
+        let matched = status.conditions.into_iter().find(|c| c.type_ == "Matched")?;
+        (matched.status == "False" && matched.reason == "NoMatchingSupply")
+            .then_some(matched.message)
+    })
+    .await;
+    assert!(refusal.contains("a gang stays inside one fleet"), "{refusal}");
+    assert!(refusal.contains("e.g. spec.workers 1"), "{refusal}");
+    clusters.delete("split", &DeleteParams::default()).await.unwrap();
+    eventually("the refused GpuCluster gone", WAIT, || async {
+        clusters.get_opt("split").await.unwrap().is_none().then_some(())
+    })
+    .await;
 
     // A GpuCluster on the hub runs in fleet A (the cheaper), its worker in fleet A's cluster.
     let applied = Instant::now();

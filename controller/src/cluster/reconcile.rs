@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::fleet::{fleet_service, offer_fleet};
 use crate::market::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
 use crate::market::supply::market_request;
-use crate::matching::{self, Outcome};
+use crate::matching::{self, Outcome, Request};
 use crate::raycluster::{self, build_ray_cluster, dashboard_address, is_ready, ray_cluster_name};
 use crate::runtime::context::{Context, MANAGER};
 use crate::settlement::{self, DepositStatus};
@@ -191,7 +191,8 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     let replacing = cluster.status.as_ref().is_some_and(|s| s.start_time.is_some())
         || leases.iter().any(|l| !is_active(l));
     if missing > 0 {
-        let (bind, checked) = match_and_bind(cluster, ctx, missing, replacing, now).await?;
+        let within = gang_fleet(ctx, &active);
+        let (bind, checked) = match_and_bind(cluster, ctx, missing, replacing, within, now).await?;
         funding = checked;
         match bind {
             Bind::Unmatched(why) => {
@@ -330,16 +331,17 @@ async fn match_and_bind(
     ctx: &Context,
     workers: u32,
     replacing: bool,
+    within: Option<Option<String>>,
     now: Timestamp,
 ) -> Result<(Bind, Option<Result<String, String>>)> {
+    let request = Request { within, ..market_request(cluster, workers) };
     // The deposit is checked against a quote before anything is taken (the chain is slow, so
     // not under the lock); the bind below re-checks the final price against what was deposited.
     let deposited = match (&ctx.settler, replacing) {
         (Some(settler), false) => {
             let duration =
                 cluster.spec.duration().map_err(|e| Error::InvalidSpec(e.to_string()))?;
-            let quoted = match matching::quote(&ctx.supply(now), &market_request(cluster, workers))
-            {
+            let quoted = match matching::quote(&ctx.supply(now), &request) {
                 Outcome::Matched(assignment) => assignment.hourly_cost(),
                 Outcome::Unmatched(why) => return Ok((Bind::Unmatched(why.to_string()), None)),
             };
@@ -372,7 +374,6 @@ async fn match_and_bind(
     let (planned, funding) = {
         let _turn = ctx.bind_lock.lock().await;
         let supply = ctx.supply(now);
-        let request = market_request(cluster, workers);
         let outcome = {
             let _timer = ctx.metrics.match_latency.start_timer();
             // Oldest first: GPUs that older waiting requests (degraded clusters among them)
@@ -414,6 +415,14 @@ async fn match_and_bind(
     // The GPUs are ours once claimed: the leases are created without holding up other binds.
     let bound = binding::create_leases(&Api::all(ctx.client.clone()), &planned).await?;
     Ok((Bind::Bound(bound), funding))
+}
+
+/// The fleet the cluster's gang runs in while some of its workers run (`Some(None)`: the hub's
+/// own nodes), from its active leases' offers: lost workers are replaced there, as a gang stays
+/// inside one fleet. `None` when none runs.
+fn gang_fleet(ctx: &Context, active: &[&GpuLease]) -> Option<Option<String>> {
+    let offer = ctx.offers.get(&ObjectRef::new(&active.first()?.spec.offer))?;
+    Some(offer_fleet(&offer).map(str::to_owned))
 }
 
 fn offer_wallets(ctx: &Context) -> BTreeMap<String, String> {

@@ -98,6 +98,7 @@ pub fn market_offer(offer: &GpuOffer, now: Timestamp, timeout: Duration) -> Opti
         stake: offer.bonded_stake(),
         allocatable: offer.spec.allocatable,
         node_gpus: u32::try_from(offer.spec.gpus.len()).unwrap_or(u32::MAX),
+        fleet: crate::fleet::offer_fleet(offer).map(str::to_owned),
     })
 }
 
@@ -168,6 +169,7 @@ pub fn market_request(cluster: &GpuCluster, workers: u32) -> Request {
             memory_bytes: spec.per_worker.and_then(|p| p.memory_mib).map(|mib| mib << 20),
         },
         created: cluster.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
+        within: None,
     }
 }
 
