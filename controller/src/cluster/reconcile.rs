@@ -26,7 +26,7 @@ use super::status::{
 use crate::error::{Error, Result};
 use crate::fleet::{fleet_service, offer_fleet};
 use crate::market::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
-use crate::market::supply::market_request;
+use crate::market::supply::{gang_fleets, market_request};
 use crate::matching::{self, Outcome, Request};
 use crate::raycluster::{self, build_ray_cluster, dashboard_address, is_ready, ray_cluster_name};
 use crate::runtime::context::{Context, MANAGER};
@@ -191,7 +191,9 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     let replacing = cluster.status.as_ref().is_some_and(|s| s.start_time.is_some())
         || leases.iter().any(|l| !is_active(l));
     if missing > 0 {
-        let within = gang_fleet(ctx, &active);
+        let uid = cluster.uid().unwrap_or_default();
+        let within =
+            gang_fleets(active.iter().copied(), |o| ctx.offer_fleet(o)).remove(uid.as_str());
         let (bind, checked) = match_and_bind(cluster, ctx, missing, replacing, within, now).await?;
         funding = checked;
         match bind {
@@ -415,14 +417,6 @@ async fn match_and_bind(
     // The GPUs are ours once claimed: the leases are created without holding up other binds.
     let bound = binding::create_leases(&Api::all(ctx.client.clone()), &planned).await?;
     Ok((Bind::Bound(bound), funding))
-}
-
-/// The fleet the cluster's gang runs in while some of its workers run (`Some(None)`: the hub's
-/// own nodes), from its active leases' offers: lost workers are replaced there, as a gang stays
-/// inside one fleet. `None` when none runs.
-fn gang_fleet(ctx: &Context, active: &[&GpuLease]) -> Option<Option<String>> {
-    let offer = ctx.offers.get(&ObjectRef::new(&active.first()?.spec.offer))?;
-    Some(offer_fleet(&offer).map(str::to_owned))
 }
 
 fn offer_wallets(ctx: &Context) -> BTreeMap<String, String> {

@@ -112,30 +112,23 @@ pub(super) fn cheapest_slots(
             site.found += u64::from(slots);
         }
     }
+    if !sites.iter().any(|site| site.boundary.is_some()) {
+        let most = sites.into_iter().max_by(|a, b| {
+            a.found.cmp(&b.found).then_with(|| index.site_name(b.site).cmp(index.site_name(a.site)))
+        });
+        return Selection::Partial(most.map(|site| site.picks).unwrap_or_default());
+    }
     let best = sites
-        .iter()
+        .into_iter()
         .filter_map(|site| {
             let boundary = site.boundary?;
-            let picks = site_gang(index, site.picks.clone(), boundary, wanted, gang.placement);
+            let picks = site_gang(index, site.picks, boundary, wanted, gang.placement);
             let nodes = picks.len() as i64;
             let nodes = if gang.placement == Placement::Spread { -nodes } else { nodes };
             Some(((site.cost, nodes, index.site_name(site.site)), picks))
         })
         .min_by(|a, b| a.0.cmp(&b.0));
-    match best {
-        Some((_, picks)) => Selection::Complete(picks),
-        None => {
-            let most = sites
-                .into_iter()
-                .max_by(|a, b| {
-                    a.found
-                        .cmp(&b.found)
-                        .then_with(|| index.site_name(b.site).cmp(index.site_name(a.site)))
-                })
-                .map(|site| site.picks);
-            Selection::Partial(most.unwrap_or_default())
-        }
-    }
+    Selection::Complete(best.map(|(_, picks)| picks).unwrap_or_default())
 }
 
 /// The cheapest `wanted` of one site's `candidates` (in price order, none dearer than

@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
 
-use crate::market::supply::{gpu_lease, market_supply, placed_workers, waiting_requests};
+use crate::market::supply::{
+    gang_fleets, gpu_lease, market_supply, placed_workers, waiting_requests,
+};
 use crate::matching::{Offer, Request};
 use crate::raycluster::HeadPlacement;
 use crate::settlement::Settler;
@@ -189,8 +191,15 @@ impl Context {
         for (uid, workers, _) in recent.values() {
             *placed.entry(uid.as_str()).or_default() += workers;
         }
+        let fleets = gang_fleets(cached.iter().map(AsRef::as_ref), |o| self.offer_fleet(o));
         let clusters = self.clusters.state();
-        waiting_requests(clusters.iter().map(AsRef::as_ref), &placed)
+        waiting_requests(clusters.iter().map(AsRef::as_ref), &placed, &fleets)
+    }
+
+    /// The fleet of offer `name` (`Some(None)`: a node of the hub), if the cache has the offer.
+    pub fn offer_fleet(&self, name: &str) -> Option<Option<String>> {
+        let offer = self.offers.get(&ObjectRef::new(name))?;
+        Some(crate::fleet::offer_fleet(&offer).map(str::to_owned))
     }
 
     /// The pods labelled with `cluster` in its namespace.
