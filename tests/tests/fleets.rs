@@ -29,6 +29,7 @@ use gpumarket_crds::{
     fleet_offer_name,
 };
 use gpumarket_device_plugin::config::WalletKey;
+use gpumarket_device_plugin::fleet::workload::head_name;
 use gpumarket_device_plugin::fleet::{self, FleetConfig, join::join_objects};
 use gpumarket_device_plugin::offer::Reserve;
 use gpumarket_tests::kwok::GpuNode;
@@ -122,9 +123,25 @@ impl Fleet {
         }
     }
 
-    async fn workers(&self) -> Vec<Pod> {
+    /// Every pod the fleet runs for the market: Ray heads and workers.
+    async fn pods(&self) -> Vec<Pod> {
         let pods: Api<Pod> = Api::namespaced(self.env.client().await.unwrap(), &self.namespace);
         pods.list(&ListParams::default()).await.unwrap().items
+    }
+
+    /// The Ray worker pods (those of a lease).
+    async fn workers(&self) -> Vec<Pod> {
+        let mut pods = self.pods().await;
+        pods.retain(|p| p.labels().contains_key("gpumarket.io/lease"));
+        pods
+    }
+
+    /// The Running Ray head of the cluster with uid `uid`, if any.
+    async fn running_head(&self, uid: &str) -> Option<Pod> {
+        self.pods().await.into_iter().find(|p| {
+            p.name_any() == head_name(uid)
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
     }
 }
 
@@ -345,7 +362,12 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     assert_eq!(spec.node_name.as_deref(), Some("gpu-1"));
     let limits = spec.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap();
     assert_eq!(limits["nvidia.com/gpu"].0, "4");
-    assert!(fleet_b.workers().await.is_empty(), "nothing runs in fleet B");
+    // The cluster's Ray head runs in fleet A too, and the worker joins it there.
+    let uid = lease.spec.cluster.uid.clone();
+    eventually("the Ray head Running in fleet A", WAIT, || fleet_a.running_head(&uid)).await;
+    let command = spec.containers[0].command.as_ref().unwrap().join(" ");
+    assert!(command.contains(&format!("--address={}:6379", head_name(&uid))), "{command}");
+    assert!(fleet_b.pods().await.is_empty(), "nothing runs in fleet B");
     eventually("the lease to serve from fleet A's report", WAIT, || async {
         let lease = leases.get(&lease.name_any()).await.unwrap();
         lease.status?.serving_since
@@ -470,6 +492,7 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
         (offer_b.as_str(), wallet_b.as_str())
     );
     let to_replaced = stopped.elapsed();
+    eventually("the Ray head Running in fleet B", WAIT, || fleet_b.running_head(&uid)).await;
     let events = hub_events(hub, &ns).await;
     assert!(
         events.iter().any(|e| e.contains("Replaced")),
@@ -573,8 +596,8 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
         "paid to the fleet's wallet"
     );
     assert_eq!(buyer_before - sol.balance(&buyer.pubkey()).await.unwrap(), paid, "rest refunded");
-    eventually("the fleet to remove the worker of the ended lease", WAIT, || async {
-        fleet.workers().await.is_empty().then_some(())
+    eventually("the fleet to remove the worker and head of the ended lease", WAIT, || async {
+        fleet.pods().await.is_empty().then_some(())
     })
     .await;
 }
