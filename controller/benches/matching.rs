@@ -329,6 +329,7 @@ fn gen_offer(rng: &mut StdRng, i: usize) -> Offer {
             .random_bool(0.9)
             .then_some(HostResources { cpu_millicores: 128_000, memory_bytes: 1 << 40 }),
         node_gpus: 8,
+        fleet: None,
     }
 }
 
@@ -359,6 +360,7 @@ fn gen_request(rng: &mut StdRng, i: usize) -> Request {
             memory_bytes: None,
         },
         created: rng.random_range(0..100_000),
+        within: None,
     }
 }
 

@@ -305,16 +305,17 @@ impl Supplier {
         })
     }
 
-    /// A fleet's settings: the wallet of its GpuFleet on the hub, its `--price` flags and
-    /// location.
+    /// A fleet's settings: its wallet's keypair (the GpuFleet's wallet on the hub is its public
+    /// key), which signs every offer, its `--price` flags and location.
     pub fn for_fleet(
-        wallet: String,
+        wallet_key: WalletKey,
         prices: &[String],
         region: Option<String>,
         zone: Option<String>,
     ) -> Result<Supplier, ConfigError> {
         let prices = prices.iter().map(|p| parse_price(p)).collect::<Result<_, _>>()?;
-        Supplier::validated(Supplier { wallet, wallet_key: None, prices, region, zone })
+        let wallet = wallet_key.public_key();
+        Supplier::validated(Supplier { wallet, wallet_key: Some(wallet_key), prices, region, zone })
     }
 
     fn validated(self) -> Result<Supplier, ConfigError> {

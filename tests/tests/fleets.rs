@@ -2,9 +2,10 @@
 //! (etcd, kube-apiserver, controller-manager, scheduler, KWOK GPU nodes), and the real Solana
 //! validator for a fleet's payouts. The hub admin applies
 //! each fleet's join objects (`gpumarket-fleet join`) and the chart's fleet-isolation policy; each
-//! fleet agent runs with its own cluster's client and a hub client holding only its join
-//! credential (a ServiceAccount token from the hub's TokenRequest API). The hub never gets a
-//! client of a fleet.
+//! fleet agent runs with its own cluster's client, a hub client holding only its join
+//! credential (a ServiceAccount token from the hub's TokenRequest API) and its wallet's keypair,
+//! which signs its offers: the hub controller requires signed offers, as by default. The hub
+//! never gets a client of a fleet.
 //!
 //! The controller and the fleet agents run in-process (`gpumarket_controller::run`,
 //! `gpumarket_device_plugin::fleet::run`); stopping a fleet is dropping its task.
@@ -20,10 +21,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gpumarket_controller::settlement::{SettlementConfig, Settler};
+use gpumarket_controller::verification::{self, NOT_THE_FLEETS_WALLET};
 use gpumarket_controller::{Config, Settings};
+use gpumarket_crds::signature::sign;
 use gpumarket_crds::{
-    FLEET_NAMESPACE, GpuCluster, GpuFleet, GpuLease, GpuOffer, LeasePhase, fleet_offer_name,
+    FLEET_NAMESPACE, GpuCluster, GpuFleet, GpuLease, GpuOffer, GpuOfferSpec, LeasePhase,
+    fleet_offer_name,
 };
+use gpumarket_device_plugin::config::WalletKey;
+use gpumarket_device_plugin::fleet::workload::head_name;
 use gpumarket_device_plugin::fleet::{self, FleetConfig, join::join_objects};
 use gpumarket_device_plugin::offer::Reserve;
 use gpumarket_tests::kwok::GpuNode;
@@ -31,15 +37,14 @@ use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::{Env, EnvOptions, eventually};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use solana_sdk::signature::Signer;
+use solana_sdk::signature::{Keypair, Signer};
 use support::InProcessController;
 
-const WALLET_A: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
-const WALLET_B: &str = "9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin";
+const BUYER_WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
 const REGION: &str = "fleets";
 const HEARTBEAT: Duration = Duration::from_secs(2);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(8);
@@ -48,6 +53,8 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A fleet: its own control plane and KWOK GPU nodes, and (while running) its agent.
 struct Fleet {
     name: &'static str,
+    /// The keypair of its GpuFleet's wallet, which signs its offers.
+    wallet: WalletKey,
     env: Env,
     namespace: String,
     /// Hub requests made with this fleet's credential.
@@ -58,17 +65,24 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn start(name: &'static str, wallet: &str, region: &str, price: u64, hub: &Env) -> Fleet {
+    async fn start(
+        name: &'static str,
+        wallet: WalletKey,
+        region: &str,
+        price: u64,
+        hub: &Env,
+    ) -> Fleet {
         let keep_dir = std::env::var_os("GPUMARKET_KEEP_ENV").is_some_and(|v| v == "1");
         let options = EnvOptions { keep_dir, ..EnvOptions::default() };
         let env = Env::start(options).await.expect("a fleet control plane");
         eprintln!("{name}: control plane in {}", env.dir().display());
         env.add_gpu_nodes(&[GpuNode::new("gpu-1", "H100", 4).region(region)]).await.unwrap();
         let namespace = env.namespace("gpumarket-workloads").await.unwrap();
-        apply(hub, &join_objects(name, wallet).unwrap());
+        apply(hub, &join_objects(name, &wallet.public_key()).unwrap());
         let hub_requests = Arc::new(AtomicU64::new(0));
         let mut fleet = Fleet {
             name,
+            wallet,
             env,
             namespace,
             hub_requests,
@@ -86,6 +100,7 @@ impl Fleet {
         let credential = join_credential(hub, self.name, Some(self.hub_requests.clone())).await;
         let config = FleetConfig {
             name: self.name.into(),
+            wallet_key: self.wallet.clone(),
             prices: vec![format!("H100={price}")],
             region: None,
             zone: None,
@@ -108,9 +123,25 @@ impl Fleet {
         }
     }
 
-    async fn workers(&self) -> Vec<Pod> {
+    /// Every pod the fleet runs for the market: Ray heads and workers.
+    async fn pods(&self) -> Vec<Pod> {
         let pods: Api<Pod> = Api::namespaced(self.env.client().await.unwrap(), &self.namespace);
         pods.list(&ListParams::default()).await.unwrap().items
+    }
+
+    /// The Ray worker pods (those of a lease).
+    async fn workers(&self) -> Vec<Pod> {
+        let mut pods = self.pods().await;
+        pods.retain(|p| p.labels().contains_key("gpumarket.io/lease"));
+        pods
+    }
+
+    /// The Running Ray head of the cluster with uid `uid`, if any.
+    async fn running_head(&self, uid: &str) -> Option<Pod> {
+        self.pods().await.into_iter().find(|p| {
+            p.name_any() == head_name(uid)
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
     }
 }
 
@@ -229,7 +260,7 @@ fn fleet_offer_manifest(fleet: &str, name: &str) -> Value {
         "metadata": {"name": name, "labels": {"gpumarket.io/fleet": fleet}},
         "spec": {
             "nodeName": name,
-            "wallet": WALLET_A,
+            "wallet": BUYER_WALLET,
             "gpus": [{"uuid": "GPU-x-0", "model": "H100", "memoryMib": 81920}],
             "pricePerGpuHour": 1,
             "region": REGION,
@@ -247,9 +278,6 @@ fn start_hub_controller(client: &Client, settler: Option<Arc<Settler>>) -> InPro
             heartbeat_timeout: HEARTBEAT_TIMEOUT,
             orphan_grace: Duration::from_secs(2),
             provisioning_timeout: Duration::from_secs(120),
-            // Fleets do not sign their offers yet: the hub trusts the fleet's confined
-            // credential and the wallet of its GpuFleet instead.
-            require_signed_offers: false,
             ..Settings::default()
         },
         ..Config::default()
@@ -270,10 +298,12 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     let offers: Api<GpuOffer> = Api::all(admin.clone());
     let offer_a = fleet_offer_name("fleet-a", "gpu-1");
     let offer_b = fleet_offer_name("fleet-b", "gpu-1");
-    let mut fleet_a = Fleet::start("fleet-a", WALLET_A, REGION, 2_000_000, hub).await;
-    let joined_a = offer_available(&offers, &offer_a, WALLET_A, fleet_a.agent_started).await;
-    let fleet_b = Fleet::start("fleet-b", WALLET_B, REGION, 3_000_000, hub).await;
-    let joined_b = offer_available(&offers, &offer_b, WALLET_B, fleet_b.agent_started).await;
+    let (key_a, key_b) = (new_wallet(), new_wallet());
+    let (wallet_a, wallet_b) = (key_a.public_key(), key_b.public_key());
+    let mut fleet_a = Fleet::start("fleet-a", key_a, REGION, 2_000_000, hub).await;
+    let joined_a = offer_available(&offers, &offer_a, &wallet_a, fleet_a.agent_started).await;
+    let fleet_b = Fleet::start("fleet-b", key_b, REGION, 3_000_000, hub).await;
+    let joined_b = offer_available(&offers, &offer_b, &wallet_b, fleet_b.agent_started).await;
     let fleets: Api<GpuFleet> = Api::all(admin.clone());
     eventually("fleet-a to be Joined", WAIT, || async {
         let fleet = fleets.get("fleet-a").await.unwrap();
@@ -283,12 +313,32 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     })
     .await;
 
-    // A GpuCluster on the hub runs in fleet A (the cheaper), its worker in fleet A's cluster.
+    // A gang stays inside one fleet: two workers of 4 GPUs, with 4 free in each fleet, are
+    // refused, and the buyer is told what to change.
     let ns = hub.namespace("fleet-buyer").await.unwrap();
     let clusters: Api<GpuCluster> = Api::namespaced(admin.clone(), &ns);
+    let mut split = gpu_cluster("split", REGION, 4, BUYER_WALLET);
+    split.spec.workers = 2;
+    clusters.create(&PostParams::default(), &split).await.unwrap();
+    let refusal = eventually("the gang across two fleets to be refused", WAIT, || async {
+        let status = clusters.get("split").await.unwrap().status?;
+        let matched = status.conditions.into_iter().find(|c| c.type_ == "Matched")?;
+        (matched.status == "False" && matched.reason == "NoMatchingSupply")
+            .then_some(matched.message)
+    })
+    .await;
+    assert!(refusal.contains("a gang stays inside one fleet"), "{refusal}");
+    assert!(refusal.contains("e.g. spec.workers 1"), "{refusal}");
+    clusters.delete("split", &DeleteParams::default()).await.unwrap();
+    eventually("the refused GpuCluster gone", WAIT, || async {
+        clusters.get_opt("split").await.unwrap().is_none().then_some(())
+    })
+    .await;
+
+    // A GpuCluster on the hub runs in fleet A (the cheaper), its worker in fleet A's cluster.
     let applied = Instant::now();
     clusters
-        .create(&PostParams::default(), &gpu_cluster("llm", REGION, 4, WALLET_A))
+        .create(&PostParams::default(), &gpu_cluster("llm", REGION, 4, BUYER_WALLET))
         .await
         .unwrap();
     let leases: Api<GpuLease> = Api::all(admin.clone());
@@ -296,7 +346,7 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
         leases.list(&ListParams::default()).await.unwrap().items.into_iter().find(|l| {
             l.spec.cluster.namespace == ns
                 && l.spec.offer == offer_a
-                && l.spec.supplier_wallet == WALLET_A
+                && l.spec.supplier_wallet == wallet_a
         })
     })
     .await;
@@ -312,7 +362,12 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     assert_eq!(spec.node_name.as_deref(), Some("gpu-1"));
     let limits = spec.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap();
     assert_eq!(limits["nvidia.com/gpu"].0, "4");
-    assert!(fleet_b.workers().await.is_empty(), "nothing runs in fleet B");
+    // The cluster's Ray head runs in fleet A too, and the worker joins it there.
+    let uid = lease.spec.cluster.uid.clone();
+    eventually("the Ray head Running in fleet A", WAIT, || fleet_a.running_head(&uid)).await;
+    let command = spec.containers[0].command.as_ref().unwrap().join(" ");
+    assert!(command.contains(&format!("--address={}:6379", head_name(&uid))), "{command}");
+    assert!(fleet_b.pods().await.is_empty(), "nothing runs in fleet B");
     eventually("the lease to serve from fleet A's report", WAIT, || async {
         let lease = leases.get(&lease.name_any()).await.unwrap();
         lease.status?.serving_since
@@ -374,6 +429,29 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
         fleets_a.patch_status("fleet-a", &PatchParams::default(), &Patch::Merge(&assign)).await,
     );
     assert!(message.contains("assignments are the hub's"), "{message}");
+    // A fleet's offer is paid to its GpuFleet's wallet: one that names another wallet (signed
+    // with that wallet's own key) is written, but the hub never matches it.
+    let other = Keypair::new();
+    let mut rogue = fleet_offer_manifest("fleet-a", "fleet-a.rogue");
+    let mut spec: GpuOfferSpec = serde_json::from_value(rogue["spec"].clone()).unwrap();
+    spec.wallet = other.pubkey().to_string();
+    rogue["spec"] = serde_json::to_value(sign(&spec, &other)).unwrap();
+    offers_a.patch("fleet-a.rogue", &apply, &Patch::Apply(&rogue)).await.unwrap();
+    let condition = eventually("the hub to refuse an offer of another wallet", WAIT, || async {
+        let offer = offers.get("fleet-a.rogue").await.unwrap();
+        verification::condition(&offer).cloned()
+    })
+    .await;
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", NOT_THE_FLEETS_WALLET)
+    );
+    assert!(
+        condition.message.contains("not the wallet of GpuFleet fleet-a"),
+        "{}",
+        condition.message
+    );
+    offers.delete("fleet-a.rogue", &DeleteParams::default()).await.unwrap();
     refused(
         "report on fleet B",
         fleets_a
@@ -411,9 +489,10 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
         leases.get(replaced.labels().get("gpumarket.io/lease").unwrap()).await.unwrap();
     assert_eq!(
         (replacement.spec.offer.as_str(), replacement.spec.supplier_wallet.as_str()),
-        (offer_b.as_str(), WALLET_B)
+        (offer_b.as_str(), wallet_b.as_str())
     );
     let to_replaced = stopped.elapsed();
+    eventually("the Ray head Running in fleet B", WAIT, || fleet_b.running_head(&uid)).await;
     let events = hub_events(hub, &ns).await;
     assert!(
         events.iter().any(|e| e.contains("Replaced")),
@@ -453,8 +532,9 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
 
     // 1000 base units per GPU-second, paid to the wallet of the fleet's GpuFleet.
     let price = 3_600_000;
-    let fleet_wallet = read_keypair(&sol.suppliers[0]).unwrap().pubkey();
-    let fleet = Fleet::start("fleet-pay", &fleet_wallet.to_string(), "fleet-pay", price, hub).await;
+    let fleet_key = WalletKey(Arc::new(read_keypair(&sol.suppliers[0]).unwrap()));
+    let fleet_wallet = fleet_key.0.pubkey();
+    let fleet = Fleet::start("fleet-pay", fleet_key, "fleet-pay", price, hub).await;
     offer_available(
         &Api::all(admin.clone()),
         &fleet_offer_name("fleet-pay", "gpu-1"),
@@ -516,26 +596,38 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
         "paid to the fleet's wallet"
     );
     assert_eq!(buyer_before - sol.balance(&buyer.pubkey()).await.unwrap(), paid, "rest refunded");
-    eventually("the fleet to remove the worker of the ended lease", WAIT, || async {
-        fleet.workers().await.is_empty().then_some(())
+    eventually("the fleet to remove the worker and head of the ended lease", WAIT, || async {
+        fleet.pods().await.is_empty().then_some(())
     })
     .await;
 }
 
-/// Waits for `name` to be Available on the hub, paid to `wallet`, with the node's 4 GPUs; how
-/// long after `since` it was.
+/// A new wallet's keypair.
+fn new_wallet() -> WalletKey {
+    WalletKey(Arc::new(Keypair::new()))
+}
+
+/// Waits for `name` to be Available and Verified on the hub, paid to `wallet`, with the node's
+/// 4 GPUs; how long after `since` it was.
 async fn offer_available(
     offers: &Api<GpuOffer>,
     name: &str,
     wallet: &str,
     since: Instant,
 ) -> Duration {
-    let published = eventually("the fleet's offer to be Available on the hub", WAIT, || async {
-        offers.get_opt(name).await.unwrap().filter(GpuOffer::is_available)
-    })
-    .await;
+    let published =
+        eventually("the fleet's offer to be Available and Verified on the hub", WAIT, || async {
+            offers
+                .get_opt(name)
+                .await
+                .unwrap()
+                .filter(|o| o.is_available() && verification::admitted(o))
+        })
+        .await;
     let elapsed = since.elapsed();
     assert_eq!(published.spec.wallet, wallet);
+    let verified = verification::condition(&published).unwrap();
+    assert_eq!(verified.reason, "Signed", "signed by the fleet's wallet: {}", verified.message);
     assert_eq!(published.spec.gpus.len(), 4);
     elapsed
 }

@@ -27,8 +27,8 @@ use super::status::{
 use crate::error::{Error, Result};
 use crate::fleet::{fleet_service, offer_fleet};
 use crate::market::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
-use crate::market::supply::market_request;
-use crate::matching::{self, Outcome};
+use crate::market::supply::{gang_fleets, market_request};
+use crate::matching::{self, Outcome, Request};
 use crate::raycluster::{self, build_ray_cluster, dashboard_address, is_ready, ray_cluster_name};
 use crate::runtime::context::{Context, MANAGER};
 use crate::settlement::{self, DepositStatus};
@@ -202,7 +202,10 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     let replacing = cluster.status.as_ref().is_some_and(|s| s.start_time.is_some())
         || leases.iter().any(|l| !is_active(l));
     if missing > 0 {
-        let (bind, checked) = match_and_bind(cluster, ctx, missing, replacing, now).await?;
+        let uid = cluster.uid().unwrap_or_default();
+        let within =
+            gang_fleets(active.iter().copied(), |o| ctx.offer_fleet(o)).remove(uid.as_str());
+        let (bind, checked) = match_and_bind(cluster, ctx, missing, replacing, within, now).await?;
         funding = checked;
         match bind {
             Bind::Unmatched(why) => {
@@ -342,16 +345,17 @@ async fn match_and_bind(
     ctx: &Context,
     workers: u32,
     replacing: bool,
+    within: Option<Option<String>>,
     now: Timestamp,
 ) -> Result<(Bind, Option<Result<String, String>>)> {
+    let request = Request { within, ..market_request(cluster, workers) };
     // The deposit is checked against a quote before anything is taken (the chain is slow, so
     // not under the lock); the bind below re-checks the final price against what was deposited.
     let deposited = match (&ctx.settler, replacing) {
         (Some(settler), false) => {
             let duration =
                 cluster.spec.duration().map_err(|e| Error::InvalidSpec(e.to_string()))?;
-            let quoted = match matching::quote(&ctx.supply(now), &market_request(cluster, workers))
-            {
+            let quoted = match matching::quote(&ctx.supply(now), &request) {
                 Outcome::Matched(assignment) => assignment.hourly_cost(),
                 Outcome::Unmatched(why) => return Ok((Bind::Unmatched(why.to_string()), None)),
             };
@@ -384,7 +388,6 @@ async fn match_and_bind(
     let (planned, funding) = {
         let _turn = ctx.bind_lock.lock().await;
         let supply = ctx.supply(now);
-        let request = market_request(cluster, workers);
         let outcome = {
             let _timer = ctx.metrics.match_latency.start_timer();
             // Oldest first: GPUs that older waiting requests (degraded clusters among them)

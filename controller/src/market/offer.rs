@@ -83,6 +83,7 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
         &listed,
         &ctx.signatures,
         ctx.settings().require_signed_offers,
+        &|fleet| ctx.fleet_wallet(fleet),
     );
     let status = offer.status.clone().unwrap_or_default();
     let mut conditions = status.conditions.clone();

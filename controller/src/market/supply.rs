@@ -98,6 +98,7 @@ pub fn market_offer(offer: &GpuOffer, now: Timestamp, timeout: Duration) -> Opti
         stake: offer.bonded_stake(),
         allocatable: offer.spec.allocatable,
         node_gpus: u32::try_from(offer.spec.gpus.len()).unwrap_or(u32::MAX),
+        fleet: crate::fleet::offer_fleet(offer).map(str::to_owned),
     })
 }
 
@@ -121,11 +122,27 @@ pub fn placed_workers<'a>(leases: impl IntoIterator<Item = &'a GpuLease>) -> Has
     placed
 }
 
-/// Requests of the clusters looking for GPUs, each for its workers not `placed` yet: the queue
-/// a match waits its turn in.
+/// The fleet each cluster's gang runs in (`None`: the hub's own nodes), by cluster uid: that of
+/// the offer of one of its active leases, as `offer_fleet` tells it from the offer's name
+/// (`None` for an offer it does not know). Its lost workers are replaced there: a gang stays
+/// inside one fleet.
+pub fn gang_fleets<'a>(
+    leases: impl IntoIterator<Item = &'a GpuLease>,
+    offer_fleet: impl Fn(&str) -> Option<Option<String>>,
+) -> HashMap<&'a str, Option<String>> {
+    leases
+        .into_iter()
+        .filter(|l| crate::cluster::status::is_active(l))
+        .filter_map(|l| Some((l.spec.cluster.uid.as_str(), offer_fleet(&l.spec.offer)?)))
+        .collect()
+}
+
+/// Requests of the clusters looking for GPUs, each for its workers not `placed` yet, within the
+/// fleet of the rest of its gang (from [`gang_fleets`]): the queue a match waits its turn in.
 pub fn waiting_requests<'a>(
     clusters: impl IntoIterator<Item = &'a GpuCluster>,
     placed: &HashMap<&str, u32>,
+    fleets: &HashMap<&str, Option<String>>,
 ) -> Vec<Request> {
     clusters
         .into_iter()
@@ -133,7 +150,7 @@ pub fn waiting_requests<'a>(
         .map(|c| {
             let uid = c.metadata.uid.as_deref().unwrap_or_default();
             let missing = c.spec.workers.saturating_sub(placed.get(uid).copied().unwrap_or(0));
-            market_request(c, missing)
+            Request { within: fleets.get(uid).cloned(), ..market_request(c, missing) }
         })
         .filter(|r| r.workers > 0)
         .collect()
@@ -168,13 +185,14 @@ pub fn market_request(cluster: &GpuCluster, workers: u32) -> Request {
             memory_bytes: spec.per_worker.and_then(|p| p.memory_mib).map(|mib| mib << 20),
         },
         created: cluster.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
+        within: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mk_offer, now};
+    use crate::testing::{mk_cluster, mk_lease, mk_offer, now};
 
     #[test]
     fn stale_heartbeat_takes_the_offer_off_the_market() {
@@ -198,6 +216,36 @@ mod tests {
         let mut offer = mk_offer("node-a", "H100", 1, now());
         offer.spec.wallet = "1".repeat(44); // the right characters, but 44 zero bytes
         assert!(market_offer(&offer, now(), Duration::from_secs(60)).is_none());
+    }
+
+    #[test]
+    fn a_degraded_clusters_lost_workers_wait_for_the_fleet_its_gang_runs_in() {
+        let (degraded, on_hub, new) =
+            (mk_cluster("degraded", 3, 1), mk_cluster("on-hub", 2, 1), mk_cluster("new", 1, 1));
+        let mut ended = mk_lease(&degraded, "fleet-a.n2", &["g9"], 1);
+        ended.status.get_or_insert_default().phase = Some(gpumarket_crds::LeasePhase::Ended);
+        let leases = [
+            mk_lease(&degraded, "fleet-a.n1", &["g0", "g1"], 2),
+            ended,
+            mk_lease(&on_hub, "hub-node", &["g2"], 1),
+        ];
+        let offer_fleet =
+            |offer: &str| Some(offer.split_once('.').map(|(fleet, _)| fleet.to_owned()));
+        let fleets = gang_fleets(&leases, offer_fleet);
+        let placed = placed_workers(&leases);
+        let queue = waiting_requests([&degraded, &on_hub, &new], &placed, &fleets);
+        let asked: Vec<(&str, u32, Option<Option<&str>>)> = queue
+            .iter()
+            .map(|r| (r.key.as_str(), r.workers, r.within.as_ref().map(Option::as_deref)))
+            .collect();
+        assert_eq!(
+            asked,
+            [
+                ("ns/degraded", 1, Some(Some("fleet-a"))),
+                ("ns/on-hub", 1, Some(None)),
+                ("ns/new", 1, None),
+            ]
+        );
     }
 
     #[test]

@@ -34,17 +34,25 @@ pub struct Best {
 pub fn best_gang(offers: &[Offer], request: &Request) -> Option<Best> {
     let free: Vec<u32> = offers.iter().map(|o| o.free_gpus.len() as u32).collect();
     let mut best: Option<Best> = None;
-    for_each_gang(&slots(offers, &free, request), request.workers, &mut Vec::new(), &mut |x| {
-        let cost = gang_cost(offers, request, x);
-        let nodes = x.iter().filter(|&&w| w > 0).count();
-        best = Some(match best {
-            Some(b) if b.cost < cost => b,
-            Some(b) if b.cost == cost => {
-                Best { cost, min_nodes: b.min_nodes.min(nodes), max_nodes: b.max_nodes.max(nodes) }
-            }
-            _ => Best { cost, min_nodes: nodes, max_nodes: nodes },
-        });
-    });
+    for_each_gang(
+        offers,
+        &slots(offers, &free, request),
+        request.workers,
+        &mut Vec::new(),
+        &mut |x| {
+            let cost = gang_cost(offers, request, x);
+            let nodes = x.iter().filter(|&&w| w > 0).count();
+            best = Some(match best {
+                Some(b) if b.cost < cost => b,
+                Some(b) if b.cost == cost => Best {
+                    cost,
+                    min_nodes: b.min_nodes.min(nodes),
+                    max_nodes: b.max_nodes.max(nodes),
+                },
+                _ => Best { cost, min_nodes: nodes, max_nodes: nodes },
+            });
+        },
+    );
     best
 }
 
@@ -59,14 +67,20 @@ fn best_total_from(offers: &[Offer], free: &[u32], requests: &[Request]) -> Opti
         return Some(0);
     };
     let mut best: Option<u64> = None;
-    for_each_gang(&slots(offers, free, request), request.workers, &mut Vec::new(), &mut |x| {
-        let left: Vec<u32> =
-            free.iter().zip(x).map(|(f, w)| f - w * request.gpus_per_worker).collect();
-        if let Some(rest_cost) = best_total_from(offers, &left, rest) {
-            let total = gang_cost(offers, request, x) + rest_cost;
-            best = Some(best.map_or(total, |b| b.min(total)));
-        }
-    });
+    for_each_gang(
+        offers,
+        &slots(offers, free, request),
+        request.workers,
+        &mut Vec::new(),
+        &mut |x| {
+            let left: Vec<u32> =
+                free.iter().zip(x).map(|(f, w)| f - w * request.gpus_per_worker).collect();
+            if let Some(rest_cost) = best_total_from(offers, &left, rest) {
+                let total = gang_cost(offers, request, x) + rest_cost;
+                best = Some(best.map_or(total, |b| b.min(total)));
+            }
+        },
+    );
     best
 }
 
@@ -95,19 +109,25 @@ fn ranked_from(
     // Request by request: matched before unmatched, then cheaper, then nodes as placed.
     type Ranked = Vec<(bool, u64, i64)>;
     let mut best: Option<(Ranked, Vec<Option<u64>>)> = None;
-    for_each_gang(&slots(offers, free, request), request.workers, &mut Vec::new(), &mut |x| {
-        let left: Vec<u32> =
-            free.iter().zip(x).map(|(f, w)| f - w * request.gpus_per_worker).collect();
-        let cost = gang_cost(offers, request, x);
-        let nodes = x.iter().filter(|&&w| w > 0).count() as i64;
-        let nodes = if request.placement == Placement::Spread { -nodes } else { nodes };
-        let (rest_rank, rest_costs) = ranked_from(offers, &left, rest);
-        let rank: Ranked = std::iter::once((false, cost, nodes)).chain(rest_rank).collect();
-        if best.as_ref().is_none_or(|(b, _)| rank < *b) {
-            let costs = std::iter::once(Some(cost)).chain(rest_costs).collect();
-            best = Some((rank, costs));
-        }
-    });
+    for_each_gang(
+        offers,
+        &slots(offers, free, request),
+        request.workers,
+        &mut Vec::new(),
+        &mut |x| {
+            let left: Vec<u32> =
+                free.iter().zip(x).map(|(f, w)| f - w * request.gpus_per_worker).collect();
+            let cost = gang_cost(offers, request, x);
+            let nodes = x.iter().filter(|&&w| w > 0).count() as i64;
+            let nodes = if request.placement == Placement::Spread { -nodes } else { nodes };
+            let (rest_rank, rest_costs) = ranked_from(offers, &left, rest);
+            let rank: Ranked = std::iter::once((false, cost, nodes)).chain(rest_rank).collect();
+            if best.as_ref().is_none_or(|(b, _)| rank < *b) {
+                let costs = std::iter::once(Some(cost)).chain(rest_costs).collect();
+                best = Some((rank, costs));
+            }
+        },
+    );
     best.unwrap_or_else(|| {
         let (rest_rank, rest_costs) = ranked_from(offers, free, rest);
         (
@@ -134,22 +154,27 @@ fn gang_cost(offers: &[Offer], request: &Request, workers_per_offer: &[u32]) -> 
         .sum()
 }
 
-/// Calls `visit` with every way to place `workers` workers within `slots` per offer.
+/// Calls `visit` with every way to place `workers` workers within `slots` per offer, all on
+/// offers of one fleet (or all on the hub's own nodes).
 fn for_each_gang(
+    offers: &[Offer],
     slots: &[u32],
     workers: u32,
     chosen: &mut Vec<u32>,
     visit: &mut dyn FnMut(&[u32]),
 ) {
     let Some(&here) = slots.get(chosen.len()) else {
-        if workers == 0 {
+        let mut fleets =
+            offers.iter().zip(chosen.iter()).filter(|(_, w)| **w > 0).map(|(o, _)| &o.fleet);
+        let one_site = fleets.next().is_none_or(|first| fleets.all(|f| f == first));
+        if workers == 0 && one_site {
             visit(chosen);
         }
         return;
     };
     for w in 0..=here.min(workers) {
         chosen.push(w);
-        for_each_gang(slots, workers - w, chosen, visit);
+        for_each_gang(offers, slots, workers - w, chosen, visit);
         chosen.pop();
     }
 }

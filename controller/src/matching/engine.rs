@@ -187,10 +187,14 @@ impl<'a> Market<'a> {
         Ok(cheapest_slots(&self.index, &need, &gang, |e| self.usable(e, request)))
     }
 
-    /// GPUs of the entry that the request may take: all unassigned ones for the holder, the
-    /// unassigned and unheld ones for everyone else.
+    /// GPUs of the entry that the request may take: none outside the fleet it must be in, all
+    /// unassigned ones for the holder, the unassigned and unheld ones for everyone else.
     fn usable(&self, entry: &Entry, request: &Request) -> u32 {
-        if self.holder.as_deref() == Some(request.key.as_str()) {
+        if let Some(within) = &request.within
+            && self.index.site_name(entry.site) != within.as_deref().unwrap_or_default()
+        {
+            0
+        } else if self.holder.as_deref() == Some(request.key.as_str()) {
             entry.unassigned()
         } else {
             entry.unassigned() - entry.held
@@ -255,9 +259,11 @@ impl<'a> Market<'a> {
             held: None,
             taken_by_older: 0,
             binding: None,
+            largest_site: None,
             models_on_offer: super::explain::models_on_offer(&self.index, &need),
         };
         let mut held = 0;
+        let mut usable_by_site = vec![0u64; self.index.site_count()];
         let mut relaxed = [0u64; Constraint::ALL.len()];
         for entry in &self.index.entries {
             let usable = self.usable(entry, request);
@@ -265,6 +271,7 @@ impl<'a> Market<'a> {
                 0 => {
                     why.free_matching += u64::from(usable);
                     why.usable += whole(usable);
+                    usable_by_site[entry.site as usize] += whole(usable);
                     held += whole(entry.unassigned()) - whole(usable);
                     why.taken_by_older += whole(entry.free) - whole(entry.unassigned());
                 }
@@ -273,6 +280,13 @@ impl<'a> Market<'a> {
                 }
                 _ => {}
             }
+        }
+        // Enough usable GPUs and no gang: they are in too many places.
+        if why.usable >= why.needed() {
+            why.largest_site = (0..self.index.site_count())
+                .map(|site| (usable_by_site[site], self.index.site_name(site as u32)))
+                .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)))
+                .map(|(gpus, site)| (site.to_owned(), gpus));
         }
         if let Some(holder) = self.holder.as_ref().filter(|_| held > 0) {
             why.held = Some((holder.clone(), held));

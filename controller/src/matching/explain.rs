@@ -73,6 +73,10 @@ pub struct Shortage {
     pub taken_by_older: u64,
     /// The constraint whose relaxation alone would add the most usable GPUs, and how many.
     pub binding: Option<(Constraint, u64)>,
+    /// When the usable GPUs would be enough together but no one site has enough of them (a gang
+    /// stays inside one fleet, or on the hub's own nodes): the site with the most usable GPUs
+    /// (a fleet's name, "" for the hub's own nodes), and how many it has.
+    pub largest_site: Option<(String, u64)>,
     /// When offers are on the market but not one lists a model the request accepts (a typo in
     /// `spec.gpu.models`, or a tier nobody offers): the models that are on offer, each once.
     pub models_on_offer: Option<Box<[String]>>,
@@ -167,6 +171,21 @@ impl fmt::Display for Shortage {
             };
         }
         write!(f, "; {} free match all constraints", self.free_matching)?;
+        if let Some((site, gpus)) = &self.largest_site {
+            let place = if site.is_empty() {
+                "on the hub's own nodes".to_owned()
+            } else {
+                format!("in fleet {site}")
+            };
+            return write!(
+                f,
+                " but no one fleet has {needed} of them, and a gang stays inside one fleet (or \
+                 on the hub's own nodes): the most in one place is {gpus} ({place}); ask for at \
+                 most {gpus} GPUs (spec.workers × spec.gpusPerWorker, e.g. spec.workers {}), or \
+                 wait for one fleet to have {needed} free",
+                gpus / u64::from(r.gpus_per_worker.max(1))
+            );
+        }
         if self.usable < self.free_matching {
             write!(f, " but only {} of them form whole workers", self.usable)?;
         }
@@ -239,6 +258,7 @@ mod tests {
             stake: 0,
             allocatable: None,
             node_gpus: u32::try_from(free).unwrap_or(u32::MAX),
+            fleet: None,
         }
     }
 
@@ -256,6 +276,7 @@ mod tests {
             placement: Placement::Pack,
             per_worker: WorkerAsk::default(),
             created: 0,
+            within: None,
         }
     }
 

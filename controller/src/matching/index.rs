@@ -31,6 +31,8 @@ pub(super) struct Entry {
     pub reputation: u32,
     pub allocatable: Option<HostResources>,
     pub node_gpus: u32,
+    /// Interned fleet of the node ([`Index::site_name`]): a gang stays inside one site.
+    pub site: u32,
 }
 
 impl Entry {
@@ -47,6 +49,8 @@ pub(super) struct Index<'a> {
     models: HashMap<String, u32>,
     regions: HashMap<&'a str, u32>,
     zones: HashMap<&'a str, u32>,
+    /// Site names by id: fleet names, and "" for the hub's own nodes.
+    sites: Vec<&'a str>,
 }
 
 impl<'a> Index<'a> {
@@ -56,6 +60,7 @@ impl<'a> Index<'a> {
         let mut spellings: HashMap<&str, u32> = HashMap::new();
         let mut regions = HashMap::new();
         let mut zones = HashMap::new();
+        let mut sites = HashMap::new();
         let mut entries: Vec<Entry> = offers
             .iter()
             .enumerate()
@@ -75,6 +80,7 @@ impl<'a> Index<'a> {
                 reputation: o.reputation,
                 allocatable: o.allocatable,
                 node_gpus: o.node_gpus,
+                site: intern(&mut sites, o.fleet.as_deref().unwrap_or_default()),
             })
             .collect();
         // Node names are unique; the input position only orders duplicates, should any appear.
@@ -82,7 +88,21 @@ impl<'a> Index<'a> {
             let node = |e: &Entry| offers[e.offer as usize].node.as_str();
             (a.price, node(a), a.offer).cmp(&(b.price, node(b), b.offer))
         });
-        Index { offers, entries, models, regions, zones }
+        let mut names = vec![""; sites.len()];
+        for (name, id) in sites {
+            names[id as usize] = name;
+        }
+        Index { offers, entries, models, regions, zones, sites: names }
+    }
+
+    /// How many sites (fleets, and the hub's own nodes) the offers are in.
+    pub fn site_count(&self) -> usize {
+        self.sites.len()
+    }
+
+    /// The fleet of site `site`, "" for the hub's own nodes.
+    pub fn site_name(&self, site: u32) -> &'a str {
+        self.sites.get(site as usize).copied().unwrap_or_default()
     }
 
     pub fn offer(&self, entry: &Entry) -> &'a Offer {

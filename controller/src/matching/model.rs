@@ -27,6 +27,10 @@ pub struct Offer {
     pub allocatable: Option<HostResources>,
     /// Every GPU of the node, leased or not: what the allocatable is shared among.
     pub node_gpus: u32,
+    /// The fleet whose cluster the node is in (its GpuFleet's name); `None` for the hub's own
+    /// nodes. A gang stays inside one fleet, or on the hub's own nodes: Ray workers in two
+    /// clusters have no network between them.
+    pub fleet: Option<String>,
 }
 
 impl Offer {
@@ -108,6 +112,10 @@ pub struct Request {
     pub per_worker: WorkerAsk,
     /// Creation time in seconds since the epoch: oldest requests are served first.
     pub created: i64,
+    /// The fleet the workers must be in (`Some(None)`: the hub's own nodes), when the rest of
+    /// the gang runs there: lost workers are replaced beside the others. `None` for a whole
+    /// gang, which goes to whichever one fleet (or the hub's own nodes) serves it cheapest.
+    pub within: Option<Option<String>>,
 }
 
 /// One worker's GPUs: all on one node.

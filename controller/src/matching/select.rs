@@ -10,6 +10,11 @@
 //! - Spread: most nodes, by taking one slot per boundary node in turn.
 //!
 //! Among boundary nodes equal on that count, higher reputation and then node name go first.
+//!
+//! A gang stays inside one site (one fleet, or the hub's own nodes), so the above is done per
+//! site, in one scan of the price-ordered supply, and the cheapest site's gang wins: placement
+//! (fewest nodes for pack, most for spread) and then the site's name break ties. The scan stops
+//! where no site it has not completed could still match the cheapest gang.
 
 use gpumarket_crds::Placement;
 
@@ -23,9 +28,10 @@ pub(super) struct Pick {
 }
 
 pub(super) enum Selection {
-    /// Picks for exactly the workers asked, ordered by entry (price, then node).
+    /// Picks for exactly the workers asked, all in one site, ordered by entry (price, then node).
     Complete(Vec<Pick>),
-    /// Every slot the request could use, fewer than it needs, in entry order.
+    /// Every slot the request could use in the site with the most of them, fewer than it needs,
+    /// in entry order.
     Partial(Vec<Pick>),
 }
 
@@ -36,8 +42,22 @@ pub(super) struct Gang {
     pub placement: Placement,
 }
 
-/// The cheapest `gang.workers` slots among entries that meet `need`, where `usable` says how
-/// many GPUs of an entry this request may take. `gang.gpus_per_worker` must not be zero.
+/// The slots one site offers a request, as the scan finds them.
+struct SiteSlots {
+    site: u32,
+    /// Candidate slots in price order, none dearer than the boundary once there is one.
+    picks: Vec<Pick>,
+    found: u64,
+    /// Price of the cheapest `workers` slots of the site, per GPU, summed over the slots found
+    /// until there are that many.
+    cost: u64,
+    /// The price at which the site has enough slots for the gang.
+    boundary: Option<u64>,
+}
+
+/// The cheapest `gang.workers` slots in one site among entries that meet `need`, where `usable`
+/// says how many GPUs of an entry this request may take. `gang.gpus_per_worker` must not be
+/// zero.
 pub(super) fn cheapest_slots(
     index: &Index<'_>,
     need: &Need,
@@ -45,35 +65,90 @@ pub(super) fn cheapest_slots(
     usable: impl Fn(&Entry) -> u32,
 ) -> Selection {
     let wanted = u64::from(gang.workers);
-    let mut candidates = Vec::new();
-    let mut found = 0u64;
-    let mut boundary_price = None;
+    // Position in `sites` of each site id seen.
+    let mut seen: Vec<Option<usize>> = vec![None; index.site_count()];
+    let mut sites: Vec<SiteSlots> = Vec::new();
+    let mut incomplete = 0usize;
+    let mut last_boundary = None;
     for (pos, entry) in index.entries.iter().enumerate() {
-        // Entries are in price order: nothing after a dearer one can be within budget or tie.
-        if entry.price > boundary_price.unwrap_or(need.max_price) {
+        // Entries are in price order: nothing after a dearer one is within budget; and once
+        // every site seen has its gang, an entry dearer than all their boundaries cannot tie
+        // in them, and a site not seen yet would cost more than any of them.
+        if entry.price > need.max_price
+            || incomplete == 0 && last_boundary.is_some_and(|b| entry.price > b)
+        {
             break;
         }
         let slots = usable(entry) / gang.gpus_per_worker;
         if slots == 0 || need.failures(entry) != 0 {
             continue;
         }
-        candidates.push(Pick { entry: pos, workers: slots });
-        found += u64::from(slots);
-        if boundary_price.is_none() && found >= wanted {
-            boundary_price = Some(entry.price);
+        let at = *seen[entry.site as usize].get_or_insert_with(|| {
+            incomplete += 1;
+            sites.push(SiteSlots {
+                site: entry.site,
+                picks: Vec::new(),
+                found: 0,
+                cost: 0,
+                boundary: None,
+            });
+            sites.len() - 1
+        });
+        let site = &mut sites[at];
+        if site.boundary.is_some_and(|b| entry.price > b) {
+            continue;
+        }
+        site.picks.push(Pick { entry: pos, workers: slots });
+        if site.boundary.is_none() {
+            let taken = u64::from(slots).min(wanted - site.found);
+            site.cost = site.cost.saturating_add(entry.price.saturating_mul(taken));
+            site.found += u64::from(slots);
+            if site.found >= wanted {
+                site.boundary = Some(entry.price);
+                last_boundary = Some(entry.price);
+                incomplete -= 1;
+            }
+        } else {
+            site.found += u64::from(slots);
         }
     }
-    let Some(boundary_price) = boundary_price else {
-        return Selection::Partial(candidates);
-    };
-    let split = candidates.partition_point(|c| index.entries[c.entry].price < boundary_price);
+    if !sites.iter().any(|site| site.boundary.is_some()) {
+        let most = sites.into_iter().max_by(|a, b| {
+            a.found.cmp(&b.found).then_with(|| index.site_name(b.site).cmp(index.site_name(a.site)))
+        });
+        return Selection::Partial(most.map(|site| site.picks).unwrap_or_default());
+    }
+    let best = sites
+        .into_iter()
+        .filter_map(|site| {
+            let boundary = site.boundary?;
+            let picks = site_gang(index, site.picks, boundary, wanted, gang.placement);
+            let nodes = picks.len() as i64;
+            let nodes = if gang.placement == Placement::Spread { -nodes } else { nodes };
+            Some(((site.cost, nodes, index.site_name(site.site)), picks))
+        })
+        .min_by(|a, b| a.0.cmp(&b.0));
+    Selection::Complete(best.map(|(_, picks)| picks).unwrap_or_default())
+}
+
+/// The cheapest `wanted` of one site's `candidates` (in price order, none dearer than
+/// `boundary`, at least `wanted` slots): all those cheaper than the boundary, and the rest at
+/// the boundary price as the placement wants; in entry order.
+fn site_gang(
+    index: &Index<'_>,
+    mut candidates: Vec<Pick>,
+    boundary: u64,
+    wanted: u64,
+    placement: Placement,
+) -> Vec<Pick> {
+    let split = candidates.partition_point(|c| index.entries[c.entry].price < boundary);
     let cheaper: u64 = candidates[..split].iter().map(|c| u64::from(c.workers)).sum();
     // `cheaper < wanted`, or the boundary would be a lower price.
     let left = u32::try_from(wanted - cheaper).unwrap_or(u32::MAX);
     let at_boundary = candidates.split_off(split);
-    candidates.extend(share_boundary(index, at_boundary, left, gang.placement));
+    candidates.extend(share_boundary(index, at_boundary, left, placement));
     candidates.sort_by_key(|c| c.entry);
-    Selection::Complete(candidates)
+    candidates
 }
 
 /// Place `workers` workers on boundary-price slots (`group`, more than enough of them) as the

@@ -23,6 +23,7 @@ fn mk_offer(node: &str, model: &str, gpus: u32, price: u64) -> Offer {
         stake: 0,
         allocatable: None,
         node_gpus: gpus,
+        fleet: None,
     }
 }
 
@@ -46,6 +47,7 @@ fn mk_request(key: &str, workers: u32, gpus_per_worker: u32, max_price: u64) -> 
         placement: Placement::Pack,
         per_worker: WorkerAsk::default(),
         created: 0,
+        within: None,
     }
 }
 
@@ -169,6 +171,82 @@ fn no_workers_is_an_empty_match_and_no_gpus_per_worker_is_refused() {
         panic!("zero GPUs per worker must be refused");
     };
     assert_eq!(why.to_string(), "ns/a: gpusPerWorker must be at least 1");
+}
+
+/// `offer` on a node of fleet `fleet`.
+fn in_fleet(offer: Offer, fleet: &str) -> Offer {
+    Offer { fleet: Some(fleet.to_owned()), ..offer }
+}
+
+#[test]
+fn a_gang_stays_inside_one_fleet_or_on_the_hubs_own_nodes() {
+    let offers = vec![
+        in_fleet(mk_offer("a-1", "A100", 4, DOLLAR), "fleet-a"),
+        in_fleet(mk_offer("b-1", "A100", 4, 2 * DOLLAR), "fleet-b"),
+        in_fleet(mk_offer("b-2", "A100", 4, 2 * DOLLAR), "fleet-b"),
+        mk_offer("hub-1", "A100", 4, DOLLAR / 2),
+    ];
+    // Cheaper mixed with the hub's node or fleet A's; fleet B alone holds the whole gang.
+    let two = matched(&quote(&offers, &mk_request("ns/two", 2, 4, 3 * DOLLAR))).clone();
+    assert_eq!(nodes(&two), [("b-1", 1), ("b-2", 1)]);
+    assert_eq!(two.hourly_cost(), 16 * DOLLAR);
+    // Three workers fit nowhere whole: refused, though 16 GPUs match.
+    let three = quote(&offers, &mk_request("ns/three", 3, 4, 3 * DOLLAR));
+    let why = shortage(&three);
+    assert_eq!((why.usable, why.largest_site.clone()), (16, Some(("fleet-b".to_owned(), 8))));
+    assert!(
+        why.to_string().ends_with(
+            "16 free match all constraints but no one fleet has 12 of them, and a gang stays \
+             inside one fleet (or on the hub's own nodes): the most in one place is 8 (in fleet \
+             fleet-b); ask for at most 8 GPUs (spec.workers × spec.gpusPerWorker, e.g. \
+             spec.workers 2), or wait for one fleet to have 12 free"
+        ),
+        "{why}"
+    );
+    // One worker takes the cheapest node, wherever it is.
+    let one = matched(&quote(&offers, &mk_request("ns/one", 1, 4, 3 * DOLLAR))).clone();
+    assert_eq!(nodes(&one), [("hub-1", 1)]);
+}
+
+#[test]
+fn a_gang_across_a_fleet_and_the_hub_is_refused_with_what_to_change() {
+    let offers = vec![
+        in_fleet(mk_offer("a-1", "A100", 4, DOLLAR), "fleet-a"),
+        mk_offer("hub-1", "A100", 4, DOLLAR),
+    ];
+    let request = mk_request("ns/llm", 2, 4, DOLLAR);
+    let outcome = quote(&offers, &request);
+    let why = shortage(&outcome);
+    // Equal: the hub's own nodes are named first.
+    assert_eq!(why.largest_site, Some((String::new(), 4)));
+    assert!(
+        why.to_string().contains("the most in one place is 4 (on the hub's own nodes)"),
+        "{why}"
+    );
+    assert!(why.to_string().contains("e.g. spec.workers 1"), "{why}");
+    // In its turn it is refused too: the pass never splits a gang.
+    let results = match_all(&offers, std::slice::from_ref(&request), no_hold());
+    assert_eq!(results[0].1, outcome);
+    // A fleet joining with enough for the whole gang serves it there.
+    let mut more = offers.clone();
+    more.push(in_fleet(mk_offer("a-2", "A100", 4, DOLLAR), "fleet-a"));
+    assert_eq!(nodes(matched(&quote(&more, &request))), [("a-1", 1), ("a-2", 1)]);
+}
+
+#[test]
+fn lost_workers_are_replaced_in_the_fleet_where_the_rest_of_the_gang_runs() {
+    let offers = vec![
+        mk_offer("hub-1", "A100", 4, DOLLAR),
+        in_fleet(mk_offer("a-1", "A100", 4, 2 * DOLLAR), "fleet-a"),
+    ];
+    let lost = |within: Option<&str>| Request {
+        within: Some(within.map(str::to_owned)),
+        ..mk_request("ns/llm", 1, 4, 2 * DOLLAR)
+    };
+    assert_eq!(nodes(matched(&quote(&offers, &lost(Some("fleet-a"))))), [("a-1", 1)]);
+    assert_eq!(nodes(matched(&quote(&offers, &lost(None)))), [("hub-1", 1)]);
+    let gone = quote(&offers, &lost(Some("fleet-b")));
+    assert_eq!(shortage(&gone).usable, 0, "fleet B has nothing free");
 }
 
 // Explanations: one constraint at a time is the one that cuts the supply.
@@ -480,7 +558,13 @@ fn prop_assert_optimal(
             prop_assert_eq!(used.len(), wanted);
         }
         (Outcome::Unmatched(Explanation::Short(why)), None) => {
-            prop_assert!(why.usable < why.needed());
+            // Too few usable GPUs, or enough of them in too many fleets.
+            match &why.largest_site {
+                None => prop_assert!(why.usable < why.needed()),
+                Some((_, gpus)) => {
+                    prop_assert!(why.usable >= why.needed() && *gpus < why.needed())
+                }
+            }
             let free_matching: usize =
                 offers.iter().filter(|o| accepts(o, request)).map(|o| o.free_gpus.len()).sum();
             prop_assert_eq!(why.free_matching, free_matching as u64);
@@ -496,25 +580,33 @@ fn arb_offers() -> impl Strategy<Value = Vec<Offer>> {
     let place = (0..2usize, 0..2usize, 0..3u32);
     // Nodes of 8 GPUs, some leased; half of them publish 32 or 64 cores and 256 or 512 GiB.
     let allocatable = prop::option::of(1u64..=2);
-    let offer = (0..MODELS.len(), 0u32..=8, 0..3usize, 1u64..=4, place, allocatable);
+    // Half of them on the hub's own nodes, the rest in two fleets.
+    let fleet = prop::sample::select(vec![None, None, Some("f1"), Some("f2")]);
+    let offer = (0..MODELS.len(), 0u32..=8, 0..3usize, 1u64..=4, place, allocatable, fleet);
     prop::collection::vec(offer, 0..7).prop_map(|offers| {
         offers
             .into_iter()
             .enumerate()
-            .map(|(i, (model, gpus, memory, price, (region, zone, reputation), allocatable))| {
-                let offer = Offer {
-                    memory_mib: [24_576, 40_960, 81_920][memory],
-                    region: ["eu-west", "us-east"][region].to_owned(),
-                    zone: ["z1", "z2"][zone].to_owned(),
-                    reputation: reputation * 400,
-                    node_gpus: 8,
-                    ..mk_offer(&format!("node-{i}"), MODELS[model], gpus, price * DOLLAR)
-                };
-                match allocatable {
-                    Some(size) => with_allocatable(offer, 32 * size, 256 * size),
-                    None => offer,
-                }
-            })
+            .map(
+                |(
+                    i,
+                    (model, gpus, memory, price, (region, zone, reputation), allocatable, fleet),
+                )| {
+                    let offer = Offer {
+                        memory_mib: [24_576, 40_960, 81_920][memory],
+                        region: ["eu-west", "us-east"][region].to_owned(),
+                        zone: ["z1", "z2"][zone].to_owned(),
+                        reputation: reputation * 400,
+                        node_gpus: 8,
+                        fleet: fleet.map(str::to_owned),
+                        ..mk_offer(&format!("node-{i}"), MODELS[model], gpus, price * DOLLAR)
+                    };
+                    match allocatable {
+                        Some(size) => with_allocatable(offer, 32 * size, 256 * size),
+                        None => offer,
+                    }
+                },
+            )
             .collect()
     })
 }

@@ -11,7 +11,7 @@ pub mod quote;
 pub mod status;
 pub mod wallet;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,7 +28,10 @@ use serde::{Deserialize as _, Serialize};
 use solana_pubkey::Pubkey;
 use solana_signer::Signer;
 
-use crate::market::supply::{market_request, market_supply, placed_workers, waiting_requests};
+use crate::fleet::offer_fleet;
+use crate::market::supply::{
+    gang_fleets, market_request, market_supply, placed_workers, waiting_requests,
+};
 use crate::matching::{self, Outcome};
 use crate::settlement::escrow::{DepositStatus, required_deposit};
 use crate::settlement::memo;
@@ -294,9 +297,14 @@ impl Market {
         now: Timestamp,
     ) -> anyhow::Result<quote::Quote> {
         let placed = placed_workers(&self.leases);
+        let offers: HashMap<String, &GpuOffer> =
+            self.offers.iter().map(|o| (o.name_any(), o)).collect();
+        let fleets = gang_fleets(&self.leases, |name| {
+            offers.get(name).map(|o| offer_fleet(o).map(str::to_owned))
+        });
         let key = |c: &GpuCluster| (c.metadata.namespace.clone(), c.metadata.name.clone());
-        let queue =
-            waiting_requests(self.clusters.iter().filter(|c| key(c) != key(cluster)), &placed);
+        let others = self.clusters.iter().filter(|c| key(c) != key(cluster));
+        let queue = waiting_requests(others, &placed, &fleets);
         let mut request = market_request(cluster, cluster.spec.workers);
         request.created = now.as_second();
         let supply = self.supply(now);

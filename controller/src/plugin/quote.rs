@@ -253,6 +253,7 @@ mod tests {
             stake: 0,
             allocatable: Some(HostResources { cpu_millicores: 128_000, memory_bytes: 1 << 40 }),
             node_gpus: 8,
+            fleet: None,
         }
     }
 

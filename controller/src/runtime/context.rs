@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
 
-use crate::market::supply::{gpu_lease, market_supply, placed_workers, waiting_requests};
+use crate::market::supply::{
+    gang_fleets, gpu_lease, market_supply, placed_workers, waiting_requests,
+};
 use crate::matching::{Offer, Request};
 use crate::raycluster::HeadPlacement;
 use crate::settlement::Settler;
@@ -143,7 +145,10 @@ impl Context {
         let offers = self.offers.state();
         let listed: Vec<&GpuOffer> = offers.iter().map(AsRef::as_ref).collect();
         let settings = self.settings();
-        let verdicts = verdicts(&listed, &self.signatures, settings.require_signed_offers);
+        let verdicts =
+            verdicts(&listed, &self.signatures, settings.require_signed_offers, &|fleet| {
+                self.fleet_wallet(fleet)
+            });
         let admitted = |o: &GpuOffer| verdicts.get(&o.name_any()).is_some_and(|v| v.admitted);
         let mut recent = lock(&self.recent_claims);
         let by_name: HashMap<String, &GpuOffer> =
@@ -167,6 +172,11 @@ impl Context {
         supply
     }
 
+    /// The wallet of GpuFleet `name`, if the hub has it.
+    pub fn fleet_wallet(&self, name: &str) -> Option<String> {
+        self.fleets.get(&ObjectRef::new(name)).map(|f| f.spec.wallet.clone())
+    }
+
     /// Requests of the clusters looking for GPUs (each for its workers not placed), from the
     /// caches and the leases just created: the queue a match waits its turn in.
     pub fn queue(&self) -> Vec<Request> {
@@ -181,8 +191,15 @@ impl Context {
         for (uid, workers, _) in recent.values() {
             *placed.entry(uid.as_str()).or_default() += workers;
         }
+        let fleets = gang_fleets(cached.iter().map(AsRef::as_ref), |o| self.offer_fleet(o));
         let clusters = self.clusters.state();
-        waiting_requests(clusters.iter().map(AsRef::as_ref), &placed)
+        waiting_requests(clusters.iter().map(AsRef::as_ref), &placed, &fleets)
+    }
+
+    /// The fleet of offer `name` (`Some(None)`: a node of the hub), if the cache has the offer.
+    pub fn offer_fleet(&self, name: &str) -> Option<Option<String>> {
+        let offer = self.offers.get(&ObjectRef::new(name))?;
+        Some(crate::fleet::offer_fleet(&offer).map(str::to_owned))
     }
 
     /// The pods labelled with `cluster` in its namespace.

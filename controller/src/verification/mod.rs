@@ -1,8 +1,9 @@
 //! Verified supply: which offers the market believes. An offer is matched only if its
-//! signature by `spec.wallet` verifies (or it is unsigned and the market accepts that), and
-//! none of its GPUs is claimed by another such offer: a GPU uuid in two offers quarantines all
-//! of them until one lets go of it. The verdict is the offer's `Verified` condition. Pure, but
-//! for the cache of signature checks.
+//! signature by `spec.wallet` verifies (or it is unsigned and the market accepts that), a
+//! fleet's offer (labelled with its GpuFleet) names that GpuFleet's wallet, and none of its GPUs
+//! is claimed by another such offer: a GPU uuid in two offers quarantines all of them until one
+//! lets go of it. The verdict is the offer's `Verified` condition. Pure, but for the cache of
+//! signature checks.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -16,6 +17,12 @@ use kube::ResourceExt;
 pub const VERIFIED: &str = "Verified";
 /// Reason of a `Verified=False` condition of an offer that shares a GPU with another.
 pub const DUPLICATE_GPU: &str = "DuplicateGpu";
+/// Reason of a `Verified=False` condition of a fleet's offer paid to another wallet than its
+/// GpuFleet's, or of an offer labelled with a GpuFleet that does not exist.
+pub const NOT_THE_FLEETS_WALLET: &str = "NotTheFleetsWallet";
+
+/// The wallet of GpuFleet `name` on the hub, if there is such a GpuFleet.
+pub type FleetWallet<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 /// What verification says of one offer: whether it may be matched (the `Verified` condition's
 /// status), and why.
@@ -54,6 +61,38 @@ pub fn signature_verdict(check: &Result<(), SignatureError>, require_signed: boo
             format!("{e}; not matched until the wallet's own agent publishes the offer again"),
         ),
     }
+}
+
+/// The refusal of a fleet's offer (labelled with its GpuFleet) that names another wallet than
+/// the GpuFleet's: a fleet is paid, staked and rated as its GpuFleet, whatever key it signs
+/// with. `None` for an offer of no fleet, or of the fleet's wallet.
+pub fn fleet_wallet_verdict(offer: &GpuOffer, fleet_wallet: FleetWallet<'_>) -> Option<Verdict> {
+    let fleet = crate::fleet::offer_fleet(offer)?;
+    let refused =
+        |message| Some(Verdict { admitted: false, reason: NOT_THE_FLEETS_WALLET, message });
+    match fleet_wallet(fleet) {
+        None => refused(format!(
+            "the offer is labelled {}={fleet} but the hub has no GpuFleet {fleet}",
+            gpumarket_crds::FLEET_LABEL
+        )),
+        Some(wallet) if wallet != offer.spec.wallet => refused(format!(
+            "spec.wallet {} is not the wallet of GpuFleet {fleet} ({wallet}): a fleet's offers \
+             are paid to its GpuFleet's wallet and signed with its keypair",
+            offer.spec.wallet
+        )),
+        Some(_) => None,
+    }
+}
+
+/// The verdict on the offer alone: its fleet's wallet, then its signature.
+fn own_verdict(
+    offer: &GpuOffer,
+    checks: &SignatureChecks,
+    require_signed: bool,
+    fleet_wallet: FleetWallet<'_>,
+) -> Verdict {
+    fleet_wallet_verdict(offer, fleet_wallet)
+        .unwrap_or_else(|| signature_verdict(&checks.check(offer), require_signed))
 }
 
 /// GPU uuids listed by more than one of `offers`, each with the names of the offers listing it.
@@ -159,8 +198,9 @@ pub fn verdict(
     offers: &[&GpuOffer],
     checks: &SignatureChecks,
     require_signed: bool,
+    fleet_wallet: FleetWallet<'_>,
 ) -> Verdict {
-    let own = signature_verdict(&checks.check(offer), require_signed);
+    let own = own_verdict(offer, checks, require_signed, fleet_wallet);
     if !own.admitted {
         return own;
     }
@@ -169,22 +209,23 @@ pub fn verdict(
     let rivals = offers.iter().copied().filter(|o| {
         o.name_any() != name
             && o.spec.gpus.iter().any(|g| uuids.contains(g.uuid.as_str()))
-            && signature_verdict(&checks.check(o), require_signed).admitted
+            && own_verdict(o, checks, require_signed, fleet_wallet).admitted
     });
     let shared = shared_gpus(std::iter::once(offer).chain(rivals));
     quarantine(offer, &shared).unwrap_or(own)
 }
 
-/// The verdict on each of `offers` (signature, then shared GPUs among the offers whose
-/// signature is admitted: a forged offer cannot quarantine an honest one), by offer name.
+/// The verdict on each of `offers` (fleet wallet and signature, then shared GPUs among the
+/// offers admitted so far: a forged offer cannot quarantine an honest one), by offer name.
 pub fn verdicts(
     offers: &[&GpuOffer],
     checks: &SignatureChecks,
     require_signed: bool,
+    fleet_wallet: FleetWallet<'_>,
 ) -> HashMap<String, Verdict> {
     let mut verdicts: HashMap<String, Verdict> = offers
         .iter()
-        .map(|o| (o.name_any(), signature_verdict(&checks.check(o), require_signed)))
+        .map(|o| (o.name_any(), own_verdict(o, checks, require_signed, fleet_wallet)))
         .collect();
     let admitted = offers.iter().copied().filter(|o| verdicts[&o.name_any()].admitted);
     let shared = shared_gpus(admitted);
@@ -206,6 +247,7 @@ mod tests {
 
     use super::*;
     use crate::testing::{mk_offer, now};
+    use gpumarket_crds::FLEET_LABEL;
 
     fn signed(node: &str, gpus: usize, wallet: &Keypair) -> GpuOffer {
         let mut offer = mk_offer(node, "H100", gpus, now());
@@ -228,7 +270,7 @@ mod tests {
 
         let checks = SignatureChecks::default();
         let offers = [&good, &forged, &replayed, &swapped, &unsigned];
-        let required = verdicts(&offers, &checks, true);
+        let required = verdicts(&offers, &checks, true, &no_fleets);
         let reasons: Vec<(&str, bool, &str)> = ["a", "b", "c", "d", "e"]
             .iter()
             .map(|n| (*n, required[*n].admitted, required[*n].reason))
@@ -244,10 +286,67 @@ mod tests {
             ]
         );
         assert!(required["e"].message.contains("--wallet-keypair"), "{}", required["e"].message);
-        let lenient = verdicts(&offers, &checks, false);
+        let lenient = verdicts(&offers, &checks, false, &no_fleets);
         assert!(lenient["e"].admitted);
         assert_eq!(lenient["e"].reason, "Unsigned");
         assert!(!lenient["b"].admitted, "a bad signature is refused whatever the policy");
+    }
+
+    fn no_fleets(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn a_fleets_offer_is_admitted_only_with_its_gpufleets_wallet() {
+        let (fleet_key, other_key) = (Keypair::new(), Keypair::new());
+        let fleet_wallet = fleet_key.pubkey().to_string();
+        let fleets = |name: &str| (name == "fleet-a").then(|| fleet_wallet.clone());
+        let in_fleet = |node: &str, fleet: &str, key: &Keypair| {
+            let mut offer = signed(node, 1, key);
+            offer.metadata.labels.get_or_insert_default().insert(FLEET_LABEL.into(), fleet.into());
+            offer
+        };
+        let honest = in_fleet("fleet-a.n1", "fleet-a", &fleet_key);
+        // Signed, but by (and paid to) another wallet than the GpuFleet's.
+        let other_wallet = in_fleet("fleet-a.n2", "fleet-a", &other_key);
+        let no_such_fleet = in_fleet("fleet-z.n1", "fleet-z", &fleet_key);
+        // The right wallet, a forged signature: still refused for the signature.
+        let mut forged = in_fleet("fleet-a.n3", "fleet-a", &other_key);
+        forged.spec.wallet = fleet_wallet.clone();
+        let hub_node = signed("hub-node", 1, &other_key);
+
+        let checks = SignatureChecks::default();
+        let offers = [&honest, &other_wallet, &no_such_fleet, &forged, &hub_node];
+        let all = verdicts(&offers, &checks, true, &fleets);
+        let reasons: Vec<(&str, bool)> = offers
+            .iter()
+            .map(|o| (all[&o.name_any()].reason, all[&o.name_any()].admitted))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("Signed", true),
+                (NOT_THE_FLEETS_WALLET, false),
+                (NOT_THE_FLEETS_WALLET, false),
+                ("BadSignature", false),
+                ("Signed", true),
+            ]
+        );
+        let message = &all["fleet-a.n2"].message;
+        assert!(
+            message.contains(&format!("not the wallet of GpuFleet fleet-a ({fleet_wallet})")),
+            "{message}"
+        );
+        assert!(
+            all["fleet-z.n1"].message.contains("no GpuFleet fleet-z"),
+            "{}",
+            all["fleet-z.n1"].message
+        );
+        // Whatever the market's policy on unsigned offers.
+        assert!(!verdicts(&offers, &checks, false, &fleets)["fleet-a.n2"].admitted);
+        for offer in offers {
+            assert_eq!(verdict(offer, &offers, &checks, true, &fleets), all[&offer.name_any()]);
+        }
     }
 
     #[test]
@@ -260,9 +359,12 @@ mod tests {
         let b = GpuOffer { spec: sign(&b.spec, &bob), ..b };
         let c = signed("c", 2, &alice);
         let checks = SignatureChecks::default();
-        let all = verdicts(&[&a, &b, &c], &checks, true);
+        let all = verdicts(&[&a, &b, &c], &checks, true, &no_fleets);
         for offer in [&a, &b, &c] {
-            assert_eq!(verdict(offer, &[&a, &b, &c], &checks, true), all[&offer.name_any()]);
+            assert_eq!(
+                verdict(offer, &[&a, &b, &c], &checks, true, &no_fleets),
+                all[&offer.name_any()]
+            );
         }
         assert_eq!((all["a"].reason, all["b"].reason), (DUPLICATE_GPU, DUPLICATE_GPU));
         assert!(!all["a"].admitted && !all["b"].admitted && all["c"].admitted);
@@ -272,7 +374,7 @@ mod tests {
         let mut forged = b.clone();
         forged.spec.price_per_gpu_hour += 1;
         forged.metadata.generation = Some(2); // as the API server counts a spec change
-        let all = verdicts(&[&a, &forged], &checks, true);
+        let all = verdicts(&[&a, &forged], &checks, true, &no_fleets);
         assert_eq!((all["a"].reason, all["b"].reason), ("Signed", "BadSignature"));
     }
 
@@ -304,9 +406,9 @@ mod tests {
         let elapsed = started.elapsed();
         let checks = SignatureChecks::default();
         let listed: Vec<&GpuOffer> = offers.iter().collect();
-        verdicts(&listed, &checks, true);
+        verdicts(&listed, &checks, true, &no_fleets);
         let cached = std::time::Instant::now();
-        verdicts(&listed, &checks, true);
+        verdicts(&listed, &checks, true, &no_fleets);
         println!(
             "verified {} offers of 8 GPUs in {elapsed:?}: {:.0} offers/s; every verdict again \
              from the cache in {:?}",

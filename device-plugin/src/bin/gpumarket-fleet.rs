@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gpumarket_crds::common::{parse_duration, quantity_scaled};
+use gpumarket_device_plugin::config::WalletKey;
 use gpumarket_device_plugin::fleet::{self, FleetConfig};
 use gpumarket_device_plugin::offer::Reserve;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -47,6 +48,10 @@ struct RunArgs {
     /// Kubeconfig of the hub holding the join credential (the fleet's ServiceAccount token).
     #[arg(long, env = "GPUMARKET_HUB_KUBECONFIG")]
     hub_kubeconfig: PathBuf,
+    /// Keypair file of the GpuFleet's wallet (a Solana keypair: JSON array of 64 bytes, as
+    /// `solana-keygen new` writes it): it signs every offer the fleet publishes.
+    #[arg(long, env = "GPUMARKET_WALLET_KEYPAIR")]
+    wallet_keypair: PathBuf,
     /// Price per GPU-hour of a model in base units of the mint, e.g. `--price H100=2200000`.
     #[arg(
         long = "price",
@@ -127,6 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .context("no client for this cluster (in-cluster or kubeconfig)")?;
     let config = FleetConfig {
         name: args.fleet,
+        wallet_key: WalletKey::read(&args.wallet_keypair)?,
         prices: args.prices,
         region: args.region,
         zone: args.zone,

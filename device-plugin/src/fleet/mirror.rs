@@ -84,7 +84,8 @@ pub fn node_inventory(fleet: &str, node: &Node) -> Result<Inventory, SkipReason>
     Ok(Inventory { gpus, driver_version: None, cuda_version: None })
 }
 
-/// The GpuOffer (spec and labels, as applied) of fleet node `node`, paid to `supplier.wallet`.
+/// The GpuOffer (spec and labels, as applied) of fleet node `node`, paid to `supplier.wallet`
+/// and signed with its key.
 pub fn fleet_offer(
     fleet: &str,
     supplier: &Supplier,
@@ -126,23 +127,19 @@ pub fn node_health(node: &Node, inventory: &Inventory) -> Vec<DeviceHealth> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::sync::Arc;
 
+    use gpumarket_crds::signature::verify;
     use gpumarket_crds::{GpuOffer, OfferedGpu};
     use serde_json::json;
+    use solana_keypair::Keypair;
 
     use super::*;
-
-    const WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
+    use crate::config::WalletKey;
 
     fn supplier() -> Supplier {
-        Supplier {
-            wallet: WALLET.into(),
-            wallet_key: None,
-            prices: BTreeMap::from([("H100".into(), 3_000_000)]),
-            region: None,
-            zone: None,
-        }
+        let key = WalletKey(Arc::new(Keypair::new()));
+        Supplier::for_fleet(key, &["H100=3000000".into()], None, None).expect("valid")
     }
 
     fn mk_node(labels: Value, gpus: &str, ready: bool) -> Node {
@@ -167,9 +164,13 @@ mod tests {
             "2",
             true,
         );
+        let supplier = supplier();
         let (offer, inventory) =
-            fleet_offer("fleet-a", &supplier(), &node, Reserve::default()).expect("offered");
+            fleet_offer("fleet-a", &supplier, &node, Reserve::default()).expect("offered");
         let offer: GpuOffer = serde_json::from_value(offer).expect("a GpuOffer");
+        // Signed with the fleet wallet's keypair, as the hub requires of any offer.
+        assert_eq!(offer.spec.wallet, supplier.wallet);
+        assert_eq!(verify(&offer.spec), Ok(()));
         assert_eq!(offer.name_any(), "fleet-a.gpu-7.dc1");
         assert_eq!(offer.spec.node_name, offer.name_any());
         assert_eq!(offer.labels().get(FLEET_LABEL).map(String::as_str), Some("fleet-a"));

@@ -23,12 +23,15 @@
 //!   credential (`kubectl create token -n gpumarket-fleets <name>`, or a token Secret).
 //! - **Offers** ([`mirror`]): every heartbeat the fleet lists its Nodes and applies one
 //!   offer-only GpuOffer per GPU node (allocatable `nvidia.com/gpu`, model and memory from GPU
-//!   feature discovery's labels or gpumarket's), heartbeats its status (GPUs unhealthy while the
-//!   node is not Ready) and its GpuFleet (heartbeat and offer names).
+//!   feature discovery's labels or gpumarket's), signed with the keypair of the GpuFleet's
+//!   wallet as any supplier's offer is (the hub matches only offers signed by their wallet, and
+//!   a fleet's offers only with its GpuFleet's wallet), heartbeats its status (GPUs unhealthy
+//!   while the node is not Ready) and its GpuFleet (heartbeat and offer names).
 //! - **Work** ([`workload`]): the controller lists each active lease placed on a fleet's offers
 //!   in the GpuFleet's `status.assignments` with what running it needs; the fleet watches its
-//!   GpuFleet (by name: it reads no lease, cluster or other fleet), runs one worker pod per Ray
-//!   worker on the node in its own cluster, removes pods of leases no longer assigned, and
+//!   GpuFleet (by name: it reads no lease, cluster or other fleet), runs each cluster's Ray head
+//!   (a pod and its Service) and one worker pod per Ray worker on the node in its own cluster,
+//!   the workers joining the head, removes what runs for leases no longer assigned, and
 //!   reports workers and Ready workers per lease in `status.workloads`, from which the
 //!   controller meters service (billing starts when all are Ready) as it does from pods.
 //! - **Failure**: a silent fleet stops heartbeating its offers, so its leases end as supplier
@@ -43,14 +46,14 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gpumarket_crds::{FleetAssignment, FleetWorkload, GpuFleet, GpuOffer};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::config::{ConfigError, Supplier};
+use crate::config::{ConfigError, Supplier, WalletKey};
 use crate::offer::{Reserve, status_manifest};
 
 /// Field manager of the fleet's writes on the hub and in the fleet.
@@ -63,6 +66,8 @@ const JOIN_RETRY: Duration = Duration::from_secs(2);
 pub struct FleetConfig {
     /// Name of the fleet's GpuFleet on the hub.
     pub name: String,
+    /// Keypair of the GpuFleet's wallet: it signs the fleet's offers.
+    pub wallet_key: WalletKey,
     /// `MODEL=UNITS` prices per GPU-hour, as the agent's `--price`.
     pub prices: Vec<String>,
     pub region: Option<String>,
@@ -81,6 +86,12 @@ pub struct FleetConfig {
 pub enum FleetError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(
+        "the wallet of GpuFleet {fleet} on the hub is {wallet}, not the public key of the fleet's \
+         wallet keypair ({keypair}): give the keypair of {wallet}, or have the hub admin set the \
+         GpuFleet's wallet"
+    )]
+    WrongKeypair { fleet: String, wallet: String, keypair: String },
 }
 
 /// Joins the hub as fleet `config.name` and runs until the future is dropped. API errors (hub
@@ -96,19 +107,28 @@ pub async fn run(fleet: Client, hub: Client, config: FleetConfig) -> Result<(), 
         }
         tokio::time::sleep(JOIN_RETRY).await;
     };
+    if joined.spec.wallet != config.wallet_key.public_key() {
+        return Err(FleetError::WrongKeypair {
+            fleet: config.name,
+            wallet: joined.spec.wallet,
+            keypair: config.wallet_key.public_key(),
+        });
+    }
     let supplier = Supplier::for_fleet(
-        joined.spec.wallet.clone(),
+        config.wallet_key.clone(),
         &config.prices,
         config.region.clone(),
         config.zone.clone(),
     )?;
     tracing::info!(fleet = %config.name, "joined the hub");
     let pods = Api::namespaced(fleet.clone(), &config.namespace);
+    let services = Api::namespaced(fleet.clone(), &config.namespace);
     let mut state = Runner {
         config,
         supplier,
         nodes: Api::all(fleet),
         pods,
+        services,
         offers: Api::all(hub.clone()),
         fleets: fleets.clone(),
         applied: BTreeMap::new(),
@@ -143,11 +163,48 @@ pub async fn run(fleet: Client, hub: Client, config: FleetConfig) -> Result<(), 
     }
 }
 
+/// Creates `object` (a pod or Service the fleet runs for `lease`) unless `existing` has one of
+/// its name.
+async fn create_missing<K>(api: &Api<K>, object: Value, existing: &[K], lease: &str)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    K: serde::Serialize,
+{
+    let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    if existing.iter().any(|o| o.name_any() == name) {
+        return;
+    }
+    let created = match serde_json::from_value::<K>(object) {
+        Ok(object) => api.create(&PostParams::default(), &object).await.map(drop),
+        Err(e) => Err(kube::Error::SerdeError(e)),
+    };
+    let kind = K::kind(&());
+    match created {
+        Ok(()) => tracing::info!(%kind, %name, %lease, "started in the fleet"),
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => tracing::warn!(error = %e, %kind, %name, "starting in the fleet"),
+    }
+}
+
+/// Deletes `name`, which the fleet ran for work no longer assigned to it.
+async fn delete<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let kind = K::kind(&());
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => tracing::info!(%kind, %name, "removed: its work is no longer assigned here"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => tracing::warn!(error = %e, %kind, %name, "removing"),
+    }
+}
+
 struct Runner {
     config: FleetConfig,
     supplier: Supplier,
     nodes: Api<Node>,
     pods: Api<Pod>,
+    services: Api<Service>,
     offers: Api<GpuOffer>,
     fleets: Api<GpuFleet>,
     /// The offer last applied for each node, so an unchanged spec is not sent again.
@@ -217,47 +274,42 @@ impl Runner {
         self.offer_names = names;
     }
 
-    /// Starts the workers of new assignments, removes those of ended ones, and tells the hub
-    /// when what runs has changed (or, with `heartbeat`, in any case).
+    /// Starts the heads and workers of new assignments, removes those of ended ones, and tells
+    /// the hub when what runs has changed (or, with `heartbeat`, in any case).
     async fn run_workloads(&mut self) {
         let managed = ListParams::default().labels(&format!("{}=true", workload::MANAGED_LABEL));
-        let pods = match self.pods.list(&managed).await {
-            Ok(pods) => pods.items,
+        let (pods, services) = match tokio::try_join!(
+            self.pods.list(&managed),
+            self.services.list(&managed)
+        ) {
+            Ok((pods, services)) => (pods.items, services.items),
             Err(e) => {
-                tracing::warn!(error = %e, "listing the fleet's worker pods; retrying");
+                tracing::warn!(error = %e, "listing the fleet's Ray pods and Services; retrying");
                 return;
             }
         };
-        for pod in workload::stale_pods(&self.assignments, &pods) {
-            match self.pods.delete(&pod.name_any(), &DeleteParams::default()).await {
-                Ok(_) => tracing::info!(pod = %pod.name_any(), "worker of an ended lease removed"),
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => tracing::warn!(error = %e, pod = %pod.name_any(), "removing a worker"),
-            }
+        for pod in workload::stale(&self.assignments, &pods) {
+            delete(&self.pods, &pod.name_any()).await;
         }
-        let existing: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
+        for service in workload::stale(&self.assignments, &services) {
+            delete(&self.services, &service.name_any()).await;
+        }
+        let mut heads = Vec::new();
         for assignment in &self.assignments {
-            let Some(desired) =
+            let Some(workers) =
                 workload::worker_pods(&self.config.name, &self.config.namespace, assignment)
             else {
                 continue;
             };
-            for pod in desired {
-                let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-                if existing.contains(&name) {
-                    continue;
-                }
-                let created = match serde_json::from_value::<Pod>(pod) {
-                    Ok(pod) => self.pods.create(&PostParams::default(), &pod).await.map(drop),
-                    Err(e) => Err(kube::Error::SerdeError(e)),
-                };
-                match created {
-                    Ok(()) => {
-                        tracing::info!(pod = %name, lease = %assignment.lease, "worker started")
-                    }
-                    Err(kube::Error::Api(e)) if e.code == 409 => {}
-                    Err(e) => tracing::warn!(error = %e, pod = %name, "starting a worker"),
-                }
+            // One head per cluster, however many of its leases are here.
+            if !heads.contains(&&assignment.cluster.uid) {
+                heads.push(&assignment.cluster.uid);
+                let [head, service] = workload::head_objects(&self.config.namespace, assignment);
+                create_missing(&self.services, service, &services, &assignment.lease).await;
+                create_missing(&self.pods, head, &pods, &assignment.lease).await;
+            }
+            for pod in workers {
+                create_missing(&self.pods, pod, &pods, &assignment.lease).await;
             }
         }
         let workloads = workload::workloads(&self.config.name, &self.assignments, &pods);

@@ -1,6 +1,8 @@
-//! The work placed on a fleet, run in the fleet's own cluster: one pod per Ray worker of each
-//! assignment, pinned to the assignment's node and holding its GPUs through the fleet's own
-//! device plugin; and what the hub is told of them.
+//! The work placed on a fleet, run in the fleet's own cluster: for each cluster placed on it,
+//! a Ray head pod and its Service (a gang stays inside one fleet, so its head runs beside its
+//! workers); one pod per Ray worker of each assignment, pinned to the assignment's node,
+//! holding its GPUs through the fleet's own device plugin and joining the head; and what the
+//! hub is told of them.
 
 use std::collections::BTreeMap;
 
@@ -12,8 +14,62 @@ use serde_json::{Value, json};
 
 /// Label on every pod the fleet runs for a lease, naming it.
 pub const LEASE_LABEL: &str = "gpumarket.io/lease";
-/// Label on every pod the fleet runs for the market (what it lists and cleans up).
+/// Label on every pod and Service the fleet runs for the market (what it lists and cleans up).
 pub const MANAGED_LABEL: &str = "gpumarket.io/fleet-workload";
+/// Label on a cluster's Ray head pod and Service, naming the GpuCluster's uid on the hub.
+pub const CLUSTER_UID_LABEL: &str = "gpumarket.io/cluster-uid";
+/// Ports of the Ray head: the GCS workers join, the dashboard, the Ray client.
+const HEAD_PORTS: [(&str, u16); 3] = [("gcs", 6379), ("dashboard", 8265), ("client", 10001)];
+
+/// Name of the Ray head pod and Service of the cluster with uid `cluster_uid` (a uid is 36
+/// lower-case characters: a valid DNS label with the prefix).
+pub fn head_name(cluster_uid: &str) -> String {
+    format!("ray-head-{cluster_uid}")
+}
+
+/// The Ray head pod and Service of `assignment`'s cluster (the same for every assignment of
+/// the cluster): CPU only, anywhere in the fleet, its image the workers'.
+pub fn head_objects(namespace: &str, assignment: &FleetAssignment) -> [Value; 2] {
+    let uid = &assignment.cluster.uid;
+    let name = head_name(uid);
+    let labels = json!({CLUSTER_UID_LABEL: uid, MANAGED_LABEL: "true"});
+    let ports: Vec<Value> =
+        HEAD_PORTS.iter().map(|(name, port)| json!({"name": name, "port": port})).collect();
+    let container_ports: Vec<Value> = HEAD_PORTS
+        .iter()
+        .map(|(name, port)| json!({"name": name, "containerPort": port}))
+        .collect();
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {
+                "gpumarket.io/cluster": format!("{}/{}", assignment.cluster.namespace, assignment.cluster.name),
+            },
+        },
+        "spec": {
+            "restartPolicy": "Always",
+            "automountServiceAccountToken": false,
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [{
+                "name": "ray-head",
+                "image": assignment.image,
+                "command": ["sh", "-c", "exec ray start --head --block --num-gpus=0 --dashboard-host=0.0.0.0"],
+                "ports": container_ports,
+            }],
+        },
+    });
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"selector": labels, "ports": ports},
+    });
+    [pod, service]
+}
 
 /// The fleet node an offer of fleet `fleet` stands for (`<fleet>.<node>`), if it is the fleet's.
 pub fn offer_node<'a>(fleet: &str, offer: &'a str) -> Option<&'a str> {
@@ -33,7 +89,8 @@ pub fn worker_pods(
 ) -> Option<Vec<Value>> {
     let node = offer_node(fleet, &assignment.offer)?;
     let mut limits = json!({GPU_RESOURCE: assignment.gpus_per_worker.to_string()});
-    let mut ray_args = format!("--num-gpus={}", assignment.gpus_per_worker);
+    let head = head_name(&assignment.cluster.uid);
+    let mut ray_args = format!("--address={head}:6379 --num-gpus={}", assignment.gpus_per_worker);
     if let Some(host) = assignment.worker_resources {
         limits["cpu"] = json!(format!("{}m", host.cpu_millicores));
         limits["memory"] = json!(host.memory_bytes.to_string());
@@ -97,13 +154,18 @@ pub fn workloads(fleet: &str, assignments: &[FleetAssignment], pods: &[Pod]) -> 
         .collect()
 }
 
-/// Pods the fleet runs for leases no longer assigned to it: to delete.
-pub fn stale_pods<'a>(assignments: &[FleetAssignment], pods: &'a [Pod]) -> Vec<&'a Pod> {
-    pods.iter()
-        .filter(|p| {
-            p.labels()
-                .get(LEASE_LABEL)
-                .is_none_or(|lease| !assignments.iter().any(|a| &a.lease == lease))
+/// Objects (pods, Services) the fleet runs for leases no longer assigned to it, or for clusters
+/// none of whose leases is: to delete.
+pub fn stale<'a, K: ResourceExt>(assignments: &[FleetAssignment], objects: &'a [K]) -> Vec<&'a K> {
+    objects
+        .iter()
+        .filter(|o| {
+            let labels = o.labels();
+            let lease = labels.get(LEASE_LABEL);
+            let cluster = labels.get(CLUSTER_UID_LABEL);
+            !assignments.iter().any(|a| {
+                lease == Some(&a.lease) || lease.is_none() && cluster == Some(&a.cluster.uid)
+            })
         })
         .collect()
 }
@@ -155,6 +217,9 @@ mod tests {
         let spec = &pods[1]["spec"];
         assert_eq!(pods[1]["metadata"]["name"], "llm-x1-w1");
         assert_eq!(spec["nodeName"], "gpu-7.dc1");
+        let command = spec["containers"][0]["command"][2].as_str().expect("a command");
+        let head = "ray-head-0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+        assert!(command.contains(&format!("--address={head}:6379 --num-gpus=4")), "{command}");
         assert_eq!(spec["automountServiceAccountToken"], false);
         let limits = &spec["containers"][0]["resources"]["limits"];
         assert_eq!(
@@ -167,18 +232,44 @@ mod tests {
     }
 
     #[test]
+    fn each_cluster_has_a_head_and_a_service_in_the_fleet_that_its_workers_join() {
+        let [pod, service] = head_objects("market", &assignment("llm-x1", "fleet-a.gpu-7"));
+        let head = "ray-head-0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+        assert_eq!(
+            (&pod["metadata"]["name"], &service["metadata"]["name"]),
+            (&json!(head), &json!(head))
+        );
+        assert_eq!(service["spec"]["selector"], pod["metadata"]["labels"]);
+        let spec = &pod["spec"];
+        assert!(spec.get("nodeName").is_none(), "anywhere in the fleet");
+        assert_eq!(spec["automountServiceAccountToken"], false);
+        assert!(spec["containers"][0]["resources"].get("limits").is_none(), "no GPU");
+        let command = spec["containers"][0]["command"][2].as_str().expect("a command");
+        assert!(command.contains("ray start --head"), "{command}");
+        assert_eq!(service["spec"]["ports"][0], json!({"name": "gcs", "port": 6379}));
+    }
+
+    #[test]
     fn the_hub_is_told_ready_workers_per_lease_and_stale_pods_go() {
         let assignments = [assignment("l1", "fleet-a.n1"), assignment("l2", "fleet-b.n1")];
-        let pods =
-            [pod("l1-w0", "l1", true), pod("l1-w1", "l1", false), pod("old-w0", "old", true)];
+        let mut pods =
+            vec![pod("l1-w0", "l1", true), pod("l1-w1", "l1", false), pod("old-w0", "old", true)];
         let report = workloads("fleet-a", &assignments, &pods);
         assert_eq!((report[0].workers, report[0].ready_workers, &report[0].message), (2, 1, &None));
         assert_eq!((report[1].workers, report[1].ready_workers), (0, 0));
         assert!(
             report[1].message.as_deref().is_some_and(|m| m.contains("not one of fleet fleet-a"))
         );
-        let stale: Vec<String> =
-            stale_pods(&assignments, &pods).iter().map(|p| p.name_any()).collect();
-        assert_eq!(stale, ["old-w0"]);
+        // Heads: of a cluster with a lease here, and of one without.
+        let head = |uid: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": head_name(uid), "labels": {CLUSTER_UID_LABEL: uid}},
+            }))
+            .expect("a pod")
+        };
+        pods.push(head(&assignments[0].cluster.uid));
+        pods.push(head("gone"));
+        let stale: Vec<String> = stale(&assignments, &pods).iter().map(|p| p.name_any()).collect();
+        assert_eq!(stale, ["old-w0", "ray-head-gone"]);
     }
 }
