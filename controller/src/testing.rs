@@ -58,6 +58,7 @@ pub fn mk_lease(cluster: &GpuCluster, node: &str, gpus: &[&str], workers: u32) -
             price_per_gpu_hour: 1_000_000,
             worker_resources: None,
             start_time: Time(now()),
+            terms: None,
         },
         status: None,
     }

@@ -987,12 +987,24 @@ async fn a_policy_change_applies_to_new_leases_and_leaves_running_ones_alone() {
     let second = provision(&clusters, "after", region, 1, 2).await;
     assert_eq!(leased_offers(&client, &second).await, BTreeSet::from([unsigned.to_string()]));
 
-    // The running lease kept its terms and runs on.
+    // The running lease kept its terms and runs on; the new one has the policy's.
     let after = leases_of(&client, &first).await;
     assert_eq!(
         before.iter().map(|l| &l.spec).collect::<Vec<_>>(),
         after.iter().map(|l| &l.spec).collect::<Vec<_>>()
     );
     assert_eq!(active(&after).len(), 1);
+    let terms = |lease: &GpuLease| lease.spec.terms.clone().expect("terms frozen at binding");
+    let (old, new) = (terms(&after[0]), terms(&leases_of(&client, &second).await[0]));
+    assert_eq!((old.provisioning_timeout_seconds, old.heartbeat_timeout_seconds), (600, 4));
+    assert_eq!((new.provisioning_timeout_seconds, new.heartbeat_timeout_seconds), (1200, 4));
+    // Terms are the controller's: a lease spec does not change, not even its terms.
+    let leases: Api<GpuLease> = Api::all(client.clone());
+    let loosen = json!({"spec": {"terms": {"provisioningTimeoutSeconds": 86400}}});
+    let refused = leases
+        .patch(&after[0].name_any(), &PatchParams::default(), &Patch::Merge(&loosen))
+        .await
+        .expect_err("a lease's terms are frozen");
+    assert!(refused.to_string().contains("immutable"), "{refused}");
     policies.delete("default", &DeleteParams::default()).await.unwrap();
 }
