@@ -86,6 +86,7 @@ pub fn mk_offer(node: &str, model: &str, count: usize, heartbeat: Timestamp) -> 
             cuda_version: None,
             mode: Default::default(),
             allocatable: None,
+            signed_at: None,
             signature: None,
         },
         status: Some(GpuOfferStatus {
