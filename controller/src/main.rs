@@ -102,6 +102,10 @@ struct Args {
     #[arg(long, env = "GPUMARKET_DEPOSIT_MARGIN", default_value_t = 0)]
     deposit_margin: u32,
 
+    /// The market's fee, per mille of each payout, frozen in each lease's terms at binding.
+    #[arg(long, env = "GPUMARKET_MARKET_FEE_PERMILLE", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=500))]
+    market_fee_permille: u32,
+
     /// Minimum stake per GPU by tier, in base units (e.g. H100=5000000,A100=2000000): with
     /// settlement on, offers staked less are not matched.
     #[arg(long, env = "GPUMARKET_MIN_STAKE_PER_GPU", default_value = "", value_parser = parse_min_per_gpu)]
@@ -235,6 +239,7 @@ async fn main() -> anyhow::Result<()> {
             let mut settlement =
                 SettlementConfig::new(rpc_url.clone(), keypair, mint, args.settlement_period);
             settlement.deposit_margin_percent = args.deposit_margin;
+            settlement.market_fee_permille = args.market_fee_permille;
             settlement.heartbeat_timeout = args.heartbeat_timeout;
             settlement.stake = StakePolicy {
                 min_per_gpu: args.min_stake_per_gpu.clone(),

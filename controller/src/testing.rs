@@ -58,6 +58,7 @@ pub fn mk_lease(cluster: &GpuCluster, node: &str, gpus: &[&str], workers: u32) -
             price_per_gpu_hour: 1_000_000,
             worker_resources: None,
             start_time: Time(now()),
+            terms: None,
         },
         status: None,
     }
@@ -85,6 +86,7 @@ pub fn mk_offer(node: &str, model: &str, count: usize, heartbeat: Timestamp) -> 
             cuda_version: None,
             mode: Default::default(),
             allocatable: None,
+            signed_at: None,
             signature: None,
         },
         status: Some(GpuOfferStatus {

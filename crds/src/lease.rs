@@ -30,6 +30,13 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Cluster", type_ = "string", json_path = ".spec.cluster.name"),
     printcolumn(name = "Offer", type_ = "string", json_path = ".spec.offer"),
     printcolumn(name = "Price/h", type_ = "integer", json_path = ".spec.pricePerGpuHour"),
+    printcolumn(
+        name = "Fee",
+        type_ = "integer",
+        description = "market fee frozen at binding, per mille of each payout",
+        json_path = ".spec.terms.marketFeePermille",
+        priority = 1
+    ),
     printcolumn(name = "Served GPU-s", type_ = "integer", json_path = ".status.servedGpuSeconds"),
     printcolumn(name = "Settled", type_ = "integer", json_path = ".status.amountSettled"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -75,6 +82,46 @@ pub struct GpuLeaseSpec {
     /// (`status.servingSince`).
     #[schemars(length(max = 64))]
     pub start_time: Time,
+
+    /// The market's rules for this lease, frozen at binding from the MarketPolicy (or the
+    /// controller's flags where the policy is silent): a later change of the policy applies to
+    /// leases bound after it, never to this one. Absent on leases bound before terms were
+    /// recorded; the rules in force apply to those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terms: Option<LeaseTerms>,
+}
+
+/// Rules of the market that apply to one lease for its whole life (see `GpuLeaseSpec::terms`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseTerms {
+    /// The lease ends as a supplier failure when its node's agent has not heartbeated for
+    /// this many seconds.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 86400").message("terms.heartbeatTimeoutSeconds must be between 1 and 86400"))]
+    pub heartbeat_timeout_seconds: u64,
+
+    /// The lease ends as a supplier failure, unbilled, when its workers are not all Ready this
+    /// many seconds after the bind.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 86400").message("terms.provisioningTimeoutSeconds must be between 1 and 86400"))]
+    pub provisioning_timeout_seconds: u64,
+
+    /// Served time is paid out every this many seconds (and at the end). Absent when the lease
+    /// is not settled on chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 2592000").message("terms.settlementPeriodSeconds must be between 1 and 2592000 (30 days)"))]
+    pub settlement_period_seconds: Option<u64>,
+
+    /// Share beyond the cluster's cost its deposit was checked against, in percent. Absent
+    /// when the lease is not settled on chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self <= 1000").message("terms.depositMarginPercent must be between 0 and 1000"))]
+    pub deposit_margin_percent: Option<u32>,
+
+    /// The market's fee, per mille of each payout. Absent when the lease is not settled on
+    /// chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self <= 500").message("terms.marketFeePermille must be between 0 and 500"))]
+    pub market_fee_permille: Option<u32>,
 }
 
 /// Reference to the GpuCluster a lease belongs to.
@@ -178,7 +225,8 @@ pub struct GpuLeaseStatus {
     #[schemars(length(max = 64))]
     pub settled_through: Option<Time>,
 
-    /// Paid to the supplier so far, in base units (confirmed payouts only).
+    /// Paid out of the escrow for this lease so far, in base units (confirmed payouts only):
+    /// the supplier's part and the market's fee at `spec.terms.marketFeePermille`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount_settled: Option<u64>,
 
@@ -235,7 +283,8 @@ pub struct SettlementRecord {
     /// Usage covered, from the previous period's end to this time.
     #[schemars(length(max = 64))]
     pub through: Time,
-    /// Amount paid, in base units.
+    /// Amount paid out of the source account, in base units (of a payout, the market's fee at
+    /// the lease's `spec.terms.marketFeePermille` goes to the market, the rest to the supplier).
     pub amount: u64,
     /// Signature of the signed transaction (base-58).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -25,7 +25,7 @@ pub use fleet::{
 };
 pub use lease::{
     ClusterRef, CompactedSettlements, EndReason, GpuLease, GpuLeaseSpec, GpuLeaseStatus,
-    LeasePhase, LeasePod, SettlementRecord, SettlementState,
+    LeasePhase, LeasePod, LeaseTerms, SettlementRecord, SettlementState,
 };
 pub use offer::{
     GpuHealth, GpuOffer, GpuOfferSpec, GpuOfferStatus, GpuState, OfferedGpu, Reputation,

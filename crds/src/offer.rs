@@ -46,6 +46,7 @@ use crate::common::{GpuTier, HostResources, Interconnect, OfferMode};
     validation = Rule::new("self.metadata.name == self.spec.nodeName").message("a GpuOffer is named after its node: set metadata.name to spec.nodeName")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(oldSelf.signedAt) || (has(self.signedAt) && self.signedAt >= oldSelf.signedAt)").message("spec.signedAt cannot go back: a spec signed before the one it replaces is an old signed offer re-applied; let the node's agent sign the offer again"))]
 pub struct GpuOfferSpec {
     /// Name of the Kubernetes node whose GPUs are offered. Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.nodeName is immutable: delete the offer and create one for the other node"))]
@@ -101,6 +102,14 @@ pub struct GpuOfferSpec {
     /// worker are not matched to them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocatable: Option<HostResources>,
+
+    /// When the agent signed this spec (whole seconds; part of what is signed). A spec signed
+    /// before one the controller has seen for this offer is an old signed offer re-applied (to
+    /// restore an old price or old GPUs, say): it is not matched, and the API server refuses to
+    /// move this time back. Absent from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub signed_at: Option<Time>,
 
     /// Ed25519 signature (base-58) by `wallet`'s key of the rest of this spec, written by the
     /// agent ([`crate::signature`]): it proves the offer is the wallet holder's, unchanged. The

@@ -31,6 +31,11 @@ pub enum SignatureError {
          another offer, or the spec changed after it was signed"
     )]
     Mismatch,
+    #[error(
+        "the spec was signed at {signed_at}, before the one seen for this offer signed at \
+         {newest}: an old signed offer re-applied"
+    )]
+    Replayed { signed_at: String, newest: String },
 }
 
 /// The bytes the wallet signs: [`DOMAIN`] then the spec without its signature, as JSON.
@@ -46,6 +51,17 @@ pub fn signing_message(spec: &GpuOfferSpec) -> Vec<u8> {
 pub fn sign(spec: &GpuOfferSpec, wallet: &dyn Signer) -> GpuOfferSpec {
     let signature = wallet.sign_message(&signing_message(spec));
     GpuOfferSpec { signature: Some(signature.to_string()), ..spec.clone() }
+}
+
+/// Whether a spec signed at `signed_at` replays an earlier one, `newest` being the latest
+/// signing time seen for the same offer: signed before it, or not timed at all once a timed
+/// spec was seen (an offer signed before signing times existed).
+pub fn replayed(signed_at: Option<jiff::Timestamp>, newest: Option<jiff::Timestamp>) -> bool {
+    match (signed_at, newest) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(at), Some(newest)) => at < newest,
+    }
 }
 
 /// Whether `spec.signature` is `spec.wallet`'s signature of this very spec.
@@ -89,6 +105,7 @@ mod tests {
             "pricePerGpuHour": 2_200_000,
             "region": "eu-west",
             "zone": "eu-west-1a",
+            "signedAt": "2026-12-02T01:00:00Z",
         }))
         .expect("a spec")
     }
@@ -130,12 +147,31 @@ mod tests {
                 }),
             ),
             ("driver", Box::new(|s| s.driver_version = Some("1".into()))),
+            (
+                "signing time",
+                Box::new(|s| {
+                    s.signed_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        jiff::Timestamp::UNIX_EPOCH,
+                    ))
+                }),
+            ),
         ];
         for (what, change) in changes {
             let mut changed = signed.clone();
             change(&mut changed);
             assert_eq!(verify(&changed), Err(SignatureError::Mismatch), "{what} changed");
         }
+    }
+
+    #[test]
+    fn a_spec_signed_before_the_newest_seen_is_a_replay() {
+        let at = |s| Some(jiff::Timestamp::from_second(s).expect("time"));
+        assert!(!replayed(at(100), None), "the first spec seen");
+        assert!(!replayed(None, None), "an untimed spec of an older agent, first seen");
+        assert!(!replayed(at(100), at(100)), "the same spec again");
+        assert!(!replayed(at(200), at(100)), "signed again later");
+        assert!(replayed(at(99), at(100)), "an earlier signed spec");
+        assert!(replayed(None, at(100)), "an untimed spec after a timed one");
     }
 
     #[test]

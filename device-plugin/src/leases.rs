@@ -97,6 +97,7 @@ mod tests {
                 price_per_gpu_hour: 1,
                 worker_resources: None,
                 start_time: Time(jiff::Timestamp::from_second(100).expect("valid time")),
+                terms: None,
             },
         );
         lease.status = status;

@@ -105,6 +105,12 @@ pub fn offer_manifest(
         cuda_version: inventory.cuda_version.clone(),
         mode: settings.mode,
         allocatable: node_allocatable(node, settings.reserve),
+        // Signed now, so that this spec supersedes any earlier one of the node's (see
+        // `GpuOfferSpec::signed_at`): whole seconds, as the API server keeps times.
+        signed_at: settings.supplier.wallet_key.as_ref().and_then(|_| {
+            let now = jiff::Timestamp::now().as_second();
+            jiff::Timestamp::from_second(now).ok().map(Time)
+        }),
         signature: None,
     };
     let spec = match &settings.supplier.wallet_key {

@@ -33,6 +33,7 @@ use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::supplier::{Supplier, add_node, signed_offer};
 use gpumarket_tests::{Env, eventually};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
     PatchParams, PostParams,
@@ -849,6 +850,18 @@ async fn only_offers_signed_by_their_wallet_are_matched() {
     spec.signature = None;
     let _unsigned = Supplier::publish(&client, spec).await;
 
+    // Signed anew (a later signing time, another price) after an earlier signed spec.
+    let rolled_back = "ctl-ver-rollback";
+    add_node(env, rolled_back, region, 2).await;
+    let signed_at = |price, seconds: i64| {
+        let mut spec = signed_offer(rolled_back, region, 2, price, None, &honest_wallet);
+        let at = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + seconds);
+        spec.signed_at = Some(Time(at.unwrap()));
+        gpumarket_crds::signature::sign(&spec, &honest_wallet)
+    };
+    let (earlier, later) = (signed_at(6_000_000, -60), signed_at(7_000_000, 0));
+    let _rolled_back = Supplier::publish(&client, later).await;
+
     // Rightly signed, then the payout wallet is swapped by someone who can edit the object.
     let swapped = "ctl-ver-swapped";
     add_node(env, swapped, region, 2).await;
@@ -878,6 +891,24 @@ async fn only_offers_signed_by_their_wallet_are_matched() {
         .await;
         println!("{offer}: {reason}: {}", notes[0]);
     }
+
+    // The earlier signed spec re-applied by someone who can edit the offer: the API server
+    // refuses to move the signing time back; deleted and re-created with it, the controller
+    // refuses it as a replay.
+    assert_eq!(verified(&client, rolled_back, "True").await, "Signed");
+    let replay = json!({"spec": earlier});
+    let refused = offers
+        .patch(rolled_back, &PatchParams::default(), &Patch::Merge(&replay))
+        .await
+        .expect_err("an earlier signed spec");
+    assert!(refused.to_string().contains("spec.signedAt cannot go back"), "{refused}");
+    offers.delete(rolled_back, &DeleteParams::default()).await.unwrap();
+    eventually("the offer gone", WAIT, || async {
+        offers.get_opt(rolled_back).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    offers.create(&PostParams::default(), &GpuOffer::new(rolled_back, earlier)).await.unwrap();
+    assert_eq!(verified(&client, rolled_back, "False").await, "ReplayedSignature");
 
     // Only the honest node's two GPUs are supply: a cluster of one worker of two GPUs is bound
     // there, and a second such cluster waits.
@@ -987,12 +1018,24 @@ async fn a_policy_change_applies_to_new_leases_and_leaves_running_ones_alone() {
     let second = provision(&clusters, "after", region, 1, 2).await;
     assert_eq!(leased_offers(&client, &second).await, BTreeSet::from([unsigned.to_string()]));
 
-    // The running lease kept its terms and runs on.
+    // The running lease kept its terms and runs on; the new one has the policy's.
     let after = leases_of(&client, &first).await;
     assert_eq!(
         before.iter().map(|l| &l.spec).collect::<Vec<_>>(),
         after.iter().map(|l| &l.spec).collect::<Vec<_>>()
     );
     assert_eq!(active(&after).len(), 1);
+    let terms = |lease: &GpuLease| lease.spec.terms.clone().expect("terms frozen at binding");
+    let (old, new) = (terms(&after[0]), terms(&leases_of(&client, &second).await[0]));
+    assert_eq!((old.provisioning_timeout_seconds, old.heartbeat_timeout_seconds), (600, 4));
+    assert_eq!((new.provisioning_timeout_seconds, new.heartbeat_timeout_seconds), (1200, 4));
+    // Terms are the controller's: a lease spec does not change, not even its terms.
+    let leases: Api<GpuLease> = Api::all(client.clone());
+    let loosen = json!({"spec": {"terms": {"provisioningTimeoutSeconds": 86400}}});
+    let refused = leases
+        .patch(&after[0].name_any(), &PatchParams::default(), &Patch::Merge(&loosen))
+        .await
+        .expect_err("a lease's terms are frozen");
+    assert!(refused.to_string().contains("immutable"), "{refused}");
     policies.delete("default", &DeleteParams::default()).await.unwrap();
 }

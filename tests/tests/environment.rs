@@ -386,7 +386,7 @@ async fn up_demo_runs_the_buyers_ray_cluster_and_a_first_job_on_the_real_node() 
             log.contains("demo: submit your jobs").then_some(log)
         })
         .await;
-    eprintln!("demo's first job done {:.1} s after up", started.elapsed().as_secs_f64());
+    eprintln!("{log}\ndemo's first job done {:.1} s after up", started.elapsed().as_secs_f64());
     // Its progress was printed on the way, matched before it ran, and the job saw both GPUs.
     let matched = log.find("GpuCluster default/ray-local: Provisioning").expect("progress printed");
     assert!(matched < log.find("default/ray-local is Running").unwrap(), "{log}");

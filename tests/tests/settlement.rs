@@ -24,7 +24,7 @@ use gpumarket_controller::settlement::{
 };
 use gpumarket_crds::{
     ClusterRef, EndReason, GpuCluster, GpuClusterSpec, GpuLease, GpuLeaseSpec, GpuOffer,
-    GpuSelector, LeasePhase, Payment, SettlementState,
+    GpuSelector, LeasePhase, LeaseTerms, MarketPolicy, Payment, SettlementState,
 };
 use gpumarket_tests::relay::Relay;
 use gpumarket_tests::solana::read_keypair;
@@ -138,7 +138,7 @@ impl Fixture {
     }
 
     /// A lease of `gpus` GPUs of the cluster to supplier `supplier`, bound and serving from
-    /// `start`; ended at `end` when given.
+    /// `start`; ended at `end` when given. Bound without terms: the rules in force apply.
     async fn lease(
         &self,
         cluster: &GpuCluster,
@@ -147,6 +147,19 @@ impl Fixture {
         gpus: usize,
         start: Timestamp,
         end: Option<Timestamp>,
+    ) -> Result<GpuLease> {
+        self.lease_on(cluster, name, supplier, gpus, (start, end), None).await
+    }
+
+    /// [`Fixture::lease`] bound on `terms`, as the controller freezes them at binding.
+    async fn lease_on(
+        &self,
+        cluster: &GpuCluster,
+        name: &str,
+        supplier: usize,
+        gpus: usize,
+        (start, end): (Timestamp, Option<Timestamp>),
+        terms: Option<LeaseTerms>,
     ) -> Result<GpuLease> {
         let api: Api<GpuLease> = Api::all(self.client.clone());
         let lease = GpuLease {
@@ -168,6 +181,7 @@ impl Fixture {
                 price_per_gpu_hour: PRICE_PER_GPU_HOUR,
                 worker_resources: None,
                 start_time: Time(start),
+                terms,
             },
             status: None,
         };
@@ -370,6 +384,58 @@ async fn leases_are_paid_from_their_clusters_own_escrow_and_the_rest_refunded_cl
             .any(|(reason, note)| reason == "Refunded" && note.contains("refunded 0.070000")),
         "{told:?}"
     );
+    fx.cleanup().await
+}
+
+/// Issue 17: a lease is paid on the terms frozen in it at binding (its settlement period and
+/// market fee), whatever the MarketPolicy in force says after.
+#[tokio::test]
+async fn a_running_lease_is_paid_on_its_frozen_terms_when_the_policy_changes() -> Result<()> {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("settle-terms").await?;
+    let (supplier, market) = (fx.supplier(0)?, fx.settler.authority());
+    let cluster = fx.cluster("terms").await?;
+    fx.deposit(&cluster, 100_000).await?;
+    let terms = LeaseTerms {
+        heartbeat_timeout_seconds: 60,
+        provisioning_timeout_seconds: 600,
+        settlement_period_seconds: Some(PERIOD.as_secs()),
+        deposit_margin_percent: Some(0),
+        market_fee_permille: Some(100),
+    };
+    let (before, market_before) = (fx.balance(&supplier).await?, fx.balance(&market).await?);
+    let start = seconds_ago(1);
+    let lease = fx.lease_on(&cluster, "frozen", 0, 1, (start, None), Some(terms)).await?;
+    fx.settle_until(&fx.settler, "the first period is paid", |ls| ls.iter().all(|l| paid(l) > 0))
+        .await?;
+    assert_eq!(fx.balance(&supplier).await? - before, 3_600, "4 s at 1000, less 10 %");
+    assert_eq!(fx.balance(&market).await? - market_before, 400, "the market's 10 %");
+
+    // The market triples its fee and pays hourly: not this lease, which runs on.
+    let policies: Api<MarketPolicy> = Api::all(fx.client.clone());
+    let policy = json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "MarketPolicy",
+        "metadata": {"name": "default"},
+        "spec": {"marketFeePermille": 300, "settlementPeriod": "1h"},
+    });
+    policies.patch("default", &PatchParams::apply("market-admin"), &Patch::Apply(&policy)).await?;
+    let end = Timestamp::from_second(start.as_second() + 10)?;
+    let outcome = async {
+        fx.settle_until(&fx.settler, "a second period is paid", |ls| {
+            ls.iter().all(|l| l.status.as_ref().is_some_and(|s| s.settlements.len() >= 2))
+        })
+        .await?;
+        let left = end.as_second() - Timestamp::now().as_second();
+        tokio::time::sleep(Duration::from_secs(u64::try_from(left.max(0))?)).await;
+        fx.end_lease(&lease, end, EndReason::Expired).await?;
+        fx.settle_until(&fx.settler, "the lease settles", |ls| ls.iter().all(settled)).await
+    }
+    .await;
+    policies.delete("default", &DeleteParams::default()).await?;
+    let leases = outcome?;
+    assert_eq!(leases.iter().map(paid).sum::<u64>(), 10_000, "10 s at 1000 out of the escrow");
+    assert_eq!(fx.balance(&supplier).await? - before, 9_000, "the supplier's 90 % throughout");
+    assert_eq!(fx.balance(&market).await? - market_before, 1_000, "the fee frozen at 10 %");
     fx.cleanup().await
 }
 

@@ -29,8 +29,10 @@ use crate::fleet::{fleet_service, offer_fleet};
 use crate::market::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
 use crate::market::supply::{gang_fleets, market_request};
 use crate::matching::{self, Outcome, Request};
+use crate::policy::terms;
 use crate::raycluster::{self, build_ray_cluster, dashboard_address, is_ready, ray_cluster_name};
 use crate::runtime::context::{Context, MANAGER};
+use crate::settlement::escrow::required_deposit;
 use crate::settlement::{self, DepositStatus};
 
 pub const FINALIZER: &str = "gpumarket.io/leases";
@@ -141,9 +143,8 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     // Supplier failures end the affected leases; their workers are matched again below.
     for lease in leases.iter_mut().filter(|l| is_active(l)) {
         let offer = ctx.offers.get(&ObjectRef::<GpuOffer>::new(&lease.spec.offer));
-        if let Some(why) =
-            supplier_failure(lease, offer.as_deref(), now, ctx.settings().heartbeat_timeout)
-        {
+        let timeout = terms::heartbeat_timeout(lease, ctx.settings().heartbeat_timeout);
+        if let Some(why) = supplier_failure(lease, offer.as_deref(), now, timeout) {
             *lease = end_lease(ctx, lease, EndReason::SupplierFailure, now).await?;
             ctx.event(
                 cluster,
@@ -169,13 +170,14 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
             );
             ctx.event(cluster, EventType::Warning, "WorkerPodLost", "Recover", note).await;
         }
-        if not_serving(lease, now, ctx.settings().provisioning_timeout) {
+        let timeout = terms::provisioning_timeout(lease, ctx.settings().provisioning_timeout);
+        if not_serving(lease, now, timeout) {
             *lease = end_lease(ctx, lease, EndReason::NotServing, now).await?;
             let note = format!(
                 "lease {} ended: its workers on {} were not Ready within {}s of the bind (not billed)",
                 lease.name_any(),
                 lease.spec.offer,
-                ctx.settings().provisioning_timeout.as_secs()
+                timeout.as_secs()
             );
             ctx.event(cluster, EventType::Warning, "NotServing", "Recover", note).await;
         }
@@ -321,7 +323,8 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     }
     for lease in leases.iter().filter(|l| is_active(l) && !serves(l)) {
         let waited = now.duration_since(lease.spec.start_time.0).unsigned_abs();
-        let left = ctx.settings().provisioning_timeout.saturating_sub(waited);
+        let timeout = terms::provisioning_timeout(lease, ctx.settings().provisioning_timeout);
+        let left = timeout.saturating_sub(waited);
         next = next.min(left + Duration::from_millis(100));
     }
     Ok(Action::requeue(next))
@@ -349,6 +352,10 @@ async fn match_and_bind(
     now: Timestamp,
 ) -> Result<(Bind, Option<Result<String, String>>)> {
     let request = Request { within, ..market_request(cluster, workers) };
+    // The rules in force now are the leases' terms: their deposit margin is what the deposit
+    // is checked against.
+    let terms = ctx.lease_terms();
+    let margin = terms::deposit_margin_percent(&terms);
     // The deposit is checked against a quote before anything is taken (the chain is slow, so
     // not under the lock); the bind below re-checks the final price against what was deposited.
     let deposited = match (&ctx.settler, replacing) {
@@ -359,7 +366,7 @@ async fn match_and_bind(
                 Outcome::Matched(assignment) => assignment.hourly_cost(),
                 Outcome::Unmatched(why) => return Ok((Bind::Unmatched(why.to_string()), None)),
             };
-            let required = settler.required_deposit(quoted, duration);
+            let required = required_deposit(quoted, duration, margin);
             let uid = cluster.uid().unwrap_or_default();
             match settler.deposit_status(&uid, required).await {
                 Ok((escrow, DepositStatus::Covered { deposited })) => {
@@ -400,8 +407,8 @@ async fn match_and_bind(
             Outcome::Matched(assignment) => assignment,
         };
         let mut funding = None;
-        if let Some((settler, duration, deposited, escrow)) = &deposited {
-            let required = settler.required_deposit(assignment.hourly_cost(), *duration);
+        if let Some((_, duration, deposited, escrow)) = &deposited {
+            let required = required_deposit(assignment.hourly_cost(), *duration, margin);
             if required > *deposited {
                 let why = format!(
                     "supply moved: the match now needs a deposit of {}, {} was deposited to the \
@@ -417,7 +424,7 @@ async fn match_and_bind(
                 Amount::new(required)
             )));
         }
-        let planned = plan_leases(cluster, &assignment, &offer_wallets(ctx), now)?;
+        let planned = plan_leases(cluster, &assignment, &offer_wallets(ctx), &terms, now)?;
         let cached = |name: &str| ctx.offers.get(&ObjectRef::new(name));
         match binding::claim_all(&offers_api(ctx), cached, &planned).await {
             Ok(()) => ctx.remember_claims(&planned),

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use gpumarket_crds::{
     ClusterRef, GpuCluster, GpuLease, GpuLeaseSpec, GpuOffer, GpuOfferStatus, GpuState, LeasePhase,
+    LeaseTerms,
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -66,6 +67,7 @@ pub fn plan_leases(
     cluster: &GpuCluster,
     assignment: &Assignment,
     wallets: &BTreeMap<String, String>,
+    terms: &LeaseTerms,
     now: Timestamp,
 ) -> Result<Vec<GpuLease>> {
     let mut per_node: BTreeMap<&str, (Vec<String>, u32, &WorkerSlot)> = BTreeMap::new();
@@ -104,6 +106,7 @@ pub fn plan_leases(
                     price_per_gpu_hour: first.price_per_gpu_hour,
                     worker_resources: first.resources,
                     start_time: Time(now),
+                    terms: Some(terms.clone()),
                 },
                 status: None,
             })
@@ -340,7 +343,8 @@ mod tests {
             ("a".to_string(), "wa".to_string()),
             ("b".to_string(), "wb".to_string()),
         ]);
-        let leases = plan_leases(&cluster, &assignment, &wallets, now()).expect("plans");
+        let terms = LeaseTerms { heartbeat_timeout_seconds: 60, ..LeaseTerms::default() };
+        let leases = plan_leases(&cluster, &assignment, &wallets, &terms, now()).expect("plans");
         assert_eq!(leases.len(), 2);
         assert_eq!((leases[0].spec.offer.as_str(), leases[0].spec.workers), ("a", 2));
         assert_eq!(leases[0].spec.gpus, ["a1", "a2"]);
@@ -349,6 +353,7 @@ mod tests {
         assert_eq!((leases[1].spec.offer.as_str(), leases[1].spec.workers), ("b", 1));
         assert_eq!(leases[1].spec.worker_resources, None, "an offer without allocatable");
         assert_eq!(leases[1].spec.cluster.uid, cluster.uid().unwrap_or_default());
+        assert!(leases.iter().all(|l| l.spec.terms.as_ref() == Some(&terms)), "terms frozen");
     }
 
     #[test]

@@ -214,6 +214,7 @@ mod tests {
                 price_per_gpu_hour: 3_600_000,
                 worker_resources: None,
                 start_time: Time(start),
+                terms: None,
             },
             status: Some(GpuLeaseStatus {
                 phase: Some(LeasePhase::Ended),

@@ -1,6 +1,9 @@
 //! The market's MarketPolicy, read live: the settings the controllers act on are the flags'
 //! with whatever the policy sets on top ([`effective`]), and every change of the policy is an
-//! Event on it saying who changed what ([`changes`]). Pure, but for [`run`].
+//! Event on it saying who changed what ([`changes`]). A lease keeps the rules in force when it
+//! was bound ([`terms`]). Pure, but for [`run`].
+
+pub mod terms;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,18 +18,42 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use crate::runtime::context::{Context, MANAGER, Settings};
+use crate::settlement::SettlementConfig;
+
+fn policy_duration(value: &Option<String>, flag: Duration) -> Duration {
+    value.as_deref().and_then(|v| parse_duration(v).ok()).unwrap_or(flag)
+}
 
 /// The settings the controllers act on: `flags`, overridden by what `policy` sets. A duration
 /// the schema let through but that does not parse keeps the flag's value.
 pub fn effective(flags: &Settings, policy: Option<&MarketPolicySpec>) -> Settings {
     let Some(policy) = policy else { return flags.clone() };
-    let duration = |value: &Option<String>, flag: Duration| {
-        value.as_deref().and_then(|v| parse_duration(v).ok()).unwrap_or(flag)
-    };
     Settings {
-        heartbeat_timeout: duration(&policy.heartbeat_timeout, flags.heartbeat_timeout),
-        provisioning_timeout: duration(&policy.provisioning_timeout, flags.provisioning_timeout),
+        heartbeat_timeout: policy_duration(&policy.heartbeat_timeout, flags.heartbeat_timeout),
+        provisioning_timeout: policy_duration(
+            &policy.provisioning_timeout,
+            flags.provisioning_timeout,
+        ),
         require_signed_offers: policy.require_signed_offers.unwrap_or(flags.require_signed_offers),
+        ..flags.clone()
+    }
+}
+
+/// The settlement configuration in force: the flags' (`flags`), with the settlement period,
+/// deposit margin, heartbeat timeout and market fee the policy sets on top.
+pub fn effective_settlement(
+    flags: &SettlementConfig,
+    policy: Option<&MarketPolicySpec>,
+) -> SettlementConfig {
+    let Some(policy) = policy else { return flags.clone() };
+    SettlementConfig {
+        period: policy_duration(&policy.settlement_period, flags.period)
+            .max(Duration::from_secs(1)),
+        deposit_margin_percent: policy
+            .deposit_margin_percent
+            .unwrap_or(flags.deposit_margin_percent),
+        heartbeat_timeout: policy_duration(&policy.heartbeat_timeout, flags.heartbeat_timeout),
+        market_fee_permille: policy.market_fee_permille.unwrap_or(flags.market_fee_permille),
         ..flags.clone()
     }
 }
@@ -128,6 +155,32 @@ mod tests {
         assert_eq!(settings.heartbeat_timeout, Duration::from_secs(120));
         assert!(!settings.require_signed_offers);
         assert_eq!(settings.provisioning_timeout, flags.provisioning_timeout, "left to the flag");
+    }
+
+    #[test]
+    fn the_policy_overrides_the_settlement_flags_it_sets() {
+        let mut flags = SettlementConfig::new(
+            "http://rpc".into(),
+            "k.json".into(),
+            "mint".into(),
+            Duration::from_secs(3600),
+        );
+        flags.deposit_margin_percent = 5;
+        assert_eq!(effective_settlement(&flags, None).period, flags.period);
+        let policy = MarketPolicySpec {
+            settlement_period: Some("10m".into()),
+            deposit_margin_percent: Some(25),
+            market_fee_permille: Some(30),
+            heartbeat_timeout: Some("2m".into()),
+            ..Default::default()
+        };
+        let settlement = effective_settlement(&flags, Some(&policy));
+        assert_eq!(settlement.period, Duration::from_secs(600));
+        assert_eq!(settlement.deposit_margin_percent, 25);
+        assert_eq!(settlement.market_fee_permille, 30);
+        assert_eq!(settlement.heartbeat_timeout, Duration::from_secs(120));
+        let silent = MarketPolicySpec::default();
+        assert_eq!(effective_settlement(&flags, Some(&silent)).deposit_margin_percent, 5);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gpumarket_crds::{GpuCluster, GpuFleet, GpuLease, GpuOffer, MarketPolicy};
+use gpumarket_crds::{GpuCluster, GpuFleet, GpuLease, GpuOffer, LeaseTerms, MarketPolicy};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
@@ -136,6 +136,16 @@ impl Context {
     pub fn settings(&self) -> Settings {
         let policy = self.policy.get(&ObjectRef::new(POLICY_NAME));
         crate::policy::effective(&self.settings, policy.as_deref().map(|p| &p.spec))
+    }
+
+    /// The terms a lease bound now gets: the settings and, with settlement on, the settlement
+    /// configuration in force (the MarketPolicy over the flags).
+    pub fn lease_terms(&self) -> LeaseTerms {
+        let policy = self.policy.get(&ObjectRef::new(POLICY_NAME));
+        let policy = policy.as_deref().map(|p| &p.spec);
+        let settlement =
+            self.settler.as_ref().map(|s| crate::policy::effective_settlement(s.config(), policy));
+        crate::policy::terms::at_binding(&self.settings(), settlement.as_ref())
     }
 
     /// Free supply for matching: the cached offers that verification admits (with settlement

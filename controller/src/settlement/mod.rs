@@ -72,6 +72,8 @@ pub struct SettlementConfig {
     pub poll_interval: Duration,
     /// An offer whose heartbeat is older than this counts as down for its uptime.
     pub heartbeat_timeout: Duration,
+    /// The market's fee, per mille of each payout (frozen in each lease's terms at binding).
+    pub market_fee_permille: u32,
     pub stake: StakePolicy,
 }
 
@@ -85,6 +87,7 @@ impl SettlementConfig {
             deposit_margin_percent: 0,
             poll_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(60),
+            market_fee_permille: 0,
             stake: StakePolicy::default(),
         }
     }
@@ -171,6 +174,8 @@ struct RoundState {
     crash_at: Option<CrashPoint>,
     last_reputation: Option<std::time::Instant>,
     anchored_hash: Option<String>,
+    /// The configuration in force, as of the last round's start (see [`Settler::in_force`]).
+    in_force: Option<SettlementConfig>,
 }
 
 impl std::fmt::Debug for Settler {
@@ -225,8 +230,15 @@ impl Settler {
         self.authority.pubkey()
     }
 
+    /// The configuration from the flags, before any MarketPolicy.
     pub fn config(&self) -> &SettlementConfig {
         &self.config
+    }
+
+    /// The configuration in force: the flags', with what the MarketPolicy sets on top, as read
+    /// at the start of the last round. A lease's frozen terms take precedence over it.
+    pub fn in_force(&self) -> SettlementConfig {
+        self.lock_state().in_force.clone().unwrap_or_else(|| self.config.clone())
     }
 
     /// The authority and the mint every settlement account is of.
@@ -244,7 +256,8 @@ impl Settler {
         })
     }
 
-    /// Deposit a cluster of this hourly rate and duration must make, margin included.
+    /// Deposit a cluster of this hourly rate and duration must make, with the flags' margin
+    /// (binding uses the margin in force, see `Context::lease_terms`).
     pub fn required_deposit(&self, hourly_rate: u64, duration: Duration) -> u64 {
         escrow::required_deposit(hourly_rate, duration, self.config.deposit_margin_percent)
     }

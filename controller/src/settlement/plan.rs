@@ -22,6 +22,7 @@ use super::memo::payout_key;
 use super::meter::{Meter, Paid, fully_settled, is_payout_period, next_due};
 use super::stake::{SLASH_PERIOD, StakeBook, StakePolicy};
 use super::transaction::Payment;
+use crate::policy::terms::market_fee;
 
 /// Everything a round decides from.
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +36,7 @@ pub struct Inputs<'a> {
     pub stakes: &'a HashMap<String, StakeBook>,
     /// The settlement authority (the escrows' and stake accounts' addresses derive from it).
     pub authority: Pubkey,
+    /// The settlement period in force, for leases without one in their terms.
     pub period: Duration,
     /// Time until the next round: an escrow must cover at least this much more usage.
     pub lookahead: Duration,
@@ -197,8 +199,8 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
     let mut leases: Vec<&GpuLease> = inputs.leases.iter().collect();
     leases.sort_by_key(|l| (l.spec.start_time.0, l.name_any()));
     for lease in &leases {
-        let Some(due) = next_due(&Meter::of(lease), &Paid::of(lease), inputs.period, inputs.now)
-        else {
+        let period = crate::policy::terms::settlement_period(lease, inputs.period);
+        let Some(due) = next_due(&Meter::of(lease), &Paid::of(lease), period, inputs.now) else {
             continue;
         };
         let Ok(wallet) = Pubkey::from_str(&lease.spec.supplier_wallet) else {
@@ -229,7 +231,7 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
         out.to_send.push(Planned {
             holder,
             record,
-            payment: Payment { key, source, wallet, amount },
+            payment: Payment { key, source, wallet, amount, fee: market_fee(lease, amount) },
         });
     }
     plan_slashes(inputs, &leases, &mut out);
@@ -281,7 +283,7 @@ fn plan_slashes(inputs: &Inputs<'_>, leases: &[&GpuLease], out: &mut Payouts) {
             continue;
         }
         let key = payout_key(lease.uid().as_deref().unwrap_or_default(), SLASH_PERIOD);
-        let payment = Payment { key, source: book.account, wallet: buyer, amount };
+        let payment = Payment { key, source: book.account, wallet: buyer, amount, fee: 0 };
         let holder = Holder::Lease { name: lease.name_any(), period: SLASH_PERIOD.into() };
         out.to_send.push(Planned { holder, record, payment });
     }
@@ -310,6 +312,7 @@ fn plan_stake_payments(inputs: &Inputs<'_>, out: &mut Payouts) {
                 source: book.account,
                 wallet: foreign.to,
                 amount: foreign.amount,
+                fee: 0,
             };
             let holder = Holder::Stake { offer: node.clone(), period: foreign.what.clone() };
             out.to_send.push(Planned { holder, record, payment });
@@ -320,8 +323,13 @@ fn plan_stake_payments(inputs: &Inputs<'_>, out: &mut Payouts) {
             continue;
         }
         let record = new_record(unbond.what.clone(), inputs.now, book.bonded);
-        let payment =
-            Payment { key: unbond.key.clone(), source: book.account, wallet, amount: book.bonded };
+        let payment = Payment {
+            key: unbond.key.clone(),
+            source: book.account,
+            wallet,
+            amount: book.bonded,
+            fee: 0,
+        };
         let holder = Holder::Stake { offer: node.clone(), period: unbond.what.clone() };
         out.to_send.push(Planned { holder, record, payment });
     }
@@ -422,7 +430,7 @@ mod tests {
     use super::*;
     use crate::settlement::stake::{Foreign, UnbondRequest};
     use crate::testing::{mk_cluster, mk_lease, mk_offer, now};
-    use gpumarket_crds::{EscrowStatus, GpuClusterStatus, GpuLeaseStatus, StakeStatus};
+    use gpumarket_crds::{EscrowStatus, GpuClusterStatus, GpuLeaseStatus, LeaseTerms, StakeStatus};
     use std::collections::HashSet;
 
     const SUPPLIER: &str = "TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA";
@@ -526,6 +534,44 @@ mod tests {
         let short = World::new(&[("c-0000-uid", 219)]);
         let ending = out_of_funds(&short.inputs(&leases, &clusters, &[], 100));
         assert_eq!(ending.len(), 2, "every active lease of the cluster ends: {ending:?}");
+    }
+
+    #[test]
+    fn a_running_lease_is_paid_on_its_own_terms_whatever_is_in_force_now() {
+        let cluster = mk_cluster("c", 2, 1);
+        let then = LeaseTerms {
+            heartbeat_timeout_seconds: 60,
+            provisioning_timeout_seconds: 600,
+            settlement_period_seconds: Some(60),
+            deposit_margin_percent: Some(0),
+            market_fee_permille: Some(20),
+        };
+        let later = LeaseTerms {
+            settlement_period_seconds: Some(30),
+            market_fee_permille: Some(100),
+            ..then.clone()
+        };
+        let (mut running, mut new) =
+            (lease(&cluster, "n1", 1, None), lease(&cluster, "n2", 1, None));
+        running.spec.terms = Some(then);
+        new.spec.terms = Some(later);
+        let legacy = lease(&cluster, "n3", 1, None);
+        let leases = [running, new, legacy];
+        let clusters = [cluster];
+        let world = World::new(&[("c-0000-uid", 1_000_000)]);
+        // The policy now in force pays every 30 s; each lease at 1 base unit a second.
+        let inputs = Inputs {
+            period: Duration::from_secs(30),
+            ..world.inputs(&leases, &clusters, &[], 100)
+        };
+        let plan = payouts(&inputs);
+        let paid = |lease: &GpuLease| {
+            let p = plan.to_send.iter().find(|p| p.record.period != SLASH_PERIOD && matches!(&p.holder, Holder::Lease { name, .. } if *name == lease.name_any())).expect("a payout");
+            (p.record.through.0, p.payment.amount, p.payment.fee)
+        };
+        assert_eq!(paid(&leases[0]), (at(60), 60, 1), "its own 60 s period and 2 % fee");
+        assert_eq!(paid(&leases[1]), (at(90), 90, 9), "the new terms: 30 s, 10 %");
+        assert_eq!(paid(&leases[2]), (at(90), 90, 0), "no terms: the period in force, no fee");
     }
 
     #[test]

@@ -12,9 +12,10 @@ use std::time::Instant;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
+use gpumarket_crds::policy::POLICY_NAME;
 use gpumarket_crds::{
-    EndReason, GpuCluster, GpuLease, GpuLeaseStatus, GpuOffer, LeasePhase, SettlementRecord,
-    SettlementState,
+    EndReason, GpuCluster, GpuLease, GpuLeaseStatus, GpuOffer, LeasePhase, MarketPolicy,
+    SettlementRecord, SettlementState,
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -130,6 +131,11 @@ impl Settler {
         let mut report = RoundReport::default();
         let events = ClusterEvents::new(client.clone());
 
+        let policy = Api::<MarketPolicy>::all(client.clone()).get_opt(POLICY_NAME).await?;
+        let in_force =
+            crate::policy::effective_settlement(&self.config, policy.map(|p| p.spec).as_ref());
+        self.lock_state().in_force = Some(in_force);
+
         let listed = list(client).await?;
         self.resolve_in_flight(client, &events, &listed, &mut report).await?;
 
@@ -210,7 +216,7 @@ impl Settler {
             escrows,
             stakes,
             authority: self.authority(),
-            period: self.config.period,
+            period: self.in_force().period,
             // Two rounds ahead: a round may itself take a while.
             lookahead: self.config.poll_interval * 2,
             stake: &self.config.stake,
@@ -535,7 +541,8 @@ impl Settler {
         for p in done {
             tracing::warn!(key = %p.payment.key, holder = ?p.holder, "payment already on chain without its record: confirmed, not paid again");
             let outcome = Outcome::Confirmed(paid[&p.payment.key].clone());
-            let recorded = record_new(client, leases, &p, self.config.period, None, None).await;
+            let period = self.in_force().period;
+            let recorded = record_new(client, leases, &p, period, None, None).await;
             let settled = match recorded {
                 Ok(true) => settle_holder(client, events, &p.holder, "", &outcome).await,
                 Ok(false) => Ok(()),
@@ -549,7 +556,10 @@ impl Settler {
         if planned.is_empty() {
             return Ok(());
         }
-        let mut wallets: Vec<Pubkey> = planned.iter().map(|p| p.payment.wallet).collect();
+        let mut wallets: Vec<Pubkey> = planned
+            .iter()
+            .flat_map(|p| transaction::recipients(&custody.authority, &p.payment))
+            .collect();
         wallets.sort();
         wallets.dedup();
         let missing =
@@ -601,7 +611,7 @@ impl Settler {
                         transaction: Some(wire.clone()),
                         ..member.record.clone()
                     };
-                    let period = self.config.period;
+                    let period = self.in_force().period;
                     record_new(client, leases, member, period, Some(signed), unsent.as_deref())
                         .boxed()
                 })
@@ -709,22 +719,23 @@ impl Settler {
         offers: &[GpuOffer],
         report: &mut RoundReport,
     ) -> Result<(), Error> {
+        let in_force = self.in_force(); // before the state is locked again below
         let due =
-            self.lock_state().last_reputation.is_none_or(|at| at.elapsed() >= self.config.period);
+            self.lock_state().last_reputation.is_none_or(|at| at.elapsed() >= in_force.period);
         if !due {
             return Ok(());
         }
         let offers_api: Api<GpuOffer> = Api::all(client.clone());
         let now = Timestamp::now();
+        let heartbeat_timeout = in_force.heartbeat_timeout;
         let mut table: BTreeMap<String, gpumarket_crds::Reputation> = BTreeMap::new();
         for offer in offers {
             let name = offer.name_any();
             let status = offer.status.as_ref();
             // A node quarantined for offering a GPU another node offers too is sampled as
             // down: its reputation falls for as long as the clash lasts.
-            let fresh =
-                crate::market::supply::heartbeat_fresh(offer, now, self.config.heartbeat_timeout)
-                    && !crate::verification::quarantined(offer);
+            let fresh = crate::market::supply::heartbeat_fresh(offer, now, heartbeat_timeout)
+                && !crate::verification::quarantined(offer);
             let rep = reputation::assess(
                 status.and_then(|s| s.reputation.as_ref()),
                 fresh,
@@ -936,8 +947,10 @@ async fn record_new(
 }
 
 /// Whether a lease, read fresh, still plans `record`: no record of its period that may still
-/// pay, and (for a payout) the same period and time due now, for at least its amount.
+/// pay, and (for a payout) the same period and time due now, for at least its amount. `period`
+/// is the one in force, for a lease without its own in its terms.
 fn still_due(lease: &GpuLease, record: &SettlementRecord, period: std::time::Duration) -> bool {
+    let period = crate::policy::terms::settlement_period(lease, period);
     let records = lease.status.as_ref().map_or(&[][..], |s| &s.settlements);
     if records.iter().any(|r| r.period == record.period && r.state != SettlementState::Expired) {
         return false;
@@ -1289,6 +1302,7 @@ mod tests {
                 source: Pubkey::new_unique(),
                 wallet: Keypair::new().pubkey(),
                 amount: 5,
+                fee: 0,
             })
             .collect();
         let ixs =

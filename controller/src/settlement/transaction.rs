@@ -37,7 +37,11 @@ pub struct Payment {
     pub source: Pubkey,
     /// Wallet paid (its associated token account receives the tokens).
     pub wallet: Pubkey,
+    /// What leaves `source`.
     pub amount: u64,
+    /// The market's fee: the part of `amount` that goes to the settlement authority's own
+    /// token account instead of `wallet`.
+    pub fee: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,20 +98,32 @@ fn memo_instruction(text: &str) -> Instruction {
     spl_memo_interface::instruction::build_memo(&spl_memo_interface::v3::id(), text.as_bytes(), &[])
 }
 
+/// Wallets a payment pays into: its recipient, and the authority where a fee is due.
+pub fn recipients(authority: &Pubkey, payment: &Payment) -> Vec<Pubkey> {
+    let fee = (payment.fee > 0).then_some(*authority);
+    std::iter::once(payment.wallet).chain(fee).collect()
+}
+
 /// Instructions of a payout transaction: the recipients' associated token accounts listed in
 /// `missing` created (idempotently), one `TransferChecked` per source and recipient (payments
-/// between the same two merged), then a memo of every key.
+/// between the same two merged; fees to the authority's own account), then a memo of every key.
 pub fn payout_instructions(
     custody: &Custody,
     payments: &[Payment],
     missing: &HashSet<Pubkey>,
 ) -> Result<Vec<Instruction>, BuildError> {
     let mut merged: BTreeMap<(Pubkey, Pubkey), u64> = BTreeMap::new();
+    let mut add = |source: Pubkey, wallet: Pubkey, amount: u64| {
+        let total = merged.entry((source, wallet)).or_default();
+        *total = total.saturating_add(amount);
+    };
     for p in payments {
-        let total = merged.entry((p.source, p.wallet)).or_default();
-        *total = total.saturating_add(p.amount);
+        let fee = p.fee.min(p.amount);
+        add(p.source, p.wallet, p.amount - fee);
+        add(p.source, custody.authority, fee);
     }
-    let wallets: Vec<Pubkey> = payments.iter().map(|p| p.wallet).collect();
+    let wallets: Vec<Pubkey> =
+        payments.iter().flat_map(|p| recipients(&custody.authority, p)).collect();
     let mut ixs = create_missing(custody, &wallets, missing);
     for ((source, wallet), amount) in merged.iter().filter(|(_, amount)| **amount > 0) {
         ixs.push(transfer(custody, source, wallet, *amount)?);
@@ -258,6 +274,7 @@ mod tests {
                 source: sources[i % sources.len()],
                 wallet: wallets[i % wallets.len()],
                 amount: 1000 + i as u64,
+                fee: 0,
             })
             .collect()
     }
@@ -303,6 +320,28 @@ mod tests {
         let sources: HashSet<Pubkey> =
             two_sources[1..3].iter().map(|ix| ix.accounts[0].pubkey).collect();
         assert_eq!(sources, HashSet::from([a, b]), "each transfer draws on its own account");
+    }
+
+    #[test]
+    fn the_market_fee_goes_to_the_authority_and_the_rest_to_the_supplier() {
+        let (_, custody) = custody();
+        let (wallet, source) = (Keypair::new().pubkey(), Pubkey::new_unique());
+        let payment = Payment { key: "k".into(), source, wallet, amount: 1000, fee: 20 };
+        let missing = HashSet::from([custody.authority]);
+        let ixs = payout_instructions(&custody, &[payment], &missing).expect("ixs");
+        assert_eq!(ixs.len(), 4, "the authority's account, two transfers, the memo");
+        let transfers: BTreeMap<Pubkey, u64> = ixs[1..3]
+            .iter()
+            .map(|ix| {
+                let amount = u64::from_le_bytes(ix.data[1..9].try_into().expect("amount"));
+                (ix.accounts[2].pubkey, amount)
+            })
+            .collect();
+        let account = |w: &Pubkey| get_associated_token_address(w, &custody.mint);
+        assert_eq!(
+            transfers,
+            BTreeMap::from([(account(&wallet), 980), (account(&custody.authority), 20)])
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use gpumarket_crds::GpuOffer;
-use gpumarket_crds::signature::{SignatureError, verify};
+use gpumarket_crds::signature::{SignatureError, replayed, verify};
+use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
 
@@ -56,6 +57,10 @@ pub fn signature_verdict(check: &Result<(), SignatureError>, require_signed: boo
                 .into(),
         ),
         Err(e @ SignatureError::Malformed) => refused("MalformedSignature", e.to_string()),
+        Err(e @ SignatureError::Replayed { .. }) => refused(
+            "ReplayedSignature",
+            format!("{e}; not matched until the wallet's own agent signs the offer again"),
+        ),
         Err(e @ (SignatureError::BadWallet | SignatureError::Mismatch)) => refused(
             "BadSignature",
             format!("{e}; not matched until the wallet's own agent publishes the offer again"),
@@ -155,10 +160,16 @@ pub fn condition(offer: &GpuOffer) -> Option<&Condition> {
 
 /// Signature checks by offer, kept while the offer's uid and generation stay the same (the
 /// signature is part of the spec, so any change to what was signed bumps the generation):
-/// each offer's signature is verified once per change, not on every match.
+/// each offer's signature is verified once per change, not on every match. A spec signed
+/// before the newest one seen for the same offer name (even of a deleted and re-created
+/// offer) is refused as replayed; the API server keeps an offer's own signing time from going
+/// back, so what this replica has not seen (before a restart) is covered there.
 #[derive(Default)]
 pub struct SignatureChecks {
     checked: Mutex<HashMap<String, SignatureCheck>>,
+    /// The newest signing time of a verified spec, by offer name; never forgotten, so that a
+    /// deleted offer re-created with an older spec is still a replay.
+    newest: Mutex<HashMap<String, Timestamp>>,
 }
 
 /// One offer's signature check: the offer's uid and generation, and the result.
@@ -178,9 +189,32 @@ impl SignatureChecks {
         {
             return result.clone();
         }
-        let result = verify(&offer.spec);
+        let result = verify(&offer.spec).and_then(|()| self.not_replayed(&name, offer));
         checked.insert(name, (uid, generation, result.clone()));
         result
+    }
+
+    /// Refuses `offer`'s verified spec if it was signed before the newest seen for its name,
+    /// else notes its signing time as the newest.
+    fn not_replayed(&self, name: &str, offer: &GpuOffer) -> Result<(), SignatureError> {
+        let signed_at = offer.spec.signed_at.as_ref().map(|t| t.0);
+        let mut newest = match self.newest.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let seen = newest.get(name).copied();
+        if replayed(signed_at, seen) {
+            let shown =
+                |t: Option<Timestamp>| t.map_or_else(|| "no time".into(), |t| t.to_string());
+            return Err(SignatureError::Replayed {
+                signed_at: shown(signed_at),
+                newest: shown(seen),
+            });
+        }
+        if let Some(at) = signed_at {
+            newest.insert(name.to_owned(), at);
+        }
+        Ok(())
     }
 
     /// Forget offers that are gone.
@@ -376,6 +410,45 @@ mod tests {
         forged.metadata.generation = Some(2); // as the API server counts a spec change
         let all = verdicts(&[&a, &forged], &checks, true, &no_fleets);
         assert_eq!((all["a"].reason, all["b"].reason), ("Signed", "BadSignature"));
+    }
+
+    #[test]
+    fn an_older_signed_spec_of_the_same_offer_is_refused_as_replayed() {
+        let wallet = Keypair::new();
+        let at = |s| {
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::from_second(1_800_000_000_i64 + s).expect("time"),
+            ))
+        };
+        let signed_at = |s, price, generation, uid: &str| {
+            let mut offer = mk_offer("a", "H100", 1, now());
+            offer.spec.wallet = wallet.pubkey().to_string();
+            offer.spec.signed_at = at(s);
+            offer.spec.price_per_gpu_hour = price;
+            offer.spec = sign(&offer.spec, &wallet);
+            offer.metadata.generation = Some(generation);
+            offer.metadata.uid = Some(uid.into());
+            offer
+        };
+        let checks = SignatureChecks::default();
+        let (old, current) = (signed_at(0, 3_000_000, 1, "u1"), signed_at(60, 1_000_000, 2, "u1"));
+        assert_eq!(checks.check(&old), Ok(()));
+        assert_eq!(checks.check(&current), Ok(()), "the agent signed a new price");
+        // The old, still validly signed spec re-applied (a new generation), or the offer
+        // deleted and re-created with it (a new uid): both replays.
+        let mut replay = old.clone();
+        replay.metadata.generation = Some(3);
+        let recreated = signed_at(0, 3_000_000, 1, "u2");
+        for offer in [&replay, &recreated] {
+            let verdict = signature_verdict(&checks.check(offer), true);
+            assert_eq!((verdict.admitted, verdict.reason), (false, "ReplayedSignature"));
+            assert!(verdict.message.contains("re-applied"), "{}", verdict.message);
+        }
+        let mut untimed = signed_at(0, 3_000_000, 4, "u1");
+        untimed.spec.signed_at = None;
+        untimed.spec = sign(&untimed.spec, &wallet);
+        assert!(matches!(checks.check(&untimed), Err(SignatureError::Replayed { .. })));
+        assert_eq!(checks.check(&signed_at(120, 2_000_000, 5, "u1")), Ok(()), "signed again");
     }
 
     #[test]
