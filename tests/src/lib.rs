@@ -26,6 +26,7 @@ pub mod relay;
 pub mod solana;
 pub mod supplier;
 pub mod tools;
+pub mod up;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use gpumarket_tests::kwok::{MODEL_LABEL, node_ready_with_gpus};
 use gpumarket_tests::solana::{BUYER_TOKENS, MINT_DECIMALS, read_keypair, send_with_retry};
+use gpumarket_tests::up::Up;
 use gpumarket_tests::{Env, GpuNode, eventually};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::ResourceExt;
@@ -17,6 +18,8 @@ use solana_sdk::program_pack::Pack;
 use solana_sdk::signature::{Keypair, Signer};
 use spl_associated_token_account_interface::instruction::create_associated_token_account_idempotent;
 use spl_token_interface::state::{Account as TokenAccount, Mint};
+
+const UP: &str = env!("CARGO_BIN_EXE_gpumarket-env");
 
 const GPU: &str = "nvidia.com/gpu";
 
@@ -330,7 +333,7 @@ async fn up_serves_until_sigterm_and_leaves_no_process_port_or_directory_behind(
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().join("env");
     let started = Instant::now();
-    let mut up = Up::start(scratch.path(), &["--nodes", "h100=1x8,rtx4090=1x1"]);
+    let mut up = Up::start(UP, scratch.path(), &["--nodes", "h100=1x8,rtx4090=1x1"]).unwrap();
     let env_file = up
         .until("the env file", Duration::from_secs(180), || {
             std::fs::read_to_string(dir.join("env")).ok()
@@ -363,98 +366,12 @@ async fn up_serves_until_sigterm_and_leaves_no_process_port_or_directory_behind(
         .map(|url| url.rsplit_once("127.0.0.1:").unwrap().1.to_string())
         .collect();
 
-    up.stop().await;
+    up.stop().await.unwrap();
     assert!(!dir.exists(), "{} removed", dir.display());
     let dir_name = dir.display().to_string();
     assert_eq!(processes_mentioning(&dir_name), Vec::<String>::new());
     for port in ports {
         let address = format!("127.0.0.1:{port}");
         assert!(std::net::TcpStream::connect(&address).is_err(), "{address} still listening");
-    }
-}
-
-/// `hack/dev.sh demo`'s environment: the buyer's example cluster runs on the real node, the
-/// first job on it succeeds, and the job API the demo prints answers. Needs root (the real node).
-#[tokio::test]
-async fn up_demo_runs_the_buyers_ray_cluster_and_a_first_job_on_the_real_node() {
-    let scratch = tempfile::tempdir().unwrap();
-    let started = Instant::now();
-    let mut up = Up::start(scratch.path(), &["--demo", "--nodes", "a100=2x8,rtx4090=1x1"]);
-    let log = up
-        .until("the demo's first job and how to submit more", Duration::from_secs(1500), || {
-            let log = std::fs::read_to_string(scratch.path().join("up.log")).ok()?;
-            log.contains("demo: submit your jobs").then_some(log)
-        })
-        .await;
-    eprintln!("{log}\ndemo's first job done {:.1} s after up", started.elapsed().as_secs_f64());
-    // Its progress was printed on the way, matched before it ran, and the job saw both GPUs.
-    let matched = log.find("GpuCluster default/ray-local: Provisioning").expect("progress printed");
-    assert!(matched < log.find("default/ray-local is Running").unwrap(), "{log}");
-    assert!(log.contains("demo: Ray job demo-first-job on default/ray-local: SUCCEEDED"), "{log}");
-    let seen = log.lines().find(|l| l.contains("market GPUs seen by each task"));
-    let seen = seen.unwrap_or_else(|| panic!("{log}"));
-    assert_eq!(seen.matches("GPU-real").count(), 4, "two tasks, each told both GPUs: {seen}");
-    let address = log
-        .split_once("ray job submit --address ")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .expect("the job API printed");
-    let answer = std::process::Command::new("curl")
-        .args(["-fsS", "--max-time", "10", &format!("{address}/api/jobs/")])
-        .output()
-        .unwrap();
-    let jobs: serde_json::Value = serde_json::from_slice(&answer.stdout).unwrap();
-    assert!(jobs.to_string().contains("demo-first-job"), "{jobs}");
-    up.stop().await;
-}
-
-/// `gpumarket-env up` run as a user runs it, its output in `<scratch>/up.log` and its
-/// environment in `<scratch>/env`.
-struct Up {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-}
-
-impl Up {
-    fn start(scratch: &std::path::Path, args: &[&str]) -> Up {
-        let log = scratch.join("up.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_gpumarket-env"))
-            .arg("up")
-            .args(args)
-            .arg("--dir")
-            .arg(scratch.join("env"))
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Up { child, log }
-    }
-
-    /// Wait until `ready` gives a value; a panic with the output if `up` exits first.
-    async fn until<T>(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        ready: impl Fn() -> Option<T>,
-    ) -> T {
-        eventually(what, timeout, || {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                panic!("up exited early ({status}):\n{log}");
-            }
-            std::future::ready(ready())
-        })
-        .await
-    }
-
-    /// SIGTERM, as Ctrl-C would; `up` must stop cleanly.
-    async fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let status = eventually("up to stop", Duration::from_secs(60), || {
-            std::future::ready(self.child.try_wait().unwrap())
-        })
-        .await;
-        assert!(status.success(), "up exited with {status}");
     }
 }

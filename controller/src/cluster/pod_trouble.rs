@@ -19,8 +19,9 @@ pub struct PodTrouble {
     /// Condition reason: `ImageUnavailable`, `RayVersionMismatch` or `RayFailing`.
     pub reason: &'static str,
     pub message: String,
-    /// The buyer's to fix: the head (off the market's nodes) cannot start, or the image lacks
-    /// the spec's Ray. A worker alone failing may be its supplier's node instead.
+    /// Certainly the buyer's to fix: the head (off the market's nodes) cannot get the image, or
+    /// the image lacks the spec's Ray. A worker alone failing to pull may be its supplier's
+    /// node, and a crash loop may be a node too loaded to answer Ray's probes: those only show.
     pub buyers: bool,
 }
 
@@ -99,7 +100,7 @@ fn ray_failing(pod: &Pod) -> Option<PodTrouble> {
             where_(pod),
             if why.is_empty() { String::new() } else { format!(": {}", short(why)) },
         ),
-        buyers: is_head(pod),
+        buyers: false,
     })
 }
 
@@ -193,13 +194,13 @@ mod tests {
     }
 
     #[test]
-    fn a_crash_looping_head_is_the_buyers_with_a_bounded_message() {
+    fn a_crash_looping_head_only_shows_with_a_bounded_message() {
         let crash = json!({"name": "ray-head", "image": "i", "imageID": "", "ready": false,
             "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
             "lastState": {"terminated": {"exitCode": 127, "message": "x".repeat(5000)}}});
         let head = pod("h", true, json!({"containerStatuses": [crash]}));
         let trouble = pod_trouble(&[&head]).expect("trouble");
-        assert_eq!((trouble.reason, trouble.buyers), ("RayFailing", true));
+        assert_eq!((trouble.reason, trouble.buyers), ("RayFailing", false));
         assert!(trouble.message.contains("exit code 127"), "{}", trouble.message);
         assert!(trouble.message.chars().count() < MESSAGE_LIMIT + 100);
     }
