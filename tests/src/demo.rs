@@ -169,10 +169,14 @@ pub async fn first_job(env: &Env, cluster: &GpuCluster) -> Result<()> {
     let address = &dashboard.address;
     let body = serde_json::json!({"entrypoint": python_entrypoint(NEXT_JOB)}).to_string();
     println!(
-        "\ndemo: submit your jobs to {namespace}/{name} (its head's job API, on the node's bridge):\n         \n  ray job submit --address {address} -- {}         \n  curl -X POST {address}/api/jobs/ -H 'Content-Type: application/json' -d '{}'         \n  curl {address}/api/jobs/   # their states",
-        python_entrypoint(NEXT_JOB),
-        body.replace('\'', r"'\''"),
+        "\ndemo: submit your jobs to {namespace}/{name} (its head's job API, on the node's bridge):\n"
     );
+    println!("  ray job submit --address {address} -- {}", python_entrypoint(NEXT_JOB));
+    println!(
+        "  curl -X POST {address}/api/jobs/ -H 'Content-Type: application/json' -d '{}'",
+        body.replace('\'', r"'\''")
+    );
+    println!("  curl {address}/api/jobs/   # their states");
     Ok(())
 }
 
