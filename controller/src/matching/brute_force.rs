@@ -73,8 +73,7 @@ fn best_total_from(offers: &[Offer], free: &[u32], requests: &[Request]) -> Opti
         request.workers,
         &mut Vec::new(),
         &mut |x| {
-            let left: Vec<u32> =
-                free.iter().zip(x).map(|(f, w)| f - w * request.gpus_per_worker).collect();
+            let left = free_after(free, x, request);
             if let Some(rest_cost) = best_total_from(offers, &left, rest) {
                 let total = gang_cost(offers, request, x) + rest_cost;
                 best = Some(best.map_or(total, |b| b.min(total)));
@@ -82,6 +81,11 @@ fn best_total_from(offers: &[Offer], free: &[u32], requests: &[Request]) -> Opti
         },
     );
     best
+}
+
+/// Free GPUs per offer once `request` takes `workers[i]` workers on offer `i`.
+fn free_after(free: &[u32], workers: &[u32], request: &Request) -> Vec<u32> {
+    free.iter().zip(workers).map(|(f, w)| f - w * request.gpus_per_worker).collect()
 }
 
 /// What each request pays (`None`: unmatched), oldest first (by created, then key), under the
@@ -115,8 +119,7 @@ fn ranked_from(
         request.workers,
         &mut Vec::new(),
         &mut |x| {
-            let left: Vec<u32> =
-                free.iter().zip(x).map(|(f, w)| f - w * request.gpus_per_worker).collect();
+            let left = free_after(free, x, request);
             let cost = gang_cost(offers, request, x);
             let nodes = x.iter().filter(|&&w| w > 0).count() as i64;
             let nodes = if request.placement == Placement::Spread { -nodes } else { nodes };
