@@ -39,15 +39,30 @@ pub use runtime::context::Settings;
 pub use runtime::leader::LeaderElection;
 
 /// Everything [`run`] needs besides the client.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Config {
     pub settings: Settings,
+    /// The controller's own namespace, where it keeps its records (the offers' signing times,
+    /// `verification::signing_times`).
+    pub namespace: String,
     /// Serve `/metrics`, `/healthz`, `/readyz` here; no HTTP server when `None`.
     pub metrics_addr: Option<SocketAddr>,
     /// Elect a leader before reconciling; every replica reconciles when `None`.
     pub leader_election: Option<LeaderElection>,
     /// Cancelled to stop: [`run`] then gives up leadership and returns.
     pub shutdown: CancellationToken,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            settings: Settings::default(),
+            namespace: "default".into(),
+            metrics_addr: None,
+            leader_election: None,
+            shutdown: CancellationToken::new(),
+        }
+    }
 }
 
 /// Why the controller stopped.
@@ -107,7 +122,7 @@ async fn run_with(
     match &config.leader_election {
         None => {
             tokio::select! {
-                () = run_controllers(client, config.settings, metrics, settler) => {}
+                () = run_controllers(client, config.settings, config.namespace, metrics, settler) => {}
                 () = shutdown.cancelled() => {}
             }
             Ok(())
@@ -128,7 +143,7 @@ async fn run_with(
             tracing::info!(identity = %election.identity, "leading");
             metrics.ready.store(false, Ordering::Relaxed);
             let stopped = tokio::select! {
-                () = run_controllers(client, config.settings, metrics, settler) => Ok(()),
+                () = run_controllers(client, config.settings, config.namespace, metrics, settler) => Ok(()),
                 () = leadership.lost() => Err(RunError::LeadershipLost),
                 () = shutdown.cancelled() => Ok(()),
             };
@@ -143,6 +158,7 @@ async fn run_with(
 async fn run_controllers(
     client: Client,
     settings: Settings,
+    namespace: String,
     metrics: Arc<runtime::metrics::Metrics>,
     settler: Option<Arc<settlement::Settler>>,
 ) {
@@ -167,6 +183,10 @@ async fn run_controllers(
         return;
     }
 
+    let signatures = verification::SignatureChecks::from_recorded(
+        recorded_signing_times(&client, &namespace).await,
+    );
+
     let settle = {
         let (client, settler, metrics) = (client.clone(), settler.clone(), metrics.clone());
         async move {
@@ -189,6 +209,8 @@ async fn run_controllers(
             fleets: fleet_store,
         },
         settler,
+        namespace,
+        signatures,
     ));
     let clusters = cluster::controller(&ctx);
     let cluster_store = clusters.store();
@@ -217,6 +239,23 @@ async fn run_controllers(
         settle,
         policy_events,
     );
+}
+
+/// The offers' signing times recorded by earlier replicas, retried until they can be read: a
+/// controller that forgot them would take an offer's older signed spec for its newest.
+async fn recorded_signing_times(
+    client: &Client,
+    namespace: &str,
+) -> std::collections::HashMap<String, jiff::Timestamp> {
+    loop {
+        match verification::signing_times::load(client, namespace).await {
+            Ok(times) => return times,
+            Err(e) => {
+                tracing::error!(error = %e, %namespace, "reading the offers' signing times");
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        }
+    }
 }
 
 /// A cache of every `K` in the cluster that `config` selects, kept filled by its own task until

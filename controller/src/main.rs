@@ -65,9 +65,10 @@ struct Args {
     #[arg(long, env = "GPUMARKET_LEADER_ELECTION", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     leader_election: bool,
 
-    /// Namespace of the leader-election Lease.
+    /// The controller's own namespace: where its leader-election Lease and its records (the
+    /// offers' signing times) are.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    leader_election_namespace: String,
+    namespace: String,
 
     /// Name of the leader-election Lease.
     #[arg(long, env = "GPUMARKET_LEADER_ELECTION_LEASE", default_value = "gpumarket-controller")]
@@ -171,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_from(gpumarket_controller::identified(config))?;
 
     let leader_election = args.leader_election.then(|| LeaderElection {
-        namespace: args.leader_election_namespace.clone(),
+        namespace: args.namespace.clone(),
         lease_name: args.leader_election_lease.clone(),
         identity: args.leader_election_identity.clone().unwrap_or_else(|| {
             format!(
@@ -196,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
             require_signed_offers: args.require_signed_offers,
             ..Settings::default()
         },
+        namespace: args.namespace.clone(),
         metrics_addr: Some(args.metrics_addr),
         leader_election,
         shutdown: CancellationToken::new(),

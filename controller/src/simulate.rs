@@ -1,11 +1,12 @@
 //! Simulated suppliers for the local environment, until every node runs the real agent: a
 //! GpuOffer for each node labelled with a GPU model (KWOK nodes), heartbeating like an agent.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use gpumarket_crds::common::{GPU_RESOURCE, REGION_LABEL, ZONE_LABEL};
-use gpumarket_crds::{GpuOffer, HostResources, signature};
+use gpumarket_crds::{GpuOffer, GpuOfferSpec, HostResources, signature};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -27,8 +28,15 @@ pub struct Simulation {
     pub heartbeat: Duration,
 }
 
-/// The offer (spec) a simulated agent publishes for `node`, if it has GPUs and a model label.
-pub fn offer_for(node: &Node, sim: &Simulation) -> Option<serde_json::Value> {
+/// The offer a simulated agent publishes for `node`, if it has GPUs and a model label, signed
+/// like an agent's: `previous` (the spec published for the node before) again if nothing in
+/// it changed, else signed now, so that the spec and its signing time change only with what
+/// the node offers.
+pub fn offer_for(
+    node: &Node,
+    sim: &Simulation,
+    previous: Option<&GpuOfferSpec>,
+) -> Option<GpuOfferSpec> {
     let labels = node.labels();
     let model = labels.get(MODEL_LABEL)?;
     let count: usize =
@@ -54,10 +62,14 @@ pub fn offer_for(node: &Node, sim: &Simulation) -> Option<serde_json::Value> {
     if let Some(host) = allocatable.and_then(HostResources::from_allocatable) {
         spec["allocatable"] = json!(host);
     }
-    let spec = signature::sign(&serde_json::from_value(spec).ok()?, sim.wallet.as_ref());
-    Some(
-        json!({"apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuOffer", "metadata": {"name": name}, "spec": spec}),
-    )
+    let spec: GpuOfferSpec = serde_json::from_value(spec).ok()?;
+    let unchanged = |p: &&GpuOfferSpec| {
+        GpuOfferSpec { signed_at: None, signature: None, ..(*p).clone() } == spec
+    };
+    match previous.filter(unchanged) {
+        Some(previous) => Some(previous.clone()),
+        None => Some(signature::sign_now(&spec, sim.wallet.as_ref())),
+    }
 }
 
 /// Publish and heartbeat offers for every GPU node, until the future is dropped.
@@ -65,6 +77,7 @@ pub async fn run(client: Client, sim: Simulation) {
     let nodes: Api<Node> = Api::all(client.clone());
     let offers: Api<GpuOffer> = Api::all(client);
     let mut ticks = tokio::time::interval(sim.heartbeat);
+    let mut published: HashMap<String, GpuOfferSpec> = HashMap::new();
     loop {
         ticks.tick().await;
         let listed = match nodes.list(&ListParams::default().labels(MODEL_LABEL)).await {
@@ -75,15 +88,17 @@ pub async fn run(client: Client, sim: Simulation) {
             }
         };
         for node in listed {
-            let Some(offer) = offer_for(&node, &sim) else { continue };
             let name = node.name_any();
+            let Some(spec) = offer_for(&node, &sim, published.get(&name)) else { continue };
             let apply = PatchParams::apply(FIELD_MANAGER).force();
-            let gpus: Vec<_> = offer["spec"]["gpus"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|g| json!({"uuid": g["uuid"], "health": "Healthy"}))
-                .collect();
+            let gpus: Vec<_> =
+                spec.gpus.iter().map(|g| json!({"uuid": g.uuid, "health": "Healthy"})).collect();
+            let offer = json!({
+                "apiVersion": "gpumarket.io/v1alpha1",
+                "kind": "GpuOffer",
+                "metadata": {"name": name},
+                "spec": spec,
+            });
             let status = json!({
                 "apiVersion": "gpumarket.io/v1alpha1",
                 "kind": "GpuOffer",
@@ -93,8 +108,11 @@ pub async fn run(client: Client, sim: Simulation) {
                 offers.patch(&name, &apply, &Patch::Apply(&offer)).await?;
                 offers.patch_status(&name, &apply, &Patch::Apply(&status)).await
             };
-            if let Err(e) = result.await {
-                tracing::warn!(error = %e, node = %name, "simulated supplier heartbeat");
+            match result.await {
+                Ok(_) => {
+                    published.insert(name, spec);
+                }
+                Err(e) => tracing::warn!(error = %e, node = %name, "simulated supplier heartbeat"),
             }
         }
     }
@@ -127,27 +145,35 @@ mod tests {
             capacity: Some(BTreeMap::from([(GPU_RESOURCE.to_string(), Quantity("2".into()))])),
             ..Default::default()
         });
-        let offer = offer_for(&node, &sim()).expect("a GPU node");
-        assert_eq!(offer["spec"]["gpus"].as_array().map(Vec::len), Some(2));
-        assert_eq!(offer["spec"]["region"], "eu-west");
-        assert_eq!(offer["spec"]["gpus"][1]["model"], "H100");
-        assert!(offer["spec"].get("zone").is_none());
-        assert!(offer["spec"].get("allocatable").is_none(), "none reported");
-        let spec = serde_json::from_value(offer["spec"].clone()).expect("a spec");
+        let sim = sim();
+        let spec = offer_for(&node, &sim, None).expect("a GPU node");
+        assert_eq!(spec.gpus.len(), 2);
+        assert_eq!(spec.region, "eu-west");
+        assert_eq!(spec.gpus[1].model, "H100");
+        assert!(spec.zone.is_none());
+        assert!(spec.allocatable.is_none(), "none reported");
         assert_eq!(signature::verify(&spec), Ok(()), "signed like an agent's offer");
+        let signed_at = spec.signed_at.as_ref().expect("a signing time, like an agent's").0;
+        assert!(signed_at.duration_since(jiff::Timestamp::now()).abs().as_secs() < 5);
 
         let status = node.status.get_or_insert_default();
         status.allocatable = Some(BTreeMap::from([
             ("cpu".to_string(), Quantity("32".into())),
             ("memory".to_string(), Quantity("256Gi".into())),
         ]));
-        let offer = offer_for(&node, &sim()).expect("a GPU node");
+        let resigned = offer_for(&node, &sim, Some(&spec)).expect("a GPU node");
         assert_eq!(
-            offer["spec"]["allocatable"],
+            serde_json::to_value(&resigned.allocatable).expect("json"),
             json!({"cpuMillicores": 32_000, "memoryBytes": 274_877_906_944u64})
+        );
+        assert_eq!(signature::verify(&resigned), Ok(()), "what changed is signed anew");
+        assert_eq!(
+            offer_for(&node, &sim, Some(&resigned)),
+            Some(resigned),
+            "an unchanged offer is published as signed before"
         );
 
         node.metadata.labels = None;
-        assert!(offer_for(&node, &sim()).is_none(), "no model label, no offer");
+        assert!(offer_for(&node, &sim, None).is_none(), "no model label, no offer");
     }
 }

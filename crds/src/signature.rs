@@ -53,6 +53,17 @@ pub fn sign(spec: &GpuOfferSpec, wallet: &dyn Signer) -> GpuOfferSpec {
     GpuOfferSpec { signature: Some(signature.to_string()), ..spec.clone() }
 }
 
+/// `spec`, signed by `wallet` now, as an agent signs what it publishes: its signing time
+/// (`spec.signedAt`) is now, in whole seconds as the API server keeps times, so that it
+/// supersedes every spec of the offer signed before.
+pub fn sign_now(spec: &GpuOfferSpec, wallet: &dyn Signer) -> GpuOfferSpec {
+    let now = jiff::Timestamp::now().as_second();
+    let signed_at = jiff::Timestamp::from_second(now)
+        .ok()
+        .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time);
+    sign(&GpuOfferSpec { signed_at, ..spec.clone() }, wallet)
+}
+
 /// Whether a spec signed at `signed_at` replays an earlier one, `newest` being the latest
 /// signing time seen for the same offer: signed before it, or not timed at all once a timed
 /// spec was seen (an offer signed before signing times existed).

@@ -105,16 +105,12 @@ pub fn offer_manifest(
         cuda_version: inventory.cuda_version.clone(),
         mode: settings.mode,
         allocatable: node_allocatable(node, settings.reserve),
-        // Signed now, so that this spec supersedes any earlier one of the node's (see
-        // `GpuOfferSpec::signed_at`): whole seconds, as the API server keeps times.
-        signed_at: settings.supplier.wallet_key.as_ref().and_then(|_| {
-            let now = jiff::Timestamp::now().as_second();
-            jiff::Timestamp::from_second(now).ok().map(Time)
-        }),
+        signed_at: None,
         signature: None,
     };
+    // Signed now, so that this spec supersedes any earlier one of the node's.
     let spec = match &settings.supplier.wallet_key {
-        Some(key) => gpumarket_crds::signature::sign(&spec, key.0.as_ref()),
+        Some(key) => gpumarket_crds::signature::sign_now(&spec, key.0.as_ref()),
         None => spec,
     };
     let mut labels = json!({ REGION_LABEL: region });

@@ -113,7 +113,7 @@ pub async fn add_node(env: &Env, name: &str, region: &str, gpus: usize) {
 }
 
 /// The offer of `gpus` H100s (uuids `GPU-<name>-<i>`) of the node `name`, paid to and signed
-/// by `wallet`, as the agent publishes it.
+/// by `wallet` now, as the agent publishes it.
 pub fn signed_offer(
     name: &str,
     region: &str,
@@ -132,7 +132,7 @@ pub fn signed_offer(
         "allocatable": allocatable,
     }))
     .unwrap();
-    signature::sign(&spec, wallet)
+    signature::sign_now(&spec, wallet)
 }
 
 /// One agent heartbeat: health of every GPU (one optionally unhealthy) and the time.

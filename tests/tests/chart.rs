@@ -249,7 +249,21 @@ fn leader_election_is_on_by_default_and_recreate_keeps_two_settlers_apart_withou
     assert!(args.contains(&"--leader-election=false".to_owned()), "{args:?}");
     assert!(!args.iter().any(|a| a.starts_with("--leader-election-lease")), "{args:?}");
     assert_eq!(deployment["spec"]["strategy"], json!({"type": "Recreate"}));
-    assert!(!has_kind(&single, "Role"), "no lease permissions without leader election");
+    let roles: Vec<&Value> = single.iter().filter(|o| o["kind"] == "Role").collect();
+    assert!(
+        roles.iter().all(|r| r["metadata"]["name"] != "gpumarket-controller-leader-election"),
+        "no lease permissions without leader election"
+    );
+    // Its records it keeps either way, in one ConfigMap of its namespace that suppliers cannot
+    // write.
+    assert_eq!(
+        find(&single, "Role", "gpumarket-controller-records")["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["configmaps"],
+             "resourceNames": ["gpumarket-offer-signing-times"], "verbs": ["get", "patch"]},
+        ])
+    );
 
     // More than one replica elects whatever leaderElection says.
     let replicated = render(&[], &["controller.replicas=3", "controller.leaderElection=false"]);
@@ -1507,6 +1521,7 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
             heartbeat_timeout: Duration::from_secs(10),
             ..Default::default()
         },
+        namespace: ns.clone(),
         metrics_addr: None,
         leader_election: Some(gpumarket_controller::LeaderElection {
             namespace: ns.clone(),

@@ -5,8 +5,8 @@
 //! leases first; a restarted controller converges without duplicates; with settlement on the
 //! real validator, a cluster is bound only once funded, only to staked offers, and deleting it
 //! pays the supplier and refunds the buyer to the base unit. Only offers signed by their
-//! wallet are matched: forged, replayed and re-walleted offers, and two offers claiming one GPU,
-//! are refused with the reason in their `Verified` condition and an Event. A MarketPolicy
+//! wallet are matched: forged, replayed (even after a controller restart) and re-walleted
+//! offers, and two offers claiming one GPU, are refused with the reason in their `Verified` condition and an Event. A MarketPolicy
 //! change applies to the next lease and leaves running ones alone.
 //!
 //! The controller runs in-process (`gpumarket_controller::run`). Offers are published by the
@@ -871,7 +871,7 @@ async fn only_offers_signed_by_their_wallet_are_matched() {
     )
     .await;
 
-    let _controller = Controller::start(&client);
+    let controller = Controller::start(&client);
     assert_eq!(verified(&client, swapped, "True").await, "Signed");
     let swap = json!({"spec": {"wallet": thief.pubkey().to_string()}});
     offers.patch(swapped, &PatchParams::default(), &Patch::Merge(&swap)).await.unwrap();
@@ -902,12 +902,24 @@ async fn only_offers_signed_by_their_wallet_are_matched() {
         .await
         .expect_err("an earlier signed spec");
     assert!(refused.to_string().contains("spec.signedAt cannot go back"), "{refused}");
-    offers.delete(rolled_back, &DeleteParams::default()).await.unwrap();
-    eventually("the offer gone", WAIT, || async {
-        offers.get_opt(rolled_back).await.unwrap().is_none().then_some(())
-    })
-    .await;
-    offers.create(&PostParams::default(), &GpuOffer::new(rolled_back, earlier)).await.unwrap();
+    let recreate = |spec: gpumarket_crds::GpuOfferSpec| {
+        let offers = offers.clone();
+        async move {
+            offers.delete(rolled_back, &DeleteParams::default()).await.unwrap();
+            eventually("the offer gone", WAIT, || async {
+                offers.get_opt(rolled_back).await.unwrap().is_none().then_some(())
+            })
+            .await;
+            offers.create(&PostParams::default(), &GpuOffer::new(rolled_back, spec)).await.unwrap();
+        }
+    };
+    recreate(earlier.clone()).await;
+    assert_eq!(verified(&client, rolled_back, "False").await, "ReplayedSignature");
+    // The controller restarts, and the offer is re-created with the earlier spec once more:
+    // the newest signing time outlived the replica that saw it.
+    drop(controller);
+    recreate(earlier).await;
+    let _controller = Controller::start(&client);
     assert_eq!(verified(&client, rolled_back, "False").await, "ReplayedSignature");
 
     // Only the honest node's two GPUs are supply: a cluster of one worker of two GPUs is bound

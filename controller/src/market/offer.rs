@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::market::supply::{free_gpus, gpu_healthy, heartbeat_deadline, heartbeat_fresh};
 use crate::market::{binding, proof};
 use crate::runtime::context::{Context, MANAGER};
-use crate::verification::{self, VERIFIED};
+use crate::verification::{self, VERIFIED, signing_times};
 
 pub const AVAILABLE: &str = "Available";
 const CONTROLLER: &str = "gpuoffer";
@@ -85,6 +85,11 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
         ctx.settings().require_signed_offers,
         &|fleet| ctx.fleet_wallet(fleet),
     );
+    // A new signing time outlives this replica: a restarted one still refuses older specs.
+    if let Some(at) = ctx.signatures.unrecorded(&offer.name_any()) {
+        signing_times::record(&ctx.client, &ctx.namespace, &offer.name_any(), at).await?;
+        ctx.signatures.mark_recorded(&offer.name_any(), at);
+    }
     let status = offer.status.clone().unwrap_or_default();
     let mut conditions = status.conditions.clone();
     set_condition(

@@ -82,6 +82,8 @@ pub struct Context {
     pub settler: Option<Arc<Settler>>,
     /// Offer signatures verified so far (each once per change of its offer).
     pub signatures: SignatureChecks,
+    /// The controller's own namespace, where it records the offers' signing times.
+    pub namespace: String,
     /// GPUs this replica claimed, by (offer, uuid), until the offer cache shows the claim.
     recent_claims: Mutex<HashMap<(String, String), Instant>>,
     /// Leases this replica created, until the lease cache shows them: (cluster uid, workers).
@@ -108,6 +110,8 @@ impl Context {
         settings: Settings,
         caches: Caches,
         settler: Option<Arc<Settler>>,
+        namespace: String,
+        signatures: SignatureChecks,
     ) -> Self {
         let Caches { offers, leases, clusters, pods, policy, fleets } = caches;
         let reporter =
@@ -126,7 +130,8 @@ impl Context {
             orphans_seen: Mutex::new(HashMap::new()),
             bind_lock: tokio::sync::Mutex::new(()),
             settler,
-            signatures: SignatureChecks::default(),
+            signatures,
+            namespace,
             recent_claims: Mutex::new(HashMap::new()),
             recent_leases: Mutex::new(HashMap::new()),
         }
@@ -262,7 +267,8 @@ impl Context {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// The mutex's guard, even if a thread panicked holding it (the data stays usable).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match mutex.lock() {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),

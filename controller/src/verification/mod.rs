@@ -3,7 +3,9 @@
 //! fleet's offer (labelled with its GpuFleet) names that GpuFleet's wallet, and none of its GPUs
 //! is claimed by another such offer: a GPU uuid in two offers quarantines all of them until one
 //! lets go of it. The verdict is the offer's `Verified` condition. Pure, but for the cache of
-//! signature checks.
+//! signature checks and the record of signing times ([`signing_times`]).
+
+pub mod signing_times;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -13,6 +15,8 @@ use gpumarket_crds::signature::{SignatureError, replayed, verify};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
+
+use crate::runtime::context::lock;
 
 /// The offer's condition that says whether the market believes it, and why not.
 pub const VERIFIED: &str = "Verified";
@@ -162,27 +166,54 @@ pub fn condition(offer: &GpuOffer) -> Option<&Condition> {
 /// signature is part of the spec, so any change to what was signed bumps the generation):
 /// each offer's signature is verified once per change, not on every match. A spec signed
 /// before the newest one seen for the same offer name (even of a deleted and re-created
-/// offer) is refused as replayed; the API server keeps an offer's own signing time from going
-/// back, so what this replica has not seen (before a restart) is covered there.
+/// offer) is refused as replayed. The newest times outlive the controller: they start from
+/// those recorded ([`SignatureChecks::from_recorded`]), and each new one is to be recorded
+/// ([`SignatureChecks::unrecorded`]).
 #[derive(Default)]
 pub struct SignatureChecks {
     checked: Mutex<HashMap<String, SignatureCheck>>,
     /// The newest signing time of a verified spec, by offer name; never forgotten, so that a
     /// deleted offer re-created with an older spec is still a replay.
-    newest: Mutex<HashMap<String, Timestamp>>,
+    newest: Mutex<HashMap<String, SigningTime>>,
+}
+
+/// The newest signing time of an offer's verified spec, and whether it is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SigningTime {
+    at: Timestamp,
+    recorded: bool,
 }
 
 /// One offer's signature check: the offer's uid and generation, and the result.
 type SignatureCheck = (String, Option<i64>, Result<(), SignatureError>);
 
 impl SignatureChecks {
+    /// Checks that start from the signing times recorded before (see [`signing_times`]).
+    pub fn from_recorded(recorded: HashMap<String, Timestamp>) -> Self {
+        let newest =
+            recorded.into_iter().map(|(name, at)| (name, SigningTime { at, recorded: true }));
+        SignatureChecks { newest: Mutex::new(newest.collect()), ..SignatureChecks::default() }
+    }
+
+    /// Offer `name`'s newest signing time, if it is not recorded yet.
+    pub fn unrecorded(&self, name: &str) -> Option<Timestamp> {
+        lock(&self.newest).get(name).filter(|t| !t.recorded).map(|t| t.at)
+    }
+
+    /// Notes that `at` is recorded as offer `name`'s newest signing time (unless a newer one
+    /// came in between, which is still to be recorded).
+    pub fn mark_recorded(&self, name: &str, at: Timestamp) {
+        if let Some(newest) = lock(&self.newest).get_mut(name)
+            && newest.at == at
+        {
+            newest.recorded = true;
+        }
+    }
+
     pub fn check(&self, offer: &GpuOffer) -> Result<(), SignatureError> {
         let name = offer.name_any();
         let (uid, generation) = (offer.uid().unwrap_or_default(), offer.metadata.generation);
-        let mut checked = match self.checked.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut checked = lock(&self.checked);
         if let Some((u, g, result)) = checked.get(&name)
             && *u == uid
             && *g == generation
@@ -198,11 +229,8 @@ impl SignatureChecks {
     /// else notes its signing time as the newest.
     fn not_replayed(&self, name: &str, offer: &GpuOffer) -> Result<(), SignatureError> {
         let signed_at = offer.spec.signed_at.as_ref().map(|t| t.0);
-        let mut newest = match self.newest.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let seen = newest.get(name).copied();
+        let mut newest = lock(&self.newest);
+        let seen = newest.get(name).map(|t| t.at);
         if replayed(signed_at, seen) {
             let shown =
                 |t: Option<Timestamp>| t.map_or_else(|| "no time".into(), |t| t.to_string());
@@ -211,17 +239,17 @@ impl SignatureChecks {
                 newest: shown(seen),
             });
         }
-        if let Some(at) = signed_at {
-            newest.insert(name.to_owned(), at);
+        if let Some(at) = signed_at
+            && seen != Some(at)
+        {
+            newest.insert(name.to_owned(), SigningTime { at, recorded: false });
         }
         Ok(())
     }
 
-    /// Forget offers that are gone.
+    /// Forget the checks of offers that are gone (not their signing times).
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        if let Ok(mut checked) = self.checked.lock() {
-            checked.retain(|name, _| keep(name));
-        }
+        lock(&self.checked).retain(|name, _| keep(name));
     }
 }
 
@@ -449,6 +477,36 @@ mod tests {
         untimed.spec = sign(&untimed.spec, &wallet);
         assert!(matches!(checks.check(&untimed), Err(SignatureError::Replayed { .. })));
         assert_eq!(checks.check(&signed_at(120, 2_000_000, 5, "u1")), Ok(()), "signed again");
+    }
+
+    #[test]
+    fn signing_times_recorded_before_a_restart_still_refuse_a_replay() {
+        let wallet = Keypair::new();
+        let at = |s| Timestamp::from_second(1_800_000_000_i64 + s).expect("time");
+        let signed_at = |s, generation| {
+            let mut offer = mk_offer("a", "H100", 1, now());
+            offer.spec.wallet = wallet.pubkey().to_string();
+            offer.spec.signed_at =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(s)));
+            offer.spec = sign(&offer.spec, &wallet);
+            offer.metadata.generation = Some(generation);
+            offer
+        };
+        let before = SignatureChecks::default();
+        assert_eq!(before.check(&signed_at(60, 1)), Ok(()));
+        assert_eq!(before.unrecorded("a"), Some(at(60)), "a new signing time, to be recorded");
+        before.mark_recorded("a", at(60));
+        assert_eq!(before.unrecorded("a"), None);
+        assert_eq!(before.check(&signed_at(60, 1)), Ok(()));
+        assert_eq!(before.unrecorded("a"), None, "the same time is not recorded again");
+
+        let restarted = SignatureChecks::from_recorded(HashMap::from([("a".into(), at(60))]));
+        assert!(matches!(restarted.check(&signed_at(0, 1)), Err(SignatureError::Replayed { .. })));
+        assert_eq!(restarted.unrecorded("a"), None);
+        assert_eq!(restarted.check(&signed_at(120, 2)), Ok(()));
+        // A newer time seen while an older one was being recorded stays to be recorded.
+        restarted.mark_recorded("a", at(60));
+        assert_eq!(restarted.unrecorded("a"), Some(at(120)));
     }
 
     #[test]
