@@ -163,7 +163,7 @@ mod tests {
         ]));
         let resigned = offer_for(&node, &sim, Some(&spec)).expect("a GPU node");
         assert_eq!(
-            serde_json::to_value(&resigned.allocatable).expect("json"),
+            serde_json::to_value(resigned.allocatable.as_ref()).expect("json"),
             json!({"cpuMillicores": 32_000, "memoryBytes": 274_877_906_944u64})
         );
         assert_eq!(signature::verify(&resigned), Ok(()), "what changed is signed anew");
