@@ -122,6 +122,12 @@ pub struct LeaseTerms {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self <= 500").message("terms.marketFeePermille must be between 0 and 500"))]
     pub market_fee_permille: Option<u32>,
+
+    /// Share of the node's remaining stake slashed to the buyer if the lease ends by a supplier
+    /// failure, per mille. Absent when the lease is not settled on chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self <= 1000").message("terms.slashPermille must be between 0 and 1000"))]
+    pub slash_permille: Option<u32>,
 }
 
 /// Reference to the GpuCluster a lease belongs to.

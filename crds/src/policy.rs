@@ -27,6 +27,7 @@ pub const POLICY_NAME: &str = "default";
     printcolumn(name = "Slash", type_ = "integer", description = "stake slashed per supplier failure, per mille", json_path = ".spec.slashPermille"),
     printcolumn(name = "Settle", type_ = "string", json_path = ".spec.settlementPeriod"),
     printcolumn(name = "Heartbeat", type_ = "string", json_path = ".spec.heartbeatTimeout"),
+    printcolumn(name = "Verify", type_ = "string", description = "how often idle offers are challenged", json_path = ".spec.verificationInterval"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name == 'default'").message("a market has one MarketPolicy, named default: set metadata.name to default")
 )]
@@ -79,6 +80,19 @@ pub struct MarketPolicySpec {
     /// verify are never matched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub require_signed_offers: Option<bool>,
+
+    /// How often an idle offer is challenged to prove its GPUs compute what they claim, e.g.
+    /// `1h`. Set, it turns proof of compute on whatever the controller's flags say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(h|m|s))+$') && duration(self) >= duration('10s') && duration(self) <= duration('720h')").message("spec.verificationInterval must be between 10s and 720h, written like 30m or 1h"))]
+    pub verification_interval: Option<String>,
+
+    /// Challenges an offer may fail in a row before it is unverified (not matched): 1 refuses
+    /// it at the first failure. Every failure lowers its reputation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("spec.failedChallengesBeforeUnverified must be between 1 and 100"))]
+    pub failed_challenges_before_unverified: Option<u32>,
 
     /// The market's fee, per mille of each payout.
     #[serde(default, skip_serializing_if = "Option::is_none")]

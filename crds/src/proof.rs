@@ -90,6 +90,9 @@ pub struct ProofOfCompute {
     /// Challenges answered late, wrong or not at all.
     #[serde(default)]
     pub failed: u64,
+    /// Challenges failed since the last one passed.
+    #[serde(default)]
+    pub failed_in_a_row: u64,
     /// When the last challenge was decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]

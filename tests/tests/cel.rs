@@ -116,6 +116,8 @@ fn policy() -> Value {
             "provisioningTimeout": "10m",
             "requireSignedOffers": true,
             "marketFeePermille": 20,
+            "verificationInterval": "1h",
+            "failedChallengesBeforeUnverified": 2,
         },
     })
 }
@@ -616,6 +618,8 @@ async fn invalid_manifests_are_refused_with_their_message() {
         ("heartbeat timeout of 1s", with(p(), "spec/heartbeatTimeout", json!("1s")), "spec.heartbeatTimeout must be between 2s and 1h"),
         ("settlement period not a duration", with(p(), "spec/settlementPeriod", json!("hourly")), "spec.settlementPeriod must be between 10s and 720h"),
         ("provisioning timeout of two days", with(p(), "spec/provisioningTimeout", json!("48h")), "spec.provisioningTimeout must be between 10s and 24h"),
+        ("challenges every second", with(p(), "spec/verificationInterval", json!("1s")), "spec.verificationInterval must be between 10s and 720h"),
+        ("no failure allowed at all", with(p(), "spec/failedChallengesBeforeUnverified", json!(0)), "spec.failedChallengesBeforeUnverified must be between 1 and 100"),
         (
             "a model accepted twice",
             with(

@@ -6,8 +6,9 @@
 //! real validator, a cluster is bound only once funded, only to staked offers, and deleting it
 //! pays the supplier and refunds the buyer to the base unit. Only offers signed by their
 //! wallet are matched: forged, replayed (even after a controller restart) and re-walleted
-//! offers, and two offers claiming one GPU, are refused with the reason in their `Verified` condition and an Event. A MarketPolicy
-//! change applies to the next lease and leaves running ones alone.
+//! offers, and two offers claiming one GPU, are refused with the reason in their `Verified`
+//! condition and an Event. A MarketPolicy change applies to the next lease and leaves running
+//! ones alone; offers of a model it stops accepting are not matched until it accepts it again.
 //!
 //! The controller runs in-process (`gpumarket_controller::run`). Offers are published by the
 //! test itself, heartbeating like an agent. KubeRay's operator is not running, so the test marks
@@ -1049,5 +1050,56 @@ async fn a_policy_change_applies_to_new_leases_and_leaves_running_ones_alone() {
         .await
         .expect_err("a lease's terms are frozen");
     assert!(refused.to_string().contains("immutable"), "{refused}");
+    policies.delete("default", &DeleteParams::default()).await.unwrap();
+}
+
+#[tokio::test]
+async fn offers_of_a_model_the_policy_stops_accepting_are_not_matched() {
+    let (_turn, env, client, ns) = setup("ctl-models").await;
+    let (region, offer) = ("models", "ctl-mod-h100");
+    let _h100 = Supplier::start(env, &client, offer, region, 2, 1_000_000).await;
+    let _controller = Controller::start(&client);
+    assert_eq!(verified(&client, offer, "True").await, "Signed");
+
+    let policies: Api<MarketPolicy> = Api::all(client.clone());
+    let accept = |models: &[&str]| {
+        let models: Vec<_> = models
+            .iter()
+            .map(|m| json!({"model": m, "tier": m, "relativeThroughputPermille": 1000}))
+            .collect();
+        json!({
+            "apiVersion": "gpumarket.io/v1alpha1", "kind": "MarketPolicy",
+            "metadata": {"name": "default"},
+            "spec": {"acceptedModels": models},
+        })
+    };
+    let apply = PatchParams::apply("market-admin");
+    policies.patch("default", &apply, &Patch::Apply(&accept(&["A100"]))).await.unwrap();
+    assert_eq!(verified(&client, offer, "False").await, "ModelNotAccepted");
+    let message = Api::<GpuOffer>::all(client.clone())
+        .get(offer)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Verified"))
+        .map(|c| c.message)
+        .unwrap_or_default();
+    println!("{offer}: {message}");
+    assert!(message.contains("model H100 (MarketPolicy spec.acceptedModels lists A100)"));
+
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    clusters.create(&PostParams::default(), &gpu_cluster("h100s", region, 1, 2)).await.unwrap();
+    eventually("the cluster waiting for an accepted model", WAIT, || async {
+        let status = clusters.get("h100s").await.ok()?.status?;
+        let matched = status.conditions.iter().find(|c| c.type_ == "Matched")?;
+        (status.phase == Some(ClusterPhase::Pending) && matched.reason == "NoMatchingSupply")
+            .then_some(())
+    })
+    .await;
+
+    policies.patch("default", &apply, &Patch::Apply(&accept(&["A100", "H100"]))).await.unwrap();
+    assert_eq!(verified(&client, offer, "True").await, "Signed");
+    let bound = wait_phase(&clusters, "h100s", ClusterPhase::Provisioning).await;
+    assert_eq!(leased_offers(&client, &bound).await, BTreeSet::from([offer.to_string()]));
     policies.delete("default", &DeleteParams::default()).await.unwrap();
 }

@@ -39,6 +39,8 @@ const SETTINGS: ProofSettings = ProofSettings {
     grace: Duration::from_secs(3),
     reference_ops_per_second: 1_000_000,
     max_dimension: 64,
+    failures_before_unverified: 1,
+    throughput_permille: std::collections::BTreeMap::new(),
 };
 
 /// Tests take turns: every controller watches the whole API server.

@@ -402,6 +402,7 @@ async fn a_running_lease_is_paid_on_its_frozen_terms_when_the_policy_changes() -
         settlement_period_seconds: Some(PERIOD.as_secs()),
         deposit_margin_percent: Some(0),
         market_fee_permille: Some(100),
+        slash_permille: Some(0),
     };
     let (before, market_before) = (fx.balance(&supplier).await?, fx.balance(&market).await?);
     let start = seconds_ago(1);

@@ -78,13 +78,10 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
     let (available, reason, message) = availability(&offer, now, timeout);
     let listed = ctx.offers.state();
     let listed: Vec<&GpuOffer> = listed.iter().map(AsRef::as_ref).collect();
-    let verdict = verification::verdict(
-        &offer,
-        &listed,
-        &ctx.signatures,
-        ctx.settings().require_signed_offers,
-        &|fleet| ctx.fleet_wallet(fleet),
-    );
+    let verdict =
+        verification::verdict(&offer, &listed, &ctx.signatures, &ctx.settings(), &|fleet| {
+            ctx.fleet_wallet(fleet)
+        });
     // A new signing time outlives this replica: a restarted one still refuses older specs.
     if let Some(at) = ctx.signatures.unrecorded(&offer.name_any()) {
         signing_times::record(&ctx.client, &ctx.namespace, &offer.name_any(), at).await?;

@@ -49,6 +49,11 @@ pub struct ProofSettings {
     pub reference_ops_per_second: u64,
     /// Largest matrix side asked for, whatever the GPU's memory.
     pub max_dimension: u32,
+    /// Challenges failed in a row before the offer is refused (`ComputeVerified=False`).
+    pub failures_before_unverified: u32,
+    /// Relative throughput of models, per mille of an H100, where the market's policy gives it
+    /// (its accepted models); other models' come from [`relative_throughput`]'s table.
+    pub throughput_permille: BTreeMap<String, u32>,
 }
 
 impl Default for ProofSettings {
@@ -59,6 +64,8 @@ impl Default for ProofSettings {
             // An H100 multiplies 16-bit integer matrices at roughly this rate.
             reference_ops_per_second: 50_000_000_000_000,
             max_dimension: 512,
+            failures_before_unverified: 1,
+            throughput_permille: BTreeMap::new(),
         }
     }
 }
@@ -85,11 +92,16 @@ pub fn dimension(memory_mib: u64, max: u32) -> u32 {
     by_memory.max(64).min(max.clamp(1, gpumarket_crds::proof::MAX_DIMENSION))
 }
 
-/// How long a GPU of `model` takes for a product of side `n` at the claimed throughput.
+/// How long a GPU of `model` takes for a product of side `n` at the claimed throughput (the
+/// policy's for the model, else the table's).
 pub fn compute_time(model: &str, n: u32, settings: &ProofSettings) -> Duration {
     let operations = 2.0 * f64::from(n).powi(3);
-    let rate =
-        settings.reference_ops_per_second as f64 * f64::from(relative_throughput(model)) / 1000.0;
+    let permille = settings
+        .throughput_permille
+        .get(model)
+        .copied()
+        .unwrap_or_else(|| relative_throughput(model));
+    let rate = settings.reference_ops_per_second as f64 * f64::from(permille) / 1000.0;
     Duration::try_from_secs_f64(operations / rate.max(1.0)).unwrap_or(Duration::MAX)
 }
 
@@ -337,11 +349,13 @@ pub fn verify(
 }
 
 /// The offer's proof-of-compute status after `step`, with its `ComputeVerified` condition:
-/// everything this manager owns, as every apply must carry it. `None` when nothing changes.
+/// everything this manager owns, as every apply must carry it. `None` when nothing changes. A
+/// failure refuses the offer once `failures_before_unverified` came in a row.
 fn next_status(
     offer: &GpuOffer,
     step: &Step,
     now: Timestamp,
+    failures_before_unverified: u32,
 ) -> Option<(ProofOfCompute, Option<Condition>)> {
     let status = offer.status.clone().unwrap_or_default();
     let mut proof = status.proof_of_compute.clone().unwrap_or_default();
@@ -358,16 +372,28 @@ fn next_status(
             proof.last_verdict = Some(Time(now));
             if verdict.passed {
                 proof.passed += 1;
+                proof.failed_in_a_row = 0;
             } else {
                 proof.failed += 1;
+                proof.failed_in_a_row += 1;
             }
-            let message = verdict.message.clone();
+            let allowed = u64::from(failures_before_unverified.max(1));
+            let refused = !verdict.passed && proof.failed_in_a_row >= allowed;
+            let (reason, message) = if verdict.passed || refused {
+                (verdict.reason, verdict.message.clone())
+            } else {
+                let message = format!(
+                    "{}; {} of the {allowed} failed challenges in a row the market allows",
+                    verdict.message, proof.failed_in_a_row
+                );
+                ("FailureTolerated", message)
+            };
             let generation = offer.metadata.generation;
             set_condition(
                 &mut conditions,
                 COMPUTE_VERIFIED,
-                verdict.passed,
-                verdict.reason,
+                !refused,
+                reason,
                 message,
                 now,
                 generation,
@@ -380,11 +406,13 @@ fn next_status(
 /// Moves the offer's proof of compute one step; when to look again (the pending deadline or the
 /// next challenge), if ever. Off without proof settings.
 pub async fn advance(offer: &GpuOffer, available: bool, ctx: &Context) -> Result<Option<Duration>> {
-    let Some(settings) = &ctx.settings.proof_of_compute else { return Ok(None) };
+    let Some(settings) = ctx.settings().proof_of_compute else { return Ok(None) };
+    let settings = &settings;
     let now = Timestamp::now();
     let step = next_step(offer, available, now, settings, &mut rand::rng());
     let wake = |at: Timestamp| at.duration_since(now).unsigned_abs() + Duration::from_millis(100);
-    if let Some((proof, condition)) = next_status(offer, &step, now) {
+    let allowed = settings.failures_before_unverified;
+    if let Some((proof, condition)) = next_status(offer, &step, now, allowed) {
         let patch = json!({
             "apiVersion": "gpumarket.io/v1alpha1",
             "kind": "GpuOffer",
@@ -437,6 +465,7 @@ mod tests {
             grace: Duration::from_secs(2),
             reference_ops_per_second: 1_000_000,
             max_dimension: 32,
+            ..ProofSettings::default()
         }
     }
 
@@ -630,7 +659,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let mut offer = mk_offer("n", "H100", 1, now());
         let verdict = Step::Decide(Verdict::fail("Late", "too slow".into()));
-        let (proof, condition) = next_status(&offer, &verdict, now()).expect("a change");
+        let (proof, condition) = next_status(&offer, &verdict, now(), 1).expect("a change");
         assert_eq!((proof.passed, proof.failed, &proof.challenge), (0, 1, &None));
         let status = offer.status.get_or_insert_default();
         status.proof_of_compute = Some(proof);
@@ -647,5 +676,39 @@ mod tests {
             Step::Idle(Some(secs(60)))
         );
         assert!(matches!(next_step(&offer, true, secs(60), &settings(), &mut rng), Step::Issue(_)));
+    }
+
+    #[test]
+    fn the_market_may_allow_failures_in_a_row_before_refusing_an_offer() {
+        let mut offer = mk_offer("n", "H100", 1, now());
+        let failed = Step::Decide(Verdict::fail("Late", "too slow".into()));
+        let passed =
+            Step::Decide(Verdict { passed: true, reason: "Verified", message: "ok".into() });
+        let decide = |offer: &mut GpuOffer, step: &Step| {
+            let (proof, condition) = next_status(offer, step, now(), 2).expect("a change");
+            let status = offer.status.get_or_insert_default();
+            status.proof_of_compute = Some(proof);
+            status.conditions.retain(|c| c.type_ != COMPUTE_VERIFIED);
+            status.conditions.extend(condition);
+            crate::market::proof::compute_refused(offer)
+        };
+        assert!(!decide(&mut offer, &failed), "the first failure is tolerated");
+        let condition = offer.status.as_ref().and_then(|s| s.conditions.first()).expect("one");
+        assert_eq!(condition.reason, "FailureTolerated");
+        assert!(condition.message.contains("too slow; 1 of the 2"), "{}", condition.message);
+        assert!(decide(&mut offer, &failed), "the second in a row refuses the offer");
+        assert!(!decide(&mut offer, &passed));
+        assert!(!decide(&mut offer, &failed), "a pass starts the count again");
+        let proof = offer.status.as_ref().and_then(|s| s.proof_of_compute.as_ref()).expect("set");
+        assert_eq!((proof.passed, proof.failed, proof.failed_in_a_row), (1, 3, 1));
+    }
+
+    #[test]
+    fn the_policys_throughput_of_a_model_sets_its_deadline() {
+        let mut s = ProofSettings { max_dimension: 512, ..settings() };
+        let h100 = compute_time("H100", 512, &s);
+        assert!(compute_time("A100", 512, &s) > h100 * 3, "the table's A100: 315 ‰");
+        s.throughput_permille.insert("A100".into(), 1000);
+        assert_eq!(compute_time("A100", 512, &s), h100, "the policy's A100: as fast as an H100");
     }
 }

@@ -17,8 +17,10 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
+use crate::market::proof::ProofSettings;
 use crate::runtime::context::{Context, MANAGER, Settings};
 use crate::settlement::SettlementConfig;
+use crate::settlement::stake::StakePolicy;
 
 fn policy_duration(value: &Option<String>, flag: Duration) -> Duration {
     value.as_deref().and_then(|v| parse_duration(v).ok()).unwrap_or(flag)
@@ -35,12 +37,45 @@ pub fn effective(flags: &Settings, policy: Option<&MarketPolicySpec>) -> Setting
             flags.provisioning_timeout,
         ),
         require_signed_offers: policy.require_signed_offers.unwrap_or(flags.require_signed_offers),
+        proof_of_compute: effective_proof(flags.proof_of_compute.as_ref(), policy),
+        accepted_models: policy
+            .accepted_models
+            .as_ref()
+            .map(|models| models.iter().map(|m| m.model.clone()).collect())
+            .or_else(|| flags.accepted_models.clone()),
         ..flags.clone()
     }
 }
 
+/// Proof of compute in force: the flags' (`flags`, off when `None`), turned on by a policy's
+/// verification interval, with the interval, failures allowed in a row and the accepted
+/// models' throughput the policy sets on top.
+fn effective_proof(
+    flags: Option<&ProofSettings>,
+    policy: &MarketPolicySpec,
+) -> Option<ProofSettings> {
+    let interval = policy.verification_interval.as_deref().and_then(|v| parse_duration(v).ok());
+    let flags = match (flags, interval) {
+        (Some(flags), _) => flags.clone(),
+        (None, Some(_)) => ProofSettings::default(),
+        (None, None) => return None,
+    };
+    let throughput = policy.accepted_models.iter().flatten();
+    Some(ProofSettings {
+        interval: interval.unwrap_or(flags.interval),
+        failures_before_unverified: policy
+            .failed_challenges_before_unverified
+            .unwrap_or(flags.failures_before_unverified),
+        throughput_permille: throughput
+            .map(|m| (m.model.clone(), m.relative_throughput_permille))
+            .collect(),
+        ..flags
+    })
+}
+
 /// The settlement configuration in force: the flags' (`flags`), with the settlement period,
-/// deposit margin, heartbeat timeout and market fee the policy sets on top.
+/// deposit margin, heartbeat timeout, market fee, stake minimums (all tiers, when it lists
+/// any) and slash rate the policy sets on top.
 pub fn effective_settlement(
     flags: &SettlementConfig,
     policy: Option<&MarketPolicySpec>,
@@ -54,6 +89,14 @@ pub fn effective_settlement(
             .unwrap_or(flags.deposit_margin_percent),
         heartbeat_timeout: policy_duration(&policy.heartbeat_timeout, flags.heartbeat_timeout),
         market_fee_permille: policy.market_fee_permille.unwrap_or(flags.market_fee_permille),
+        stake: StakePolicy {
+            min_per_gpu: policy.min_stake_per_gpu.as_ref().map_or_else(
+                || flags.stake.min_per_gpu.clone(),
+                |tiers| tiers.iter().map(|t| (t.tier, t.amount)).collect(),
+            ),
+            slash_permille: policy.slash_permille.unwrap_or(flags.stake.slash_permille),
+            ..flags.stake.clone()
+        },
         ..flags.clone()
     }
 }
@@ -158,6 +201,44 @@ mod tests {
     }
 
     #[test]
+    fn the_policy_sets_how_offers_are_challenged() {
+        use gpumarket_crds::policy::AcceptedModel;
+        let off = Settings::default();
+        assert_eq!(effective(&off, Some(&MarketPolicySpec::default())).proof_of_compute, None);
+        let policy = MarketPolicySpec {
+            verification_interval: Some("30m".into()),
+            failed_challenges_before_unverified: Some(3),
+            accepted_models: Some(vec![AcceptedModel {
+                model: "A100".into(),
+                tier: gpumarket_crds::GpuTier::A100,
+                relative_throughput_permille: 400,
+            }]),
+            ..Default::default()
+        };
+        let proof = effective(&off, Some(&policy)).proof_of_compute.expect("turned on");
+        assert_eq!(proof.interval, Duration::from_secs(1800));
+        assert_eq!(proof.failures_before_unverified, 3);
+        assert_eq!(proof.throughput_permille.get("A100"), Some(&400));
+        let accepted = effective(&off, Some(&policy)).accepted_models;
+        assert_eq!(accepted, Some(["A100".to_string()].into()), "only the models it lists");
+        let flags = Settings {
+            proof_of_compute: Some(ProofSettings {
+                interval: Duration::from_secs(60),
+                grace: Duration::from_secs(1),
+                ..ProofSettings::default()
+            }),
+            ..Settings::default()
+        };
+        let proof = effective(&flags, Some(&policy)).proof_of_compute.expect("on");
+        assert_eq!(
+            (proof.interval, proof.grace),
+            (Duration::from_secs(1800), Duration::from_secs(1))
+        );
+        let silent = effective(&flags, Some(&MarketPolicySpec::default())).proof_of_compute;
+        assert_eq!(silent, flags.proof_of_compute, "the flags' own");
+    }
+
+    #[test]
     fn the_policy_overrides_the_settlement_flags_it_sets() {
         let mut flags = SettlementConfig::new(
             "http://rpc".into(),
@@ -181,6 +262,32 @@ mod tests {
         assert_eq!(settlement.heartbeat_timeout, Duration::from_secs(120));
         let silent = MarketPolicySpec::default();
         assert_eq!(effective_settlement(&flags, Some(&silent)).deposit_margin_percent, 5);
+    }
+
+    #[test]
+    fn the_policy_sets_stake_minimums_and_the_slash_rate() {
+        use gpumarket_crds::GpuTier;
+        use gpumarket_crds::policy::TierStake;
+        let mut flags = SettlementConfig::new(
+            "http://rpc".into(),
+            "k.json".into(),
+            "mint".into(),
+            Duration::from_secs(3600),
+        );
+        flags.stake.min_per_gpu = [(GpuTier::H100, 500), (GpuTier::Rtx4090, 50)].into();
+        flags.stake.slash_permille = 100;
+        let silent = effective_settlement(&flags, Some(&MarketPolicySpec::default()));
+        assert_eq!(silent.stake, flags.stake);
+        let policy = MarketPolicySpec {
+            min_stake_per_gpu: Some(vec![TierStake { tier: GpuTier::H100, amount: 900 }]),
+            slash_permille: Some(250),
+            ..Default::default()
+        };
+        let stake = effective_settlement(&flags, Some(&policy)).stake;
+        assert_eq!(stake.minimum(GpuTier::H100, 2), 1800);
+        assert_eq!(stake.minimum(GpuTier::Rtx4090, 2), 0, "the policy's list replaces the flags'");
+        assert_eq!(stake.slash_permille, 250);
+        assert_eq!(stake.unbond_cooldown, flags.stake.unbond_cooldown, "left to the flag");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub fn at_binding(settings: &Settings, settlement: Option<&SettlementConfig>) ->
         settlement_period_seconds: settlement.map(|s| whole_seconds(s.period)),
         deposit_margin_percent: settlement.map(|s| s.deposit_margin_percent),
         market_fee_permille: settlement.map(|s| s.market_fee_permille),
+        slash_permille: settlement.map(|s| s.stake.slash_permille),
     }
 }
 
@@ -56,6 +57,12 @@ pub fn market_fee(lease: &GpuLease, amount: u64) -> u64 {
     (u128::from(amount) * u128::from(permille.min(1000)) / 1000) as u64
 }
 
+/// The share of its node's stake slashed if `lease` ends by a supplier failure, per mille;
+/// `in_force` for a lease without a slash rate in its terms.
+pub fn slash_permille(lease: &GpuLease, in_force: u32) -> u32 {
+    terms(lease).and_then(|t| t.slash_permille).unwrap_or(in_force)
+}
+
 /// The deposit margin of a bind with these terms, in percent (0 without settlement).
 pub fn deposit_margin_percent(terms: &LeaseTerms) -> u32 {
     terms.deposit_margin_percent.unwrap_or(0)
@@ -71,6 +78,7 @@ mod tests {
             SettlementConfig::new("http://rpc".into(), "k.json".into(), "mint".into(), period);
         config.deposit_margin_percent = margin;
         config.market_fee_permille = fee;
+        config.stake.slash_permille = 100;
         config
     }
 
@@ -90,6 +98,7 @@ mod tests {
                 settlement_period_seconds: Some(3600),
                 deposit_margin_percent: Some(10),
                 market_fee_permille: Some(20),
+                slash_permille: Some(100),
             },
             "a timeout is rounded up to whole seconds"
         );
@@ -115,10 +124,12 @@ mod tests {
 
         assert_eq!(market_fee(&lease, 1000), 20, "2 % of each payout");
         assert_eq!(market_fee(&lease, 49), 0, "rounded down, in the supplier's favour");
+        assert_eq!(slash_permille(&lease, 500), 100, "the slash rate agreed at the bind");
 
         lease.spec.terms = None;
         assert_eq!(heartbeat_timeout(&lease, now_in_force), now_in_force, "an older lease");
         assert_eq!(market_fee(&lease, 1000), 0, "agreed without a fee");
         assert_eq!(settlement_period(&lease, now_in_force), now_in_force);
+        assert_eq!(slash_permille(&lease, 500), 500);
     }
 }

@@ -15,7 +15,7 @@ use crate::market::supply::{
 };
 use crate::matching::{Offer, Request};
 use crate::raycluster::HeadPlacement;
-use crate::settlement::Settler;
+use crate::settlement::{SettlementConfig, Settler};
 use crate::verification::{SignatureChecks, verdicts};
 use gpumarket_crds::policy::POLICY_NAME;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -44,6 +44,8 @@ pub struct Settings {
     /// Match only offers signed by their wallet's key; offers with a bad signature are never
     /// matched, unsigned ones are when this is off.
     pub require_signed_offers: bool,
+    /// GPU models the market accepts (the MarketPolicy's); every model when `None`.
+    pub accepted_models: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Settings {
@@ -55,6 +57,7 @@ impl Default for Settings {
             head_placement: HeadPlacement::default(),
             proof_of_compute: None,
             require_signed_offers: true,
+            accepted_models: None,
         }
     }
 }
@@ -143,14 +146,18 @@ impl Context {
         crate::policy::effective(&self.settings, policy.as_deref().map(|p| &p.spec))
     }
 
-    /// The terms a lease bound now gets: the settings and, with settlement on, the settlement
-    /// configuration in force (the MarketPolicy over the flags).
-    pub fn lease_terms(&self) -> LeaseTerms {
+    /// The settlement configuration in force (the MarketPolicy over the flags), with
+    /// settlement on.
+    pub fn settlement(&self) -> Option<SettlementConfig> {
         let policy = self.policy.get(&ObjectRef::new(POLICY_NAME));
         let policy = policy.as_deref().map(|p| &p.spec);
-        let settlement =
-            self.settler.as_ref().map(|s| crate::policy::effective_settlement(s.config(), policy));
-        crate::policy::terms::at_binding(&self.settings(), settlement.as_ref())
+        self.settler.as_ref().map(|s| crate::policy::effective_settlement(s.config(), policy))
+    }
+
+    /// The terms a lease bound now gets: the settings and, with settlement on, the settlement
+    /// configuration in force.
+    pub fn lease_terms(&self) -> LeaseTerms {
+        crate::policy::terms::at_binding(&self.settings(), self.settlement().as_ref())
     }
 
     /// Free supply for matching: the cached offers that verification admits (with settlement
@@ -161,9 +168,7 @@ impl Context {
         let listed: Vec<&GpuOffer> = offers.iter().map(AsRef::as_ref).collect();
         let settings = self.settings();
         let verdicts =
-            verdicts(&listed, &self.signatures, settings.require_signed_offers, &|fleet| {
-                self.fleet_wallet(fleet)
-            });
+            verdicts(&listed, &self.signatures, &settings, &|fleet| self.fleet_wallet(fleet));
         let admitted = |o: &GpuOffer| verdicts.get(&o.name_any()).is_some_and(|v| v.admitted);
         let mut recent = lock(&self.recent_claims);
         let by_name: HashMap<String, &GpuOffer> =
@@ -173,8 +178,8 @@ impl Context {
             at.elapsed() < RECENT_CLAIM_TTL
                 && by_name.get(offer).is_some_and(|o| gpu_lease(o, gpu).is_none())
         });
-        let staked =
-            |o: &GpuOffer| self.settler.as_ref().is_none_or(|s| s.config().stake.admits(o));
+        let settlement = self.settlement();
+        let staked = |o: &GpuOffer| settlement.as_ref().is_none_or(|s| s.stake.admits(o));
         let mut supply = market_supply(
             offers.iter().map(AsRef::as_ref),
             |o| admitted(o) && staked(o),

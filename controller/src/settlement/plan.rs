@@ -20,7 +20,7 @@ use super::accounts;
 use super::escrow::{Accrual, exhausted};
 use super::memo::payout_key;
 use super::meter::{Meter, Paid, fully_settled, is_payout_period, next_due};
-use super::stake::{SLASH_PERIOD, StakeBook, StakePolicy};
+use super::stake::{SLASH_PERIOD, StakeBook, StakePolicy, slashed};
 use super::transaction::Payment;
 use crate::policy::terms::market_fee;
 
@@ -239,10 +239,12 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
     out
 }
 
+/// The slash rate of `lease`: the one in its terms, else the policy's in force.
+fn slash_permille(inputs: &Inputs<'_>, lease: &GpuLease) -> u32 {
+    crate::policy::terms::slash_permille(lease, inputs.stake.slash_permille)
+}
+
 fn plan_slashes(inputs: &Inputs<'_>, leases: &[&GpuLease], out: &mut Payouts) {
-    if inputs.stake.slash_permille == 0 {
-        return;
-    }
     let buyers: HashMap<&str, &str> = inputs
         .clusters
         .iter()
@@ -257,7 +259,8 @@ fn plan_slashes(inputs: &Inputs<'_>, leases: &[&GpuLease], out: &mut Payouts) {
             .and_then(|s| s.end_reason)
             .is_some_and(EndReason::is_supplier_failure);
         let slash = records(lease).iter().find(|r| r.period == SLASH_PERIOD);
-        if !failed || slash.is_some_and(|r| r.state != SettlementState::Expired) {
+        let permille = slash_permille(inputs, lease);
+        if !failed || permille == 0 || slash.is_some_and(|r| r.state != SettlementState::Expired) {
             continue;
         }
         let Some(buyer) =
@@ -272,7 +275,7 @@ fn plan_slashes(inputs: &Inputs<'_>, leases: &[&GpuLease], out: &mut Payouts) {
         };
         let amount = match slash {
             Some(expired) => expired.amount.min(*stake),
-            None => inputs.stake.slash(*stake),
+            None => slashed(*stake, permille),
         };
         *stake -= amount;
         let end = lease.status.as_ref().and_then(|s| s.end_time.as_ref()).map(|t| t.0);
@@ -360,7 +363,7 @@ fn unbond_due(inputs: &Inputs<'_>, offer: &GpuOffer, asked: Option<i64>) -> bool
         let slashed = records(lease)
             .iter()
             .any(|r| r.period == SLASH_PERIOD && r.state == SettlementState::Confirmed);
-        !is_active(lease) && (!failed || slashed || inputs.stake.slash_permille == 0)
+        !is_active(lease) && (!failed || slashed || slash_permille(inputs, lease) == 0)
     })
 }
 
@@ -379,7 +382,7 @@ pub fn closed(inputs: &Inputs<'_>) -> Vec<String> {
                 .and_then(|s| s.end_reason)
                 .is_some_and(EndReason::is_supplier_failure);
             let slashable =
-                inputs.stake.slash_permille > 0 && inputs.stakes.contains_key(&l.spec.offer);
+                slash_permille(inputs, l) > 0 && inputs.stakes.contains_key(&l.spec.offer);
             let slashed = records(l).iter().any(|r| r.period == SLASH_PERIOD);
             !failed || !slashable || slashed
         })
@@ -545,6 +548,7 @@ mod tests {
             settlement_period_seconds: Some(60),
             deposit_margin_percent: Some(0),
             market_fee_permille: Some(20),
+            slash_permille: Some(0),
         };
         let later = LeaseTerms {
             settlement_period_seconds: Some(30),
@@ -664,6 +668,27 @@ mod tests {
             .map(|p| (p.payment.amount, p.payment.source))
             .collect();
         assert_eq!(slashes, [(250, stake_account), (187, stake_account)]);
+
+        // A lease keeps the slash rate of its bind, whatever the policy says now (none too).
+        let mut frozen = leases.clone();
+        for lease in &mut frozen {
+            lease.spec.terms = Some(gpumarket_crds::LeaseTerms {
+                slash_permille: Some(100),
+                ..Default::default()
+            });
+        }
+        for now_in_force in [250, 0] {
+            world.policy.slash_permille = now_in_force;
+            let plan = payouts(&world.inputs(&frozen, &clusters, &[], 40));
+            let amounts: Vec<u64> = plan
+                .to_send
+                .iter()
+                .filter(|p| p.record.period == SLASH_PERIOD)
+                .map(|p| p.payment.amount)
+                .collect();
+            assert_eq!(amounts, [100, 90], "at the bind's 10 %, {now_in_force} ‰ in force");
+        }
+        world.policy.slash_permille = 250;
         let buyer = Pubkey::from_str("11111111111111111111111111111111").expect("valid");
         assert!(
             plan.to_send

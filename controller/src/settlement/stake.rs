@@ -61,11 +61,17 @@ impl StakePolicy {
         stake >= minimum
     }
 
-    /// Amount slashed from a node with `remaining` stake: rounded down, never more than is left.
+    /// Amount slashed from a node with `remaining` stake at this policy's rate.
     pub fn slash(&self, remaining: u64) -> u64 {
-        let amount = u128::from(remaining) * u128::from(self.slash_permille.min(1000)) / 1000;
-        u64::try_from(amount).unwrap_or(remaining)
+        slashed(remaining, self.slash_permille)
     }
+}
+
+/// Amount slashed from a node with `remaining` stake at `permille`: rounded down, never more
+/// than is left.
+pub fn slashed(remaining: u64, permille: u32) -> u64 {
+    let amount = u128::from(remaining) * u128::from(permille.min(1000)) / 1000;
+    u64::try_from(amount).unwrap_or(remaining)
 }
 
 /// A transaction that moved tokens into (or asked something of) a node's stake account, as its

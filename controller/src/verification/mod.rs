@@ -16,7 +16,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
 
-use crate::runtime::context::lock;
+use crate::runtime::context::{Settings, lock};
 
 /// The offer's condition that says whether the market believes it, and why not.
 pub const VERIFIED: &str = "Verified";
@@ -25,6 +25,10 @@ pub const DUPLICATE_GPU: &str = "DuplicateGpu";
 /// Reason of a `Verified=False` condition of a fleet's offer paid to another wallet than its
 /// GpuFleet's, or of an offer labelled with a GpuFleet that does not exist.
 pub const NOT_THE_FLEETS_WALLET: &str = "NotTheFleetsWallet";
+
+/// Reason of a `Verified=False` condition of an offer listing a GPU model the market's policy
+/// does not accept.
+pub const MODEL_NOT_ACCEPTED: &str = "ModelNotAccepted";
 
 /// The wallet of GpuFleet `name` on the hub, if there is such a GpuFleet.
 pub type FleetWallet<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -93,15 +97,40 @@ pub fn fleet_wallet_verdict(offer: &GpuOffer, fleet_wallet: FleetWallet<'_>) -> 
     }
 }
 
-/// The verdict on the offer alone: its fleet's wallet, then its signature.
+/// The refusal of an offer listing a GPU model that is not among `accepted` (the market's
+/// accepted models; every model when `None`).
+pub fn model_verdict(offer: &GpuOffer, accepted: Option<&BTreeSet<String>>) -> Option<Verdict> {
+    let accepted = accepted?;
+    let refused: BTreeSet<&str> = offer
+        .spec
+        .gpus
+        .iter()
+        .map(|g| g.model.as_str())
+        .filter(|m| !accepted.contains(*m))
+        .collect();
+    (!refused.is_empty()).then(|| Verdict {
+        admitted: false,
+        reason: MODEL_NOT_ACCEPTED,
+        message: format!(
+            "the market does not accept GPU model {} (MarketPolicy spec.acceptedModels lists {}): \
+             not matched until the policy accepts it",
+            refused.into_iter().collect::<Vec<_>>().join(", "),
+            accepted.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+        ),
+    })
+}
+
+/// The verdict on the offer alone: its fleet's wallet, its models, then its signature, by the
+/// market's rules in force (`settings`).
 fn own_verdict(
     offer: &GpuOffer,
     checks: &SignatureChecks,
-    require_signed: bool,
+    settings: &Settings,
     fleet_wallet: FleetWallet<'_>,
 ) -> Verdict {
     fleet_wallet_verdict(offer, fleet_wallet)
-        .unwrap_or_else(|| signature_verdict(&checks.check(offer), require_signed))
+        .or_else(|| model_verdict(offer, settings.accepted_models.as_ref()))
+        .unwrap_or_else(|| signature_verdict(&checks.check(offer), settings.require_signed_offers))
 }
 
 /// GPU uuids listed by more than one of `offers`, each with the names of the offers listing it.
@@ -259,10 +288,10 @@ pub fn verdict(
     offer: &GpuOffer,
     offers: &[&GpuOffer],
     checks: &SignatureChecks,
-    require_signed: bool,
+    settings: &Settings,
     fleet_wallet: FleetWallet<'_>,
 ) -> Verdict {
-    let own = own_verdict(offer, checks, require_signed, fleet_wallet);
+    let own = own_verdict(offer, checks, settings, fleet_wallet);
     if !own.admitted {
         return own;
     }
@@ -271,23 +300,23 @@ pub fn verdict(
     let rivals = offers.iter().copied().filter(|o| {
         o.name_any() != name
             && o.spec.gpus.iter().any(|g| uuids.contains(g.uuid.as_str()))
-            && own_verdict(o, checks, require_signed, fleet_wallet).admitted
+            && own_verdict(o, checks, settings, fleet_wallet).admitted
     });
     let shared = shared_gpus(std::iter::once(offer).chain(rivals));
     quarantine(offer, &shared).unwrap_or(own)
 }
 
-/// The verdict on each of `offers` (fleet wallet and signature, then shared GPUs among the
+/// The verdict on each of `offers` (fleet wallet, models and signature, then shared GPUs among the
 /// offers admitted so far: a forged offer cannot quarantine an honest one), by offer name.
 pub fn verdicts(
     offers: &[&GpuOffer],
     checks: &SignatureChecks,
-    require_signed: bool,
+    settings: &Settings,
     fleet_wallet: FleetWallet<'_>,
 ) -> HashMap<String, Verdict> {
     let mut verdicts: HashMap<String, Verdict> = offers
         .iter()
-        .map(|o| (o.name_any(), own_verdict(o, checks, require_signed, fleet_wallet)))
+        .map(|o| (o.name_any(), own_verdict(o, checks, settings, fleet_wallet)))
         .collect();
     let admitted = offers.iter().copied().filter(|o| verdicts[&o.name_any()].admitted);
     let shared = shared_gpus(admitted);
@@ -332,7 +361,7 @@ mod tests {
 
         let checks = SignatureChecks::default();
         let offers = [&good, &forged, &replayed, &swapped, &unsigned];
-        let required = verdicts(&offers, &checks, true, &no_fleets);
+        let required = verdicts(&offers, &checks, &signed_only(), &no_fleets);
         let reasons: Vec<(&str, bool, &str)> = ["a", "b", "c", "d", "e"]
             .iter()
             .map(|n| (*n, required[*n].admitted, required[*n].reason))
@@ -348,7 +377,7 @@ mod tests {
             ]
         );
         assert!(required["e"].message.contains("--wallet-keypair"), "{}", required["e"].message);
-        let lenient = verdicts(&offers, &checks, false, &no_fleets);
+        let lenient = verdicts(&offers, &checks, &lenient(), &no_fleets);
         assert!(lenient["e"].admitted);
         assert_eq!(lenient["e"].reason, "Unsigned");
         assert!(!lenient["b"].admitted, "a bad signature is refused whatever the policy");
@@ -356,6 +385,41 @@ mod tests {
 
     fn no_fleets(_: &str) -> Option<String> {
         None
+    }
+
+    fn signed_only() -> Settings {
+        Settings { require_signed_offers: true, ..Settings::default() }
+    }
+
+    fn lenient() -> Settings {
+        Settings { require_signed_offers: false, ..Settings::default() }
+    }
+
+    #[test]
+    fn offers_of_models_the_market_does_not_accept_are_refused() {
+        let wallet = Keypair::new();
+        let (h100, a100) = (signed("a", 1, &wallet), {
+            let mut offer = mk_offer("b", "A100", 1, now());
+            offer.spec.wallet = wallet.pubkey().to_string();
+            GpuOffer { spec: sign(&offer.spec, &wallet), ..offer }
+        });
+        let checks = SignatureChecks::default();
+        let offers = [&h100, &a100];
+        let all = verdicts(&offers, &checks, &signed_only(), &no_fleets);
+        assert!(all["a"].admitted && all["b"].admitted, "every model, without a list");
+        let only_h100 = Settings {
+            accepted_models: Some(BTreeSet::from(["H100".to_string()])),
+            ..signed_only()
+        };
+        let all = verdicts(&offers, &checks, &only_h100, &no_fleets);
+        assert_eq!((all["a"].reason, all["b"].reason), ("Signed", MODEL_NOT_ACCEPTED));
+        assert!(!all["b"].admitted);
+        assert!(
+            all["b"].message.contains("model A100 (MarketPolicy spec.acceptedModels lists H100)"),
+            "{}",
+            all["b"].message
+        );
+        assert_eq!(verdict(&a100, &offers, &checks, &only_h100, &no_fleets), all["b"]);
     }
 
     #[test]
@@ -379,7 +443,7 @@ mod tests {
 
         let checks = SignatureChecks::default();
         let offers = [&honest, &other_wallet, &no_such_fleet, &forged, &hub_node];
-        let all = verdicts(&offers, &checks, true, &fleets);
+        let all = verdicts(&offers, &checks, &signed_only(), &fleets);
         let reasons: Vec<(&str, bool)> = offers
             .iter()
             .map(|o| (all[&o.name_any()].reason, all[&o.name_any()].admitted))
@@ -405,9 +469,12 @@ mod tests {
             all["fleet-z.n1"].message
         );
         // Whatever the market's policy on unsigned offers.
-        assert!(!verdicts(&offers, &checks, false, &fleets)["fleet-a.n2"].admitted);
+        assert!(!verdicts(&offers, &checks, &lenient(), &fleets)["fleet-a.n2"].admitted);
         for offer in offers {
-            assert_eq!(verdict(offer, &offers, &checks, true, &fleets), all[&offer.name_any()]);
+            assert_eq!(
+                verdict(offer, &offers, &checks, &signed_only(), &fleets),
+                all[&offer.name_any()]
+            );
         }
     }
 
@@ -421,10 +488,10 @@ mod tests {
         let b = GpuOffer { spec: sign(&b.spec, &bob), ..b };
         let c = signed("c", 2, &alice);
         let checks = SignatureChecks::default();
-        let all = verdicts(&[&a, &b, &c], &checks, true, &no_fleets);
+        let all = verdicts(&[&a, &b, &c], &checks, &signed_only(), &no_fleets);
         for offer in [&a, &b, &c] {
             assert_eq!(
-                verdict(offer, &[&a, &b, &c], &checks, true, &no_fleets),
+                verdict(offer, &[&a, &b, &c], &checks, &signed_only(), &no_fleets),
                 all[&offer.name_any()]
             );
         }
@@ -436,7 +503,7 @@ mod tests {
         let mut forged = b.clone();
         forged.spec.price_per_gpu_hour += 1;
         forged.metadata.generation = Some(2); // as the API server counts a spec change
-        let all = verdicts(&[&a, &forged], &checks, true, &no_fleets);
+        let all = verdicts(&[&a, &forged], &checks, &signed_only(), &no_fleets);
         assert_eq!((all["a"].reason, all["b"].reason), ("Signed", "BadSignature"));
     }
 
@@ -537,9 +604,9 @@ mod tests {
         let elapsed = started.elapsed();
         let checks = SignatureChecks::default();
         let listed: Vec<&GpuOffer> = offers.iter().collect();
-        verdicts(&listed, &checks, true, &no_fleets);
+        verdicts(&listed, &checks, &signed_only(), &no_fleets);
         let cached = std::time::Instant::now();
-        verdicts(&listed, &checks, true, &no_fleets);
+        verdicts(&listed, &checks, &signed_only(), &no_fleets);
         println!(
             "verified {} offers of 8 GPUs in {elapsed:?}: {:.0} offers/s; every verdict again \
              from the cache in {:?}",
