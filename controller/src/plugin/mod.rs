@@ -285,7 +285,8 @@ impl Market {
 
     /// Free supply, as `Context::supply` has it.
     fn supply(&self, now: Timestamp) -> Vec<matching::Offer> {
-        market_supply(&self.offers, |o| self.stake.admits(o), now, self.heartbeat_timeout)
+        let staked = |o: &GpuOffer| self.stake.admits(o, GpuTier::of_model);
+        market_supply(&self.offers, staked, now, self.heartbeat_timeout)
     }
 
     /// The quote for a cluster applied now: it waits its turn behind every cluster already

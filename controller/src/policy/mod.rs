@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use gpumarket_crds::GpuTier;
 use gpumarket_crds::common::parse_duration;
 use gpumarket_crds::{MarketPolicy, MarketPolicySpec};
 use kube::api::{Api, Patch, PatchParams};
@@ -41,10 +42,17 @@ pub fn effective(flags: &Settings, policy: Option<&MarketPolicySpec>) -> Setting
         accepted_models: policy
             .accepted_models
             .as_ref()
-            .map(|models| models.iter().map(|m| m.model.clone()).collect())
+            .map(|models| models.iter().map(|m| (m.model.clone(), m.tier)).collect())
             .or_else(|| flags.accepted_models.clone()),
         ..flags.clone()
     }
+}
+
+/// The tier GPUs of `model` are matched and staked as: the market's (its accepted models),
+/// else the one the model's name gives.
+pub fn tier_of(settings: &Settings, model: &str) -> GpuTier {
+    let accepted = settings.accepted_models.as_ref();
+    accepted.and_then(|m| m.get(model).copied()).unwrap_or_else(|| GpuTier::of_model(model))
 }
 
 /// Proof of compute in force: the flags' (`flags`, off when `None`), turned on by a policy's
@@ -210,7 +218,7 @@ mod tests {
             failed_challenges_before_unverified: Some(3),
             accepted_models: Some(vec![AcceptedModel {
                 model: "A100".into(),
-                tier: gpumarket_crds::GpuTier::A100,
+                tier: GpuTier::A100,
                 relative_throughput_permille: 400,
             }]),
             ..Default::default()
@@ -220,7 +228,7 @@ mod tests {
         assert_eq!(proof.failures_before_unverified, 3);
         assert_eq!(proof.throughput_permille.get("A100"), Some(&400));
         let accepted = effective(&off, Some(&policy)).accepted_models;
-        assert_eq!(accepted, Some(["A100".to_string()].into()), "only the models it lists");
+        assert_eq!(accepted, Some([("A100".to_string(), GpuTier::A100)].into()));
         let flags = Settings {
             proof_of_compute: Some(ProofSettings {
                 interval: Duration::from_secs(60),
@@ -236,6 +244,17 @@ mod tests {
         );
         let silent = effective(&flags, Some(&MarketPolicySpec::default())).proof_of_compute;
         assert_eq!(silent, flags.proof_of_compute, "the flags' own");
+    }
+
+    #[test]
+    fn a_model_is_of_the_tier_the_policy_gives_it() {
+        let settings = Settings {
+            accepted_models: Some([("H200".to_string(), GpuTier::A100)].into()),
+            ..Settings::default()
+        };
+        assert_eq!(tier_of(&settings, "H200"), GpuTier::A100, "the policy's");
+        assert_eq!(tier_of(&Settings::default(), "H200"), GpuTier::H100, "its name's");
+        assert_eq!(tier_of(&settings, "A6000"), GpuTier::A6000, "a model it does not list");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gpumarket_crds::{GpuCluster, GpuFleet, GpuLease, GpuOffer, LeaseTerms, MarketPolicy};
+use gpumarket_crds::{GpuCluster, GpuFleet, GpuLease, GpuOffer, GpuTier, LeaseTerms, MarketPolicy};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
@@ -44,8 +44,9 @@ pub struct Settings {
     /// Match only offers signed by their wallet's key; offers with a bad signature are never
     /// matched, unsigned ones are when this is off.
     pub require_signed_offers: bool,
-    /// GPU models the market accepts (the MarketPolicy's); every model when `None`.
-    pub accepted_models: Option<std::collections::BTreeSet<String>>,
+    /// GPU models the market accepts (the MarketPolicy's), each with the tier it is matched
+    /// and staked as; every model, at the tier its name gives, when `None`.
+    pub accepted_models: Option<std::collections::BTreeMap<String, GpuTier>>,
 }
 
 impl Default for Settings {
@@ -179,7 +180,8 @@ impl Context {
                 && by_name.get(offer).is_some_and(|o| gpu_lease(o, gpu).is_none())
         });
         let settlement = self.settlement();
-        let staked = |o: &GpuOffer| settlement.as_ref().is_none_or(|s| s.stake.admits(o));
+        let tier_of = |model: &str| crate::policy::tier_of(&settings, model);
+        let staked = |o: &GpuOffer| settlement.as_ref().is_none_or(|s| s.stake.admits(o, tier_of));
         let mut supply = market_supply(
             offers.iter().map(AsRef::as_ref),
             |o| admitted(o) && staked(o),
@@ -188,6 +190,7 @@ impl Context {
         );
         for offer in &mut supply {
             offer.free_gpus.retain(|g| !recent.contains_key(&(offer.node.clone(), g.clone())));
+            offer.tier = tier_of(&offer.model);
         }
         supply
     }

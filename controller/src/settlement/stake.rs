@@ -46,9 +46,9 @@ impl StakePolicy {
     }
 
     /// Whether the offer's bonded stake (as settlement last wrote it in its status) covers the
-    /// minimum for every GPU it offers, and is not being unbonded; only such offers are matched
-    /// while settlement is on.
-    pub fn admits(&self, offer: &GpuOffer) -> bool {
+    /// minimum for every GPU it offers (each of the tier `tier_of` its model), and is not being
+    /// unbonded; only such offers are matched while settlement is on.
+    pub fn admits(&self, offer: &GpuOffer, tier_of: impl Fn(&str) -> GpuTier) -> bool {
         if offer.unbonding() {
             return false;
         }
@@ -57,7 +57,7 @@ impl StakePolicy {
             .spec
             .gpus
             .iter()
-            .fold(0u64, |sum, gpu| sum.saturating_add(self.minimum(gpu.tier(), 1)));
+            .fold(0u64, |sum, gpu| sum.saturating_add(self.minimum(tier_of(&gpu.model), 1)));
         stake >= minimum
     }
 
@@ -215,14 +215,17 @@ mod tests {
     #[test]
     fn an_offer_is_admitted_once_its_stake_covers_every_gpu() {
         let mut offer = crate::testing::mk_offer("n1", "H100", 2, crate::testing::now());
-        assert!(!policy().admits(&offer), "unstaked H100s are not matched");
+        assert!(!policy().admits(&offer, GpuTier::of_model), "unstaked H100s are not matched");
         let bond = |bonded| Some(gpumarket_crds::StakeStatus { bonded, ..Default::default() });
         offer.status.get_or_insert_default().stake = bond(1999);
-        assert!(!policy().admits(&offer));
+        assert!(!policy().admits(&offer, GpuTier::of_model));
         offer.status.get_or_insert_default().stake = bond(2000);
-        assert!(policy().admits(&offer));
+        assert!(policy().admits(&offer, GpuTier::of_model));
         offer.status.get_or_insert_default().stake = None;
-        assert!(StakePolicy::default().admits(&offer), "no minimum, no stake needed");
+        assert!(
+            StakePolicy::default().admits(&offer, GpuTier::of_model),
+            "no minimum, no stake needed"
+        );
         let unbonding = gpumarket_crds::StakeStatus {
             bonded: 5000,
             unbond_requested: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
@@ -231,7 +234,14 @@ mod tests {
             ..Default::default()
         };
         offer.status.get_or_insert_default().stake = Some(unbonding);
-        assert!(!policy().admits(&offer), "an offer being unbonded is not matched");
+        assert!(
+            !policy().admits(&offer, GpuTier::of_model),
+            "an offer being unbonded is not matched"
+        );
+        offer.status.get_or_insert_default().stake = bond(2000);
+        assert!(policy().admits(&offer, GpuTier::of_model));
+        let as_rtx = |_: &str| GpuTier::Rtx4090;
+        assert!(policy().admits(&offer, as_rtx), "the tier the market's policy gives the model");
     }
 
     fn entry(signature: &str, delta: i128, sender: Pubkey, memos: &[&str]) -> StakeEntry {

@@ -10,8 +10,8 @@ pub mod signing_times;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
-use gpumarket_crds::GpuOffer;
 use gpumarket_crds::signature::{SignatureError, replayed, verify};
+use gpumarket_crds::{GpuOffer, GpuTier};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::ResourceExt;
@@ -99,14 +99,17 @@ pub fn fleet_wallet_verdict(offer: &GpuOffer, fleet_wallet: FleetWallet<'_>) -> 
 
 /// The refusal of an offer listing a GPU model that is not among `accepted` (the market's
 /// accepted models; every model when `None`).
-pub fn model_verdict(offer: &GpuOffer, accepted: Option<&BTreeSet<String>>) -> Option<Verdict> {
+pub fn model_verdict(
+    offer: &GpuOffer,
+    accepted: Option<&BTreeMap<String, GpuTier>>,
+) -> Option<Verdict> {
     let accepted = accepted?;
     let refused: BTreeSet<&str> = offer
         .spec
         .gpus
         .iter()
         .map(|g| g.model.as_str())
-        .filter(|m| !accepted.contains(*m))
+        .filter(|m| !accepted.contains_key(*m))
         .collect();
     (!refused.is_empty()).then(|| Verdict {
         admitted: false,
@@ -115,7 +118,7 @@ pub fn model_verdict(offer: &GpuOffer, accepted: Option<&BTreeSet<String>>) -> O
             "the market does not accept GPU model {} (MarketPolicy spec.acceptedModels lists {}): \
              not matched until the policy accepts it",
             refused.into_iter().collect::<Vec<_>>().join(", "),
-            accepted.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+            accepted.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
         ),
     })
 }
@@ -408,7 +411,7 @@ mod tests {
         let all = verdicts(&offers, &checks, &signed_only(), &no_fleets);
         assert!(all["a"].admitted && all["b"].admitted, "every model, without a list");
         let only_h100 = Settings {
-            accepted_models: Some(BTreeSet::from(["H100".to_string()])),
+            accepted_models: Some(BTreeMap::from([("H100".to_string(), GpuTier::H100)])),
             ..signed_only()
         };
         let all = verdicts(&offers, &checks, &only_h100, &no_fleets);
