@@ -375,6 +375,7 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     })
     .await;
     runs_in(&admin, &ns, "llm", &fleet_a).await;
+    let to_running = applied.elapsed();
 
     // Confinement: fleet A's credential, against the hub's real API server.
     let as_a = join_credential(hub, "fleet-a", None).await;
@@ -506,6 +507,7 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
         "\nfleet figures (two fleets, one 4-GPU KWOK node each, heartbeat {HEARTBEAT:?}):\n\
          - fleet agent start to its offer Available on the hub: {joined_a:.1?} (fleet A), {joined_b:.1?} (fleet B)\n\
          - GpuCluster apply on the hub to its worker Running in fleet A: {to_workers:.1?}\n\
+         - GpuCluster apply on the hub to Running there (Ray head and worker Ready, reported): {to_running:.1?}\n\
          - fleet A stopped to the worker Running in fleet B: {to_replaced:.1?}\n\
          - hub API requests of one fleet (1 node) at steady state: {per_minute:.0}/min at a {HEARTBEAT:?} heartbeat\n\
            (offers + 1 GpuFleet report per heartbeat, plus one watch: {:.0}/min at the default 20s)",
