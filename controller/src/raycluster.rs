@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use gpumarket_crds::common::{GPU_RESOURCE, SUPPLIER_TAINT};
-use gpumarket_crds::{GpuCluster, GpuLease, HostResources};
+use gpumarket_crds::{GpuCluster, GpuLease, HostResources, RayAccess};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::Resource;
@@ -22,6 +22,8 @@ pub const CLUSTER_LABEL: &str = "gpumarket.io/cluster";
 pub const LEASE_ANNOTATION: &str = "gpumarket.io/lease";
 /// Port of the Ray dashboard on the head service.
 pub const DASHBOARD_PORT: u16 = 8265;
+/// Port of the Ray client server on the head service.
+pub const CLIENT_PORT: u16 = 10001;
 /// Init container of every Ray pod that fails, saying so, when the image's Ray is not
 /// `spec.ray.version`: before the pod serves, so before its GPUs are billed.
 pub const VERSION_CHECK: &str = "ray-version-check";
@@ -50,9 +52,14 @@ pub fn ray_cluster_name(cluster: &GpuCluster) -> String {
     cluster.metadata.name.clone().unwrap_or_default()
 }
 
-/// Address of the Ray dashboard of the RayCluster `name` in `namespace` (KubeRay's head service).
-pub fn dashboard_address(name: &str, namespace: &str) -> String {
-    format!("http://{name}-head-svc.{namespace}.svc:{DASHBOARD_PORT}")
+/// Where the Ray head of the RayCluster `name` in `namespace` is reached: KubeRay's head
+/// service's dashboard and Ray client ports.
+pub fn head_access(name: &str, namespace: &str) -> RayAccess {
+    let host = format!("{name}-head-svc.{namespace}.svc");
+    RayAccess {
+        dashboard: format!("http://{host}:{DASHBOARD_PORT}"),
+        ray_client: format!("ray://{host}:{CLIENT_PORT}"),
+    }
 }
 
 /// Name of the worker group serving `lease`: the node (what an operator looks for) plus the
@@ -111,7 +118,7 @@ pub fn build_ray_cluster(
             "ports": [
                 {"name": "gcs", "containerPort": 6379},
                 {"name": "dashboard", "containerPort": DASHBOARD_PORT},
-                {"name": "client", "containerPort": 10001},
+                {"name": "client", "containerPort": CLIENT_PORT},
             ],
         }],
     });

@@ -333,6 +333,17 @@ pub struct GpuClusterStatus {
     #[schemars(length(max = 512))]
     pub dashboard: Option<String>,
 
+    /// Ray client address (`ray://<head service>:10001`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub ray_client: Option<String>,
+
+    /// The fleet whose cluster runs the Ray head and workers, when a fleet does: the dashboard
+    /// and Ray client addresses are then those of the fleet's cluster network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub fleet: Option<String>,
+
     /// Sum over leases of price × GPUs: what the cluster costs per hour, in base units.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hourly_rate: Option<u64>,

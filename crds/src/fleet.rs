@@ -134,6 +134,26 @@ pub struct FleetWorkload {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub message: Option<String>,
+    /// Whether the Ray head of the lease's cluster is Ready in the fleet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub head_ready: bool,
+    /// Where the buyer reaches the cluster's Ray head, as the fleet sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<RayAccess>,
+}
+
+/// Where a Ray head is reached: its dashboard (and job API) and its Ray client address.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RayAccess {
+    /// `http://<host>:<port>` of the dashboard and job submission API.
+    #[x_kube(validation = Rule::new("self.matches('^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$')").message("access.dashboard must be http(s)://<host>[:<port>]"))]
+    #[schemars(length(max = 512))]
+    pub dashboard: String,
+    /// `ray://<host>:<port>` of the Ray client server.
+    #[x_kube(validation = Rule::new("self.matches('^ray://[A-Za-z0-9.-]+(:[0-9]{1,5})?$')").message("access.rayClient must be ray://<host>[:<port>]"))]
+    #[schemars(length(max = 512))]
+    pub ray_client: String,
 }
 
 impl GpuFleet {

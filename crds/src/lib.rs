@@ -21,7 +21,7 @@ pub use cluster::{
 pub use common::{Amount, GpuTier, HostResources, Interconnect, OfferMode, Placement};
 pub use fleet::{
     FLEET_LABEL, FLEET_NAMESPACE, FleetAssignment, FleetWorkload, GpuFleet, GpuFleetSpec,
-    GpuFleetStatus, fleet_offer_name,
+    GpuFleetStatus, RayAccess, fleet_offer_name,
 };
 pub use lease::{
     ClusterRef, CompactedSettlements, EndReason, GpuLease, GpuLeaseSpec, GpuLeaseStatus,

@@ -228,22 +228,29 @@ dockerfile_config() {
     die "$1: ENTRYPOINT must be in exec form (a JSON array)"
 }
 
-# libraries <binary>: the shared libraries it loads (and the loader), by path.
+# libraries <binary>...: the shared libraries they load (and the loader), by path.
 libraries() {
-  ldd "$1" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u
+  local binary
+  for binary; do ldd "$binary"; done |
+    awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u
 }
 
+# build_binary_archive <out> <binary> <ref> <config> [<more binaries>...]: the binary as the
+# entrypoint, more binaries beside it, and the libraries they load.
 build_binary_archive() {
   local out="$1" binary="$2" ref="$3" config="$4"
-  local rootfs="$tmp_root/rootfs" lib dest
+  local more=("${@:5}") rootfs="$tmp_root/rootfs" lib dest extra
   dest="$(jq -r '.Entrypoint[0]' <<<"$config")"
   rm -rf "$rootfs"
   mkdir -p "$rootfs/$(dirname "$dest")" "$rootfs/etc/ssl/certs" "$rootfs/tmp"
   install -m 0755 "$binary" "$rootfs$dest"
+  for extra in "${more[@]}"; do
+    install -m 0755 "$extra" "$rootfs$(dirname "$dest")/$(basename "$extra")"
+  done
   while read -r lib; do
     mkdir -p "$rootfs$(dirname "$lib")"
     cp -L "$lib" "$rootfs$lib"
-  done < <(libraries "$binary")
+  done < <(libraries "$binary" "${more[@]}")
   # Debian's Mozilla bundle only: not the build machine's local CAs (/usr/local/share/...).
   cat /usr/share/ca-certificates/mozilla/*.crt >"$rootfs/etc/ssl/certs/ca-certificates.crt"
   # As distroless: root and the nonroot user (65532) the Dockerfile's USER names.
@@ -254,24 +261,26 @@ build_binary_archive() {
   oci_archive "$out" "$ref" "$rootfs" "$config"
 }
 
-# rust_image <image> <crate dir> <binary> <chart component>
+# rust_image <image> <crate dir> <binary> <chart component> [<more binaries>...]
 rust_image() {
-  local image="$1" dir="$2" bin="$3" component="$4"
+  local image="$1" dir="$2" bin="$3" component="$4" more=() extra
   command -v cargo >/dev/null || die "cargo not found"
-  # Both binaries in one build, always: the dependencies' features are unified the same way
+  # All binaries in one build, always: the dependencies' features are unified the same way
   # every time, so building one image never recompiles what the other's build left.
-  log "cargo build --release (gpumarket-controller, gpumarket-device-plugin)"
+  log "cargo build --release (gpumarket-controller, gpumarket-device-plugin, gpumarket-fleet)"
   (cd "$root" && cargo build --release --locked -q -p gpumarket-controller \
-    --bin gpumarket-controller -p gpumarket-device-plugin --bin gpumarket-device-plugin)
+    --bin gpumarket-controller -p gpumarket-device-plugin --bin gpumarket-device-plugin \
+    --bin gpumarket-fleet)
   local target="${CARGO_TARGET_DIR:-$root/target}" dockerfile="$root/$dir/Dockerfile" config ref
   local binary="$target/release/$bin"
+  for extra in "${@:5}"; do more+=("$target/release/$extra"); done
   [[ -d /usr/share/ca-certificates/mozilla ]] || die "no CA certificates (apt-get install ca-certificates)"
   config="$(dockerfile_config "$dockerfile")"
   ref="$(chart_image "$component")"
-  local inputs=("$(recipe build_binary_archive libraries)" "$dockerfile" "$binary" "$ref" "$config"
-    /usr/share/ca-certificates/mozilla/*.crt)
-  mapfile -t -O ${#inputs[@]} inputs < <(libraries "$binary")
-  image "$image" "$(key "${inputs[@]}")" build_binary_archive "$binary" "$ref" "$config"
+  local inputs=("$(recipe build_binary_archive libraries)" "$dockerfile" "$binary" "${more[@]}"
+    "$ref" "$config" /usr/share/ca-certificates/mozilla/*.crt)
+  mapfile -t -O ${#inputs[@]} inputs < <(libraries "$binary" "${more[@]}")
+  image "$image" "$(key "${inputs[@]}")" build_binary_archive "$binary" "$ref" "$config" "${more[@]}"
 }
 
 # --- ray -------------------------------------------------------------------------------------
@@ -341,7 +350,7 @@ for image in "$@"; do
   case "$image" in
     pause) pause ;;
     controller) rust_image controller controller gpumarket-controller controller ;;
-    agent) rust_image agent device-plugin gpumarket-device-plugin agent ;;
+    agent) rust_image agent device-plugin gpumarket-device-plugin agent gpumarket-fleet ;;
     ray) ray ;;
     *) die "unknown image '$image' (pause, controller, agent, ray)" ;;
   esac

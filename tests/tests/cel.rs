@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use gpumarket_crds::{GpuCluster, GpuLease, GpuOffer, MarketPolicy};
+use gpumarket_crds::{GpuCluster, GpuFleet, GpuLease, GpuOffer, MarketPolicy};
 use gpumarket_tests::Env;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -843,4 +843,41 @@ async fn writes_that_would_not_fit_the_types_are_refused_and_every_list_still_re
 
     offers.delete(&name, &Default::default()).await.unwrap();
     leases.delete(&name, &Default::default()).await.unwrap();
+}
+
+/// A fleet's report is the buyer's access point: only an http(s) dashboard and a ray:// client
+/// address, host and port, are accepted.
+#[tokio::test]
+async fn a_fleets_access_point_is_an_address_and_nothing_else() {
+    let env = Env::shared().await;
+    let fleets: Api<GpuFleet> = Api::all(env.client().await.unwrap());
+    let fleet: GpuFleet = serde_json::from_value(json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuFleet",
+        "metadata": {"name": "cel-access"}, "spec": {"wallet": WALLET},
+    }))
+    .unwrap();
+    fleets.create(&PostParams::default(), &fleet).await.unwrap();
+    let report = |dashboard: &str, client: &str| {
+        Patch::Merge(json!({"status": {"workloads": [{"lease": "l", "workers": 1,
+            "readyWorkers": 1, "headReady": true,
+            "access": {"dashboard": dashboard, "rayClient": client}}]}}))
+    };
+    let pp = PatchParams::default();
+    let ok = report("http://ray-head-u.ray.svc:8265", "ray://ray-head-u.ray.svc:10001");
+    fleets.patch_status("cel-access", &pp, &ok).await.unwrap();
+    for (dashboard, client, message) in [
+        (
+            "javascript:alert(1)",
+            "ray://h:10001",
+            "access.dashboard must be http(s)://<host>[:<port>]",
+        ),
+        ("http://h:8265/x?y", "ray://h:10001", "access.dashboard must be"),
+        ("http://h:8265", "http://h:10001", "access.rayClient must be ray://<host>[:<port>]"),
+    ] {
+        match fleets.patch_status("cel-access", &pp, &report(dashboard, client)).await {
+            Err(kube::Error::Api(e)) => assert!(e.message.contains(message), "{}", e.message),
+            other => panic!("{dashboard} {client}: expected a refusal, got {other:?}"),
+        }
+    }
+    fleets.delete("cel-access", &Default::default()).await.unwrap();
 }

@@ -1,6 +1,7 @@
 //! The Helm chart: it lints and renders for the default and every example values file, the real
 //! API server accepts what it renders, RBAC is least privilege, the supplier-isolation policy
-//! holds against an impersonated agent, buyers get their GpuCluster permissions (and no more)
+//! holds against an impersonated agent, the fleet mode's agent runs a fleet's work with its
+//! RBAC alone, buyers get their GpuCluster permissions (and no more)
 //! through the built-in edit and view roles, and the Argo CD health checks (run by Argo CD's own
 //! code, hack/tools/argocd-health) answer for every phase and condition the controller writes.
 // A failing expectation is meant to panic, in helpers as in tests.
@@ -131,6 +132,7 @@ fn shipped_values() -> Vec<(Vec<&'static str>, Vec<&'static str>)> {
         (vec![], [AGENT, &["agent.cdi=true"]].concat()),
         (vec!["values-local.yaml"], vec![]),
         (vec!["values-supplier-offer-only.yaml"], vec![]),
+        (vec!["values-fleet.yaml"], vec![]),
     ]
 }
 
@@ -221,6 +223,46 @@ fn rbac_is_least_privilege_without_wildcards() {
         }
     }
     assert!(resources.contains(&"pods"), "controller cannot watch worker pods");
+}
+
+#[test]
+fn fleet_mode_lists_nodes_and_runs_pods_and_services_in_its_workload_namespace_only() {
+    let objects = render(&["values-fleet.yaml"], &["fleet.workloadNamespace=ray"]);
+    for kind in ["DaemonSet", "ValidatingAdmissionPolicy"] {
+        assert!(!has_kind(&objects, kind), "a fleet runs no {kind}");
+    }
+    let roles: Vec<&Value> =
+        objects.iter().filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role").collect();
+    assert_eq!(roles.len(), 2, "{roles:?}");
+    let verbs = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        rules_of(&objects, "gpumarket-fleet"),
+        [("".into(), "nodes".into(), verbs(&["list"]))]
+    );
+    let role = find(&objects, "Role", "gpumarket-fleet");
+    assert_eq!(role["metadata"]["namespace"], "ray");
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["list", "create", "delete"]}])
+    );
+    assert_eq!(find(&objects, "RoleBinding", "gpumarket-fleet")["metadata"]["namespace"], "ray");
+    let fleet = find(&objects, "Deployment", "gpumarket-fleet");
+    let args = args_of(fleet);
+    for expected in [
+        "run",
+        "--fleet=fleet-a",
+        "--hub-kubeconfig=/var/run/secrets/gpumarket/hub/kubeconfig",
+        "--wallet-keypair=/var/run/secrets/gpumarket/wallet/keypair.json",
+        "--price=H100=2200000",
+        "--namespace=ray",
+    ] {
+        assert!(args.iter().any(|a| a == expected), "{expected} not in {args:?}");
+    }
+    let pod = &fleet["spec"]["template"]["spec"];
+    assert_eq!(pod["containers"][0]["command"], json!(["/usr/local/bin/gpumarket-fleet"]));
+    let secrets: Vec<&Value> =
+        pod["volumes"].as_array().unwrap().iter().map(|v| &v["secret"]["secretName"]).collect();
+    assert_eq!(secrets, [&json!("gpumarket-fleet-join"), &json!("gpumarket-wallet")]);
 }
 
 #[test]
@@ -572,6 +614,14 @@ fn bad_values_are_refused_with_a_message_that_says_what_to_change() {
         (&["agent.reserve.memory=lots"], "/agent/reserve/memory"),
         (&["agent.cdiSpecDir=var/run/cdi"], "does not match pattern"),
         (&["controller.replicas=0"], "minimum"),
+        (&["fleet.enabled=true"], "fleet.name must be the name of this fleet's GpuFleet"),
+        (&["fleet.enabled=true", "fleet.name=a"], "fleet.joinSecret must name the Secret"),
+        (
+            &["fleet.enabled=true", "fleet.name=a", "fleet.joinSecret=j"],
+            "agent.walletKeypairSecret must name the Secret",
+        ),
+        (&["fleet.enabled=true", "agent.enabled=true"], "fleet.enabled and agent.enabled exclude"),
+        (&["fleet.name=Fleet_A"], "/fleet/name"),
     ];
     for (sets, expected) in cases {
         let error = try_render("gpumarket", &[], sets).expect_err("must be refused");
@@ -1163,17 +1213,23 @@ async fn install_chart(env: &Env, admin: &kube::Client, ns: &str) -> anyhow::Res
         "stringData": {"keypair.json": "[]", "rpc-url": "http://127.0.0.1:1"}
     }))?;
     Api::<Secret>::namespaced(admin.clone(), ns).create(&PostParams::default(), &secret).await?;
+    Ok(helm_install(env, ns, &["values-local.yaml"], &[]))
+}
+
+/// `helm install` of the chart into `ns` (the release named after it, CRDs skipped); returns
+/// the prefix of its object names.
+fn helm_install(env: &Env, ns: &str, values: &[&str], sets: &[&str]) -> String {
     let (ok, stdout, stderr) = run(
         tool("helm")
             .args(["install", ns])
             .arg(chart_dir())
             .args(["--namespace", ns, "--skip-crds", "--kubeconfig"])
             .arg(env.kubeconfig())
-            .args(helm_args(&["values-local.yaml"], &[])),
+            .args(helm_args(values, sets)),
         "",
     );
     assert!(ok, "helm install:\n{stdout}\n{stderr}");
-    Ok(format!("{ns}-gpumarket"))
+    format!("{ns}-gpumarket")
 }
 
 /// Tests that install the chart take turns: the controller started by one would otherwise
@@ -1767,5 +1823,122 @@ async fn buyers_bound_to_the_built_in_roles_manage_the_gpuclusters_of_their_name
     Api::<GpuLease>::all(admin.clone()).delete(&lease_name, &DeleteParams::default()).await?;
     Api::<GpuOffer>::all(admin.clone()).delete(&offer_name, &DeleteParams::default()).await?;
     cluster_bindings.delete(&carol, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+/// The chart's fleet mode, installed for real: the real fleet agent, acting as the chart's fleet
+/// ServiceAccount in its cluster and with its join credential on the hub (one API server plays
+/// both here), offers the fleet's GPU node, runs the Ray head, its Service and a worker for the
+/// work placed on it, reports them, and removes them when the work ends; it reads no Secret and
+/// starts nothing outside its workload namespace.
+#[tokio::test]
+async fn fleet_agent_works_with_exactly_the_charts_fleet_permissions() -> anyhow::Result<()> {
+    use gpumarket_crds::{FLEET_NAMESPACE, GpuFleet, fleet_offer_name};
+    use gpumarket_device_plugin::fleet::{self, FleetConfig, join::join_objects, workload};
+    use k8s_openapi::api::core::v1::{Pod, Service};
+
+    let _turn = TURN.lock().await;
+    let env = Env::shared().await;
+    let ns = env.namespace("chart-fleet").await?;
+    let (name, node) = ("chart-fleet", "chart-fleet-gpu");
+    env.add_gpu_nodes(&[GpuNode::new(node, "H100", 2)]).await?;
+    let admin = env.client().await?;
+    let fullname = helm_install(env, &ns, &["values-fleet.yaml"], &[&format!("fleet.name={name}")]);
+    let wallet = gpumarket_device_plugin::config::WalletKey(std::sync::Arc::new(
+        solana_sdk::signature::Keypair::new(),
+    ));
+    let join: String = join_objects(name, &wallet.public_key())
+        .map_err(anyhow::Error::msg)?
+        .iter()
+        .map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap()))
+        .collect();
+    let (ok, stdout, stderr) = run(kubectl(env).args(["apply", "--server-side", "-f", "-"]), &join);
+    assert!(ok, "{stdout}{stderr}");
+
+    let in_fleet =
+        impersonating(env, &format!("system:serviceaccount:{ns}:{fullname}-fleet"), None).await?;
+    let on_hub =
+        impersonating(env, &format!("system:serviceaccount:{FLEET_NAMESPACE}:{name}"), None)
+            .await?;
+    // RBAC caches catch up with the new bindings within moments; start once they have.
+    eventually("the chart's fleet RBAC in force", Duration::from_secs(10), || async {
+        Api::<Node>::all(in_fleet.clone()).list(&ListParams::default()).await.ok()
+    })
+    .await;
+    let config = FleetConfig {
+        name: name.into(),
+        wallet_key: wallet,
+        prices: vec!["H100=2200000".into()],
+        region: Some(name.into()),
+        zone: None,
+        heartbeat: Duration::from_secs(1),
+        workload_check: Duration::from_millis(500),
+        namespace: ns.clone(),
+        reserve: gpumarket_device_plugin::offer::Reserve::default(),
+    };
+    let agent = tokio::spawn(fleet::run(in_fleet.clone(), on_hub, config));
+    let wait = Duration::from_secs(60);
+    let offer = fleet_offer_name(name, node);
+    let offers: Api<GpuOffer> = Api::all(admin.clone());
+    eventually("the fleet's offer on the hub", wait, || async {
+        offers.get_opt(&offer).await.unwrap().filter(|o| o.status.is_some())
+    })
+    .await;
+
+    // Work placed on the fleet (as the hub's controller writes it).
+    let fleets: Api<GpuFleet> = Api::all(admin.clone());
+    let uid = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    let assign = |assignments: Value| {
+        Patch::Apply(json!({
+            "apiVersion": "gpumarket.io/v1alpha1", "kind": "GpuFleet",
+            "status": {"assignments": assignments},
+        }))
+    };
+    let work = json!([{"lease": "chart-fleet-l1", "offer": offer,
+        "cluster": {"namespace": "buyers", "name": "llm", "uid": uid},
+        "workers": 1, "gpusPerWorker": 2, "image": "rayproject/ray:2.41.0-gpu"}]);
+    let as_hub = PatchParams::apply("gpumarket-controller").force();
+    fleets.patch_status(name, &as_hub, &assign(work)).await?;
+    let report = eventually("the fleet to report its worker", wait, || async {
+        let fleet = fleets.get(name).await.unwrap();
+        fleet.workload("chart-fleet-l1").filter(|w| w.workers == 1).cloned()
+    })
+    .await;
+    assert_eq!(report.access, Some(workload::head_access(&ns, uid)));
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(admin.clone(), &ns);
+    let head = workload::head_name(uid);
+    assert!(pods.get_opt(&head).await?.is_some(), "the Ray head runs in the fleet");
+    assert!(services.get_opt(&head).await?.is_some(), "with its Service");
+
+    // Nothing beyond: no Secret, no pod elsewhere, no Node written.
+    let refused = refusal(
+        Api::<Secret>::namespaced(in_fleet.clone(), &ns).list(&ListParams::default()).await,
+    );
+    assert!(refused.contains("cannot list resource \"secrets\""), "{refused}");
+    let elsewhere: Pod = serde_json::from_value(json!({"metadata": {"name": "x"},
+        "spec": {"containers": [{"name": "x", "image": "x"}]}}))?;
+    let other = env.namespace("chart-fleet-other").await?;
+    refusal(
+        Api::<Pod>::namespaced(in_fleet.clone(), &other)
+            .create(&PostParams::default(), &elsewhere)
+            .await,
+    );
+    let label = Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}}));
+    refusal(Api::<Node>::all(in_fleet.clone()).patch(node, &PatchParams::default(), &label).await);
+
+    // The work ends: the fleet removes the head, its Service and the worker.
+    fleets.patch_status(name, &as_hub, &assign(json!([]))).await?;
+    let managed = ListParams::default().labels(&format!("{}=true", workload::MANAGED_LABEL));
+    eventually("the fleet to remove what it ran", wait, || async {
+        let left = pods.list(&managed).await.unwrap().items.len()
+            + services.list(&managed).await.unwrap().items.len();
+        (left == 0).then_some(())
+    })
+    .await;
+    agent.abort();
+    let fleet_offers = ListParams::default().labels(&format!("gpumarket.io/fleet={name}"));
+    offers.delete_collection(&DeleteParams::default(), &fleet_offers).await?;
+    fleets.delete(name, &DeleteParams::default()).await?;
     Ok(())
 }

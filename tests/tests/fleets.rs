@@ -20,16 +20,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use gpumarket_controller::raycluster;
 use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::verification::{self, NOT_THE_FLEETS_WALLET};
 use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::signature::sign;
 use gpumarket_crds::{
-    FLEET_NAMESPACE, GpuCluster, GpuFleet, GpuLease, GpuOffer, GpuOfferSpec, LeasePhase,
-    fleet_offer_name,
+    ClusterPhase, FLEET_NAMESPACE, GpuCluster, GpuFleet, GpuLease, GpuOffer, GpuOfferSpec,
+    LeasePhase, fleet_offer_name,
 };
 use gpumarket_device_plugin::config::WalletKey;
-use gpumarket_device_plugin::fleet::workload::head_name;
+use gpumarket_device_plugin::fleet::workload::{head_access, head_name};
 use gpumarket_device_plugin::fleet::{self, FleetConfig, join::join_objects};
 use gpumarket_device_plugin::offer::Reserve;
 use gpumarket_tests::kwok::GpuNode;
@@ -37,7 +38,7 @@ use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::{Env, EnvOptions, eventually};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
@@ -373,6 +374,8 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
         lease.status?.serving_since
     })
     .await;
+    runs_in(&admin, &ns, "llm", &fleet_a).await;
+    let to_running = applied.elapsed();
 
     // Confinement: fleet A's credential, against the hub's real API server.
     let as_a = join_credential(hub, "fleet-a", None).await;
@@ -493,6 +496,7 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     );
     let to_replaced = stopped.elapsed();
     eventually("the Ray head Running in fleet B", WAIT, || fleet_b.running_head(&uid)).await;
+    runs_in(&admin, &ns, "llm", &fleet_b).await;
     let events = hub_events(hub, &ns).await;
     assert!(
         events.iter().any(|e| e.contains("Replaced")),
@@ -503,6 +507,7 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
         "\nfleet figures (two fleets, one 4-GPU KWOK node each, heartbeat {HEARTBEAT:?}):\n\
          - fleet agent start to its offer Available on the hub: {joined_a:.1?} (fleet A), {joined_b:.1?} (fleet B)\n\
          - GpuCluster apply on the hub to its worker Running in fleet A: {to_workers:.1?}\n\
+         - GpuCluster apply on the hub to Running there (Ray head and worker Ready, reported): {to_running:.1?}\n\
          - fleet A stopped to the worker Running in fleet B: {to_replaced:.1?}\n\
          - hub API requests of one fleet (1 node) at steady state: {per_minute:.0}/min at a {HEARTBEAT:?} heartbeat\n\
            (offers + 1 GpuFleet report per heartbeat, plus one watch: {:.0}/min at the default 20s)",
@@ -600,6 +605,33 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
         fleet.pods().await.is_empty().then_some(())
     })
     .await;
+}
+
+/// Waits for GpuCluster `name` to be Running in `fleet` from the fleet's report: RayReady, its
+/// dashboard and Ray client those of its Ray head's Service in the fleet, and no RayCluster of
+/// the hub's own.
+async fn runs_in(hub: &Client, ns: &str, name: &str, fleet: &Fleet) {
+    let clusters: Api<GpuCluster> = Api::namespaced(hub.clone(), ns);
+    let what = format!("GpuCluster {name} Running in {}", fleet.name);
+    let status = eventually(&what, WAIT, || async {
+        let status = clusters.get(name).await.unwrap().status?;
+        (status.phase == Some(ClusterPhase::Running) && status.fleet.as_deref() == Some(fleet.name))
+            .then_some(status)
+    })
+    .await;
+    let ready = status.conditions.iter().find(|c| c.type_ == "RayReady").unwrap();
+    assert_eq!(ready.status, "True", "{ready:?}");
+    assert!(ready.message.contains(fleet.name), "{}", ready.message);
+    let uid = clusters.get(name).await.unwrap().uid().unwrap();
+    let access = head_access(&fleet.namespace, &uid);
+    assert_eq!(
+        (status.dashboard, status.ray_client),
+        (Some(access.dashboard), Some(access.ray_client))
+    );
+    assert_eq!(status.ray_cluster, None);
+    let ray_clusters: Api<DynamicObject> =
+        Api::namespaced_with(hub.clone(), ns, &raycluster::api_resource());
+    assert!(ray_clusters.get_opt(name).await.unwrap().is_none(), "no RayCluster on the hub");
 }
 
 /// A new wallet's keypair.

@@ -98,3 +98,7 @@ terms (terms are alternatives, so each must exclude market nodes), or is the onl
 {{- toYaml $affinity }}
 {{- end }}
 {{- end }}
+
+{{- define "gpumarket.fleet.name" -}}
+{{- printf "%s-fleet" (include "gpumarket.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}

@@ -20,17 +20,17 @@ use serde_json::json;
 
 use super::pod_trouble::pod_trouble;
 use super::status::{
-    Ending, Observation, build_status, ended_status, ending, expires_at, is_active, lease_pods,
-    lost_pods, missing_workers, not_serving, stale_worker_pods, supplier_failure, surplus_leases,
-    with_service,
+    Ending, Observation, RaySite, build_status, ended_status, ending, expires_at, is_active,
+    lease_pods, lost_pods, missing_workers, not_serving, stale_worker_pods, supplier_failure,
+    surplus_leases, with_service,
 };
 use crate::error::{Error, Result};
-use crate::fleet::{fleet_service, offer_fleet};
+use crate::fleet::{fleet_ray, fleet_service, offer_fleet};
 use crate::market::binding::{self, CLUSTER_UID_LABEL, lease_prefix, plan_leases};
 use crate::market::supply::{gang_fleets, market_request};
 use crate::matching::{self, Outcome, Request};
 use crate::policy::terms;
-use crate::raycluster::{self, build_ray_cluster, dashboard_address, is_ready, ray_cluster_name};
+use crate::raycluster::{self, build_ray_cluster, head_access, is_ready, ray_cluster_name};
 use crate::runtime::context::{Context, MANAGER};
 use crate::settlement::escrow::required_deposit;
 use crate::settlement::{self, DepositStatus};
@@ -241,12 +241,24 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         }
     }
 
-    // build + apply
+    // build + apply: a gang placed in a fleet runs there (the fleet reports its Ray head); the
+    // hub's own nodes run a RayCluster.
     let active: Vec<&GpuLease> = leases.iter().filter(|l| is_active(l)).collect();
     let name = ray_cluster_name(cluster);
     let namespace = cluster.namespace().unwrap_or_default();
-    let ray_ready = if active.is_empty() && ray_cluster.is_none() {
-        None
+    let uid = cluster.uid().unwrap_or_default();
+    let fleet = gang_fleets(active.iter().copied(), |o| ctx.offer_fleet(o)).remove(uid.as_str());
+    let (ray_ready, ray) = if let Some(Some(fleet)) = fleet {
+        // A RayCluster of an earlier placement on the hub's nodes has no workers left.
+        if ray_cluster.is_some() {
+            delete_ray_cluster(cluster, ctx).await?;
+        }
+        let (ready, access) =
+            fleet_ray(ctx.fleets.get(&ObjectRef::new(&fleet)).as_deref(), &active);
+        let ray = RaySite { ray_cluster: None, fleet: Some(fleet), access };
+        (Some(ready), ray)
+    } else if active.is_empty() && ray_cluster.is_none() {
+        (None, RaySite::default())
     } else {
         let desired = build_ray_cluster(cluster, &active, &ctx.settings.head_placement)?;
         let applied = ray_api(cluster, ctx)
@@ -263,18 +275,17 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
             .await;
         }
         let ready = serde_json::to_value(&applied).map(|v| is_ready(&v)).unwrap_or(false);
-        if ready && cluster.status.as_ref().and_then(|s| s.phase) != Some(ClusterPhase::Running) {
-            ctx.event(
-                cluster,
-                EventType::Normal,
-                "Running",
-                "Status",
-                format!("RayCluster {name} is ready"),
-            )
-            .await;
-        }
-        Some(ready)
+        let access = Some(head_access(&name, &namespace));
+        (Some(ready), RaySite { ray_cluster: Some(name.clone()), fleet: None, access })
     };
+    let running = cluster.status.as_ref().and_then(|s| s.phase) == Some(ClusterPhase::Running);
+    if ray_ready == Some(true) && !running {
+        let note = match &ray.fleet {
+            Some(fleet) => format!("the Ray head in fleet {fleet} is ready"),
+            None => format!("RayCluster {name} is ready"),
+        };
+        ctx.event(cluster, EventType::Normal, "Running", "Status", note).await;
+    }
 
     // The pods of ended leases go (KubeRay leaves them when their worker group is removed).
     for pod in stale_worker_pods(&leases, &pods) {
@@ -295,8 +306,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         cluster,
         leases: &refs,
         ray_ready,
-        ray_cluster: ray_ready.map(|_| name.clone()),
-        dashboard: ray_ready.map(|_| dashboard_address(&name, &namespace)),
+        ray,
         unmatched,
         funding,
         pod_trouble: trouble.as_ref(),

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use gpumarket_crds::{
-    ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, LeasePhase, LeasePod,
+    ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, LeasePhase,
+    LeasePod, RayAccess,
 };
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
@@ -300,10 +301,11 @@ pub struct Observation<'a> {
     pub cluster: &'a GpuCluster,
     /// Every lease of the cluster, active or ended.
     pub leases: &'a [&'a GpuLease],
-    /// `None` while no RayCluster exists; otherwise whether it is ready.
+    /// `None` while no Ray head exists (no RayCluster, no fleet running it); otherwise whether
+    /// the cluster's Ray is ready.
     pub ray_ready: Option<bool>,
-    pub ray_cluster: Option<String>,
-    pub dashboard: Option<String>,
+    /// Where its Ray runs and is reached.
+    pub ray: RaySite,
     /// The matching engine's explanation when the (remaining) workers found no supply.
     pub unmatched: Option<String>,
     /// Outcome of the deposit check, when settlement is on: `Ok(message)` when the escrow
@@ -312,6 +314,25 @@ pub struct Observation<'a> {
     /// Why the Ray pods are not starting, if they are not.
     pub pod_trouble: Option<&'a PodTrouble>,
     pub now: Timestamp,
+}
+
+/// Where a cluster's Ray runs: a RayCluster of the hub, or a fleet's own cluster; and where the
+/// buyer reaches its head.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RaySite {
+    pub ray_cluster: Option<String>,
+    pub fleet: Option<String>,
+    pub access: Option<RayAccess>,
+}
+
+impl RaySite {
+    /// What runs the Ray head, for the RayReady condition.
+    fn head(&self) -> String {
+        match &self.fleet {
+            Some(fleet) => format!("the Ray head in fleet {fleet}'s cluster"),
+            None => "the RayCluster".into(),
+        }
+    }
 }
 
 /// Phase of a cluster that has not ended: by what exists so far.
@@ -371,16 +392,15 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
         Some(Err(why)) => set(FUNDED, false, "DepositShort", why.clone()),
         None => {}
     }
+    let waiting_for = match &obs.ray.fleet {
+        Some(fleet) => format!("fleet {fleet} to report its Ray head and workers Ready"),
+        None => "KubeRay to start the pods".into(),
+    };
     match obs.ray_ready {
-        Some(true) => set(RAY_READY, true, "Ready", "the RayCluster is ready".into()),
+        Some(true) => set(RAY_READY, true, "Ready", format!("{} is ready", obs.ray.head())),
         Some(false) => match obs.pod_trouble {
             Some(trouble) => set(RAY_READY, false, trouble.reason, trouble.message.clone()),
-            None => set(
-                RAY_READY,
-                false,
-                "Provisioning",
-                "waiting for KubeRay to start the pods".into(),
-            ),
+            None => set(RAY_READY, false, "Provisioning", format!("waiting for {waiting_for}")),
         },
         None => set(
             RAY_READY,
@@ -411,8 +431,10 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
         conditions,
         leases: active.iter().filter_map(|l| l.metadata.name.clone()).collect(),
         gpus: Some(gpus),
-        ray_cluster: obs.ray_cluster.clone(),
-        dashboard: obs.dashboard.clone(),
+        ray_cluster: obs.ray.ray_cluster.clone(),
+        dashboard: obs.ray.access.as_ref().map(|a| a.dashboard.clone()),
+        ray_client: obs.ray.access.as_ref().map(|a| a.ray_client.clone()),
+        fleet: obs.ray.fleet.clone(),
         hourly_rate: Some(hourly_rate),
         start_time,
         cost_accrued: Some(cost),
@@ -449,6 +471,8 @@ pub fn ended_status(
         gpus: Some(0),
         ray_cluster: None,
         dashboard: None,
+        ray_client: None,
+        fleet: None,
         hourly_rate: Some(0),
         start_time: previous.start_time,
         cost_accrued: Some(cost),
@@ -507,8 +531,7 @@ mod tests {
             cluster,
             leases,
             ray_ready,
-            ray_cluster: None,
-            dashboard: None,
+            ray: RaySite::default(),
             unmatched: None,
             funding: None,
             pod_trouble: None,
@@ -695,6 +718,34 @@ mod tests {
         assert_eq!(status.start_time, Some(a.spec.start_time.clone()));
         assert_eq!(cond(&status, DEGRADED).status, "False");
         assert_eq!(cond(&status, RAY_READY).status, "True");
+    }
+
+    #[test]
+    fn a_cluster_in_a_fleet_runs_there_and_is_reached_where_the_fleet_says() {
+        let cluster = mk_cluster("c", 1, 1);
+        let lease = mk_lease(&cluster, "fleet-a.n1", &["g0"], 1);
+        let leases = [&lease];
+        let access = RayAccess {
+            dashboard: "http://ray-head-u.market.svc:8265".into(),
+            ray_client: "ray://ray-head-u.market.svc:10001".into(),
+        };
+        let ray =
+            RaySite { ray_cluster: None, fleet: Some("fleet-a".into()), access: Some(access) };
+        let waiting =
+            build_status(&Observation { ray: ray.clone(), ..obs(&cluster, &leases, Some(false)) });
+        assert_eq!(waiting.phase, Some(ClusterPhase::Provisioning));
+        assert!(cond(&waiting, RAY_READY).message.contains("fleet fleet-a to report"));
+        let running = build_status(&Observation { ray, ..obs(&cluster, &leases, Some(true)) });
+        assert_eq!(running.phase, Some(ClusterPhase::Running));
+        let ready = cond(&running, RAY_READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.message.as_str()),
+            ("True", "the Ray head in fleet fleet-a's cluster is ready")
+        );
+        assert_eq!(running.ray_cluster, None, "no RayCluster on the hub");
+        assert_eq!(running.fleet.as_deref(), Some("fleet-a"));
+        assert_eq!(running.dashboard.as_deref(), Some("http://ray-head-u.market.svc:8265"));
+        assert_eq!(running.ray_client.as_deref(), Some("ray://ray-head-u.market.svc:10001"));
     }
 
     #[test]

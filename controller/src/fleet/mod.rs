@@ -3,8 +3,10 @@
 //!
 //! A fleet's credential reads only its own GpuFleet, so everything it needs to run the active
 //! leases on its offers is copied into `status.assignments` (lease, offer, cluster, workers,
-//! GPUs per worker, CPU and memory, image). The fleet reports back in `status.workloads`, from
-//! which [`fleet_service`] starts the meter as Ready pods do for in-cluster nodes.
+//! GPUs per worker, CPU and memory, image). The fleet runs the cluster's Ray head and workers in
+//! its own cluster and reports back in `status.workloads`, from which [`fleet_service`] starts
+//! the meter as Ready pods do for in-cluster nodes, and [`fleet_ray`] tells the GpuCluster's
+//! readiness and access point as a RayCluster does for them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +14,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use gpumarket_crds::{
     FLEET_LABEL, FleetAssignment, FleetWorkload, GpuCluster, GpuFleet, GpuLease, GpuOffer,
+    RayAccess,
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -92,15 +95,22 @@ pub fn joined(fleet: &GpuFleet, now: Timestamp, timeout: Duration) -> (bool, &'s
     }
 }
 
-/// The lease of a fleet with its start of service recorded once the fleet reports all its
-/// workers Ready (a start already recorded never moves); `None` when nothing changes.
+/// Whether the fleet reports `lease` serving: its cluster's Ray head and all its workers Ready
+/// (in-cluster workers are Ready only once their raylet joined the head).
+fn serves(lease: &GpuLease, workload: Option<&FleetWorkload>) -> bool {
+    workload.is_some_and(|w| w.head_ready && w.ready_workers >= lease.spec.workers)
+}
+
+/// The lease of a fleet with its start of service recorded once the fleet reports its Ray head
+/// and all its workers Ready (a start already recorded never moves); `None` when nothing
+/// changes.
 pub fn fleet_service(
     lease: &GpuLease,
     workload: Option<&FleetWorkload>,
     now: Timestamp,
 ) -> Option<GpuLease> {
-    let serving = workload.is_some_and(|w| w.ready_workers >= lease.spec.workers);
-    if !serving || lease.status.as_ref().is_some_and(|s| s.serving_since.is_some()) {
+    if !serves(lease, workload) || lease.status.as_ref().is_some_and(|s| s.serving_since.is_some())
+    {
         return None;
     }
     let mut next = lease.clone();
@@ -108,6 +118,18 @@ pub fn fleet_service(
     next.status.get_or_insert_default().serving_since =
         Some(Time(now.max(lease.spec.start_time.0)));
     Some(next)
+}
+
+/// How a cluster runs in `fleet` (`None`: not in the cache), from its report on the cluster's
+/// `active` leases there: ready once they all serve, and where the buyer reaches its Ray head.
+pub fn fleet_ray(fleet: Option<&GpuFleet>, active: &[&GpuLease]) -> (bool, Option<RayAccess>) {
+    let reports: Vec<(&GpuLease, Option<&FleetWorkload>)> = active
+        .iter()
+        .map(|lease| (*lease, fleet.and_then(|f| f.workload(&lease.name_any()))))
+        .collect();
+    let ready = !reports.is_empty() && reports.iter().all(|(lease, w)| serves(lease, *w));
+    let access = reports.iter().find_map(|(_, w)| w.and_then(|w| w.access.clone()));
+    (ready, access)
 }
 
 async fn reconcile(fleet: Arc<GpuFleet>, ctx: Arc<Context>) -> Result<Action> {
@@ -225,17 +247,55 @@ mod tests {
     #[test]
     fn service_starts_when_the_fleet_reports_every_worker_ready_and_never_moves() {
         let lease = mk_lease(&mk_cluster("llm", 2, 1), "fleet-a.n1", &["GPU-0", "GPU-1"], 2);
-        let report = |ready| FleetWorkload {
+        let report = |ready, head_ready| FleetWorkload {
             lease: lease.name_any(),
             workers: 2,
             ready_workers: ready,
             message: None,
+            head_ready,
+            access: None,
         };
         assert!(fleet_service(&lease, None, now()).is_none());
-        assert!(fleet_service(&lease, Some(&report(1)), now()).is_none());
-        let serving = fleet_service(&lease, Some(&report(2)), now()).expect("serves");
+        assert!(fleet_service(&lease, Some(&report(1, true)), now()).is_none());
+        assert!(fleet_service(&lease, Some(&report(2, false)), now()).is_none(), "no head");
+        let serving = fleet_service(&lease, Some(&report(2, true)), now()).expect("serves");
         let since = serving.status.as_ref().and_then(|s| s.serving_since.clone());
         assert_eq!(since, Some(Time(now().max(lease.spec.start_time.0))));
-        assert!(fleet_service(&serving, Some(&report(2)), now()).is_none());
+        assert!(fleet_service(&serving, Some(&report(2, true)), now()).is_none());
+    }
+
+    #[test]
+    fn a_cluster_in_a_fleet_is_ready_once_its_head_and_every_lease_serve_there() {
+        let cluster = mk_cluster("llm", 2, 1);
+        let (a, b) = (
+            mk_lease(&cluster, "fleet-a.n1", &["GPU-0"], 1),
+            mk_lease(&cluster, "fleet-a.n2", &["GPU-0"], 1),
+        );
+        let access = RayAccess {
+            dashboard: "http://ray-head-u.market.svc:8265".into(),
+            ray_client: "ray://ray-head-u.market.svc:10001".into(),
+        };
+        let report = |lease: &GpuLease, ready_workers, head_ready| FleetWorkload {
+            lease: lease.name_any(),
+            workers: 1,
+            ready_workers,
+            message: None,
+            head_ready,
+            access: Some(access.clone()),
+        };
+        let mut fleet =
+            GpuFleet::new("fleet-a", gpumarket_crds::GpuFleetSpec { wallet: "w".into() });
+        assert_eq!(fleet_ray(None, &[&a, &b]), (false, None), "not in the cache");
+        assert_eq!(fleet_ray(Some(&fleet), &[&a, &b]), (false, None), "nothing reported");
+        let status = fleet.status.get_or_insert_default();
+        status.workloads = vec![report(&a, 1, true), report(&b, 0, true)];
+        assert_eq!(fleet_ray(Some(&fleet), &[&a, &b]), (false, Some(access.clone())));
+        let status = fleet.status.get_or_insert_default();
+        status.workloads = vec![report(&a, 1, true), report(&b, 1, false)];
+        assert!(!fleet_ray(Some(&fleet), &[&a, &b]).0, "the head is not Ready");
+        let status = fleet.status.get_or_insert_default();
+        status.workloads = vec![report(&a, 1, true), report(&b, 1, true)];
+        assert_eq!(fleet_ray(Some(&fleet), &[&a, &b]), (true, Some(access)));
+        assert!(!fleet_ray(Some(&fleet), &[]).0, "no lease, nothing runs");
     }
 }

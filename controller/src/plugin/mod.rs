@@ -500,6 +500,15 @@ async fn dashboard(
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::Pod;
+    let status = cluster.status.clone().unwrap_or_default();
+    if let Some(fleet) = status.fleet {
+        let at = status.dashboard.unwrap_or_else(|| "not reported yet".into());
+        anyhow::bail!(
+            "{} runs in fleet {fleet}'s own cluster, which the hub does not forward to: its \
+             dashboard is {at} there; ask the fleet's operator for a route",
+            cluster.name_any()
+        );
+    }
     let ray = crate::raycluster::ray_cluster_name(cluster);
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let selector = format!("ray.io/cluster={ray},ray.io/node-type=head");

@@ -38,6 +38,11 @@ pub struct Summary {
     pub refunded: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dashboard: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ray_client: Option<String>,
+    /// The fleet whose cluster runs its Ray (the addresses are in that cluster's network).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -98,6 +103,8 @@ pub fn summarize(cluster: &GpuCluster, leases: &[GpuLease], now: Timestamp) -> S
         deposit_left: balance.map(|b| b.saturating_sub(cost_so_far.saturating_sub(paid))),
         refunded: status.amount_refunded,
         dashboard: status.dashboard.clone(),
+        ray_client: status.ray_client.clone(),
+        fleet: status.fleet.clone(),
         leases: lines,
     }
 }
@@ -159,11 +166,15 @@ pub fn render(s: &Summary) -> String {
     if let Some(refunded) = s.refunded {
         let _ = writeln!(out, "  refunded:    {}", Amount::new(refunded));
     }
+    let reached = match &s.fleet {
+        Some(fleet) => format!("in fleet {fleet}'s cluster: ask its operator for a route"),
+        None => "`kubectl gpumarket dashboard` forwards it here".into(),
+    };
     if let Some(dashboard) = &s.dashboard {
-        let _ = writeln!(
-            out,
-            "  dashboard:   {dashboard} (`kubectl gpumarket dashboard` forwards it here)"
-        );
+        let _ = writeln!(out, "  dashboard:   {dashboard} ({reached})");
+    }
+    if let Some(client) = &s.ray_client {
+        let _ = writeln!(out, "  ray client:  {client}");
     }
     out
 }
@@ -209,6 +220,25 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(waiting(&cluster), ["Funded: deposit 0.000000 short"]);
+    }
+
+    #[test]
+    fn a_cluster_in_a_fleet_is_reached_in_the_fleets_cluster() {
+        let mut cluster = crate::testing::mk_cluster("c", 1, 1);
+        cluster.status = Some(gpumarket_crds::GpuClusterStatus {
+            dashboard: Some("http://ray-head-u.ray.svc:8265".into()),
+            ray_client: Some("ray://ray-head-u.ray.svc:10001".into()),
+            fleet: Some("fleet-a".into()),
+            ..Default::default()
+        });
+        let text = render(&summarize(&cluster, &[], Timestamp::UNIX_EPOCH));
+        assert!(
+            text.contains(
+                "dashboard:   http://ray-head-u.ray.svc:8265 (in fleet fleet-a's cluster: ask its operator for a route)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("ray client:  ray://ray-head-u.ray.svc:10001"), "{text}");
     }
 
     #[test]

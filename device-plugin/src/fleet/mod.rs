@@ -32,8 +32,10 @@
 //!   GpuFleet (by name: it reads no lease, cluster or other fleet), runs each cluster's Ray head
 //!   (a pod and its Service) and one worker pod per Ray worker on the node in its own cluster,
 //!   the workers joining the head, removes what runs for leases no longer assigned, and
-//!   reports workers and Ready workers per lease in `status.workloads`, from which the
-//!   controller meters service (billing starts when all are Ready) as it does from pods.
+//!   reports workers and Ready workers per lease in `status.workloads`, with whether the head
+//!   is Ready and its Service's dashboard and Ray client addresses in the fleet; from that
+//!   the controller meters service (billing starts when the head and all workers are Ready)
+//!   as it does from pods, and reports the GpuCluster Running (it applies no RayCluster).
 //! - **Failure**: a silent fleet stops heartbeating its offers, so its leases end as supplier
 //!   failures and the clusters are re-placed (in another fleet if needed) as for any node.
 
@@ -312,7 +314,12 @@ impl Runner {
                 create_missing(&self.pods, pod, &pods, &assignment.lease).await;
             }
         }
-        let workloads = workload::workloads(&self.config.name, &self.assignments, &pods);
+        let workloads = workload::workloads(
+            &self.config.name,
+            &self.config.namespace,
+            &self.assignments,
+            &pods,
+        );
         if workloads != self.workloads {
             self.workloads = workloads;
             self.report(false).await;

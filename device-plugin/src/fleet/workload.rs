@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use gpumarket_crds::common::GPU_RESOURCE;
-use gpumarket_crds::{FleetAssignment, FleetWorkload};
+use gpumarket_crds::{FleetAssignment, FleetWorkload, RayAccess};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use serde_json::{Value, json};
@@ -20,11 +20,23 @@ pub const MANAGED_LABEL: &str = "gpumarket.io/fleet-workload";
 pub const CLUSTER_UID_LABEL: &str = "gpumarket.io/cluster-uid";
 /// Ports of the Ray head: the GCS workers join, the dashboard, the Ray client.
 const HEAD_PORTS: [(&str, u16); 3] = [("gcs", 6379), ("dashboard", 8265), ("client", 10001)];
+/// What the dashboard answers `success` to once the head's GCS serves (KubeRay's head probe).
+const HEAD_HEALTH_PATH: &str = "/api/gcs_healthz";
 
 /// Name of the Ray head pod and Service of the cluster with uid `cluster_uid` (a uid is 36
 /// lower-case characters: a valid DNS label with the prefix).
 pub fn head_name(cluster_uid: &str) -> String {
     format!("ray-head-{cluster_uid}")
+}
+
+/// Where the buyer reaches the Ray head of the cluster with uid `cluster_uid`, as the fleet sees
+/// it: its Service in `namespace` of the fleet's cluster.
+pub fn head_access(namespace: &str, cluster_uid: &str) -> RayAccess {
+    let host = format!("{}.{namespace}.svc", head_name(cluster_uid));
+    RayAccess {
+        dashboard: format!("http://{host}:{}", HEAD_PORTS[1].1),
+        ray_client: format!("ray://{host}:{}", HEAD_PORTS[2].1),
+    }
 }
 
 /// The Ray head pod and Service of `assignment`'s cluster (the same for every assignment of
@@ -59,6 +71,11 @@ pub fn head_objects(namespace: &str, assignment: &FleetAssignment) -> [Value; 2]
                 "image": assignment.image,
                 "command": ["sh", "-c", "exec ray start --head --block --num-gpus=0 --dashboard-host=0.0.0.0"],
                 "ports": container_ports,
+                // Ready once its GCS serves: the hub reports the cluster Running from it.
+                "readinessProbe": {
+                    "httpGet": {"path": HEAD_HEALTH_PATH, "port": HEAD_PORTS[1].1},
+                    "periodSeconds": 5,
+                },
             }],
         },
     });
@@ -128,19 +145,31 @@ pub fn worker_pods(
     Some(pods)
 }
 
-/// What the hub is told: for each assignment, its workers and how many are Ready, or why it
-/// cannot run.
-pub fn workloads(fleet: &str, assignments: &[FleetAssignment], pods: &[Pod]) -> Vec<FleetWorkload> {
+/// What the hub is told: for each assignment, its workers and how many are Ready, whether its
+/// cluster's Ray head is Ready and where it is reached, or why it cannot run.
+pub fn workloads(
+    fleet: &str,
+    namespace: &str,
+    assignments: &[FleetAssignment],
+    pods: &[Pod],
+) -> Vec<FleetWorkload> {
     let mut by_lease: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+    let mut heads: BTreeMap<&str, &Pod> = BTreeMap::new();
     for pod in pods {
-        if let Some(lease) = pod.labels().get(LEASE_LABEL) {
-            by_lease.entry(lease).or_default().push(pod);
+        let labels = pod.labels();
+        match (labels.get(LEASE_LABEL), labels.get(CLUSTER_UID_LABEL)) {
+            (Some(lease), _) => by_lease.entry(lease).or_default().push(pod),
+            (None, Some(uid)) => {
+                heads.insert(uid, pod);
+            }
+            (None, None) => {}
         }
     }
     assignments
         .iter()
         .map(|a| {
             let pods = by_lease.get(a.lease.as_str()).map(Vec::as_slice).unwrap_or_default();
+            let head = heads.get(a.cluster.uid.as_str());
             FleetWorkload {
                 lease: a.lease.clone(),
                 workers: u32::try_from(pods.len()).unwrap_or(u32::MAX),
@@ -149,6 +178,8 @@ pub fn workloads(fleet: &str, assignments: &[FleetAssignment], pods: &[Pod]) -> 
                 message: offer_node(fleet, &a.offer)
                     .is_none()
                     .then(|| format!("offer {} is not one of fleet {fleet}'s", a.offer)),
+                head_ready: head.is_some_and(|h| is_ready(h)),
+                access: head.map(|_| head_access(namespace, &a.cluster.uid)),
             }
         })
         .collect()
@@ -247,6 +278,8 @@ mod tests {
         let command = spec["containers"][0]["command"][2].as_str().expect("a command");
         assert!(command.contains("ray start --head"), "{command}");
         assert_eq!(service["spec"]["ports"][0], json!({"name": "gcs", "port": 6379}));
+        let probe = &spec["containers"][0]["readinessProbe"]["httpGet"];
+        assert_eq!(probe, &json!({"path": "/api/gcs_healthz", "port": 8265}));
     }
 
     #[test]
@@ -254,21 +287,33 @@ mod tests {
         let assignments = [assignment("l1", "fleet-a.n1"), assignment("l2", "fleet-b.n1")];
         let mut pods =
             vec![pod("l1-w0", "l1", true), pod("l1-w1", "l1", false), pod("old-w0", "old", true)];
-        let report = workloads("fleet-a", &assignments, &pods);
+        let report = workloads("fleet-a", "market", &assignments, &pods);
         assert_eq!((report[0].workers, report[0].ready_workers, &report[0].message), (2, 1, &None));
+        assert_eq!((report[0].head_ready, &report[0].access), (false, &None), "no head yet");
         assert_eq!((report[1].workers, report[1].ready_workers), (0, 0));
         assert!(
             report[1].message.as_deref().is_some_and(|m| m.contains("not one of fleet fleet-a"))
         );
         // Heads: of a cluster with a lease here, and of one without.
-        let head = |uid: &str| -> Pod {
-            serde_json::from_value(json!({
-                "metadata": {"name": head_name(uid), "labels": {CLUSTER_UID_LABEL: uid}},
-            }))
-            .expect("a pod")
+        let head = |uid: &str, ready: bool| -> Pod {
+            let mut head = pod(&head_name(uid), "", ready);
+            head.metadata.labels = Some([(CLUSTER_UID_LABEL.to_owned(), uid.to_owned())].into());
+            head
         };
-        pods.push(head(&assignments[0].cluster.uid));
-        pods.push(head("gone"));
+        let uid = assignments[0].cluster.uid.clone();
+        pods.push(head(&uid, false));
+        let report = workloads("fleet-a", "market", &assignments, &pods);
+        let host = format!("ray-head-{uid}.market.svc");
+        let access = RayAccess {
+            dashboard: format!("http://{host}:8265"),
+            ray_client: format!("ray://{host}:10001"),
+        };
+        assert_eq!((report[0].head_ready, &report[0].access), (false, &Some(access.clone())));
+        pods.pop();
+        pods.push(head(&uid, true));
+        let report = workloads("fleet-a", "market", &assignments, &pods);
+        assert_eq!((report[0].head_ready, report[0].access.as_ref()), (true, Some(&access)));
+        pods.push(head("gone", true));
         let stale: Vec<String> = stale(&assignments, &pods).iter().map(|p| p.name_any()).collect();
         assert_eq!(stale, ["old-w0", "ray-head-gone"]);
     }
