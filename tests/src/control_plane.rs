@@ -65,7 +65,7 @@ pub async fn start(
         .arg("--quota-backend-bytes=8589934592")
         .arg("--unsafe-no-fsync")
         .arg("--log-level=warn");
-    processes.push(Process::spawn(reaper, &logs, "etcd", etcd)?);
+    processes.push(Process::spawn(reaper, &logs, "etcd", etcd)?.supervised());
 
     let path = |p: &PathBuf| p.display().to_string();
     let mut apiserver = tools.command("kube-apiserver")?;
@@ -92,7 +92,7 @@ pub async fn start(
         .arg("--kubelet-preferred-address-types=InternalIP,Hostname")
         .arg("--allow-privileged=true")
         .arg("--profiling=false");
-    processes.push(Process::spawn(reaper, &logs, "kube-apiserver", apiserver)?);
+    processes.push(Process::spawn(reaper, &logs, "kube-apiserver", apiserver)?.supervised());
     // The controller-manager gives up when the API server is not healthy within its own short
     // wait, which a loaded machine can exceed: it starts once the API server is ready.
     wait_ready(&kubeconfig, processes, false).await?;
@@ -110,7 +110,9 @@ pub async fn start(
         .arg(format!("--cluster-signing-key-file={}", path(&pki.ca_key)))
         .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
         .arg("--use-service-account-credentials=false");
-    processes.push(Process::spawn(reaper, &logs, "kube-controller-manager", controller_manager)?);
+    processes.push(
+        Process::spawn(reaper, &logs, "kube-controller-manager", controller_manager)?.supervised(),
+    );
 
     let mut scheduler = tools.command("kube-scheduler")?;
     scheduler
@@ -119,7 +121,7 @@ pub async fn start(
         .arg(format!("--authorization-kubeconfig={}", kubeconfig.display()))
         .arg("--leader-elect=false")
         .arg("--secure-port=0");
-    processes.push(Process::spawn(reaper, &logs, "kube-scheduler", scheduler)?);
+    processes.push(Process::spawn(reaper, &logs, "kube-scheduler", scheduler)?.supervised());
 
     wait_ready(&kubeconfig, processes, true).await?;
     Ok(ControlPlane { kubeconfig, server, port: apiserver_port, pki })

@@ -62,7 +62,7 @@ pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Res
             ))
             .arg(format!("--price={}={}", node.model, price_of(&node.model)))
             .arg(format!("--source=fake:{}", source.display()));
-        env.spawn(&format!("supplier-{}", node.name), agent)?;
+        env.spawn_supervised(&format!("supplier-{}", node.name), agent)?;
     }
 
     let mut operator = env.tools().command("kuberay-operator")?;
@@ -71,7 +71,7 @@ pub async fn run(env: &Env, coordinates: &Coordinates, nodes: &[GpuNode]) -> Res
         "-metrics-addr=0",
         "-health-probe-bind-address=0",
     ]);
-    env.spawn("kuberay-operator", operator)?;
+    env.spawn_supervised("kuberay-operator", operator)?;
 
     println!("demo: installing the chart on the real node (controller and supplier agent pods)");
     let authority = env.dir().join("settlement-keypair.json");

@@ -46,7 +46,7 @@ pub fn start(dir: &Path, tools: &Tools, kubeconfig: &Path, reaper: &Reaper) -> R
         }
         kwok.arg("-c").arg(file);
     }
-    Process::spawn(reaper, &dir.join("logs"), "kwok", kwok)
+    Ok(Process::spawn(reaper, &dir.join("logs"), "kwok", kwok)?.supervised())
 }
 
 /// A fake GPU node: `GpuNode::new("h100-a", "H100", 8).region("eu-west").zone("eu-west-1a")`.

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{Api, PostParams};
 use serde_json::json;
@@ -42,7 +42,7 @@ pub use kwok::GpuNode;
 pub use real_node::RealNode;
 pub use solana::Solana;
 
-use process::{Process, Reaper};
+use process::{Exit, Process, Reaper, Supervisor};
 use tools::Tools;
 
 /// Where an environment lives and whether its directory survives it.
@@ -66,8 +66,8 @@ pub struct Env {
     dir: PathBuf,
     kubeconfig: PathBuf,
     tools: Tools,
-    reaper: Reaper,
-    processes: Mutex<Vec<Process>>,
+    /// Every process of the environment, the supervised ones restarted when they exit.
+    processes: std::sync::Arc<Supervisor>,
     solana: tokio::sync::OnceCell<Solana>,
     real_node: Option<RealNode>,
     namespaces: AtomicUsize,
@@ -170,30 +170,36 @@ impl Env {
             }
             Some((Err(e), _)) => return Err(abandon(e, &dir, &reaper)),
         };
+        // Its reaper dropped with it on failure, the processes go too.
+        let processes = Supervisor::start(reaper, processes)?;
         let mut env = Env {
             dir,
             kubeconfig: control_plane.kubeconfig.clone(),
             tools,
-            reaper,
-            processes: Mutex::new(processes),
+            processes,
             solana: tokio::sync::OnceCell::new_with(solana),
             real_node: None,
             namespaces: AtomicUsize::new(0),
             timings: Mutex::new(timings),
         };
         if let Err(e) = env.start_kwok_and_crds().await {
-            return Err(abandon(e, &env.dir, &env.reaper));
+            return Err(abandon(e, &env.dir, env.reaper()));
         }
         env.record("KWOK started and CRDs established", started.elapsed());
         if options.real_node {
             let mut processes = Vec::new();
-            let node =
-                real_node::start(&env.dir, &env.tools, &control_plane, &env.reaper, &mut processes)
-                    .await;
+            let node = real_node::start(
+                &env.dir,
+                &env.tools,
+                &control_plane,
+                env.reaper(),
+                &mut processes,
+            )
+            .await;
             env.lock_processes()?.append(&mut processes);
             match node {
                 Ok(node) => env.real_node = Some(node),
-                Err(e) => return Err(abandon(e, &env.dir, &env.reaper)),
+                Err(e) => return Err(abandon(e, &env.dir, env.reaper())),
             }
             env.record("real node Ready", started.elapsed());
         }
@@ -201,7 +207,7 @@ impl Env {
     }
 
     async fn start_kwok_and_crds(&self) -> Result<()> {
-        let kwok = kwok::start(&self.dir, &self.tools, &self.kubeconfig, &self.reaper)?;
+        let kwok = kwok::start(&self.dir, &self.tools, &self.kubeconfig, self.reaper())?;
         self.lock_processes()?.push(kwok);
         crds::install(&self.client().await?, &self.tools.kuberay_crds).await
     }
@@ -262,11 +268,39 @@ impl Env {
 
     /// Run `command` as part of the environment: output in `logs/<name>.log` (use a unique
     /// name), stopped with the environment and never outliving it. Returns its process id.
+    /// Not restarted: a test that kills it restarts it itself.
     pub fn spawn(&self, name: &str, command: std::process::Command) -> Result<u32> {
-        let process = Process::spawn(&self.reaper, &self.dir.join("logs"), name, command)?;
+        self.add(Process::spawn(self.reaper(), &self.dir.join("logs"), name, command)?)
+    }
+
+    /// [`Env::spawn`], restarted whenever it exits on its own, as a Deployment's or
+    /// DaemonSet's pod is (see [`Env::exits`]). Returns the first process id.
+    pub fn spawn_supervised(&self, name: &str, command: std::process::Command) -> Result<u32> {
+        self.add(Process::spawn(self.reaper(), &self.dir.join("logs"), name, command)?.supervised())
+    }
+
+    fn add(&self, process: Process) -> Result<u32> {
         let pid = process.id()?;
         self.lock_processes()?.push(process);
         Ok(pid)
+    }
+
+    /// The current process id of the environment's process `name`.
+    pub fn pid(&self, name: &str) -> Result<u32> {
+        self.lock_processes()?
+            .iter()
+            .find(|p| p.name() == name)
+            .with_context(|| format!("the environment runs no process {name}"))?
+            .id()
+    }
+
+    /// Every exit of a supervised process so far (each restarted, or due to be), oldest first.
+    pub fn exits(&self) -> Vec<Exit> {
+        self.processes.exits()
+    }
+
+    fn reaper(&self) -> &Reaper {
+        self.processes.reaper()
     }
 
     /// KubeRay's operator for namespace `ns`: it makes the head and worker pods of RayClusters
@@ -296,7 +330,7 @@ impl Env {
                 let started = Instant::now();
                 let mut processes = Vec::new();
                 let solana =
-                    solana::start(&self.dir, &self.tools, &self.reaper, &mut processes).await;
+                    solana::start(&self.dir, &self.tools, self.reaper(), &mut processes).await;
                 self.lock_processes()?.append(&mut processes);
                 let solana = solana?;
                 self.record(SOLANA_READY, started.elapsed());
@@ -322,7 +356,7 @@ impl Env {
         while let Some(process) = processes.pop() {
             process.stop(Duration::from_secs(5))?;
         }
-        self.reaper.finish()
+        self.reaper().finish()
     }
 
     /// Stop the environment's process `name` and start it again as it was started (a
@@ -334,16 +368,17 @@ impl Env {
             .iter()
             .find(|p| p.name() == name)
             .with_context(|| format!("the environment runs no process {name}"))?;
-        process.restart(&self.reaper, Duration::from_secs(10))
+        process.restart(self.reaper(), Duration::from_secs(10))
     }
 
-    /// Fail if a process of the environment has died.
+    /// Fail if a process of the environment that is not restarted has died, or one could not
+    /// be restarted.
     pub fn ensure_running(&self) -> Result<()> {
-        self.lock_processes()?.iter().try_for_each(Process::ensure_running)
+        self.processes.ensure_running()
     }
 
     fn lock_processes(&self) -> Result<std::sync::MutexGuard<'_, Vec<Process>>> {
-        self.processes.lock().map_err(|_| anyhow!("environment lock poisoned"))
+        self.processes.lock()
     }
 
     /// How long after the start each step was done.

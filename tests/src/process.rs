@@ -99,9 +99,20 @@ impl Reaper {
 pub struct Process {
     name: String,
     log: PathBuf,
-    child: Mutex<Child>,
+    run: Mutex<Run>,
     /// How it was started, to start it again.
     command: Mutex<Command>,
+    /// Started again by [`Supervisor`] when it exits on its own.
+    supervised: bool,
+}
+
+/// The current child of a [`Process`], and its crash loop when supervised.
+struct Run {
+    child: Child,
+    started: Instant,
+    crash_loop: CrashLoop,
+    /// It exited on its own and starts again then.
+    restart_at: Option<Instant>,
 }
 
 impl Process {
@@ -112,26 +123,85 @@ impl Process {
         Ok(Process {
             name: name.to_string(),
             log,
-            child: Mutex::new(child),
+            run: Mutex::new(Run {
+                child,
+                started: Instant::now(),
+                crash_loop: CrashLoop::default(),
+                restart_at: None,
+            }),
             command: Mutex::new(command),
+            supervised: false,
         })
+    }
+
+    /// Have [`Supervisor`] start it again whenever it exits on its own, as a kubelet restarts
+    /// a Deployment's or DaemonSet's container.
+    #[must_use]
+    pub fn supervised(mut self) -> Self {
+        self.supervised = true;
+        self
     }
 
     /// Stop the process (as [`Self::stop`]) and start it again as it was started, its output
     /// appended to the same log after a line that marks the restart.
     pub fn restart(&self, reaper: &Reaper, grace: Duration) -> Result<()> {
-        self.stop(grace)?;
+        let mut run = self.lock()?;
+        stop(&mut run.child, grace)?;
+        self.start_again(reaper, &mut run, RESTARTED)
+    }
+
+    fn start_again(&self, reaper: &Reaper, run: &mut Run, marker: &str) -> Result<()> {
         let mut out = File::options().append(true).open(&self.log)?;
-        writeln!(out, "{RESTARTED}")?;
+        writeln!(out, "{marker}")?;
         let mut command = self.command.lock().map_err(|_| anyhow!("process lock poisoned"))?;
-        let child = start(reaper, &self.name, &mut command, out)?;
-        *self.child.lock().map_err(|_| anyhow!("process lock poisoned"))? = child;
+        run.child = start(reaper, &self.name, &mut command, out)?;
+        run.started = Instant::now();
+        run.restart_at = None;
         Ok(())
+    }
+
+    /// One look by the supervisor: a supervised process that exited on its own is reported
+    /// (with the delay before it starts again), and started again once that delay is over.
+    /// An error only if it cannot be started again.
+    fn supervise(&self, reaper: &Reaper) -> Result<Option<Exit>> {
+        if !self.supervised {
+            return Ok(None);
+        }
+        let mut run = self.lock()?;
+        if let Some(at) = run.restart_at {
+            if Instant::now() >= at {
+                let marker = format!("{RESTARTED} (restart {})", run.crash_loop.exits_in_a_row);
+                self.start_again(reaper, &mut run, &marker)
+                    .with_context(|| format!("{} cannot be restarted", self.name))?;
+            }
+            return Ok(None);
+        }
+        let Some(status) = run.child.try_wait()? else { return Ok(None) };
+        // What it left behind in its group (a port held by a grandchild) goes with it.
+        let group = format!("-{}", run.child.id());
+        let _ =
+            Command::new("kill").args(["-s", "KILL", "--", &group]).stderr(Stdio::null()).status();
+        let ran = run.started.elapsed();
+        let delay = run.crash_loop.exited(ran);
+        run.restart_at = Some(Instant::now() + delay);
+        Ok(Some(Exit {
+            name: self.name.clone(),
+            pid: run.child.id(),
+            status: status.to_string(),
+            ran,
+            restart: run.crash_loop.exits_in_a_row,
+            delay,
+            crash_looping: run.crash_loop.looping(),
+        }))
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Run>> {
+        self.run.lock().map_err(|_| anyhow!("process lock poisoned"))
     }
 
     /// The process id (also its process group).
     pub fn id(&self) -> Result<u32> {
-        Ok(self.child.lock().map_err(|_| anyhow!("process lock poisoned"))?.id())
+        Ok(self.lock()?.child.id())
     }
 
     pub fn name(&self) -> &str {
@@ -144,8 +214,7 @@ impl Process {
 
     /// An error, with the end of its log, if the process has exited.
     pub fn ensure_running(&self) -> Result<()> {
-        let mut child = self.child.lock().map_err(|_| anyhow!("process lock poisoned"))?;
-        match child.try_wait()? {
+        match self.lock()?.child.try_wait()? {
             None => Ok(()),
             Some(status) => bail!(
                 "{} exited ({status}); end of {}:\n{}",
@@ -176,22 +245,174 @@ impl Process {
 
     /// SIGTERM to the process group, SIGKILL after `grace`, then reap.
     pub fn stop(&self, grace: Duration) -> Result<()> {
-        let mut child = self.child.lock().map_err(|_| anyhow!("process lock poisoned"))?;
+        stop(&mut self.lock()?.child, grace)
+    }
+}
+
+fn stop(child: &mut Child, grace: Duration) -> Result<()> {
+    if child.try_wait()?.is_some() {
+        return Ok(());
+    }
+    let group = format!("-{}", child.id());
+    Command::new("kill").args(["-s", "TERM", "--", &group]).status()?;
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
         if child.try_wait()?.is_some() {
             return Ok(());
         }
-        let group = format!("-{}", child.id());
-        Command::new("kill").args(["-s", "TERM", "--", &group]).status()?;
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Command::new("kill").args(["-s", "KILL", "--", &group]).status()?;
+    child.wait()?;
+    Ok(())
+}
+
+/// The restart delays of a process that keeps exiting, as a kubelet's CrashLoopBackOff (10 s
+/// doubling to 5 min there; shorter here, where a restart is cheap and someone is watching):
+/// [`Self::FIRST`] after the first exit, doubling with each exit in a row up to [`Self::CAP`];
+/// a process that ran [`Self::RESET`] before exiting starts over at `FIRST`.
+#[derive(Clone, Debug, Default)]
+pub struct CrashLoop {
+    exits_in_a_row: u32,
+}
+
+impl CrashLoop {
+    pub const FIRST: Duration = Duration::from_secs(1);
+    pub const CAP: Duration = Duration::from_secs(30);
+    pub const RESET: Duration = Duration::from_secs(60);
+
+    /// The process exited after running `ran`: how long to wait before starting it again.
+    pub fn exited(&mut self, ran: Duration) -> Duration {
+        if ran >= Self::RESET {
+            self.exits_in_a_row = 0;
         }
-        Command::new("kill").args(["-s", "KILL", "--", &group]).status()?;
-        child.wait()?;
+        self.exits_in_a_row += 1;
+        self.delay()
+    }
+
+    fn delay(&self) -> Duration {
+        let doublings = self.exits_in_a_row.saturating_sub(1).min(16);
+        Self::FIRST.saturating_mul(1 << doublings).min(Self::CAP)
+    }
+
+    /// Whether it exits so often that it waits the longest: CrashLoopBackOff.
+    pub fn looping(&self) -> bool {
+        self.exits_in_a_row > 0 && self.delay() == Self::CAP
+    }
+}
+
+/// A supervised process that exited on its own, and when it starts again.
+#[derive(Clone, Debug)]
+pub struct Exit {
+    pub name: String,
+    pub pid: u32,
+    /// As the OS tells it, e.g. `signal: 9 (SIGKILL)` or `exit status: 1`.
+    pub status: String,
+    /// How long it had run.
+    pub ran: Duration,
+    /// Its restarts since it last ran [`CrashLoop::RESET`], this one included.
+    pub restart: u32,
+    pub delay: Duration,
+    pub crash_looping: bool,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (pid {}) exited ({}) after {:.1} s; restart {} in {} s",
+            self.name,
+            self.pid,
+            self.status,
+            self.ran.as_secs_f64(),
+            self.restart,
+            self.delay.as_secs()
+        )?;
+        if self.crash_looping {
+            write!(f, " (CrashLoopBackOff: it keeps exiting; see its log)")?;
+        }
         Ok(())
+    }
+}
+
+/// The processes of an environment, with a thread that starts the supervised ones again when
+/// they exit on their own (each exit recorded, see [`Supervisor::exits`]). A process that
+/// cannot be started again, or an unsupervised one that exits, is a failure
+/// ([`Supervisor::ensure_running`]).
+pub struct Supervisor {
+    reaper: Reaper,
+    processes: Mutex<Vec<Process>>,
+    exits: Mutex<Vec<Exit>>,
+    failure: Mutex<Option<String>>,
+}
+
+impl Supervisor {
+    /// How often the thread looks at the processes.
+    const PERIOD: Duration = Duration::from_millis(250);
+
+    /// Supervise `processes` (and those added later); the thread ends with the supervisor.
+    pub fn start(reaper: Reaper, processes: Vec<Process>) -> Result<std::sync::Arc<Supervisor>> {
+        let supervisor = std::sync::Arc::new(Supervisor {
+            reaper,
+            processes: Mutex::new(processes),
+            exits: Mutex::new(Vec::new()),
+            failure: Mutex::new(None),
+        });
+        let weak = std::sync::Arc::downgrade(&supervisor);
+        std::thread::Builder::new().name("gpumarket-env-supervisor".into()).spawn(move || {
+            while let Some(supervisor) = weak.upgrade() {
+                supervisor.look();
+                drop(supervisor);
+                std::thread::sleep(Self::PERIOD);
+            }
+        })?;
+        Ok(supervisor)
+    }
+
+    fn look(&self) {
+        let Ok(processes) = self.processes.lock() else { return };
+        for process in processes.iter() {
+            match process.supervise(&self.reaper) {
+                Ok(None) => {}
+                Ok(Some(exit)) => {
+                    if let Ok(mut exits) = self.exits.lock() {
+                        exits.push(exit);
+                    }
+                }
+                Err(e) => {
+                    if let Ok(mut failure) = self.failure.lock() {
+                        failure.get_or_insert_with(|| {
+                            format!(
+                                "{e:#}; end of {}:\n{}",
+                                process.log.display(),
+                                log_tail(&process.log, 30)
+                            )
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn reaper(&self) -> &Reaper {
+        &self.reaper
+    }
+
+    pub fn lock(&self) -> Result<std::sync::MutexGuard<'_, Vec<Process>>> {
+        self.processes.lock().map_err(|_| anyhow!("environment lock poisoned"))
+    }
+
+    /// Every exit of a supervised process so far, oldest first.
+    pub fn exits(&self) -> Vec<Exit> {
+        self.exits.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// Fail if an unsupervised process has exited or a supervised one could not be restarted.
+    pub fn ensure_running(&self) -> Result<()> {
+        if let Some(failure) = self.failure.lock().map_err(|_| anyhow!("lock poisoned"))?.clone() {
+            bail!("{failure}");
+        }
+        self.lock()?.iter().filter(|p| !p.supervised).try_for_each(Process::ensure_running)
     }
 }
 
@@ -240,7 +461,7 @@ mod tests {
         command.args(["-c", "trap '' TERM; sleep 1000 & echo $! > grandchild; wait"]);
         command.current_dir(&dir);
         let process = Process::spawn(&reaper, &dir, "stubborn", command).unwrap();
-        let pid = process.child.lock().unwrap().id();
+        let pid = process.id().unwrap();
         let grandchild_file = dir.join("grandchild");
         while std::fs::read_to_string(&grandchild_file).map_or(true, |s| s.trim().is_empty()) {
             std::thread::sleep(Duration::from_millis(20));
@@ -256,7 +477,7 @@ mod tests {
         reaper.run_at_end(&script).unwrap();
 
         reaper.finish().unwrap();
-        let _ = process.child.lock().unwrap().wait();
+        let _ = process.lock().unwrap().child.wait();
         // The reaper works on its own time: the group's death and the removal take a moment.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while (alive(grandchild) || dir.exists()) && std::time::Instant::now() < deadline {
@@ -265,5 +486,86 @@ mod tests {
         assert!(!alive(grandchild), "grandchild killed");
         assert!(!dir.exists(), "directory removed");
         assert!(marker.exists(), "cleanup script ran");
+    }
+
+    #[test]
+    fn crash_loop_waits_one_second_then_doubles_up_to_the_cap_and_starts_over_after_a_long_run() {
+        let mut crash_loop = CrashLoop::default();
+        let quick = Duration::from_secs(2);
+        let delays: Vec<u64> = (0..7).map(|_| crash_loop.exited(quick).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
+        assert!(crash_loop.looping());
+        // Many more exits stay at the cap (no overflow).
+        for _ in 0..100 {
+            assert_eq!(crash_loop.exited(quick), CrashLoop::CAP);
+        }
+        // A run as long as RESET was a success: the next exit is a first one again.
+        assert_eq!(crash_loop.exited(CrashLoop::RESET), CrashLoop::FIRST);
+        assert!(!crash_loop.looping());
+        assert_eq!(crash_loop.exited(quick), Duration::from_secs(2));
+    }
+
+    /// A supervised process killed with SIGKILL is reported and started again after a second;
+    /// an unsupervised one that exits is a failure; one that cannot be started again is too.
+    #[test]
+    fn supervisor_restarts_a_killed_process_and_reports_what_cannot_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let reaper = Reaper::start(None).unwrap();
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg("1000");
+        let sleeper = Process::spawn(&reaper, dir.path(), "sleeper", sleeper).unwrap().supervised();
+        let first = sleeper.id().unwrap();
+        let supervisor = Supervisor::start(reaper, vec![sleeper]).unwrap();
+
+        Command::new("kill").args(["-KILL", &first.to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = || supervisor.lock().unwrap()[0].id().unwrap();
+        while pid() == first && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_ne!(pid(), first, "restarted as a new process");
+        assert!(alive(pid()));
+        let exits = supervisor.exits();
+        assert_eq!(exits.len(), 1, "{exits:?}");
+        assert_eq!((exits[0].name.as_str(), exits[0].pid), ("sleeper", first));
+        assert_eq!((exits[0].restart, exits[0].delay), (1, CrashLoop::FIRST));
+        assert!(exits[0].status.contains("SIGKILL"), "{}", exits[0].status);
+        let log = std::fs::read_to_string(dir.path().join("sleeper.log")).unwrap();
+        assert!(log.contains(&format!("{RESTARTED} (restart 1)")), "{log}");
+        supervisor.ensure_running().unwrap();
+
+        // Unsupervised: its exit is the environment's failure.
+        let mut quitter = Command::new("sh");
+        quitter.args(["-c", "exit 3"]);
+        let quitter = Process::spawn(supervisor.reaper(), dir.path(), "quitter", quitter).unwrap();
+        supervisor.lock().unwrap().push(quitter);
+        std::thread::sleep(Duration::from_millis(500));
+        let failure = supervisor.ensure_running().unwrap_err().to_string();
+        assert!(failure.contains("quitter exited (exit status: 3)"), "{failure}");
+        supervisor.lock().unwrap().pop();
+
+        // Supervised but its program is gone: it cannot be started again.
+        let program = dir.path().join("program");
+        std::fs::write(&program, "#!/bin/sh\nexit 1\n").unwrap();
+        std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let gone = Process::spawn(supervisor.reaper(), dir.path(), "gone", Command::new(&program))
+            .unwrap()
+            .supervised();
+        std::fs::remove_file(&program).unwrap();
+        supervisor.lock().unwrap().push(gone);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while supervisor.ensure_running().is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let failure = format!("{:#}", supervisor.ensure_running().unwrap_err());
+        assert!(failure.contains("gone cannot be restarted"), "{failure}");
+        assert!(
+            supervisor
+                .exits()
+                .iter()
+                .any(|e| e.name == "gone" && e.status.contains("exit status: 1"))
+        );
+        supervisor.reaper().finish().unwrap();
     }
 }

@@ -385,7 +385,7 @@ fn start_coredns(
     )?;
     let mut coredns = tools.command("coredns")?;
     coredns.arg("-conf").arg(&corefile);
-    Process::spawn(reaper, logs, "coredns", coredns)
+    Ok(Process::spawn(reaper, logs, "coredns", coredns)?.supervised())
 }
 
 fn start_containerd(
@@ -405,7 +405,7 @@ fn start_containerd(
     containerd.arg("--config").arg(&config);
     // The shim and runc are found on PATH.
     containerd.env("PATH", path_with(&tools.bin)?);
-    Process::spawn(reaper, logs, "containerd", containerd)
+    Ok(Process::spawn(reaper, logs, "containerd", containerd)?.supervised())
 }
 
 /// The pods' network: the bridge, with the host's address on it as their default route (not
@@ -526,7 +526,7 @@ fn start_kubelet(
         // What NVIDIA's GPU feature discovery labels GPU nodes with (the chart's agent selects it).
         .arg("--node-labels=nvidia.com/gpu.present=true")
         .arg("--v=1");
-    Process::spawn(reaper, logs, "kubelet", kubelet)
+    Ok(Process::spawn(reaper, logs, "kubelet", kubelet)?.supervised())
 }
 
 fn kubelet_config(layout: &Layout, node: &RealNode, pki: &crate::certs::Pki) -> serde_json::Value {
@@ -578,7 +578,7 @@ fn start_kube_proxy(
     control_plane.write_client_kubeconfig(&kubeconfig, &pki.proxy_cert, &pki.proxy_key)?;
     let mut proxy = tools.command("kube-proxy")?;
     proxy.args(kube_proxy_args(node)).arg(format!("--kubeconfig={}", kubeconfig.display()));
-    Process::spawn(reaper, logs, "kube-proxy", proxy)
+    Ok(Process::spawn(reaper, logs, "kube-proxy", proxy)?.supervised())
 }
 
 fn kube_proxy_args(node: &RealNode) -> Vec<String> {

@@ -154,7 +154,8 @@ pub async fn start(
         .arg(solana_dir.join("ledger"))
         .arg(format!("--rpc-port={base}"))
         .arg(format!("--port-range={}-{}", base + 2, base + 159));
-    let process = Process::spawn(reaper, &dir.join("logs"), "solana-validator", validator)?;
+    let process =
+        Process::spawn(reaper, &dir.join("logs"), "solana-validator", validator)?.supervised();
     let ready = process.wait_for_line("READY ", Duration::from_secs(180)).await;
     processes.push(process);
     let ready = ready?;

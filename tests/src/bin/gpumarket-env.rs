@@ -86,12 +86,14 @@ async fn run_up(up: Up) -> Result<()> {
         real_node: up.real_node || up.demo,
     })
     .await?;
-    // Serve until a signal; a failure while starting or of a process later ends it too.
+    // Serve until a signal; a failure while starting, or a process that dies and cannot be
+    // restarted, ends it too. Processes that exit on their own are restarted meanwhile.
     let result = tokio::select! {
         failure = async {
             bring_up(&env, &nodes, started, up.demo).await?;
-            Err(watch(&env).await)
+            std::future::pending().await
         } => failure,
+        failure = watch(&env) => Err(failure),
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = terminate.recv() => Ok(()),
     };
@@ -125,7 +127,7 @@ async fn bring_up(
          \n  source {}    # PATH (kubectl), KUBECONFIG, SOLANA_RPC_URL, GPUMARKET_MINT, keypairs\
          \n  kubectl get nodes -L gpumarket.io/gpu-model,topology.kubernetes.io/region\
          \n  kubectl get gpuoffers,gpuclusters -A\n\
-         \nlogs: {}\nCtrl-C stops everything and removes {}",
+         \nlogs: {}\nA process that exits is restarted (shown here); Ctrl-C stops everything and removes {}",
         started.elapsed().as_secs_f64(),
         nodes.len(),
         coordinates.solana.rpc_url,
@@ -161,12 +163,19 @@ async fn bring_up(
     Ok(())
 }
 
-/// Returns the first failure of a process of the environment.
+/// Print each exit of a process the environment restarts, as it happens; returns the first
+/// failure: a process that is not restarted died, or one could not be restarted.
 async fn watch(env: &Env) -> anyhow::Error {
+    let mut printed = 0;
     loop {
+        let exits = env.exits();
+        for exit in &exits[printed.min(exits.len())..] {
+            eprintln!("restarting: {exit}");
+        }
+        printed = exits.len();
         if let Err(e) = env.ensure_running() {
             return e;
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
