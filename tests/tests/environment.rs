@@ -1,13 +1,16 @@
 //! The local environment itself: KWOK GPU nodes at scale, the real scheduler and garbage
-//! collector, KubeRay's CRD (and operator), and the Solana validator with the settlement mint.
+//! collector, KubeRay's CRD (and operator), the Solana validator with the settlement mint, and
+//! its supervision: a component killed with SIGKILL is restarted and the market goes on.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease};
 use gpumarket_tests::kwok::{MODEL_LABEL, node_ready_with_gpus};
 use gpumarket_tests::solana::{BUYER_TOKENS, MINT_DECIMALS, read_keypair, send_with_retry};
+use gpumarket_tests::supplier::Supplier;
 use gpumarket_tests::up::Up;
 use gpumarket_tests::{Env, GpuNode, eventually};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
@@ -320,11 +323,20 @@ async fn transfer_checked_with_a_memo_confirms_and_balances_read_back_exactly() 
 
 /// Processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<String> {
+    processes_with_ids_mentioning(needle).into_iter().map(|(_, cmdline)| cmdline).collect()
+}
+
+/// The ids and command lines of the processes whose command line mentions `needle`.
+fn processes_with_ids_mentioning(needle: &str) -> Vec<(u32, String)> {
     std::fs::read_dir("/proc")
         .unwrap()
-        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        .filter(|cmdline| cmdline.contains(needle))
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            Some((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")))
+        })
+        .filter(|(pid, cmdline)| cmdline.contains(needle) && gpumarket_tests::chaos::alive(*pid))
         .collect()
 }
 
@@ -366,12 +378,120 @@ async fn up_serves_until_sigterm_and_leaves_no_process_port_or_directory_behind(
         .map(|url| url.rsplit_once("127.0.0.1:").unwrap().1.to_string())
         .collect();
 
+    // A component killed with SIGKILL is restarted and the restart shown; up serves on.
+    let scheduler = |dir: &str| {
+        processes_with_ids_mentioning(dir)
+            .into_iter()
+            .find(|(_, cmdline)| {
+                cmdline.split(' ').next().is_some_and(|p| p.ends_with("kube-scheduler"))
+            })
+            .map(|(pid, _)| pid)
+    };
+    let dir_name = dir.display().to_string();
+    let killed = scheduler(&dir_name).expect("the scheduler of up's environment");
+    std::process::Command::new("kill").args(["-KILL", &killed.to_string()]).status().unwrap();
+    let shown = format!("restarting: kube-scheduler (pid {killed}) exited (signal: 9 (SIGKILL))");
+    let log = scratch.path().join("up.log");
+    up.until("the restart shown", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).ok().filter(|output| output.contains(&shown))
+    })
+    .await;
+    up.until("the scheduler restarted", Duration::from_secs(30), || {
+        scheduler(&dir_name).filter(|pid| *pid != killed)
+    })
+    .await;
+    assert!(up.output().contains("restart 1 in 1 s"), "{}", up.output());
+
     up.stop().await.unwrap();
     assert!(!dir.exists(), "{} removed", dir.display());
-    let dir_name = dir.display().to_string();
     assert_eq!(processes_mentioning(&dir_name), Vec::<String>::new());
     for port in ports {
         let address = format!("127.0.0.1:{port}");
         assert!(std::net::TcpStream::connect(&address).is_err(), "{address} still listening");
     }
+}
+
+/// The controller binary of this test's profile (`cargo build -p gpumarket-controller`).
+fn controller_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe.parent().and_then(|deps| deps.parent()).unwrap().join("gpumarket-controller");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it first (cargo build -p gpumarket-controller)",
+        binary.display()
+    );
+    binary
+}
+
+/// As a Deployment's pod would be: the controller killed with SIGKILL is reported and started
+/// again by the environment, and a GpuCluster applied after the kill is matched.
+#[tokio::test]
+async fn a_killed_controller_is_restarted_and_the_market_keeps_matching() {
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let ns = env.namespace("restart").await.unwrap();
+    let _supplier = Supplier::start(env, &client, "env-restart-a", "restart", 4, 1_000_000).await;
+    let mut controller = std::process::Command::new(controller_binary());
+    controller.env("KUBECONFIG", env.kubeconfig()).args([
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--heartbeat-timeout",
+        "30s",
+    ]);
+    let name = "restart-controller";
+    let first = env.spawn_supervised(name, controller).unwrap();
+    // Killed once it is at work (past its start-up), as a user would try it on the demo.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    std::process::Command::new("kill").args(["-KILL", &first.to_string()]).status().unwrap();
+
+    let exit = eventually("the kill reported", Duration::from_secs(10), || {
+        std::future::ready(env.exits().into_iter().find(|e| e.name == name))
+    })
+    .await;
+    assert_eq!(exit.pid, first);
+    assert!(exit.status.contains("SIGKILL"), "{exit}");
+    assert_eq!(exit.restart, 1, "{exit}");
+    assert!(exit.to_string().contains("restart 1 in 1 s"), "{exit}");
+    let second = eventually("the controller restarted", Duration::from_secs(10), || {
+        std::future::ready(env.pid(name).ok().filter(|pid| *pid != first))
+    })
+    .await;
+    assert!(gpumarket_tests::chaos::alive(second));
+    env.ensure_running().unwrap();
+
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    let cluster: GpuCluster = serde_json::from_value(json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuCluster",
+        "metadata": {"name": "after-the-kill"},
+        "spec": {
+            "gpu": {"models": ["H100"]},
+            "workers": 1,
+            "gpusPerWorker": 4,
+            "duration": "1h",
+            "maxPricePerGpuHour": 5_000_000,
+            "location": {"region": "restart"},
+            "payment": {"buyerWallet": "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV"},
+        },
+    }))
+    .unwrap();
+    clusters.create(&PostParams::default(), &cluster).await.unwrap();
+    eventually(
+        "the cluster matched by the restarted controller",
+        Duration::from_secs(60),
+        || async {
+            let cluster = clusters.get("after-the-kill").await.ok()?;
+            (cluster.status?.phase == Some(ClusterPhase::Provisioning)).then_some(())
+        },
+    )
+    .await;
+    let leases = Api::<GpuLease>::all(client).list(&ListParams::default()).await.unwrap();
+    assert!(
+        leases
+            .iter()
+            .any(|l| l.spec.offer == "env-restart-a" && l.spec.cluster.name == "after-the-kill"),
+        "a lease of the supplier's offer: {:?}",
+        leases.iter().map(|l| &l.spec).collect::<Vec<_>>()
+    );
+    assert_eq!(env.pid(name).unwrap(), second, "not restarted again");
 }
