@@ -545,10 +545,9 @@ mod tests {
         supervisor.lock().unwrap().pop();
 
         // Supervised but its program is gone: it cannot be started again.
+        // A copy of `false`: once started it needs its file no more.
         let program = dir.path().join("program");
-        std::fs::write(&program, "#!/bin/sh\nexit 1\n").unwrap();
-        std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        std::fs::copy("/bin/false", &program).unwrap();
         let gone = Process::spawn(supervisor.reaper(), dir.path(), "gone", Command::new(&program))
             .unwrap()
             .supervised();
