@@ -6,7 +6,8 @@
 //!
 //! No process outlives the process that started the environment, however it ends (see
 //! [`process`]); its directory (certificates, etcd data, ledger, logs) goes with it unless
-//! `GPUMARKET_KEEP_ENV=1`.
+//! `GPUMARKET_KEEP_ENV=1`. Its own processes are restarted when they exit on their own, as a
+//! kubelet restarts containers ([`process::Supervisor`], [`Env::exits`]).
 
 pub mod certs;
 pub mod chaos;

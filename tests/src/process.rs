@@ -7,6 +7,9 @@
 //! pipe. The parent holds the pipe's write end until it exits — however it exits, even
 //! SIGKILL — and the kernel then closes it: the reaper reads EOF, terminates every group
 //! (SIGTERM, then SIGKILL), runs the cleanup scripts, and removes the environment's directory.
+//!
+//! A [`Supervisor`] holds an environment's processes and starts the supervised ones again when
+//! they exit on their own, with a kubelet's CrashLoopBackOff ([`CrashLoop`]), recording each exit.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -503,6 +506,26 @@ mod tests {
         assert_eq!(crash_loop.exited(CrashLoop::RESET), CrashLoop::FIRST);
         assert!(!crash_loop.looping());
         assert_eq!(crash_loop.exited(quick), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn an_exit_reads_what_died_how_the_restart_count_and_a_crash_loop() {
+        let exit = Exit {
+            name: "controller".into(),
+            pid: 42,
+            status: "exit status: 1".into(),
+            ran: Duration::from_millis(1500),
+            restart: 6,
+            delay: CrashLoop::CAP,
+            crash_looping: true,
+        };
+        assert_eq!(
+            exit.to_string(),
+            "controller (pid 42) exited (exit status: 1) after 1.5 s; restart 6 in 30 s \
+             (CrashLoopBackOff: it keeps exiting; see its log)"
+        );
+        let first = Exit { restart: 1, delay: CrashLoop::FIRST, crash_looping: false, ..exit };
+        assert!(first.to_string().ends_with("restart 1 in 1 s"), "{first}");
     }
 
     /// A supervised process killed with SIGKILL is reported and started again after a second;
