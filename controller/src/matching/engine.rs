@@ -1,14 +1,17 @@
 //! Matching over a standing market: a pass over all pending requests, oldest first with
 //! backfill, and quotes for requests not applied yet against what the pass left.
 //!
-//! Promotion: taking the cheapest GPUs oldest first leaves buyers with a low price limit
-//! unserved once older buyers with higher limits took the cheap supply, while a market that
-//! placed them first would serve both. So a request that does not fit on what older ones left
-//! is tried ahead of them: placed first, then every request matched so far again in the same
-//! order, each on its cheapest gang. If all of them still get a complete gang, that placement
-//! stands (the older ones may pay more, never above their own price limit); else nothing
-//! changes. An older request never loses its match to a younger one this way; what fairness
-//! costs in price is what the matching bench prints.
+//! Making room: taking the cheapest GPUs oldest first leaves a buyer with a low price limit
+//! (or a narrow choice of models) unserved once older buyers who could have paid for other GPUs
+//! took the ones it can use. So a request that does not fit on what older ones left moves a few
+//! of them: their gangs are given back, those able to pay the most first, until it fits; it is
+//! placed, and they are placed again, each on its cheapest gang of what is left. If all of them still get a
+//! complete gang the moves stand (an older request may pay more, never above its own price
+//! limit); else nothing changes. An older request never loses its match to a younger one this
+//! way. Moves free GPUs, so the matched requests then settle: each takes its cheapest gang on
+//! what is free and its own, so no buyer could do better on what the pass leaves. What fairness
+//! costs in price, and what the moves win in requests served, is what the matching bench
+//! prints.
 //!
 //! Anti-starvation: backfill alone lets a stream of small requests take every GPU that frees up
 //! while an old large request waits for enough of them to be free at once. So the oldest
@@ -50,6 +53,12 @@ impl HoldPolicy {
     }
 }
 
+/// How many older requests may move to make room for one that does not fit (see
+/// [`Market::make_room`]).
+const MAX_MOVED: usize = 32;
+/// Rounds of [`Market::settle`] at most; a request moves only onto a gang it prefers.
+const MAX_SETTLE_ROUNDS: usize = 4;
+
 /// Free supply indexed once, and what has been matched or held on it since.
 pub struct Market<'a> {
     index: Index<'a>,
@@ -69,89 +78,153 @@ impl<'a> Market<'a> {
 
     /// Match every request, oldest first (then by key); a request that cannot be matched does
     /// not stop younger ones that can (backfill), within the hold rule. A request that does not
-    /// fit on what older ones took is placed ahead of them when every one of them still fits
-    /// after it (see [`Market::promote`]); what such moves free is offered again, oldest first,
-    /// to the requests still unmatched at the end. GPUs matched are taken from the market; any
-    /// earlier hold is replaced by this pass's.
+    /// fit on what older ones took may move some of them (see [`Market::make_room`]); once such
+    /// moves settled ([`Market::settle`]), what they freed is offered again, oldest first, to
+    /// the requests still unmatched. GPUs matched are taken from the market; any earlier hold
+    /// is replaced by this pass's.
     pub fn match_all(&mut self, requests: &[Request], hold: HoldPolicy) -> Vec<(String, Outcome)> {
         self.release_hold();
         let mut order: Vec<&Request> = requests.iter().collect();
         order.sort_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)));
-        let before: Vec<u32> = self.index.entries.iter().map(|e| e.taken).collect();
-        // Positions in `order` of the matched requests, in the order their GPUs were taken.
-        let mut placed: Vec<usize> = Vec::new();
-        let mut outcomes: Vec<Outcome> = Vec::with_capacity(order.len());
-        let mut promoted = false;
+        // The first GPU of each entry that this pass may hand out.
+        let mut first: Vec<u32> = self.index.entries.iter().map(|e| e.taken).collect();
+        // The gang of each request matched so far, by position in `order`.
+        let mut gangs: Vec<Option<Vec<Pick>>> = vec![None; order.len()];
+        let mut unmatched: Vec<Option<Explanation>> = Vec::with_capacity(order.len());
+        let mut moved = false;
         for (at, request) in order.iter().enumerate() {
-            match self.select(request) {
-                Err(invalid) => outcomes.push(Outcome::Unmatched(Explanation::Invalid(invalid))),
+            unmatched.push(match self.select(request) {
+                Err(invalid) => Some(Explanation::Invalid(invalid)),
                 Ok(Selection::Complete(picks)) => {
-                    outcomes.push(Outcome::Matched(self.assignment(request, &picks)));
                     self.take(request, &picks);
-                    placed.push(at);
+                    gangs[at] = Some(picks);
+                    None
                 }
                 Ok(Selection::Partial(picks)) => {
-                    outcomes.push(Outcome::Unmatched(Explanation::Short(Box::new(
-                        self.shortage(request),
-                    ))));
-                    if self.holder.is_some() {
-                        continue;
-                    }
-                    let ahead: Vec<usize> =
-                        std::iter::once(at).chain(placed.iter().copied()).collect();
-                    if self.promote(&order, &ahead, &before, &mut outcomes) {
-                        placed = ahead;
-                        promoted = true;
-                    } else if hold.may_hold(request) {
-                        self.hold(request, &picks);
+                    if self.holder.is_none() && self.make_room(&order, at, &mut gangs) {
+                        moved = true;
+                        None
+                    } else {
+                        let why = Explanation::Short(Box::new(self.shortage(request)));
+                        if self.holder.is_none() && hold.may_hold(request) {
+                            self.hold(request, &picks);
+                        }
+                        Some(why)
                     }
                 }
-            }
+            });
         }
-        // Promotions move older requests onto other GPUs, which may free some that a request
-        // left unmatched in its turn can use.
-        if promoted {
-            for (request, outcome) in order.iter().zip(&mut outcomes) {
-                if !matches!(outcome, Outcome::Unmatched(Explanation::Short(_))) {
+        if moved {
+            self.settle(&order, &mut gangs);
+            for (at, request) in order.iter().enumerate() {
+                if !matches!(unmatched[at], Some(Explanation::Short(_))) {
                     continue;
                 }
                 if let Ok(Selection::Complete(picks)) = self.select(request) {
-                    *outcome = Outcome::Matched(self.assignment(request, &picks));
                     self.take(request, &picks);
+                    gangs[at] = Some(picks);
+                    unmatched[at] = None;
                 }
             }
         }
-        order.iter().map(|r| r.key.clone()).zip(outcomes).collect()
+        // GPUs are handed out once every gang is final, oldest request first.
+        let mut next = |entry: usize, gpus: u32| {
+            let at = first[entry];
+            first[entry] += gpus;
+            at
+        };
+        order
+            .iter()
+            .zip(gangs.into_iter().zip(unmatched))
+            .map(|(request, (gang, why))| {
+                let outcome = match (gang, why) {
+                    (Some(picks), _) => {
+                        Outcome::Matched(self.assignment(request, &picks, &mut next))
+                    }
+                    (None, Some(why)) => Outcome::Unmatched(why),
+                    (None, None) => unreachable!("a request is matched or has a reason"),
+                };
+                (request.key.clone(), outcome)
+            })
+            .collect()
     }
 
-    /// Place the requests at the positions `ahead` of `order` again, in that order, from the
-    /// market as it was before the pass (`before`: GPUs taken per entry). When every one gets a
-    /// complete gang, their outcomes become those gangs and the market keeps the new placement;
-    /// otherwise nothing changes. Each still gets the cheapest gang on what those placed ahead
-    /// of it left, within its own constraints and price limit.
-    fn promote(
+    /// Make room for `order[at]`, which does not fit on what the older requests took: give
+    /// back the gangs of older matched requests on GPUs it could use (those with the highest
+    /// price limit first, the most likely to find other GPUs; then the youngest) until it fits;
+    /// place it, then place those requests again, oldest first, each on its cheapest gang (never
+    /// above its own price limit). Kept only when every one of them still gets a gang: an older
+    /// request never loses its match to a younger one. At most [`MAX_MOVED`] move, which bounds
+    /// the work per request.
+    fn make_room(
         &mut self,
         order: &[&Request],
-        ahead: &[usize],
-        before: &[u32],
-        outcomes: &mut [Outcome],
+        at: usize,
+        gangs: &mut [Option<Vec<Pick>>],
     ) -> bool {
-        let current: Vec<u32> = self.index.entries.iter().map(|e| e.taken).collect();
-        self.set_taken(before);
-        let mut gangs = Vec::with_capacity(ahead.len());
-        for &at in ahead {
-            let request = order[at];
-            let Ok(Selection::Complete(picks)) = self.select(request) else {
-                self.set_taken(&current);
-                return false;
-            };
-            gangs.push((at, Outcome::Matched(self.assignment(request, &picks))));
-            self.take(request, &picks);
+        let request = order[at];
+        let need = self.index.need(request);
+        let mut in_the_way: Vec<usize> = (0..at)
+            .filter(|&older| {
+                gangs[older].iter().flatten().any(|p| {
+                    let entry = &self.index.entries[p.entry];
+                    need.failures(entry) == 0 && self.in_site(entry, request)
+                })
+            })
+            .collect();
+        in_the_way.sort_by_key(|&older| {
+            (std::cmp::Reverse(order[older].max_price_per_gpu_hour), std::cmp::Reverse(older))
+        });
+        let before: Vec<u32> = self.index.entries.iter().map(|e| e.taken).collect();
+        for moved in 1..=in_the_way.len().min(MAX_MOVED) {
+            let older = in_the_way[moved - 1];
+            if let Some(picks) = &gangs[older] {
+                self.give_back(order[older], picks);
+            }
+            let Ok(Selection::Complete(mine)) = self.select(request) else { continue };
+            self.take(request, &mine);
+            let mut again = in_the_way[..moved].to_vec();
+            again.sort_unstable();
+            let mut placed = vec![(at, mine)];
+            for older in again {
+                let Ok(Selection::Complete(picks)) = self.select(order[older]) else { break };
+                self.take(order[older], &picks);
+                placed.push((older, picks));
+            }
+            if placed.len() == moved + 1 {
+                for (at, picks) in placed {
+                    gangs[at] = Some(picks);
+                }
+                return true;
+            }
+            break;
         }
-        for (at, outcome) in gangs {
-            outcomes[at] = outcome;
+        self.set_taken(&before);
+        false
+    }
+
+    /// After requests moved, each matched one (oldest first) takes the cheapest gang on the
+    /// free GPUs and its own, until none changes (or [`MAX_SETTLE_ROUNDS`]): what a move freed
+    /// goes to whoever it is cheaper for, so no matched request could do better on what the
+    /// pass leaves free.
+    fn settle(&mut self, order: &[&Request], gangs: &mut [Option<Vec<Pick>>]) {
+        for _ in 0..MAX_SETTLE_ROUNDS {
+            let mut changed = false;
+            for (request, gang) in order.iter().zip(gangs.iter_mut()) {
+                let Some(picks) = gang else { continue };
+                self.give_back(request, picks);
+                if let Ok(Selection::Complete(cheapest)) = self.select(request)
+                    && cheapest != *picks
+                {
+                    *picks = cheapest;
+                    changed = true;
+                }
+                self.take(request, picks);
+            }
+            if !changed {
+                break;
+            }
         }
-        true
     }
 
     fn set_taken(&mut self, taken: &[u32]) {
@@ -166,7 +239,10 @@ impl<'a> Market<'a> {
     pub fn quote(&self, request: &Request) -> Outcome {
         match self.select(request) {
             Err(invalid) => Outcome::Unmatched(Explanation::Invalid(invalid)),
-            Ok(Selection::Complete(picks)) => Outcome::Matched(self.assignment(request, &picks)),
+            Ok(Selection::Complete(picks)) => {
+                let mut next = |entry: usize, _| self.index.entries[entry].taken;
+                Outcome::Matched(self.assignment(request, &picks, &mut next))
+            }
             Ok(Selection::Partial(_)) => {
                 Outcome::Unmatched(Explanation::Short(Box::new(self.shortage(request))))
             }
@@ -190,9 +266,7 @@ impl<'a> Market<'a> {
     /// GPUs of the entry that the request may take: none outside the fleet it must be in, all
     /// unassigned ones for the holder, the unassigned and unheld ones for everyone else.
     fn usable(&self, entry: &Entry, request: &Request) -> u32 {
-        if let Some(within) = &request.within
-            && self.index.site_name(entry.site) != within.as_deref().unwrap_or_default()
-        {
+        if !self.in_site(entry, request) {
             0
         } else if self.holder.as_deref() == Some(request.key.as_str()) {
             entry.unassigned()
@@ -201,16 +275,29 @@ impl<'a> Market<'a> {
         }
     }
 
-    /// The picks as workers with their GPUs: the first unassigned GPUs of each offer (held
-    /// GPUs are the last ones, see `hold`).
-    fn assignment(&self, request: &Request, picks: &[Pick]) -> Assignment {
+    /// Whether the entry is in the fleet the request must stay in, if it must.
+    fn in_site(&self, entry: &Entry, request: &Request) -> bool {
+        request.within.as_ref().is_none_or(|within| {
+            self.index.site_name(entry.site) == within.as_deref().unwrap_or_default()
+        })
+    }
+
+    /// The picks as workers with their GPUs: of each entry, the GPUs from the position `next`
+    /// gives for it (called once per pick with the pick's GPU count). Held GPUs are the last
+    /// ones of an offer (see `hold`), so those handed out come from the front.
+    fn assignment(
+        &self,
+        request: &Request,
+        picks: &[Pick],
+        next: &mut impl FnMut(usize, u32) -> u32,
+    ) -> Assignment {
         let g = request.gpus_per_worker as usize;
         let workers = picks
             .iter()
             .flat_map(|pick| {
                 let entry = &self.index.entries[pick.entry];
                 let offer = self.index.offer(entry);
-                let first = entry.taken as usize;
+                let first = next(pick.entry, pick.workers * request.gpus_per_worker) as usize;
                 (0..pick.workers as usize).map(move |w| WorkerSlot {
                     node: offer.node.clone(),
                     gpus: offer.free_gpus[first + w * g..first + (w + 1) * g].to_vec(),
@@ -230,6 +317,12 @@ impl<'a> Market<'a> {
         }
         for pick in picks {
             self.index.entries[pick.entry].taken += pick.workers * request.gpus_per_worker;
+        }
+    }
+
+    fn give_back(&mut self, request: &Request, picks: &[Pick]) {
+        for pick in picks {
+            self.index.entries[pick.entry].taken -= pick.workers * request.gpus_per_worker;
         }
     }
 

@@ -468,6 +468,42 @@ fn a_request_that_fits_only_ahead_of_older_ones_goes_ahead_when_they_all_still_f
 }
 
 #[test]
+fn a_request_moves_only_the_older_ones_in_its_way() {
+    let cents = |c: u64| c * DOLLAR / 100;
+    let offers = vec![
+        mk_offer("t4", "T4", 1, cents(10)),
+        mk_offer("mid", "RTX3090", 1, cents(20)),
+        mk_offer("dear", "RTX3090", 1, cents(30)),
+    ];
+    let any = |key, created, max| Request {
+        created,
+        models: ModelFilter::MinTier(GpuTier::Other),
+        ..mk_request(key, 1, 1, max)
+    };
+    let flexible = any("ns/flexible", 10, cents(30));
+    let at_its_limit = any("ns/at-its-limit", 20, cents(20));
+    let t4_only = Request {
+        created: 30,
+        models: ModelFilter::Models(vec!["T4".into()]),
+        ..mk_request("ns/t4-only", 1, 1, cents(10))
+    };
+    // In age order the flexible request takes the T4, the only GPU the young one can use.
+    // Moving every older request would push the one at its price limit out; moving only the
+    // one in the way serves all three.
+    let results = match_all(&offers, &[flexible, at_its_limit, t4_only], no_hold());
+    let placed: Vec<(&str, Vec<(&str, usize)>)> =
+        results.iter().map(|(key, outcome)| (key.as_str(), nodes(matched(outcome)))).collect();
+    assert_eq!(
+        placed,
+        [
+            ("ns/flexible", vec![("dear", 1)]),
+            ("ns/at-its-limit", vec![("mid", 1)]),
+            ("ns/t4-only", vec![("t4", 1)]),
+        ]
+    );
+}
+
+#[test]
 fn in_its_turn_a_request_gets_what_older_ones_leave_whoever_asks_first() {
     let offers = vec![mk_offer("a", "A100", 4, DOLLAR), mk_offer("b", "A100", 2, DOLLAR)];
     let old = Request { created: 10, ..mk_request("ns/old", 1, 4, DOLLAR) };
