@@ -818,7 +818,7 @@ proptest! {
         offers in arb_offers(),
         requests in arb_requests(),
     ) {
-        // Matched in age order alone means matched in the pass: promotions never cost an older
+        // Matched in age order alone means matched in the pass: moves never cost an older
         // request its match.
         let results = match_all(&offers, &requests, no_hold());
         let mut age_order = requests.clone();
