@@ -407,9 +407,9 @@ pub fn match_all(
 }
 
 /// What `request` gets in its turn: the pass of [`Market::match_all`] over it and every request
-/// of `queue` older than it (oldest first, then by key; with backfill, moves that make room and the hold
-/// rule); younger ones come after it and do not change its outcome. `request` need not be in
-/// `queue`.
+/// of `queue` older than it (oldest first, then by key; with backfill, moves that make room and
+/// the hold rule); younger ones come after it and do not change its outcome. `request` need not
+/// be in `queue`.
 pub fn match_in_turn(
     offers: &[Offer],
     queue: &[Request],
