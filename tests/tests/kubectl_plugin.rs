@@ -353,9 +353,9 @@ async fn a_quote_leaves_out_a_cheaper_offer_the_market_does_not_verify_as_the_bi
     assert_eq!(quoted["workers"][0]["node"], "plugin-v", "{quotes}");
     assert_eq!(quoted["pricePerHour"], 4 * PRICE, "{quotes}");
 
-    // Four GPUs: only with the refused offer, and the quote says that is why.
-    let both = manifest(files.path(), "both", region, 4, 5 * PRICE, &buyer.pubkey());
-    let text = market.plugin(&["quote", "-f", &both]).await.unwrap();
+    // At the refused offer's price: only it would serve, and the quote says that is why.
+    let cheap = manifest(files.path(), "cheap", region, 2, PRICE, &buyer.pubkey());
+    let text = market.plugin(&["quote", "-f", &cheap]).await.unwrap();
     assert!(
         text.contains("would match offer plugin-unsigned if the market verified it; it does not"),
         "{text}"
