@@ -20,7 +20,7 @@ use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer, LeasePhase};
 use gpumarket_tests::solana::read_keypair;
-use gpumarket_tests::supplier::Supplier;
+use gpumarket_tests::supplier::{Supplier, add_node, signed_offer};
 use gpumarket_tests::{Env, Solana, eventually};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -314,4 +314,66 @@ async fn a_supplier_bonds_and_unbonds_stake_from_its_offer_wallet_only() {
         Some(500_001),
         "bonded until the cooldown"
     );
+}
+
+#[tokio::test]
+async fn a_quote_leaves_out_a_cheaper_offer_the_market_does_not_verify_as_the_bind_does() {
+    let market = Market::start("plugin-verify").await;
+    let (sol, clusters) = (market.sol, market.clusters());
+    let buyer = read_keypair(&sol.buyer).unwrap();
+    let wallet = read_keypair(&sol.suppliers[1]).unwrap();
+    let region = "plugin-verify";
+    let _verified = Supplier::start_paid_to(
+        market.env,
+        &market.client,
+        "plugin-v",
+        region,
+        2,
+        2 * PRICE,
+        &wallet,
+    )
+    .await;
+    // Cheaper, but unsigned where the market requires signatures: never matched.
+    add_node(market.env, "plugin-unsigned", region, 2).await;
+    let mut spec = signed_offer("plugin-unsigned", region, 2, PRICE, None, &wallet);
+    spec.signature = None;
+    let _unsigned = Supplier::publish(&market.client, spec).await;
+    let offers: Api<GpuOffer> = Api::all(market.client.clone());
+    eventually("the unsigned offer refused", WAIT, || async {
+        let offer = offers.get("plugin-unsigned").await.ok()?;
+        let verified = offer.status?.conditions.into_iter().find(|c| c.type_ == "Verified")?;
+        (verified.status == "False").then_some(())
+    })
+    .await;
+    let files = tempfile::tempdir().unwrap();
+    let job = manifest(files.path(), "verified", region, 2, 5 * PRICE, &buyer.pubkey());
+
+    let quotes = market.json(&["quote", "-f", &job]).await;
+    let quoted = &quotes[0]["matched"];
+    assert_eq!(quoted["workers"][0]["node"], "plugin-v", "{quotes}");
+    assert_eq!(quoted["pricePerHour"], 4 * PRICE, "{quotes}");
+
+    // At the refused offer's price: only it would serve, and the quote says that is why.
+    let cheap = manifest(files.path(), "cheap", region, 2, PRICE, &buyer.pubkey());
+    let text = market.plugin(&["quote", "-f", &cheap]).await.unwrap();
+    assert!(
+        text.contains("would match offer plugin-unsigned if the market verified it; it does not"),
+        "{text}"
+    );
+
+    // Applied and funded as quoted: the market binds the quoted node at the quoted price.
+    let spec = plugin::parse_clusters(&std::fs::read_to_string(&job).unwrap(), &market.ns).unwrap();
+    let created = clusters.create(&PostParams::default(), &spec[0]).await.unwrap();
+    let keypair = sol.buyer.display().to_string();
+    let sent = market.json(&["deposit", "verified", "--keypair", &keypair]).await;
+    assert_eq!(sent["sent"], quoted["deposit"], "{sent}");
+    let running = eventually("the cluster Running", WAIT, || async {
+        let c = clusters.get("verified").await.ok()?;
+        (c.status.as_ref()?.phase == Some(ClusterPhase::Running)).then_some(c)
+    })
+    .await;
+    assert_eq!(running.status.as_ref().unwrap().hourly_rate, Some(4 * PRICE));
+    let leases = market.leases_of(&created).await;
+    assert_eq!(leases.iter().map(|l| l.spec.offer.as_str()).collect::<Vec<_>>(), ["plugin-v"]);
+    clusters.delete("verified", &DeleteParams::default()).await.unwrap();
 }

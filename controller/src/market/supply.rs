@@ -9,6 +9,8 @@ use gpumarket_crds::{GpuCluster, GpuHealth, GpuLease, GpuOffer, GpuState};
 use jiff::Timestamp;
 
 use crate::matching::{ModelFilter, Offer, Request, WorkerAsk};
+use crate::runtime::context::Settings;
+use crate::settlement::stake::StakePolicy;
 
 /// Most a heartbeat may lie in the future (clocks of the agent's node and the controller's
 /// differ a little); one further ahead is a lie that would keep a dead offer fresh forever.
@@ -111,6 +113,26 @@ pub fn market_supply<'a>(
     timeout: Duration,
 ) -> Vec<Offer> {
     offers.into_iter().filter(|o| admits(o)).filter_map(|o| market_offer(o, now, timeout)).collect()
+}
+
+/// The supply the controller matches on at `now`: the offers verification `admitted`, with
+/// settlement on staked as `stake` asks, each GPU of the tier the market's `settings` give its
+/// model. `kubectl gpumarket quote` quotes on the same.
+pub fn matchable_supply<'a>(
+    offers: impl IntoIterator<Item = &'a GpuOffer>,
+    admitted: impl Fn(&GpuOffer) -> bool,
+    settings: &Settings,
+    stake: Option<&StakePolicy>,
+    now: Timestamp,
+) -> Vec<Offer> {
+    let tier_of = |model: &str| crate::policy::tier_of(settings, model);
+    let staked = |o: &GpuOffer| stake.is_none_or(|s| s.admits(o, tier_of));
+    let mut supply =
+        market_supply(offers, |o| admitted(o) && staked(o), now, settings.heartbeat_timeout);
+    for offer in &mut supply {
+        offer.tier = tier_of(&offer.model);
+    }
+    supply
 }
 
 /// Workers of the active leases, by cluster uid.

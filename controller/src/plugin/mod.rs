@@ -19,7 +19,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gpumarket_crds::common::parse_duration;
-use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer, GpuTier};
+use gpumarket_crds::policy::POLICY_NAME;
+use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer, GpuTier, MarketPolicy};
 use jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -30,9 +31,10 @@ use solana_signer::Signer;
 
 use crate::fleet::offer_fleet;
 use crate::market::supply::{
-    gang_fleets, market_request, market_supply, placed_workers, waiting_requests,
+    gang_fleets, market_request, matchable_supply, placed_workers, waiting_requests,
 };
 use crate::matching::{self, Outcome};
+use crate::runtime::context::Settings;
 use crate::settlement::escrow::{DepositStatus, required_deposit};
 use crate::settlement::memo;
 use crate::settlement::stake::{StakePolicy, parse_min_per_gpu};
@@ -71,13 +73,16 @@ pub struct Global {
     /// Solana RPC endpoint of the market.
     #[arg(long, global = true, env = "SOLANA_RPC_URL")]
     pub rpc_url: Option<String>,
-    /// The controller's --deposit-margin (percent above the cost a deposit must cover).
+    /// The controller's --deposit-margin (percent above the cost a deposit must cover), where
+    /// the MarketPolicy sets none.
     #[arg(long, global = true, env = "GPUMARKET_DEPOSIT_MARGIN", default_value_t = 0)]
     pub deposit_margin: u32,
-    /// The controller's --min-stake-per-gpu (offers staked less are not matched).
+    /// The controller's --min-stake-per-gpu (offers staked less are not matched), where the
+    /// MarketPolicy sets none.
     #[arg(long, global = true, env = "GPUMARKET_MIN_STAKE_PER_GPU", default_value = "", value_parser = parse_min_per_gpu)]
     pub min_stake_per_gpu: BTreeMap<GpuTier, u64>,
-    /// The controller's --heartbeat-timeout (offers silent for longer are not matched).
+    /// The controller's --heartbeat-timeout (offers silent for longer are not matched), where
+    /// the MarketPolicy sets none.
     #[arg(long, global = true, env = "GPUMARKET_HEARTBEAT_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub heartbeat_timeout: Duration,
 }
@@ -164,10 +169,8 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
             let clusters = parse_clusters(&text, &namespace)
                 .with_context(|| format!("{} is not a GpuCluster manifest", filename.display()))?;
             let market = Market::read(&client, global).await?;
-            let quotes: Vec<quote::Quote> = clusters
-                .iter()
-                .map(|c| market.quote_new(c, global.deposit_margin, now))
-                .collect::<anyhow::Result<_>>()?;
+            let quotes: Vec<quote::Quote> =
+                clusters.iter().map(|c| market.quote_new(c, now)).collect::<anyhow::Result<_>>()?;
             emit(out, global.output, &quotes, |q| quote::render(q))
         }
         Command::Status { name } => {
@@ -259,44 +262,64 @@ pub fn parse_clusters(text: &str, namespace: &str) -> anyhow::Result<Vec<GpuClus
     Ok(clusters)
 }
 
-/// The market as the controller sees it: offers, clusters, leases.
+/// The market as the controller sees it: offers, clusters, leases, and the rules in force (the
+/// controller's flags as given here, with the live MarketPolicy on top, as the controller has
+/// them).
 struct Market {
     offers: Vec<GpuOffer>,
     clusters: Vec<GpuCluster>,
     leases: Vec<GpuLease>,
+    settings: Settings,
     stake: StakePolicy,
-    heartbeat_timeout: Duration,
+    deposit_margin_percent: u32,
 }
 
 impl Market {
     async fn read(client: &Client, global: &Global) -> anyhow::Result<Market> {
         let all = ListParams::default();
+        let policy = Api::<MarketPolicy>::all(client.clone()).get_opt(POLICY_NAME).await?;
+        let policy = policy.as_ref().map(|p| &p.spec);
+        let flags = Settings { heartbeat_timeout: global.heartbeat_timeout, ..Settings::default() };
+        let stake =
+            StakePolicy { min_per_gpu: global.min_stake_per_gpu.clone(), ..StakePolicy::default() };
         Ok(Market {
             offers: Api::<GpuOffer>::all(client.clone()).list(&all).await?.items,
             clusters: Api::<GpuCluster>::all(client.clone()).list(&all).await?.items,
             leases: Api::<GpuLease>::all(client.clone()).list(&all).await?.items,
-            stake: StakePolicy {
-                min_per_gpu: global.min_stake_per_gpu.clone(),
-                ..StakePolicy::default()
-            },
-            heartbeat_timeout: global.heartbeat_timeout,
+            settings: crate::policy::effective(&flags, policy),
+            stake: crate::policy::effective_stake(&stake, policy),
+            deposit_margin_percent: policy
+                .and_then(|p| p.deposit_margin_percent)
+                .unwrap_or(global.deposit_margin),
         })
     }
 
-    /// Free supply, as `Context::supply` has it.
+    /// Free supply, as `Context::supply` has it: the offers the controller verified (their
+    /// `Verified` condition), staked enough.
     fn supply(&self, now: Timestamp) -> Vec<matching::Offer> {
-        let staked = |o: &GpuOffer| self.stake.admits(o, GpuTier::of_model);
-        market_supply(&self.offers, staked, now, self.heartbeat_timeout)
+        let admitted = crate::verification::admitted;
+        matchable_supply(&self.offers, admitted, &self.settings, Some(&self.stake), now)
+    }
+
+    /// The offers the controller's verification refuses that would otherwise be supply, and why.
+    fn refused(&self, now: Timestamp) -> Vec<quote::Refused> {
+        let refused = |o: &GpuOffer| !crate::verification::admitted(o);
+        let supply =
+            matchable_supply(&self.offers, refused, &self.settings, Some(&self.stake), now);
+        let why = |node: &str| {
+            let offer = self.offers.iter().find(|o| o.spec.node_name == node);
+            let condition = offer.and_then(crate::verification::condition);
+            condition.map_or_else(
+                || "the controller has not verified it yet".to_owned(),
+                |c| format!("{}: {}", c.reason, c.message),
+            )
+        };
+        supply.into_iter().map(|offer| quote::Refused { why: why(&offer.node), offer }).collect()
     }
 
     /// The quote for a cluster applied now: it waits its turn behind every cluster already
     /// looking for GPUs, as the controller's bind does.
-    fn quote_new(
-        &self,
-        cluster: &GpuCluster,
-        margin_percent: u32,
-        now: Timestamp,
-    ) -> anyhow::Result<quote::Quote> {
+    fn quote_new(&self, cluster: &GpuCluster, now: Timestamp) -> anyhow::Result<quote::Quote> {
         let placed = placed_workers(&self.leases);
         let offers: HashMap<String, &GpuOffer> =
             self.offers.iter().map(|o| (o.name_any(), o)).collect();
@@ -310,8 +333,11 @@ impl Market {
         request.created = now.as_second();
         let supply = self.supply(now);
         let hold = matching::HoldPolicy::at(now.as_second());
-        let answer = |r: &matching::Request| matching::match_in_turn(&supply, &queue, r, hold);
-        quote::quote(cluster, &request, &supply, answer, margin_percent)
+        let answer = |supply: &[matching::Offer], r: &matching::Request| {
+            matching::match_in_turn(supply, &queue, r, hold)
+        };
+        let refused = self.refused(now);
+        quote::quote(cluster, &request, &supply, &refused, answer, self.deposit_margin_percent)
     }
 }
 
@@ -372,7 +398,7 @@ async fn deposit(
              (nothing sent): {why}"
         ),
     };
-    let required = required_deposit(hourly, duration, global.deposit_margin);
+    let required = required_deposit(hourly, duration, market.deposit_margin_percent);
     let rpc = rpc(global)?;
     let held = wallet::token_balance(&rpc, &escrow).await?;
     let sent = match DepositStatus::new(held.amount, required) {

@@ -26,6 +26,25 @@ pub struct Quote {
     /// Single changes to the spec that would let it match now, cheapest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub relaxations: Vec<Relaxation>,
+    /// When it is unmatched only because the offers that would serve it are refused by the
+    /// market's verification: those offers, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused_offers: Vec<RefusedOffer>,
+}
+
+/// An offer the market does not match (its `Verified` condition is not True), and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RefusedOffer {
+    pub node: String,
+    pub why: String,
+}
+
+/// An offer of the market as supply, refused by verification for `why`.
+#[derive(Clone, Debug)]
+pub struct Refused {
+    pub offer: Offer,
+    pub why: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -58,13 +77,16 @@ pub struct Relaxation {
     pub price_per_hour: u64,
 }
 
-/// The quote of `cluster` as `request`, where `answer` is the matching engine's answer for a
-/// request on `supply` (the same call for the relaxed requests).
+/// The quote of `cluster` as `request` on `supply` (what the controller matches on), where
+/// `answer` is the matching engine's answer for a request on some supply (the same call for
+/// the relaxed requests). `refused` are the offers verification keeps out of `supply`: when
+/// they alone would match, the quote names them.
 pub fn quote(
     cluster: &GpuCluster,
     request: &Request,
     supply: &[Offer],
-    answer: impl Fn(&Request) -> Outcome,
+    refused: &[Refused],
+    answer: impl Fn(&[Offer], &Request) -> Outcome,
     margin_percent: u32,
 ) -> anyhow::Result<Quote> {
     let duration = cluster.spec.duration().map_err(|e| anyhow::anyhow!("spec.duration: {e}"))?;
@@ -75,8 +97,9 @@ pub fn quote(
         matched: None,
         unmatched: None,
         relaxations: Vec::new(),
+        refused_offers: Vec::new(),
     };
-    match answer(request) {
+    match answer(supply, request) {
         Outcome::Matched(assignment) => {
             let hourly = assignment.hourly_cost();
             let model = |node: &str| {
@@ -100,12 +123,36 @@ pub fn quote(
         }
         Outcome::Unmatched(why) => {
             quote.unmatched = Some(why.to_string());
+            quote.refused_offers = refused_offers(request, supply, refused, &answer);
             if let Explanation::Short(_) = why {
-                quote.relaxations = relaxations(request, supply, &answer);
+                let on_supply = |r: &Request| answer(supply, r);
+                quote.relaxations = relaxations(request, supply, &on_supply);
             }
         }
     }
     Ok(quote)
+}
+
+/// The `refused` offers that `request` would be matched to if verification admitted them.
+fn refused_offers(
+    request: &Request,
+    supply: &[Offer],
+    refused: &[Refused],
+    answer: &impl Fn(&[Offer], &Request) -> Outcome,
+) -> Vec<RefusedOffer> {
+    if refused.is_empty() {
+        return Vec::new();
+    }
+    let widened: Vec<Offer> =
+        supply.iter().cloned().chain(refused.iter().map(|r| r.offer.clone())).collect();
+    let Outcome::Matched(assignment) = answer(&widened, request) else { return Vec::new() };
+    let mut found: Vec<RefusedOffer> = refused
+        .iter()
+        .filter(|r| assignment.workers.iter().any(|w| w.node == r.offer.node))
+        .map(|r| RefusedOffer { node: r.offer.node.clone(), why: r.why.clone() })
+        .collect();
+    found.sort_by(|a, b| a.node.cmp(&b.node));
+    found
 }
 
 /// Each constraint relaxed alone (as far as it goes: any price, any model, ...); those that
@@ -213,7 +260,14 @@ pub fn render(quotes: &[Quote]) -> String {
             None => {
                 let why = q.unmatched.as_deref().unwrap_or_default();
                 let _ = writeln!(s, "  unmatched: {why}");
-                if q.relaxations.is_empty() {
+                for r in &q.refused_offers {
+                    let _ = writeln!(
+                        s,
+                        "  would match offer {} if the market verified it; it does not: {}",
+                        r.node, r.why
+                    );
+                }
+                if q.relaxations.is_empty() && q.refused_offers.is_empty() {
                     let _ = writeln!(s, "  no single change to the spec matches it now");
                 }
                 for r in &q.relaxations {
@@ -264,7 +318,7 @@ mod tests {
 
     fn quote_of(cluster: &GpuCluster, supply: &[Offer]) -> Quote {
         let request = market_request(cluster, cluster.spec.workers);
-        quote(cluster, &request, supply, |r| matching::quote(supply, r), 10).expect("valid")
+        quote(cluster, &request, supply, &[], matching::quote, 10).expect("valid")
     }
 
     #[test]
@@ -302,5 +356,35 @@ mod tests {
         );
         let text = render(&[q]);
         assert!(text.contains("would match with spec.location.region: us-east"), "{text}");
+    }
+
+    #[test]
+    fn an_offer_the_market_refuses_is_not_quoted_but_named_when_only_it_would_match() {
+        let finetune = &examples()[0];
+        let verified: Vec<Offer> =
+            (0..2).map(|i| offer(&format!("v{i}"), "eu-west", 2_000_000, 700)).collect();
+        let forged = Refused {
+            offer: offer("forged", "eu-west", 1_000_000, 700),
+            why: "BadSignature: not signed by spec.wallet's key".into(),
+        };
+        let request = market_request(finetune, finetune.spec.workers);
+        let refused = std::slice::from_ref(&forged);
+        let q = quote(finetune, &request, &verified, refused, matching::quote, 10).expect("valid");
+        let m = q.matched.expect("the verified offers match");
+        assert!(m.workers.iter().all(|w| w.node.starts_with('v')), "{m:?}");
+        assert_eq!(m.price_per_hour, 32_000_000, "not the cheaper refused offer's price");
+
+        let q =
+            quote(finetune, &request, &verified[..1], refused, matching::quote, 10).expect("valid");
+        assert!(q.matched.is_none());
+        let named = RefusedOffer { node: "forged".into(), why: forged.why.clone() };
+        assert_eq!(q.refused_offers, [named]);
+        let text = render(&[q]);
+        assert!(
+            text.contains(
+                "would match offer forged if the market verified it; it does not: BadSignature"
+            ),
+            "{text}"
+        );
     }
 }

@@ -97,14 +97,21 @@ pub fn effective_settlement(
             .unwrap_or(flags.deposit_margin_percent),
         heartbeat_timeout: policy_duration(&policy.heartbeat_timeout, flags.heartbeat_timeout),
         market_fee_permille: policy.market_fee_permille.unwrap_or(flags.market_fee_permille),
-        stake: StakePolicy {
-            min_per_gpu: policy.min_stake_per_gpu.as_ref().map_or_else(
-                || flags.stake.min_per_gpu.clone(),
-                |tiers| tiers.iter().map(|t| (t.tier, t.amount)).collect(),
-            ),
-            slash_permille: policy.slash_permille.unwrap_or(flags.stake.slash_permille),
-            ..flags.stake.clone()
-        },
+        stake: effective_stake(&flags.stake, Some(policy)),
+        ..flags.clone()
+    }
+}
+
+/// The stake policy in force: the flags' (`flags`), with the stake minimums (all tiers, when
+/// the policy lists any) and slash rate the policy sets on top.
+pub fn effective_stake(flags: &StakePolicy, policy: Option<&MarketPolicySpec>) -> StakePolicy {
+    let Some(policy) = policy else { return flags.clone() };
+    StakePolicy {
+        min_per_gpu: policy.min_stake_per_gpu.as_ref().map_or_else(
+            || flags.min_per_gpu.clone(),
+            |tiers| tiers.iter().map(|t| (t.tier, t.amount)).collect(),
+        ),
+        slash_permille: policy.slash_permille.unwrap_or(flags.slash_permille),
         ..flags.clone()
     }
 }

@@ -11,7 +11,7 @@ use kube::Client;
 use kube::{Resource, ResourceExt};
 
 use crate::market::supply::{
-    gang_fleets, gpu_lease, market_supply, placed_workers, waiting_requests,
+    gang_fleets, gpu_lease, matchable_supply, placed_workers, waiting_requests,
 };
 use crate::matching::{Offer, Request};
 use crate::raycluster::HeadPlacement;
@@ -179,18 +179,16 @@ impl Context {
             at.elapsed() < RECENT_CLAIM_TTL
                 && by_name.get(offer).is_some_and(|o| gpu_lease(o, gpu).is_none())
         });
-        let settlement = self.settlement();
-        let tier_of = |model: &str| crate::policy::tier_of(&settings, model);
-        let staked = |o: &GpuOffer| settlement.as_ref().is_none_or(|s| s.stake.admits(o, tier_of));
-        let mut supply = market_supply(
+        let stake = self.settlement().map(|s| s.stake);
+        let mut supply = matchable_supply(
             offers.iter().map(AsRef::as_ref),
-            |o| admitted(o) && staked(o),
+            admitted,
+            &settings,
+            stake.as_ref(),
             now,
-            settings.heartbeat_timeout,
         );
         for offer in &mut supply {
             offer.free_gpus.retain(|g| !recent.contains_key(&(offer.node.clone(), g.clone())));
-            offer.tier = tier_of(&offer.model);
         }
         supply
     }
