@@ -224,7 +224,7 @@ async fn run_controllers(
             loop {
                 ticks.tick().await;
                 let (o, l, c) = (ctx.offers.state(), ctx.leases.state(), cluster_store.state());
-                ctx.metrics.refresh_inventory(&o, &l, &c);
+                ctx.metrics.refresh_inventory(&o, &l, &c, jiff::Timestamp::now());
             }
         }
     };

@@ -18,6 +18,7 @@ pub mod demo;
 pub mod dns;
 pub mod images;
 pub mod kwok;
+pub mod metrics;
 pub mod node_mix;
 pub mod ports;
 pub mod process;

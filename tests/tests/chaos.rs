@@ -307,6 +307,42 @@ fn price_of(node: usize) -> u64 {
     BASE_PRICE + 100_000 * node as u64
 }
 
+/// What the market could see of an offer: its conditions, heartbeat, stake, and each GPU's
+/// health and lease (with the lease's phase), for a stuck cluster's report.
+fn describe_offer(offer: &GpuOffer, leases: &[GpuLease]) -> String {
+    let status = offer.status.clone().unwrap_or_default();
+    let conditions: Vec<String> = status
+        .conditions
+        .iter()
+        .map(|c| format!("{}={} ({})", c.type_, c.status, c.reason))
+        .collect();
+    let gpus: Vec<String> = offer
+        .spec
+        .gpus
+        .iter()
+        .map(|gpu| {
+            let state = status.gpus.iter().find(|g| g.uuid == gpu.uuid);
+            let health = state.and_then(|s| s.health).map_or("-".to_owned(), |h| format!("{h:?}"));
+            let lease = state.and_then(|s| s.lease.as_deref()).map_or("free".to_owned(), |name| {
+                let phase = leases
+                    .iter()
+                    .find(|l| l.name_any() == name)
+                    .map(|l| l.status.as_ref().and_then(|s| s.phase));
+                format!("{name} {phase:?}")
+            });
+            format!("{} {health} {lease}", gpu.uuid)
+        })
+        .collect();
+    let heartbeat = status.last_heartbeat.as_ref().map(|t| t.0.to_string());
+    format!(
+        "{}: {} ; heartbeat {heartbeat:?}, stake {} ; {}",
+        offer.name_any(),
+        conditions.join(", "),
+        offer.bonded_stake(),
+        gpus.join("; ")
+    )
+}
+
 /// What the sampler saw.
 #[derive(Debug, Default)]
 struct Sampled {
@@ -1092,6 +1128,12 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
                     status.phase,
                     conditions.join("; ")
                 ));
+            }
+            if problems.iter().any(|p| p.contains("after the calm")) {
+                let offers = Api::<GpuOffer>::all(client.clone());
+                for offer in offers.list(&ListParams::default()).await?.items {
+                    problems.push(format!("  supply then: {}", describe_offer(&offer, &leases)));
+                }
             }
             break listed
                 .iter()

@@ -19,6 +19,8 @@ use gpumarket_controller::plugin::{self, Cli};
 use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer, LeasePhase};
+use gpumarket_tests::metrics::{sample, scrape};
+use gpumarket_tests::ports::free_tcp_ports;
 use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::supplier::{Supplier, add_node, signed_offer};
 use gpumarket_tests::{Env, Solana, eventually};
@@ -44,6 +46,8 @@ struct Market {
     ns: String,
     sol: &'static Solana,
     controller: tokio::task::JoinHandle<()>,
+    /// Where the controller serves its metrics, on 127.0.0.1.
+    metrics_port: u16,
     _keys: tempfile::TempDir,
 }
 
@@ -65,8 +69,10 @@ impl Market {
         );
         settlement.poll_interval = Duration::from_secs(1);
         let settler = Arc::new(Settler::new(settlement).unwrap());
+        let metrics_port = free_tcp_ports(1).unwrap()[0];
         let config = Config {
             settings: Settings { heartbeat_timeout: Duration::from_secs(4), ..Settings::default() },
+            metrics_addr: Some(([127, 0, 0, 1], metrics_port).into()),
             ..Config::default()
         };
         let controller = tokio::spawn({
@@ -76,7 +82,7 @@ impl Market {
             }
         });
         env.start_kuberay(&ns).unwrap();
-        Market { _turn: turn, env, client, ns, sol, controller, _keys: keys }
+        Market { _turn: turn, env, client, ns, sol, controller, metrics_port, _keys: keys }
     }
 
     /// `kubectl gpumarket ARGS` in this test's namespace, with the environment's kubeconfig
@@ -260,6 +266,27 @@ async fn a_quote_is_what_the_market_charges_and_a_deposit_is_exact_and_sent_once
     assert_eq!(days.values().map(|d| d["paid"].as_u64().unwrap()).sum::<u64>(), received);
     let text = market.plugin(&["earnings", "--wallet", &supplier.to_string()]).await.unwrap();
     assert!(text.contains("plugin-a") && text.contains("reputation"), "{text}");
+
+    // The controller's metrics say the same.
+    let node = "{model=\"H100\",node=\"plugin-a\"}";
+    let paid = format!("gpumarket_supplier_paid_base_units{node}");
+    let metrics = eventually("the earnings in the metrics", Duration::from_secs(15), || async {
+        let text = scrape(market.metrics_port).await.ok()?;
+        (sample(&text, &paid) == Some(received as f64)).then_some(text)
+    })
+    .await;
+    assert_eq!(
+        sample(&metrics, &format!("gpumarket_supplier_pending_base_units{node}")),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&metrics, &format!("gpumarket_supplier_served_gpu_seconds{node}")),
+        Some((received / 1000) as f64)
+    );
+    // Whatever else the API server holds, payouts keep up: at most a period (3 s) and a round
+    // behind.
+    let lag = sample(&metrics, "gpumarket_settlement_lag_seconds").unwrap();
+    assert!(lag < 10.0, "settlement {lag} s behind");
 }
 
 #[tokio::test]

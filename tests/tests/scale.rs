@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use gpumarket_controller::simulate::{self, Simulation};
 use gpumarket_crds::{GpuCluster, GpuOffer};
+use gpumarket_tests::metrics::{sample, scrape};
 use gpumarket_tests::{Env, GpuNode, eventually};
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
@@ -202,9 +203,11 @@ async fn bench_thousand_nodes_two_hundred_clusters() {
         gpus_wanted as f64 / total.as_secs_f64(),
         peak_rss_mib(pid),
     );
-    let metrics = scrape(metrics_port).await;
-    let stat =
-        |base: &str, labels: &str, stat: &str| sample(&metrics, &format!("{base}_{stat}{labels}"));
+    let metrics = scrape(metrics_port).await.unwrap();
+    let stat = |base: &str, labels: &str, stat: &str| {
+        let name = format!("{base}_{stat}{labels}");
+        sample(&metrics, &name).unwrap_or_else(|| panic!("no sample {name}"))
+    };
     let mean = |base: &str, labels: &str| stat(base, labels, "sum") / stat(base, labels, "count");
     let (matches, reconciles) =
         ("gpumarket_match_latency_seconds", "gpumarket_reconcile_duration_seconds");
@@ -216,22 +219,4 @@ async fn bench_thousand_nodes_two_hundred_clusters() {
         mean(reconciles, gpucluster) * 1e3,
         stat(reconciles, gpucluster, "count"),
     );
-}
-
-/// The controller's /metrics text.
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
-}
-
-/// The value of one sample (`name` with its labels, as exposed).
-fn sample(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name}"))
 }

@@ -186,7 +186,12 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::Earnings { wallet } => {
             let leases = Api::<GpuLease>::all(client.clone()).list(&ListParams::default()).await?;
             let offers = Api::<GpuOffer>::all(client.clone()).list(&ListParams::default()).await?;
-            let report = earnings::tally(&leases.items, &offers.items, wallet.as_deref(), now);
+            let report = crate::settlement::earnings::tally(
+                &leases.items,
+                &offers.items,
+                wallet.as_deref(),
+                now,
+            );
             emit(out, global.output, &report, earnings::render)
         }
         Command::Dashboard { name, port } => {

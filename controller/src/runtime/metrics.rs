@@ -11,6 +11,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer};
+use jiff::Timestamp;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -18,6 +19,7 @@ use prometheus::{
 
 use crate::cluster::status::is_active;
 use crate::market::supply::{gpu_healthy, gpu_lease};
+use crate::settlement::earnings;
 
 /// Every metric of the controller, registered in its own registry (no globals).
 pub struct Metrics {
@@ -34,6 +36,13 @@ pub struct Metrics {
     pub settlement_rounds: IntCounterVec,
     /// What settlement rounds did, by action (payouts sent, confirmed, refunds sent, ...).
     pub settlement_actions: IntCounterVec,
+    /// Age of the oldest served GPU-second not confirmed paid (see `earnings::settlement_lag`).
+    pub settlement_lag: IntGauge,
+    /// Supplier earnings by node and model over the leases the API server holds: GPU-seconds
+    /// served, base units confirmed paid, base units metered and not paid yet.
+    pub served_gpu_seconds: IntGaugeVec,
+    pub paid: IntGaugeVec,
+    pub pending: IntGaugeVec,
     /// Set once the caches are filled (and, with leader election, while leading).
     pub ready: AtomicBool,
 }
@@ -85,6 +94,28 @@ impl Metrics {
         )?;
         registry.register(Box::new(settlement_rounds.clone()))?;
         registry.register(Box::new(settlement_actions.clone()))?;
+        let settlement_lag = IntGauge::new(
+            "settlement_lag_seconds",
+            "Age of the oldest served GPU-second not confirmed paid on chain",
+        )?;
+        let earnings =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["node", "model"]);
+        let served_gpu_seconds = earnings(
+            "supplier_served_gpu_seconds",
+            "GPU-seconds served, by supplier node, over the leases held",
+        )?;
+        let paid = earnings(
+            "supplier_paid_base_units",
+            "Payouts confirmed on chain, by supplier node, over the leases held",
+        )?;
+        let pending = earnings(
+            "supplier_pending_base_units",
+            "Metered and not yet paid, by supplier node, over the leases held",
+        )?;
+        registry.register(Box::new(settlement_lag.clone()))?;
+        registry.register(Box::new(served_gpu_seconds.clone()))?;
+        registry.register(Box::new(paid.clone()))?;
+        registry.register(Box::new(pending.clone()))?;
         Ok(Metrics {
             registry,
             reconciles,
@@ -97,16 +128,21 @@ impl Metrics {
             replacements,
             settlement_rounds,
             settlement_actions,
+            settlement_lag,
+            served_gpu_seconds,
+            paid,
+            pending,
             ready: AtomicBool::new(false),
         })
     }
 
-    /// Update the inventory gauges from the caches.
+    /// Update the inventory, earnings and settlement-lag gauges from the caches at `now`.
     pub fn refresh_inventory(
         &self,
         offers: &[Arc<GpuOffer>],
         leases: &[Arc<GpuLease>],
         clusters: &[Arc<GpuCluster>],
+        now: Timestamp,
     ) {
         self.gpus.reset();
         for ((model, state), count) in gpu_inventory(offers) {
@@ -120,6 +156,20 @@ impl Metrics {
             })
             .count();
         self.pending_requests.set(pending as i64);
+
+        let held = || leases.iter().map(AsRef::as_ref);
+        self.settlement_lag.set(gauge(earnings::settlement_lag(held(), now)));
+        let earned = earnings::tally(held(), offers.iter().map(AsRef::as_ref), None, now);
+        for gauges in [&self.served_gpu_seconds, &self.paid, &self.pending] {
+            gauges.reset();
+        }
+        for node in &earned.nodes {
+            let labels = [node.node.as_str(), node.model.as_str()];
+            let t = &node.totals;
+            self.served_gpu_seconds.with_label_values(&labels).set(gauge(t.served_gpu_seconds));
+            self.paid.with_label_values(&labels).set(gauge(t.paid));
+            self.pending.with_label_values(&labels).set(gauge(t.pending));
+        }
     }
 
     /// Count a settlement round and what it did.
@@ -143,6 +193,11 @@ impl Metrics {
         }
         String::from_utf8_lossy(&buffer).into_owned()
     }
+}
+
+/// A count as a gauge value (saturating: base units can exceed `i64`).
+fn gauge(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 /// Offered GPUs counted by (model, state), state one of `free`, `leased`, `unhealthy`.
@@ -190,8 +245,9 @@ pub const INVENTORY_PERIOD: Duration = Duration::from_secs(5);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mk_offer, now};
-    use gpumarket_crds::{GpuHealth, GpuState};
+    use crate::testing::{mk_cluster, mk_lease, mk_offer, now};
+    use gpumarket_crds::{GpuHealth, GpuLeaseStatus, GpuState, LeasePhase};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     #[test]
     fn inventory_counts_free_leased_and_unhealthy_gpus_by_model() {
@@ -218,7 +274,7 @@ mod tests {
         assert_eq!(counts.get(&("A100".into(), "free")), Some(&2));
 
         let metrics = Metrics::new().expect("registers");
-        metrics.refresh_inventory(&[Arc::new(mk_offer("c", "H100", 1, now()))], &[], &[]);
+        metrics.refresh_inventory(&[Arc::new(mk_offer("c", "H100", 1, now()))], &[], &[], now());
         metrics.replacements.inc();
         metrics.record_round(Ok(&[("payouts_sent", 3), ("transactions_sent", 1)]));
         metrics.record_round(Err("config"));
@@ -231,5 +287,39 @@ mod tests {
         );
         assert!(text.contains("gpumarket_gpus{model=\"H100\",state=\"free\"} 1"), "{text}");
         assert!(text.contains("gpumarket_replacements_total 1"), "{text}");
+    }
+
+    #[test]
+    fn earnings_and_settlement_lag_come_from_the_leases() {
+        let cluster = mk_cluster("c", 1, 2);
+        let mut lease = mk_lease(&cluster, "c", &["c-gpu-0", "c-gpu-1"], 1);
+        // Two GPUs at 1.000000 per GPU-hour, serving for the last 90 s, nothing paid yet.
+        let serving = now() - jiff::SignedDuration::from_secs(90);
+        lease.status = Some(GpuLeaseStatus {
+            phase: Some(LeasePhase::Active),
+            serving_since: Some(Time(serving)),
+            ..GpuLeaseStatus::default()
+        });
+        let metrics = Metrics::new().expect("registers");
+        let offers = [Arc::new(mk_offer("c", "H100", 2, now()))];
+        metrics.refresh_inventory(&offers, &[Arc::new(lease)], &[], now());
+        let text = metrics.encode();
+        let node = "{model=\"H100\",node=\"c\"}";
+        assert!(
+            text.contains(&format!("gpumarket_supplier_served_gpu_seconds{node} 180")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("gpumarket_supplier_pending_base_units{node} 50000")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("gpumarket_supplier_paid_base_units{node} 0")), "{text}");
+        assert!(text.contains("gpumarket_settlement_lag_seconds 90"), "{text}");
+
+        // The lease gone from the API server: its node is no longer reported.
+        metrics.refresh_inventory(&offers, &[], &[], now());
+        let text = metrics.encode();
+        assert!(!text.contains("gpumarket_supplier_served_gpu_seconds{"), "{text}");
+        assert!(text.contains("gpumarket_settlement_lag_seconds 0"), "{text}");
     }
 }

@@ -13,7 +13,8 @@
 //! rounding, which period is due), [`escrow`] (deposit cover, exhaustion), [`stake`] (bonds,
 //! returns, unbonding), [`protocol`] (the exactly-once decisions), [`transaction`]
 //! (instructions, batching under the size limit), [`memo`] (idempotency keys), [`plan`] (what a
-//! round pays, ends and refunds) and [`reputation`]. [`chain`] is the thin RPC wiring, [`round`]
+//! round pays, ends and refunds), [`earnings`] (what suppliers served and were paid, how far
+//! payouts are behind) and [`reputation`]. [`chain`] is the thin RPC wiring, [`round`]
 //! the Kubernetes wiring and [`events`] what the buyer is told; [`run`] repeats rounds.
 //!
 //! Usage: `Settler::new(config)` once, then `settler.deposit_status(uid, required)` from the
@@ -23,6 +24,7 @@
 
 pub mod accounts;
 pub mod chain;
+pub mod earnings;
 pub mod escrow;
 pub mod events;
 pub mod memo;
