@@ -8,7 +8,8 @@
 //!
 //! Faults on the way: the kubelet restarted under a running job (the agent registers again,
 //! the job keeps its GPUs and succeeds); the worker pod deleted (the market says so, KubeRay
-//! replaces it on the lease's node, the job runs again). Bad input after it: an image nobody
+//! replaces it on the lease's node, the job runs again, submitted this time through the
+//! dashboard `kubectl gpumarket dashboard` forwards to the buyer's machine). Bad input after it: an image nobody
 //! can pull and an image without the spec's Ray version each fail their GpuCluster with a
 //! condition that says so, before anything is billed, and the deposit comes back whole.
 //!
@@ -16,9 +17,15 @@
 //! Ray cluster up. Needs root, like every real-node test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
+use gpumarket_controller::plugin::{self, Cli};
+
 use gpumarket_crds::{ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, LeasePhase};
+use gpumarket_tests::ports::free_tcp_ports;
 use gpumarket_tests::process::RESTARTED;
 use gpumarket_tests::ray::{Dashboard, python_entrypoint};
 use gpumarket_tests::real_node::{FAKE_DRIVER_LIBRARY, FAKE_GPUS, NODE_NAME, fake_gpu_uuid};
@@ -29,6 +36,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use solana_sdk::signature::{Keypair, Signer};
+use tokio::task::JoinHandle;
 
 /// 1,000 base units per GPU-second: amounts read as served seconds.
 const PRICE_PER_GPU_HOUR: u64 = 3_600_000;
@@ -116,9 +124,13 @@ async fn a_buyers_ray_job_runs_on_market_gpus_and_is_paid_on_chain() {
 
     kubelet_restart_keeps_the_jobs_gpus(&env, &client, &ns, &dashboard).await;
     lost_worker_is_replaced(&client, &ns, &lease).await;
-    let run = dashboard.run("gpus-again", &job, WAIT).await.unwrap();
+    // This time from where a buyer stands, outside the pod network: through the dashboard that
+    // `kubectl gpumarket dashboard` forwards (API server, kubelet, head pod).
+    let (forwarded, forwarding) = forward_dashboard(&env, &ns, "train").await;
+    let run = forwarded.run("gpus-again", &job, WAIT).await.unwrap();
     assert_eq!(run.status, "SUCCEEDED", "the job runs again on the new worker: {}", run.logs);
     check_gpus_seen(&run.logs, &lease, node.slot);
+    forwarding.abort();
 
     clusters.delete("train", &DeleteParams::default()).await.unwrap();
     eventually("the GpuCluster gone, its lease settled", WAIT, || async {
@@ -139,6 +151,52 @@ async fn a_buyers_ray_job_runs_on_market_gpus_and_is_paid_on_chain() {
     assert_eq!(sol.account_balance(&escrow).await.unwrap(), None, "the escrow is closed");
 
     broken_workloads_fail_before_billing(sol, &client, &ns, &buyer, supplier).await;
+}
+
+/// What `kubectl gpumarket` prints, shared with the task running it.
+#[derive(Clone, Default)]
+struct Printed(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Printed {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `kubectl gpumarket dashboard NAME --port P` running until the task is aborted, and the
+/// dashboard at the local address it printed.
+async fn forward_dashboard(env: &Env, ns: &str, name: &str) -> (Dashboard, JoinHandle<()>) {
+    let port = free_tcp_ports(1).unwrap()[0].to_string();
+    let kubeconfig = env.kubeconfig().display().to_string();
+    let argv = ["kubectl-gpumarket", "--kubeconfig", &kubeconfig, "-n", ns];
+    let cli =
+        Cli::try_parse_from(argv.into_iter().chain(["dashboard", name, "--port", &port])).unwrap();
+    let printed = Printed::default();
+    let forwarding = tokio::spawn({
+        let mut out = printed.clone();
+        async move {
+            if let Err(e) = plugin::run(cli, &mut out).await {
+                eprintln!("kubectl gpumarket dashboard: {e:#}");
+            }
+        }
+    });
+    let address = format!("http://127.0.0.1:{port}");
+    let text = eventually("the dashboard forwarded", Duration::from_secs(30), || async {
+        let text = String::from_utf8_lossy(&printed.0.lock().unwrap()).into_owned();
+        text.contains("Ray job submission").then_some(text)
+    })
+    .await;
+    assert!(
+        text.contains(&format!("Ray dashboard:        {address}"))
+            && text.contains(&format!("ray job submit --address {address}")),
+        "{text}"
+    );
+    (Dashboard { address }, forwarding)
 }
 
 /// The kubelet restarted while a job holds every GPU: the agent registers again (the kubelet
