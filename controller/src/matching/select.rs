@@ -6,7 +6,9 @@
 //! while using a dearer one gets cheaper by swapping them. So every slot cheaper than the
 //! dearest slot used (the boundary price) is used in every cheapest gang, and the only freedom
 //! left is which slots of the boundary price to take. That is where placement decides:
-//! - Pack: fewest nodes, by taking the boundary nodes with the most slots first;
+//! - Pack: fewest nodes, by taking the boundary nodes with the most slots first until one
+//!   holds what is left, and then the smallest that does (best fit: a single worker fills a
+//!   partly used node rather than break into an empty one, which stays whole for a larger gang);
 //! - Spread: most nodes, by taking one slot per boundary node in turn.
 //!
 //! Among boundary nodes equal on that count, higher reputation and then node name go first.
@@ -164,12 +166,18 @@ fn share_boundary(
     match placement {
         Placement::Pack => {
             group.sort_by_key(|p| (std::cmp::Reverse((p.workers, reputation(p))), p.entry));
-            group.retain_mut(|p| {
-                p.workers = p.workers.min(left);
-                left -= p.workers;
-                p.workers > 0
-            });
-            group
+            let mut chosen = Vec::new();
+            while left > 0 && !group.is_empty() {
+                // The smallest node that holds what is left finishes the gang (best fit);
+                // until one does, the largest is taken whole.
+                let fits = group.iter().map(|p| p.workers).filter(|&w| w >= left).min();
+                let at = fits.map_or(0, |w| group.iter().position(|p| p.workers == w).unwrap_or(0));
+                let mut pick = group.remove(at);
+                pick.workers = pick.workers.min(left);
+                left -= pick.workers;
+                chosen.push(pick);
+            }
+            chosen
         }
         Placement::Spread => {
             group.sort_by_key(|p| (std::cmp::Reverse(reputation(p)), p.entry));

@@ -139,6 +139,23 @@ fn pack_fills_few_nodes_and_spread_many_at_equal_cost() {
 }
 
 #[test]
+fn pack_fills_a_partly_used_node_and_keeps_an_empty_one_whole() {
+    let offers = vec![
+        mk_offer("a", "A100", 8, DOLLAR),
+        mk_offer("b", "A100", 3, DOLLAR),
+        mk_offer("c", "A100", 5, DOLLAR),
+    ];
+    // One worker: the smallest node that holds it, not the emptiest.
+    let one = mk_request("ns/one", 1, 1, DOLLAR);
+    assert_eq!(nodes(matched(&quote(&offers, &one))), vec![("b", 1)]);
+    let four = mk_request("ns/four", 4, 1, DOLLAR);
+    assert_eq!(nodes(matched(&quote(&offers, &four))), vec![("c", 4)]);
+    // More than any node holds: the largest whole, then the smallest that holds the rest.
+    let ten = mk_request("ns/ten", 10, 1, DOLLAR);
+    assert_eq!(nodes(matched(&quote(&offers, &ten))), vec![("a", 8), ("b", 2)]);
+}
+
+#[test]
 fn higher_reputation_wins_a_tie_then_the_node_name() {
     let mut offers = vec![
         mk_offer("a", "A100", 4, DOLLAR),
