@@ -423,14 +423,22 @@ impl Supervisor {
 pub const RESTARTED: &str = "--- restarted ---";
 
 fn start(reaper: &Reaper, name: &str, command: &mut Command, out: File) -> Result<Child> {
-    let child = command
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
-    reaper.watch(child.id())?;
+    if let Err(e) = reaper.watch(child.id()) {
+        // The environment is going away (a restart racing its shutdown): a child the reaper
+        // does not know would outlive it.
+        let group = format!("-{}", child.id());
+        let _ =
+            Command::new("kill").args(["-s", "KILL", "--", &group]).stderr(Stdio::null()).status();
+        let _ = child.wait();
+        return Err(e);
+    }
     Ok(child)
 }
 
@@ -589,5 +597,29 @@ mod tests {
                 .any(|e| e.name == "gone" && e.status.contains("exit status: 1"))
         );
         supervisor.reaper().finish().unwrap();
+    }
+
+    #[test]
+    fn nothing_restarted_outlives_the_environment_once_it_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let reaper = Reaper::start(None).unwrap();
+        // A command line of its own, to find any copy of it.
+        let seconds = (100_000 + std::process::id()).to_string();
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg(&seconds);
+        let sleeper = Process::spawn(&reaper, dir.path(), "sleeper", sleeper).unwrap().supervised();
+        let supervisor = Supervisor::start(reaper, vec![sleeper]).unwrap();
+        // The reaper kills it; the supervisor sees an exit and, a second later, tries again.
+        supervisor.reaper().finish().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while supervisor.ensure_running().is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let failure = format!("{:#}", supervisor.ensure_running().unwrap_err());
+        assert!(failure.contains("shutting down"), "{failure}");
+        let pattern = format!("^sleep {seconds}$");
+        let left = Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
+        let left = String::from_utf8_lossy(&left.stdout);
+        assert!(left.trim().is_empty(), "started again after the end: pid {left}");
     }
 }
