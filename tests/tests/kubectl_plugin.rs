@@ -283,10 +283,10 @@ async fn a_quote_is_what_the_market_charges_and_a_deposit_is_exact_and_sent_once
         sample(&metrics, &format!("gpumarket_supplier_served_gpu_seconds{node}")),
         Some((received / 1000) as f64)
     );
-    // Whatever else the API server holds, payouts keep up: at most a period (3 s) and a round
-    // behind.
-    let lag = sample(&metrics, "gpumarket_settlement_lag_seconds").unwrap();
-    assert!(lag < 10.0, "settlement {lag} s behind");
+    // The lag covers every lease the API server holds, some of them other tests' that this
+    // settlement authority cannot pay: only its presence is this test's (its value is
+    // `settlement::earnings`'s unit tests').
+    assert!(sample(&metrics, "gpumarket_settlement_lag_seconds").is_some(), "{metrics}");
 }
 
 #[tokio::test]
