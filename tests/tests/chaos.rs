@@ -46,6 +46,7 @@ use gpumarket_tests::relay::Relay;
 use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::{Env, GpuNode, Solana};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -307,15 +308,19 @@ fn price_of(node: usize) -> u64 {
     BASE_PRICE + 100_000 * node as u64
 }
 
+/// Each condition as `Type=Status (reason: message)`.
+fn describe_conditions(conditions: &[Condition]) -> String {
+    let shown: Vec<String> = conditions
+        .iter()
+        .map(|c| format!("{}={} ({}: {})", c.type_, c.status, c.reason, c.message))
+        .collect();
+    shown.join("; ")
+}
+
 /// What the market could see of an offer: its conditions, heartbeat, stake, and each GPU's
 /// health and lease (with the lease's phase), for a stuck cluster's report.
 fn describe_offer(offer: &GpuOffer, leases: &[GpuLease]) -> String {
     let status = offer.status.clone().unwrap_or_default();
-    let conditions: Vec<String> = status
-        .conditions
-        .iter()
-        .map(|c| format!("{}={} ({})", c.type_, c.status, c.reason))
-        .collect();
     let gpus: Vec<String> = offer
         .spec
         .gpus
@@ -337,7 +342,7 @@ fn describe_offer(offer: &GpuOffer, leases: &[GpuLease]) -> String {
     format!(
         "{}: {} ; heartbeat {heartbeat:?}, stake {} ; {}",
         offer.name_any(),
-        conditions.join(", "),
+        describe_conditions(&status.conditions),
         offer.bonded_stake(),
         gpus.join("; ")
     )
@@ -1107,11 +1112,7 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
         if stuck.is_empty() || Instant::now() > deadline {
             for cluster in stuck {
                 let status = cluster.status.clone().unwrap_or_default();
-                let conditions: Vec<String> = status
-                    .conditions
-                    .iter()
-                    .map(|c| format!("{}={} ({})", c.type_, c.status, c.message))
-                    .collect();
+                let conditions = describe_conditions(&status.conditions);
                 let waiting: Vec<String> = leases
                     .iter()
                     .filter(|l| l.spec.cluster.uid == cluster.uid().unwrap_or_default())
@@ -1126,7 +1127,7 @@ async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()
                     "{} stuck {:?} after the calm: {}; Active leases not serving: {waiting:?}",
                     cluster.name_any(),
                     status.phase,
-                    conditions.join("; ")
+                    conditions
                 ));
             }
             if problems.iter().any(|p| p.contains("after the calm")) {

@@ -170,8 +170,10 @@ fn share_boundary(
             while left > 0 && !group.is_empty() {
                 // The smallest node that holds what is left finishes the gang (best fit);
                 // until one does, the largest is taken whole.
-                let fits = group.iter().map(|p| p.workers).filter(|&w| w >= left).min();
-                let at = fits.map_or(0, |w| group.iter().position(|p| p.workers == w).unwrap_or(0));
+                let at = (0..group.len())
+                    .filter(|&i| group[i].workers >= left)
+                    .min_by_key(|&i| group[i].workers)
+                    .unwrap_or(0);
                 let mut pick = group.remove(at);
                 pick.workers = pick.workers.min(left);
                 left -= pick.workers;
