@@ -291,7 +291,12 @@ pub struct SettlementRecord {
     pub through: Time,
     /// Amount paid out of the source account, in base units (of a payout, the market's fee at
     /// the lease's `spec.terms.marketFeePermille` goes to the market, the rest to the supplier).
+    /// A payout of a market that prices in USD through a price feed records here the micro-USD
+    /// it covers, and in `conversion` the tokens that moved for them.
     pub amount: u64,
+    /// The rate a USD-priced payout was converted at, and the tokens it moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversion: Option<ConvertedPayout>,
     /// Signature of the signed transaction (base-58).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 88))]
@@ -309,6 +314,20 @@ pub struct SettlementRecord {
     #[schemars(length(max = 2048))]
     pub transaction: Option<String>,
     pub state: SettlementState,
+}
+
+/// A payout converted from USD at a price feed's rate: `tokens` = USD amount / (`price` ×
+/// 10^`exponent` USD per token), rounded down, in base units of the settlement mint.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConvertedPayout {
+    pub tokens: u64,
+    /// The feed's price of one token in USD: `price` × 10^`exponent`.
+    pub price: i64,
+    pub exponent: i32,
+    /// When the feed published that price.
+    #[schemars(length(max = 64))]
+    pub publish_time: Time,
 }
 
 /// Where a payout is.

@@ -24,8 +24,8 @@ pub use fleet::{
     GpuFleetStatus, RayAccess, fleet_offer_name,
 };
 pub use lease::{
-    ClusterRef, CompactedSettlements, EndReason, GpuLease, GpuLeaseSpec, GpuLeaseStatus,
-    LeasePhase, LeasePod, LeaseTerms, SettlementRecord, SettlementState,
+    ClusterRef, CompactedSettlements, ConvertedPayout, EndReason, GpuLease, GpuLeaseSpec,
+    GpuLeaseStatus, LeasePhase, LeasePod, LeaseTerms, SettlementRecord, SettlementState,
 };
 pub use offer::{
     GpuHealth, GpuOffer, GpuOfferSpec, GpuOfferStatus, GpuState, OfferedGpu, Reputation,

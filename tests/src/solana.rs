@@ -48,6 +48,8 @@ pub struct Solana {
     pub suppliers: Vec<PathBuf>,
     /// Keypair file of the validator's faucet (holds almost all SOL).
     pub faucet: PathBuf,
+    /// Where accounts are posted for the validator to store (see [`Solana::post_account`]).
+    pub accounts: PathBuf,
 }
 
 impl Solana {
@@ -123,11 +125,88 @@ impl Solana {
 
     /// Base units held by `wallet`'s token account (0 when it has none yet).
     pub async fn balance(&self, wallet: &Pubkey) -> Result<u64> {
-        match self.rpc().get_token_account_balance(&self.token_account(wallet)).await {
-            Ok(amount) => Ok(amount.amount.parse()?),
-            Err(_) if self.rpc().get_account(&self.token_account(wallet)).await.is_err() => Ok(0),
-            Err(e) => Err(e.into()),
+        self.balance_in(wallet, &self.mint).await
+    }
+
+    /// Base units of `mint` held by `wallet`'s associated token account (0 when it has none).
+    pub async fn balance_in(&self, wallet: &Pubkey, mint: &Pubkey) -> Result<u64> {
+        let account = get_associated_token_address(wallet, mint);
+        Ok(self.account_balance(&account).await?.unwrap_or(0))
+    }
+}
+
+impl Solana {
+    /// Store `data` at `address`, owned by `owner`, as that program would write it (the
+    /// validator's `--account-dir`: how the environment posts Pyth price updates); returns once
+    /// the RPC node shows it.
+    pub async fn post_account(&self, address: &Pubkey, owner: &Pubkey, data: &[u8]) -> Result<()> {
+        let file = self.accounts.join(format!("{address}.account"));
+        let partial = self.accounts.join(format!(".{address}.partial"));
+        std::fs::write(&partial, [owner.as_ref(), data].concat())?;
+        std::fs::rename(&partial, &file)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let rpc = self.rpc();
+            let found = rpc.get_account_with_commitment(address, CommitmentConfig::confirmed());
+            if let Some(account) = found.await?.value
+                && account.owner == *owner
+                && account.data == data
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the validator did not store {address} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// A new mint of `decimals` (the environment's mint authority), with `amount` minted to
+    /// each wallet's associated token account.
+    pub async fn new_mint(&self, decimals: u8, holders: &[(Pubkey, u64)]) -> Result<Pubkey> {
+        let (payer, authority, mint) =
+            (read_keypair(&self.faucet)?, read_keypair(&self.mint_authority)?, Keypair::new());
+        let token = spl_token_interface::id();
+        let rpc = self.rpc();
+        let len = spl_token_interface::state::Mint::LEN;
+        let mut instructions = vec![
+            solana_system_interface::instruction::create_account(
+                &payer.pubkey(),
+                &mint.pubkey(),
+                rpc.get_minimum_balance_for_rent_exemption(len).await?,
+                len as u64,
+                &token,
+            ),
+            spl_token_interface::instruction::initialize_mint2(
+                &token,
+                &mint.pubkey(),
+                &authority.pubkey(),
+                None,
+                decimals,
+            )?,
+        ];
+        for (wallet, amount) in holders {
+            let account = get_associated_token_address(wallet, &mint.pubkey());
+            instructions.push(create_associated_token_account_idempotent(
+                &payer.pubkey(),
+                wallet,
+                &mint.pubkey(),
+                &token,
+            ));
+            instructions.push(spl_token_interface::instruction::mint_to_checked(
+                &token,
+                &mint.pubkey(),
+                &account,
+                &authority.pubkey(),
+                &[],
+                *amount,
+                decimals,
+            )?);
+        }
+        send_with_retry(&rpc, &instructions, &payer, &[&payer, &mint, &authority])
+            .await
+            .context("creating a mint")?;
+        Ok(mint.pubkey())
     }
 }
 
@@ -148,10 +227,14 @@ pub async fn start(
     std::fs::create_dir_all(&solana_dir)?;
     // RPC on the first port, PubSub on the second, gossip/TPU/TVU/repair on the rest.
     let base = free_port_block(160)?;
+    let accounts = solana_dir.join("accounts");
+    std::fs::create_dir_all(&accounts)?;
     let mut validator = tools.command("gpumarket-validator")?;
     validator
         .arg("--ledger")
         .arg(solana_dir.join("ledger"))
+        .arg("--account-dir")
+        .arg(&accounts)
         .arg(format!("--rpc-port={base}"))
         .arg(format!("--port-range={}-{}", base + 2, base + 159));
     let process =
@@ -165,10 +248,15 @@ pub async fn start(
         .with_context(|| format!("no rpc= in the validator's line {ready:?}"))?
         .to_string();
     let faucet = solana_dir.join("ledger").join("faucet-keypair.json");
-    setup_wallets(&solana_dir, rpc_url, faucet).await
+    setup_wallets(&solana_dir, rpc_url, faucet, accounts).await
 }
 
-async fn setup_wallets(dir: &Path, rpc_url: String, faucet: PathBuf) -> Result<Solana> {
+async fn setup_wallets(
+    dir: &Path,
+    rpc_url: String,
+    faucet: PathBuf,
+    account_dir: PathBuf,
+) -> Result<Solana> {
     let rpc = RpcClient::new_with_commitment(rpc_url.clone(), CommitmentConfig::confirmed());
     let payer = read_keypair(&faucet)?;
     let write_keypair = |name: &str, keypair: Keypair| -> Result<(Keypair, PathBuf)> {
@@ -244,6 +332,7 @@ async fn setup_wallets(dir: &Path, rpc_url: String, faucet: PathBuf) -> Result<S
         buyer: buyer_path,
         suppliers: suppliers.into_iter().map(|(_, path)| path).collect(),
         faucet,
+        accounts: account_dir,
     })
 }
 

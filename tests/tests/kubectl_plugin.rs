@@ -16,9 +16,14 @@ use std::time::Duration;
 
 use clap::Parser;
 use gpumarket_controller::plugin::{self, Cli};
+use gpumarket_controller::settlement::pricing::{
+    PYTH_RECEIVER, PriceFeed, PriceUpdate, price_update_account,
+};
 use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::{Config, Settings};
-use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer, LeasePhase};
+use gpumarket_crds::{
+    ClusterPhase, GpuCluster, GpuLease, GpuOffer, LeasePhase, SettlementRecord, SettlementState,
+};
 use gpumarket_tests::metrics::{sample, scrape};
 use gpumarket_tests::ports::free_tcp_ports;
 use gpumarket_tests::solana::read_keypair;
@@ -48,11 +53,19 @@ struct Market {
     controller: tokio::task::JoinHandle<()>,
     /// Where the controller serves its metrics, on 127.0.0.1.
     metrics_port: u16,
+    /// The price feed flags the plugin is given (none for a market in base units).
+    price_flags: Vec<String>,
     _keys: tempfile::TempDir,
 }
 
 impl Market {
     async fn start(namespace: &str) -> Market {
+        Market::start_with(namespace, None).await
+    }
+
+    /// A market that settles in `mint` at `feed`'s rate (prices in USD), when given; else in
+    /// the environment's mint, 1:1.
+    async fn start_with(namespace: &str, usd: Option<(Pubkey, PriceFeed)>) -> Market {
         let turn = TURN.lock().await;
         let env = Env::shared().await;
         let client = env.client().await.unwrap();
@@ -61,13 +74,24 @@ impl Market {
         let keys = tempfile::tempdir().unwrap();
         let keypair = keys.path().join("settlement.json");
         sol.settlement_authority(&keypair).await.unwrap();
+        let mint = usd.as_ref().map_or(sol.mint, |(mint, _)| *mint);
         let mut settlement = SettlementConfig::new(
             sol.rpc_url.clone(),
             keypair,
-            sol.mint.to_string(),
+            mint.to_string(),
             Duration::from_secs(3),
         );
         settlement.poll_interval = Duration::from_secs(1);
+        settlement.price_feed = usd.as_ref().map(|(_, feed)| feed.clone());
+        // The plugin is told the same feed, as the controller's flags would be mirrored.
+        let price_flags = usd.map_or_else(Vec::new, |(_, feed)| {
+            vec![
+                "--price-feed".to_owned(),
+                feed.account.to_string(),
+                "--price-max-age".to_owned(),
+                format!("{}s", feed.max_age.as_secs()),
+            ]
+        });
         let settler = Arc::new(Settler::new(settlement).unwrap());
         let metrics_port = free_tcp_ports(1).unwrap()[0];
         let config = Config {
@@ -82,7 +106,17 @@ impl Market {
             }
         });
         env.start_kuberay(&ns).unwrap();
-        Market { _turn: turn, env, client, ns, sol, controller, metrics_port, _keys: keys }
+        Market {
+            _turn: turn,
+            env,
+            client,
+            ns,
+            sol,
+            controller,
+            metrics_port,
+            price_flags,
+            _keys: keys,
+        }
     }
 
     /// `kubectl gpumarket ARGS` in this test's namespace, with the environment's kubeconfig
@@ -91,6 +125,7 @@ impl Market {
         let kubeconfig = self.env.kubeconfig().display().to_string();
         let mut argv = vec!["kubectl-gpumarket", "--kubeconfig", &kubeconfig, "-n", &self.ns];
         argv.extend(["--rpc-url", &self.sol.rpc_url]);
+        argv.extend(self.price_flags.iter().map(String::as_str));
         argv.extend(args);
         let mut out = Vec::new();
         plugin::run(Cli::try_parse_from(argv)?, &mut out).await?;
@@ -287,6 +322,110 @@ async fn a_quote_is_what_the_market_charges_and_a_deposit_is_exact_and_sent_once
     // settlement authority cannot pay: only its presence is this test's (its value is
     // `settlement::earnings`'s unit tests').
     assert!(sample(&metrics, "gpumarket_settlement_lag_seconds").is_some(), "{metrics}");
+}
+
+/// Confirmed payouts of a cluster's leases converted at a price feed's rate.
+async fn converted_payouts(market: &Market, cluster: &GpuCluster) -> Vec<SettlementRecord> {
+    let leases = market.leases_of(cluster).await;
+    let records = leases.into_iter().filter_map(|l| l.status).flat_map(|s| s.settlements);
+    records.filter(|r| r.state == SettlementState::Confirmed && r.conversion.is_some()).collect()
+}
+
+#[tokio::test]
+async fn a_usd_priced_cluster_pays_the_market_token_at_the_recorded_rate_and_waits_out_a_stale_feed()
+ {
+    const TOKEN: u64 = 1_000_000_000; // 9 decimals
+    let env = Env::shared().await;
+    let sol = env.solana().await.unwrap();
+    let buyer = read_keypair(&sol.buyer).unwrap();
+    let token = sol.new_mint(9, &[(buyer.pubkey(), 1_000 * TOKEN)]).await.unwrap();
+    // The token's USD feed, posted as the Pyth receiver writes it: `price` × 10^-8 USD.
+    let (account, feed_id) = (Pubkey::new_unique(), [0x5e; 32]);
+    let post = |price: i64, age: i64| {
+        let update = PriceUpdate {
+            fully_verified: true,
+            feed_id,
+            price,
+            conf: price.unsigned_abs() / 1000,
+            exponent: -8,
+            publish_time: jiff::Timestamp::now().as_second() - age,
+        };
+        let data = price_update_account(&update, &Pubkey::new_unique());
+        async move { sol.post_account(&account, &PYTH_RECEIVER, &data).await.unwrap() }
+    };
+    post(250_000_000, 0).await; // $2.50: one micro-USD is 400 base units
+    let feed = PriceFeed {
+        feed_id: Some(feed_id),
+        max_age: Duration::from_secs(120),
+        ..PriceFeed::new(account)
+    };
+    let market = Market::start_with("plugin-usd", Some((token, feed))).await;
+    let clusters = market.clusters();
+    let supplier_key = read_keypair(&sol.suppliers[0]).unwrap();
+    let supplier = supplier_key.pubkey();
+    let _node =
+        Supplier::start_paid_to(env, &market.client, "plugin-usd", "usd", 2, PRICE, &supplier_key)
+            .await;
+    let files = tempfile::tempdir().unwrap();
+    let job = manifest(files.path(), "usd", "usd", 2, 5_000_000, &buyer.pubkey());
+    let spec = plugin::parse_clusters(&std::fs::read_to_string(&job).unwrap(), &market.ns).unwrap();
+    let buyer_before = sol.balance_in(&buyer.pubkey(), &token).await.unwrap();
+    let created = clusters.create(&PostParams::default(), &spec[0]).await.unwrap();
+
+    // $3.60 per GPU-hour × 2 GPUs × 1 h = $7.20 = 2.88 tokens at $2.50, sent exactly.
+    let keypair = sol.buyer.display().to_string();
+    let sent = market.json(&["deposit", "usd", "--keypair", &keypair]).await;
+    assert_eq!(sent["required"], 2_880_000_000u64, "{sent}");
+    assert_eq!(sent["sent"], 2_880_000_000u64, "{sent}");
+    let escrow: Pubkey = sent["escrow"].as_str().unwrap().parse().unwrap();
+    assert_eq!(sol.account_balance(&escrow).await.unwrap(), Some(2_880_000_000));
+    eventually("the cluster Running", WAIT, || async {
+        let c = clusters.get("usd").await.ok()?;
+        (c.status.as_ref()?.phase == Some(ClusterPhase::Running)).then_some(())
+    })
+    .await;
+
+    // Payouts move the micro-USD they cover × 400 base units, and record the rate.
+    let first = eventually("a payout at $2.50", WAIT, || async {
+        converted_payouts(&market, &created).await.into_iter().next()
+    })
+    .await;
+    let rate = first.conversion.clone().unwrap();
+    assert_eq!((rate.price, rate.exponent), (250_000_000, -8));
+    assert!(first.amount > 0 && rate.tokens == first.amount * 400, "{first:?}");
+
+    // A stale price: nothing more is paid, and the cluster does not run out of funds.
+    post(250_000_000, 3600).await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // what was in flight lands
+    let paused = converted_payouts(&market, &created).await.len();
+    tokio::time::sleep(Duration::from_secs(9)).await; // three settlement periods
+    assert_eq!(converted_payouts(&market, &created).await.len(), paused, "paid at a stale price");
+    let running = clusters.get("usd").await.unwrap();
+    assert_eq!(running.status.unwrap().phase, Some(ClusterPhase::Running));
+    let metrics = scrape(market.metrics_port).await.unwrap();
+    let pauses = "gpumarket_settlement_actions_total{action=\"paused_by_price_feed\"}";
+    assert!(sample(&metrics, pauses).is_some_and(|n| n >= 3.0), "{metrics}");
+
+    // Fresh again at $2.00 (500 base units per micro-USD): payouts resume at the new rate.
+    post(200_000_000, 0).await;
+    let resumed = eventually("a payout at $2.00", WAIT, || async {
+        let records = converted_payouts(&market, &created).await;
+        records.into_iter().find(|r| r.conversion.as_ref().unwrap().price == 200_000_000)
+    })
+    .await;
+    assert_eq!(resumed.conversion.unwrap().tokens, resumed.amount * 500);
+
+    // Deleted: paid for what it served, the rest refunded; the tokens balance on chain.
+    clusters.delete("usd", &DeleteParams::default()).await.unwrap();
+    eventually("the GpuCluster refunded and gone", Duration::from_secs(90), || async {
+        clusters.get_opt("usd").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let received = sol.balance_in(&supplier, &token).await.unwrap();
+    let spent = buyer_before - sol.balance_in(&buyer.pubkey(), &token).await.unwrap();
+    assert!(received > first.amount * 400, "paid more than the first period: {received}");
+    assert_eq!(spent, received, "what the buyer spent is what the supplier received");
+    assert_eq!(sol.account_balance(&escrow).await.unwrap(), None, "the escrow is closed");
 }
 
 #[tokio::test]

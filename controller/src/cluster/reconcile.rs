@@ -376,11 +376,26 @@ async fn match_and_bind(
                 Outcome::Matched(assignment) => assignment.hourly_cost(),
                 Outcome::Unmatched(why) => return Ok((Bind::Unmatched(why.to_string()), None)),
             };
-            let required = required_deposit(quoted, duration, margin);
+            let conversion = match settler.conversion().await {
+                Ok(conversion) => conversion,
+                Err(e) => {
+                    tracing::warn!(cluster = %cluster.name_any(), error = %e, "reading the price feed");
+                    let why = format!("cannot read the price feed: {}", e.public_message());
+                    return Ok((Bind::Unfunded(why.clone()), Some(Err(why))));
+                }
+            };
+            let Some(required) = conversion.tokens(required_deposit(quoted, duration, margin))
+            else {
+                let why = format!(
+                    "the deposit waits for a price to convert at: {}",
+                    conversion.paused().unwrap_or_default()
+                );
+                return Ok((Bind::Unfunded(why.clone()), Some(Err(why))));
+            };
             let uid = cluster.uid().unwrap_or_default();
             match settler.deposit_status(&uid, required).await {
                 Ok((escrow, DepositStatus::Covered { deposited })) => {
-                    Some((settler, duration, deposited, escrow))
+                    Some((conversion, duration, deposited, escrow))
                 }
                 Ok((escrow, DepositStatus::Short { deposited, missing })) => {
                     let why = format!(
@@ -417,8 +432,9 @@ async fn match_and_bind(
             Outcome::Matched(assignment) => assignment,
         };
         let mut funding = None;
-        if let Some((_, duration, deposited, escrow)) = &deposited {
-            let required = required_deposit(assignment.hourly_cost(), *duration, margin);
+        if let Some((conversion, duration, deposited, escrow)) = &deposited {
+            let cost = required_deposit(assignment.hourly_cost(), *duration, margin);
+            let required = conversion.tokens(cost).unwrap_or(u64::MAX);
             if required > *deposited {
                 let why = format!(
                     "supply moved: the match now needs a deposit of {}, {} was deposited to the \

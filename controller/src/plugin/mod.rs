@@ -36,8 +36,9 @@ use crate::market::supply::{
 use crate::matching::{self, Outcome};
 use crate::runtime::context::Settings;
 use crate::settlement::escrow::{DepositStatus, required_deposit};
-use crate::settlement::memo;
+use crate::settlement::pricing::Conversion;
 use crate::settlement::stake::{StakePolicy, parse_min_per_gpu};
+use crate::settlement::{chain, memo};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -85,6 +86,8 @@ pub struct Global {
     /// the MarketPolicy sets none.
     #[arg(long, global = true, env = "GPUMARKET_HEARTBEAT_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub heartbeat_timeout: Duration,
+    #[command(flatten)]
+    pub price_feed: crate::settlement::pricing::PriceFeedArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -403,9 +406,20 @@ async fn deposit(
              (nothing sent): {why}"
         ),
     };
-    let required = required_deposit(hourly, duration, market.deposit_margin_percent);
+    let cost = required_deposit(hourly, duration, market.deposit_margin_percent);
     let rpc = rpc(global)?;
     let held = wallet::token_balance(&rpc, &escrow).await?;
+    let conversion = match global.price_feed.feed().map_err(anyhow::Error::msg)? {
+        None => Conversion::OneToOne,
+        Some(feed) => chain::read_conversion(&rpc, &feed, held.decimals, now).await?,
+    };
+    let Some(required) = conversion.tokens(cost) else {
+        bail!(
+            "the market pays at a price feed that cannot be paid at now, so no deposit can be \
+             worked out (nothing sent): {}",
+            conversion.paused().unwrap_or_default()
+        );
+    };
     let sent = match DepositStatus::new(held.amount, required) {
         DepositStatus::Covered { .. } => None,
         DepositStatus::Short { missing, .. } => {

@@ -18,6 +18,7 @@ use spl_associated_token_account_interface::address::get_associated_token_addres
 
 use super::accounts::{self, TOKEN_ACCOUNT_LEN, TokenAccount};
 use super::memo;
+use super::pricing::{Conversion, PYTH_RECEIVER, PriceFeed, parse_price_update};
 use super::protocol::{History, Observed};
 use super::stake::StakeEntry;
 use super::transaction::{self, Custody};
@@ -325,6 +326,28 @@ pub async fn wallets_without_token_account(
         .filter(|(_, ata)| found.get(ata).is_none_or(Option::is_none))
         .map(|(w, _)| *w)
         .collect())
+}
+
+/// The conversion a price feed's account gives at `now`: paused when the account is missing,
+/// not the Pyth receiver's, or not a price settlement may pay at.
+pub async fn read_conversion(
+    rpc: &RpcClient,
+    feed: &PriceFeed,
+    decimals: u8,
+    now: jiff::Timestamp,
+) -> Result<Conversion, RpcError> {
+    let found = rpc.get_account_with_commitment(&feed.account, rpc.commitment()).await?.value;
+    let paused = |why: &str| Conversion::Paused(format!("price feed {}: {why}", feed.account));
+    Ok(match found {
+        None => paused("no such account"),
+        Some(account) if account.owner != PYTH_RECEIVER => {
+            paused("not owned by the Pyth receiver program")
+        }
+        Some(account) => match parse_price_update(&account.data) {
+            Ok(update) => Conversion::from_update(&update, feed, decimals, now.as_second()),
+            Err(why) => paused(&why),
+        },
+    })
 }
 
 /// Decimals of the mint (byte 44 of an SPL Token mint account).

@@ -198,6 +198,7 @@ mod tests {
                     period: "0001".into(),
                     through: Time(start),
                     amount: paid,
+                    conversion: None,
                     signature: None,
                     last_valid_block_height: None,
                     signed_slot: None,

@@ -125,6 +125,7 @@ mod tests {
             period: period.into(),
             through: Time(crate::testing::now()),
             amount,
+            conversion: None,
             signature: None,
             last_valid_block_height: None,
             signed_slot: None,

@@ -278,6 +278,7 @@ mod tests {
             period: due.period.clone(),
             through: Time(due.through),
             amount: due.amount,
+            conversion: None,
             signature: Some("sig".into()),
             last_valid_block_height: Some(1),
             signed_slot: None,

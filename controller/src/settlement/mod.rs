@@ -30,6 +30,7 @@ pub mod events;
 pub mod memo;
 pub mod meter;
 pub mod plan;
+pub mod pricing;
 pub mod protocol;
 pub mod reputation;
 mod round;
@@ -77,6 +78,9 @@ pub struct SettlementConfig {
     /// The market's fee, per mille of each payout (frozen in each lease's terms at binding).
     pub market_fee_permille: u32,
     pub stake: StakePolicy,
+    /// Prices are in USD, converted at this feed's rate (see [`pricing`]); without it they are
+    /// base units of the mint.
+    pub price_feed: Option<pricing::PriceFeed>,
 }
 
 impl SettlementConfig {
@@ -91,6 +95,7 @@ impl SettlementConfig {
             heartbeat_timeout: Duration::from_secs(60),
             market_fee_permille: 0,
             stake: StakePolicy::default(),
+            price_feed: None,
         }
     }
 }
@@ -256,6 +261,16 @@ impl Settler {
             mint: self.mint,
             decimals: *decimals,
         })
+    }
+
+    /// How price units become tokens now: 1:1 without a price feed, else at the feed's price
+    /// if it is fresh, certain and verified enough to pay at.
+    pub async fn conversion(&self) -> Result<pricing::Conversion, Error> {
+        let Some(feed) = &self.config.price_feed else {
+            return Ok(pricing::Conversion::OneToOne);
+        };
+        let decimals = self.custody().await?.decimals;
+        Ok(chain::read_conversion(&self.rpc, feed, decimals, jiff::Timestamp::now()).await?)
     }
 
     /// Deposit a cluster of this hourly rate and duration must make, with the flags' margin

@@ -8,8 +8,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use gpumarket_crds::{
-    ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, LeasePhase, SettlementRecord,
-    SettlementState,
+    ClusterPhase, ConvertedPayout, EndReason, GpuCluster, GpuLease, GpuOffer, LeasePhase,
+    SettlementRecord, SettlementState,
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -20,6 +20,7 @@ use super::accounts;
 use super::escrow::{Accrual, exhausted};
 use super::memo::payout_key;
 use super::meter::{Meter, Paid, fully_settled, is_payout_period, next_due};
+use super::pricing::Conversion;
 use super::stake::{SLASH_PERIOD, StakeBook, StakePolicy, slashed};
 use super::transaction::Payment;
 use crate::policy::terms::market_fee;
@@ -41,6 +42,8 @@ pub struct Inputs<'a> {
     /// Time until the next round: an escrow must cover at least this much more usage.
     pub lookahead: Duration,
     pub stake: &'a StakePolicy,
+    /// How price units become tokens this round (paused: no payout, no lease runs out).
+    pub conversion: &'a Conversion,
     pub now: Timestamp,
 }
 
@@ -111,6 +114,7 @@ pub fn new_record(period: String, through: Timestamp, amount: u64) -> Settlement
         period,
         through: Time(through),
         amount,
+        conversion: None,
         signature: None,
         last_valid_block_height: None,
         signed_slot: None,
@@ -119,14 +123,20 @@ pub fn new_record(period: String, through: Timestamp, amount: u64) -> Settlement
     }
 }
 
-/// What each cluster's escrow can still pay: its balance less its payouts in flight.
+/// Base units of the mint a record moves (a converted payout records the USD it covers).
+fn tokens_moved(record: &SettlementRecord) -> u64 {
+    record.conversion.as_ref().map_or(record.amount, |c| c.tokens)
+}
+
+/// What each cluster's escrow can still pay, in base units: its balance less its payouts in
+/// flight.
 pub fn escrow_available(inputs: &Inputs<'_>) -> HashMap<String, u64> {
     let mut available = inputs.escrows.clone();
     for lease in inputs.leases {
         let in_flight: u64 = records(lease)
             .iter()
             .filter(|r| is_payout_period(&r.period) && signed(r))
-            .map(|r| r.amount)
+            .map(tokens_moved)
             .sum();
         if let Some(left) = available.get_mut(&lease.spec.cluster.uid) {
             *left = left.saturating_sub(in_flight);
@@ -182,7 +192,11 @@ pub fn out_of_funds(inputs: &Inputs<'_>) -> Vec<String> {
                 }
             })
             .collect();
-        if exhausted(available.get(uid).copied().unwrap_or(0), &accruals, lookahead) {
+        let Some(left) = inputs.conversion.price_units(available.get(uid).copied().unwrap_or(0))
+        else {
+            return Vec::new(); // no rate to judge by: nobody runs out while payouts wait
+        };
+        if exhausted(left, &accruals, lookahead) {
             ending.extend(leases.iter().map(|l| l.name_any()));
         }
     }
@@ -211,17 +225,26 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
         else {
             continue;
         };
+        let Some(due_tokens) = inputs.conversion.tokens(due.amount) else {
+            continue; // no rate to pay at: wait for the feed
+        };
         let left = available.entry(lease.spec.cluster.uid.clone()).or_default();
-        let amount = due.amount.min(*left);
-        if amount < due.amount {
-            tracing::warn!(lease = %lease.name_any(), due = due.amount, amount, "escrow short: paying what is left");
-        }
+        let (amount, tokens) = if due_tokens <= *left {
+            (due.amount, due_tokens)
+        } else {
+            tracing::warn!(lease = %lease.name_any(), due = due.amount, left = *left, "escrow short: paying what is left");
+            let worth = inputs.conversion.price_units(*left).unwrap_or(0).min(due.amount);
+            (worth, *left)
+        };
         if amount == 0 && due.amount > 0 {
             continue; // nothing left: wait for a deposit
         }
-        *left -= amount;
-        let record = new_record(due.period.clone(), due.through, amount);
-        if amount == 0 {
+        *left -= tokens;
+        let record = SettlementRecord {
+            conversion: inputs.conversion.record(amount).map(|c| ConvertedPayout { tokens, ..c }),
+            ..new_record(due.period.clone(), due.through, amount)
+        };
+        if tokens == 0 {
             let confirmed = SettlementRecord { state: SettlementState::Confirmed, ..record };
             out.without_transfer.push((lease.name_any(), confirmed));
             continue;
@@ -231,7 +254,13 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
         out.to_send.push(Planned {
             holder,
             record,
-            payment: Payment { key, source, wallet, amount, fee: market_fee(lease, amount) },
+            payment: Payment {
+                key,
+                source,
+                wallet,
+                amount: tokens,
+                fee: market_fee(lease, tokens),
+            },
         });
     }
     plan_slashes(inputs, &leases, &mut out);
@@ -486,6 +515,7 @@ mod tests {
         escrows: HashMap<String, u64>,
         stakes: HashMap<String, StakeBook>,
         policy: StakePolicy,
+        conversion: Conversion,
     }
 
     impl World {
@@ -495,6 +525,7 @@ mod tests {
                 escrows: escrows.iter().map(|(u, a)| (u.to_string(), *a)).collect(),
                 stakes: HashMap::new(),
                 policy: StakePolicy::default(),
+                conversion: Conversion::OneToOne,
             }
         }
 
@@ -515,6 +546,7 @@ mod tests {
                 period: Duration::from_secs(60),
                 lookahead: Duration::from_secs(10),
                 stake: &self.policy,
+                conversion: &self.conversion,
                 now: at(now_s),
             }
         }
@@ -604,6 +636,63 @@ mod tests {
         assert!(plan.to_send.iter().all(|p| p.record.state == SettlementState::Signed));
         let keys: HashSet<&str> = plan.to_send.iter().map(|p| p.payment.key.as_str()).collect();
         assert_eq!(keys.len(), 3, "one idempotency key per lease and period");
+    }
+
+    /// $2.50 per token of 9 decimals: one micro-USD is 400 base units.
+    fn at_two_fifty() -> Conversion {
+        let rate = super::super::pricing::Rate { price: 250, exponent: -2, publish_time: 0 };
+        Conversion::At { rate, decimals: 9 }
+    }
+
+    #[test]
+    fn usd_payouts_move_tokens_at_the_rate_and_record_it() {
+        let cluster = mk_cluster("c", 2, 1);
+        let mut flying = lease(&cluster, "n1", 1, None);
+        record(&mut flying, "0001", 60, 60, SettlementState::Signed);
+        flying.status.as_mut().expect("status").settlements[0].conversion =
+            at_two_fifty().record(60);
+        let leases = [flying, lease(&cluster, "n2", 1, None)];
+        let clusters = [cluster];
+        // n2 owes 120 micro-USD at 120 s (1 per second), 48,000 base units; n1 waits for its
+        // payout in flight (24,000 base units).
+        let paid = |escrow: u64| {
+            let world =
+                World { conversion: at_two_fifty(), ..World::new(&[("c-0000-uid", escrow)]) };
+            let plan = payouts(&world.inputs(&leases, &clusters, &[], 120));
+            assert_eq!(plan.to_send.len(), 1, "n1 is in flight");
+            let p = &plan.to_send[0];
+            (p.record.amount, p.payment.amount, p.record.conversion.clone().expect("converted"))
+        };
+        let (usd, tokens, recorded) = paid(72_000);
+        assert_eq!((usd, tokens, recorded.tokens), (120, 48_000, 48_000));
+        assert_eq!((recorded.price, recorded.exponent), (250, -2), "the rate is recorded");
+        // 30,000 left after the flight: n2 is paid what they are worth, 75 micro-USD.
+        let (usd, tokens, recorded) = paid(54_000);
+        assert_eq!((usd, tokens, recorded.tokens), (75, 30_000, 30_000));
+        // With 10 s ahead n1 needs 60 + 10 micro-USD, n2 120 + 10: 80,000 base units beside
+        // the flight cover both, one less does not.
+        let ending = |escrow: u64| {
+            let world =
+                World { conversion: at_two_fifty(), ..World::new(&[("c-0000-uid", escrow)]) };
+            out_of_funds(&world.inputs(&leases, &clusters, &[], 120)).len()
+        };
+        assert_eq!(ending(24_000 + 80_000), 0);
+        assert_eq!(ending(24_000 + 79_999), 2);
+    }
+
+    #[test]
+    fn a_paused_feed_pays_nothing_and_ends_nothing() {
+        let cluster = mk_cluster("c", 1, 1);
+        let leases = [lease(&cluster, "n1", 1, None)];
+        let clusters = [cluster];
+        let world = World {
+            conversion: Conversion::Paused("stale".into()),
+            ..World::new(&[("c-0000-uid", 1)])
+        };
+        let inputs = world.inputs(&leases, &clusters, &[], 120);
+        assert!(payouts(&inputs).to_send.is_empty());
+        assert!(payouts(&inputs).without_transfer.is_empty());
+        assert!(out_of_funds(&inputs).is_empty(), "no rate to judge the escrow by");
     }
 
     #[test]

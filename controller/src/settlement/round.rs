@@ -29,6 +29,7 @@ use solana_transaction::Signature;
 use super::events::ClusterEvents;
 use super::meter::{Meter, Paid, compact, fully_settled, is_payout_period, next_due};
 use super::plan::{self, Holder, Inputs, Planned};
+use super::pricing::Conversion;
 use super::protocol::{Step, after_history, decide};
 use super::stake::{SLASH_PERIOD, StakeBook};
 use super::transaction::{self, Custody, Payment};
@@ -71,6 +72,8 @@ pub struct RoundReport {
     pub released: usize,
     /// Writes to single objects that failed (logged; the round went on).
     pub failed_writes: usize,
+    /// 1 when the price feed could not be paid at: payouts and running out of funds waited.
+    pub paused_by_price_feed: usize,
 }
 
 impl RoundReport {
@@ -79,7 +82,7 @@ impl RoundReport {
     }
 
     /// Each count by its metric label.
-    pub fn actions(&self) -> [(&'static str, usize); 12] {
+    pub fn actions(&self) -> [(&'static str, usize); 13] {
         [
             ("confirmed", self.confirmed),
             ("rebroadcast", self.rebroadcast),
@@ -93,6 +96,7 @@ impl RoundReport {
             ("refunds_sent", self.refunds_sent),
             ("clusters_released", self.released),
             ("failed_writes", self.failed_writes),
+            ("paused_by_price_feed", self.paused_by_price_feed),
         ]
     }
 }
@@ -115,6 +119,13 @@ enum Outcome {
     Confirmed(String),
     /// Provably never paid.
     Expired,
+}
+
+/// What a round read of the chain: escrow balances, stake books and the rate.
+struct Books<'a> {
+    escrows: &'a HashMap<String, u64>,
+    stakes: &'a HashMap<String, StakeBook>,
+    conversion: &'a Conversion,
 }
 
 /// The three listings a round works from.
@@ -144,9 +155,14 @@ impl Settler {
         self.release_refunded(client, &clusters, &escrows, &mut report).await;
         let stakes = self.read_stakes(client, &custody, &leases, &offers, &mut report).await?;
 
+        let conversion = self.conversion().await?;
+        if let Some(why) = conversion.paused() {
+            tracing::warn!(%why, "payouts wait for the price feed");
+            report.paused_by_price_feed = 1;
+        }
         let now = Timestamp::now();
-        let ending =
-            plan::out_of_funds(&self.inputs(&leases, &clusters, &offers, &escrows, &stakes, now));
+        let books = Books { escrows: &escrows, stakes: &stakes, conversion: &conversion };
+        let ending = plan::out_of_funds(&self.inputs(&leases, &clusters, &offers, &books, now));
         let leases_api: Api<GpuLease> = Api::all(client.clone());
         let ending: Vec<usize> =
             (0..leases.len()).filter(|i| ending.contains(&leases[*i].name_any())).collect();
@@ -161,7 +177,7 @@ impl Settler {
                 Err(e) => failed_write(&mut report, &lease.name_any(), &e),
             }
         }
-        let inputs = self.inputs(&leases, &clusters, &offers, &escrows, &stakes, now);
+        let inputs = self.inputs(&leases, &clusters, &offers, &books, now);
         let by_name: HashMap<String, &GpuLease> =
             leases.iter().map(|l| (l.name_any(), l)).collect();
         for name in plan::closed(&inputs) {
@@ -205,16 +221,16 @@ impl Settler {
         leases: &'a [GpuLease],
         clusters: &'a [GpuCluster],
         offers: &'a [GpuOffer],
-        escrows: &'a HashMap<String, u64>,
-        stakes: &'a HashMap<String, StakeBook>,
+        books: &Books<'a>,
         now: Timestamp,
     ) -> Inputs<'a> {
         Inputs {
             leases,
             clusters,
             offers,
-            escrows,
-            stakes,
+            escrows: books.escrows,
+            stakes: books.stakes,
+            conversion: books.conversion,
             authority: self.authority(),
             period: self.in_force().period,
             // Two rounds ahead: a round may itself take a while.
@@ -1327,6 +1343,7 @@ mod tests {
             period: period.into(),
             through: Time(now()),
             amount: 5,
+            conversion: None,
             signature: Some(signature.into()),
             last_valid_block_height: Some(77),
             signed_slot: Some(70),

@@ -2,17 +2,36 @@
 //! local testbed. SPL Token, Token-2022, Memo (v1 + v3) and ATA are in genesis by default.
 //! stdout carries exactly one line, `READY rpc=http://127.0.0.1:PORT faucet=<pubkey>`; logs go
 //! to `<ledger>/validator.log` (filter: RUST_LOG), anything else to stderr.
+//!
+//! `--account-dir DIR` stands in for programs this testbed cannot run: a file
+//! `DIR/<address>.account` (32 bytes of owner program id, then the data) is stored at `<address>`
+//! in the working bank whenever the file changes, as the owner program would write it. The local
+//! environment posts Pyth price updates this way (a real feed is posted through Wormhole-verified
+//! messages, which need mainnet's guardians).
 use {
     anyhow::{anyhow, bail, Context, Result},
     clap::Parser,
     signal_hook::{consts::signal::*, iterator::Signals},
-    solana_rpc::rpc::JsonRpcConfig,
+    solana_account::{AccountSharedData, WritableAccount},
     solana_keypair::{read_keypair_file, write_keypair_file, Keypair},
+    solana_pubkey::Pubkey,
+    solana_rpc::rpc::JsonRpcConfig,
+    solana_runtime::bank_forks::BankForks,
     solana_signer::Signer,
     solana_streamer::socket::SocketAddrSpace,
     solana_test_validator::TestValidatorGenesis,
     std::time::{Duration, Instant},
-    std::{fs::File, io::Write, os::fd::FromRawFd, path::PathBuf, thread},
+    std::{
+        collections::HashMap,
+        fs::File,
+        io::Write,
+        os::fd::FromRawFd,
+        path::{Path, PathBuf},
+        str::FromStr,
+        sync::RwLock,
+        thread,
+        time::SystemTime,
+    },
 };
 
 /// Solana test validator for gpumarket's local testbed.
@@ -32,6 +51,9 @@ struct Args {
     /// Default: <ledger>/faucet-keypair.json.
     #[arg(long)]
     faucet_keypair: Option<PathBuf>,
+    /// Accounts to store as files there change (see the crate docs).
+    #[arg(long)]
+    account_dir: Option<PathBuf>,
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -129,6 +151,11 @@ fn main() -> Result<()> {
     writeln!(ready_out, "READY rpc=http://127.0.0.1:{} faucet={}", args.rpc_port, mint.pubkey())?;
     ready_out.flush()?;
 
+    if let Some(dir) = args.account_dir {
+        let bank_forks = validator.bank_forks();
+        thread::spawn(move || store_accounts_from(&dir, &bank_forks));
+    }
+
     let sig = signals.forever().next();
     eprintln!("[gpumarket-validator] signal {sig:?}, shutting down");
     thread::spawn(move || {
@@ -143,4 +170,41 @@ fn main() -> Result<()> {
     });
     drop(validator); // Validator::close(): stops services, flushes the ledger, joins threads
     Ok(())
+}
+
+/// Store each `<address>.account` file of `dir` in the working bank when it is new or changed.
+fn store_accounts_from(dir: &Path, bank_forks: &RwLock<BankForks>) -> ! {
+    let mut stored: HashMap<PathBuf, SystemTime> = HashMap::new();
+    loop {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Some(address) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".account"))
+                .and_then(|a| Pubkey::from_str(a).ok())
+            else {
+                continue;
+            };
+            let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else { continue };
+            if stored.get(&path) == Some(&modified) {
+                continue;
+            }
+            match std::fs::read(&path) {
+                Ok(bytes) if bytes.len() >= 32 => {
+                    let owner = Pubkey::try_from(&bytes[..32]).expect("32 bytes");
+                    let bank = bank_forks.read().unwrap().working_bank();
+                    let data = &bytes[32..];
+                    let lamports = bank.get_minimum_balance_for_rent_exemption(data.len());
+                    let mut account = AccountSharedData::new(lamports, data.len(), &owner);
+                    account.data_as_mut_slice().copy_from_slice(data);
+                    bank.store_account(&address, &account);
+                    eprintln!("[gpumarket-validator] stored {address} ({} bytes)", data.len());
+                    stored.insert(path, modified);
+                }
+                _ => {} // being written: read it next time
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 }
