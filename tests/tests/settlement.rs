@@ -735,10 +735,27 @@ async fn stake_is_the_offer_wallets_own_slashed_on_failure_and_unbonded_after_th
     }
     assert_eq!(fx.sol.account_balance(&stake).await?, Some(100_000), "only the bond is left");
 
-    // A lease on the node fails: a quarter of the bond goes to the buyer.
+    // A lease bound at a quarter fails after the market raised its slash rate to all of the
+    // bond: the lease's frozen quarter goes to the buyer (issue 17: a policy change applies to
+    // new leases only).
     let cluster = fx.cluster("stake").await?;
     fx.deposit(&cluster, 1_000_000).await?;
-    let lease = fx.lease(&cluster, "stake", 0, 1, seconds_ago(9), None).await?;
+    let terms = LeaseTerms {
+        heartbeat_timeout_seconds: 60,
+        provisioning_timeout_seconds: 600,
+        settlement_period_seconds: Some(PERIOD.as_secs()),
+        deposit_margin_percent: Some(0),
+        market_fee_permille: Some(0),
+        slash_permille: Some(250),
+    };
+    let lease = fx.lease_on(&cluster, "stake", 0, 1, (seconds_ago(9), None), Some(terms)).await?;
+    let policies: Api<MarketPolicy> = Api::all(fx.client.clone());
+    let policy = json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "MarketPolicy",
+        "metadata": {"name": "default"},
+        "spec": {"slashPermille": 1000},
+    });
+    policies.patch("default", &PatchParams::apply("market-admin"), &Patch::Apply(&policy)).await?;
     fx.end_lease(&lease, Timestamp::now(), EndReason::SupplierFailure).await?;
     let buyer_before = fx.balance(&buyer.pubkey()).await?;
     let slashed = |l: &GpuLease| {
@@ -748,8 +765,13 @@ async fn stake_is_the_offer_wallets_own_slashed_on_failure_and_unbonded_after_th
                 .any(|r| r.period == "slash" && r.state == SettlementState::Confirmed)
         })
     };
-    fx.settle_until(&settler, "paid and slashed", |ls| ls.iter().all(|l| settled(l) && slashed(l)))
-        .await?;
+    let outcome = fx
+        .settle_until(&settler, "paid and slashed", |ls| {
+            ls.iter().all(|l| settled(l) && slashed(l))
+        })
+        .await;
+    policies.delete("default", &DeleteParams::default()).await?;
+    outcome?;
     assert_eq!(fx.balance(&buyer.pubkey()).await? - buyer_before, 25_000, "a quarter of 100000");
     let told = fx.event_notes().await?;
     assert!(told.iter().any(|(r, n)| r == "Slashed" && n.contains("0.025000")), "{told:?}");
