@@ -1009,7 +1009,9 @@ async fn bench_settle_many_leases() -> Result<()> {
     let started = std::time::Instant::now();
     let (mut transactions, mut payouts) = (0, 0);
     loop {
+        let round = std::time::Instant::now();
         let report = fx.settler.settle_round(&fx.client).await?;
+        println!("round in {:.1} s: {report:?}", round.elapsed().as_secs_f64());
         transactions += report.transactions_sent;
         payouts += report.payouts_sent;
         let leases = fx.leases().await?;

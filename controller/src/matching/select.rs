@@ -9,7 +9,8 @@
 //! - Pack: fewest nodes, by taking the boundary nodes with the most slots first until one
 //!   holds what is left, and then the smallest that does (best fit: a single worker fills a
 //!   partly used node rather than break into an empty one, which stays whole for a larger gang);
-//! - Spread: most nodes, by taking one slot per boundary node in turn.
+//! - Spread: most nodes, by taking one slot per boundary node in turn, the nodes with the fewest
+//!   slots first (partly used nodes fill up; empty ones stay whole for a larger gang).
 //!
 //! Among boundary nodes equal on that count, higher reputation and then node name go first.
 //!
@@ -182,7 +183,9 @@ fn share_boundary(
             chosen
         }
         Placement::Spread => {
-            group.sort_by_key(|p| (std::cmp::Reverse(reputation(p)), p.entry));
+            // Nodes with the fewest slots first: a worker goes to a partly used node rather
+            // than break into an empty one, which stays whole for a larger gang.
+            group.sort_by_key(|p| (p.workers, std::cmp::Reverse(reputation(p)), p.entry));
             let capacity: Vec<u32> = group.iter().map(|p| p.workers).collect();
             group.iter_mut().for_each(|p| p.workers = 0);
             while left > 0 {

@@ -156,6 +156,20 @@ fn pack_fills_a_partly_used_node_and_keeps_an_empty_one_whole() {
 }
 
 #[test]
+fn spread_fills_partly_used_nodes_and_keeps_an_empty_one_whole() {
+    let offers = vec![
+        mk_offer("a", "A100", 8, DOLLAR),
+        mk_offer("b", "A100", 3, DOLLAR),
+        mk_offer("c", "A100", 5, DOLLAR),
+    ];
+    let two = Request { placement: Placement::Spread, ..mk_request("ns/two", 2, 1, DOLLAR) };
+    assert_eq!(nodes(matched(&quote(&offers, &two))), vec![("b", 1), ("c", 1)]);
+    // More workers than nodes: every node, still one at a time from the smallest.
+    let five = Request { workers: 5, ..two };
+    assert_eq!(nodes(matched(&quote(&offers, &five))), vec![("a", 1), ("b", 2), ("c", 2)]);
+}
+
+#[test]
 fn higher_reputation_wins_a_tie_then_the_node_name() {
     let mut offers = vec![
         mk_offer("a", "A100", 4, DOLLAR),
