@@ -275,8 +275,12 @@ pub struct CompactedSettlements {
     /// Usage paid through this time.
     #[schemars(length(max = 64))]
     pub through: Time,
-    /// Their total, in base units.
+    /// Their total, in base units (micro-USD when the market prices in USD).
     pub amount: u64,
+    /// Base units of the mint they moved, when that differs from `amount` (payouts converted
+    /// at a price feed's rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
 }
 
 /// One payout of one lease for one period.

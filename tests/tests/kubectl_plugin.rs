@@ -361,7 +361,8 @@ async fn a_usd_priced_cluster_pays_the_market_token_at_the_recorded_rate_and_wai
     };
     let market = Market::start_with("plugin-usd", Some((token, feed))).await;
     let clusters = market.clusters();
-    let supplier_key = read_keypair(&sol.suppliers[0]).unwrap();
+    // A wallet of its own: its earnings are this market's alone.
+    let supplier_key = solana_sdk::signature::Keypair::new();
     let supplier = supplier_key.pubkey();
     let _node =
         Supplier::start_paid_to(env, &market.client, "plugin-usd", "usd", 2, PRICE, &supplier_key)
@@ -425,6 +426,10 @@ async fn a_usd_priced_cluster_pays_the_market_token_at_the_recorded_rate_and_wai
     let spent = buyer_before - sol.balance_in(&buyer.pubkey(), &token).await.unwrap();
     assert!(received > first.amount * 400, "paid more than the first period: {received}");
     assert_eq!(spent, received, "what the buyer spent is what the supplier received");
+    let earned = market.json(&["earnings", "--wallet", &supplier.to_string()]).await;
+    assert_eq!(earned["total"]["paidTokens"], received, "{earned}");
+    let usd = earned["total"]["paid"].as_u64().unwrap();
+    assert!((usd * 400..=usd * 500).contains(&received), "paid at $2.50 and $2.00: {earned}");
     assert_eq!(sol.account_balance(&escrow).await.unwrap(), None, "the escrow is closed");
 }
 

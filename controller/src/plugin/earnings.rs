@@ -20,7 +20,13 @@ pub fn render(e: &Earnings) -> String {
             Amount::new(t.pending).to_string(),
         );
     };
-    line(&mut s, "total", &e.total, "");
+    // Priced in USD through a feed: what reached the wallet in base units of the mint too.
+    let tokens = if e.total.paid_tokens == e.total.paid {
+        String::new()
+    } else {
+        format!("  ({} base units of the mint)", e.total.paid_tokens)
+    };
+    line(&mut s, "total", &e.total, &tokens);
     let _ = writeln!(s, " by GPU model:");
     for (model, t) in &e.by_model {
         line(&mut s, model, t, "");

@@ -38,8 +38,11 @@ pub struct Day {
 pub struct Totals {
     pub leases: u64,
     pub served_gpu_seconds: u64,
-    /// Confirmed paid to the wallet.
+    /// Confirmed paid to the wallet, in price units.
     pub paid: u64,
+    /// The same payouts in base units of the mint, as they moved on chain (the same as `paid`
+    /// unless the market prices in USD through a price feed).
+    pub paid_tokens: u64,
     /// Metered and not paid yet.
     pub pending: u64,
     /// Slashed out of the node's stake to buyers.
@@ -95,6 +98,7 @@ pub fn tally<'a>(
         t.leases += 1;
         t.served_gpu_seconds += meter.gpu_seconds_through(now);
         t.paid += paid;
+        t.paid_tokens += Paid::of(lease).confirmed_tokens();
         t.pending += meter.cost_through(now).saturating_sub(paid);
         t.slashed += lease.status.as_ref().map_or(0, |s| {
             s.settlements.iter().filter(|r| r.period == SLASH_PERIOD).map(|r| r.amount).sum()
@@ -164,6 +168,7 @@ fn add(sum: &mut Totals, t: &Totals) {
     sum.leases += t.leases;
     sum.served_gpu_seconds += t.served_gpu_seconds;
     sum.paid += t.paid;
+    sum.paid_tokens += t.paid_tokens;
     sum.pending += t.pending;
     sum.slashed += t.slashed;
 }

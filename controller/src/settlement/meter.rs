@@ -133,6 +133,17 @@ impl<'a> Paid<'a> {
         records.saturating_add(self.compacted.map_or(0, |c| c.amount))
     }
 
+    /// Base units of the mint confirmed paid (`confirmed` converted at each payout's rate).
+    pub fn confirmed_tokens(&self) -> u64 {
+        let records: u64 = self
+            .payouts()
+            .filter(|r| r.state == SettlementState::Confirmed)
+            .map(tokens_moved)
+            .sum();
+        let compacted = self.compacted.map_or(0, |c| c.tokens.unwrap_or(c.amount));
+        records.saturating_add(compacted)
+    }
+
     /// The time confirmed payouts cover usage up to, if any is confirmed.
     pub fn confirmed_through(&self) -> Option<Timestamp> {
         let records =
@@ -207,6 +218,11 @@ pub fn period_key(index: u64) -> String {
     format!("{index:04}")
 }
 
+/// Base units of the mint a record moves (a converted payout records the USD it covers).
+pub fn tokens_moved(record: &SettlementRecord) -> u64 {
+    record.conversion.as_ref().map_or(record.amount, |c| c.tokens)
+}
+
 /// Fold confirmed payout records beyond the newest [`RECORDS_KEPT`] into `status.compacted`, so
 /// a lease paid over many periods keeps a bounded status.
 pub fn compact(status: &mut GpuLeaseStatus) {
@@ -227,10 +243,15 @@ pub fn compact(status: &mut GpuLeaseStatus) {
         last_period: period_key(0),
         through: Time(Timestamp::UNIX_EPOCH),
         amount: 0,
+        tokens: None,
     });
     for &i in &fold {
         let r = &status.settlements[i];
         compacted.records += 1;
+        if r.conversion.is_some() || compacted.tokens.is_some() {
+            let before = compacted.tokens.unwrap_or(compacted.amount);
+            compacted.tokens = Some(before.saturating_add(tokens_moved(r)));
+        }
         compacted.amount = compacted.amount.saturating_add(r.amount);
         if r.through.0 > compacted.through.0 {
             compacted.through = r.through.clone();
@@ -397,6 +418,27 @@ mod tests {
         let due = next_due(&m, &after, Duration::from_secs(10), ts(400)).expect("due");
         assert_eq!(due.period, "0040", "keys go on past the compacted ones");
         assert_eq!(due.amount, 100);
+        assert_eq!(status.compacted.as_ref().and_then(|c| c.tokens), None, "nothing converted");
+    }
+
+    #[test]
+    fn compaction_keeps_the_tokens_of_converted_payouts() {
+        let m = meter(1, 3600, None);
+        let times: Vec<i64> = (1..=12).map(|i| i * 10 + 1).collect();
+        let mut settlements = pay_at(&m, &times, 10);
+        for r in &mut settlements {
+            r.conversion = Some(gpumarket_crds::ConvertedPayout {
+                tokens: r.amount * 400,
+                price: 250,
+                exponent: -2,
+                publish_time: r.through.clone(),
+            });
+        }
+        let mut status = GpuLeaseStatus { settlements, ..Default::default() };
+        let before = Paid::of_status(&status).confirmed_tokens();
+        assert_eq!(before, Paid::of_status(&status).confirmed() * 400);
+        compact(&mut status);
+        assert_eq!(Paid::of_status(&status).confirmed_tokens(), before);
     }
 
     proptest! {

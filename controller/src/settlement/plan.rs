@@ -19,7 +19,7 @@ use solana_pubkey::Pubkey;
 use super::accounts;
 use super::escrow::{Accrual, exhausted};
 use super::memo::payout_key;
-use super::meter::{Meter, Paid, fully_settled, is_payout_period, next_due};
+use super::meter::{Meter, Paid, fully_settled, is_payout_period, next_due, tokens_moved};
 use super::pricing::Conversion;
 use super::stake::{SLASH_PERIOD, StakeBook, StakePolicy, slashed};
 use super::transaction::Payment;
@@ -121,11 +121,6 @@ pub fn new_record(period: String, through: Timestamp, amount: u64) -> Settlement
         transaction: None,
         state: SettlementState::Signed,
     }
-}
-
-/// Base units of the mint a record moves (a converted payout records the USD it covers).
-fn tokens_moved(record: &SettlementRecord) -> u64 {
-    record.conversion.as_ref().map_or(record.amount, |c| c.tokens)
 }
 
 /// What each cluster's escrow can still pay, in base units: its balance less its payouts in

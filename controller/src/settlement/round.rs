@@ -45,6 +45,8 @@ fn patch_params() -> PatchParams {
 
 /// Writes in flight at once.
 const CONCURRENT_WRITES: usize = 16;
+/// Payout transactions signed, recorded and sent at once.
+const CONCURRENT_TRANSACTIONS: usize = 8;
 /// Attempts of a conditional write that lost a race to an unrelated change.
 const WRITE_ATTEMPTS: usize = 5;
 
@@ -101,6 +103,39 @@ impl RoundReport {
     }
 }
 
+impl std::ops::AddAssign for RoundReport {
+    fn add_assign(&mut self, other: RoundReport) {
+        let RoundReport {
+            confirmed,
+            rebroadcast,
+            expired,
+            unproven,
+            already_paid,
+            ended_out_of_funds,
+            payouts_sent,
+            transactions_sent,
+            transactions_held,
+            refunds_sent,
+            released,
+            failed_writes,
+            paused_by_price_feed,
+        } = other;
+        self.confirmed += confirmed;
+        self.rebroadcast += rebroadcast;
+        self.expired += expired;
+        self.unproven += unproven;
+        self.already_paid += already_paid;
+        self.ended_out_of_funds += ended_out_of_funds;
+        self.payouts_sent += payouts_sent;
+        self.transactions_sent += transactions_sent;
+        self.transactions_held += transactions_held;
+        self.refunds_sent += refunds_sent;
+        self.released += released;
+        self.failed_writes += failed_writes;
+        self.paused_by_price_feed += paused_by_price_feed;
+    }
+}
+
 /// A recorded, unconfirmed transaction and everyone who recorded it.
 #[derive(Debug, Default)]
 struct Flight {
@@ -111,6 +146,9 @@ struct Flight {
     /// Each payment in it: who holds its record, its key, the account it is paid from.
     payments: Vec<(Holder, String, Pubkey)>,
 }
+
+/// A holder written with how its payment ended, or the error of that write.
+type Settled<'a> = (&'a Holder, Outcome, Result<(), Error>);
 
 /// How a recorded payment ends.
 #[derive(Clone, Debug)]
@@ -254,6 +292,8 @@ impl Settler {
         let signatures: Vec<Signature> = flights.keys().copied().collect();
         let observed = chain::observe(&self.rpc, &signatures).await?;
         let finalized = chain::finalized_block_height(&self.rpc).await?;
+        // What each payment's holder is to record, with the signature it was recorded under.
+        let mut settling: Vec<(&Holder, String, Outcome)> = Vec::new();
         for ((signature, flight), observed) in flights.iter().zip(observed) {
             let recorded = signature.to_string();
             let step =
@@ -295,14 +335,28 @@ impl Settler {
                     }
                 }
             }
-            for (holder, outcome) in outcomes {
-                match settle_holder(client, events, holder, &recorded, &outcome).await {
-                    Ok(()) => match outcome {
-                        Outcome::Confirmed(_) => report.confirmed += 1,
-                        Outcome::Expired => report.expired += 1,
-                    },
-                    Err(e) => failed_write(report, &format!("{holder:?}"), &e),
+            settling.extend(outcomes.into_iter().map(|(h, o)| (h, recorded.clone(), o)));
+        }
+        // Each holder is its own object (a lease's holders write conditionally and retry).
+        let settling: Vec<BoxFuture<'_, Settled<'_>>> = settling
+            .into_iter()
+            .map(|(holder, recorded, outcome)| {
+                async move {
+                    let result = settle_holder(client, events, holder, &recorded, &outcome).await;
+                    (holder, outcome, result)
                 }
+                .boxed()
+            })
+            .collect();
+        let settled: Vec<_> =
+            futures::stream::iter(settling).buffer_unordered(CONCURRENT_WRITES).collect().await;
+        for (holder, outcome, result) in settled {
+            match result {
+                Ok(()) => match outcome {
+                    Outcome::Confirmed(_) => report.confirmed += 1,
+                    Outcome::Expired => report.expired += 1,
+                },
+                Err(e) => failed_write(report, &format!("{holder:?}"), &e),
             }
         }
         Ok(())
@@ -583,11 +637,26 @@ impl Settler {
         let payments: Vec<Payment> = planned.iter().map(|p| p.payment.clone()).collect();
         let batches = transaction::batches(custody, payments, &missing)?;
         let mut planned = planned.into_iter();
-        for batch in batches {
-            let members: Vec<Planned> = planned.by_ref().take(batch.len()).collect();
-            self.sign_record_send(client, custody, leases, members, &missing, report).await?;
+        let groups: Vec<Vec<Planned>> =
+            batches.iter().map(|batch| planned.by_ref().take(batch.len()).collect()).collect();
+        // Transactions are independent (each pays what was planned for it out of what its
+        // sources hold), so several go at once; every one still records before it sends.
+        let sent: Vec<(Result<(), Error>, RoundReport)> = futures::stream::iter(groups)
+            .map(|members| async {
+                let mut part = RoundReport::default();
+                let result =
+                    self.sign_record_send(client, custody, leases, members, &missing, &mut part);
+                (result.await, part)
+            })
+            .buffer_unordered(CONCURRENT_TRANSACTIONS)
+            .collect()
+            .await;
+        let mut outcome = Ok(());
+        for (result, part) in sent {
+            *report += part;
+            outcome = outcome.and(result);
         }
-        Ok(())
+        outcome
     }
 
     /// Sign one transaction of `members`, record every payment in it, send it once all are
