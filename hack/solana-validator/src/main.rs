@@ -193,18 +193,33 @@ fn store_accounts_from(dir: &Path, bank_forks: &RwLock<BankForks>) -> ! {
             match std::fs::read(&path) {
                 Ok(bytes) if bytes.len() >= 32 => {
                     let owner = Pubkey::try_from(&bytes[..32]).expect("32 bytes");
-                    let bank = bank_forks.read().unwrap().working_bank();
-                    let data = &bytes[32..];
-                    let lamports = bank.get_minimum_balance_for_rent_exemption(data.len());
-                    let mut account = AccountSharedData::new(lamports, data.len(), &owner);
-                    account.data_as_mut_slice().copy_from_slice(data);
-                    bank.store_account(&address, &account);
-                    eprintln!("[gpumarket-validator] stored {address} ({} bytes)", data.len());
-                    stored.insert(path, modified);
+                    if store(bank_forks, &address, &owner, &bytes[32..]) {
+                        eprintln!("[gpumarket-validator] stored {address}");
+                        stored.insert(path, modified);
+                    }
                 }
                 _ => {} // being written: read it next time
             }
         }
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Store the account in the working bank; false when every bank tried had begun to freeze (a
+/// frozen bank refuses stores: the next one takes it).
+fn store(bank_forks: &RwLock<BankForks>, address: &Pubkey, owner: &Pubkey, data: &[u8]) -> bool {
+    for _ in 0..50 {
+        let bank = bank_forks.read().unwrap().working_bank();
+        let lamports = bank.get_minimum_balance_for_rent_exemption(data.len());
+        let mut account = AccountSharedData::new(lamports, data.len(), owner);
+        account.data_as_mut_slice().copy_from_slice(data);
+        // The bank may begin to freeze between the check and the store, which then panics
+        // before writing anything (its first statement asserts it has not).
+        let store = std::panic::AssertUnwindSafe(|| bank.store_account(address, &account));
+        if !bank.freeze_started() && std::panic::catch_unwind(store).is_ok() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
