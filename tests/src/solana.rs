@@ -168,23 +168,7 @@ impl Solana {
             (read_keypair(&self.faucet)?, read_keypair(&self.mint_authority)?, Keypair::new());
         let token = spl_token_interface::id();
         let rpc = self.rpc();
-        let len = spl_token_interface::state::Mint::LEN;
-        let mut instructions = vec![
-            solana_system_interface::instruction::create_account(
-                &payer.pubkey(),
-                &mint.pubkey(),
-                rpc.get_minimum_balance_for_rent_exemption(len).await?,
-                len as u64,
-                &token,
-            ),
-            spl_token_interface::instruction::initialize_mint2(
-                &token,
-                &mint.pubkey(),
-                &authority.pubkey(),
-                None,
-                decimals,
-            )?,
-        ];
+        let mut instructions = create_mint(&rpc, &payer, &mint, &authority, decimals).await?;
         for (wallet, amount) in holders {
             let account = get_associated_token_address(wallet, &mint.pubkey());
             instructions.push(create_associated_token_account_idempotent(
@@ -208,6 +192,33 @@ impl Solana {
             .context("creating a mint")?;
         Ok(mint.pubkey())
     }
+}
+
+/// Instructions creating `mint` (rent paid by `payer`) with `decimals` and `authority`.
+async fn create_mint(
+    rpc: &RpcClient,
+    payer: &Keypair,
+    mint: &Keypair,
+    authority: &Keypair,
+    decimals: u8,
+) -> Result<Vec<Instruction>> {
+    let (token, len) = (spl_token_interface::id(), spl_token_interface::state::Mint::LEN);
+    Ok(vec![
+        solana_system_interface::instruction::create_account(
+            &payer.pubkey(),
+            &mint.pubkey(),
+            rpc.get_minimum_balance_for_rent_exemption(len).await?,
+            len as u64,
+            &token,
+        ),
+        spl_token_interface::instruction::initialize_mint2(
+            &token,
+            &mint.pubkey(),
+            &authority.pubkey(),
+            None,
+            decimals,
+        )?,
+    ])
 }
 
 /// Read a keypair file written by this module.
@@ -274,24 +285,7 @@ async fn setup_wallets(
         .collect::<Result<Vec<_>>>()?;
 
     let token = spl_token_interface::id();
-    let rent =
-        rpc.get_minimum_balance_for_rent_exemption(spl_token_interface::state::Mint::LEN).await?;
-    let mut funding = vec![
-        solana_system_interface::instruction::create_account(
-            &payer.pubkey(),
-            &mint.pubkey(),
-            rent,
-            spl_token_interface::state::Mint::LEN as u64,
-            &token,
-        ),
-        spl_token_interface::instruction::initialize_mint2(
-            &token,
-            &mint.pubkey(),
-            &authority.pubkey(),
-            None,
-            MINT_DECIMALS,
-        )?,
-    ];
+    let mut funding = create_mint(&rpc, &payer, &mint, &authority, MINT_DECIMALS).await?;
     for wallet in std::iter::once(&buyer).chain(suppliers.iter().map(|(k, _)| k)) {
         funding.push(solana_system_interface::instruction::transfer(
             &payer.pubkey(),

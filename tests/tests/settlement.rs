@@ -387,6 +387,19 @@ async fn leases_are_paid_from_their_clusters_own_escrow_and_the_rest_refunded_cl
     fx.cleanup().await
 }
 
+/// Terms a lease is bound on: this file's settlement period, no deposit margin, and these fee
+/// and slash rates (per mille).
+fn frozen_terms(market_fee_permille: u32, slash_permille: u32) -> LeaseTerms {
+    LeaseTerms {
+        heartbeat_timeout_seconds: 60,
+        provisioning_timeout_seconds: 600,
+        settlement_period_seconds: Some(PERIOD.as_secs()),
+        deposit_margin_percent: Some(0),
+        market_fee_permille: Some(market_fee_permille),
+        slash_permille: Some(slash_permille),
+    }
+}
+
 /// Issue 17: a lease is paid on the terms frozen in it at binding (its settlement period and
 /// market fee), whatever the MarketPolicy in force says after.
 #[tokio::test]
@@ -396,14 +409,7 @@ async fn a_running_lease_is_paid_on_its_frozen_terms_when_the_policy_changes() -
     let (supplier, market) = (fx.supplier(0)?, fx.settler.authority());
     let cluster = fx.cluster("terms").await?;
     fx.deposit(&cluster, 100_000).await?;
-    let terms = LeaseTerms {
-        heartbeat_timeout_seconds: 60,
-        provisioning_timeout_seconds: 600,
-        settlement_period_seconds: Some(PERIOD.as_secs()),
-        deposit_margin_percent: Some(0),
-        market_fee_permille: Some(100),
-        slash_permille: Some(0),
-    };
+    let terms = frozen_terms(100, 0);
     let (before, market_before) = (fx.balance(&supplier).await?, fx.balance(&market).await?);
     let start = seconds_ago(1);
     let lease = fx.lease_on(&cluster, "frozen", 0, 1, (start, None), Some(terms)).await?;
@@ -740,14 +746,7 @@ async fn stake_is_the_offer_wallets_own_slashed_on_failure_and_unbonded_after_th
     // new leases only).
     let cluster = fx.cluster("stake").await?;
     fx.deposit(&cluster, 1_000_000).await?;
-    let terms = LeaseTerms {
-        heartbeat_timeout_seconds: 60,
-        provisioning_timeout_seconds: 600,
-        settlement_period_seconds: Some(PERIOD.as_secs()),
-        deposit_margin_percent: Some(0),
-        market_fee_permille: Some(0),
-        slash_permille: Some(250),
-    };
+    let terms = frozen_terms(0, 250);
     let lease = fx.lease_on(&cluster, "stake", 0, 1, (seconds_ago(9), None), Some(terms)).await?;
     let policies: Api<MarketPolicy> = Api::all(fx.client.clone());
     let policy = json!({
