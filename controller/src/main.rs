@@ -96,7 +96,7 @@ struct Args {
     mint: Option<String>,
 
     #[command(flatten)]
-    price_feed: gpumarket_controller::settlement::pricing::PriceFeedArgs,
+    pricing: gpumarket_controller::settlement::pricing::PricingArgs,
 
     /// Leases are paid every period (e.g. 10m, 1h).
     #[arg(long, env = "GPUMARKET_SETTLEMENT_PERIOD", default_value = "1h", value_parser = duration)]
@@ -245,7 +245,8 @@ async fn main() -> anyhow::Result<()> {
                 SettlementConfig::new(rpc_url.clone(), keypair, mint, args.settlement_period);
             settlement.deposit_margin_percent = args.deposit_margin;
             settlement.market_fee_permille = args.market_fee_permille;
-            settlement.price_feed = args.price_feed.feed().map_err(anyhow::Error::msg)?;
+            settlement.price_feed = args.pricing.feed().map_err(anyhow::Error::msg)?;
+            settlement.stablecoins = args.pricing.stablecoins().map_err(anyhow::Error::msg)?;
             settlement.heartbeat_timeout = args.heartbeat_timeout;
             settlement.stake = StakePolicy {
                 min_per_gpu: args.min_stake_per_gpu.clone(),

@@ -30,7 +30,10 @@ pub fn mk_cluster(name: &str, workers: u32, gpus_per_worker: u32) -> GpuCluster 
             placement: Default::default(),
             per_worker: None,
             ray: Default::default(),
-            payment: Payment { buyer_wallet: "11111111111111111111111111111111".into() },
+            payment: Payment {
+                buyer_wallet: "11111111111111111111111111111111".into(),
+                mint: None,
+            },
         },
     );
     cluster.metadata.namespace = Some("ns".into());

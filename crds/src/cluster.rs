@@ -244,12 +244,20 @@ pub struct WorkerOverrides {
 /// is in the `Funded` condition and in `status.escrow`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.mint) == has(oldSelf.mint)").message("spec.payment.mint is immutable (the escrow is an account of that mint): to pay in another mint, delete the GpuCluster and apply a new one"))]
 pub struct Payment {
     /// Buyer's Solana wallet (base-58 public key): the refund of the escrow goes to it.
     #[x_kube(validation = Rule::new("self.matches('^[1-9A-HJ-NP-Za-km-z]{32,44}$')").message("spec.payment.buyerWallet must be a base-58 Solana public key (32 to 44 characters, no 0, O, I or l)"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.payment.buyerWallet is immutable"))]
     #[schemars(length(max = 44))]
     pub buyer_wallet: String,
+    /// The mint the cluster pays in (base-58): one the market accepts (its own, or a USD
+    /// stablecoin it also takes 1:1); the market's own mint when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[1-9A-HJ-NP-Za-km-z]{32,44}$')").message("spec.payment.mint must be a base-58 Solana public key (32 to 44 characters, no 0, O, I or l)"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.payment.mint is immutable (the escrow is an account of that mint): to pay in another mint, delete the GpuCluster and apply a new one"))]
+    #[schemars(length(max = 44))]
+    pub mint: Option<String>,
 }
 
 impl GpuClusterSpec {

@@ -128,6 +128,12 @@ pub struct LeaseTerms {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self <= 1000").message("terms.slashPermille must be between 0 and 1000"))]
     pub slash_permille: Option<u32>,
+
+    /// The mint its payouts move (its cluster's, base-58). Absent when the lease is not settled
+    /// on chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 44))]
+    pub mint: Option<String>,
 }
 
 /// Reference to the GpuCluster a lease belongs to.

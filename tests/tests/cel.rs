@@ -317,6 +317,11 @@ async fn invalid_manifests_are_refused_with_their_message() {
             "spec.payment.buyerWallet must be a base-58 Solana public key",
         ),
         (
+            "payment mint not base-58",
+            with(c(), "spec/payment/mint", json!("not-a-mint")),
+            "spec.payment.mint must be a base-58 Solana public key",
+        ),
+        (
             "price of i64::MAX",
             with(c(), "spec/maxPricePerGpuHour", json!(PRICE_I64_MAX)),
             "spec.maxPricePerGpuHour must be greater than 0 and at most 100000000000",
@@ -687,6 +692,15 @@ async fn cluster_spec_is_frozen_once_matched_and_buyer_wallet_is_immutable() {
         .await,
     );
     assert!(message.contains("spec.payment.buyerWallet is immutable"), "{message}");
+    // The escrow is an account of the cluster's mint: naming one later, or another, is refused.
+    let mint = |mint: &str| merge(json!({"spec": {"payment": {"mint": mint}}}));
+    let added = refusal(api.patch("frozen", &params, &mint(WALLET)).await);
+    assert!(added.contains("spec.payment.mint is immutable"), "{added}");
+    let mut named = cluster("frozen-mint");
+    named["spec"]["payment"]["mint"] = json!(WALLET);
+    api.create(&PostParams::default(), &object(&named)).await.unwrap();
+    let changed = refusal(api.patch("frozen-mint", &params, &mint(OTHER_WALLET)).await);
+    assert!(changed.contains("spec.payment.mint is immutable"), "{changed}");
 
     // Matched (the controller's status write): the request is frozen, Ray settings are not.
     api.patch_status("frozen", &params, &merge(json!({"status": {"phase": "Running"}})))

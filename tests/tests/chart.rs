@@ -460,6 +460,14 @@ fn settlement_key_and_rpc_url_come_from_the_existing_secret() {
         ),
         "{args:?}"
     );
+    assert!(!args.iter().any(|a| a.starts_with("--stablecoin")), "{args:?}");
+    let usdc = "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v";
+    let usdt = "Es9vMFrzaCERmJfrF4H2FYD4KCoNkY11McCe8BenwNYB";
+    let set = format!("settlement.stablecoins={{{usdc},{usdt}}}");
+    let with_stablecoins = render(&[], &[&set]);
+    let args = args_of(find(&with_stablecoins, "Deployment", "gpumarket-controller"));
+    let stablecoins: Vec<&String> = args.iter().filter(|a| a.starts_with("--stablecoin")).collect();
+    assert_eq!(stablecoins, [&format!("--stablecoin={usdc}"), &format!("--stablecoin={usdt}")]);
     assert_eq!(pod["volumes"][0]["secret"]["secretName"], "my-keys");
     assert_eq!(
         pod["volumes"][0]["secret"]["items"],
@@ -622,6 +630,7 @@ fn bad_values_are_refused_with_a_message_that_says_what_to_change() {
         ),
         (&["fleet.enabled=true", "agent.enabled=true"], "fleet.enabled and agent.enabled exclude"),
         (&["fleet.name=Fleet_A"], "/fleet/name"),
+        (&["settlement.stablecoins={0OIl0OIl}"], "/settlement/stablecoins/0"),
     ];
     for (sets, expected) in cases {
         let error = try_render("gpumarket", &[], sets).expect_err("must be refused");

@@ -53,7 +53,7 @@ struct Market {
     controller: tokio::task::JoinHandle<()>,
     /// Where the controller serves its metrics, on 127.0.0.1.
     metrics_port: u16,
-    /// The price feed flags the plugin is given (none for a market in base units).
+    /// The pricing flags the plugin is given (none for a market in base units).
     price_flags: Vec<String>,
     _keys: tempfile::TempDir,
 }
@@ -63,9 +63,8 @@ impl Market {
         Market::start_with(namespace, None).await
     }
 
-    /// A market that settles in `mint` at `feed`'s rate (prices in USD), when given; else in
-    /// the environment's mint, 1:1.
-    async fn start_with(namespace: &str, usd: Option<(Pubkey, PriceFeed)>) -> Market {
+    /// A market priced in USD, when given; else in the environment's mint, 1:1.
+    async fn start_with(namespace: &str, usd: Option<Usd>) -> Market {
         let turn = TURN.lock().await;
         let env = Env::shared().await;
         let client = env.client().await.unwrap();
@@ -74,7 +73,7 @@ impl Market {
         let keys = tempfile::tempdir().unwrap();
         let keypair = keys.path().join("settlement.json");
         sol.settlement_authority(&keypair).await.unwrap();
-        let mint = usd.as_ref().map_or(sol.mint, |(mint, _)| *mint);
+        let mint = usd.as_ref().map_or(sol.mint, |usd| usd.token);
         let mut settlement = SettlementConfig::new(
             sol.rpc_url.clone(),
             keypair,
@@ -82,15 +81,21 @@ impl Market {
             Duration::from_secs(3),
         );
         settlement.poll_interval = Duration::from_secs(1);
-        settlement.price_feed = usd.as_ref().map(|(_, feed)| feed.clone());
-        // The plugin is told the same feed, as the controller's flags would be mirrored.
-        let price_flags = usd.map_or_else(Vec::new, |(_, feed)| {
-            vec![
+        settlement.price_feed = usd.as_ref().map(|usd| usd.feed.clone());
+        settlement.stablecoins = usd.as_ref().map_or_else(Vec::new, |usd| usd.stablecoins.clone());
+        // The plugin is told the same feed and stablecoins, as the controller's flags would be
+        // mirrored.
+        let price_flags = usd.map_or_else(Vec::new, |usd| {
+            let mut flags = vec![
                 "--price-feed".to_owned(),
-                feed.account.to_string(),
+                usd.feed.account.to_string(),
                 "--price-max-age".to_owned(),
-                format!("{}s", feed.max_age.as_secs()),
-            ]
+                format!("{}s", usd.feed.max_age.as_secs()),
+            ];
+            for stablecoin in usd.stablecoins {
+                flags.extend(["--stablecoin".to_owned(), stablecoin.to_string()]);
+            }
+            flags
         });
         let settler = Arc::new(Settler::new(settlement).unwrap());
         let metrics_port = free_tcp_ports(1).unwrap()[0];
@@ -148,6 +153,13 @@ impl Market {
         let all = Api::<GpuLease>::all(self.client.clone()).list(&Default::default()).await;
         all.unwrap().items.into_iter().filter(|l| l.spec.cluster.uid == uid).collect()
     }
+}
+
+/// A market priced in USD: paid in its own `token` at `feed`'s rate, or in `stablecoins` 1:1.
+struct Usd {
+    token: Pubkey,
+    feed: PriceFeed,
+    stablecoins: Vec<Pubkey>,
 }
 
 impl Drop for Market {
@@ -324,21 +336,26 @@ async fn a_quote_is_what_the_market_charges_and_a_deposit_is_exact_and_sent_once
     assert!(sample(&metrics, "gpumarket_settlement_lag_seconds").is_some(), "{metrics}");
 }
 
-/// Confirmed payouts of a cluster's leases converted at a price feed's rate.
-async fn converted_payouts(market: &Market, cluster: &GpuCluster) -> Vec<SettlementRecord> {
+/// Confirmed payouts of a cluster's leases that moved tokens.
+async fn confirmed_payouts(market: &Market, cluster: &GpuCluster) -> Vec<SettlementRecord> {
     let leases = market.leases_of(cluster).await;
     let records = leases.into_iter().filter_map(|l| l.status).flat_map(|s| s.settlements);
-    records.filter(|r| r.state == SettlementState::Confirmed && r.conversion.is_some()).collect()
+    records.filter(|r| r.state == SettlementState::Confirmed && r.amount > 0).collect()
 }
 
+/// Issue 18: a market priced in USD takes its own token at a Pyth feed's rate and a USD
+/// stablecoin 1:1; each cluster pays in the mint it names, and a stale feed holds up only the
+/// token's payouts.
 #[tokio::test]
 async fn a_usd_priced_cluster_pays_the_market_token_at_the_recorded_rate_and_waits_out_a_stale_feed()
  {
     const TOKEN: u64 = 1_000_000_000; // 9 decimals
+    const USDC: u64 = 1_000_000; // 6 decimals
     let env = Env::shared().await;
     let sol = env.solana().await.unwrap();
     let buyer = read_keypair(&sol.buyer).unwrap();
     let token = sol.new_mint(9, &[(buyer.pubkey(), 1_000 * TOKEN)]).await.unwrap();
+    let usdc = sol.new_mint(6, &[(buyer.pubkey(), 1_000 * USDC)]).await.unwrap();
     // The token's USD feed, posted as the Pyth receiver writes it: `price` × 10^-8 USD.
     let (account, feed_id) = (Pubkey::new_unique(), [0x5e; 32]);
     let post = |price: i64, age: i64| {
@@ -359,7 +376,8 @@ async fn a_usd_priced_cluster_pays_the_market_token_at_the_recorded_rate_and_wai
         max_age: Duration::from_secs(120),
         ..PriceFeed::new(account)
     };
-    let market = Market::start_with("plugin-usd", Some((token, feed))).await;
+    let usd = Usd { token, feed, stablecoins: vec![usdc] };
+    let market = Market::start_with("plugin-usd", Some(usd)).await;
     let clusters = market.clusters();
     // A wallet of its own: its earnings are this market's alone.
     let supplier_key = solana_sdk::signature::Keypair::new();
@@ -367,11 +385,45 @@ async fn a_usd_priced_cluster_pays_the_market_token_at_the_recorded_rate_and_wai
     let _node =
         Supplier::start_paid_to(env, &market.client, "plugin-usd", "usd", 2, PRICE, &supplier_key)
             .await;
+    let _usdc_node = Supplier::start_paid_to(
+        env,
+        &market.client,
+        "plugin-usdc",
+        "usdc",
+        2,
+        PRICE,
+        &supplier_key,
+    )
+    .await;
     let files = tempfile::tempdir().unwrap();
     let job = manifest(files.path(), "usd", "usd", 2, 5_000_000, &buyer.pubkey());
     let spec = plugin::parse_clusters(&std::fs::read_to_string(&job).unwrap(), &market.ns).unwrap();
     let buyer_before = sol.balance_in(&buyer.pubkey(), &token).await.unwrap();
+    let buyer_usdc_before = sol.balance_in(&buyer.pubkey(), &usdc).await.unwrap();
     let created = clusters.create(&PostParams::default(), &spec[0]).await.unwrap();
+    // The same request paying in the stablecoin, and one naming a mint the market does not take.
+    let paying_in = |name: &str, region: &str, mint: &Pubkey| {
+        let job = manifest(files.path(), name, region, 2, 5_000_000, &buyer.pubkey());
+        let text = std::fs::read_to_string(&job).unwrap();
+        let mut cluster = plugin::parse_clusters(&text, &market.ns).unwrap().remove(0);
+        cluster.spec.payment.mint = Some(mint.to_string());
+        cluster
+    };
+    let in_usdc =
+        clusters.create(&PostParams::default(), &paying_in("usdc", "usdc", &usdc)).await.unwrap();
+    let foreign = Pubkey::new_unique();
+    clusters.create(&PostParams::default(), &paying_in("foreign", "usdc", &foreign)).await.unwrap();
+    let refused = eventually("the foreign mint refused", WAIT, || async {
+        let status = clusters.get("foreign").await.ok()?.status?;
+        (status.phase == Some(ClusterPhase::Failed))
+            .then(|| serde_json::to_string(&status).unwrap())
+    })
+    .await;
+    assert!(
+        refused.contains(&format!("spec.payment.mint {foreign} is not a mint this market accepts"))
+            && refused.contains(&usdc.to_string()),
+        "the buyer is told which mints are accepted: {refused}"
+    );
 
     // $3.60 per GPU-hour × 2 GPUs × 1 h = $7.20 = 2.88 tokens at $2.50, sent exactly.
     let keypair = sol.buyer.display().to_string();
@@ -380,27 +432,46 @@ async fn a_usd_priced_cluster_pays_the_market_token_at_the_recorded_rate_and_wai
     assert_eq!(sent["sent"], 2_880_000_000u64, "{sent}");
     let escrow: Pubkey = sent["escrow"].as_str().unwrap().parse().unwrap();
     assert_eq!(sol.account_balance(&escrow).await.unwrap(), Some(2_880_000_000));
-    eventually("the cluster Running", WAIT, || async {
-        let c = clusters.get("usd").await.ok()?;
-        (c.status.as_ref()?.phase == Some(ClusterPhase::Running)).then_some(())
-    })
-    .await;
+    // In the stablecoin, the same $7.20 is 7.2 of it, 1:1.
+    let sent = market.json(&["deposit", "usdc", "--keypair", &keypair]).await;
+    assert_eq!(
+        (&sent["required"], &sent["sent"]),
+        (&7_200_000.into(), &7_200_000.into()),
+        "{sent}"
+    );
+    let usdc_escrow: Pubkey = sent["escrow"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        sol.balance_in(&buyer.pubkey(), &usdc).await.unwrap(),
+        buyer_usdc_before - 7_200_000
+    );
+    for name in ["usd", "usdc"] {
+        eventually("the clusters Running", WAIT, || async {
+            let c = clusters.get(name).await.ok()?;
+            (c.status.as_ref()?.phase == Some(ClusterPhase::Running)).then_some(())
+        })
+        .await;
+    }
 
     // Payouts move the micro-USD they cover × 400 base units, and record the rate.
     let first = eventually("a payout at $2.50", WAIT, || async {
-        converted_payouts(&market, &created).await.into_iter().next()
+        confirmed_payouts(&market, &created).await.into_iter().next()
     })
     .await;
     let rate = first.conversion.clone().unwrap();
     assert_eq!((rate.price, rate.exponent), (250_000_000, -8));
     assert!(first.amount > 0 && rate.tokens == first.amount * 400, "{first:?}");
 
-    // A stale price: nothing more is paid, and the cluster does not run out of funds.
+    // A stale price: nothing more is paid in the token, and the cluster does not run out of
+    // funds; the stablecoin cluster goes on being paid, 1:1, nothing converted.
     post(250_000_000, 3600).await;
     tokio::time::sleep(Duration::from_secs(3)).await; // what was in flight lands
-    let paused = converted_payouts(&market, &created).await.len();
+    let paused = confirmed_payouts(&market, &created).await.len();
+    let usdc_paid = confirmed_payouts(&market, &in_usdc).await.len();
     tokio::time::sleep(Duration::from_secs(9)).await; // three settlement periods
-    assert_eq!(converted_payouts(&market, &created).await.len(), paused, "paid at a stale price");
+    assert_eq!(confirmed_payouts(&market, &created).await.len(), paused, "paid at a stale price");
+    let in_stablecoin = confirmed_payouts(&market, &in_usdc).await;
+    assert!(in_stablecoin.len() > usdc_paid, "the stablecoin waited for the token's feed");
+    assert!(in_stablecoin.iter().all(|r| r.conversion.is_none()), "{in_stablecoin:?}");
     let running = clusters.get("usd").await.unwrap();
     assert_eq!(running.status.unwrap().phase, Some(ClusterPhase::Running));
     let metrics = scrape(market.metrics_port).await.unwrap();
@@ -410,27 +481,39 @@ async fn a_usd_priced_cluster_pays_the_market_token_at_the_recorded_rate_and_wai
     // Fresh again at $2.00 (500 base units per micro-USD): payouts resume at the new rate.
     post(200_000_000, 0).await;
     let resumed = eventually("a payout at $2.00", WAIT, || async {
-        let records = converted_payouts(&market, &created).await;
+        let records = confirmed_payouts(&market, &created).await;
         records.into_iter().find(|r| r.conversion.as_ref().unwrap().price == 200_000_000)
     })
     .await;
     assert_eq!(resumed.conversion.unwrap().tokens, resumed.amount * 500);
 
-    // Deleted: paid for what it served, the rest refunded; the tokens balance on chain.
-    clusters.delete("usd", &DeleteParams::default()).await.unwrap();
-    eventually("the GpuCluster refunded and gone", Duration::from_secs(90), || async {
-        clusters.get_opt("usd").await.unwrap().is_none().then_some(())
-    })
-    .await;
+    // Deleted: paid for what they served, the rest refunded, each in its own mint; the tokens
+    // balance on chain.
+    for name in ["usd", "usdc", "foreign"] {
+        clusters.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    for name in ["usd", "usdc", "foreign"] {
+        eventually("the GpuClusters refunded and gone", Duration::from_secs(90), || async {
+            clusters.get_opt(name).await.unwrap().is_none().then_some(())
+        })
+        .await;
+    }
     let received = sol.balance_in(&supplier, &token).await.unwrap();
     let spent = buyer_before - sol.balance_in(&buyer.pubkey(), &token).await.unwrap();
     assert!(received > first.amount * 400, "paid more than the first period: {received}");
     assert_eq!(spent, received, "what the buyer spent is what the supplier received");
+    let received_usdc = sol.balance_in(&supplier, &usdc).await.unwrap();
+    let spent_usdc = buyer_usdc_before - sol.balance_in(&buyer.pubkey(), &usdc).await.unwrap();
+    assert!(received_usdc > 0 && spent_usdc == received_usdc, "{spent_usdc} ≠ {received_usdc}");
     let earned = market.json(&["earnings", "--wallet", &supplier.to_string()]).await;
-    assert_eq!(earned["total"]["paidTokens"], received, "{earned}");
-    let usd = earned["total"]["paid"].as_u64().unwrap();
+    let tokens = &earned["total"]["paidTokens"];
+    assert_eq!(tokens[token.to_string()], received, "{earned}");
+    assert_eq!(tokens[usdc.to_string()], received_usdc, "{earned}");
+    let usd = earned["total"]["paid"].as_u64().unwrap() - received_usdc;
     assert!((usd * 400..=usd * 500).contains(&received), "paid at $2.50 and $2.00: {earned}");
-    assert_eq!(sol.account_balance(&escrow).await.unwrap(), None, "the escrow is closed");
+    for escrow in [escrow, usdc_escrow] {
+        assert_eq!(sol.account_balance(&escrow).await.unwrap(), None, "the escrow is closed");
+    }
 }
 
 #[tokio::test]

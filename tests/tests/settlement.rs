@@ -113,7 +113,7 @@ impl Fixture {
             placement: Default::default(),
             per_worker: None,
             ray: Default::default(),
-            payment: Payment { buyer_wallet: self.buyer()?.pubkey().to_string() },
+            payment: Payment { buyer_wallet: self.buyer()?.pubkey().to_string(), mint: None },
         };
         let created = api.create(&PostParams::default(), &GpuCluster::new(name, spec)).await?;
         self.set_cluster_phase(&created, "Running").await?;
@@ -131,8 +131,10 @@ impl Fixture {
     /// Deposit from the buyer into the cluster's escrow (opened by the settler, as the
     /// controller's funding check does), with a memo as the buyer's receipt.
     async fn deposit(&self, cluster: &GpuCluster, amount: u64) -> Result<Pubkey> {
-        let (escrow, _) =
-            self.settler.deposit_status(&cluster.uid().context("uid")?, u64::MAX).await?;
+        let (escrow, _) = self
+            .settler
+            .deposit_status(&cluster.uid().context("uid")?, self.settler.mints().market, u64::MAX)
+            .await?;
         self.sol.transfer(&self.buyer()?, &escrow, amount, Some("receipt")).await?;
         Ok(escrow)
     }
@@ -318,15 +320,20 @@ async fn leases_are_paid_from_their_clusters_own_escrow_and_the_rest_refunded_cl
 
     let required = fx.settler.required_deposit(3 * PRICE_PER_GPU_HOUR, Duration::from_secs(30));
     assert_eq!(required, 90_000);
-    let (escrow, short) = fx.settler.deposit_status(&uid, required).await?;
+    let (escrow, short) =
+        fx.settler.deposit_status(&uid, fx.settler.mints().market, required).await?;
     assert_eq!(escrow, fx.escrow_of(&cluster)?, "the address anyone derives from the uid");
     assert_eq!(short, DepositStatus::Short { deposited: 0, missing: 90_000 });
     fx.deposit(&cluster, deposit).await?;
-    assert!(fx.settler.deposit_status(&uid, required).await?.1.is_covered());
+    assert!(
+        fx.settler.deposit_status(&uid, fx.settler.mints().market, required).await?.1.is_covered()
+    );
     // Another cluster's escrow is another account, empty.
     let other = fx.cluster("other").await?;
-    let (other_escrow, other_status) =
-        fx.settler.deposit_status(&other.uid().context("uid")?, 1).await?;
+    let (other_escrow, other_status) = fx
+        .settler
+        .deposit_status(&other.uid().context("uid")?, fx.settler.mints().market, 1)
+        .await?;
     assert_ne!(other_escrow, escrow);
     assert_eq!(other_status, DepositStatus::Short { deposited: 0, missing: 1 });
 
@@ -397,6 +404,7 @@ fn frozen_terms(market_fee_permille: u32, slash_permille: u32) -> LeaseTerms {
         deposit_margin_percent: Some(0),
         market_fee_permille: Some(market_fee_permille),
         slash_permille: Some(slash_permille),
+        mint: None,
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpumarket_crds::{
-    Amount, ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer,
+    Amount, ClusterPhase, EndReason, GpuCluster, GpuClusterStatus, GpuLease, GpuOffer, LeaseTerms,
 };
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
@@ -116,9 +116,10 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     // objects written after its rules) fails the cluster with a message that says what to change.
     let started =
         cluster.status.as_ref().is_some_and(|s| s.start_time.is_some()) || !leases.is_empty();
+    let unaccepted_mint = || ctx.settler.as_ref().and_then(|s| s.mints().of(cluster).err());
     let invalid = match cluster.spec.duration() {
         Err(e) => Some(format!("spec.duration: {e}")),
-        Ok(_) if !started => super::validate::validate(cluster).err(),
+        Ok(_) if !started => super::validate::validate(cluster).err().or_else(unaccepted_mint),
         Ok(_) => None,
     };
     if let Some(message) = invalid {
@@ -364,19 +365,23 @@ async fn match_and_bind(
     let request = Request { within, ..market_request(cluster, workers) };
     // The rules in force now are the leases' terms: their deposit margin is what the deposit
     // is checked against.
-    let terms = ctx.lease_terms();
+    let mint = match &ctx.settler {
+        Some(settler) => Some(settler.mints().of(cluster).map_err(Error::InvalidSpec)?),
+        None => None,
+    };
+    let terms = LeaseTerms { mint: mint.map(|m| m.to_string()), ..ctx.lease_terms() };
     let margin = terms::deposit_margin_percent(&terms);
     // The deposit is checked against a quote before anything is taken (the chain is slow, so
     // not under the lock); the bind below re-checks the final price against what was deposited.
-    let deposited = match (&ctx.settler, replacing) {
-        (Some(settler), false) => {
+    let deposited = match (&ctx.settler, mint, replacing) {
+        (Some(settler), Some(mint), false) => {
             let duration =
                 cluster.spec.duration().map_err(|e| Error::InvalidSpec(e.to_string()))?;
             let quoted = match matching::quote(&ctx.supply(now), &request) {
                 Outcome::Matched(assignment) => assignment.hourly_cost(),
                 Outcome::Unmatched(why) => return Ok((Bind::Unmatched(why.to_string()), None)),
             };
-            let conversion = match settler.conversion().await {
+            let conversion = match settler.conversion_of(mint).await {
                 Ok(conversion) => conversion,
                 Err(e) => {
                     tracing::warn!(cluster = %cluster.name_any(), error = %e, "reading the price feed");
@@ -393,18 +398,17 @@ async fn match_and_bind(
                 return Ok((Bind::Unfunded(why.clone()), Some(Err(why))));
             };
             let uid = cluster.uid().unwrap_or_default();
-            match settler.deposit_status(&uid, required).await {
+            match settler.deposit_status(&uid, mint, required).await {
                 Ok((escrow, DepositStatus::Covered { deposited })) => {
                     Some((conversion, duration, deposited, escrow))
                 }
                 Ok((escrow, DepositStatus::Short { deposited, missing })) => {
                     let why = format!(
                         "deposit {} short of the {} this match needs: transfer {} more of the \
-                         settlement mint {} to this cluster's escrow account {escrow}",
+                         mint {mint} to this cluster's escrow account {escrow}",
                         Amount::new(deposited),
                         Amount::new(required),
                         Amount::new(missing),
-                        settler.config().mint,
                     );
                     return Ok((Bind::Unfunded(why.clone()), Some(Err(why))));
                 }

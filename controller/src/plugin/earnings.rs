@@ -20,11 +20,14 @@ pub fn render(e: &Earnings) -> String {
             Amount::new(t.pending).to_string(),
         );
     };
-    // Priced in USD through a feed: what reached the wallet in base units of the mint too.
-    let tokens = if e.total.paid_tokens == e.total.paid {
-        String::new()
-    } else {
-        format!("  ({} base units of the mint)", e.total.paid_tokens)
+    // Paid in a token converted at a feed's rate, or in several mints: what reached the wallet
+    // in base units of each mint too.
+    let tokens: Vec<String> =
+        e.total.paid_tokens.iter().map(|(mint, n)| format!("{n} base units of {mint}")).collect();
+    let tokens = match e.total.paid_tokens.values().collect::<Vec<_>>()[..] {
+        [] => String::new(),
+        [only] if *only == e.total.paid => String::new(),
+        _ => format!("  ({})", tokens.join(", ")),
     };
     line(&mut s, "total", &e.total, &tokens);
     let _ = writeln!(s, " by GPU model:");

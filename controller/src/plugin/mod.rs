@@ -36,7 +36,7 @@ use crate::market::supply::{
 use crate::matching::{self, Outcome};
 use crate::runtime::context::Settings;
 use crate::settlement::escrow::{DepositStatus, required_deposit};
-use crate::settlement::pricing::Conversion;
+use crate::settlement::pricing::{self, Conversion};
 use crate::settlement::stake::{StakePolicy, parse_min_per_gpu};
 use crate::settlement::{chain, memo};
 
@@ -87,7 +87,7 @@ pub struct Global {
     #[arg(long, global = true, env = "GPUMARKET_HEARTBEAT_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub heartbeat_timeout: Duration,
     #[command(flatten)]
-    pub price_feed: crate::settlement::pricing::PriceFeedArgs,
+    pub pricing: crate::settlement::pricing::PricingArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -409,7 +409,11 @@ async fn deposit(
     let cost = required_deposit(hourly, duration, market.deposit_margin_percent);
     let rpc = rpc(global)?;
     let held = wallet::token_balance(&rpc, &escrow).await?;
-    let conversion = match global.price_feed.feed().map_err(anyhow::Error::msg)? {
+    // The escrow is an account of the mint the cluster pays in: a stablecoin 1:1, the market's
+    // own at its feed's rate.
+    let stablecoins = global.pricing.stablecoins().map_err(anyhow::Error::msg)?;
+    let conversion = match global.pricing.feed().map_err(anyhow::Error::msg)? {
+        _ if stablecoins.contains(&held.mint) => pricing::stablecoin(&held.mint, held.decimals),
         None => Conversion::OneToOne,
         Some(feed) => chain::read_conversion(&rpc, &feed, held.decimals, now).await?,
     };

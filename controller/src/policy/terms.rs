@@ -21,6 +21,7 @@ pub fn at_binding(settings: &Settings, settlement: Option<&SettlementConfig>) ->
         deposit_margin_percent: settlement.map(|s| s.deposit_margin_percent),
         market_fee_permille: settlement.map(|s| s.market_fee_permille),
         slash_permille: settlement.map(|s| s.stake.slash_permille),
+        mint: None, // the cluster's, set where it is bound
     }
 }
 
@@ -99,6 +100,7 @@ mod tests {
                 deposit_margin_percent: Some(10),
                 market_fee_permille: Some(20),
                 slash_permille: Some(100),
+                mint: None,
             },
             "a timeout is rounded up to whole seconds"
         );

@@ -40,9 +40,10 @@ pub struct Totals {
     pub served_gpu_seconds: u64,
     /// Confirmed paid to the wallet, in price units.
     pub paid: u64,
-    /// The same payouts in base units of the mint, as they moved on chain (the same as `paid`
-    /// unless the market prices in USD through a price feed).
-    pub paid_tokens: u64,
+    /// The same payouts in base units of each mint they moved, as on chain, by mint (the
+    /// same as `paid` for a stablecoin; converted at a price feed's rate for the market's own
+    /// token).
+    pub paid_tokens: BTreeMap<String, u64>,
     /// Metered and not paid yet.
     pub pending: u64,
     /// Slashed out of the node's stake to buyers.
@@ -63,6 +64,9 @@ pub struct NodeEarnings {
     pub uptime_permille: Option<u32>,
     pub stake_bonded: u64,
 }
+
+/// Key in `paidTokens` of payouts of leases bound before their terms named the mint.
+pub const UNRECORDED_MINT: &str = "unrecorded";
 
 /// The earnings of `wallet` (every supplier when `None`) at `now`.
 pub fn tally<'a>(
@@ -98,7 +102,12 @@ pub fn tally<'a>(
         t.leases += 1;
         t.served_gpu_seconds += meter.gpu_seconds_through(now);
         t.paid += paid;
-        t.paid_tokens += Paid::of(lease).confirmed_tokens();
+        let tokens = Paid::of(lease).confirmed_tokens();
+        if tokens > 0 {
+            let mint = lease.spec.terms.as_ref().and_then(|t| t.mint.clone());
+            *t.paid_tokens.entry(mint.unwrap_or_else(|| UNRECORDED_MINT.into())).or_default() +=
+                tokens;
+        }
         t.pending += meter.cost_through(now).saturating_sub(paid);
         t.slashed += lease.status.as_ref().map_or(0, |s| {
             s.settlements.iter().filter(|r| r.period == SLASH_PERIOD).map(|r| r.amount).sum()
@@ -168,7 +177,9 @@ fn add(sum: &mut Totals, t: &Totals) {
     sum.leases += t.leases;
     sum.served_gpu_seconds += t.served_gpu_seconds;
     sum.paid += t.paid;
-    sum.paid_tokens += t.paid_tokens;
+    for (mint, tokens) in &t.paid_tokens {
+        *sum.paid_tokens.entry(mint.clone()).or_default() += tokens;
+    }
     sum.pending += t.pending;
     sum.slashed += t.slashed;
 }

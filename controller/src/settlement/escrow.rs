@@ -6,6 +6,13 @@ use std::time::Duration;
 
 use super::meter::cost_ceil;
 
+/// What a cluster's escrow account holds, and of which mint (the one the cluster pays in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EscrowAccount {
+    pub mint: solana_pubkey::Pubkey,
+    pub balance: u64,
+}
+
 /// Whether a cluster's escrow covers what it needs before it is provisioned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DepositStatus {

@@ -17,7 +17,7 @@
 //! payouts are behind) and [`reputation`]. [`chain`] is the thin RPC wiring, [`round`]
 //! the Kubernetes wiring and [`events`] what the buyer is told; [`run`] repeats rounds.
 //!
-//! Usage: `Settler::new(config)` once, then `settler.deposit_status(uid, required)` from the
+//! Usage: `Settler::new(config)` once, then `settler.deposit_status(uid, mint, required)` from the
 //! GpuCluster reconcile (it opens the cluster's escrow), and `run(client, settler, metrics)`
 //! beside the other controllers (on the leader only; a paused leader is fenced, see
 //! [`Settler::fence_with`]).
@@ -39,7 +39,6 @@ pub mod transaction;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,15 +57,17 @@ pub use round::RoundReport;
 pub use stake::StakePolicy;
 
 /// What settlement is configured with (the controller's `--rpc-url`, `--settlement-keypair`,
-/// `--mint`, `--settlement-period`, `--deposit-margin`, stake flags).
+/// `--mint`, `--stablecoin`, `--settlement-period`, `--deposit-margin`, stake flags).
 #[derive(Clone, Debug)]
 pub struct SettlementConfig {
     pub rpc_url: String,
     /// File holding the settlement authority's keypair (JSON byte array, as `solana-keygen`
     /// writes it); mounted from a Secret in a cluster. Its content is never logged.
     pub keypair_path: PathBuf,
-    /// The settlement mint (base-58).
+    /// The market's mint (base-58): stake is bonded in it; clusters that name no mint pay in it.
     pub mint: String,
+    /// USD stablecoins (mints of 6 decimals) clusters may pay in instead, 1:1.
+    pub stablecoins: Vec<Pubkey>,
     /// Leases are paid every period (and at their end).
     pub period: Duration,
     /// Deposits must cover the cluster's cost plus this many percent.
@@ -89,6 +90,7 @@ impl SettlementConfig {
             rpc_url,
             keypair_path,
             mint,
+            stablecoins: Vec::new(),
             period,
             deposit_margin_percent: 0,
             poll_interval: Duration::from_secs(5),
@@ -110,7 +112,7 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("building a settlement transaction: {0}")]
     Build(#[from] transaction::BuildError),
-    #[error("the settlement mint {0} is not an SPL Token mint on this cluster")]
+    #[error("the mint {0} is not an SPL Token mint on this cluster")]
     NotAMint(Pubkey),
     #[error("this replica no longer holds the leader election Lease; it pays nothing more")]
     Fenced,
@@ -163,10 +165,10 @@ pub enum CrashPoint {
 pub struct Settler {
     rpc: RpcClient,
     authority: Keypair,
-    mint: Pubkey,
+    mints: pricing::Mints,
     config: SettlementConfig,
-    /// Mint decimals, read from the chain on first use.
-    decimals: tokio::sync::OnceCell<u8>,
+    /// Each mint's decimals, read from the chain on first use.
+    decimals: tokio::sync::Mutex<HashMap<Pubkey, u8>>,
     /// What was read of each escrow's and stake account's history (only to save work: losing
     /// it loses nothing).
     histories: tokio::sync::Mutex<HashMap<Pubkey, chain::AccountHistory>>,
@@ -190,7 +192,7 @@ impl std::fmt::Debug for Settler {
         // Never the keypair (only its public half), never the RPC URL (it may carry a key).
         f.debug_struct("Settler")
             .field("authority", &self.authority.pubkey())
-            .field("mint", &self.mint)
+            .field("mints", &self.mints)
             .field("period", &self.config.period)
             .finish_non_exhaustive()
     }
@@ -206,9 +208,10 @@ impl Settler {
                 config.keypair_path.display()
             ))
         })?;
-        let mint = Pubkey::from_str(&config.mint).map_err(|_| {
+        let market = config.mint.parse().map_err(|_| {
             Error::Config(format!("--mint {:?} is not a base-58 public key", config.mint))
         })?;
+        let mints = pricing::Mints::new(market, &config.stablecoins);
         if config.period.is_zero() {
             return Err(Error::Config("--settlement-period must be longer than 0s".into()));
         }
@@ -217,9 +220,9 @@ impl Settler {
         Ok(Settler {
             rpc,
             authority,
-            mint,
+            mints,
             config,
-            decimals: tokio::sync::OnceCell::new(),
+            decimals: tokio::sync::Mutex::new(HashMap::new()),
             histories: tokio::sync::Mutex::new(HashMap::new()),
             fence: None,
             state: Mutex::new(RoundState::default()),
@@ -248,29 +251,42 @@ impl Settler {
         self.lock_state().in_force.clone().unwrap_or_else(|| self.config.clone())
     }
 
-    /// The authority and the mint every settlement account is of.
-    pub async fn custody(&self) -> Result<transaction::Custody, Error> {
-        let decimals = self
-            .decimals
-            .get_or_try_init(|| async {
-                chain::mint_decimals(&self.rpc, &self.mint).await?.ok_or(Error::NotAMint(self.mint))
-            })
-            .await?;
-        Ok(transaction::Custody {
-            authority: self.authority.pubkey(),
-            mint: self.mint,
-            decimals: *decimals,
-        })
+    /// The mints this market accepts.
+    pub fn mints(&self) -> &pricing::Mints {
+        &self.mints
     }
 
-    /// How price units become tokens now: 1:1 without a price feed, else at the feed's price
-    /// if it is fresh, certain and verified enough to pay at.
-    pub async fn conversion(&self) -> Result<pricing::Conversion, Error> {
-        let Some(feed) = &self.config.price_feed else {
-            return Ok(pricing::Conversion::OneToOne);
+    /// The authority, and `mint` with its decimals: what accounts of that mint are held with.
+    pub async fn custody_of(&self, mint: Pubkey) -> Result<transaction::Custody, Error> {
+        let mut known = self.decimals.lock().await;
+        let decimals = match known.get(&mint) {
+            Some(decimals) => *decimals,
+            None => {
+                let read =
+                    chain::mint_decimals(&self.rpc, &mint).await?.ok_or(Error::NotAMint(mint))?;
+                *known.entry(mint).or_insert(read)
+            }
         };
-        let decimals = self.custody().await?.decimals;
-        Ok(chain::read_conversion(&self.rpc, feed, decimals, jiff::Timestamp::now()).await?)
+        Ok(transaction::Custody { authority: self.authority.pubkey(), mint, decimals })
+    }
+
+    /// Custody of the market's own mint (stake accounts).
+    pub async fn custody(&self) -> Result<transaction::Custody, Error> {
+        self.custody_of(self.mints.market).await
+    }
+
+    /// How price units become `mint`'s tokens now: stablecoins and the market's mint without a
+    /// price feed 1:1, the market's mint with one at the feed's price if it is fresh, certain
+    /// and verified enough to pay at.
+    pub async fn conversion_of(&self, mint: Pubkey) -> Result<pricing::Conversion, Error> {
+        let decimals = self.custody_of(mint).await?.decimals;
+        let feed = match &self.config.price_feed {
+            Some(feed) if mint == self.mints.market => Some(
+                chain::read_conversion(&self.rpc, feed, decimals, jiff::Timestamp::now()).await?,
+            ),
+            _ => None,
+        };
+        Ok(self.mints.conversion(&mint, decimals, feed))
     }
 
     /// Deposit a cluster of this hourly rate and duration must make, with the flags' margin
@@ -279,18 +295,21 @@ impl Settler {
         escrow::required_deposit(hourly_rate, duration, self.config.deposit_margin_percent)
     }
 
-    /// The escrow account of the cluster with this uid (opened on chain if it is not yet), and
-    /// whether what it holds covers `required` (see [`Settler::required_deposit`]).
+    /// The escrow account of the cluster with this uid (opened on chain, an account of `mint`,
+    /// if it is not yet), and whether what it holds covers `required` (see
+    /// [`Settler::required_deposit`]).
     pub async fn deposit_status(
         &self,
         cluster_uid: &str,
+        mint: Pubkey,
         required: u64,
     ) -> Result<(Pubkey, DepositStatus), Error> {
-        let custody = self.custody().await?;
+        let custody = self.custody_of(mint).await?;
         let seed = accounts::escrow_seed(cluster_uid);
         let escrow = chain::open_account(&self.rpc, &self.authority, &custody, &seed).await?;
         let held = chain::token_accounts(&self.rpc, &[escrow]).await?;
-        let balance = held.get(&escrow).copied().flatten().map_or(0, |a| a.amount);
+        let balance = held.get(&escrow).copied().flatten().filter(|a| a.mint == mint);
+        let balance = balance.map_or(0, |a| a.amount);
         Ok((escrow, DepositStatus::new(balance, required)))
     }
 

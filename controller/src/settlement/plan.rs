@@ -17,7 +17,7 @@ use kube::ResourceExt;
 use solana_pubkey::Pubkey;
 
 use super::accounts;
-use super::escrow::{Accrual, exhausted};
+use super::escrow::{Accrual, EscrowAccount, exhausted};
 use super::memo::payout_key;
 use super::meter::{Meter, Paid, fully_settled, is_payout_period, next_due, tokens_moved};
 use super::pricing::Conversion;
@@ -31,8 +31,9 @@ pub struct Inputs<'a> {
     pub leases: &'a [GpuLease],
     pub clusters: &'a [GpuCluster],
     pub offers: &'a [GpuOffer],
-    /// What each cluster's escrow holds, by cluster uid (escrows that exist).
-    pub escrows: &'a HashMap<String, u64>,
+    /// What each cluster's escrow holds, and of which mint, by cluster uid (escrows that
+    /// exist).
+    pub escrows: &'a HashMap<String, EscrowAccount>,
     /// Each node's stake account, read, by node name.
     pub stakes: &'a HashMap<String, StakeBook>,
     /// The settlement authority (the escrows' and stake accounts' addresses derive from it).
@@ -42,9 +43,26 @@ pub struct Inputs<'a> {
     /// Time until the next round: an escrow must cover at least this much more usage.
     pub lookahead: Duration,
     pub stake: &'a StakePolicy,
-    /// How price units become tokens this round (paused: no payout, no lease runs out).
-    pub conversion: &'a Conversion,
+    /// How price units become each accepted mint's tokens this round (paused: no payout in
+    /// that mint, no lease paying in it runs out).
+    pub conversions: &'a HashMap<Pubkey, Conversion>,
+    /// The market's mint, which stake (and so slashes) is in.
+    pub market_mint: Pubkey,
     pub now: Timestamp,
+}
+
+/// The conversion of a mint the market no longer accepts: nothing in it is paid or ended.
+static NOT_ACCEPTED: Conversion = Conversion::Paused(String::new());
+
+impl Inputs<'_> {
+    /// How price units become the tokens of cluster `uid`'s escrow this round (a cluster
+    /// without one holds nothing: 1:1 of nothing).
+    fn conversion_of(&self, uid: &str) -> &Conversion {
+        match self.escrows.get(uid) {
+            Some(escrow) => self.conversions.get(&escrow.mint).unwrap_or(&NOT_ACCEPTED),
+            None => &Conversion::OneToOne,
+        }
+    }
 }
 
 /// Where a payment's record is kept.
@@ -59,12 +77,13 @@ pub enum Holder {
 }
 
 /// A payment to record and send: its holder, its record (state `Signed`, signature still to
-/// fill in) and the payment.
+/// fill in), the payment and the mint it moves.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Planned {
     pub holder: Holder,
     pub record: SettlementRecord,
     pub payment: Payment,
+    pub mint: Pubkey,
 }
 
 /// The payments of a round.
@@ -83,6 +102,7 @@ pub struct Refund {
     pub uid: String,
     pub buyer: Pubkey,
     pub escrow: Pubkey,
+    pub mint: Pubkey,
     pub balance: u64,
 }
 
@@ -126,7 +146,8 @@ pub fn new_record(period: String, through: Timestamp, amount: u64) -> Settlement
 /// What each cluster's escrow can still pay, in base units: its balance less its payouts in
 /// flight.
 pub fn escrow_available(inputs: &Inputs<'_>) -> HashMap<String, u64> {
-    let mut available = inputs.escrows.clone();
+    let mut available: HashMap<String, u64> =
+        inputs.escrows.iter().map(|(uid, e)| (uid.clone(), e.balance)).collect();
     for lease in inputs.leases {
         let in_flight: u64 = records(lease)
             .iter()
@@ -187,9 +208,9 @@ pub fn out_of_funds(inputs: &Inputs<'_>) -> Vec<String> {
                 }
             })
             .collect();
-        let Some(left) = inputs.conversion.price_units(available.get(uid).copied().unwrap_or(0))
-        else {
-            return Vec::new(); // no rate to judge by: nobody runs out while payouts wait
+        let held = available.get(uid).copied().unwrap_or(0);
+        let Some(left) = inputs.conversion_of(uid).price_units(held) else {
+            continue; // no rate to judge by: nobody runs out while their payouts wait
         };
         if exhausted(left, &accruals, lookahead) {
             ending.extend(leases.iter().map(|l| l.name_any()));
@@ -220,7 +241,9 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
         else {
             continue;
         };
-        let Some(due_tokens) = inputs.conversion.tokens(due.amount) else {
+        let uid = lease.spec.cluster.uid.as_str();
+        let conversion = inputs.conversion_of(uid);
+        let Some(due_tokens) = conversion.tokens(due.amount) else {
             continue; // no rate to pay at: wait for the feed
         };
         let left = available.entry(lease.spec.cluster.uid.clone()).or_default();
@@ -228,7 +251,7 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
             (due.amount, due_tokens)
         } else {
             tracing::warn!(lease = %lease.name_any(), due = due.amount, left = *left, "escrow short: paying what is left");
-            let worth = inputs.conversion.price_units(*left).unwrap_or(0).min(due.amount);
+            let worth = conversion.price_units(*left).unwrap_or(0).min(due.amount);
             (worth, *left)
         };
         if amount == 0 && due.amount > 0 {
@@ -236,7 +259,7 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
         }
         *left -= tokens;
         let record = SettlementRecord {
-            conversion: inputs.conversion.record(amount).map(|c| ConvertedPayout { tokens, ..c }),
+            conversion: conversion.record(amount).map(|c| ConvertedPayout { tokens, ..c }),
             ..new_record(due.period.clone(), due.through, amount)
         };
         if tokens == 0 {
@@ -256,6 +279,7 @@ pub fn payouts(inputs: &Inputs<'_>) -> Payouts {
                 amount: tokens,
                 fee: market_fee(lease, tokens),
             },
+            mint: inputs.escrows.get(uid).map_or(inputs.market_mint, |e| e.mint),
         });
     }
     plan_slashes(inputs, &leases, &mut out);
@@ -312,7 +336,7 @@ fn plan_slashes(inputs: &Inputs<'_>, leases: &[&GpuLease], out: &mut Payouts) {
         let key = payout_key(lease.uid().as_deref().unwrap_or_default(), SLASH_PERIOD);
         let payment = Payment { key, source: book.account, wallet: buyer, amount, fee: 0 };
         let holder = Holder::Lease { name: lease.name_any(), period: SLASH_PERIOD.into() };
-        out.to_send.push(Planned { holder, record, payment });
+        out.to_send.push(Planned { holder, record, payment, mint: inputs.market_mint });
     }
 }
 
@@ -342,7 +366,7 @@ fn plan_stake_payments(inputs: &Inputs<'_>, out: &mut Payouts) {
                 fee: 0,
             };
             let holder = Holder::Stake { offer: node.clone(), period: foreign.what.clone() };
-            out.to_send.push(Planned { holder, record, payment });
+            out.to_send.push(Planned { holder, record, payment, mint: inputs.market_mint });
         }
         let Some(unbond) = &book.unbond else { continue };
         let Ok(wallet) = Pubkey::from_str(&offer.spec.wallet) else { continue };
@@ -358,7 +382,7 @@ fn plan_stake_payments(inputs: &Inputs<'_>, out: &mut Payouts) {
             fee: 0,
         };
         let holder = Holder::Stake { offer: node.clone(), period: unbond.what.clone() };
-        out.to_send.push(Planned { holder, record, payment });
+        out.to_send.push(Planned { holder, record, payment, mint: inputs.market_mint });
     }
 }
 
@@ -440,13 +464,15 @@ pub fn refunds(inputs: &Inputs<'_>) -> Vec<Refund> {
         })
         .filter_map(|c| {
             let uid = cluster_uid(c);
+            let held = inputs.escrows.get(uid)?;
             Some(Refund {
                 namespace: c.namespace().unwrap_or_default(),
                 name: c.name_any(),
                 uid: uid.to_owned(),
                 buyer: Pubkey::from_str(&c.spec.payment.buyer_wallet).ok()?,
                 escrow: accounts::escrow_address(&inputs.authority, uid)?,
-                balance: *inputs.escrows.get(uid)?,
+                mint: held.mint,
+                balance: held.balance,
             })
         })
         .collect()
@@ -507,21 +533,41 @@ mod tests {
 
     struct World {
         authority: Pubkey,
-        escrows: HashMap<String, u64>,
+        /// The market's mint, which the escrows are of unless [`World::paying_in`] says.
+        mint: Pubkey,
+        escrows: HashMap<String, EscrowAccount>,
         stakes: HashMap<String, StakeBook>,
         policy: StakePolicy,
-        conversion: Conversion,
+        conversions: HashMap<Pubkey, Conversion>,
     }
 
     impl World {
         fn new(escrows: &[(&str, u64)]) -> World {
+            let mint = Pubkey::new_unique();
+            let held = |balance: u64| EscrowAccount { mint, balance };
             World {
                 authority: Pubkey::new_unique(),
-                escrows: escrows.iter().map(|(u, a)| (u.to_string(), *a)).collect(),
+                mint,
+                escrows: escrows.iter().map(|(u, a)| (u.to_string(), held(*a))).collect(),
                 stakes: HashMap::new(),
                 policy: StakePolicy::default(),
-                conversion: Conversion::OneToOne,
+                conversions: HashMap::from([(mint, Conversion::OneToOne)]),
             }
+        }
+
+        /// The market's mint converts so.
+        fn converting(mut self, conversion: Conversion) -> World {
+            self.conversions.insert(self.mint, conversion);
+            self
+        }
+
+        /// Cluster `uid`'s escrow is of `mint`, which converts so.
+        fn paying_in(mut self, uid: &str, mint: Pubkey, conversion: Conversion) -> World {
+            if let Some(escrow) = self.escrows.get_mut(uid) {
+                escrow.mint = mint;
+            }
+            self.conversions.insert(mint, conversion);
+            self
         }
 
         fn inputs<'a>(
@@ -541,7 +587,8 @@ mod tests {
                 period: Duration::from_secs(60),
                 lookahead: Duration::from_secs(10),
                 stake: &self.policy,
-                conversion: &self.conversion,
+                conversions: &self.conversions,
+                market_mint: self.mint,
                 now: at(now_s),
             }
         }
@@ -576,6 +623,7 @@ mod tests {
             deposit_margin_percent: Some(0),
             market_fee_permille: Some(20),
             slash_permille: Some(0),
+            mint: None,
         };
         let later = LeaseTerms {
             settlement_period_seconds: Some(30),
@@ -651,8 +699,7 @@ mod tests {
         // n2 owes 120 micro-USD at 120 s (1 per second), 48,000 base units; n1 waits for its
         // payout in flight (24,000 base units).
         let paid = |escrow: u64| {
-            let world =
-                World { conversion: at_two_fifty(), ..World::new(&[("c-0000-uid", escrow)]) };
+            let world = World::new(&[("c-0000-uid", escrow)]).converting(at_two_fifty());
             let plan = payouts(&world.inputs(&leases, &clusters, &[], 120));
             assert_eq!(plan.to_send.len(), 1, "n1 is in flight");
             let p = &plan.to_send[0];
@@ -667,8 +714,7 @@ mod tests {
         // With 10 s ahead n1 needs 60 + 10 micro-USD, n2 120 + 10: 80,000 base units beside
         // the flight cover both, one less does not.
         let ending = |escrow: u64| {
-            let world =
-                World { conversion: at_two_fifty(), ..World::new(&[("c-0000-uid", escrow)]) };
+            let world = World::new(&[("c-0000-uid", escrow)]).converting(at_two_fifty());
             out_of_funds(&world.inputs(&leases, &clusters, &[], 120)).len()
         };
         assert_eq!(ending(24_000 + 80_000), 0);
@@ -680,14 +726,50 @@ mod tests {
         let cluster = mk_cluster("c", 1, 1);
         let leases = [lease(&cluster, "n1", 1, None)];
         let clusters = [cluster];
-        let world = World {
-            conversion: Conversion::Paused("stale".into()),
-            ..World::new(&[("c-0000-uid", 1)])
-        };
+        let world = World::new(&[("c-0000-uid", 1)]).converting(Conversion::Paused("stale".into()));
         let inputs = world.inputs(&leases, &clusters, &[], 120);
         assert!(payouts(&inputs).to_send.is_empty());
         assert!(payouts(&inputs).without_transfer.is_empty());
         assert!(out_of_funds(&inputs).is_empty(), "no rate to judge the escrow by");
+    }
+
+    #[test]
+    fn each_cluster_pays_in_its_escrows_mint_at_that_mints_rate() {
+        // Two clusters: "a" pays in the market's token, whose feed is stale; "b" in a
+        // stablecoin, 1:1. Both escrows are short of what their leases owe.
+        let (a, b) = (mk_cluster("a", 1, 1), mk_cluster("b", 1, 1));
+        let leases = [lease(&a, "n1", 1, None), lease(&b, "n2", 1, None)];
+        let (a_uid, b_uid) = (cluster_uid(&a).to_owned(), cluster_uid(&b).to_owned());
+        let stablecoin = Pubkey::new_unique();
+        let world = World::new(&[(&a_uid, 100), (&b_uid, 100)])
+            .converting(Conversion::Paused("stale".into()))
+            .paying_in(&b_uid, stablecoin, Conversion::OneToOne);
+        let clusters = [a, b];
+        let inputs = world.inputs(&leases, &clusters, &[], 120);
+        let plan = payouts(&inputs);
+        assert_eq!(plan.to_send.len(), 1, "only the stablecoin has a rate to pay at");
+        let paid = &plan.to_send[0];
+        assert_eq!((paid.mint, paid.payment.amount, paid.record.amount), (stablecoin, 100, 100));
+        assert!(paid.record.conversion.is_none(), "1:1 records no conversion");
+        assert_eq!(
+            out_of_funds(&inputs),
+            [leases[1].name_any()],
+            "a waits for its rate, b ran out"
+        );
+    }
+
+    #[test]
+    fn a_refund_goes_back_in_the_escrows_mint() {
+        let cluster = ended(mk_cluster("c", 1, 1));
+        let uid = cluster_uid(&cluster).to_owned();
+        let stablecoin = Pubkey::new_unique();
+        let world = World::new(&[(&uid, 70)]).paying_in(&uid, stablecoin, Conversion::OneToOne);
+        let clusters = [cluster];
+        let refunds = refunds(&world.inputs(&[], &clusters, &[], 120));
+        assert_eq!(
+            refunds.iter().map(|r| (r.mint, r.balance)).collect::<Vec<_>>(),
+            [(stablecoin, 70)]
+        );
     }
 
     #[test]

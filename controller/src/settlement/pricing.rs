@@ -1,14 +1,17 @@
-//! Prices in USD, paid in a token through a Pyth price feed.
+//! Prices in USD, paid in one of the mints the market accepts: USD stablecoins 1:1, or the
+//! market's own token through a Pyth price feed.
 //!
-//! Without a feed, prices are in base units of the settlement mint (a USD stablecoin: 1:1).
-//! With one, prices are in micro-USD and every payout is converted at the feed's rate when it
-//! is planned, the rate recorded with it. A stale, too uncertain or unverified price pauses
-//! payouts (and deposits, and running out of funds) until the feed is fresh again: nothing is
-//! ever paid at a wrong rate.
+//! Without a feed, prices are in base units of the market's mint (a USD stablecoin: 1:1).
+//! With one, prices are in micro-USD and every payout in the market's mint is converted at the
+//! feed's rate when it is planned, the rate recorded with it. A stale, too uncertain or
+//! unverified price pauses payouts in that mint (and its deposits, and running out of funds)
+//! until the feed is fresh again: nothing is ever paid at a wrong rate. Stablecoins the market
+//! also accepts ([`Mints`]) are paid 1:1, a base unit per micro-USD.
 //!
 //! The feed is a Pyth `PriceUpdateV2` account, owned by the Pyth Solana Receiver program. It is
 //! parsed here by hand: the Pyth SDK crates bring Anchor and an older Solana SDK.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use gpumarket_crds::ConvertedPayout;
@@ -51,11 +54,79 @@ impl PriceFeed {
     }
 }
 
-/// The price feed flags, the same for the controller and `kubectl gpumarket` (whose quotes and
+/// Decimals a stablecoin paid 1:1 must have: one base unit per micro-USD (USDC's, USDT's).
+pub const STABLECOIN_DECIMALS: u8 = 6;
+
+/// The mints a market accepts: its own (stake is bonded in it; clusters that name no mint pay
+/// in it) and USD stablecoins paid 1:1.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mints {
+    pub market: Pubkey,
+    pub stablecoins: Vec<Pubkey>,
+}
+
+impl Mints {
+    /// The market's mint and the stablecoins it also accepts (the market's own mint is never
+    /// one of them).
+    pub fn new(market: Pubkey, stablecoins: &[Pubkey]) -> Mints {
+        let stablecoins = stablecoins.iter().copied().filter(|s| *s != market).collect();
+        Mints { market, stablecoins }
+    }
+
+    /// Every accepted mint, the market's first.
+    pub fn all(&self) -> impl Iterator<Item = Pubkey> + '_ {
+        std::iter::once(self.market).chain(self.stablecoins.iter().copied())
+    }
+
+    /// The mint `cluster` pays in (`spec.payment.mint`, else the market's), or what to change.
+    pub fn of(&self, cluster: &gpumarket_crds::GpuCluster) -> Result<Pubkey, String> {
+        let Some(named) = &cluster.spec.payment.mint else { return Ok(self.market) };
+        match Pubkey::from_str(named) {
+            Ok(mint) if self.all().any(|m| m == mint) => Ok(mint),
+            _ => {
+                let accepted: Vec<String> = self.all().map(|m| m.to_string()).collect();
+                Err(format!(
+                    "spec.payment.mint {named} is not a mint this market accepts: delete the \
+                     GpuCluster and apply it with one of {} (or without spec.payment.mint, to pay \
+                     in the market's mint {})",
+                    accepted.join(", "),
+                    self.market
+                ))
+            }
+        }
+    }
+
+    /// How price units become `mint`'s tokens, given its decimals and the market feed's
+    /// conversion now (`None` without a feed).
+    pub fn conversion(&self, mint: &Pubkey, decimals: u8, feed: Option<Conversion>) -> Conversion {
+        if self.stablecoins.contains(mint) {
+            return stablecoin(mint, decimals);
+        }
+        feed.unwrap_or(Conversion::OneToOne)
+    }
+}
+
+/// How price units become a stablecoin's tokens: 1:1, if it has a base unit per micro-USD.
+pub fn stablecoin(mint: &Pubkey, decimals: u8) -> Conversion {
+    if decimals == STABLECOIN_DECIMALS {
+        return Conversion::OneToOne;
+    }
+    Conversion::Paused(format!(
+        "stablecoin {mint} has {decimals} decimals; one paid 1:1 needs {STABLECOIN_DECIMALS} \
+         (a base unit per micro-USD): take it out of --stablecoin"
+    ))
+}
+
+/// The pricing flags, the same for the controller and `kubectl gpumarket` (whose quotes and
 /// deposits convert as the controller does).
 #[derive(clap::Args, Clone, Debug, Default)]
-pub struct PriceFeedArgs {
-    /// Price in USD and pay in the settlement mint at this Pyth price update account's rate
+pub struct PricingArgs {
+    /// Also accept payment in this USD stablecoin (base-58 mint of 6 decimals), 1:1: a base unit
+    /// per micro-USD. Repeatable. Prices are then in micro-USD (the market's mint, without a
+    /// price feed, must be a 6-decimal USD stablecoin too).
+    #[arg(long, global = true, env = "GPUMARKET_STABLECOINS", value_delimiter = ',')]
+    pub stablecoin: Vec<String>,
+    /// Price in USD and pay in the market's mint at this Pyth price update account's rate
     /// (base-58; the mint's USD feed). Without it, prices are base units of the mint.
     #[arg(long, global = true, env = "GPUMARKET_PRICE_FEED")]
     pub price_feed: Option<String>,
@@ -75,7 +146,16 @@ pub struct PriceFeedArgs {
     pub price_max_confidence_permille: u32,
 }
 
-impl PriceFeedArgs {
+impl PricingArgs {
+    /// The stablecoins these flags name.
+    pub fn stablecoins(&self) -> Result<Vec<Pubkey>, String> {
+        let key = |text: &String| {
+            Pubkey::from_str(text)
+                .map_err(|_| format!("--stablecoin {text:?} is not a base-58 public key"))
+        };
+        self.stablecoin.iter().map(key).collect()
+    }
+
     /// The feed these flags name, if any.
     pub fn feed(&self) -> Result<Option<PriceFeed>, String> {
         let Some(account) = &self.price_feed else { return Ok(None) };
@@ -381,5 +461,33 @@ mod tests {
         assert_eq!(parse_feed_id(hex).expect("given")[0], 0xef);
         assert_eq!(parse_feed_id(&format!("0x{hex}")), parse_feed_id(hex));
         assert!(parse_feed_id("ef0d").is_err());
+    }
+
+    #[test]
+    fn a_cluster_pays_in_an_accepted_mint_stablecoins_one_to_one() {
+        let (market, usdc, other) =
+            (Pubkey::new_unique(), Pubkey::new_unique(), Pubkey::new_unique());
+        let mints = Mints::new(market, &[usdc, market]);
+        assert_eq!(
+            mints.all().collect::<Vec<_>>(),
+            [market, usdc],
+            "the market's is no stablecoin"
+        );
+        let mut cluster = crate::testing::mk_cluster("c", 1, 1);
+        assert_eq!(mints.of(&cluster), Ok(market), "no mint named: the market's");
+        cluster.spec.payment.mint = Some(usdc.to_string());
+        assert_eq!(mints.of(&cluster), Ok(usdc));
+        for refused in [other.to_string(), "not-a-key".into()] {
+            cluster.spec.payment.mint = Some(refused.clone());
+            let why = mints.of(&cluster).expect_err("not accepted");
+            assert!(why.contains(&refused) && why.contains(&usdc.to_string()), "{why}");
+        }
+
+        let at = Conversion::from_update(&update(), &feed(), 9, NOW);
+        assert_eq!(mints.conversion(&usdc, 6, Some(at.clone())), Conversion::OneToOne);
+        assert_eq!(mints.conversion(&market, 9, Some(at.clone())), at, "the feed is the market's");
+        assert_eq!(mints.conversion(&market, 6, None), Conversion::OneToOne);
+        let why = mints.conversion(&usdc, 9, None);
+        assert!(why.paused().is_some_and(|w| w.contains("9 decimals")), "{why:?}");
     }
 }

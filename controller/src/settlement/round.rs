@@ -26,6 +26,7 @@ use solana_pubkey::Pubkey;
 use solana_signer::Signer;
 use solana_transaction::Signature;
 
+use super::escrow::EscrowAccount;
 use super::events::ClusterEvents;
 use super::meter::{Meter, Paid, compact, fully_settled, is_payout_period, next_due};
 use super::plan::{self, Holder, Inputs, Planned};
@@ -159,11 +160,11 @@ enum Outcome {
     Expired,
 }
 
-/// What a round read of the chain: escrow balances, stake books and the rate.
+/// What a round read of the chain: escrows, stake books and each mint's rate.
 struct Books<'a> {
-    escrows: &'a HashMap<String, u64>,
+    escrows: &'a HashMap<String, EscrowAccount>,
     stakes: &'a HashMap<String, StakeBook>,
-    conversion: &'a Conversion,
+    conversions: &'a HashMap<Pubkey, Conversion>,
 }
 
 /// The three listings a round works from.
@@ -193,13 +194,17 @@ impl Settler {
         self.release_refunded(client, &clusters, &escrows, &mut report).await;
         let stakes = self.read_stakes(client, &custody, &leases, &offers, &mut report).await?;
 
-        let conversion = self.conversion().await?;
-        if let Some(why) = conversion.paused() {
-            tracing::warn!(%why, "payouts wait for the price feed");
-            report.paused_by_price_feed = 1;
+        let mut conversions = HashMap::new();
+        for mint in self.mints.all() {
+            let conversion = self.conversion_of(mint).await?;
+            if let Some(why) = conversion.paused() {
+                tracing::warn!(%mint, %why, "payouts in this mint wait for a rate to pay at");
+                report.paused_by_price_feed = 1;
+            }
+            conversions.insert(mint, conversion);
         }
         let now = Timestamp::now();
-        let books = Books { escrows: &escrows, stakes: &stakes, conversion: &conversion };
+        let books = Books { escrows: &escrows, stakes: &stakes, conversions: &conversions };
         let ending = plan::out_of_funds(&self.inputs(&leases, &clusters, &offers, &books, now));
         let leases_api: Api<GpuLease> = Api::all(client.clone());
         let ending: Vec<usize> =
@@ -238,7 +243,6 @@ impl Settler {
         self.send_payouts(
             client,
             &events,
-            &custody,
             &by_name,
             &escrows,
             &stakes,
@@ -247,7 +251,7 @@ impl Settler {
         )
         .await?;
         for refund in plan::refunds(&inputs) {
-            self.refund(client, &events, &custody, refund, &mut report).await?;
+            self.refund(client, &events, refund, &mut report).await?;
         }
         publish_cluster_totals(client, &leases, &clusters, now, &mut report).await;
         self.update_reputation(client, &custody, &leases, &offers, &mut report).await?;
@@ -268,7 +272,8 @@ impl Settler {
             offers,
             escrows: books.escrows,
             stakes: books.stakes,
-            conversion: books.conversion,
+            conversions: books.conversions,
+            market_mint: self.mints.market,
             authority: self.authority(),
             period: self.in_force().period,
             // Two rounds ahead: a round may itself take a while.
@@ -363,14 +368,15 @@ impl Settler {
     }
 
     /// What each cluster's escrow holds, by cluster uid, written to `status.escrow` when it
-    /// changed. Only accounts that are token accounts of the mint owned by the authority count.
+    /// changed. Only accounts that are token accounts of the cluster's mint owned by the
+    /// authority count.
     async fn read_escrows(
         &self,
         client: &Client,
         events: &ClusterEvents,
         clusters: &[GpuCluster],
         report: &mut RoundReport,
-    ) -> Result<HashMap<String, u64>, Error> {
+    ) -> Result<HashMap<String, EscrowAccount>, Error> {
         let authority = self.authority();
         let addressed: Vec<(&GpuCluster, Pubkey)> = clusters
             .iter()
@@ -391,11 +397,12 @@ impl Settler {
                 }
                 continue;
             };
-            if account.mint != self.mint || account.owner != authority {
+            if self.mints.of(cluster) != Ok(account.mint) || account.owner != authority {
                 tracing::warn!(%address, "an escrow address holds a foreign account; ignored");
                 continue;
             }
-            balances.insert(cluster.uid().unwrap_or_default(), account.amount);
+            let held = EscrowAccount { mint: account.mint, balance: account.amount };
+            balances.insert(cluster.uid().unwrap_or_default(), held);
             let recorded = cluster.status.as_ref().and_then(|s| s.escrow.as_ref());
             let current = (recorded.map(|e| e.account.clone()), recorded.and_then(|e| e.balance));
             if current != (Some(address.to_string()), Some(account.amount)) {
@@ -439,7 +446,7 @@ impl Settler {
         &self,
         client: &Client,
         clusters: &[GpuCluster],
-        escrows: &HashMap<String, u64>,
+        escrows: &HashMap<String, EscrowAccount>,
         report: &mut RoundReport,
     ) {
         let held: Vec<&GpuCluster> = clusters
@@ -512,12 +519,12 @@ impl Settler {
         let mut histories = self.histories.lock().await;
         for (offer, address) in addressed {
             let Some(account) = held.get(&address).copied().flatten() else { continue };
-            if account.mint != self.mint || account.owner != authority {
+            if account.mint != custody.mint || account.owner != authority {
                 continue;
             }
             let history = histories.entry(address).or_default();
             if history.scanned_balance != Some(account.amount) {
-                chain::scan(&self.rpc, &address, &self.mint, history, true).await?;
+                chain::scan(&self.rpc, &address, &custody.mint, history, true).await?;
                 history.scanned_balance = Some(account.amount);
             }
             let node = offer.name_any();
@@ -567,7 +574,7 @@ impl Settler {
         for (source, balance) in sources {
             let history = histories.entry(*source).or_default();
             if balance.is_none() || history.scanned_balance != *balance {
-                chain::scan(&self.rpc, source, &self.mint, history, false).await?;
+                chain::scan(&self.rpc, source, &self.mints.market, history, false).await?;
                 history.scanned_balance = *balance;
             }
             paid.extend(history.paid.iter().map(|(k, s)| (k.clone(), s.clone())));
@@ -580,9 +587,8 @@ impl Settler {
         &self,
         client: &Client,
         events: &ClusterEvents,
-        custody: &Custody,
         leases: &HashMap<String, &GpuLease>,
-        escrows: &HashMap<String, u64>,
+        escrows: &HashMap<String, EscrowAccount>,
         stakes: &HashMap<String, StakeBook>,
         planned: Vec<Planned>,
         report: &mut RoundReport,
@@ -596,9 +602,9 @@ impl Settler {
         let authority = self.authority();
         let mut balances: HashMap<Pubkey, u64> =
             stakes.values().map(|b| (b.account, b.balance)).collect();
-        for (uid, balance) in escrows {
+        for (uid, escrow) in escrows {
             if let Some(address) = accounts::escrow_address(&authority, uid) {
-                balances.insert(address, *balance);
+                balances.insert(address, escrow.balance);
             }
         }
         let used: HashMap<Pubkey, Option<u64>> = planned
@@ -626,27 +632,42 @@ impl Settler {
         if planned.is_empty() {
             return Ok(());
         }
-        let mut wallets: Vec<Pubkey> = planned
-            .iter()
-            .flat_map(|p| transaction::recipients(&custody.authority, &p.payment))
-            .collect();
-        wallets.sort();
-        wallets.dedup();
-        let missing =
-            chain::wallets_without_token_account(&self.rpc, &wallets, &custody.mint).await?;
-        let payments: Vec<Payment> = planned.iter().map(|p| p.payment.clone()).collect();
-        let batches = transaction::batches(custody, payments, &missing)?;
-        let mut planned = planned.into_iter();
-        let groups: Vec<Vec<Planned>> =
-            batches.iter().map(|batch| planned.by_ref().take(batch.len()).collect()).collect();
+        // A transaction moves one mint: each mint's payments are batched apart, with the
+        // recipients' token accounts of that mint that are still missing.
+        let mut by_mint: BTreeMap<Pubkey, Vec<Planned>> = BTreeMap::new();
+        for p in planned {
+            by_mint.entry(p.mint).or_default().push(p);
+        }
+        let mut mints: Vec<(Custody, HashSet<Pubkey>)> = Vec::new();
+        let mut groups: Vec<(usize, Vec<Planned>)> = Vec::new();
+        for (mint, planned) in by_mint {
+            let custody = self.custody_of(mint).await?;
+            let mut wallets: Vec<Pubkey> = planned
+                .iter()
+                .flat_map(|p| transaction::recipients(&custody.authority, &p.payment))
+                .collect();
+            wallets.sort();
+            wallets.dedup();
+            let missing = chain::wallets_without_token_account(&self.rpc, &wallets, &mint).await?;
+            let payments: Vec<Payment> = planned.iter().map(|p| p.payment.clone()).collect();
+            let batches = transaction::batches(&custody, payments, &missing)?;
+            let mut planned = planned.into_iter();
+            for batch in batches {
+                groups.push((mints.len(), planned.by_ref().take(batch.len()).collect()));
+            }
+            mints.push((custody, missing));
+        }
         // Transactions are independent (each pays what was planned for it out of what its
         // sources hold), so several go at once; every one still records before it sends.
         let sent: Vec<(Result<(), Error>, RoundReport)> = futures::stream::iter(groups)
-            .map(|members| async {
-                let mut part = RoundReport::default();
-                let result =
-                    self.sign_record_send(client, custody, leases, members, &missing, &mut part);
-                (result.await, part)
+            .map(|(mint, members)| {
+                let (custody, missing) = &mints[mint];
+                async move {
+                    let mut part = RoundReport::default();
+                    let result =
+                        self.sign_record_send(client, custody, leases, members, missing, &mut part);
+                    (result.await, part)
+                }
             })
             .buffer_unordered(CONCURRENT_TRANSACTIONS)
             .collect()
@@ -741,7 +762,6 @@ impl Settler {
         &self,
         client: &Client,
         events: &ClusterEvents,
-        custody: &Custody,
         refund: plan::Refund,
         report: &mut RoundReport,
     ) -> Result<(), Error> {
@@ -758,10 +778,11 @@ impl Settler {
             }
             return Ok(());
         }
+        let custody = self.custody_of(refund.mint).await?;
         let missing =
-            chain::wallets_without_token_account(&self.rpc, &[refund.buyer], &custody.mint).await?;
+            chain::wallets_without_token_account(&self.rpc, &[refund.buyer], &refund.mint).await?;
         let ixs = transaction::refund_instructions(
-            custody,
+            &custody,
             &refund.escrow,
             &refund.buyer,
             refund.balance,
