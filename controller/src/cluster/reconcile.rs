@@ -365,16 +365,14 @@ async fn match_and_bind(
     let request = Request { within, ..market_request(cluster, workers) };
     // The rules in force now are the leases' terms: their deposit margin is what the deposit
     // is checked against.
-    let mint = match &ctx.settler {
-        Some(settler) => Some(settler.mints().of(cluster).map_err(Error::InvalidSpec)?),
-        None => None,
-    };
+    let mint = ctx.settler.as_ref().and_then(|s| s.mints().of(cluster).ok());
     let terms = LeaseTerms { mint: mint.map(|m| m.to_string()), ..ctx.lease_terms() };
     let margin = terms::deposit_margin_percent(&terms);
     // The deposit is checked against a quote before anything is taken (the chain is slow, so
     // not under the lock); the bind below re-checks the final price against what was deposited.
-    let deposited = match (&ctx.settler, mint, replacing) {
-        (Some(settler), Some(mint), false) => {
+    let deposited = match (&ctx.settler, replacing) {
+        (Some(settler), false) => {
+            let mint = settler.mints().of(cluster).map_err(Error::InvalidSpec)?;
             let duration =
                 cluster.spec.duration().map_err(|e| Error::InvalidSpec(e.to_string()))?;
             let quoted = match matching::quote(&ctx.supply(now), &request) {

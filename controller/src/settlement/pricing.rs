@@ -224,7 +224,7 @@ pub fn parse_price_update(data: &[u8]) -> Result<PriceUpdate, String> {
     })
 }
 
-/// How amounts in price units become base units of the settlement mint.
+/// How amounts in price units become base units of a mint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Conversion {
     /// No feed: price units are base units.
