@@ -452,6 +452,14 @@ async fn a_usd_priced_cluster_pays_the_market_token_at_the_recorded_rate_and_wai
         .await;
     }
 
+    // Status tells what the token escrow is worth at the rate now, in USD.
+    let status = market.json(&["status", "usd"]).await;
+    let left = status["depositLeft"].as_u64().unwrap_or_default();
+    assert!(
+        status["escrowConverted"] == true && (3_600_000..=7_200_000).contains(&left),
+        "{status}"
+    );
+
     // Payouts move the micro-USD they cover × 400 base units, and record the rate.
     let first = eventually("a payout at $2.50", WAIT, || async {
         confirmed_payouts(&market, &created).await.into_iter().next()

@@ -179,7 +179,8 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::Status { name } => {
             let cluster = get_cluster(&client, &namespace, name).await?;
             let leases = leases_of(&client, &cluster).await?;
-            let summary = status::summarize(&cluster, &leases, now);
+            let conversion = escrow_conversion(global, &cluster, now).await?;
+            let summary = status::summarize(&cluster, &leases, &conversion, now);
             emit(out, global.output, &summary, status::render)
         }
         Command::Deposit { name, keypair, wait } => {
@@ -409,14 +410,7 @@ async fn deposit(
     let cost = required_deposit(hourly, duration, market.deposit_margin_percent);
     let rpc = rpc(global)?;
     let held = wallet::token_balance(&rpc, &escrow).await?;
-    // The escrow is an account of the mint the cluster pays in: a stablecoin 1:1, the market's
-    // own at its feed's rate.
-    let stablecoins = global.pricing.stablecoins().map_err(anyhow::Error::msg)?;
-    let conversion = match global.pricing.feed().map_err(anyhow::Error::msg)? {
-        _ if stablecoins.contains(&held.mint) => pricing::stablecoin(&held.mint, held.decimals),
-        None => Conversion::OneToOne,
-        Some(feed) => chain::read_conversion(&rpc, &feed, held.decimals, now).await?,
-    };
+    let conversion = conversion_of(&rpc, global, &held, now).await?;
     let Some(required) = conversion.tokens(cost) else {
         bail!(
             "the market pays at a price feed that cannot be paid at now, so no deposit can be \
@@ -443,6 +437,45 @@ async fn deposit(
         balance: after.amount,
         decimals: after.decimals,
     })
+}
+
+/// How price units become the tokens `held` is of, as the controller converts: the escrow is an
+/// account of the mint the cluster pays in, a stablecoin 1:1, the market's own at its feed's
+/// rate.
+async fn conversion_of(
+    rpc: &solana_client::nonblocking::rpc_client::RpcClient,
+    global: &Global,
+    held: &wallet::Balance,
+    now: Timestamp,
+) -> anyhow::Result<Conversion> {
+    let stablecoins = global.pricing.stablecoins().map_err(anyhow::Error::msg)?;
+    Ok(match global.pricing.feed().map_err(anyhow::Error::msg)? {
+        _ if stablecoins.contains(&held.mint) => pricing::stablecoin(&held.mint, held.decimals),
+        None => Conversion::OneToOne,
+        Some(feed) => chain::read_conversion(rpc, &feed, held.decimals, now).await?,
+    })
+}
+
+/// How `cluster`'s escrow converts now: 1:1 in a market without a price feed (no RPC call),
+/// else as [`conversion_of`] its escrow account.
+async fn escrow_conversion(
+    global: &Global,
+    cluster: &GpuCluster,
+    now: Timestamp,
+) -> anyhow::Result<Conversion> {
+    let escrow = cluster.status.as_ref().and_then(|s| s.escrow.as_ref());
+    let Some(account) = escrow.and_then(|e| e.account.parse::<Pubkey>().ok()) else {
+        return Ok(Conversion::OneToOne); // nothing held yet
+    };
+    if global.pricing.price_feed.is_none() {
+        return Ok(Conversion::OneToOne);
+    }
+    let rpc = rpc(global)?;
+    match wallet::token_balance(&rpc, &account).await {
+        Ok(held) => conversion_of(&rpc, global, &held, now).await,
+        // Closed by its refund, or unreadable now: its worth is not known.
+        Err(e) => Ok(Conversion::Paused(format!("escrow {account}: {e:#}"))),
+    }
 }
 
 /// Why a cluster takes no deposit now, if it does not: it ended, is going, or was funded and

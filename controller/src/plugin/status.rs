@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::cluster::status::{DEGRADED, is_active};
 use crate::settlement::meter::{Meter, Paid};
+use crate::settlement::pricing::Conversion;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -28,10 +29,15 @@ pub struct Summary {
     pub paid: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub escrow: Option<String>,
-    /// What the escrow held when settlement last looked.
+    /// What the escrow held when settlement last looked, in base units of its mint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub escrow_balance: Option<u64>,
-    /// The escrow less what is metered and not paid yet: what is left to run on.
+    /// Whether that mint is a token converted at a price feed's rate (prices are micro-USD,
+    /// the balance the token's base units).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub escrow_converted: bool,
+    /// The escrow, in price units at the rate now, less what is metered and not paid yet: what
+    /// is left to run on (absent while there is no rate to pay at).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deposit_left: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -58,8 +64,14 @@ pub struct LeaseLine {
     pub paid: u64,
 }
 
-/// The summary of `cluster` and its `leases` at `now`.
-pub fn summarize(cluster: &GpuCluster, leases: &[GpuLease], now: Timestamp) -> Summary {
+/// The summary of `cluster` and its `leases` at `now`, its escrow's tokens worth price units
+/// at `conversion`.
+pub fn summarize(
+    cluster: &GpuCluster,
+    leases: &[GpuLease],
+    conversion: &Conversion,
+    now: Timestamp,
+) -> Summary {
     let status = cluster.status.clone().unwrap_or_default();
     let lines: Vec<LeaseLine> = leases
         .iter()
@@ -99,8 +111,11 @@ pub fn summarize(cluster: &GpuCluster, leases: &[GpuLease], now: Timestamp) -> S
         paid,
         escrow: escrow.map(|e| e.account.clone()),
         escrow_balance: balance,
+        escrow_converted: !matches!(conversion, Conversion::OneToOne),
         // The balance already excludes what was paid out of it.
-        deposit_left: balance.map(|b| b.saturating_sub(cost_so_far.saturating_sub(paid))),
+        deposit_left: balance
+            .and_then(|b| conversion.price_units(b))
+            .map(|b| b.saturating_sub(cost_so_far.saturating_sub(paid))),
         refunded: status.amount_refunded,
         dashboard: status.dashboard.clone(),
         ray_client: status.ray_client.clone(),
@@ -156,8 +171,11 @@ pub fn render(s: &Summary) -> String {
     let _ = writeln!(out, "  cost so far: {}", Amount::new(s.cost_so_far));
     let _ = writeln!(out, "  paid:        {}", Amount::new(s.paid));
     if let Some(escrow) = &s.escrow {
-        let balance =
-            s.escrow_balance.map_or("not read yet".to_owned(), |b| Amount::new(b).to_string());
+        let balance = match s.escrow_balance {
+            None => "not read yet".to_owned(),
+            Some(b) if s.escrow_converted => format!("{b} base units of its token"),
+            Some(b) => Amount::new(b).to_string(),
+        };
         let _ = writeln!(out, "  escrow:      {escrow} holds {balance}");
     }
     if let Some(left) = s.deposit_left {
@@ -231,7 +249,7 @@ mod tests {
             fleet: Some("fleet-a".into()),
             ..Default::default()
         });
-        let text = render(&summarize(&cluster, &[], Timestamp::UNIX_EPOCH));
+        let text = render(&summarize(&cluster, &[], &Conversion::OneToOne, Timestamp::UNIX_EPOCH));
         assert!(
             text.contains(
                 "dashboard:   http://ray-head-u.ray.svc:8265 (in fleet fleet-a's cluster: ask its operator for a route)"
@@ -239,6 +257,42 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ray client:  ray://ray-head-u.ray.svc:10001"), "{text}");
+    }
+
+    #[test]
+    fn a_token_escrow_is_left_in_price_units_at_the_rate_now() {
+        let mut cluster = crate::testing::mk_cluster("c", 1, 1);
+        cluster.status = Some(gpumarket_crds::GpuClusterStatus {
+            escrow: Some(gpumarket_crds::EscrowStatus {
+                account: "escrow".into(),
+                balance: Some(4_000_000),
+                refund: None,
+            }),
+            ..Default::default()
+        });
+        let mut lease = crate::testing::mk_lease(&cluster, "n1", &["g0"], 1);
+        lease.spec.price_per_gpu_hour = 3_600_000; // 1,000 micro-USD per second
+        let start = Timestamp::from_second(1_800_000_000).expect("time");
+        lease.spec.start_time = Time(start);
+        lease.status = Some(gpumarket_crds::GpuLeaseStatus {
+            phase: Some(gpumarket_crds::LeasePhase::Active),
+            serving_since: Some(Time(start)),
+            ..Default::default()
+        });
+        let now = Timestamp::from_second(1_800_000_003).expect("time");
+        // $2.50 per token of 9 decimals: 400 base units per micro-USD; 3,000 micro-USD served.
+        let rate = crate::settlement::pricing::Rate { price: 250, exponent: -2, publish_time: 0 };
+        let at = Conversion::At { rate, decimals: 9 };
+        let s = summarize(&cluster, std::slice::from_ref(&lease), &at, now);
+        assert_eq!((s.cost_so_far, s.deposit_left), (3_000, Some(10_000 - 3_000)));
+        let text = render(&s);
+        assert!(text.contains("holds 4000000 base units of its token"), "{text}");
+        let paused = summarize(&cluster, &[lease], &Conversion::Paused("stale".into()), now);
+        assert_eq!(paused.deposit_left, None, "no rate, no worth");
+        assert_eq!(
+            summarize(&cluster, &[], &Conversion::OneToOne, now).deposit_left,
+            Some(4_000_000)
+        );
     }
 
     #[test]
