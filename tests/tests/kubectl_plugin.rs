@@ -63,8 +63,8 @@ impl Market {
         Market::start_with(namespace, None).await
     }
 
-    /// A market priced in USD, when given; else in the environment's mint, 1:1.
-    async fn start_with(namespace: &str, usd: Option<Usd>) -> Market {
+    /// A market of these mints, when given; else of the environment's mint alone.
+    async fn start_with(namespace: &str, usd: Option<Pricing>) -> Market {
         let turn = TURN.lock().await;
         let env = Env::shared().await;
         let client = env.client().await.unwrap();
@@ -81,17 +81,17 @@ impl Market {
             Duration::from_secs(3),
         );
         settlement.poll_interval = Duration::from_secs(1);
-        settlement.price_feed = usd.as_ref().map(|usd| usd.feed.clone());
+        settlement.price_feed = usd.as_ref().and_then(|usd| usd.feed.clone());
         settlement.stablecoins = usd.as_ref().map_or_else(Vec::new, |usd| usd.stablecoins.clone());
         // The plugin is told the same feed and stablecoins, as the controller's flags would be
         // mirrored.
         let price_flags = usd.map_or_else(Vec::new, |usd| {
-            let mut flags = vec![
-                "--price-feed".to_owned(),
-                usd.feed.account.to_string(),
-                "--price-max-age".to_owned(),
-                format!("{}s", usd.feed.max_age.as_secs()),
-            ];
+            let mut flags = Vec::new();
+            if let Some(feed) = usd.feed {
+                flags.extend(["--price-feed".to_owned(), feed.account.to_string()]);
+                flags
+                    .extend(["--price-max-age".to_owned(), format!("{}s", feed.max_age.as_secs())]);
+            }
             for stablecoin in usd.stablecoins {
                 flags.extend(["--stablecoin".to_owned(), stablecoin.to_string()]);
             }
@@ -155,10 +155,11 @@ impl Market {
     }
 }
 
-/// A market priced in USD: paid in its own `token` at `feed`'s rate, or in `stablecoins` 1:1.
-struct Usd {
+/// A market's mints: its own `token` (at `feed`'s rate when there is one: prices in USD) and
+/// `stablecoins` paid 1:1.
+struct Pricing {
     token: Pubkey,
-    feed: PriceFeed,
+    feed: Option<PriceFeed>,
     stablecoins: Vec<Pubkey>,
 }
 
@@ -193,7 +194,10 @@ fn manifest(
 
 #[tokio::test]
 async fn a_quote_is_what_the_market_charges_and_a_deposit_is_exact_and_sent_once() {
-    let market = Market::start("plugin-buyer").await;
+    // A stablecoin listed by mistake (no such mint on this chain) holds up nothing else.
+    let sol = Env::shared().await.solana().await.unwrap();
+    let mints = Pricing { token: sol.mint, feed: None, stablecoins: vec![Pubkey::new_unique()] };
+    let market = Market::start_with("plugin-buyer", Some(mints)).await;
     let (sol, clusters) = (market.sol, market.clusters());
     let buyer = read_keypair(&sol.buyer).unwrap();
     let supplier_key = read_keypair(&sol.suppliers[0]).unwrap();
@@ -376,7 +380,7 @@ async fn a_usd_priced_cluster_pays_the_market_token_at_the_recorded_rate_and_wai
         max_age: Duration::from_secs(120),
         ..PriceFeed::new(account)
     };
-    let usd = Usd { token, feed, stablecoins: vec![usdc] };
+    let usd = Pricing { token, feed: Some(feed), stablecoins: vec![usdc] };
     let market = Market::start_with("plugin-usd", Some(usd)).await;
     let clusters = market.clusters();
     // A wallet of its own: its earnings are this market's alone.

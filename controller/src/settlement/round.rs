@@ -196,7 +196,10 @@ impl Settler {
 
         let mut conversions = HashMap::new();
         for mint in self.mints.all() {
-            let conversion = self.conversion_of(mint).await?;
+            // A mint whose rate cannot be read holds up its own payouts, not the others'.
+            let conversion = self.conversion_of(mint).await.unwrap_or_else(|e| {
+                Conversion::Paused(format!("mint {mint}: {}", e.public_message()))
+            });
             if let Some(why) = conversion.paused() {
                 tracing::warn!(%mint, %why, "payouts in this mint wait for a rate to pay at");
                 report.paused_by_price_feed = 1;
