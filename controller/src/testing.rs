@@ -45,7 +45,7 @@ pub fn mk_lease(cluster: &GpuCluster, node: &str, gpus: &[&str], workers: u32) -
     let gpus: Vec<String> = gpus.iter().map(|g| g.to_string()).collect();
     GpuLease {
         metadata: ObjectMeta {
-            name: Some(crate::market::binding::lease_name(cluster, node, &gpus)),
+            name: Some(crate::market::binding::lease_name(cluster, node, &gpus, now())),
             ..Default::default()
         },
         spec: GpuLeaseSpec {

@@ -18,6 +18,8 @@ use crate::{Env, GpuNode};
 /// A supplier node with its offer, heartbeating until dropped (or `stop`ped).
 pub struct Supplier {
     pub name: String,
+    offers: Api<GpuOffer>,
+    uuids: Vec<String>,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -76,17 +78,9 @@ impl Supplier {
         let uuids: Vec<String> = spec.gpus.iter().map(|g| g.uuid.clone()).collect();
         let offer = GpuOffer::new(&name, spec);
         offers.create(&PostParams::default(), &offer).await.expect("create offer");
-        beat(&offers, &name, &uuids, None).await;
-        let heartbeat = {
-            let (offers, name) = (offers.clone(), name.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(700)).await;
-                    beat(&offers, &name, &uuids, None).await;
-                }
-            })
-        };
-        Supplier { name, heartbeat: Some(heartbeat) }
+        let mut supplier = Supplier { name, offers, uuids, heartbeat: None };
+        supplier.resume().await;
+        supplier
     }
 
     /// The agent goes silent: no more heartbeats.
@@ -94,6 +88,19 @@ impl Supplier {
         if let Some(task) = self.heartbeat.take() {
             task.abort();
         }
+    }
+
+    /// The agent heartbeats (again, after [`Supplier::stop`]).
+    pub async fn resume(&mut self) {
+        self.stop();
+        beat(&self.offers, &self.name, &self.uuids, None).await;
+        let (offers, name, uuids) = (self.offers.clone(), self.name.clone(), self.uuids.clone());
+        self.heartbeat = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                beat(&offers, &name, &uuids, None).await;
+            }
+        }));
     }
 }
 

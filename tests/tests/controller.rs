@@ -1,10 +1,11 @@
 //! The controller against the real API server and KWOK nodes: a GpuCluster is matched, bound
 //! through leases, provisioned as a RayCluster on the right nodes, runs, expires; unmatched
 //! requests wait with a reason and match when supply appears; racing clusters and racing
-//! replicas never share a GPU; a silent supplier's workers are replaced; deletion ends the
-//! leases first; a restarted controller converges without duplicates; with settlement on the
-//! real validator, a cluster is bound only once funded, only to staked offers, and deleting it
-//! pays the supplier and refunds the buyer to the base unit. Only offers signed by their
+//! replicas never share a GPU; a silent supplier's workers are replaced (on its own GPUs again
+//! when it comes back); deletion ends the leases first; a restarted controller converges
+//! without duplicates; with settlement on the real validator, a cluster is bound only once
+//! funded, only to staked offers, and deleting it pays the supplier and refunds the buyer to
+//! the base unit. Only offers signed by their
 //! wallet are matched: forged, replayed (even after a controller restart) and re-walleted
 //! offers, and two offers claiming one GPU, are refused with the reason in their `Verified`
 //! condition and an Event. A MarketPolicy change applies to the next lease and leaves running
@@ -423,6 +424,46 @@ async fn silent_supplier_is_replaced_even_with_a_heartbeat_from_the_future_and_t
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].spec.offer, victim);
     assert_eq!(active(&leases).len(), 2);
+}
+
+/// A supplier back from silence serves the cluster again on the same GPUs, through a lease of
+/// its own: the ended one stays ended (seen in the chaos test: the re-placement reused the
+/// ended lease's name, found it, and the cluster stayed a worker short).
+#[tokio::test]
+async fn a_supplier_back_from_silence_serves_the_cluster_again_on_the_same_gpus() {
+    let (_turn, env, client, ns) = setup("ctl-comeback").await;
+    let mut supplier = Supplier::start(env, &client, "ctl-back-a", "comeback", 2, 1_000_000).await;
+    let _controller = Controller::start(&client);
+    let clusters: Api<GpuCluster> = Api::namespaced(client.clone(), &ns);
+    let cluster = provision(&clusters, "comeback", "comeback", 1, 2).await;
+    mark_ray_ready(&client, &ns, "comeback").await;
+    wait_phase(&clusters, "comeback", ClusterPhase::Running).await;
+    let first = leases_of(&client, &cluster).await.remove(0);
+
+    supplier.stop();
+    let leases: Api<GpuLease> = Api::all(client.clone());
+    eventually("the lease ended by the supplier's failure", WAIT, || async {
+        let status = leases.get(&first.name_any()).await.ok()?.status?;
+        (status.end_reason == Some(EndReason::SupplierFailure)).then_some(())
+    })
+    .await;
+    supplier.resume().await;
+    let again = eventually("a new lease on the node back", WAIT, || async {
+        let all = leases_of(&client, &cluster).await;
+        active(&all).into_iter().find(|l| l.name_any() != first.name_any()).cloned()
+    })
+    .await;
+    assert_eq!((&again.spec.offer, &again.spec.gpus), (&first.spec.offer, &first.spec.gpus));
+    let ended = leases.get(&first.name_any()).await.unwrap().status.unwrap();
+    assert_eq!(ended.phase, Some(LeasePhase::Ended), "the first lease stays ended");
+    eventually("the cluster whole again", WAIT, || async {
+        let status = clusters.get("comeback").await.ok()?.status?;
+        let degraded =
+            status.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True");
+        (status.phase == Some(ClusterPhase::Running) && !degraded).then_some(())
+    })
+    .await;
+    assert_no_gpu_shared(&client).await;
 }
 
 #[tokio::test]

@@ -9,8 +9,9 @@
 //! alone would not do: two different gangs can share a GPU without sharing a name.
 //!
 //! Order and crash safety: all claims of a gang first (rolled back if one fails), then the
-//! GpuLease objects, named deterministically from (cluster uid, node, GPU set) so a retry finds
-//! the lease it already created. A crash after the claims but before the leases leaves claims
+//! GpuLease objects, named deterministically from (cluster uid, node, GPU set, bind time) so a
+//! retried create finds the lease it already created, while a later placement on the same GPUs
+//! (its earlier lease ended: the node failed and came back) gets a lease of its own. A crash after the claims but before the leases leaves claims
 //! naming leases that do not exist: the offer controller releases a claim whose lease has ended,
 //! or has been missing (confirmed against the API, not only the cache) for a grace period longer
 //! than any bind takes; a deleted cluster releases its claims in its finalizer.
@@ -45,8 +46,8 @@ pub fn lease_prefix(cluster: &GpuCluster) -> String {
     format!("{}-{uid}-", name.trim_end_matches(['-', '.']))
 }
 
-/// Deterministic lease name for `gpus` of `node` bound to `cluster`.
-pub fn lease_name(cluster: &GpuCluster, node: &str, gpus: &[String]) -> String {
+/// Deterministic lease name for `gpus` of `node` bound to `cluster` at `bound`.
+pub fn lease_name(cluster: &GpuCluster, node: &str, gpus: &[String], bound: Timestamp) -> String {
     let mut sorted = gpus.to_vec();
     sorted.sort();
     let mut hasher = Sha256::new();
@@ -57,6 +58,8 @@ pub fn lease_name(cluster: &GpuCluster, node: &str, gpus: &[String]) -> String {
         hasher.update([0]);
         hasher.update(gpu);
     }
+    hasher.update([0]);
+    hasher.update(bound.as_nanosecond().to_le_bytes());
     let digest = hasher.finalize();
     let hex: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
     format!("{}{hex}", lease_prefix(cluster))
@@ -90,7 +93,7 @@ pub fn plan_leases(
             })?;
             Ok(GpuLease {
                 metadata: ObjectMeta {
-                    name: Some(lease_name(cluster, node, &gpus)),
+                    name: Some(lease_name(cluster, node, &gpus, now)),
                     labels: Some(BTreeMap::from([
                         (CLUSTER_LABEL.to_string(), cluster_ref.name.clone()),
                         (CLUSTER_UID_LABEL.to_string(), cluster_ref.uid.clone()),
@@ -310,15 +313,19 @@ mod tests {
     use crate::testing::{mk_cluster, mk_offer, now};
 
     #[test]
-    fn lease_names_are_deterministic_and_distinct_per_gpu_set() {
+    fn lease_names_are_deterministic_and_distinct_per_gpu_set_and_bind() {
         let cluster = mk_cluster("train", 1, 2);
-        let a = lease_name(&cluster, "node-a", &["g2".into(), "g1".into()]);
-        assert_eq!(a, lease_name(&cluster, "node-a", &["g1".into(), "g2".into()]));
-        assert_ne!(a, lease_name(&cluster, "node-a", &["g1".into(), "g3".into()]));
+        let bound = now();
+        let a = lease_name(&cluster, "node-a", &["g2".into(), "g1".into()], bound);
+        assert_eq!(a, lease_name(&cluster, "node-a", &["g1".into(), "g2".into()], bound));
+        assert_ne!(a, lease_name(&cluster, "node-a", &["g1".into(), "g3".into()], bound));
         assert!(a.starts_with(&lease_prefix(&cluster)));
         let mut recreated = mk_cluster("train", 1, 2);
         recreated.metadata.uid = Some("99999999-other".into());
-        assert_ne!(a, lease_name(&recreated, "node-a", &["g1".into(), "g2".into()]));
+        assert_ne!(a, lease_name(&recreated, "node-a", &["g1".into(), "g2".into()], bound));
+        // The same GPUs bound again later (the first lease ended) are another lease.
+        let later = bound + jiff::SignedDuration::from_secs(30);
+        assert_ne!(a, lease_name(&cluster, "node-a", &["g1".into(), "g2".into()], later));
     }
 
     #[test]
