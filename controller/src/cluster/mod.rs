@@ -17,7 +17,7 @@ use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, watcher};
 
-use crate::market::supply::free_gpus;
+use crate::market::supply::{free_gpus, placed_workers};
 use crate::raycluster;
 use crate::runtime::context::Context;
 
@@ -105,7 +105,9 @@ fn supply_grew(seen: &Mutex<HashMap<String, (usize, u64)>>, offer: &GpuOffer) ->
 }
 
 /// A change to an offer concerns the clusters leasing from it (failure, recovery) and, when it
-/// brings more free GPUs, every cluster still looking for GPUs.
+/// brings more free GPUs, every cluster still looking for GPUs: those whose status says so, and
+/// started ones whose leases are short of their workers while their status is not written yet
+/// (a reconcile that matched on the supply just before it grew may be writing it now).
 fn clusters_affected_by(
     offer: &GpuOffer,
     supply_grew: bool,
@@ -113,18 +115,19 @@ fn clusters_affected_by(
     leases: &Store<GpuLease>,
 ) -> Vec<ObjectRef<GpuCluster>> {
     let node = offer.spec.node_name.as_str();
+    let leases = leases.state();
     let mut refs: Vec<ObjectRef<GpuCluster>> = leases
-        .state()
         .iter()
         .filter(|l| l.spec.offer == node && status::is_active(l))
         .map(|l| ObjectRef::new(&l.spec.cluster.name).within(&l.spec.cluster.namespace))
         .collect();
     if supply_grew {
+        let placed = placed_workers(leases.iter().map(AsRef::as_ref));
         refs.extend(
             clusters
                 .state()
                 .iter()
-                .filter(|c| status::wants_supply(c))
+                .filter(|c| status::wants_supply(c) || status::short_of_workers(c, &placed))
                 .map(|c| ObjectRef::from(c.as_ref())),
         );
     }

@@ -1,6 +1,7 @@
 //! Pure computations of a GpuCluster's lifecycle: when it expires, which leases a supplier
 //! failure has cost it, which phase it is in and the status that says so.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use gpumarket_crds::{
@@ -60,6 +61,19 @@ pub fn wants_supply(cluster: &GpuCluster) -> bool {
         ClusterPhase::Completed | ClusterPhase::Failed | ClusterPhase::Expiring => false,
         _ => condition(DEGRADED, "True"),
     }
+}
+
+/// Whether `cluster` has started (Provisioning or Running) and its active leases, as `placed`
+/// counts them by cluster uid, hold fewer workers than it asks for: it lost some.
+pub fn short_of_workers(cluster: &GpuCluster, placed: &HashMap<&str, u32>) -> bool {
+    let started = matches!(
+        cluster.status.as_ref().and_then(|s| s.phase),
+        Some(ClusterPhase::Provisioning | ClusterPhase::Running)
+    );
+    let uid = cluster.metadata.uid.as_deref().unwrap_or_default();
+    started
+        && cluster.metadata.deletion_timestamp.is_none()
+        && placed.get(uid).copied().unwrap_or(0) < cluster.spec.workers
 }
 
 /// How a cluster ends.
@@ -572,6 +586,32 @@ mod tests {
         cluster.status = None;
         cluster.metadata.deletion_timestamp = Some(Time(now()));
         assert!(!wants_supply(&cluster), "being deleted");
+    }
+
+    #[test]
+    fn a_started_cluster_whose_leases_lost_workers_is_short_whatever_its_status_says() {
+        let mut cluster = mk_cluster("c", 2, 1);
+        let uid = cluster.metadata.uid.clone().unwrap_or_default();
+        let placed = |workers| HashMap::from([(uid.as_str(), workers)]);
+        assert!(!short_of_workers(&cluster, &placed(0)), "not started: its status says");
+        for (phase, workers, short) in [
+            (ClusterPhase::Running, 1, true),
+            (ClusterPhase::Provisioning, 0, true),
+            (ClusterPhase::Running, 2, false),
+            (ClusterPhase::Pending, 0, false),
+            (ClusterPhase::Expiring, 1, false),
+            (ClusterPhase::Completed, 0, false),
+        ] {
+            cluster.status = Some(GpuClusterStatus { phase: Some(phase), ..Default::default() });
+            assert_eq!(short_of_workers(&cluster, &placed(workers)), short, "{phase:?} {workers}");
+        }
+        cluster.status = Some(GpuClusterStatus {
+            phase: Some(ClusterPhase::Running),
+            ..Default::default()
+        });
+        assert!(short_of_workers(&cluster, &HashMap::new()), "no lease at all");
+        cluster.metadata.deletion_timestamp = Some(Time(now()));
+        assert!(!short_of_workers(&cluster, &placed(0)), "being deleted");
     }
 
     #[test]
