@@ -168,7 +168,7 @@ pub struct Settler {
     mints: pricing::Mints,
     config: SettlementConfig,
     /// Each mint's decimals, read from the chain on first use.
-    decimals: tokio::sync::Mutex<HashMap<Pubkey, u8>>,
+    decimals: std::sync::Mutex<HashMap<Pubkey, u8>>,
     /// What was read of each escrow's and stake account's history (only to save work: losing
     /// it loses nothing).
     histories: tokio::sync::Mutex<HashMap<Pubkey, chain::AccountHistory>>,
@@ -222,7 +222,7 @@ impl Settler {
             authority,
             mints,
             config,
-            decimals: tokio::sync::Mutex::new(HashMap::new()),
+            decimals: std::sync::Mutex::new(HashMap::new()),
             histories: tokio::sync::Mutex::new(HashMap::new()),
             fence: None,
             state: Mutex::new(RoundState::default()),
@@ -258,13 +258,14 @@ impl Settler {
 
     /// The authority, and `mint` with its decimals: what accounts of that mint are held with.
     pub async fn custody_of(&self, mint: Pubkey) -> Result<transaction::Custody, Error> {
-        let mut known = self.decimals.lock().await;
-        let decimals = match known.get(&mint) {
-            Some(decimals) => *decimals,
+        let known = crate::runtime::context::lock(&self.decimals).get(&mint).copied();
+        let decimals = match known {
+            Some(decimals) => decimals,
             None => {
+                // Read without the lock: a slow RPC call holds up no other mint's custody.
                 let read =
                     chain::mint_decimals(&self.rpc, &mint).await?.ok_or(Error::NotAMint(mint))?;
-                *known.entry(mint).or_insert(read)
+                *crate::runtime::context::lock(&self.decimals).entry(mint).or_insert(read)
             }
         };
         Ok(transaction::Custody { authority: self.authority.pubkey(), mint, decimals })
@@ -334,10 +335,7 @@ impl Settler {
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, RoundState> {
-        match self.state.lock() {
-            Ok(state) => state,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::runtime::context::lock(&self.state)
     }
 }
 
