@@ -453,6 +453,11 @@ async fn match_and_bind(
             )));
         }
         let planned = plan_leases(cluster, &assignment, &offer_wallets(ctx), &terms, now)?;
+        // Nothing is bound on a signing time a restarted replica would not know (the offer
+        // controller records it too, but maybe not yet).
+        for lease in &planned {
+            ctx.record_signing_time(&lease.spec.offer).await?;
+        }
         let cached = |name: &str| ctx.offers.get(&ObjectRef::new(name));
         match binding::claim_all(&offers_api(ctx), cached, &planned).await {
             Ok(()) => ctx.remember_claims(&planned),

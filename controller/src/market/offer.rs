@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::market::supply::{free_gpus, gpu_healthy, heartbeat_deadline, heartbeat_fresh};
 use crate::market::{binding, proof};
 use crate::runtime::context::{Context, MANAGER};
-use crate::verification::{self, VERIFIED, signing_times};
+use crate::verification::{self, VERIFIED};
 
 pub const AVAILABLE: &str = "Available";
 const CONTROLLER: &str = "gpuoffer";
@@ -82,11 +82,7 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
         verification::verdict(&offer, &listed, &ctx.signatures, &ctx.settings(), &|fleet| {
             ctx.fleet_wallet(fleet)
         });
-    // A new signing time outlives this replica: a restarted one still refuses older specs.
-    if let Some(at) = ctx.signatures.unrecorded(&offer.name_any()) {
-        signing_times::record(&ctx.client, &ctx.namespace, &offer.name_any(), at).await?;
-        ctx.signatures.mark_recorded(&offer.name_any(), at);
-    }
+    ctx.record_signing_time(&offer.name_any()).await?;
     let status = offer.status.clone().unwrap_or_default();
     let mut conditions = status.conditions.clone();
     set_condition(

@@ -193,6 +193,17 @@ impl Context {
         supply
     }
 
+    /// Records offer `name`'s newest verified signing time if it is not recorded yet: a
+    /// replica that restarts still refuses its older signed specs.
+    pub async fn record_signing_time(&self, name: &str) -> Result<(), kube::Error> {
+        if let Some(at) = self.signatures.unrecorded(name) {
+            crate::verification::signing_times::record(&self.client, &self.namespace, name, at)
+                .await?;
+            self.signatures.mark_recorded(name, at);
+        }
+        Ok(())
+    }
+
     /// The wallet of GpuFleet `name`, if the hub has it.
     pub fn fleet_wallet(&self, name: &str) -> Option<String> {
         self.fleets.get(&ObjectRef::new(name)).map(|f| f.spec.wallet.clone())
