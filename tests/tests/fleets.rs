@@ -24,9 +24,10 @@ use gpumarket_controller::raycluster;
 use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::verification::{self, NOT_THE_FLEETS_WALLET};
 use gpumarket_controller::{Config, Settings};
+use gpumarket_crds::common::GPU_RESOURCE;
 use gpumarket_crds::signature::sign;
 use gpumarket_crds::{
-    ClusterPhase, FLEET_NAMESPACE, GpuCluster, GpuFleet, GpuLease, GpuOffer, GpuOfferSpec,
+    ClusterPhase, EndReason, FLEET_NAMESPACE, GpuCluster, GpuFleet, GpuLease, GpuOffer, GpuOfferSpec,
     LeasePhase, fleet_offer_name,
 };
 use gpumarket_device_plugin::config::WalletKey;
@@ -37,7 +38,7 @@ use gpumarket_tests::kwok::GpuNode;
 use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::{Env, EnvOptions, eventually};
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota, ServiceAccount};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
@@ -50,6 +51,8 @@ const REGION: &str = "fleets";
 const HEARTBEAT: Duration = Duration::from_secs(2);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(8);
 const WAIT: Duration = Duration::from_secs(60);
+/// How long the paying fleet's workers have to get Ready (short: one of its leases never does).
+const PAYMENT_PROVISIONING_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// A fleet: its own control plane and KWOK GPU nodes, and (while running) its agent.
 struct Fleet {
@@ -273,12 +276,16 @@ fn fleet_offer_manifest(fleet: &str, name: &str) -> Value {
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The hub's controller, in this test's runtime (settling through `settler`), until dropped.
-fn start_hub_controller(client: &Client, settler: Option<Arc<Settler>>) -> InProcessController {
+fn start_hub_controller(
+    client: &Client,
+    settler: Option<Arc<Settler>>,
+    provisioning_timeout: Duration,
+) -> InProcessController {
     let config = Config {
         settings: Settings {
             heartbeat_timeout: HEARTBEAT_TIMEOUT,
             orphan_grace: Duration::from_secs(2),
-            provisioning_timeout: Duration::from_secs(120),
+            provisioning_timeout,
             ..Settings::default()
         },
         ..Config::default()
@@ -292,7 +299,7 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     let hub = Env::shared().await;
     let admin = hub.client().await.unwrap();
     install_fleet_isolation(hub);
-    let _controller = start_hub_controller(&admin, None);
+    let _controller = start_hub_controller(&admin, None, Duration::from_secs(120));
 
     // Join: each fleet's GPU node is on the hub, as an offer of its own name and wallet. One
     // fleet after the other: three control planes starting at once overload a small machine.
@@ -533,7 +540,8 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
     );
     config.poll_interval = Duration::from_secs(1);
     config.heartbeat_timeout = HEARTBEAT_TIMEOUT;
-    let _controller = start_hub_controller(&admin, Some(Arc::new(Settler::new(config).unwrap())));
+    let settler = Some(Arc::new(Settler::new(config).unwrap()));
+    let _controller = start_hub_controller(&admin, settler, PAYMENT_PROVISIONING_TIMEOUT);
 
     // 1000 base units per GPU-second, paid to the wallet of the fleet's GpuFleet.
     let price = 3_600_000;
@@ -565,21 +573,46 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
             .ok()
     })
     .await;
+    // The fleet's own quota lets no GPU pod start: the first lease's worker never gets Ready.
+    let quotas: Api<ResourceQuota> =
+        Api::namespaced(fleet.env.client().await.unwrap(), &fleet.namespace);
+    let no_gpus: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "no-gpus"},
+        "spec": {"hard": {format!("requests.{GPU_RESOURCE}"): "0"}},
+    }))
+    .unwrap();
+    quotas.create(&PostParams::default(), &no_gpus).await.unwrap();
     let (buyer_before, fleet_before) =
         (sol.balance(&buyer.pubkey()).await.unwrap(), sol.balance(&fleet_wallet).await.unwrap());
     sol.transfer(&buyer, &escrow, 2 * price, Some("deposit")).await.unwrap();
     let uid = created.uid().unwrap();
     let leases: Api<GpuLease> = Api::all(admin.clone());
+    let leases_of_paid = || async {
+        let mut all = leases.list(&ListParams::default()).await.unwrap().items;
+        all.retain(|l| l.spec.cluster.uid == uid);
+        all
+    };
+
+    // A supplier failure like a silent node's: the lease ends when the provisioning timeout
+    // passes, unbilled, and the buyer is told.
+    let unserved = eventually("the lease whose worker never started to end", WAIT, || async {
+        leases_of_paid().await.into_iter().find(|l| {
+            l.status.as_ref().and_then(|s| s.end_reason) == Some(EndReason::NotServing)
+        })
+    })
+    .await;
+    let status = unserved.status.as_ref().unwrap();
+    assert_eq!((status.served_gpu_seconds, status.serving_since.as_ref()), (Some(0), None));
+    let told = format!("not Ready within {}s", PAYMENT_PROVISIONING_TIMEOUT.as_secs());
+    let events = hub_events(hub, &ns).await;
+    assert!(events.iter().any(|e| e.starts_with("NotServing") && e.contains(&told)), "{events:?}");
+
+    // Once the fleet lets GPU pods start, the cluster is re-placed there and served.
+    quotas.delete("no-gpus", &DeleteParams::default()).await.unwrap();
     let served = eventually("the fleet's lease serving", WAIT, || async {
-        let lease = leases
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .find(|l| l.spec.cluster.uid == uid)?;
-        lease.status.as_ref()?.serving_since.as_ref()?;
-        Some(lease)
+        leases_of_paid().await.into_iter().find(|l| {
+            l.status.as_ref().is_some_and(|s| s.serving_since.is_some() && s.end_reason.is_none())
+        })
     })
     .await;
     assert_eq!(served.spec.supplier_wallet, fleet_wallet.to_string());
@@ -590,11 +623,21 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
         clusters.get_opt("paid").await.unwrap().is_none().then_some(())
     })
     .await;
+    // Every lease of the cluster is settled at its served time, to the base unit: those that
+    // never served pay nothing.
+    let mut paid = 0;
+    for lease in leases_of_paid().await {
+        let status = lease.status.unwrap();
+        assert_eq!(status.phase, Some(LeasePhase::Settled), "{status:?}");
+        let served_seconds = status.served_gpu_seconds.unwrap();
+        assert_eq!(status.amount_settled, Some(served_seconds * 1000), "{status:?}");
+        if status.end_reason == Some(EndReason::NotServing) {
+            assert_eq!(served_seconds, 0, "{status:?}");
+        }
+        paid += served_seconds * 1000;
+    }
     let status = leases.get(&served.name_any()).await.unwrap().status.unwrap();
-    assert_eq!(status.phase, Some(LeasePhase::Settled), "{status:?}");
-    let paid = status.amount_settled.unwrap();
-    assert!(paid > 0);
-    assert_eq!(paid, status.served_gpu_seconds.unwrap() * 1000, "served time, to the base unit");
+    assert!(status.amount_settled.unwrap() > 0, "{status:?}");
     assert_eq!(
         sol.balance(&fleet_wallet).await.unwrap() - fleet_before,
         paid,
