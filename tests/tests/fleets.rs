@@ -27,8 +27,8 @@ use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::common::GPU_RESOURCE;
 use gpumarket_crds::signature::sign;
 use gpumarket_crds::{
-    ClusterPhase, EndReason, FLEET_NAMESPACE, GpuCluster, GpuFleet, GpuLease, GpuOffer, GpuOfferSpec,
-    LeasePhase, fleet_offer_name,
+    ClusterPhase, EndReason, FLEET_NAMESPACE, GpuCluster, GpuFleet, GpuLease, GpuOffer,
+    GpuOfferSpec, LeasePhase, fleet_offer_name,
 };
 use gpumarket_device_plugin::config::WalletKey;
 use gpumarket_device_plugin::fleet::workload::{head_access, head_name};
@@ -596,9 +596,10 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
     // A supplier failure like a silent node's: the lease ends when the provisioning timeout
     // passes, unbilled, and the buyer is told.
     let unserved = eventually("the lease whose worker never started to end", WAIT, || async {
-        leases_of_paid().await.into_iter().find(|l| {
-            l.status.as_ref().and_then(|s| s.end_reason) == Some(EndReason::NotServing)
-        })
+        leases_of_paid()
+            .await
+            .into_iter()
+            .find(|l| l.status.as_ref().and_then(|s| s.end_reason) == Some(EndReason::NotServing))
     })
     .await;
     let status = unserved.status.as_ref().unwrap();

@@ -1,7 +1,7 @@
 //! The GpuCluster reconcile as named steps: read → validate → match → bind → build → apply →
 //! status, wrapped in a finalizer whose cleanup ends the leases before anything disappears.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -208,7 +208,17 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         let uid = cluster.uid().unwrap_or_default();
         let within =
             gang_fleets(active.iter().copied(), |o| ctx.offer_fleet(o)).remove(uid.as_str());
-        let (bind, checked) = match_and_bind(cluster, ctx, missing, replacing, within, now).await?;
+        // Lost workers go elsewhere than the nodes that failed this cluster, if they can.
+        let failed: BTreeSet<String> = leases
+            .iter()
+            .filter(|l| {
+                let reason = l.status.as_ref().and_then(|s| s.end_reason);
+                reason.is_some_and(EndReason::is_supplier_failure)
+            })
+            .map(|l| l.spec.offer.clone())
+            .collect();
+        let (bind, checked) =
+            match_and_bind(cluster, ctx, missing, replacing, within, &failed, now).await?;
         funding = checked;
         match bind {
             Bind::Unmatched(why) => {
@@ -360,6 +370,7 @@ async fn match_and_bind(
     workers: u32,
     replacing: bool,
     within: Option<Option<String>>,
+    failed: &BTreeSet<String>,
     now: Timestamp,
 ) -> Result<(Bind, Option<Result<String, String>>)> {
     let request = Request { within, ..market_request(cluster, workers) };
@@ -427,7 +438,10 @@ async fn match_and_bind(
             // Oldest first: GPUs that older waiting requests (degraded clusters among them)
             // would get are not this one's, whichever reconcile runs first.
             let hold = matching::HoldPolicy::at(now.as_second());
-            matching::match_in_turn(&supply, &ctx.queue(), &request, hold)
+            let queue = ctx.queue();
+            matching::avoiding_failed(&supply, failed, |supply| {
+                matching::match_in_turn(supply, &queue, &request, hold)
+            })
         };
         let assignment = match outcome {
             Outcome::Unmatched(why) => return Ok((Bind::Unmatched(why.to_string()), None)),

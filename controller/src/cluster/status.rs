@@ -605,10 +605,8 @@ mod tests {
             cluster.status = Some(GpuClusterStatus { phase: Some(phase), ..Default::default() });
             assert_eq!(short_of_workers(&cluster, &placed(workers)), short, "{phase:?} {workers}");
         }
-        cluster.status = Some(GpuClusterStatus {
-            phase: Some(ClusterPhase::Running),
-            ..Default::default()
-        });
+        cluster.status =
+            Some(GpuClusterStatus { phase: Some(ClusterPhase::Running), ..Default::default() });
         assert!(short_of_workers(&cluster, &HashMap::new()), "no lease at all");
         cluster.metadata.deletion_timestamp = Some(Time(now()));
         assert!(!short_of_workers(&cluster, &placed(0)), "being deleted");

@@ -22,6 +22,8 @@
 //! can never serve must not block it for good, so a request holds for at most
 //! [`HoldPolicy::for_secs`]; the next oldest waiting request holds after it.
 
+use std::collections::BTreeSet;
+
 use super::explain::{Constraint, Explanation, Outcome, Shortage};
 use super::index::{Entry, Index};
 use super::model::{Assignment, Offer, Request, WorkerSlot};
@@ -422,6 +424,24 @@ pub fn match_in_turn(
     older.push(request.clone());
     let mut results = Market::new(offers).match_all(&older, hold);
     results.pop().map(|(_, outcome)| outcome).unwrap_or_else(|| quote(offers, request))
+}
+
+/// The answer for a cluster replacing lost workers: `answer` on the offers other than those
+/// that `failed` it (their node went silent or never started its workers), or, when those
+/// cannot serve it, on all of them: a node back from a failure is better than none.
+pub fn avoiding_failed(
+    offers: &[Offer],
+    failed: &BTreeSet<String>,
+    answer: impl Fn(&[Offer]) -> Outcome,
+) -> Outcome {
+    if failed.is_empty() {
+        return answer(offers);
+    }
+    let others: Vec<Offer> = offers.iter().filter(|o| !failed.contains(&o.node)).cloned().collect();
+    match answer(&others) {
+        Outcome::Unmatched(_) => answer(offers),
+        matched => matched,
+    }
 }
 
 /// What the request would get on these offers now (see [`Market::quote`]).

@@ -17,6 +17,6 @@ mod select;
 #[cfg(test)]
 mod tests;
 
-pub use engine::{HoldPolicy, Market, match_all, match_in_turn, quote};
+pub use engine::{HoldPolicy, Market, avoiding_failed, match_all, match_in_turn, quote};
 pub use explain::{Constraint, Explanation, Outcome, Shortage};
 pub use model::{Assignment, ModelFilter, Offer, Request, WorkerAsk, WorkerSlot, share};

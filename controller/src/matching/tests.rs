@@ -82,6 +82,20 @@ fn no_hold() -> HoldPolicy {
 }
 
 #[test]
+fn a_replacement_avoids_the_offers_that_failed_its_cluster_unless_nothing_else_fits() {
+    let offers = [mk_offer("a", "H100", 2, 1_000_000), mk_offer("b", "H100", 2, 1_200_000)];
+    let request = mk_request("ns/c", 1, 2, 2_000_000);
+    let failed = std::collections::BTreeSet::from(["a".to_owned()]);
+    let nodes = |outcome: &Outcome| -> Vec<String> {
+        matched(outcome).workers.iter().map(|w| w.node.clone()).collect()
+    };
+    let answer = |supply: &[Offer]| quote(supply, &request);
+    assert_eq!(nodes(&avoiding_failed(&offers, &Default::default(), answer)), ["a"], "cheapest");
+    assert_eq!(nodes(&avoiding_failed(&offers, &failed, answer)), ["b"], "not the failed one");
+    assert_eq!(nodes(&avoiding_failed(&offers[..1], &failed, answer)), ["a"], "better than none");
+}
+
+#[test]
 fn takes_the_cheapest_slots_and_the_first_free_gpus_of_each_node() {
     let offers = vec![
         mk_offer("dear", "H100", 8, 3 * DOLLAR),
