@@ -604,9 +604,13 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
     .await;
     let status = unserved.status.as_ref().unwrap();
     assert_eq!((status.served_gpu_seconds, status.serving_since.as_ref()), (Some(0), None));
+    // The Event follows the lease's end (best effort, after it).
     let told = format!("not Ready within {}s", PAYMENT_PROVISIONING_TIMEOUT.as_secs());
-    let events = hub_events(hub, &ns).await;
-    assert!(events.iter().any(|e| e.starts_with("NotServing") && e.contains(&told)), "{events:?}");
+    eventually("the buyer told why the lease ended", WAIT, || async {
+        let events = hub_events(hub, &ns).await;
+        events.iter().any(|e| e.starts_with("NotServing") && e.contains(&told)).then_some(())
+    })
+    .await;
 
     // Once the fleet lets GPU pods start, the cluster is re-placed there and served.
     quotas.delete("no-gpus", &DeleteParams::default()).await.unwrap();
