@@ -11,10 +11,11 @@
 //! Order and crash safety: all claims of a gang first (rolled back if one fails), then the
 //! GpuLease objects, named deterministically from (cluster uid, node, GPU set, bind time) so a
 //! retried create finds the lease it already created, while a later placement on the same GPUs
-//! (its earlier lease ended: the node failed and came back) gets a lease of its own. A crash after the claims but before the leases leaves claims
-//! naming leases that do not exist: the offer controller releases a claim whose lease has ended,
-//! or has been missing (confirmed against the API, not only the cache) for a grace period longer
-//! than any bind takes; a deleted cluster releases its claims in its finalizer.
+//! (its earlier lease ended: the node failed and came back) gets a lease of its own. A crash
+//! after the claims but before the leases leaves claims naming leases that do not exist: the
+//! offer controller releases a claim whose lease has ended, or has been missing (confirmed
+//! against the API, not only the cache) for a grace period longer than any bind takes; a
+//! deleted cluster releases its claims in its finalizer.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
