@@ -21,6 +21,10 @@ pub enum Error {
 
     #[error("serialising {what}: {source}")]
     Serialize { what: &'static str, source: serde_json::Error },
+
+    /// The hub could not listen for buyers of a cluster running in a fleet.
+    #[error("opening the tunnel's gateway: {0}")]
+    Gateway(std::io::Error),
 }
 
 impl Error {
@@ -32,6 +36,7 @@ impl Error {
             Error::InvalidSpec(_) => "invalid_spec",
             Error::AllocationConflict { .. } => "allocation_conflict",
             Error::Serialize { .. } => "serialize",
+            Error::Gateway(_) => "gateway",
         }
     }
 }

@@ -33,6 +33,7 @@ use kube::api::Api;
 use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 pub use error::Error;
 pub use runtime::context::Settings;
@@ -51,6 +52,9 @@ pub struct Config {
     pub leader_election: Option<LeaderElection>,
     /// Cancelled to stop: [`run`] then gives up leadership and returns.
     pub shutdown: CancellationToken,
+    /// Serve the tunnel through which buyers reach Ray heads in fleets (leader only); fleet
+    /// clusters' status shows the heads' in-fleet addresses when `None`.
+    pub tunnel: Option<fleet::tunnel::TunnelConfig>,
 }
 
 impl Default for Config {
@@ -61,6 +65,7 @@ impl Default for Config {
             metrics_addr: None,
             leader_election: None,
             shutdown: CancellationToken::new(),
+            tunnel: None,
         }
     }
 }
@@ -74,6 +79,8 @@ pub enum RunError {
     LeaderElection(#[from] kube_lease_manager::LeaseManagerError),
     #[error("lost leadership; stopping so that the new leader reconciles alone")]
     LeadershipLost,
+    #[error(transparent)]
+    Tunnel(#[from] fleet::tunnel::TunnelError),
 }
 
 /// The User-Agent of the controller's requests. The API server names the field manager of a
@@ -112,7 +119,7 @@ async fn run_with(
     let metrics = Arc::new(runtime::metrics::Metrics::new()?);
     let _server = config.metrics_addr.map(|addr| {
         let metrics = metrics.clone();
-        AbortOnDrop(tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             if let Err(e) = runtime::metrics::serve(addr, metrics).await {
                 tracing::error!(error = %e, %addr, "metrics server stopped");
             }
@@ -122,10 +129,9 @@ async fn run_with(
     match &config.leader_election {
         None => {
             tokio::select! {
-                () = run_controllers(client, config.settings, config.namespace, metrics, settler) => {}
-                () = shutdown.cancelled() => {}
+                stopped = run_controllers(client, config.settings, config.namespace, metrics, settler, config.tunnel) => stopped,
+                () = shutdown.cancelled() => Ok(()),
             }
-            Ok(())
         }
         Some(election) => {
             let mut leadership =
@@ -143,7 +149,7 @@ async fn run_with(
             tracing::info!(identity = %election.identity, "leading");
             metrics.ready.store(false, Ordering::Relaxed);
             let stopped = tokio::select! {
-                () = run_controllers(client, config.settings, config.namespace, metrics, settler) => Ok(()),
+                stopped = run_controllers(client, config.settings, config.namespace, metrics, settler, config.tunnel) => stopped,
                 () = leadership.lost() => Err(RunError::LeadershipLost),
                 () = shutdown.cancelled() => Ok(()),
             };
@@ -161,7 +167,8 @@ async fn run_controllers(
     namespace: String,
     metrics: Arc<runtime::metrics::Metrics>,
     settler: Option<Arc<settlement::Settler>>,
-) {
+    tunnel: Option<fleet::tunnel::TunnelConfig>,
+) -> Result<(), RunError> {
     // The caches are filled by their own tasks, so a reconcile can wait for them without
     // depending on the controller polling its trigger streams; the controllers have their own
     // watches as triggers.
@@ -180,7 +187,7 @@ async fn run_controllers(
         || fleet_store.wait_until_ready().await.is_err()
     {
         tracing::error!("a cache stopped before it was filled");
-        return;
+        return Ok(());
     }
 
     let signatures = verification::SignatureChecks::from_recorded(
@@ -196,7 +203,7 @@ async fn run_controllers(
             }
         }
     };
-    let ctx = Arc::new(runtime::context::Context::new(
+    let mut ctx = runtime::context::Context::new(
         client,
         metrics,
         settings,
@@ -211,7 +218,13 @@ async fn run_controllers(
         settler,
         namespace,
         signatures,
-    ));
+    );
+    let tunnel = tunnel.map(|config| {
+        let hub = fleet::tunnel::TunnelHub::new(ctx.client.clone(), &config);
+        ctx.tunnel = Some(hub.clone());
+        hub.serve(config)
+    });
+    let ctx = Arc::new(ctx);
     let clusters = cluster::controller(&ctx);
     let cluster_store = clusters.store();
     let inventory = {
@@ -231,14 +244,24 @@ async fn run_controllers(
     let offer_controller = market::offer::run(ctx.clone());
     let policy_events = policy::run(ctx.clone());
     let fleet_controller = fleet::run(ctx.clone());
-    futures::join!(
-        cluster::run(clusters, ctx),
-        offer_controller,
-        fleet_controller,
-        inventory,
-        settle,
-        policy_events,
-    );
+    let controllers = async {
+        futures::join!(
+            cluster::run(clusters, ctx),
+            offer_controller,
+            fleet_controller,
+            inventory,
+            settle,
+            policy_events,
+        );
+    };
+    match tunnel {
+        None => controllers.await,
+        Some(tunnel) => tokio::select! {
+            () = controllers => {}
+            served = tunnel => served?,
+        },
+    }
+    Ok(())
 }
 
 /// The offers' signing times recorded by earlier replicas, retried until they can be read: a
@@ -260,7 +283,7 @@ async fn recorded_signing_times(
 
 /// A cache of every `K` in the cluster that `config` selects, kept filled by its own task until
 /// dropped.
-fn cache<K>(client: &Client, config: watcher::Config) -> (Store<K>, AbortOnDrop)
+fn cache<K>(client: &Client, config: watcher::Config) -> (Store<K>, AbortOnDropHandle<()>)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -275,15 +298,7 @@ where
         .default_backoff()
         .reflect(writer)
         .for_each(|_| std::future::ready(()));
-    (store, AbortOnDrop(tokio::spawn(fill)))
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    (store, AbortOnDropHandle::new(tokio::spawn(fill)))
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@ use anyhow::Context as _;
 use clap::Parser;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Identity;
 
+use gpumarket_controller::fleet::tunnel::TunnelConfig;
 use gpumarket_controller::market::proof::ProofSettings;
 use gpumarket_controller::raycluster::HeadPlacement;
 use gpumarket_controller::runtime::leader::Fence;
@@ -128,6 +130,29 @@ struct Args {
     #[arg(long, env = "GPUMARKET_COMPUTE_CHALLENGE_INTERVAL", value_parser = duration)]
     compute_challenge_interval: Option<Duration>,
 
+    /// Serve fleets' tunnels here (gRPC, e.g. 0.0.0.0:9444), through which buyers reach the Ray
+    /// heads of clusters running in fleets; off when absent (their status then shows the heads'
+    /// addresses inside the fleet).
+    #[arg(long, env = "GPUMARKET_TUNNEL_LISTEN")]
+    tunnel_listen: Option<SocketAddr>,
+
+    /// TLS certificate (PEM) of the tunnel; required unless it listens on loopback.
+    #[arg(long, env = "GPUMARKET_TUNNEL_TLS_CERT", requires = "tunnel_tls_key")]
+    tunnel_tls_cert: Option<std::path::PathBuf>,
+
+    /// TLS private key (PEM) of the tunnel.
+    #[arg(long, env = "GPUMARKET_TUNNEL_TLS_KEY", requires = "tunnel_tls_cert")]
+    tunnel_tls_key: Option<std::path::PathBuf>,
+
+    /// The hub address (IPv4) buyers reach the tunnel's gateways on: the pod's IP in a cluster.
+    #[arg(long, env = "GPUMARKET_TUNNEL_GATEWAY_ADDRESS", default_value = "127.0.0.1")]
+    tunnel_gateway_address: std::net::Ipv4Addr,
+
+    /// The ports the tunnel's gateways take theirs from, two per cluster in a fleet, e.g.
+    /// `30000-30999` (what a NetworkPolicy opens); any free port when absent.
+    #[arg(long, env = "GPUMARKET_TUNNEL_GATEWAY_PORTS", value_parser = port_range)]
+    tunnel_gateway_ports: Option<std::ops::RangeInclusive<u16>>,
+
     /// Also act as the agent of every node labelled gpumarket.io/gpu-model (KWOK nodes in the
     /// local environment): publish and heartbeat its GpuOffer.
     #[arg(long, env = "GPUMARKET_SIMULATE_SUPPLIERS")]
@@ -150,8 +175,40 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+fn port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let parsed =
+        s.split_once('-').and_then(|(low, high)| Some((low.parse().ok()?, high.parse().ok()?)));
+    match parsed {
+        Some((low, high)) if low > 0 && low <= high => Ok(low..=high),
+        _ => Err(format!("expected FIRST-LAST ports, e.g. 30000-30999, got {s:?}")),
+    }
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// The tunnel's settings from the flags, its TLS identity read.
+fn tunnel_config(args: &Args) -> anyhow::Result<Option<TunnelConfig>> {
+    let Some(listen) = args.tunnel_listen else { return Ok(None) };
+    let tls = match (&args.tunnel_tls_cert, &args.tunnel_tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+            };
+            Some(Identity::from_pem(read(cert)?, read(key)?))
+        }
+        _ if listen.ip().is_loopback() => None,
+        _ => anyhow::bail!(
+            "--tunnel-listen {listen} is not loopback: give --tunnel-tls-cert and --tunnel-tls-key (the fleets send their credentials)"
+        ),
+    };
+    Ok(Some(TunnelConfig {
+        listen,
+        tls,
+        gateway_address: args.tunnel_gateway_address,
+        gateway_ports: args.tunnel_gateway_ports.clone(),
+    }))
 }
 
 #[tokio::main]
@@ -204,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: Some(args.metrics_addr),
         leader_election,
         shutdown: CancellationToken::new(),
+        tunnel: tunnel_config(&args)?,
     };
     let shutdown = config.shutdown.clone();
     tokio::spawn(async move {

@@ -13,6 +13,8 @@ pub mod offer;
 pub mod policy;
 pub mod proof;
 pub mod signature;
+#[cfg(feature = "tunnel")]
+pub mod tunnel;
 
 pub use cluster::{
     ClusterPhase, EscrowStatus, GpuCluster, GpuClusterSpec, GpuClusterStatus, GpuSelector,

@@ -27,9 +27,16 @@ const STAGES: &[&str] =
 
 /// The addresses KWOK gives its pods (room for many: the default /24 has 254). Nothing is
 /// there: the real node's routing keeps traffic to them on the host.
-pub(crate) const POD_CIDR: &str = "10.0.0.0/16";
+pub const POD_CIDR: &str = "10.0.0.0/16";
 
-pub fn start(dir: &Path, tools: &Tools, kubeconfig: &Path, reaper: &Reaper) -> Result<Process> {
+/// KWOK for the cluster of `kubeconfig`, giving its pods addresses from `pod_cidr`.
+pub fn start(
+    dir: &Path,
+    tools: &Tools,
+    kubeconfig: &Path,
+    reaper: &Reaper,
+    pod_cidr: &str,
+) -> Result<Process> {
     let mut kwok = tools.command("kwok")?;
     kwok.arg(format!("--kubeconfig={}", kubeconfig.display()))
         .arg("--manage-all-nodes=false")
@@ -38,7 +45,7 @@ pub fn start(dir: &Path, tools: &Tools, kubeconfig: &Path, reaper: &Reaper) -> R
             KWOK_NODE_ANNOTATION.0, KWOK_NODE_ANNOTATION.1
         ))
         .arg("--node-lease-duration-seconds=40")
-        .arg(format!("--cidr={POD_CIDR}"));
+        .arg(format!("--cidr={pod_cidr}"));
     for stage in STAGES {
         let file = tools.kwok_stages.join(format!("{stage}.yaml"));
         if !file.is_file() {

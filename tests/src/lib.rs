@@ -59,6 +59,10 @@ pub struct EnvOptions {
     /// Start a real node (containerd, kubelet, CNI bridge, CoreDNS) beside the KWOK ones;
     /// needs root.
     pub real_node: bool,
+    /// The addresses KWOK gives its pods, e.g. `127.42.0.0/16`: on loopback a test can listen
+    /// where a KWOK pod "is" (a fleet's Ray head behind the hub's tunnel); [`kwok::POD_CIDR`]
+    /// when `None`.
+    pub kwok_pod_cidr: Option<String>,
 }
 
 const SOLANA_READY: &str = "validator, mint and wallets ready";
@@ -184,7 +188,7 @@ impl Env {
             namespaces: AtomicUsize::new(0),
             timings: Mutex::new(timings),
         };
-        if let Err(e) = env.start_kwok_and_crds().await {
+        if let Err(e) = env.start_kwok_and_crds(options.kwok_pod_cidr.as_deref()).await {
             return Err(abandon(e, &env.dir, env.reaper()));
         }
         env.record("KWOK started and CRDs established", started.elapsed());
@@ -208,8 +212,9 @@ impl Env {
         Ok(env)
     }
 
-    async fn start_kwok_and_crds(&self) -> Result<()> {
-        let kwok = kwok::start(&self.dir, &self.tools, &self.kubeconfig, self.reaper())?;
+    async fn start_kwok_and_crds(&self, pod_cidr: Option<&str>) -> Result<()> {
+        let pod_cidr = pod_cidr.unwrap_or(kwok::POD_CIDR);
+        let kwok = kwok::start(&self.dir, &self.tools, &self.kubeconfig, self.reaper(), pod_cidr)?;
         self.lock_processes()?.push(kwok);
         crds::install(&self.client().await?, &self.tools.kuberay_crds).await
     }

@@ -133,8 +133,17 @@ fn shipped_values() -> Vec<(Vec<&'static str>, Vec<&'static str>)> {
         (vec!["values-local.yaml"], vec![]),
         (vec!["values-supplier-offer-only.yaml"], vec![]),
         (vec!["values-fleet.yaml"], vec![]),
+        (vec![], TUNNEL.to_vec()),
+        (vec!["values-fleet.yaml"], FLEET_TUNNEL.to_vec()),
     ]
 }
+
+/// The hub's tunnel to fleets' Ray heads, on.
+const TUNNEL: &[&str] =
+    &["controller.tunnel.enabled=true", "controller.tunnel.tlsSecret=tunnel-tls"];
+/// A fleet that holds the hub's tunnel.
+const FLEET_TUNNEL: &[&str] =
+    &["fleet.hubTunnel=https://hub.example.net:9444", "fleet.hubTunnelCASecret=hub-tunnel-ca"];
 
 #[test]
 fn helm_lint_passes_for_default_and_example_values() {
@@ -426,6 +435,55 @@ fn the_controller_stays_off_market_nodes_by_default_and_with_a_user_affinity() {
     // Turned off, the user's affinity alone (here none).
     let off = render(&[], &["controller.avoidSupplierNodes=false"]);
     assert!(controller_pod(&off).get("affinity").is_none());
+}
+
+#[test]
+fn the_tunnel_is_opt_in_and_opens_its_endpoint_its_gateway_ports_and_token_reviews_only() {
+    let off = render(&[], &[]);
+    assert!(!off.iter().any(|o| o["metadata"]["name"] == "gpumarket-controller-tunnel"));
+    let reviews = |objects: &[Value]| {
+        rules_of(objects, "gpumarket-controller")
+            .into_iter()
+            .filter(|(_, resource, _)| resource == "tokenreviews")
+            .map(|(_, _, verbs)| verbs)
+            .collect::<Vec<_>>()
+    };
+    assert!(reviews(&off).is_empty(), "no token reviews without the tunnel");
+
+    let on = render(&[], TUNNEL);
+    assert_eq!(reviews(&on), [["create"]]);
+    let service = find(&on, "Service", "gpumarket-controller-tunnel");
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "tunnel");
+    let args = args_of(find(&on, "Deployment", "gpumarket-controller"));
+    for expected in [
+        "--tunnel-listen=0.0.0.0:9444",
+        "--tunnel-tls-cert=/var/run/secrets/gpumarket/tunnel/tls.crt",
+        "--tunnel-gateway-ports=30000-30999",
+    ] {
+        assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
+    }
+    let env = &controller_pod(&on)["containers"][0]["env"];
+    let gateway =
+        env.as_array().unwrap().iter().find(|e| e["name"] == "GPUMARKET_TUNNEL_GATEWAY_ADDRESS");
+    assert_eq!(gateway.unwrap()["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    let policy = find(&on, "NetworkPolicy", "gpumarket-controller");
+    let ingress = policy["spec"]["ingress"].as_array().unwrap();
+    let ports: Vec<&Value> = ingress.iter().map(|rule| &rule["ports"][0]).collect();
+    assert_eq!(ports[1]["port"], "tunnel");
+    assert_eq!((&ports[2]["port"], &ports[2]["endPort"]), (&json!(30000), &json!(30999)));
+
+    let refused = try_render("gpumarket", &[], &["controller.tunnel.enabled=true"]);
+    assert!(refused.expect_err("no certificate").contains("controller.tunnel.tlsSecret must name"));
+
+    let fleet = render(&["values-fleet.yaml"], FLEET_TUNNEL);
+    let args = args_of(find(&fleet, "Deployment", "gpumarket-fleet"));
+    for expected in [
+        "--hub-tunnel=https://hub.example.net:9444",
+        "--hub-tunnel-ca=/var/run/secrets/gpumarket/hub-tunnel/ca.crt",
+    ] {
+        assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
+    }
 }
 
 #[test]
@@ -1884,6 +1942,7 @@ async fn fleet_agent_works_with_exactly_the_charts_fleet_permissions() -> anyhow
         workload_check: Duration::from_millis(500),
         namespace: ns.clone(),
         reserve: gpumarket_device_plugin::offer::Reserve::default(),
+        tunnel: None,
     };
     let agent = tokio::spawn(fleet::run(in_fleet.clone(), on_hub, config));
     let wait = Duration::from_secs(60);

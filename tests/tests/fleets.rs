@@ -15,11 +15,13 @@
 mod support;
 
 use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use gpumarket_controller::fleet::tunnel::TunnelConfig;
 use gpumarket_controller::raycluster;
 use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::verification::{self, NOT_THE_FLEETS_WALLET};
@@ -28,9 +30,10 @@ use gpumarket_crds::common::GPU_RESOURCE;
 use gpumarket_crds::signature::sign;
 use gpumarket_crds::{
     ClusterPhase, EndReason, FLEET_NAMESPACE, GpuCluster, GpuFleet, GpuLease, GpuOffer,
-    GpuOfferSpec, LeasePhase, fleet_offer_name,
+    GpuOfferSpec, LeasePhase, RayAccess, fleet_offer_name,
 };
 use gpumarket_device_plugin::config::WalletKey;
+use gpumarket_device_plugin::fleet::tunnel::TunnelSettings;
 use gpumarket_device_plugin::fleet::workload::{head_access, head_name};
 use gpumarket_device_plugin::fleet::{self, FleetConfig, join::join_objects};
 use gpumarket_device_plugin::offer::Reserve;
@@ -45,6 +48,8 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use solana_sdk::signature::{Keypair, Signer};
 use support::InProcessController;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Identity;
 
 const BUYER_WALLET: &str = "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV";
 const REGION: &str = "fleets";
@@ -66,18 +71,25 @@ struct Fleet {
     agent: Option<tokio::task::JoinHandle<()>>,
     /// When the agent last started.
     agent_started: Instant,
+    /// The hub's tunnel the agent holds, if any: its endpoint and CA certificate.
+    tunnel: Option<(String, Vec<u8>)>,
 }
 
 impl Fleet {
+    /// Fleet `name` with one 4-GPU node in `region`, its KWOK pods on addresses of `pod_cidr`,
+    /// holding the hub's `tunnel`.
     async fn start(
         name: &'static str,
         wallet: WalletKey,
         region: &str,
         price: u64,
         hub: &Env,
+        pod_cidr: &str,
+        tunnel: Option<(String, Vec<u8>)>,
     ) -> Fleet {
         let keep_dir = std::env::var_os("GPUMARKET_KEEP_ENV").is_some_and(|v| v == "1");
-        let options = EnvOptions { keep_dir, ..EnvOptions::default() };
+        let kwok_pod_cidr = Some(pod_cidr.to_owned());
+        let options = EnvOptions { keep_dir, kwok_pod_cidr, ..EnvOptions::default() };
         let env = Env::start(options).await.expect("a fleet control plane");
         eprintln!("{name}: control plane in {}", env.dir().display());
         env.add_gpu_nodes(&[GpuNode::new("gpu-1", "H100", 4).region(region)]).await.unwrap();
@@ -92,6 +104,7 @@ impl Fleet {
             hub_requests,
             agent: None,
             agent_started: Instant::now(),
+            tunnel,
         };
         fleet.run(hub, price).await;
         fleet
@@ -101,7 +114,13 @@ impl Fleet {
     /// credential only.
     async fn run(&mut self, hub: &Env, price: u64) {
         let local = self.env.client().await.unwrap();
-        let credential = join_credential(hub, self.name, Some(self.hub_requests.clone())).await;
+        let (credential, token) =
+            join_credential(hub, self.name, Some(self.hub_requests.clone())).await;
+        let tunnel = self.tunnel.clone().map(|(endpoint, ca)| TunnelSettings {
+            endpoint,
+            ca_pem: Some(ca),
+            token,
+        });
         let config = FleetConfig {
             name: self.name.into(),
             wallet_key: self.wallet.clone(),
@@ -112,6 +131,7 @@ impl Fleet {
             workload_check: Duration::from_millis(500),
             namespace: self.namespace.clone(),
             reserve: Reserve::default(),
+            tunnel,
         };
         self.agent_started = Instant::now();
         self.agent = Some(tokio::spawn(async move {
@@ -138,6 +158,27 @@ impl Fleet {
         let mut pods = self.pods().await;
         pods.retain(|p| p.labels().contains_key("gpumarket.io/lease"));
         pods
+    }
+
+    /// Stands in for the Ray dashboard of the cluster with uid `uid` (KWOK runs no container):
+    /// an HTTP server at its head pod's address (on loopback: the fleet's pod CIDR) that names
+    /// the fleet, until dropped.
+    async fn serve_dashboard(&self, uid: &str) -> tokio::task::JoinHandle<()> {
+        let head = self.running_head(uid).await.expect("a Running head");
+        let ip = head.status.and_then(|s| s.pod_ip).expect("a pod IP");
+        let listener = tokio::net::TcpListener::bind((ip.as_str(), 8265)).await.unwrap();
+        let body = format!("Ray dashboard of {uid} in {}", self.name);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = [0; 1024];
+                let _ = socket.read(&mut request).await;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            }
+        })
     }
 
     /// The Running Ray head of the cluster with uid `uid`, if any.
@@ -199,8 +240,12 @@ fn install_fleet_isolation(hub: &Env) {
 }
 
 /// A hub client holding nothing but fleet `name`'s join credential (a ServiceAccount token),
-/// counting its requests into `counter`.
-async fn join_credential(hub: &Env, name: &str, counter: Option<Arc<AtomicU64>>) -> Client {
+/// counting its requests into `counter`; and the token.
+async fn join_credential(
+    hub: &Env,
+    name: &str,
+    counter: Option<Arc<AtomicU64>>,
+) -> (Client, String) {
     let admin = hub.client().await.unwrap();
     let accounts: Api<ServiceAccount> = Api::namespaced(admin, FLEET_NAMESPACE);
     let request: TokenRequest = serde_json::from_value(json!({
@@ -215,9 +260,10 @@ async fn join_credential(hub: &Env, name: &str, counter: Option<Arc<AtomicU64>>)
         kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
             .unwrap();
-    config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
+    config.auth_info =
+        kube::config::AuthInfo { token: Some(token.clone().into()), ..Default::default() };
     let builder = kube::client::ClientBuilder::try_from(config).unwrap();
-    match counter {
+    let client = match counter {
         None => builder.build(),
         Some(counter) => builder
             .with_layer(&tower::util::MapRequestLayer::new(move |request| {
@@ -225,7 +271,8 @@ async fn join_credential(hub: &Env, name: &str, counter: Option<Arc<AtomicU64>>)
                 request
             }))
             .build(),
-    }
+    };
+    (client, token)
 }
 
 fn gpu_cluster(name: &str, region: &str, gpus_per_worker: u32, buyer: &str) -> GpuCluster {
@@ -272,6 +319,33 @@ fn fleet_offer_manifest(fleet: &str, name: &str) -> Value {
     })
 }
 
+/// The hub's tunnel on a free loopback port, over TLS with the hub API server's certificate
+/// (for 127.0.0.1, from the hub's CA); and what a fleet needs to reach it: its endpoint and the
+/// CA certificate.
+fn hub_tunnel(hub: &Env) -> (TunnelConfig, (String, Vec<u8>)) {
+    let pki = hub.dir().join("pki");
+    let read = |name: &str| std::fs::read(pki.join(name)).unwrap();
+    let port = gpumarket_tests::ports::free_tcp_ports(1).unwrap()[0];
+    let config = TunnelConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        tls: Some(Identity::from_pem(read("apiserver.crt"), read("apiserver.key"))),
+        gateway_address: Ipv4Addr::LOCALHOST,
+        gateway_ports: None,
+    };
+    (config, (format!("https://127.0.0.1:{port}"), read("ca.crt")))
+}
+
+/// An HTTP GET of `url` (`http://host:port`), the whole response as text.
+async fn http_get(url: &str) -> String {
+    let address = url.strip_prefix("http://").expect("an http URL");
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET / HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    let _ = socket.read_to_string(&mut response).await;
+    response
+}
+
 /// Tests take turns: each runs its own hub controller, which watches the whole hub.
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -280,8 +354,10 @@ fn start_hub_controller(
     client: &Client,
     settler: Option<Arc<Settler>>,
     provisioning_timeout: Duration,
+    tunnel: Option<TunnelConfig>,
 ) -> InProcessController {
     let config = Config {
+        tunnel,
         settings: Settings {
             heartbeat_timeout: HEARTBEAT_TIMEOUT,
             orphan_grace: Duration::from_secs(2),
@@ -299,7 +375,8 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     let hub = Env::shared().await;
     let admin = hub.client().await.unwrap();
     install_fleet_isolation(hub);
-    let _controller = start_hub_controller(&admin, None, Duration::from_secs(120));
+    let (tunnel, reach_tunnel) = hub_tunnel(hub);
+    let _controller = start_hub_controller(&admin, None, Duration::from_secs(120), Some(tunnel));
 
     // Join: each fleet's GPU node is on the hub, as an offer of its own name and wallet. One
     // fleet after the other: three control planes starting at once overload a small machine.
@@ -308,9 +385,13 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     let offer_b = fleet_offer_name("fleet-b", "gpu-1");
     let (key_a, key_b) = (new_wallet(), new_wallet());
     let (wallet_a, wallet_b) = (key_a.public_key(), key_b.public_key());
-    let mut fleet_a = Fleet::start("fleet-a", key_a, REGION, 2_000_000, hub).await;
+    let tunnel = Some(reach_tunnel.clone());
+    let mut fleet_a =
+        Fleet::start("fleet-a", key_a, REGION, 2_000_000, hub, "127.42.0.0/16", tunnel).await;
     let joined_a = offer_available(&offers, &offer_a, &wallet_a, fleet_a.agent_started).await;
-    let fleet_b = Fleet::start("fleet-b", key_b, REGION, 3_000_000, hub).await;
+    let tunnel = Some(reach_tunnel.clone());
+    let fleet_b =
+        Fleet::start("fleet-b", key_b, REGION, 3_000_000, hub, "127.43.0.0/16", tunnel).await;
     let joined_b = offer_available(&offers, &offer_b, &wallet_b, fleet_b.agent_started).await;
     let fleets: Api<GpuFleet> = Api::all(admin.clone());
     eventually("fleet-a to be Joined", WAIT, || async {
@@ -381,11 +462,29 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
         lease.status?.serving_since
     })
     .await;
-    runs_in(&admin, &ns, "llm", &fleet_a).await;
+    let access = runs_in(&admin, &ns, "llm", &fleet_a).await;
     let to_running = applied.elapsed();
 
+    // The buyer reaches the head's dashboard through the hub: the hub has no route into fleet A,
+    // whose agent dialled out to the hub's tunnel and connects to the head inside fleet A.
+    let _dashboard_a = fleet_a.serve_dashboard(&uid).await;
+    let asked = Instant::now();
+    let page = http_get(&access.dashboard).await;
+    let through_tunnel = asked.elapsed();
+    assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+    assert!(page.ends_with(&format!("Ray dashboard of {uid} in fleet-a")), "{page}");
+    // The tunnel takes only a fleet's own credential, and pairs a relay only with a connection
+    // the hub opened.
+    let (_, token_b) = join_credential(hub, "fleet-b", None).await;
+    let (control, relay) = tunnel_refusals(&reach_tunnel, "fleet-a", Some(&token_b)).await;
+    assert_eq!(control.code(), tonic::Code::PermissionDenied, "{control:?}");
+    assert!(control.message().contains("not fleet fleet-a's join credential"), "{control:?}");
+    assert_eq!(relay.code(), tonic::Code::NotFound, "{relay:?}");
+    let (control, _) = tunnel_refusals(&reach_tunnel, "fleet-a", None).await;
+    assert_eq!(control.code(), tonic::Code::Unauthenticated, "{control:?}");
+
     // Confinement: fleet A's credential, against the hub's real API server.
-    let as_a = join_credential(hub, "fleet-a", None).await;
+    let (as_a, _) = join_credential(hub, "fleet-a", None).await;
     let fleets_a: Api<GpuFleet> = Api::all(as_a.clone());
     let offers_a: Api<GpuOffer> = Api::all(as_a.clone());
     let leases_a: Api<GpuLease> = Api::all(as_a.clone());
@@ -503,7 +602,11 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
     );
     let to_replaced = stopped.elapsed();
     eventually("the Ray head Running in fleet B", WAIT, || fleet_b.running_head(&uid)).await;
-    runs_in(&admin, &ns, "llm", &fleet_b).await;
+    let _dashboard_b = fleet_b.serve_dashboard(&uid).await;
+    let moved = runs_in(&admin, &ns, "llm", &fleet_b).await;
+    assert_eq!(moved, access, "the buyer's address through the hub stays");
+    let page = http_get(&access.dashboard).await;
+    assert!(page.ends_with(&format!("Ray dashboard of {uid} in fleet-b")), "{page}");
     let events = hub_events(hub, &ns).await;
     assert!(
         events.iter().any(|e| e.contains("Replaced")),
@@ -515,6 +618,7 @@ async fn fleets_join_the_hub_run_clusters_in_their_own_cluster_and_stay_confined
          - fleet agent start to its offer Available on the hub: {joined_a:.1?} (fleet A), {joined_b:.1?} (fleet B)\n\
          - GpuCluster apply on the hub to its worker Running in fleet A: {to_workers:.1?}\n\
          - GpuCluster apply on the hub to Running there (Ray head and worker Ready, reported): {to_running:.1?}\n\
+         - a dashboard request from the hub through the tunnel (new connection, fleet relay): {through_tunnel:.1?}\n\
          - fleet A stopped to the worker Running in fleet B: {to_replaced:.1?}\n\
          - hub API requests of one fleet (1 node) at steady state: {per_minute:.0}/min at a {HEARTBEAT:?} heartbeat\n\
            (offers + 1 GpuFleet report per heartbeat, plus one watch: {:.0}/min at the default 20s)",
@@ -541,13 +645,14 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
     config.poll_interval = Duration::from_secs(1);
     config.heartbeat_timeout = HEARTBEAT_TIMEOUT;
     let settler = Some(Arc::new(Settler::new(config).unwrap()));
-    let _controller = start_hub_controller(&admin, settler, PAYMENT_PROVISIONING_TIMEOUT);
+    let _controller = start_hub_controller(&admin, settler, PAYMENT_PROVISIONING_TIMEOUT, None);
 
     // 1000 base units per GPU-second, paid to the wallet of the fleet's GpuFleet.
     let price = 3_600_000;
     let fleet_key = WalletKey(Arc::new(read_keypair(&sol.suppliers[0]).unwrap()));
     let fleet_wallet = fleet_key.0.pubkey();
-    let fleet = Fleet::start("fleet-pay", fleet_key, "fleet-pay", price, hub).await;
+    let fleet =
+        Fleet::start("fleet-pay", fleet_key, "fleet-pay", price, hub, "127.44.0.0/16", None).await;
     offer_available(
         &Api::all(admin.clone()),
         &fleet_offer_name("fleet-pay", "gpu-1"),
@@ -656,30 +761,65 @@ async fn a_cluster_served_by_a_fleet_pays_the_fleets_wallet_on_chain() {
 }
 
 /// Waits for GpuCluster `name` to be Running in `fleet` from the fleet's report: RayReady, its
-/// dashboard and Ray client those of its Ray head's Service in the fleet, and no RayCluster of
-/// the hub's own.
-async fn runs_in(hub: &Client, ns: &str, name: &str, fleet: &Fleet) {
+/// dashboard and Ray client reached through the hub's tunnel when the fleet holds one (else
+/// those of its Ray head's Service in the fleet), and no RayCluster of the hub's own. Where the
+/// status says the buyer reaches it.
+async fn runs_in(hub: &Client, ns: &str, name: &str, fleet: &Fleet) -> RayAccess {
     let clusters: Api<GpuCluster> = Api::namespaced(hub.clone(), ns);
     let what = format!("GpuCluster {name} Running in {}", fleet.name);
+    let uid = clusters.get(name).await.unwrap().uid().unwrap();
+    let in_fleet = head_access(&fleet.namespace, &uid);
     let status = eventually(&what, WAIT, || async {
         let status = clusters.get(name).await.unwrap().status?;
-        (status.phase == Some(ClusterPhase::Running) && status.fleet.as_deref() == Some(fleet.name))
+        let shown = status.dashboard.as_deref();
+        // Just after a re-placement the status may still show the fleet's own address.
+        let access_as_meant = fleet.tunnel.is_none() || shown != Some(&in_fleet.dashboard);
+        (status.phase == Some(ClusterPhase::Running)
+            && status.fleet.as_deref() == Some(fleet.name)
+            && access_as_meant)
             .then_some(status)
     })
     .await;
     let ready = status.conditions.iter().find(|c| c.type_ == "RayReady").unwrap();
     assert_eq!(ready.status, "True", "{ready:?}");
     assert!(ready.message.contains(fleet.name), "{}", ready.message);
-    let uid = clusters.get(name).await.unwrap().uid().unwrap();
-    let access = head_access(&fleet.namespace, &uid);
-    assert_eq!(
-        (status.dashboard, status.ray_client),
-        (Some(access.dashboard), Some(access.ray_client))
-    );
+    let access =
+        RayAccess { dashboard: status.dashboard.unwrap(), ray_client: status.ray_client.unwrap() };
+    if fleet.tunnel.is_some() {
+        assert!(access.dashboard.starts_with("http://127.0.0.1:"), "{access:?}");
+        assert!(access.ray_client.starts_with("ray://127.0.0.1:"), "{access:?}");
+    } else {
+        assert_eq!(access, in_fleet);
+    }
     assert_eq!(status.ray_cluster, None);
     let ray_clusters: Api<DynamicObject> =
         Api::namespaced_with(hub.clone(), ns, &raycluster::api_resource());
     assert!(ray_clusters.get_opt(name).await.unwrap().is_none(), "no RayCluster on the hub");
+    access
+}
+
+/// What the hub's tunnel answers a Control call for `fleet` with `token` (none without), and
+/// a Relay call naming an Open that was never sent.
+async fn tunnel_refusals(
+    (endpoint, ca): &(String, Vec<u8>),
+    fleet: &str,
+    token: Option<&str>,
+) -> (tonic::Status, tonic::Status) {
+    use gpumarket_crds::tunnel::api::tunnel_client::TunnelClient;
+    use gpumarket_crds::tunnel::{Chunk, Hello};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    let channel =
+        Endpoint::from_shared(endpoint.clone()).unwrap().tls_config(tls).unwrap().connect().await;
+    let mut client = TunnelClient::new(channel.unwrap());
+    let mut hello = tonic::Request::new(Hello { fleet: fleet.into() });
+    if let Some(token) = token {
+        hello.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let control = client.control(hello).await.expect_err("a refused Control call");
+    let guess = Chunk { id: format!("{:032x}", 7u128), data: Vec::new() };
+    let relay = client.relay(futures::stream::iter([guess])).await.expect_err("a refused Relay");
+    (control, relay)
 }
 
 /// A new wallet's keypair.

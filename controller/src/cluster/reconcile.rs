@@ -264,13 +264,23 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         if ray_cluster.is_some() {
             delete_ray_cluster(cluster, ctx).await?;
         }
-        let (ready, access) =
+        let (ready, in_fleet) =
             fleet_ray(ctx.fleets.get(&ObjectRef::new(&fleet)).as_deref(), &active);
+        // The buyer reaches the head through the hub's tunnel, when it runs; else the fleet's
+        // own address is shown (reachable from inside the fleet).
+        let access = match (&ctx.tunnel, in_fleet) {
+            (Some(tunnel), Some(_)) => {
+                Some(tunnel.gateway(&uid, &fleet).await.map_err(Error::Gateway)?)
+            }
+            (_, in_fleet) => in_fleet,
+        };
         let ray = RaySite { ray_cluster: None, fleet: Some(fleet), access };
         (Some(ready), ray)
     } else if active.is_empty() && ray_cluster.is_none() {
+        close_gateway(cluster, ctx);
         (None, RaySite::default())
     } else {
+        close_gateway(cluster, ctx);
         let desired = build_ray_cluster(cluster, &active, &ctx.settings.head_placement)?;
         let applied = ray_api(cluster, ctx)
             .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
@@ -564,6 +574,7 @@ async fn finish(
     if has_ray_cluster {
         delete_ray_cluster(cluster, ctx).await?;
     }
+    close_gateway(cluster, ctx);
     let mut ended = Vec::new();
     let mut ended_now = 0;
     for lease in leases {
@@ -601,6 +612,7 @@ async fn cleanup(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     if ray_cluster.is_some() {
         delete_ray_cluster(cluster, ctx).await?;
     }
+    close_gateway(cluster, ctx);
     ctx.event(
         cluster,
         EventType::Normal,
@@ -610,6 +622,13 @@ async fn cleanup(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     )
     .await;
     Ok(Action::await_change())
+}
+
+/// The hub's gateway to the cluster's head in a fleet goes: the cluster runs there no more.
+fn close_gateway(cluster: &GpuCluster, ctx: &Context) {
+    if let Some(tunnel) = &ctx.tunnel {
+        tunnel.close_gateway(&cluster.uid().unwrap_or_default());
+    }
 }
 
 async fn delete_ray_cluster(cluster: &GpuCluster, ctx: &Context) -> Result<()> {

@@ -8,6 +8,8 @@
 //! the meter as Ready pods do for in-cluster nodes, and [`fleet_ray`] tells the GpuCluster's
 //! readiness and access point as a RayCluster does for them.
 
+pub mod tunnel;
+
 use std::sync::Arc;
 use std::time::Duration;
 

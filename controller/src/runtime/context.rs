@@ -88,6 +88,8 @@ pub struct Context {
     pub signatures: SignatureChecks,
     /// The controller's own namespace, where it records the offers' signing times.
     pub namespace: String,
+    /// The tunnel to Ray heads that run in fleets, when it runs (set after [`Context::new`]).
+    pub tunnel: Option<Arc<crate::fleet::tunnel::TunnelHub>>,
     /// GPUs this replica claimed, by (offer, uuid), until the offer cache shows the claim.
     recent_claims: Mutex<HashMap<(String, String), Instant>>,
     /// Leases this replica created, until the lease cache shows them: (cluster uid, workers).
@@ -136,6 +138,7 @@ impl Context {
             settler,
             signatures,
             namespace,
+            tunnel: None,
             recent_claims: Mutex::new(HashMap::new()),
             recent_leases: Mutex::new(HashMap::new()),
         }

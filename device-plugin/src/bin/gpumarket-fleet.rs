@@ -10,9 +10,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gpumarket_crds::common::{parse_duration, quantity_scaled};
 use gpumarket_device_plugin::config::WalletKey;
+use gpumarket_device_plugin::fleet::tunnel::TunnelSettings;
 use gpumarket_device_plugin::fleet::{self, FleetConfig};
 use gpumarket_device_plugin::offer::Reserve;
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
+use secrecy::ExposeSecret;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -29,7 +31,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Offer this cluster's GPU nodes on the hub and run the work placed on them here.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print (as YAML) what the hub admin applies on the hub for fleet NAME: its GpuFleet, the
     /// ServiceAccount whose token is the join credential, and its RBAC.
     Join {
@@ -81,6 +83,14 @@ struct RunArgs {
     /// Memory of each node kept out of its offer, e.g. `1Gi`.
     #[arg(long, default_value = "0", env = "GPUMARKET_RESERVE_MEMORY")]
     reserve_memory: String,
+    /// The hub's tunnel endpoint (its controller's `--tunnel-listen`), e.g.
+    /// `https://hub.example.net:9444`: buyers on the hub then reach the Ray heads run here
+    /// through it. The fleet authenticates with the join credential's token.
+    #[arg(long, env = "GPUMARKET_HUB_TUNNEL")]
+    hub_tunnel: Option<String>,
+    /// CA certificate (PEM) of the hub tunnel's certificate.
+    #[arg(long, env = "GPUMARKET_HUB_TUNNEL_CA", requires = "hub_tunnel")]
+    hub_tunnel_ca: Option<PathBuf>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -115,7 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())?;
             return Ok(());
         }
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
     };
     let reserve = Reserve {
         cpu_millicores: quantity_scaled(&args.reserve_cpu, 3)
@@ -126,6 +136,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let hub = Kubeconfig::read_from(&args.hub_kubeconfig)
         .with_context(|| format!("reading the hub kubeconfig {}", args.hub_kubeconfig.display()))?;
     let hub = kube::Config::from_custom_kubeconfig(hub, &KubeConfigOptions::default()).await?;
+    let tunnel = match args.hub_tunnel {
+        None => None,
+        Some(endpoint) => Some(TunnelSettings {
+            endpoint,
+            ca_pem: match &args.hub_tunnel_ca {
+                Some(path) => Some(
+                    std::fs::read(path)
+                        .with_context(|| format!("reading --hub-tunnel-ca {}", path.display()))?,
+                ),
+                None => None,
+            },
+            token: join_token(&hub.auth_info)?,
+        }),
+    };
     let hub = kube::Client::try_from(hub)?;
     let local = kube::Client::try_default()
         .await
@@ -140,10 +164,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         workload_check: args.workload_check,
         namespace: args.namespace,
         reserve,
+        tunnel,
     };
     tokio::select! {
         result = fleet::run(local, hub, config) => result?,
         _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
     }
     Ok(())
+}
+
+/// The join credential's token, from the hub kubeconfig's user: the tunnel authenticates with it.
+fn join_token(user: &AuthInfo) -> anyhow::Result<String> {
+    if let Some(token) = &user.token {
+        return Ok(token.expose_secret().to_owned());
+    }
+    let file = user.token_file.as_ref().context(
+        "--hub-tunnel: the hub kubeconfig's user has no token; the tunnel authenticates with the join credential's ServiceAccount token",
+    )?;
+    let token =
+        std::fs::read_to_string(file).with_context(|| format!("reading token file {file}"))?;
+    Ok(token.trim().to_owned())
 }

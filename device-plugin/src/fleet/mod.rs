@@ -41,6 +41,7 @@
 
 pub mod join;
 pub mod mirror;
+pub mod tunnel;
 pub mod workload;
 
 use std::collections::BTreeMap;
@@ -54,6 +55,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{ConfigError, Supplier, WalletKey};
 use crate::offer::{Reserve, status_manifest};
@@ -82,6 +84,8 @@ pub struct FleetConfig {
     /// Namespace of the fleet's cluster the workers run in.
     pub namespace: String,
     pub reserve: Reserve,
+    /// The hub's tunnel, through which buyers reach the Ray heads run here; none when `None`.
+    pub tunnel: Option<tunnel::TunnelSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +129,11 @@ pub async fn run(fleet: Client, hub: Client, config: FleetConfig) -> Result<(), 
     tracing::info!(fleet = %config.name, "joined the hub");
     let pods = Api::namespaced(fleet.clone(), &config.namespace);
     let services = Api::namespaced(fleet.clone(), &config.namespace);
+    let (heads, heads_seen) = tokio::sync::watch::channel(tunnel::Heads::new());
+    // Aborted when this future is dropped, as everything else the fleet runs.
+    let _tunnel = config.tunnel.clone().map(|settings| {
+        AbortOnDropHandle::new(tokio::spawn(tunnel::run(config.name.clone(), settings, heads_seen)))
+    });
     let mut state = Runner {
         config,
         supplier,
@@ -138,6 +147,7 @@ pub async fn run(fleet: Client, hub: Client, config: FleetConfig) -> Result<(), 
         offer_names: Vec::new(),
         assignments: Vec::new(),
         workloads: Vec::new(),
+        heads,
     };
     let selector =
         watcher::Config::default().fields(&format!("metadata.name={}", state.config.name));
@@ -217,6 +227,8 @@ struct Runner {
     assignments: Vec<FleetAssignment>,
     /// What the hub was last told.
     workloads: Vec<FleetWorkload>,
+    /// The Ray heads run here, for the tunnel.
+    heads: tokio::sync::watch::Sender<tunnel::Heads>,
 }
 
 impl Runner {
@@ -314,6 +326,12 @@ impl Runner {
                 create_missing(&self.pods, pod, &pods, &assignment.lease).await;
             }
         }
+        self.heads.send_if_modified(|heads| {
+            let now = workload::head_addresses(&self.assignments, &pods);
+            let changed = *heads != now;
+            *heads = now;
+            changed
+        });
         let workloads = workload::workloads(
             &self.config.name,
             &self.config.namespace,

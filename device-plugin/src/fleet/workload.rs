@@ -185,6 +185,19 @@ pub fn workloads(
         .collect()
 }
 
+/// The pod IPs of the Ray heads the fleet runs for its assignments, by cluster uid: where the
+/// hub's tunnel may connect.
+pub fn head_addresses(assignments: &[FleetAssignment], pods: &[Pod]) -> super::tunnel::Heads {
+    pods.iter()
+        .filter(|pod| !pod.labels().contains_key(LEASE_LABEL))
+        .filter_map(|pod| {
+            let uid = pod.labels().get(CLUSTER_UID_LABEL)?;
+            let ip = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+            assignments.iter().any(|a| &a.cluster.uid == uid).then(|| (uid.clone(), ip))
+        })
+        .collect()
+}
+
 /// Objects (pods, Services) the fleet runs for leases no longer assigned to it, or for clusters
 /// none of whose leases is: to delete.
 pub fn stale<'a, K: ResourceExt>(assignments: &[FleetAssignment], objects: &'a [K]) -> Vec<&'a K> {
@@ -316,5 +329,30 @@ mod tests {
         pods.push(head("gone", true));
         let stale: Vec<String> = stale(&assignments, &pods).iter().map(|p| p.name_any()).collect();
         assert_eq!(stale, ["old-w0", "ray-head-gone"]);
+    }
+
+    #[test]
+    fn the_tunnel_reaches_only_the_heads_of_assigned_clusters() {
+        let assignments = [assignment("l1", "fleet-a.n1")];
+        let uid = assignments[0].cluster.uid.clone();
+        let at = |uid: &str, ip: Option<&str>, lease: Option<&str>| -> Pod {
+            let mut labels = BTreeMap::from([(CLUSTER_UID_LABEL.to_owned(), uid.to_owned())]);
+            if let Some(lease) = lease {
+                labels.insert(LEASE_LABEL.to_owned(), lease.to_owned());
+            }
+            serde_json::from_value(json!({
+                "metadata": {"name": "p", "labels": labels},
+                "status": {"podIP": ip},
+            }))
+            .expect("a pod")
+        };
+        let pods = [
+            at(&uid, Some("10.0.0.7"), None),
+            at("other-cluster", Some("10.0.0.8"), None),
+            at(&uid, Some("10.0.0.9"), Some("l1")),
+        ];
+        let heads = head_addresses(&assignments, &pods);
+        assert_eq!(heads, BTreeMap::from([(uid.clone(), "10.0.0.7".parse().expect("an IP"))]));
+        assert!(head_addresses(&assignments, &[at(&uid, None, None)]).is_empty(), "no IP yet");
     }
 }

@@ -84,6 +84,7 @@ async fn run_up(up: Up) -> Result<()> {
         keep_dir: up.keep_dir,
         solana: true,
         real_node: up.real_node || up.demo,
+        kwok_pod_cidr: None,
     })
     .await?;
     // Serve until a signal; a failure while starting, or a process that dies and cannot be
