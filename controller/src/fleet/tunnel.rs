@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use gpumarket_crds::tunnel::api::tunnel_server::{Tunnel, TunnelServer};
@@ -157,8 +157,13 @@ impl TunnelHub {
         for head_port in [DASHBOARD_PORT, RAY_CLIENT_PORT] {
             let listener = self.listen().await?;
             ports.push(listener.local_addr()?.port());
-            let forward =
-                self.clone().forward(listener, uid.to_owned(), head_port, fleet_rx.clone());
+            let forward = forward(
+                Arc::downgrade(self),
+                listener,
+                uid.to_owned(),
+                head_port,
+                fleet_rx.clone(),
+            );
             listeners.push(tokio::spawn(forward).abort_handle());
         }
         let host = self.gateway_address;
@@ -196,28 +201,6 @@ impl TunnelHub {
         }
     }
 
-    /// Relays each connection to `listener` to port `head_port` of cluster `uid`'s Ray head, in
-    /// the fleet `fleet` names at the time.
-    async fn forward(
-        self: Arc<Self>,
-        listener: TcpListener,
-        uid: String,
-        head_port: u32,
-        fleet: watch::Receiver<String>,
-    ) {
-        while let Ok((buyer, _)) = listener.accept().await {
-            let (hub, uid, fleet) = (self.clone(), uid.clone(), fleet.borrow().clone());
-            tokio::spawn(async move {
-                match hub.connect(&fleet, &uid, head_port).await {
-                    Ok(call) => pipe(buyer, call.inbound, call.outbound, Ok).await,
-                    Err(why) => {
-                        tracing::info!(cluster_uid = %uid, %fleet, %why, "buyer connection dropped")
-                    }
-                }
-            });
-        }
-    }
-
     /// Asks `fleet` to connect to `port` of cluster `uid`'s head and waits for its Relay call.
     async fn connect(&self, fleet: &str, uid: &str, port: u32) -> Result<RelayCall, String> {
         let control = locked(&self.fleets).get(fleet).cloned();
@@ -227,11 +210,22 @@ impl TunnelHub {
         locked(&self.waiting).insert(id.clone(), tx);
         let open = Open { id: id.clone(), cluster_uid: uid.to_owned(), port };
         let answered = match control.send(Ok(open)).await {
-            Ok(()) => tokio::time::timeout(RELAY_WAIT, rx).await.ok().and_then(Result::ok),
-            Err(_) => None,
+            Ok(()) => tokio::time::timeout(RELAY_WAIT, rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .ok_or_else(|| format!("fleet {fleet} did not answer within {RELAY_WAIT:?}")),
+            Err(_) => {
+                // Its Control call ended (the agent went away) since it was last used.
+                let mut fleets = locked(&self.fleets);
+                if fleets.get(fleet).is_some_and(mpsc::Sender::is_closed) {
+                    fleets.remove(fleet);
+                }
+                Err(format!("fleet {fleet} has no tunnel connected"))
+            }
         };
         locked(&self.waiting).remove(&id);
-        answered.ok_or_else(|| format!("fleet {fleet} did not answer within {RELAY_WAIT:?}"))
+        answered
     }
 
     /// Whether `token` is fleet `fleet`'s join credential: the hub's API server says it belongs
@@ -255,6 +249,30 @@ impl TunnelHub {
                 "this credential is not fleet {fleet}'s join credential (a token of ServiceAccount {FLEET_NAMESPACE}/{fleet} on the hub)"
             )))
         }
+    }
+}
+
+/// Relays each connection to `listener` to port `head_port` of cluster `uid`'s Ray head, in the
+/// fleet `fleet` names at the time. Holds the hub weakly: the gateways go with it (when the
+/// controllers stop) rather than keeping it alive.
+async fn forward(
+    hub: Weak<TunnelHub>,
+    listener: TcpListener,
+    uid: String,
+    head_port: u32,
+    fleet: watch::Receiver<String>,
+) {
+    while let Ok((buyer, _)) = listener.accept().await {
+        let Some(hub) = hub.upgrade() else { return };
+        let (uid, fleet) = (uid.clone(), fleet.borrow().clone());
+        tokio::spawn(async move {
+            match hub.connect(&fleet, &uid, head_port).await {
+                Ok(call) => pipe(buyer, call.inbound, call.outbound, Ok).await,
+                Err(why) => {
+                    tracing::info!(cluster_uid = %uid, %fleet, %why, "buyer connection dropped")
+                }
+            }
+        });
     }
 }
 
@@ -300,5 +318,70 @@ impl Tunnel for TunnelHub {
             .send(RelayCall { inbound, outbound })
             .map_err(|_| Status::cancelled("the buyer's connection is gone"))?;
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, Response};
+    use kube::client::Body;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    fn hub(gateway_ports: Option<RangeInclusive<u16>>) -> Arc<TunnelHub> {
+        // No API call is made: only a fleet's Control call reviews a token.
+        let (service, _) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let config = TunnelConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            tls: None,
+            gateway_address: Ipv4Addr::LOCALHOST,
+            gateway_ports,
+        };
+        TunnelHub::new(Client::new(service, "default"), &config)
+    }
+
+    fn socket_of(address: &str) -> SocketAddr {
+        address.split_once("://").and_then(|(_, a)| a.parse().ok()).expect("host:port")
+    }
+
+    #[tokio::test]
+    async fn a_cluster_keeps_its_gateway_as_it_moves_between_fleets_until_it_is_closed() {
+        let hub = hub(None);
+        let access = hub.gateway("uid-1", "fleet-a").await.expect("a gateway");
+        assert!(access.dashboard.starts_with("http://127.0.0.1:"), "{access:?}");
+        assert!(access.ray_client.starts_with("ray://127.0.0.1:"), "{access:?}");
+        let moved = hub.gateway("uid-1", "fleet-b").await.expect("the same gateway");
+        assert_eq!(moved, access);
+        let fleet = locked(&hub.gateways)["uid-1"].fleet.borrow().clone();
+        assert_eq!(fleet, "fleet-b");
+
+        // No fleet holds a tunnel: a buyer's connection is closed at once.
+        let mut buyer = TcpStream::connect(socket_of(&access.dashboard)).await.expect("accepted");
+        let mut read = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), buyer.read_to_end(&mut read));
+        assert_eq!(closed.await.expect("closed at once").expect("a clean close"), 0);
+
+        hub.close_gateway("uid-1");
+        let refused = async {
+            while TcpStream::connect(socket_of(&access.ray_client)).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), refused).await.expect("the ports closed");
+    }
+
+    #[tokio::test]
+    async fn gateways_take_ports_from_their_range_and_say_so_when_it_is_full() {
+        let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("a port");
+        let port = taken.local_addr().expect("bound").port();
+        let full = hub(Some(port..=port)).gateway("uid-1", "fleet-a").await;
+        let error = full.expect_err("its only port is taken");
+        assert!(error.to_string().contains("widen --tunnel-gateway-ports"), "{error}");
+        drop(taken);
+        let ports = port..=port.saturating_add(50);
+        let access = hub(Some(ports)).gateway("uid-1", "fleet-a").await.expect("free ports");
+        assert_eq!(socket_of(&access.dashboard).port(), port);
     }
 }
