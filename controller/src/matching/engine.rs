@@ -4,10 +4,13 @@
 //! Making room: taking the cheapest GPUs oldest first leaves a buyer with a low price limit
 //! (or a narrow choice of models) unserved once older buyers who could have paid for other GPUs
 //! took the ones it can use. So a request that does not fit on what older ones left moves a few
-//! of them: their gangs are given back, those able to pay the most first, until it fits; it is
-//! placed, and they are placed again, each on its cheapest gang of what is left. If all of them still get a
-//! complete gang the moves stand (an older request may pay more, never above its own price
-//! limit); else nothing changes. An older request never loses its match to a younger one this
+//! of those on GPUs it could use, those able to pay the most first: their gangs are given back
+//! until it fits; it is placed, and they are placed again, each on its cheapest gang of what is
+//! left. If one of them finds none, they are moved one by one instead, each onto its cheapest
+//! gang among the GPUs the request cannot use (one that has none stays where it is), until the
+//! request fits on what they freed. Either way the moves stand only when all of them still have
+//! a complete gang (an older request may pay more, never above its own price limit); else
+//! nothing changes. An older request never loses its match to a younger one this
 //! way. Moves free GPUs, so the matched requests then settle: each takes its cheapest gang on
 //! what is free and its own, so no buyer could do better on what the pass leaves. What fairness
 //! costs in price, and what the moves win in requests served, is what the matching bench
@@ -25,7 +28,7 @@
 use std::collections::BTreeSet;
 
 use super::explain::{Constraint, Explanation, Outcome, Shortage};
-use super::index::{Entry, Index};
+use super::index::{Entry, Index, Need};
 use super::model::{Assignment, Offer, Request, WorkerSlot};
 use super::select::{Gang, Pick, Selection, cheapest_slots};
 
@@ -151,13 +154,16 @@ impl<'a> Market<'a> {
             .collect()
     }
 
-    /// Make room for `order[at]`, which does not fit on what the older requests took: give
-    /// back the gangs of older matched requests on GPUs it could use (those with the highest
-    /// price limit first, the most likely to find other GPUs; then the youngest) until it fits;
-    /// place it, then place those requests again, oldest first, each on its cheapest gang (never
-    /// above its own price limit). Kept only when every one of them still gets a gang: an older
-    /// request never loses its match to a younger one. At most [`MAX_MOVED`] move, which bounds
-    /// the work per request.
+    /// Make room for `order[at]`, which does not fit on what the older requests took, by moving
+    /// older matched requests on GPUs it could use (those with the highest price limit first,
+    /// the most likely to find other GPUs; then the youngest). Two ways, the first that works:
+    /// - give them back one by one until it fits; place it, then place them again, oldest
+    ///   first, each on its cheapest gang ([`Market::place_after_moving`]);
+    /// - move them one by one, each onto its cheapest gang among the GPUs it cannot use (one
+    ///   that has none stays), until it fits on what they freed ([`Market::move_aside`]).
+    ///
+    /// An older request never loses its match to a younger one, and never pays above its own
+    /// price limit. At most [`MAX_MOVED`] move, which bounds the work per request.
     fn make_room(
         &mut self,
         order: &[&Request],
@@ -168,41 +174,102 @@ impl<'a> Market<'a> {
         let need = self.index.need(request);
         let mut in_the_way: Vec<usize> = (0..at)
             .filter(|&older| {
-                gangs[older].iter().flatten().any(|p| {
-                    let entry = &self.index.entries[p.entry];
-                    need.failures(entry) == 0 && self.in_site(entry, request)
-                })
+                let picks = gangs[older].iter().flatten();
+                picks
+                    .into_iter()
+                    .any(|p| self.could_use(&need, request, &self.index.entries[p.entry]))
             })
             .collect();
         in_the_way.sort_by_key(|&older| {
             (std::cmp::Reverse(order[older].max_price_per_gpu_hour), std::cmp::Reverse(older))
         });
         let before: Vec<u32> = self.index.entries.iter().map(|e| e.taken).collect();
-        for moved in 1..=in_the_way.len().min(MAX_MOVED) {
-            let older = in_the_way[moved - 1];
+        in_the_way.truncate(MAX_MOVED);
+        let mut placed = self.place_after_moving(order, at, gangs, &in_the_way);
+        if placed.is_none() {
+            self.set_taken(&before);
+            placed = self.move_aside(order, at, gangs, &in_the_way, &need);
+        }
+
+        match placed {
+            Some(placed) => {
+                for (at, picks) in placed {
+                    gangs[at] = Some(picks);
+                }
+                true
+            }
+            None => {
+                self.set_taken(&before);
+                false
+            }
+        }
+    }
+
+    /// Give back the gangs of `in_the_way` one by one until `order[at]` fits; place it, then
+    /// them again, oldest first, each on its cheapest gang. The new gangs when every one of
+    /// them still gets one.
+    fn place_after_moving(
+        &mut self,
+        order: &[&Request],
+        at: usize,
+        gangs: &[Option<Vec<Pick>>],
+        in_the_way: &[usize],
+    ) -> Option<Vec<(usize, Vec<Pick>)>> {
+        let request = order[at];
+        for (moved, &older) in in_the_way.iter().enumerate() {
             if let Some(picks) = &gangs[older] {
                 self.give_back(order[older], picks);
             }
             let Ok(Selection::Complete(mine)) = self.select(request) else { continue };
             self.take(request, &mine);
-            let mut again = in_the_way[..moved].to_vec();
+            let mut again = in_the_way[..=moved].to_vec();
             again.sort_unstable();
             let mut placed = vec![(at, mine)];
             for older in again {
-                let Ok(Selection::Complete(picks)) = self.select(order[older]) else { break };
+                let Ok(Selection::Complete(picks)) = self.select(order[older]) else { return None };
                 self.take(order[older], &picks);
                 placed.push((older, picks));
             }
-            if placed.len() == moved + 1 {
-                for (at, picks) in placed {
-                    gangs[at] = Some(picks);
-                }
-                return true;
-            }
-            break;
+            return Some(placed);
         }
-        self.set_taken(&before);
-        false
+        None
+    }
+
+    /// Move the requests of `in_the_way` one by one onto their cheapest gang among the GPUs
+    /// `order[at]` (which asks `need`) cannot use, each that has none staying where it is,
+    /// until `order[at]` fits on what they freed. The new gangs when it does.
+    fn move_aside(
+        &mut self,
+        order: &[&Request],
+        at: usize,
+        gangs: &[Option<Vec<Pick>>],
+        in_the_way: &[usize],
+        need: &Need,
+    ) -> Option<Vec<(usize, Vec<Pick>)>> {
+        let request = order[at];
+        let mut placed = Vec::new();
+        for &older in in_the_way {
+            let Some(picks) = &gangs[older] else { continue };
+            self.give_back(order[older], picks);
+            let aside = self.select_where(order[older], |e| !self.could_use(need, request, e));
+            let Ok(Selection::Complete(aside)) = aside else {
+                self.take(order[older], picks);
+                continue;
+            };
+            self.take(order[older], &aside);
+            placed.push((older, aside));
+            if let Ok(Selection::Complete(mine)) = self.select(request) {
+                self.take(request, &mine);
+                placed.push((at, mine));
+                return Some(placed);
+            }
+        }
+        None
+    }
+
+    /// Whether `request` (which asks `need`) could use GPUs of the entry.
+    fn could_use(&self, need: &Need, request: &Request, entry: &Entry) -> bool {
+        need.failures(entry) == 0 && self.in_site(entry, request)
     }
 
     /// After requests moved, each matched one (oldest first) takes the cheapest gang on the
@@ -253,6 +320,15 @@ impl<'a> Market<'a> {
 
     /// The request's cheapest slots, or why it is invalid.
     fn select(&self, request: &Request) -> Result<Selection, String> {
+        self.select_where(request, |_| true)
+    }
+
+    /// The request's cheapest slots on the entries `allowed` lets it use, or why it is invalid.
+    fn select_where(
+        &self,
+        request: &Request,
+        allowed: impl Fn(&Entry) -> bool,
+    ) -> Result<Selection, String> {
         if request.gpus_per_worker == 0 {
             return Err(format!("{}: gpusPerWorker must be at least 1", request.key));
         }
@@ -262,7 +338,8 @@ impl<'a> Market<'a> {
             placement: request.placement,
         };
         let need = self.index.need(request);
-        Ok(cheapest_slots(&self.index, &need, &gang, |e| self.usable(e, request)))
+        let usable = |e: &Entry| if allowed(e) { self.usable(e, request) } else { 0 };
+        Ok(cheapest_slots(&self.index, &need, &gang, usable))
     }
 
     /// GPUs of the entry that the request may take: none outside the fleet it must be in, all

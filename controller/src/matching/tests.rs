@@ -549,6 +549,40 @@ fn a_request_moves_only_the_older_ones_in_its_way() {
 }
 
 #[test]
+fn older_requests_that_can_go_elsewhere_move_aside_for_one_that_fits_nowhere_else() {
+    let cents = |c: u64| c * DOLLAR / 100;
+    let offers = vec![
+        mk_offer("t4-a", "T4", 1, cents(10)),
+        mk_offer("t4-b", "T4", 1, cents(10)),
+        mk_offer("rtx", "RTX3090", 1, cents(30)),
+    ];
+    let any = Request {
+        created: 10,
+        models: ModelFilter::MinTier(GpuTier::Other),
+        ..mk_request("ns/any", 1, 1, DOLLAR)
+    };
+    let t4 = |key, created, max| Request {
+        created,
+        models: ModelFilter::Models(vec!["T4".into()]),
+        ..mk_request(key, 1, 1, max)
+    };
+    // The T4-only request at a generous limit is given back first, but finds no other T4; the
+    // one that can run anywhere moves to the RTX instead, and the frugal request gets its T4.
+    let requests = [any, t4("ns/t4-generous", 20, DOLLAR), t4("ns/t4-frugal", 30, cents(10))];
+    let results = match_all(&offers, &requests, no_hold());
+    let placed: Vec<(&str, Vec<(&str, usize)>)> =
+        results.iter().map(|(key, outcome)| (key.as_str(), nodes(matched(outcome)))).collect();
+    assert_eq!(
+        placed,
+        [
+            ("ns/any", vec![("rtx", 1)]),
+            ("ns/t4-generous", vec![("t4-b", 1)]),
+            ("ns/t4-frugal", vec![("t4-a", 1)]),
+        ]
+    );
+}
+
+#[test]
 fn in_its_turn_a_request_gets_what_older_ones_leave_whoever_asks_first() {
     let offers = vec![mk_offer("a", "A100", 4, DOLLAR), mk_offer("b", "A100", 2, DOLLAR)];
     let old = Request { created: 10, ..mk_request("ns/old", 1, 4, DOLLAR) };
