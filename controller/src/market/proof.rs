@@ -136,7 +136,9 @@ pub enum Step {
     Waiting(Timestamp),
     /// The challenge is decided.
     Decide(Verdict),
-    /// A lease arrived while the challenge was in flight: drop it, no verdict.
+    /// Drop the challenge, no verdict: a lease arrived while it was in flight, or its deadline
+    /// passed while no controller watched (a leader down or changing), so whether the agent
+    /// was late cannot be told; the next one is issued as if it had passed.
     Withdraw,
 }
 
@@ -183,11 +185,14 @@ pub fn challenge(
 }
 
 /// The step the offer's proof of compute is at. `available` is the offer's `Available`
-/// verdict of this reconcile.
+/// verdict of this reconcile; `watched_since` is when this controller started watching offers:
+/// a deadline that passed before then is not held against the agent (when it answered is
+/// known only from watching; the object keeps no time the agent cannot write).
 pub fn next_step(
     offer: &GpuOffer,
     available: bool,
     now: Timestamp,
+    watched_since: Timestamp,
     settings: &ProofSettings,
     rng: &mut impl Rng,
 ) -> Step {
@@ -209,8 +214,12 @@ pub fn next_step(
     }
     let answer =
         status.and_then(|s| s.compute_answer.as_ref()).filter(|a| a.nonce == challenge.nonce);
+    let unwatched = |deadline: &MicroTime| deadline.0 < watched_since;
     if challenge.reveal.is_empty() {
         let late = now > challenge.deadline.0;
+        if late && unwatched(&challenge.deadline) {
+            return Step::Withdraw;
+        }
         let allowed = challenge.deadline.0.duration_since(challenge.issued.0);
         return match answer {
             None if late => Step::Decide(Verdict::fail(
@@ -259,6 +268,7 @@ pub fn next_step(
         }),
         None => match &challenge.reveal_deadline {
             Some(deadline) if now <= deadline.0 => Step::Waiting(deadline.0),
+            Some(deadline) if unwatched(deadline) => Step::Withdraw,
             _ => Step::Decide(Verdict::fail(
                 "Late",
                 "the rows asked for were not revealed in time".into(),
@@ -409,7 +419,7 @@ pub async fn advance(offer: &GpuOffer, available: bool, ctx: &Context) -> Result
     let Some(settings) = ctx.settings().proof_of_compute else { return Ok(None) };
     let settings = &settings;
     let now = Timestamp::now();
-    let step = next_step(offer, available, now, settings, &mut rand::rng());
+    let step = next_step(offer, available, now, ctx.started, settings, &mut rand::rng());
     let wake = |at: Timestamp| at.duration_since(now).unsigned_abs() + Duration::from_millis(100);
     let allowed = settings.failures_before_unverified;
     if let Some((proof, condition)) = next_status(offer, &step, now, allowed) {
@@ -458,6 +468,9 @@ mod tests {
     use gpumarket_crds::{GpuHealth, GpuState};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+
+    /// The controller of most tests watched every deadline.
+    const WATCHED: Timestamp = Timestamp::MIN;
 
     fn settings() -> ProofSettings {
         ProofSettings {
@@ -519,7 +532,7 @@ mod tests {
     ) -> Verdict {
         let mut rng = StdRng::seed_from_u64(7);
         let s = settings();
-        let Step::Issue(challenge) = next_step(offer, true, now(), &s, &mut rng) else {
+        let Step::Issue(challenge) = next_step(offer, true, now(), WATCHED, &s, &mut rng) else {
             panic!("no challenge")
         };
         let status = offer.status.get_or_insert_default();
@@ -528,7 +541,7 @@ mod tests {
         let (mut answer, products) = commit(&challenge, as_offer, cheat);
         let status = offer.status.get_or_insert_default();
         status.compute_answer = Some(answer.clone());
-        let challenge = match next_step(offer, true, secs(commit_at), &s, &mut rng) {
+        let challenge = match next_step(offer, true, secs(commit_at), WATCHED, &s, &mut rng) {
             Step::Reveal(c) => c,
             Step::Decide(verdict) => return verdict,
             other => panic!("unexpected {other:?}"),
@@ -539,7 +552,7 @@ mod tests {
         status.proof_of_compute =
             Some(ProofOfCompute { challenge: Some(challenge), ..Default::default() });
         status.compute_answer = Some(answer);
-        match next_step(offer, true, secs(commit_at + 1), &s, &mut rng) {
+        match next_step(offer, true, secs(commit_at + 1), WATCHED, &s, &mut rng) {
             Step::Decide(verdict) => verdict,
             other => panic!("unexpected {other:?}"),
         }
@@ -573,7 +586,8 @@ mod tests {
     fn a_row_changed_after_the_commitment_fails_its_merkle_proof() {
         let offer = mk_offer("n", "H100", 1, now());
         let mut rng = StdRng::seed_from_u64(1);
-        let Step::Issue(mut challenge) = next_step(&offer, true, now(), &settings(), &mut rng)
+        let Step::Issue(mut challenge) =
+            next_step(&offer, true, now(), WATCHED, &settings(), &mut rng)
         else {
             panic!()
         };
@@ -602,20 +616,65 @@ mod tests {
 
         let mut silent = mk_offer("n", "H100", 1, now());
         let mut rng = StdRng::seed_from_u64(1);
-        let Step::Issue(challenge) = next_step(&silent, true, now(), &settings(), &mut rng) else {
+        let Step::Issue(challenge) =
+            next_step(&silent, true, now(), WATCHED, &settings(), &mut rng)
+        else {
             panic!()
         };
         let deadline = challenge.deadline.0;
         silent.status.get_or_insert_default().proof_of_compute =
             Some(ProofOfCompute { challenge: Some(challenge), ..Default::default() });
         assert_eq!(
-            next_step(&silent, true, secs(1), &settings(), &mut rng),
+            next_step(&silent, true, secs(1), WATCHED, &settings(), &mut rng),
             Step::Waiting(deadline)
         );
-        let Step::Decide(verdict) = next_step(&silent, true, secs(3), &settings(), &mut rng) else {
+        let Step::Decide(verdict) =
+            next_step(&silent, true, secs(3), WATCHED, &settings(), &mut rng)
+        else {
             panic!()
         };
         assert!(verdict.message.starts_with("no commitment"), "{}", verdict.message);
+    }
+
+    #[test]
+    fn a_deadline_that_passed_while_no_controller_watched_is_not_held_against_the_agent() {
+        let mut offer = mk_offer("n", "H100", 1, now());
+        let mut rng = StdRng::seed_from_u64(1);
+        let Step::Issue(challenge) = next_step(&offer, true, now(), WATCHED, &settings(), &mut rng)
+        else {
+            panic!()
+        };
+        offer.status.get_or_insert_default().proof_of_compute =
+            Some(ProofOfCompute { challenge: Some(challenge), ..Default::default() });
+        // The leader that issued it went away; the next started after the deadline (~2.1s).
+        let restarted = secs(60);
+        let step = next_step(&offer, true, secs(61), restarted, &settings(), &mut rng);
+        assert_eq!(step, Step::Withdraw, "no verdict: whether the agent was late is unknown");
+        // A deadline that passed while it watched is held against the agent, as always.
+        let step = next_step(&offer, true, secs(61), secs(1), &settings(), &mut rng);
+        assert!(matches!(step, Step::Decide(Verdict { reason: "Late", .. })), "{step:?}");
+
+        // The same for the rows asked for: their deadline passed before the restart.
+        let mut revealing = mk_offer("n", "H100", 1, now());
+        let Step::Issue(challenge) =
+            next_step(&revealing, true, now(), WATCHED, &settings(), &mut rng)
+        else {
+            panic!()
+        };
+        let (answer, _) = commit(&challenge, "n", |_| {});
+        let status = revealing.status.get_or_insert_default();
+        status.proof_of_compute =
+            Some(ProofOfCompute { challenge: Some(challenge), ..Default::default() });
+        status.compute_answer = Some(answer);
+        let Step::Reveal(asked) =
+            next_step(&revealing, true, secs(1), WATCHED, &settings(), &mut rng)
+        else {
+            panic!()
+        };
+        revealing.status.get_or_insert_default().proof_of_compute =
+            Some(ProofOfCompute { challenge: Some(asked), ..Default::default() });
+        let step = next_step(&revealing, true, secs(61), restarted, &settings(), &mut rng);
+        assert_eq!(step, Step::Withdraw);
     }
 
     #[test]
@@ -636,8 +695,12 @@ mod tests {
     fn leased_or_unavailable_offers_are_not_challenged_and_a_lease_withdraws_a_challenge() {
         let mut rng = StdRng::seed_from_u64(1);
         let mut offer = mk_offer("n", "H100", 2, now());
-        assert_eq!(next_step(&offer, false, now(), &settings(), &mut rng), Step::Idle(None));
-        let Step::Issue(challenge) = next_step(&offer, true, now(), &settings(), &mut rng) else {
+        assert_eq!(
+            next_step(&offer, false, now(), WATCHED, &settings(), &mut rng),
+            Step::Idle(None)
+        );
+        let Step::Issue(challenge) = next_step(&offer, true, now(), WATCHED, &settings(), &mut rng)
+        else {
             panic!()
         };
         let status = offer.status.get_or_insert_default();
@@ -649,9 +712,12 @@ mod tests {
             reason: None,
             lease: Some("lease-1".into()),
         }];
-        assert_eq!(next_step(&offer, true, now(), &settings(), &mut rng), Step::Withdraw);
+        assert_eq!(next_step(&offer, true, now(), WATCHED, &settings(), &mut rng), Step::Withdraw);
         offer.status.get_or_insert_default().proof_of_compute = None;
-        assert_eq!(next_step(&offer, true, now(), &settings(), &mut rng), Step::Idle(None));
+        assert_eq!(
+            next_step(&offer, true, now(), WATCHED, &settings(), &mut rng),
+            Step::Idle(None)
+        );
     }
 
     #[test]
@@ -672,10 +738,13 @@ mod tests {
             "not matched"
         );
         assert_eq!(
-            next_step(&offer, true, secs(59), &settings(), &mut rng),
+            next_step(&offer, true, secs(59), WATCHED, &settings(), &mut rng),
             Step::Idle(Some(secs(60)))
         );
-        assert!(matches!(next_step(&offer, true, secs(60), &settings(), &mut rng), Step::Issue(_)));
+        assert!(matches!(
+            next_step(&offer, true, secs(60), WATCHED, &settings(), &mut rng),
+            Step::Issue(_)
+        ));
     }
 
     #[test]

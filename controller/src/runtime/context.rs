@@ -88,6 +88,9 @@ pub struct Context {
     pub signatures: SignatureChecks,
     /// The controller's own namespace, where it records the offers' signing times.
     pub namespace: String,
+    /// When this controller started (its caches filled): what happened before, while no
+    /// controller watched, is not known from watching (e.g. when an agent answered).
+    pub started: jiff::Timestamp,
     /// The tunnel to Ray heads that run in fleets, when it runs (set after [`Context::new`]).
     pub tunnel: Option<Arc<crate::fleet::tunnel::TunnelHub>>,
     /// GPUs this replica claimed, by (offer, uuid), until the offer cache shows the claim.
@@ -138,6 +141,7 @@ impl Context {
             settler,
             signatures,
             namespace,
+            started: jiff::Timestamp::now(),
             tunnel: None,
             recent_claims: Mutex::new(HashMap::new()),
             recent_leases: Mutex::new(HashMap::new()),
