@@ -125,6 +125,21 @@ pub fn node_health(node: &Node, inventory: &Inventory) -> Vec<DeviceHealth> {
         .collect()
 }
 
+/// Whether `offer` (freshly signed) says what `applied` said: the same but for when it was
+/// signed. Applying it again would only re-sign an unchanged offer (a spec write, and a new
+/// signing time the hub records) at every heartbeat.
+pub fn unchanged(applied: Option<&Value>, offer: &Value) -> bool {
+    let unsigned = |offer: &Value| {
+        let mut offer = offer.clone();
+        if let Some(spec) = offer["spec"].as_object_mut() {
+            spec.remove("signedAt");
+            spec.remove("signature");
+        }
+        offer
+    };
+    applied.is_some_and(|applied| unsigned(applied) == unsigned(offer))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -151,6 +166,19 @@ mod tests {
             },
         }))
         .expect("a node")
+    }
+
+    #[test]
+    fn an_offer_signed_anew_but_otherwise_the_same_is_not_applied_again() {
+        let signed = |at: &str, signature: &str, price: u64| {
+            json!({"metadata": {"name": "f.n"}, "spec": {
+                "pricePerGpuHour": price, "signedAt": at, "signature": signature,
+            }})
+        };
+        let applied = signed("2026-12-03T10:00:00Z", "sig-1", 5);
+        assert!(unchanged(Some(&applied), &signed("2026-12-03T10:00:20Z", "sig-2", 5)));
+        assert!(!unchanged(Some(&applied), &signed("2026-12-03T10:00:20Z", "sig-2", 6)));
+        assert!(!unchanged(None, &applied), "never applied");
     }
 
     #[test]

@@ -219,7 +219,7 @@ struct Runner {
     services: Api<Service>,
     offers: Api<GpuOffer>,
     fleets: Api<GpuFleet>,
-    /// The offer last applied for each node, so an unchanged spec is not sent again.
+    /// The offer last applied for each node, so an unchanged spec is not signed and sent again.
     applied: BTreeMap<String, Value>,
     /// Why each node is not offered, so the reason is logged once.
     skipped: BTreeMap<String, String>,
@@ -263,7 +263,7 @@ impl Runner {
             };
             self.skipped.remove(&node_name);
             let name = gpumarket_crds::fleet_offer_name(&self.config.name, &node_name);
-            if self.applied.get(&node_name) != Some(&offer) {
+            if !mirror::unchanged(self.applied.get(&node_name), &offer) {
                 match self.offers.patch(&name, &apply, &Patch::Apply(&offer)).await {
                     Ok(_) => {
                         tracing::info!(offer = %name, "offer published on the hub");
