@@ -214,8 +214,8 @@ impl Settler {
             (0..leases.len()).filter(|i| ending.contains(&leases[*i].name_any())).collect();
         for i in ending {
             let lease = &leases[i];
-            match update_lease(&leases_api, lease, |status| end_now(status, now)).await {
-                Ok(ended) => {
+            match update_lease(&leases_api, lease, |status, _| end_now(status, now)).await {
+                Ok((_, ended)) => {
                     tracing::info!(lease = %ended.name_any(), "escrow exhausted: lease ended (OutOfFunds)");
                     leases[i] = ended;
                     report.ended_out_of_funds += 1;
@@ -228,18 +228,17 @@ impl Settler {
             leases.iter().map(|l| (l.name_any(), l)).collect();
         for name in plan::closed(&inputs) {
             let Some(lease) = by_name.get(&name) else { continue };
-            let meter = Meter::of(lease);
-            match update_lease(&leases_api, lease, |s| close(s, &meter)).await {
-                Ok(after) => events.lease_changed(lease, &after).await,
+            match update_lease(&leases_api, lease, close).await {
+                Ok((before, after)) => events.lease_changed(&before, &after).await,
                 Err(e) => failed_write(&mut report, &name, &e),
             }
         }
         let payouts = plan::payouts(&inputs);
         for (name, record) in payouts.without_transfer {
             let Some(lease) = by_name.get(&name) else { continue };
-            let meter = Meter::of(lease);
-            match update_lease(&leases_api, lease, |s| confirm_free(s, &meter, &record)).await {
-                Ok(after) => events.lease_changed(lease, &after).await,
+            match update_lease(&leases_api, lease, |s, meter| confirm_free(s, meter, &record)).await
+            {
+                Ok((before, after)) => events.lease_changed(&before, &after).await,
                 Err(e) => failed_write(&mut report, &name, &e),
             }
         }
@@ -346,11 +345,22 @@ impl Settler {
             settling.extend(outcomes.into_iter().map(|(h, o)| (h, recorded.clone(), o)));
         }
         // Each holder is its own object (a lease's holders write conditionally and retry).
+        let leases: HashMap<&str, &GpuLease> = listed
+            .leases
+            .iter()
+            .map(|l| (l.metadata.name.as_deref().unwrap_or_default(), l))
+            .collect();
+        let leases = &leases;
         let settling: Vec<BoxFuture<'_, Settled<'_>>> = settling
             .into_iter()
             .map(|(holder, recorded, outcome)| {
                 async move {
-                    let result = settle_holder(client, events, holder, &recorded, &outcome).await;
+                    let known = match holder {
+                        Holder::Lease { name, .. } => leases.get(name.as_str()).copied(),
+                        _ => None,
+                    };
+                    let result =
+                        settle_holder(client, events, known, holder, &recorded, &outcome).await;
                     (holder, outcome, result)
                 }
                 .boxed()
@@ -623,7 +633,7 @@ impl Settler {
             let period = self.in_force().period;
             let recorded = record_new(client, leases, &p, period, None, None).await;
             let settled = match recorded {
-                Ok(true) => settle_holder(client, events, &p.holder, "", &outcome).await,
+                Ok(true) => settle_holder(client, events, None, &p.holder, "", &outcome).await,
                 Ok(false) => Ok(()),
                 Err(e) => Err(e),
             };
@@ -1103,7 +1113,7 @@ async fn confirm_found_refund(
     }
     let holder = Holder::Refund { namespace: namespace.clone(), name: name.clone() };
     let outcome = Outcome::Confirmed(found.signature.to_owned());
-    settle_holder(client, events, &holder, found.signature, &outcome).await
+    settle_holder(client, events, None, &holder, found.signature, &outcome).await
 }
 
 /// Write a refund record on the cluster, conditionally: only while it has none that may still
@@ -1130,10 +1140,12 @@ async fn record_refund(
 
 /// Confirm or expire the record of `holder` made with `recorded` (its signature; empty for a
 /// record written already confirmed), re-reading on conflicts. A record that has meanwhile
-/// changed (another signature, no longer `Signed`) is left alone.
+/// changed (another signature, no longer `Signed`) is left alone. `known` is a lease holder's
+/// lease as last read, if the caller has it (one read less per payment when it is current).
 async fn settle_holder(
     client: &Client,
     events: &ClusterEvents,
+    known: Option<&GpuLease>,
     holder: &Holder,
     recorded: &str,
     outcome: &Outcome,
@@ -1156,9 +1168,14 @@ async fn settle_holder(
     match holder {
         Holder::Lease { name, period } => {
             let api: Api<GpuLease> = Api::all(client.clone());
-            let Some(lease) = api.get_opt(name).await? else { return Ok(()) };
-            let meter = Meter::of(&lease);
-            let after = update_lease(&api, &lease, |status| {
+            let lease = match known {
+                Some(lease) => lease.clone(),
+                None => match api.get_opt(name).await? {
+                    Some(lease) => lease,
+                    None => return Ok(()),
+                },
+            };
+            let (before, after) = match update_lease(&api, &lease, |status, meter| {
                 let Some(record) =
                     status.settlements.iter().find(|r| &r.period == period && matches(r)).cloned()
                 else {
@@ -1166,12 +1183,18 @@ async fn settle_holder(
                 };
                 let record = settled(&record);
                 match outcome {
-                    Outcome::Confirmed(_) => confirm(status, &meter, record),
+                    Outcome::Confirmed(_) => confirm(status, meter, record),
                     Outcome::Expired => upsert(status, record),
                 }
             })
-            .await?;
-            events.lease_changed(&lease, &after).await;
+            .await
+            {
+                Ok(updated) => updated,
+                // Gone since it was listed: nothing left to record.
+                Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            events.lease_changed(&before, &after).await;
         }
         Holder::Refund { namespace, name } => {
             let api: Api<GpuCluster> = Api::namespaced(client.clone(), namespace);
@@ -1324,29 +1347,30 @@ async fn replace_lease_status(
     api.replace_status(&lease.name_any(), &params, &lease).await
 }
 
-/// Apply `change` to the lease's status and write it, conditional on the version read; on a
-/// conflict, read again and re-apply (every change passed here is idempotent and checks what
-/// it changes).
+/// Apply `change` to the lease's status (with the meter of the version it applies to) and
+/// write it, conditional on the version read; on a conflict, read again and re-apply (every
+/// change passed here is idempotent and checks what it changes). `lease` may be stale (from a
+/// listing): a conflict is one more read. Returns the version changed and the one written.
 async fn update_lease(
     api: &Api<GpuLease>,
     lease: &GpuLease,
-    change: impl Fn(&mut GpuLeaseStatus),
-) -> Result<GpuLease, Error> {
+    change: impl Fn(&mut GpuLeaseStatus, &Meter),
+) -> Result<(GpuLease, GpuLease), Error> {
     let name = lease.name_any();
     let mut current = lease.clone();
     loop {
         let mut next = current.clone();
-        change(next.status.get_or_insert_default());
+        change(next.status.get_or_insert_default(), &Meter::of(&current));
         let meter = Meter::of(&next);
         if let (Some(status), Some(end)) = (next.status.as_mut(), meter.end) {
             status.served_gpu_seconds.get_or_insert(meter.gpu_seconds_through(end));
             status.hired_gpu_seconds.get_or_insert(meter.hired_gpu_seconds_through(end));
         }
         if next.status == current.status {
-            return Ok(current);
+            return Ok((current.clone(), current));
         }
         match replace_lease_status(api, &next).await {
-            Ok(updated) => return Ok(updated),
+            Ok(updated) => return Ok((current, updated)),
             Err(e) if is_conflict(&e) => current = api.get_status(&name).await?,
             Err(e) => return Err(e.into()),
         }
