@@ -126,10 +126,20 @@ async fn run_with(
         }))
     });
     let shutdown = config.shutdown.clone();
+    // Not started until polled (after leadership where elected). Boxed: the joined controllers
+    // are a large future, and unoptimised builds copy it into every frame that polls it.
+    let controllers = Box::pin(run_controllers(
+        client.clone(),
+        config.settings,
+        config.namespace,
+        metrics.clone(),
+        settler,
+        config.tunnel,
+    ));
     match &config.leader_election {
         None => {
             tokio::select! {
-                stopped = run_controllers(client, config.settings, config.namespace, metrics, settler, config.tunnel) => stopped,
+                stopped = controllers => stopped,
                 () = shutdown.cancelled() => Ok(()),
             }
         }
@@ -149,7 +159,7 @@ async fn run_with(
             tracing::info!(identity = %election.identity, "leading");
             metrics.ready.store(false, Ordering::Relaxed);
             let stopped = tokio::select! {
-                stopped = run_controllers(client, config.settings, config.namespace, metrics, settler, config.tunnel) => stopped,
+                stopped = controllers => stopped,
                 () = leadership.lost() => Err(RunError::LeadershipLost),
                 () = shutdown.cancelled() => Ok(()),
             };
@@ -244,15 +254,23 @@ async fn run_controllers(
     let offer_controller = market::offer::run(ctx.clone());
     let policy_events = policy::run(ctx.clone());
     let fleet_controller = fleet::run(ctx.clone());
+    // Each its own task, polled from the runtime rather than through this function's frame
+    // (large in unoptimised builds); a panic in one is this function's panic.
+    let tasks = [
+        tokio::spawn(cluster::run(clusters, ctx)),
+        tokio::spawn(offer_controller),
+        tokio::spawn(fleet_controller),
+        tokio::spawn(inventory),
+        tokio::spawn(settle),
+        tokio::spawn(policy_events),
+    ]
+    .map(AbortOnDropHandle::new);
     let controllers = async {
-        futures::join!(
-            cluster::run(clusters, ctx),
-            offer_controller,
-            fleet_controller,
-            inventory,
-            settle,
-            policy_events,
-        );
+        if let Err(stopped) = futures::future::try_join_all(tasks).await
+            && let Ok(panic) = stopped.try_into_panic()
+        {
+            std::panic::resume_unwind(panic);
+        }
     };
     match tunnel {
         None => controllers.await,
