@@ -88,6 +88,8 @@ pub struct Context {
     pub signatures: SignatureChecks,
     /// The controller's own namespace, where it records the offers' signing times.
     pub namespace: String,
+    /// Held while writing signing times, so that they are written in batches.
+    signing_time_writes: tokio::sync::Mutex<()>,
     /// When this controller started (its caches filled): what happened before, while no
     /// controller watched, is not known from watching (e.g. when an agent answered).
     pub started: jiff::Timestamp,
@@ -141,6 +143,7 @@ impl Context {
             settler,
             signatures,
             namespace,
+            signing_time_writes: tokio::sync::Mutex::new(()),
             started: jiff::Timestamp::now(),
             tunnel: None,
             recent_claims: Mutex::new(HashMap::new()),
@@ -201,12 +204,21 @@ impl Context {
     }
 
     /// Records offer `name`'s newest verified signing time if it is not recorded yet: a
-    /// replica that restarts still refuses its older signed specs.
+    /// replica that restarts still refuses its older signed specs. One write at a time, carrying
+    /// every time unrecorded by then: offers verified together (a controller start, a fleet
+    /// joining) share a few writes instead of contending for the one ConfigMap.
     pub async fn record_signing_time(&self, name: &str) -> Result<(), kube::Error> {
-        if let Some(at) = self.signatures.unrecorded(name) {
-            crate::verification::signing_times::record(&self.client, &self.namespace, name, at)
-                .await?;
-            self.signatures.mark_recorded(name, at);
+        if self.signatures.unrecorded(name).is_none() {
+            return Ok(());
+        }
+        let _writing = self.signing_time_writes.lock().await;
+        let times = self.signatures.all_unrecorded();
+        if times.is_empty() {
+            return Ok(()); // written by the write just before
+        }
+        crate::verification::signing_times::record(&self.client, &self.namespace, &times).await?;
+        for (offer, at) in times {
+            self.signatures.mark_recorded(&offer, at);
         }
         Ok(())
     }

@@ -232,6 +232,12 @@ impl SignatureChecks {
         lock(&self.newest).get(name).filter(|t| !t.recorded).map(|t| t.at)
     }
 
+    /// Every offer's newest signing time not recorded yet, by offer name.
+    pub fn all_unrecorded(&self) -> Vec<(String, Timestamp)> {
+        let newest = lock(&self.newest);
+        newest.iter().filter(|(_, t)| !t.recorded).map(|(name, t)| (name.clone(), t.at)).collect()
+    }
+
     /// Notes that `at` is recorded as offer `name`'s newest signing time (unless a newer one
     /// came in between, which is still to be recorded).
     pub fn mark_recorded(&self, name: &str, at: Timestamp) {
@@ -565,6 +571,7 @@ mod tests {
         let before = SignatureChecks::default();
         assert_eq!(before.check(&signed_at(60, 1)), Ok(()));
         assert_eq!(before.unrecorded("a"), Some(at(60)), "a new signing time, to be recorded");
+        assert_eq!(before.all_unrecorded(), vec![("a".to_string(), at(60))]);
         before.mark_recorded("a", at(60));
         assert_eq!(before.unrecorded("a"), None);
         assert_eq!(before.check(&signed_at(60, 1)), Ok(()));

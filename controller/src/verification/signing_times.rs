@@ -49,15 +49,17 @@ pub async fn load(
     }
 }
 
-/// Records `at` as offer `offer`'s newest signing time (a merge patch of that one key).
+/// Records each `(offer, at)` as that offer's newest signing time (one merge patch of those
+/// keys).
 pub async fn record(
     client: &Client,
     namespace: &str,
-    offer: &str,
-    at: Timestamp,
+    times: &[(String, Timestamp)],
 ) -> Result<(), kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let patch = json!({"data": {offer: at.to_string()}});
+    let data: serde_json::Map<String, serde_json::Value> =
+        times.iter().map(|(offer, at)| (offer.clone(), json!(at.to_string()))).collect();
+    let patch = json!({ "data": data });
     api.patch(CONFIG_MAP, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
 }
 
