@@ -236,17 +236,16 @@ async fn run_controllers(
     });
     let ctx = Arc::new(ctx);
     let clusters = cluster::controller(&ctx);
-    let cluster_store = clusters.store();
+    // Ready: the caches are filled. (Not by waiting on the cluster controller's own store: its
+    // readiness wakes only the last task to wait, and the controller itself waits on it.)
+    ctx.metrics.ready.store(true, Ordering::Relaxed);
     let inventory = {
         let ctx = ctx.clone();
         async move {
-            if cluster_store.wait_until_ready().await.is_ok() {
-                ctx.metrics.ready.store(true, Ordering::Relaxed);
-            }
             let mut ticks = tokio::time::interval(runtime::metrics::INVENTORY_PERIOD);
             loop {
                 ticks.tick().await;
-                let (o, l, c) = (ctx.offers.state(), ctx.leases.state(), cluster_store.state());
+                let (o, l, c) = (ctx.offers.state(), ctx.leases.state(), ctx.clusters.state());
                 ctx.metrics.refresh_inventory(&o, &l, &c, jiff::Timestamp::now());
             }
         }
