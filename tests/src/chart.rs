@@ -5,10 +5,10 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret};
 use kube::Api;
-use kube::api::PostParams;
+use kube::api::{ListParams, PostParams};
 use serde_json::json;
 
 use crate::real_node::NODE_NAME;
@@ -72,13 +72,67 @@ pub async fn install_on_real_node(env: &Env, wallet: &Path, authority: &Path) ->
         .arg("-f")
         .arg(&overrides_file)
         .output()?;
-    ensure!(
-        output.status.success(),
-        "helm install: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    if !output.status.success() {
+        bail!(
+            "helm install: {}{}\nthe release's pods and events:\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            pods_and_events(&client).await
+        );
+    }
     Ok(())
+}
+
+/// Why the release is not Ready, as `kubectl describe` would tell: each pod's phase and its
+/// containers' states, then the namespace's Events (scheduling, image, probe failures).
+async fn pods_and_events(client: &kube::Client) -> String {
+    let mut lines = Vec::new();
+    match Api::<Pod>::namespaced(client.clone(), NAMESPACE).list(&ListParams::default()).await {
+        Ok(pods) => lines.extend(pods.items.iter().map(describe_pod)),
+        Err(e) => lines.push(format!("listing pods: {e}")),
+    }
+    match Api::<Event>::namespaced(client.clone(), NAMESPACE).list(&ListParams::default()).await {
+        Ok(events) => lines.extend(events.items.iter().map(|e| {
+            let object = &e.involved_object;
+            format!(
+                "event {} {}/{} x{}: {} {}",
+                e.type_.as_deref().unwrap_or_default(),
+                object.kind.as_deref().unwrap_or_default(),
+                object.name.as_deref().unwrap_or_default(),
+                e.count.unwrap_or(1),
+                e.reason.as_deref().unwrap_or_default(),
+                e.message.as_deref().unwrap_or_default(),
+            )
+        })),
+        Err(e) => lines.push(format!("listing events: {e}")),
+    }
+    lines.join("\n")
+}
+
+fn describe_pod(pod: &Pod) -> String {
+    let status = pod.status.clone().unwrap_or_default();
+    let containers = status.container_statuses.unwrap_or_default().into_iter().map(|c| {
+        let state = c.state.unwrap_or_default();
+        let state = match (state.waiting, state.terminated) {
+            (Some(w), _) => format!(
+                "waiting {} {}",
+                w.reason.unwrap_or_default(),
+                w.message.unwrap_or_default()
+            ),
+            (None, Some(t)) => {
+                format!("terminated {} exit {}", t.reason.unwrap_or_default(), t.exit_code)
+            }
+            (None, None) => "running".to_string(),
+        };
+        format!("{} ready={} restarts={} {state}", c.name, c.ready, c.restart_count)
+    });
+    format!(
+        "pod {} on {}: {} [{}]",
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("(unscheduled)"),
+        status.phase.unwrap_or_default(),
+        containers.collect::<Vec<_>>().join("; ")
+    )
 }
 
 /// A Secret of the chart's namespace holding `data` (file name to content).

@@ -464,6 +464,16 @@ fn install_log_printer(logs: PathBuf) {
     }));
 }
 
+/// Send what gpumarket code running inside this test logs (`RUST_LOG`, else its info) to the
+/// test's output, which the harness shows when the test fails.
+pub fn log_to_test_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("gpumarket_controller=info,gpumarket_device_plugin=info")
+    });
+    // Already set by an earlier test of this binary: that one serves.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
 /// Poll `check` every 200 ms until it returns `Some`, panicking with `what` after `timeout`:
 /// how tests wait for controllers and KWOK to converge.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T

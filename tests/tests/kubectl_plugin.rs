@@ -24,7 +24,7 @@ use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::{
     ClusterPhase, GpuCluster, GpuLease, GpuOffer, LeasePhase, SettlementRecord, SettlementState,
 };
-use gpumarket_tests::metrics::{sample, scrape};
+use gpumarket_tests::metrics::{self, sample, scrape};
 use gpumarket_tests::ports::free_tcp_ports;
 use gpumarket_tests::solana::read_keypair;
 use gpumarket_tests::supplier::{Supplier, add_node, signed_offer};
@@ -66,6 +66,7 @@ impl Market {
     /// A market of these mints, when given; else of the environment's mint alone.
     async fn start_with(namespace: &str, usd: Option<Pricing>) -> Market {
         let turn = TURN.lock().await;
+        gpumarket_tests::log_to_test_output();
         let env = Env::shared().await;
         let client = env.client().await.unwrap();
         let ns = env.namespace(namespace).await.unwrap();
@@ -111,6 +112,10 @@ impl Market {
             }
         });
         env.start_kuberay(&ns).unwrap();
+        eventually("the controller ready", Duration::from_secs(60), || async {
+            metrics::ready(metrics_port).await.then_some(())
+        })
+        .await;
         Market {
             _turn: turn,
             env,
