@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
 use gpumarket_controller::settlement::{accounts, memo};
 use gpumarket_crds::{ClusterPhase, GpuCluster, GpuLease, GpuOffer, LeasePhase};
@@ -74,7 +74,7 @@ struct Scale {
     long: bool,
     /// GPUs of each KWOK H100 node.
     gpu_nodes: Vec<u32>,
-    /// Clusters the buyers keep ordered (not deleted) during the chaos.
+    /// Clusters the buyers keep ordered (not deleted) during the chaos, at most `pair_slots`.
     live_clusters: usize,
     /// Clusters ordered in all, at most.
     max_clusters: usize,
@@ -96,7 +96,7 @@ impl Scale {
         if std::env::var("GPUMARKET_CHAOS_LONG").is_ok_and(|v| v == "1") {
             Scale {
                 long: true,
-                gpu_nodes: vec![4, 3, 2, 4, 3, 4, 2, 4],
+                gpu_nodes: vec![4, 4, 2, 4, 3, 4, 4, 4],
                 live_clusters: 14,
                 max_clusters: 80,
                 deletions: 30,
@@ -110,7 +110,7 @@ impl Scale {
         } else {
             Scale {
                 long: false,
-                gpu_nodes: vec![4, 3, 2, 4, 3],
+                gpu_nodes: vec![4, 4, 2, 4, 3],
                 live_clusters: 8,
                 max_clusters: 14,
                 deletions: 3,
@@ -122,6 +122,14 @@ impl Scale {
                 settle_timeout: Duration::from_secs(240),
             }
         }
+    }
+
+    /// Two-GPU workers the nodes hold when all are free. A live order takes at most one of them
+    /// whatever the placement (a pair takes one, a single GPU breaks at most one), so with no
+    /// more live orders than this every order fits however the chaos scattered the others: a
+    /// cluster stuck after the calm is then a bug, not fragmentation.
+    fn pair_slots(&self) -> usize {
+        self.gpu_nodes.iter().map(|gpus| *gpus as usize / 2).sum()
     }
 
     /// Mean time between kills: the minimum number of kills well within the chaos.
@@ -683,6 +691,12 @@ fn binaries() -> Result<PathBuf> {
 async fn chaos_money_balances_on_chain_and_no_gpu_is_leased_twice() -> Result<()> {
     let wall = Instant::now();
     let scale = Scale::from_env();
+    ensure!(
+        scale.live_clusters <= scale.pair_slots(),
+        "{} live clusters may not all fit in {} two-GPU slots",
+        scale.live_clusters,
+        scale.pair_slots()
+    );
     let seed = std::env::var("GPUMARKET_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
