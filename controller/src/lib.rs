@@ -250,6 +250,18 @@ async fn run_controllers(
             }
         }
     };
+    let prune_signing_times = {
+        let ctx = ctx.clone();
+        async move {
+            let mut ticks = tokio::time::interval(verification::signing_times::PRUNE_PERIOD);
+            loop {
+                ticks.tick().await;
+                if let Err(e) = ctx.prune_signing_times().await {
+                    tracing::warn!(error = %e, "pruning the offers' signing times; retrying later");
+                }
+            }
+        }
+    };
     let offer_controller = market::offer::run(ctx.clone());
     let policy_events = policy::run(ctx.clone());
     let fleet_controller = fleet::run(ctx.clone());
@@ -260,6 +272,7 @@ async fn run_controllers(
         tokio::spawn(offer_controller),
         tokio::spawn(fleet_controller),
         tokio::spawn(inventory),
+        tokio::spawn(prune_signing_times),
         tokio::spawn(settle),
         tokio::spawn(policy_events),
     ]
@@ -286,7 +299,7 @@ async fn run_controllers(
 async fn recorded_signing_times(
     client: &Client,
     namespace: &str,
-) -> std::collections::HashMap<String, jiff::Timestamp> {
+) -> verification::signing_times::Recorded {
     loop {
         match verification::signing_times::load(client, namespace).await {
             Ok(times) => return times,

@@ -31,11 +31,10 @@ pub enum SignatureError {
          another offer, or the spec changed after it was signed"
     )]
     Mismatch,
-    #[error(
-        "the spec was signed at {signed_at}, before the one seen for this offer signed at \
-         {newest}: an old signed offer re-applied"
-    )]
-    Replayed { signed_at: String, newest: String },
+    /// `newer` says what it was signed before: the newest spec seen of the offer, or the
+    /// oldest signing time accepted for an offer not seen lately.
+    #[error("the spec was signed at {signed_at}, before {newer}: an old signed offer re-applied")]
+    Replayed { signed_at: String, newer: String },
 }
 
 /// The bytes the wallet signs: [`DOMAIN`] then the spec without its signature, as JSON.

@@ -8,7 +8,8 @@
 //! the base unit. Only offers signed by their
 //! wallet are matched: forged, replayed (even after a controller restart) and re-walleted
 //! offers, and two offers claiming one GPU, are refused with the reason in their `Verified`
-//! condition and an Event. A MarketPolicy change applies to the next lease and leaves running
+//! condition and an Event; the record of signing times drops offers gone for a day for a floor,
+//! never over a concurrent write. A MarketPolicy change applies to the next lease and leaves running
 //! ones alone; offers of a model it stops accepting are not matched until it accepts it again.
 //!
 //! The controller runs in-process (`gpumarket_controller::run`). Offers are published by the
@@ -989,6 +990,49 @@ async fn only_offers_signed_by_their_wallet_are_matched() {
         .filter(|o| [forged, replayed, unsigned, swapped].contains(o))
         .collect();
     assert!(on_impostors.is_empty(), "leases on unverified offers: {on_impostors:?}");
+}
+
+/// The record of signing times against the real API server: the times of offers gone for a
+/// day are dropped for a floor, and a prune that raced another write changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn signing_times_of_offers_gone_give_way_to_a_floor_and_a_raced_prune_writes_nothing() {
+    use gpumarket_controller::verification::signing_times::{self, Pruned};
+    let (_turn, _env, client, ns) = setup("ctl-signing-times").await;
+    let now = jiff::Timestamp::now();
+    let ago = |hours: i64| now - jiff::SignedDuration::from_hours(hours);
+    assert_eq!(signing_times::load(&client, &ns).await.unwrap(), Default::default());
+    let times = [("gone-a", ago(48)), ("gone-b", ago(72)), ("here", ago(48)), ("recent", ago(1))];
+    let times: Vec<(String, jiff::Timestamp)> =
+        times.iter().map(|(offer, at)| (offer.to_string(), *at)).collect();
+    signing_times::record(&client, &ns, &times).await.unwrap();
+    let before = now - signing_times::RETENTION;
+    let exists = |offer: &str| offer == "here";
+
+    // Another replica records a time between this prune's read and its write.
+    let handle = tokio::runtime::Handle::current();
+    let raced = std::sync::atomic::AtomicBool::new(false);
+    let racing = |offer: &str| {
+        if !raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let late = [("late".to_string(), ago(2))];
+            tokio::task::block_in_place(|| {
+                handle.block_on(signing_times::record(&client, &ns, &late)).unwrap();
+            });
+        }
+        exists(offer)
+    };
+    assert_eq!(signing_times::prune(&client, &ns, racing, before).await.unwrap(), None);
+    let after_race = signing_times::load(&client, &ns).await.unwrap();
+    assert_eq!(after_race.times.len(), 5, "nothing dropped: {after_race:?}");
+    assert_eq!(after_race.floor, None);
+
+    let pruned = signing_times::prune(&client, &ns, exists, before).await.unwrap();
+    let expected = Pruned { offers: vec!["gone-a".into(), "gone-b".into()], floor: ago(48) };
+    assert_eq!(pruned, Some(expected));
+    let recorded = signing_times::load(&client, &ns).await.unwrap();
+    let kept: BTreeSet<&str> = recorded.times.keys().map(String::as_str).collect();
+    assert_eq!(kept, BTreeSet::from(["here", "recent", "late"]));
+    assert_eq!(recorded.floor, Some(ago(48)));
+    assert_eq!(signing_times::prune(&client, &ns, exists, before).await.unwrap(), None);
 }
 
 #[tokio::test]

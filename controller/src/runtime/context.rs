@@ -16,7 +16,7 @@ use crate::market::supply::{
 use crate::matching::{Offer, Request};
 use crate::raycluster::HeadPlacement;
 use crate::settlement::{SettlementConfig, Settler};
-use crate::verification::{SignatureChecks, verdicts};
+use crate::verification::{SignatureChecks, signing_times, verdicts};
 use gpumarket_crds::policy::POLICY_NAME;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -216,9 +216,27 @@ impl Context {
         if times.is_empty() {
             return Ok(()); // written by the write just before
         }
-        crate::verification::signing_times::record(&self.client, &self.namespace, &times).await?;
+        signing_times::record(&self.client, &self.namespace, &times).await?;
         for (offer, at) in times {
             self.signatures.mark_recorded(&offer, at);
+        }
+        Ok(())
+    }
+
+    /// Drops the recorded signing times of offers gone whose time is older than
+    /// [`signing_times::RETENTION`] for a floor, so that the record stays the size of the
+    /// supply however many nodes come and go.
+    pub async fn prune_signing_times(&self) -> Result<(), kube::Error> {
+        let before = jiff::Timestamp::now() - signing_times::RETENTION;
+        let exists = |name: &str| self.offers.get(&ObjectRef::new(name)).is_some();
+        let pruned = signing_times::prune(&self.client, &self.namespace, exists, before).await?;
+        if let Some(pruned) = pruned {
+            self.signatures.forget(&pruned);
+            tracing::info!(
+                offers = pruned.offers.len(),
+                floor = %pruned.floor,
+                "signing times of offers gone dropped"
+            );
         }
         Ok(())
     }

@@ -200,13 +200,21 @@ pub fn condition(offer: &GpuOffer) -> Option<&Condition> {
 /// before the newest one seen for the same offer name (even of a deleted and re-created
 /// offer) is refused as replayed. The newest times outlive the controller: they start from
 /// those recorded ([`SignatureChecks::from_recorded`]), and each new one is to be recorded
-/// ([`SignatureChecks::unrecorded`]).
+/// ([`SignatureChecks::unrecorded`]). Those of offers gone for a while are replaced by a floor
+/// ([`SignatureChecks::forget`], `signing_times::prune`).
 #[derive(Default)]
 pub struct SignatureChecks {
     checked: Mutex<HashMap<String, SignatureCheck>>,
-    /// The newest signing time of a verified spec, by offer name; never forgotten, so that a
-    /// deleted offer re-created with an older spec is still a replay.
-    newest: Mutex<HashMap<String, SigningTime>>,
+    newest: Mutex<SigningTimes>,
+}
+
+/// The newest signing time of a verified spec, by offer name, kept while the offer is around
+/// (and a while after, so that a deleted offer re-created with an older spec is still a
+/// replay); and the oldest signing time accepted for an offer without one of its own.
+#[derive(Default)]
+struct SigningTimes {
+    by_offer: HashMap<String, SigningTime>,
+    floor: Option<Timestamp>,
 }
 
 /// The newest signing time of an offer's verified spec, and whether it is recorded.
@@ -221,27 +229,33 @@ type SignatureCheck = (String, Option<i64>, Result<(), SignatureError>);
 
 impl SignatureChecks {
     /// Checks that start from the signing times recorded before (see [`signing_times`]).
-    pub fn from_recorded(recorded: HashMap<String, Timestamp>) -> Self {
-        let newest =
-            recorded.into_iter().map(|(name, at)| (name, SigningTime { at, recorded: true }));
-        SignatureChecks { newest: Mutex::new(newest.collect()), ..SignatureChecks::default() }
+    pub fn from_recorded(recorded: signing_times::Recorded) -> Self {
+        let by_offer =
+            recorded.times.into_iter().map(|(name, at)| (name, SigningTime { at, recorded: true }));
+        let newest = SigningTimes { by_offer: by_offer.collect(), floor: recorded.floor };
+        SignatureChecks { newest: Mutex::new(newest), ..SignatureChecks::default() }
     }
 
     /// Offer `name`'s newest signing time, if it is not recorded yet.
     pub fn unrecorded(&self, name: &str) -> Option<Timestamp> {
-        lock(&self.newest).get(name).filter(|t| !t.recorded).map(|t| t.at)
+        lock(&self.newest).by_offer.get(name).filter(|t| !t.recorded).map(|t| t.at)
     }
 
     /// Every offer's newest signing time not recorded yet, by offer name.
     pub fn all_unrecorded(&self) -> Vec<(String, Timestamp)> {
         let newest = lock(&self.newest);
-        newest.iter().filter(|(_, t)| !t.recorded).map(|(name, t)| (name.clone(), t.at)).collect()
+        newest
+            .by_offer
+            .iter()
+            .filter(|(_, t)| !t.recorded)
+            .map(|(name, t)| (name.clone(), t.at))
+            .collect()
     }
 
     /// Notes that `at` is recorded as offer `name`'s newest signing time (unless a newer one
     /// came in between, which is still to be recorded).
     pub fn mark_recorded(&self, name: &str, at: Timestamp) {
-        if let Some(newest) = lock(&self.newest).get_mut(name)
+        if let Some(newest) = lock(&self.newest).by_offer.get_mut(name)
             && newest.at == at
         {
             newest.recorded = true;
@@ -268,21 +282,37 @@ impl SignatureChecks {
     fn not_replayed(&self, name: &str, offer: &GpuOffer) -> Result<(), SignatureError> {
         let signed_at = offer.spec.signed_at.as_ref().map(|t| t.0);
         let mut newest = lock(&self.newest);
-        let seen = newest.get(name).map(|t| t.at);
-        if replayed(signed_at, seen) {
-            let shown =
-                |t: Option<Timestamp>| t.map_or_else(|| "no time".into(), |t| t.to_string());
-            return Err(SignatureError::Replayed {
-                signed_at: shown(signed_at),
-                newest: shown(seen),
-            });
+        let seen = newest.by_offer.get(name).map(|t| t.at);
+        let newer = match (seen, newest.floor) {
+            (Some(at), _) => Some((at, format!("the one seen for this offer, signed at {at}"))),
+            (None, Some(floor)) => Some((
+                floor,
+                format!("{floor}, the oldest signing time accepted for an offer not seen lately"),
+            )),
+            (None, None) => None,
+        };
+        if let Some((_, newer)) = newer.as_ref().filter(|(at, _)| replayed(signed_at, Some(*at))) {
+            let signed_at = signed_at.map_or_else(|| "no time".into(), |t| t.to_string());
+            return Err(SignatureError::Replayed { signed_at, newer: newer.clone() });
         }
         if let Some(at) = signed_at
             && seen != Some(at)
         {
-            newest.insert(name.to_owned(), SigningTime { at, recorded: false });
+            newest.by_offer.insert(name.to_owned(), SigningTime { at, recorded: false });
         }
         Ok(())
+    }
+
+    /// Forgets the signing times of `pruned.offers` (dropped from the record as gone for a
+    /// while) for the record's floor, unless an offer came back signed after it meanwhile.
+    pub fn forget(&self, pruned: &signing_times::Pruned) {
+        let mut newest = lock(&self.newest);
+        for offer in &pruned.offers {
+            if newest.by_offer.get(offer).is_some_and(|t| t.at <= pruned.floor) {
+                newest.by_offer.remove(offer);
+            }
+        }
+        newest.floor = newest.floor.max(Some(pruned.floor));
     }
 
     /// Forget the checks of offers that are gone (not their signing times).
@@ -559,8 +589,8 @@ mod tests {
     fn signing_times_recorded_before_a_restart_still_refuse_a_replay() {
         let wallet = Keypair::new();
         let at = |s| Timestamp::from_second(1_800_000_000_i64 + s).expect("time");
-        let signed_at = |s, generation| {
-            let mut offer = mk_offer("a", "H100", 1, now());
+        let signed_at = |name, s, generation| {
+            let mut offer = mk_offer(name, "H100", 1, now());
             offer.spec.wallet = wallet.pubkey().to_string();
             offer.spec.signed_at =
                 Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(s)));
@@ -569,21 +599,62 @@ mod tests {
             offer
         };
         let before = SignatureChecks::default();
-        assert_eq!(before.check(&signed_at(60, 1)), Ok(()));
+        assert_eq!(before.check(&signed_at("a", 60, 1)), Ok(()));
         assert_eq!(before.unrecorded("a"), Some(at(60)), "a new signing time, to be recorded");
         assert_eq!(before.all_unrecorded(), vec![("a".to_string(), at(60))]);
         before.mark_recorded("a", at(60));
         assert_eq!(before.unrecorded("a"), None);
-        assert_eq!(before.check(&signed_at(60, 1)), Ok(()));
+        assert_eq!(before.check(&signed_at("a", 60, 1)), Ok(()));
         assert_eq!(before.unrecorded("a"), None, "the same time is not recorded again");
 
-        let restarted = SignatureChecks::from_recorded(HashMap::from([("a".into(), at(60))]));
-        assert!(matches!(restarted.check(&signed_at(0, 1)), Err(SignatureError::Replayed { .. })));
+        let recorded =
+            signing_times::Recorded { times: HashMap::from([("a".into(), at(60))]), floor: None };
+        let restarted = SignatureChecks::from_recorded(recorded);
+        let replay = restarted.check(&signed_at("a", 0, 1));
+        assert!(matches!(replay, Err(SignatureError::Replayed { .. })));
         assert_eq!(restarted.unrecorded("a"), None);
-        assert_eq!(restarted.check(&signed_at(120, 2)), Ok(()));
+        assert_eq!(restarted.check(&signed_at("a", 120, 2)), Ok(()));
         // A newer time seen while an older one was being recorded stays to be recorded.
         restarted.mark_recorded("a", at(60));
         assert_eq!(restarted.unrecorded("a"), Some(at(120)));
+    }
+
+    #[test]
+    fn times_of_offers_gone_for_a_while_give_way_to_a_floor_that_still_refuses_replays() {
+        let wallet = Keypair::new();
+        let at = |s| Timestamp::from_second(1_800_000_000_i64 + s).expect("time");
+        let signed_at = |name, s, uid: &str| {
+            let mut offer = mk_offer(name, "H100", 1, now());
+            offer.metadata.uid = Some(uid.into());
+            offer.spec.wallet = wallet.pubkey().to_string();
+            offer.spec.signed_at =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(s)));
+            offer.spec = sign(&offer.spec, &wallet);
+            offer
+        };
+        let checks = SignatureChecks::default();
+        assert_eq!(checks.check(&signed_at("gone", 60, "u1")), Ok(()));
+        assert_eq!(checks.check(&signed_at("back", 30, "u2")), Ok(()));
+        // "back" is re-published (signed again) between the prune and its being forgotten.
+        assert_eq!(checks.check(&signed_at("back", 90, "u3")), Ok(()));
+        checks.forget(&signing_times::Pruned {
+            offers: vec!["gone".into(), "back".into()],
+            floor: at(60),
+        });
+        assert_eq!(checks.unrecorded("back"), Some(at(90)), "signed after the floor: kept");
+        assert_eq!(checks.unrecorded("gone"), None, "forgotten");
+
+        // Offers without a time of their own: refused when signed before the floor.
+        let replayed = checks.check(&signed_at("gone", 30, "u4"));
+        let Err(e @ SignatureError::Replayed { .. }) = replayed else { panic!("{replayed:?}") };
+        assert!(e.to_string().contains("not seen lately"), "{e}");
+        assert!(checks.check(&signed_at("new", 59, "u5")).is_err(), "signed before the floor");
+        assert_eq!(checks.check(&signed_at("gone", 60, "u6")), Ok(()), "its newest spec again");
+        assert_eq!(checks.check(&signed_at("new", 61, "u7")), Ok(()), "signed after the floor");
+
+        // The floor only rises.
+        checks.forget(&signing_times::Pruned { offers: vec![], floor: at(10) });
+        assert!(checks.check(&signed_at("other", 30, "u8")).is_err());
     }
 
     #[test]
