@@ -477,20 +477,29 @@ async fn match_and_bind(
             )));
         }
         let planned = plan_leases(cluster, &assignment, &offer_wallets(ctx), &terms, now)?;
+        // Set aside before the lock goes: the next match leaves these GPUs to this bind.
+        ctx.remember_claims(&planned);
+        (planned, funding)
+    };
+    // The claims are written without holding up other binds: the set-aside only steers this
+    // replica's matches, the API server arbitrates (each claim is conditional on the offer as
+    // read), and a claim that fails gives the GPUs back.
+    let claimed = async {
         // Nothing is bound on a signing time a restarted replica would not know (the offer
         // controller records it too, but maybe not yet).
         for lease in &planned {
             ctx.record_signing_time(&lease.spec.offer).await?;
         }
         let cached = |name: &str| ctx.offers.get(&ObjectRef::new(name));
-        match binding::claim_all(&offers_api(ctx), cached, &planned).await {
-            Ok(()) => ctx.remember_claims(&planned),
-            Err(Error::AllocationConflict { offer }) => return Ok((Bind::Conflict(offer), None)),
-            Err(e) => return Err(e),
-        }
-        (planned, funding)
+        binding::claim_all(&offers_api(ctx), cached, &planned).await
     };
-    // The GPUs are ours once claimed: the leases are created without holding up other binds.
+    if let Err(e) = claimed.await {
+        ctx.forget_claims(&planned);
+        return match e {
+            Error::AllocationConflict { offer } => Ok((Bind::Conflict(offer), None)),
+            e => Err(e),
+        };
+    }
     let bound = binding::create_leases(&Api::all(ctx.client.clone()), &planned).await?;
     Ok((Bind::Bound(bound), funding))
 }

@@ -4,8 +4,9 @@
 //! `resourceVersion` precondition, and the API server is the arbiter. Every claim is a
 //! read-modify-replace of the offer status carrying the resourceVersion that was read: if another
 //! reconcile or another replica (or the agent's heartbeat) wrote the offer in between, the API
-//! server answers 409 Conflict, nothing is written, and the cluster is matched again against
-//! fresh supply. A GPU therefore names at most one lease at any time. Deterministic lease names
+//! server answers 409 Conflict and nothing is written: the claim is made again on a fresh read
+//! while its GPUs are still free, and the cluster is matched again against fresh supply when
+//! they are not. A GPU therefore names at most one lease at any time. Deterministic lease names
 //! alone would not do: two different gangs can share a GPU without sharing a name.
 //!
 //! Order and crash safety: all claims of a gang first (rolled back if one fails), then the
@@ -212,14 +213,7 @@ pub async fn claim_all(
 ) -> Result<()> {
     let mut claimed: Vec<&GpuLease> = Vec::new();
     for lease in planned {
-        let outcome = match cached(&lease.spec.offer) {
-            Some(offer) => match claim_on(offers, &offer, lease).await {
-                Err(Error::AllocationConflict { .. }) => claim_on_fresh_offer(offers, lease).await,
-                other => other,
-            },
-            None => claim_on_fresh_offer(offers, lease).await,
-        };
-        if let Err(e) = outcome {
+        if let Err(e) = claim_lease(offers, cached(&lease.spec.offer), lease).await {
             for done in &claimed {
                 release_lease_claims(offers, done).await?;
             }
@@ -262,18 +256,42 @@ pub async fn create_leases(
     Ok(created)
 }
 
-async fn claim_on_fresh_offer(offers: &Api<GpuOffer>, lease: &GpuLease) -> Result<()> {
-    let offer = offers.get(&lease.spec.offer).await?;
-    claim_on(offers, &offer, lease).await
+/// Claim `lease`'s GPUs on its offer: on the cached copy first, then, when that is stale, on
+/// fresh reads for as long as the GPUs are still free. An offer is written often (heartbeats,
+/// claims of its other GPUs by binds running at the same time), and none of those writes is a
+/// reason to give up the gang.
+async fn claim_lease(
+    offers: &Api<GpuOffer>,
+    cached: Option<Arc<GpuOffer>>,
+    lease: &GpuLease,
+) -> Result<()> {
+    const ATTEMPTS: usize = 5;
+    if let Some(offer) = cached {
+        match claim_on(offers, &offer, lease).await {
+            Ok(true) => return Ok(()),
+            Ok(false) | Err(Error::AllocationConflict { .. }) => {} // a stale copy
+            Err(e) => return Err(e),
+        }
+    }
+    for _ in 0..ATTEMPTS {
+        let offer = offers.get(&lease.spec.offer).await?;
+        if claim_on(offers, &offer, lease).await? {
+            return Ok(());
+        }
+    }
+    Err(Error::AllocationConflict { offer: lease.spec.offer.clone() })
 }
 
-async fn claim_on(offers: &Api<GpuOffer>, offer: &GpuOffer, lease: &GpuLease) -> Result<()> {
-    match claim(offer, &lease.spec.gpus, &lease.name_any()) {
-        Ok(status) => replace_offer_status(offers, offer, status).await,
-        Err(refused) => {
-            tracing::debug!(offer = %lease.spec.offer, ?refused, "claim refused");
-            Err(Error::AllocationConflict { offer: lease.spec.offer.clone() })
-        }
+/// Claim `lease`'s GPUs on `offer` as read: `Ok(false)` when the offer was written since.
+async fn claim_on(offers: &Api<GpuOffer>, offer: &GpuOffer, lease: &GpuLease) -> Result<bool> {
+    let status = claim(offer, &lease.spec.gpus, &lease.name_any()).map_err(|refused| {
+        tracing::debug!(offer = %lease.spec.offer, ?refused, "claim refused");
+        Error::AllocationConflict { offer: lease.spec.offer.clone() }
+    })?;
+    match replace_offer_status(offers, offer, status).await {
+        Ok(()) => Ok(true),
+        Err(Error::AllocationConflict { .. }) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

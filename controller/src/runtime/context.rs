@@ -80,7 +80,8 @@ pub struct Context {
     pub fleets: Store<GpuFleet>,
     /// When each allocation to a missing lease was first seen, by lease name (offer controller).
     pub orphans_seen: Mutex<HashMap<String, Instant>>,
-    /// Held while matching and binding, so this replica's reconciles do not race each other.
+    /// Held while matching and setting the GPUs matched aside (`remember_claims`), so this
+    /// replica's reconciles do not pick the same GPUs.
     pub bind_lock: tokio::sync::Mutex<()>,
     /// Settlement, when on: a cluster is provisioned only once its deposit covers it.
     pub settler: Option<Arc<Settler>>,
@@ -95,9 +96,9 @@ pub struct Context {
     pub started: jiff::Timestamp,
     /// The tunnel to Ray heads that run in fleets, when it runs (set after [`Context::new`]).
     pub tunnel: Option<Arc<crate::fleet::tunnel::TunnelHub>>,
-    /// GPUs this replica claimed, by (offer, uuid), until the offer cache shows the claim.
+    /// GPUs this replica claims, by (offer, uuid), until the offer cache shows the claim.
     recent_claims: Mutex<HashMap<(String, String), Instant>>,
-    /// Leases this replica created, until the lease cache shows them: (cluster uid, workers).
+    /// Leases this replica creates, until the lease cache shows them: (cluster uid, workers).
     recent_leases: Mutex<HashMap<String, (String, u32, Instant)>>,
 }
 
@@ -282,7 +283,8 @@ impl Context {
             .collect()
     }
 
-    /// Note the GPUs and workers of freshly bound leases (see `supply` and `queue`).
+    /// Note the GPUs and workers of leases being bound (see `supply` and `queue`), until the
+    /// caches show them.
     pub fn remember_claims(&self, leases: &[GpuLease]) {
         let mut recent = lock(&self.recent_claims);
         for lease in leases {
@@ -296,6 +298,21 @@ impl Context {
             let name = lease.metadata.name.clone().unwrap_or_default();
             let entry = (lease.spec.cluster.uid.clone(), lease.spec.workers, Instant::now());
             recent.insert(name, entry);
+        }
+    }
+
+    /// Forget the GPUs and workers of planned leases whose claims failed: free again.
+    pub fn forget_claims(&self, leases: &[GpuLease]) {
+        let mut recent = lock(&self.recent_claims);
+        for lease in leases {
+            for gpu in &lease.spec.gpus {
+                recent.remove(&(lease.spec.offer.clone(), gpu.clone()));
+            }
+        }
+        drop(recent);
+        let mut recent = lock(&self.recent_leases);
+        for lease in leases {
+            recent.remove(lease.metadata.name.as_deref().unwrap_or_default());
         }
     }
 
