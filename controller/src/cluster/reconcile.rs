@@ -442,7 +442,9 @@ async fn match_and_bind(
     };
     let (planned, funding) = {
         let _turn = ctx.bind_lock.lock().await;
-        let supply = ctx.supply(now);
+        // The costly part of the supply (a verdict on every offer) is shared with the binds
+        // that waited alongside; what changed since it was read is taken out.
+        let supply = ctx.unclaimed(&ctx.admitted_supply_since(now));
         let outcome = {
             let _timer = ctx.metrics.match_latency.start_timer();
             // Oldest first: GPUs that older waiting requests (degraded clusters among them)

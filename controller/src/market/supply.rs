@@ -2,6 +2,7 @@
 //! health rules that decide which offered GPUs are usable. Pure.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use gpumarket_crds::common::is_valid_wallet;
@@ -135,6 +136,31 @@ pub fn matchable_supply<'a>(
     supply
 }
 
+/// `supply`, read a moment ago, as the offers `cached` now have it: less the GPUs leased or
+/// unhealthy since and those `set_aside` (offer, GPU), and without the offers gone or repriced
+/// since (a lease is bound at its offer's price).
+pub fn as_cached_now(
+    supply: &[Offer],
+    cached: impl Fn(&str) -> Option<Arc<GpuOffer>>,
+    set_aside: impl Fn(&str, &str) -> bool,
+) -> Vec<Offer> {
+    supply
+        .iter()
+        .filter_map(|offer| {
+            let current = cached(&offer.node)?;
+            if current.spec.price_per_gpu_hour != offer.price_per_gpu_hour {
+                return None;
+            }
+            let free = offer.free_gpus.iter().filter(|g| {
+                gpu_lease(&current, g).is_none()
+                    && gpu_healthy(&current, g)
+                    && !set_aside(&offer.node, g)
+            });
+            Some(Offer { free_gpus: free.cloned().collect(), ..offer.clone() })
+        })
+        .collect()
+}
+
 /// Workers of the active leases, by cluster uid.
 pub fn placed_workers<'a>(leases: impl IntoIterator<Item = &'a GpuLease>) -> HashMap<&'a str, u32> {
     let mut placed: HashMap<&str, u32> = HashMap::new();
@@ -215,6 +241,36 @@ pub fn market_request(cluster: &GpuCluster, workers: u32) -> Request {
 mod tests {
     use super::*;
     use crate::testing::{mk_cluster, mk_lease, mk_offer, now};
+
+    #[test]
+    fn supply_read_a_moment_ago_loses_what_was_claimed_failed_or_repriced_since() {
+        let offers = [mk_offer("a", "H100", 3, now()), mk_offer("b", "H100", 1, now())];
+        let supply: Vec<Offer> =
+            offers.iter().filter_map(|o| market_offer(o, now(), Duration::from_secs(60))).collect();
+        let mut a = offers[0].clone();
+        let state = |uuid: &str, health, lease: Option<&str>| GpuState {
+            uuid: uuid.into(),
+            health: Some(health),
+            reason: None,
+            lease: lease.map(Into::into),
+        };
+        a.status.get_or_insert_default().gpus = vec![
+            state("a-gpu-0", GpuHealth::Healthy, Some("other")),
+            state("a-gpu-1", GpuHealth::Unhealthy, None),
+        ];
+        let cached = |name: &str| (name == "a").then(|| Arc::new(a.clone()));
+        let nothing_set_aside = |_: &str, _: &str| false;
+        let now_free = as_cached_now(&supply, cached, nothing_set_aside);
+        assert_eq!(now_free.len(), 1, "b is gone");
+        assert_eq!(now_free[0].free_gpus, ["a-gpu-2"]);
+        let set_aside = |offer: &str, gpu: &str| (offer, gpu) == ("a", "a-gpu-2");
+        assert!(as_cached_now(&supply, cached, set_aside)[0].free_gpus.is_empty());
+
+        let mut repriced = a.clone();
+        repriced.spec.price_per_gpu_hour += 1;
+        let cached = |_: &str| Some(Arc::new(repriced.clone()));
+        assert!(as_cached_now(&supply, cached, nothing_set_aside).is_empty());
+    }
 
     #[test]
     fn stale_heartbeat_takes_the_offer_off_the_market() {

@@ -11,7 +11,7 @@ use kube::Client;
 use kube::{Resource, ResourceExt};
 
 use crate::market::supply::{
-    gang_fleets, gpu_lease, matchable_supply, placed_workers, waiting_requests,
+    as_cached_now, gang_fleets, gpu_lease, matchable_supply, placed_workers, waiting_requests,
 };
 use crate::matching::{Offer, Request};
 use crate::raycluster::HeadPlacement;
@@ -100,6 +100,8 @@ pub struct Context {
     recent_claims: Mutex<HashMap<(String, String), Instant>>,
     /// Leases this replica creates, until the lease cache shows them: (cluster uid, workers).
     recent_leases: Mutex<HashMap<String, (String, u32, Instant)>>,
+    /// The admitted supply last read for a bind, and when.
+    admitted: Mutex<Option<(jiff::Timestamp, Arc<Vec<Offer>>)>>,
 }
 
 /// The cache shows a claim within this time, or the claim was undone (rolled back, released).
@@ -149,6 +151,7 @@ impl Context {
             tunnel: None,
             recent_claims: Mutex::new(HashMap::new()),
             recent_leases: Mutex::new(HashMap::new()),
+            admitted: Mutex::new(None),
         }
     }
 
@@ -173,35 +176,52 @@ impl Context {
     }
 
     /// Free supply for matching: the cached offers that verification admits (with settlement
-    /// on, only those staked enough), less the GPUs this replica claimed that the cache does
-    /// not show yet.
+    /// on, only those staked enough), less the GPUs claimed that the cache does not show yet.
     pub fn supply(&self, now: jiff::Timestamp) -> Vec<Offer> {
+        self.unclaimed(&self.admitted_supply(now))
+    }
+
+    /// [`Context::admitted_supply`] as read at `since` or later (a reconcile's start: what
+    /// triggered it is in), one reading shared by every bind that started before it: binds that
+    /// waited for the lock together do not each read every offer again.
+    pub fn admitted_supply_since(&self, since: jiff::Timestamp) -> Arc<Vec<Offer>> {
+        let mut shared = lock(&self.admitted);
+        if let Some((at, supply)) = shared.as_ref()
+            && *at >= since
+        {
+            return supply.clone();
+        }
+        let now = jiff::Timestamp::now();
+        let supply = Arc::new(self.admitted_supply(now));
+        *shared = Some((now, supply.clone()));
+        supply
+    }
+
+    /// The cached offers that verification admits (with settlement on, only those staked
+    /// enough) as supply: the costly part of [`Context::supply`] (a verdict on every offer).
+    pub fn admitted_supply(&self, now: jiff::Timestamp) -> Vec<Offer> {
         let offers = self.offers.state();
         let listed: Vec<&GpuOffer> = offers.iter().map(AsRef::as_ref).collect();
         let settings = self.settings();
         let verdicts =
             verdicts(&listed, &self.signatures, &settings, &|fleet| self.fleet_wallet(fleet));
         let admitted = |o: &GpuOffer| verdicts.get(&o.name_any()).is_some_and(|v| v.admitted);
+        self.signatures.retain(|name| verdicts.contains_key(name));
+        let stake = self.settlement().map(|s| s.stake);
+        matchable_supply(offers.iter().map(AsRef::as_ref), admitted, &settings, stake.as_ref(), now)
+    }
+
+    /// `supply` as the offer cache has it now (`as_cached_now`), less the GPUs this replica set
+    /// aside that the cache does not show leased yet. Cheap: what a bind does under its lock.
+    pub fn unclaimed(&self, supply: &[Offer]) -> Vec<Offer> {
+        let cached = |name: &str| self.offers.get(&ObjectRef::new(name));
         let mut recent = lock(&self.recent_claims);
-        let by_name: HashMap<String, &GpuOffer> =
-            offers.iter().map(|o| (o.name_any(), o.as_ref())).collect();
-        self.signatures.retain(|name| by_name.contains_key(name));
         recent.retain(|(offer, gpu), at| {
             at.elapsed() < RECENT_CLAIM_TTL
-                && by_name.get(offer).is_some_and(|o| gpu_lease(o, gpu).is_none())
+                && cached(offer).is_some_and(|o| gpu_lease(&o, gpu).is_none())
         });
-        let stake = self.settlement().map(|s| s.stake);
-        let mut supply = matchable_supply(
-            offers.iter().map(AsRef::as_ref),
-            admitted,
-            &settings,
-            stake.as_ref(),
-            now,
-        );
-        for offer in &mut supply {
-            offer.free_gpus.retain(|g| !recent.contains_key(&(offer.node.clone(), g.clone())));
-        }
-        supply
+        let set_aside = |offer: &str, gpu: &str| recent.contains_key(&(offer.into(), gpu.into()));
+        as_cached_now(supply, cached, set_aside)
     }
 
     /// Records offer `name`'s newest verified signing time if it is not recorded yet: a
