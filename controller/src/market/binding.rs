@@ -224,36 +224,31 @@ pub async fn claim_all(
     Ok(())
 }
 
-/// Create the planned leases (their GPUs claimed), Active. A lease that already exists (a
-/// retried bind) is taken as it is.
+/// Create the planned leases (their GPUs claimed), Active, all at once. A lease that already
+/// exists (a retried bind) is taken as it is.
 pub async fn create_leases(
     leases_api: &Api<GpuLease>,
     planned: &[GpuLease],
 ) -> Result<Vec<GpuLease>> {
-    let mut created = Vec::new();
-    for lease in planned {
-        let mut lease = match leases_api.create(&PostParams::default(), lease).await {
-            Ok(lease) => lease,
-            Err(kube::Error::Api(e)) if e.code == 409 => leases_api.get(&lease.name_any()).await?,
-            Err(e) => return Err(e.into()),
-        };
-        if lease.status.as_ref().and_then(|s| s.phase).is_none() {
-            let active = json!({
-                "apiVersion": "gpumarket.io/v1alpha1",
-                "kind": "GpuLease",
-                "status": {"phase": LeasePhase::Active},
-            });
-            lease = leases_api
-                .patch_status(
-                    &lease.name_any(),
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(&active),
-                )
-                .await?;
-        }
-        created.push(lease);
+    futures::future::try_join_all(planned.iter().map(|lease| create_lease(leases_api, lease))).await
+}
+
+async fn create_lease(leases_api: &Api<GpuLease>, lease: &GpuLease) -> Result<GpuLease> {
+    let lease = match leases_api.create(&PostParams::default(), lease).await {
+        Ok(lease) => lease,
+        Err(kube::Error::Api(e)) if e.code == 409 => leases_api.get(&lease.name_any()).await?,
+        Err(e) => return Err(e.into()),
+    };
+    if lease.status.as_ref().and_then(|s| s.phase).is_some() {
+        return Ok(lease);
     }
-    Ok(created)
+    let active = json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuLease",
+        "status": {"phase": LeasePhase::Active},
+    });
+    let params = PatchParams::apply(MANAGER).force();
+    Ok(leases_api.patch_status(&lease.name_any(), &params, &Patch::Apply(&active)).await?)
 }
 
 /// Claim `lease`'s GPUs on its offer: on the cached copy first, then, when that is stale, on
