@@ -453,12 +453,7 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    fn alive(pid: u32) -> bool {
-        // A reaped or killed child is gone, or a zombie until its parent waits.
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or_default().trim().starts_with('Z'))
-    }
+    use crate::chaos::alive;
 
     /// The pipe closing (here by `finish`, at exit by the kernel) makes the reaper kill every
     /// registered group, grandchildren included, and remove the directory.
