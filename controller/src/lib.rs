@@ -312,7 +312,8 @@ async fn recorded_signing_times(
 }
 
 /// A cache of every `K` in the cluster that `config` selects, kept filled by its own task until
-/// dropped.
+/// dropped. Without managedFields, which nothing here reads and which can weigh as much as the
+/// object (every writer of an offer has its entry).
 fn cache<K>(client: &Client, config: watcher::Config) -> (Store<K>, AbortOnDropHandle<()>)
 where
     K: kube::Resource<DynamicType = ()>
@@ -326,6 +327,7 @@ where
     let (store, writer) = reflector::store();
     let fill = watcher(Api::<K>::all(client.clone()), config)
         .default_backoff()
+        .modify(|object| object.meta_mut().managed_fields = None)
         .reflect(writer)
         .for_each(|_| std::future::ready(()));
     (store, AbortOnDropHandle::new(tokio::spawn(fill)))

@@ -177,9 +177,16 @@ struct Listed {
 impl Settler {
     /// One round; safe to repeat and to interrupt anywhere (see [`super::protocol`]).
     pub async fn settle_round(&self, client: &Client) -> Result<RoundReport, Error> {
+        let events = ClusterEvents::new(client.clone());
+        let round = self.round(client, &events).await;
+        // What was written is told even when the round stopped on an error later.
+        events.flush().await;
+        round
+    }
+
+    async fn round(&self, client: &Client, events: &ClusterEvents) -> Result<RoundReport, Error> {
         let custody = self.custody().await?;
         let mut report = RoundReport::default();
-        let events = ClusterEvents::new(client.clone());
 
         let policy = Api::<MarketPolicy>::all(client.clone()).get_opt(POLICY_NAME).await?;
         let in_force =
@@ -187,10 +194,10 @@ impl Settler {
         self.lock_state().in_force = Some(in_force);
 
         let listed = list(client).await?;
-        self.resolve_in_flight(client, &events, &listed, &mut report).await?;
+        self.resolve_in_flight(client, events, &listed, &mut report).await?;
 
         let Listed { mut leases, clusters, offers } = list(client).await?;
-        let escrows = self.read_escrows(client, &events, &clusters, &mut report).await?;
+        let escrows = self.read_escrows(client, events, &clusters, &mut report).await?;
         self.release_refunded(client, &clusters, &escrows, &mut report).await;
         let stakes = self.read_stakes(client, &custody, &leases, &offers, &mut report).await?;
 
@@ -210,41 +217,49 @@ impl Settler {
         let books = Books { escrows: &escrows, stakes: &stakes, conversions: &conversions };
         let ending = plan::out_of_funds(&self.inputs(&leases, &clusters, &offers, &books, now));
         let leases_api: Api<GpuLease> = Api::all(client.clone());
-        let ending: Vec<usize> =
-            (0..leases.len()).filter(|i| ending.contains(&leases[*i].name_any())).collect();
-        for i in ending {
-            let lease = &leases[i];
-            match update_lease(&leases_api, lease, |status, _| end_now(status, now)).await {
-                Ok((_, ended)) => {
-                    tracing::info!(lease = %ended.name_any(), "escrow exhausted: lease ended (OutOfFunds)");
-                    leases[i] = ended;
-                    report.ended_out_of_funds += 1;
-                }
-                Err(e) => failed_write(&mut report, &lease.name_any(), &e),
+        let ending: Vec<(&GpuLease, _)> = leases
+            .iter()
+            .filter(|l| ending.contains(&l.name_any()))
+            .map(|l| (l, move |s: &mut GpuLeaseStatus, _: &Meter| end_now(s, now)))
+            .collect();
+        let mut ended: HashMap<String, GpuLease> = HashMap::new();
+        for (_, lease) in update_leases(&leases_api, ending, &mut report).await {
+            tracing::info!(lease = %lease.name_any(), "escrow exhausted: lease ended (OutOfFunds)");
+            report.ended_out_of_funds += 1;
+            ended.insert(lease.name_any(), lease);
+        }
+        for lease in &mut leases {
+            if let Some(now_ended) = ended.remove(&lease.name_any()) {
+                *lease = now_ended;
             }
         }
         let inputs = self.inputs(&leases, &clusters, &offers, &books, now);
         let by_name: HashMap<String, &GpuLease> =
             leases.iter().map(|l| (l.name_any(), l)).collect();
-        for name in plan::closed(&inputs) {
-            let Some(lease) = by_name.get(&name) else { continue };
-            match update_lease(&leases_api, lease, close).await {
-                Ok((before, after)) => events.lease_changed(&before, &after).await,
-                Err(e) => failed_write(&mut report, &name, &e),
-            }
+        let closing: Vec<(&GpuLease, _)> = plan::closed(&inputs)
+            .iter()
+            .filter_map(|name| Some((*by_name.get(name)?, close)))
+            .collect();
+        for (before, after) in update_leases(&leases_api, closing, &mut report).await {
+            events.lease_changed(&before, &after);
         }
         let payouts = plan::payouts(&inputs);
-        for (name, record) in payouts.without_transfer {
-            let Some(lease) = by_name.get(&name) else { continue };
-            match update_lease(&leases_api, lease, |s, meter| confirm_free(s, meter, &record)).await
-            {
-                Ok((before, after)) => events.lease_changed(&before, &after).await,
-                Err(e) => failed_write(&mut report, &name, &e),
-            }
+        let free: Vec<(&GpuLease, _)> = payouts
+            .without_transfer
+            .into_iter()
+            .filter_map(|(name, record)| {
+                let confirm = move |s: &mut GpuLeaseStatus, meter: &Meter| {
+                    confirm_free(s, meter, &record);
+                };
+                Some((*by_name.get(&name)?, confirm))
+            })
+            .collect();
+        for (before, after) in update_leases(&leases_api, free, &mut report).await {
+            events.lease_changed(&before, &after);
         }
         self.send_payouts(
             client,
-            &events,
+            events,
             &by_name,
             &escrows,
             &stakes,
@@ -253,7 +268,7 @@ impl Settler {
         )
         .await?;
         for refund in plan::refunds(&inputs) {
-            self.refund(client, &events, refund, &mut report).await?;
+            self.refund(client, events, refund, &mut report).await?;
         }
         publish_cluster_totals(client, &leases, &clusters, now, &mut report).await;
         self.update_reputation(client, &custody, &leases, &offers, &mut report).await?;
@@ -1194,7 +1209,7 @@ async fn settle_holder(
                 Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => return Ok(()),
                 Err(e) => return Err(e),
             };
-            events.lease_changed(&before, &after).await;
+            events.lease_changed(&before, &after);
         }
         Holder::Refund { namespace, name } => {
             let api: Api<GpuCluster> = Api::namespaced(client.clone(), namespace);
@@ -1375,6 +1390,35 @@ async fn update_lease(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// [`update_lease`] on many leases at once, each with its own change: the versions changed and
+/// written, the failures counted in `report`.
+async fn update_leases<'a, C>(
+    api: &'a Api<GpuLease>,
+    changes: Vec<(&'a GpuLease, C)>,
+    report: &mut RoundReport,
+) -> Vec<(GpuLease, GpuLease)>
+where
+    C: Fn(&mut GpuLeaseStatus, &Meter) + Send + 'a,
+{
+    // Boxed, so that the round stays `Send` (see `a_round_is_send`).
+    let writes: Vec<BoxFuture<'a, (String, Result<(GpuLease, GpuLease), Error>)>> = changes
+        .into_iter()
+        .map(|(lease, change)| {
+            async move { (lease.name_any(), update_lease(api, lease, change).await) }.boxed()
+        })
+        .collect();
+    let written: Vec<(String, Result<(GpuLease, GpuLease), Error>)> =
+        futures::stream::iter(writes).buffer_unordered(CONCURRENT_WRITES).collect().await;
+    let mut updated = Vec::new();
+    for (name, result) in written {
+        match result {
+            Ok(versions) => updated.push(versions),
+            Err(e) => failed_write(report, &name, &e),
+        }
+    }
+    updated
 }
 
 /// Each cluster's amountSettled: the confirmed payouts of all its leases; its costAccrued is
