@@ -1392,6 +1392,9 @@ async fn update_lease(
     }
 }
 
+/// A lease's name, and the versions its change applied to and wrote, or the error.
+type LeaseWrite = (String, Result<(GpuLease, GpuLease), Error>);
+
 /// [`update_lease`] on many leases at once, each with its own change: the versions changed and
 /// written, the failures counted in `report`.
 async fn update_leases<'a, C>(
@@ -1403,13 +1406,13 @@ where
     C: Fn(&mut GpuLeaseStatus, &Meter) + Send + 'a,
 {
     // Boxed, so that the round stays `Send` (see `a_round_is_send`).
-    let writes: Vec<BoxFuture<'a, (String, Result<(GpuLease, GpuLease), Error>)>> = changes
+    let writes: Vec<BoxFuture<'a, LeaseWrite>> = changes
         .into_iter()
         .map(|(lease, change)| {
             async move { (lease.name_any(), update_lease(api, lease, change).await) }.boxed()
         })
         .collect();
-    let written: Vec<(String, Result<(GpuLease, GpuLease), Error>)> =
+    let written: Vec<LeaseWrite> =
         futures::stream::iter(writes).buffer_unordered(CONCURRENT_WRITES).collect().await;
     let mut updated = Vec::new();
     for (name, result) in written {
