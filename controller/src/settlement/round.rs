@@ -194,9 +194,10 @@ impl Settler {
         self.lock_state().in_force = Some(in_force);
 
         let listed = list(client).await?;
-        self.resolve_in_flight(client, events, &listed, &mut report).await?;
-
-        let Listed { mut leases, clusters, offers } = list(client).await?;
+        let resolved = self.resolve_in_flight(client, events, &listed, &mut report).await?;
+        // Listed again only when resolving wrote (nothing in flight: the same listing).
+        let Listed { mut leases, clusters, offers } =
+            if resolved { list(client).await? } else { listed };
         let escrows = self.read_escrows(client, events, &clusters, &mut report).await?;
         self.release_refunded(client, &clusters, &escrows, &mut report).await;
         let stakes = self.read_stakes(client, &custody, &leases, &offers, &mut report).await?;
@@ -300,16 +301,18 @@ impl Settler {
         }
     }
 
+    /// Confirm, rebroadcast or expire each recorded payment by what the chain says. Returns
+    /// whether any was in flight (its holder may have been written).
     async fn resolve_in_flight(
         &self,
         client: &Client,
         events: &ClusterEvents,
         listed: &Listed,
         report: &mut RoundReport,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let flights = in_flight(listed, &self.authority());
         if flights.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let signatures: Vec<Signature> = flights.keys().copied().collect();
         let observed = chain::observe(&self.rpc, &signatures).await?;
@@ -392,7 +395,7 @@ impl Settler {
                 Err(e) => failed_write(report, &format!("{holder:?}"), &e),
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// What each cluster's escrow holds, by cluster uid, written to `status.escrow` when it
