@@ -16,6 +16,14 @@
 //! costs in price, and what the moves win in requests served, is what the matching bench
 //! prints.
 //!
+//! Keeping GPUs free: moves are bounded and go one step (an older request moves only onto GPUs
+//! free at that point), so a request can stay left out that the supply could serve on its own:
+//! taking the cheapest GPUs oldest first spends the cheap ones on buyers who had other choices.
+//! Then the pass is done again with every older request keeping off the GPUs the left-out ones
+//! could use wherever it has a complete gang without them. The new pass is kept when it serves
+//! more requests and, of those the two passes differ on, the oldest: a request loses its match
+//! only to an older one, never to a younger one. At most [`MAX_PASSES`] passes are made.
+//!
 //! Anti-starvation: backfill alone lets a stream of small requests take every GPU that frees up
 //! while an old large request waits for enough of them to be free at once. So the oldest
 //! unmatched request that has waited [`HoldPolicy::after_secs`] holds the free GPUs it could use
@@ -64,6 +72,40 @@ const MAX_MOVED: usize = 32;
 /// Rounds of [`Market::settle`] at most; a request moves only onto a gang it prefers.
 const MAX_SETTLE_ROUNDS: usize = 4;
 
+/// How many requests left out of a first pass the second one keeps GPUs free for at most
+/// (see [`Market::match_all`]).
+const MAX_STARVED: usize = 32;
+
+/// Passes of [`Market::match_all`] at most: the first, and those keeping GPUs free for requests
+/// left out.
+const MAX_PASSES: usize = 3;
+
+/// What one pass decided for each request, by position in the pass's order: its gang, or why
+/// it has none; and the market it leaves.
+struct Pass {
+    gangs: Vec<Option<Vec<Pick>>>,
+    unmatched: Vec<Option<Explanation>>,
+    entries: Vec<Entry>,
+    holder: Option<String>,
+}
+
+impl Pass {
+    /// Whether this pass serves more requests than `other` and, of those the two passes
+    /// differ on, serves the oldest: a request loses its match only to an older one.
+    fn serves_more_than(&self, other: &Pass) -> bool {
+        let served = |pass: &Pass| pass.gangs.iter().flatten().count();
+        let first_difference =
+            self.gangs.iter().zip(&other.gangs).find(|(g, o)| g.is_some() != o.is_some());
+        first_difference.is_some_and(|(g, _)| g.is_some()) && served(self) > served(other)
+    }
+
+    /// Positions of the requests short of supply.
+    fn left_out(&self) -> Vec<usize> {
+        let short = |at: &usize| matches!(self.unmatched[*at], Some(Explanation::Short(_)));
+        (0..self.unmatched.len()).filter(short).collect()
+    }
+}
+
 /// Free supply indexed once, and what has been matched or held on it since.
 pub struct Market<'a> {
     index: Index<'a>,
@@ -91,14 +133,76 @@ impl<'a> Market<'a> {
         self.release_hold();
         let mut order: Vec<&Request> = requests.iter().collect();
         order.sort_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)));
-        // The first GPU of each entry that this pass may hand out.
-        let mut first: Vec<u32> = self.index.entries.iter().map(|e| e.taken).collect();
-        // The gang of each request matched so far, by position in `order`.
-        let mut gangs: Vec<Option<Vec<Pick>>> = vec![None; order.len()];
-        let mut unmatched: Vec<Option<Explanation>> = Vec::with_capacity(order.len());
+        let start = self.index.entries.clone();
+        let mut best = self.pass(&order, hold, &[]);
+        // Requests left out that the supply could serve on its own: another pass keeping GPUs
+        // free for them (see the module documentation).
+        let mut left_out = best.left_out();
+        let mut starved = BTreeSet::new();
+        for _ in 1..MAX_PASSES {
+            self.reset(&start);
+            let before = starved.len();
+            let fits_alone =
+                |&at: &usize| matches!(self.select(order[at]), Ok(Selection::Complete(_)));
+            let newly: Vec<usize> = left_out.into_iter().filter(fits_alone).collect();
+            starved.extend(newly.into_iter().take(MAX_STARVED - before));
+            if starved.len() == before {
+                break;
+            }
+            let kept_for = self.kept_for(&order, &starved);
+            let pass = self.pass(&order, hold, &kept_for);
+            left_out = pass.left_out();
+            if pass.serves_more_than(&best) {
+                best = pass;
+            }
+        }
+        self.index.entries = best.entries;
+        self.holder = best.holder;
+        // GPUs are handed out once every gang is final, oldest request first.
+        let mut first: Vec<u32> = start.iter().map(|e| e.taken).collect();
+        let mut next = |entry: usize, gpus: u32| {
+            let at = first[entry];
+            first[entry] += gpus;
+            at
+        };
+        order
+            .iter()
+            .zip(best.gangs.into_iter().zip(best.unmatched))
+            .map(|(request, (gang, why))| {
+                let outcome = match (gang, why) {
+                    (Some(picks), _) => {
+                        Outcome::Matched(self.assignment(request, &picks, &mut next))
+                    }
+                    (None, Some(why)) => Outcome::Unmatched(why),
+                    (None, None) => unreachable!("a request is matched or has a reason"),
+                };
+                (request.key.clone(), outcome)
+            })
+            .collect()
+    }
+
+    /// For each offer (by position in the input), the position in `order` before which
+    /// requests keep off it: that of the youngest request of `starved` that could use it (0
+    /// for none).
+    fn kept_for(&self, order: &[&Request], starved: &BTreeSet<usize>) -> Vec<usize> {
+        let needs: Vec<(usize, Need)> =
+            starved.iter().map(|&at| (at, self.index.need(order[at]))).collect();
+        let mut kept_for = vec![0; self.index.entries.len()];
+        for e in &self.index.entries {
+            let users = needs.iter().filter(|(at, n)| self.could_use(n, order[*at], e));
+            kept_for[e.offer as usize] = users.map(|(at, _)| *at).max().unwrap_or(0);
+        }
+        kept_for
+    }
+
+    /// One pass of [`Market::match_all`] over `order`, each request keeping off the entries
+    /// kept for a younger one (`kept_for`) where it has a complete gang without them.
+    fn pass(&mut self, order: &[&Request], hold: HoldPolicy, kept_for: &[usize]) -> Pass {
+        let mut gangs = vec![None; order.len()];
+        let mut unmatched = Vec::with_capacity(order.len());
         let mut moved = false;
         for (at, request) in order.iter().enumerate() {
-            unmatched.push(match self.select(request) {
+            unmatched.push(match self.select_keeping_off(request, at, kept_for) {
                 Err(invalid) => Some(Explanation::Invalid(invalid)),
                 Ok(Selection::Complete(picks)) => {
                     self.take(request, &picks);
@@ -106,7 +210,7 @@ impl<'a> Market<'a> {
                     None
                 }
                 Ok(Selection::Partial(picks)) => {
-                    if self.holder.is_none() && self.make_room(&order, at, &mut gangs) {
+                    if self.holder.is_none() && self.make_room(order, at, &mut gangs) {
                         moved = true;
                         None
                     } else {
@@ -120,7 +224,7 @@ impl<'a> Market<'a> {
             });
         }
         if moved {
-            self.settle(&order, &mut gangs);
+            self.settle(order, &mut gangs);
             for (at, request) in order.iter().enumerate() {
                 if !matches!(unmatched[at], Some(Explanation::Short(_))) {
                     continue;
@@ -132,26 +236,25 @@ impl<'a> Market<'a> {
                 }
             }
         }
-        // GPUs are handed out once every gang is final, oldest request first.
-        let mut next = |entry: usize, gpus: u32| {
-            let at = first[entry];
-            first[entry] += gpus;
-            at
-        };
-        order
-            .iter()
-            .zip(gangs.into_iter().zip(unmatched))
-            .map(|(request, (gang, why))| {
-                let outcome = match (gang, why) {
-                    (Some(picks), _) => {
-                        Outcome::Matched(self.assignment(request, &picks, &mut next))
-                    }
-                    (None, Some(why)) => Outcome::Unmatched(why),
-                    (None, None) => unreachable!("a request is matched or has a reason"),
-                };
-                (request.key.clone(), outcome)
-            })
-            .collect()
+        Pass { gangs, unmatched, entries: self.index.entries.clone(), holder: self.holder.clone() }
+    }
+
+    /// The cheapest gang of `request` (at position `at`) off the entries kept for younger
+    /// requests (none when `kept_for` is empty), when it has one there; else its cheapest gang.
+    fn select_keeping_off(
+        &self,
+        request: &Request,
+        at: usize,
+        kept_for: &[usize],
+    ) -> Result<Selection, String> {
+        if kept_for.is_empty() {
+            return self.select(request);
+        }
+        let off = |e: &Entry| kept_for[e.offer as usize] <= at;
+        match self.select_where(request, off) {
+            Ok(Selection::Partial(_)) => self.select(request),
+            selection => selection,
+        }
     }
 
     /// Make room for `order[at]`, which does not fit on what the older requests took, by moving
@@ -294,6 +397,12 @@ impl<'a> Market<'a> {
                 break;
             }
         }
+    }
+
+    /// Back to the market `entries` were, with no hold.
+    fn reset(&mut self, entries: &[Entry]) {
+        self.index.entries.clone_from_slice(entries);
+        self.holder = None;
     }
 
     fn set_taken(&mut self, taken: &[u32]) {

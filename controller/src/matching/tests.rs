@@ -582,6 +582,87 @@ fn older_requests_that_can_go_elsewhere_move_aside_for_one_that_fits_nowhere_els
     );
 }
 
+/// A request, created at `created`, for `workers` workers of one GPU of these models.
+fn asking(key: &str, created: i64, workers: u32, models: &[&str]) -> Request {
+    Request {
+        created,
+        models: ModelFilter::Models(models.iter().map(|m| (*m).to_owned()).collect()),
+        ..mk_request(key, workers, 1, 2 * DOLLAR)
+    }
+}
+
+/// A T4 node at 10 cents, an RTX3090 one at 30 and an A100 one at a dollar, of `gpus` each.
+fn three_models(gpus: u32) -> Vec<Offer> {
+    let cents = |c: u64| c * DOLLAR / 100;
+    vec![
+        mk_offer("t4", "T4", gpus, cents(10)),
+        mk_offer("rtx", "RTX3090", gpus, cents(30)),
+        mk_offer("a100", "A100", gpus, DOLLAR),
+    ]
+}
+
+fn served(results: &[(String, Outcome)]) -> Vec<(&str, bool)> {
+    let served = |outcome: &Outcome| matches!(outcome, Outcome::Matched(_));
+    results.iter().map(|(key, outcome)| (key.as_str(), served(outcome))).collect()
+}
+
+#[test]
+fn older_requests_keep_off_what_a_left_out_one_needs_when_moving_one_step_is_not_enough() {
+    // Cheapest first, the T4 goes to the first request and the RTX3090 to the second; the
+    // T4-only request is left out with the A100 free. Moving the first request alone finds no
+    // free GPU it can use: only a chain of moves (first to the RTX3090, second to the A100)
+    // frees the T4. The second pass, keeping the T4 free, finds that chain.
+    let offers = three_models(1);
+    let requests = [
+        asking("ns/t4-or-rtx", 10, 1, &["T4", "RTX3090"]),
+        asking("ns/rtx-or-a100", 20, 1, &["RTX3090", "A100"]),
+        asking("ns/t4-only", 30, 1, &["T4"]),
+    ];
+    let results = match_all(&offers, &requests, no_hold());
+    let placed: Vec<(&str, Vec<(&str, usize)>)> =
+        results.iter().map(|(key, outcome)| (key.as_str(), nodes(matched(outcome)))).collect();
+    assert_eq!(
+        placed,
+        [
+            ("ns/t4-or-rtx", vec![("rtx", 1)]),
+            ("ns/rtx-or-a100", vec![("a100", 1)]),
+            ("ns/t4-only", vec![("t4", 1)]),
+        ]
+    );
+    // In its turn too: what the controller binds.
+    let outcome = match_in_turn(&offers, &requests[..2], &requests[2], no_hold());
+    assert_eq!(nodes(matched(&outcome)), vec![("t4", 1)]);
+}
+
+#[test]
+fn keeping_gpus_free_never_costs_an_older_request_its_match() {
+    // Nodes of two GPUs. Keeping the T4s free for the two youngest (T4-only) would move the
+    // first request to the RTX3090s and the second to the A100s, which leaves the A100-only
+    // request out: four served instead of three, but one of them at an older one's cost.
+    let offers = three_models(2);
+    let requests = [
+        asking("ns/t4-or-rtx", 10, 2, &["T4", "RTX3090"]),
+        asking("ns/rtx-or-a100", 20, 2, &["RTX3090", "A100"]),
+        asking("ns/a100-only", 25, 2, &["A100"]),
+        asking("ns/t4-a", 30, 1, &["T4"]),
+        asking("ns/t4-b", 40, 1, &["T4"]),
+    ];
+    assert_eq!(
+        served(&match_all(&offers, &requests, no_hold())),
+        [
+            ("ns/t4-or-rtx", true),
+            ("ns/rtx-or-a100", true),
+            ("ns/a100-only", true),
+            ("ns/t4-a", false),
+            ("ns/t4-b", false)
+        ]
+    );
+    // Without the A100-only request, the same pass costs no one: the T4-only ones are served.
+    let without: Vec<Request> =
+        requests.iter().filter(|r| r.key != "ns/a100-only").cloned().collect();
+    assert!(served(&match_all(&offers, &without, no_hold())).iter().all(|(_, s)| *s));
+}
+
 #[test]
 fn in_its_turn_a_request_gets_what_older_ones_leave_whoever_asks_first() {
     let offers = vec![mk_offer("a", "A100", 4, DOLLAR), mk_offer("b", "A100", 2, DOLLAR)];
