@@ -330,6 +330,7 @@ fn gen_offer(rng: &mut StdRng, i: usize) -> Offer {
             .then_some(HostResources { cpu_millicores: 128_000, memory_bytes: 1 << 40 }),
         node_gpus: 8,
         fleet: None,
+        spec_generation: None,
     }
 }
 

@@ -102,6 +102,7 @@ pub fn market_offer(offer: &GpuOffer, now: Timestamp, timeout: Duration) -> Opti
         allocatable: offer.spec.allocatable,
         node_gpus: u32::try_from(offer.spec.gpus.len()).unwrap_or(u32::MAX),
         fleet: crate::fleet::offer_fleet(offer).map(str::to_owned),
+        spec_generation: offer.metadata.generation,
     })
 }
 
@@ -137,8 +138,8 @@ pub fn matchable_supply<'a>(
 }
 
 /// `supply`, read a moment ago, as the offers `cached` now have it: less the GPUs leased or
-/// unhealthy since and those `set_aside` (offer, GPU), and without the offers gone or repriced
-/// since (a lease is bound at its offer's price).
+/// unhealthy since and those `set_aside` (offer, GPU), and without the offers gone or whose
+/// spec changed since (a lease is bound on the offer's price and wallet, as verified).
 pub fn as_cached_now(
     supply: &[Offer],
     cached: impl Fn(&str) -> Option<Arc<GpuOffer>>,
@@ -148,7 +149,7 @@ pub fn as_cached_now(
         .iter()
         .filter_map(|offer| {
             let current = cached(&offer.node)?;
-            if current.spec.price_per_gpu_hour != offer.price_per_gpu_hour {
+            if current.metadata.generation != offer.spec_generation {
                 return None;
             }
             let free = offer.free_gpus.iter().filter(|g| {
@@ -243,8 +244,11 @@ mod tests {
     use crate::testing::{mk_cluster, mk_lease, mk_offer, now};
 
     #[test]
-    fn supply_read_a_moment_ago_loses_what_was_claimed_failed_or_repriced_since() {
-        let offers = [mk_offer("a", "H100", 3, now()), mk_offer("b", "H100", 1, now())];
+    fn supply_read_a_moment_ago_loses_what_was_claimed_failed_or_changed_since() {
+        let mut offers = [mk_offer("a", "H100", 3, now()), mk_offer("b", "H100", 1, now())];
+        for offer in &mut offers {
+            offer.metadata.generation = Some(1);
+        }
         let supply: Vec<Offer> =
             offers.iter().filter_map(|o| market_offer(o, now(), Duration::from_secs(60))).collect();
         let mut a = offers[0].clone();
@@ -266,9 +270,11 @@ mod tests {
         let set_aside = |offer: &str, gpu: &str| (offer, gpu) == ("a", "a-gpu-2");
         assert!(as_cached_now(&supply, cached, set_aside)[0].free_gpus.is_empty());
 
-        let mut repriced = a.clone();
-        repriced.spec.price_per_gpu_hour += 1;
-        let cached = |_: &str| Some(Arc::new(repriced.clone()));
+        // Any change of spec (here the wallet paid) is a new generation, the API server's count.
+        let mut changed = a.clone();
+        changed.spec.wallet = "another-wallet".into();
+        changed.metadata.generation = Some(2);
+        let cached = |_: &str| Some(Arc::new(changed.clone()));
         assert!(as_cached_now(&supply, cached, nothing_set_aside).is_empty());
     }
 

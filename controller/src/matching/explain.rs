@@ -259,6 +259,7 @@ mod tests {
             allocatable: None,
             node_gpus: u32::try_from(free).unwrap_or(u32::MAX),
             fleet: None,
+            spec_generation: None,
         }
     }
 

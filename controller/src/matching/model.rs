@@ -31,6 +31,9 @@ pub struct Offer {
     /// nodes. A gang stays inside one fleet, or on the hub's own nodes: Ray workers in two
     /// clusters have no network between them.
     pub fleet: Option<String>,
+    /// The GpuOffer's `metadata.generation` when it was read: a bind drops an offer whose spec
+    /// changed since (its terms and signature were judged on the earlier spec).
+    pub spec_generation: Option<i64>,
 }
 
 impl Offer {

@@ -24,6 +24,7 @@ fn mk_offer(node: &str, model: &str, gpus: u32, price: u64) -> Offer {
         allocatable: None,
         node_gpus: gpus,
         fleet: None,
+        spec_generation: None,
     }
 }
 

@@ -308,6 +308,7 @@ mod tests {
             allocatable: Some(HostResources { cpu_millicores: 128_000, memory_bytes: 1 << 40 }),
             node_gpus: 8,
             fleet: None,
+            spec_generation: None,
         }
     }
 
