@@ -90,25 +90,7 @@ pub async fn run(client: Client, sim: Simulation) {
         for node in listed {
             let name = node.name_any();
             let Some(spec) = offer_for(&node, &sim, published.get(&name)) else { continue };
-            let apply = PatchParams::apply(FIELD_MANAGER).force();
-            let gpus: Vec<_> =
-                spec.gpus.iter().map(|g| json!({"uuid": g.uuid, "health": "Healthy"})).collect();
-            let offer = json!({
-                "apiVersion": "gpumarket.io/v1alpha1",
-                "kind": "GpuOffer",
-                "metadata": {"name": name},
-                "spec": spec,
-            });
-            let status = json!({
-                "apiVersion": "gpumarket.io/v1alpha1",
-                "kind": "GpuOffer",
-                "status": {"gpus": gpus, "lastHeartbeat": jiff::Timestamp::now()},
-            });
-            let result = async {
-                offers.patch(&name, &apply, &Patch::Apply(&offer)).await?;
-                offers.patch_status(&name, &apply, &Patch::Apply(&status)).await
-            };
-            match result.await {
+            match publish(&offers, &name, &spec).await {
                 Ok(_) => {
                     published.insert(name, spec);
                 }
@@ -116,6 +98,31 @@ pub async fn run(client: Client, sim: Simulation) {
             }
         }
     }
+}
+
+/// Publish offer `name` as an agent does: the spec, then every GPU healthy with a heartbeat
+/// now.
+pub async fn publish(
+    offers: &Api<GpuOffer>,
+    name: &str,
+    spec: &GpuOfferSpec,
+) -> Result<GpuOffer, kube::Error> {
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let gpus: Vec<_> =
+        spec.gpus.iter().map(|g| json!({"uuid": g.uuid, "health": "Healthy"})).collect();
+    let offer = json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuOffer",
+        "metadata": {"name": name},
+        "spec": spec,
+    });
+    let status = json!({
+        "apiVersion": "gpumarket.io/v1alpha1",
+        "kind": "GpuOffer",
+        "status": {"gpus": gpus, "lastHeartbeat": jiff::Timestamp::now()},
+    });
+    offers.patch(name, &apply, &Patch::Apply(&offer)).await?;
+    offers.patch_status(name, &apply, &Patch::Apply(&status)).await
 }
 
 #[cfg(test)]

@@ -12,6 +12,9 @@
 //! ```
 //! (the release controller is used when it exists, whatever profile the test is built with).
 //! `SCALE_NODES` and `SCALE_CLUSTERS` change the sizes.
+//!
+//! `bench_controller_memory_with_offers` (run the same way) measures the controller's memory
+//! with `SCALE_OFFERS` (10,000) offers on the market.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -55,11 +58,12 @@ fn controller_binary() -> PathBuf {
     binary
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
+/// Resident memory of process `pid`, at its peak (`VmHWM`) or now (`VmRSS`).
+fn rss_mib(pid: u32, which: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(which)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
     kib / 1024.0
@@ -275,7 +279,7 @@ async fn place_with_kube_scheduler(
         // The bench's own pod creates are not the scheduler's.
         requests_per_gpu: (api_requests(client).await - requests - workers as f64) / gpus as f64,
         cpu_seconds: cpu_seconds(pid) - cpu,
-        peak_rss_mib: peak_rss_mib(pid),
+        peak_rss_mib: rss_mib(pid, "VmHWM"),
     }
 }
 
@@ -385,7 +389,7 @@ async fn bench_gpumarket_against_kube_scheduler() {
         requests_per_gpu: (api_requests(&client).await - requests - cluster_count as f64)
             / gpus as f64,
         cpu_seconds: cpu_seconds(pid) - cpu,
-        peak_rss_mib: peak_rss_mib(pid),
+        peak_rss_mib: rss_mib(pid, "VmHWM"),
     };
 
     println!("{cluster_count} requests ({workers} workers, {gpus} GPUs) on {node_count} nodes:");
@@ -410,5 +414,64 @@ async fn bench_gpumarket_against_kube_scheduler() {
         stat(matches, "", "count"),
         mean(reconciles, gpucluster) * 1e3,
         stat(reconciles, gpucluster, "count"),
+    );
+}
+
+/// The controller's memory with `SCALE_OFFERS` (10,000) offers of 8 GPUs on the market: the
+/// offers published straight to the API as agents publish them (no nodes: the controller
+/// caches offers, leases, clusters and Ray pods, not nodes), then the controller started and
+/// left until it has marked every one Available. Prints its peak and current RSS.
+#[tokio::test]
+#[ignore = "benchmark: run explicitly"]
+async fn bench_controller_memory_with_offers() {
+    let count = size("SCALE_OFFERS", 10_000);
+    let env = Env::shared().await;
+    let client = env.client().await.unwrap();
+    let simulation = Simulation {
+        price_per_gpu_hour: 2_000_000,
+        wallet: std::sync::Arc::new(solana_sdk::signature::Keypair::new()),
+        heartbeat: Duration::from_secs(15),
+    };
+    let offers: Api<GpuOffer> = Api::all(client.clone());
+    let started = Instant::now();
+    futures::stream::iter(0..count)
+        .map(|i| {
+            let region = ["eu-west", "eu-north", "us-east", "us-west"][i % 4];
+            let name = format!("memory-{i:05}");
+            let node = GpuNode::new(&name, ["H100", "A100"][(i / 4) % 2], 8)
+                .region(region)
+                .zone(&format!("{region}-a"))
+                .to_node()
+                .unwrap();
+            let spec = simulate::offer_for(&node, &simulation, None).unwrap();
+            let offers = offers.clone();
+            async move { simulate::publish(&offers, &name, &spec).await.unwrap() }
+        })
+        .buffer_unordered(32)
+        .for_each(|_| async {})
+        .await;
+    println!("{count} offers published in {:.1} s", started.elapsed().as_secs_f64());
+
+    let mut controller = Command::new(controller_binary());
+    controller
+        .env("KUBECONFIG", env.kubeconfig())
+        .env("RUST_LOG", "warn")
+        .args(["--heartbeat-timeout", "600s"]);
+    let pid = env.spawn("memory-controller", controller).unwrap();
+    let started = Instant::now();
+    eventually("every offer available", Duration::from_secs(600), || {
+        let offers = offers.clone();
+        async move {
+            let listed = offers.list(&Default::default()).await.ok()?.items;
+            (listed.iter().filter(|o| o.is_available()).count() >= count).then_some(())
+        }
+    })
+    .await;
+    println!(
+        "controller with {count} offers, every one Available after {:.1} s: peak RSS {:.0} MiB, \
+         RSS now {:.0} MiB",
+        started.elapsed().as_secs_f64(),
+        rss_mib(pid, "VmHWM"),
+        rss_mib(pid, "VmRSS")
     );
 }

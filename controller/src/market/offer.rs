@@ -76,12 +76,15 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
     reclaim_allocations(&offer, &ctx).await?;
 
     let (available, reason, message) = availability(&offer, now, timeout);
-    let listed = ctx.offers.state();
-    let listed: Vec<&GpuOffer> = listed.iter().map(AsRef::as_ref).collect();
-    let verdict =
+    // The whole cache is read for the verdict (GPUs shared with other offers) and let go
+    // before anything is awaited: a start reconciles every offer at once.
+    let verdict = {
+        let listed = ctx.offers.state();
+        let listed: Vec<&GpuOffer> = listed.iter().map(AsRef::as_ref).collect();
         verification::verdict(&offer, &listed, &ctx.signatures, &ctx.settings(), &|fleet| {
             ctx.fleet_wallet(fleet)
-        });
+        })
+    };
     ctx.record_signing_time(&offer.name_any()).await?;
     let status = offer.status.clone().unwrap_or_default();
     let mut conditions = status.conditions.clone();

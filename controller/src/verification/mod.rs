@@ -337,7 +337,7 @@ pub fn verdict(
     let name = offer.name_any();
     let uuids: BTreeSet<&str> = offer.spec.gpus.iter().map(|g| g.uuid.as_str()).collect();
     let rivals = offers.iter().copied().filter(|o| {
-        o.name_any() != name
+        o.metadata.name.as_deref() != Some(name.as_str())
             && o.spec.gpus.iter().any(|g| uuids.contains(g.uuid.as_str()))
             && own_verdict(o, checks, settings, fleet_wallet).admitted
     });
