@@ -203,25 +203,30 @@ async fn replace_offer_status(
     }
 }
 
-/// Claim every planned lease's GPUs on its offer, all or nothing (claims already made are
-/// rolled back when one fails). `cached` gives the offer as last seen, which saves a read when
-/// it is current; a stale copy costs a 409 and one fresh read.
+/// Claim every planned lease's GPUs on its offer, all at once and all or nothing (the claims
+/// made are rolled back when one fails). `cached` gives the offer as last seen, which saves a
+/// read when it is current; a stale copy costs a 409 and one fresh read.
 pub async fn claim_all(
     offers: &Api<GpuOffer>,
     cached: impl Fn(&str) -> Option<Arc<GpuOffer>>,
     planned: &[GpuLease],
 ) -> Result<()> {
-    let mut claimed: Vec<&GpuLease> = Vec::new();
-    for lease in planned {
-        if let Err(e) = claim_lease(offers, cached(&lease.spec.offer), lease).await {
-            for done in &claimed {
-                release_lease_claims(offers, done).await?;
+    let claims = planned.iter().map(|lease| claim_lease(offers, cached(&lease.spec.offer), lease));
+    let mut claimed = Vec::new();
+    let mut failed = None;
+    for (lease, result) in planned.iter().zip(futures::future::join_all(claims).await) {
+        match result {
+            Ok(()) => claimed.push(lease),
+            Err(e) => {
+                failed.get_or_insert(e);
             }
-            return Err(e);
         }
-        claimed.push(lease);
     }
-    Ok(())
+    let Some(e) = failed else { return Ok(()) };
+    for lease in claimed {
+        release_lease_claims(offers, lease).await?;
+    }
+    Err(e)
 }
 
 /// Create the planned leases (their GPUs claimed), Active, all at once. A lease that already
