@@ -239,29 +239,25 @@ async fn run_controllers(
     // Ready: the caches are filled. (Not by waiting on the cluster controller's own store: its
     // readiness wakes only the last task to wait, and the controller itself waits on it.)
     ctx.metrics.ready.store(true, Ordering::Relaxed);
-    let inventory = {
+    let inventory = periodically(runtime::metrics::INVENTORY_PERIOD, {
         let ctx = ctx.clone();
-        async move {
-            let mut ticks = tokio::time::interval(runtime::metrics::INVENTORY_PERIOD);
-            loop {
-                ticks.tick().await;
-                let (o, l, c) = (ctx.offers.state(), ctx.leases.state(), ctx.clusters.state());
-                ctx.metrics.refresh_inventory(&o, &l, &c, jiff::Timestamp::now());
-            }
+        move || {
+            let (o, l, c) = (ctx.offers.state(), ctx.leases.state(), ctx.clusters.state());
+            ctx.metrics.refresh_inventory(&o, &l, &c, jiff::Timestamp::now());
+            std::future::ready(())
         }
-    };
-    let prune_signing_times = {
+    });
+    let prune_signing_times = periodically(verification::signing_times::PRUNE_PERIOD, {
         let ctx = ctx.clone();
-        async move {
-            let mut ticks = tokio::time::interval(verification::signing_times::PRUNE_PERIOD);
-            loop {
-                ticks.tick().await;
+        move || {
+            let ctx = ctx.clone();
+            async move {
                 if let Err(e) = ctx.prune_signing_times().await {
                     tracing::warn!(error = %e, "pruning the offers' signing times; retrying later");
                 }
             }
         }
-    };
+    });
     let offer_controller = market::offer::run(ctx.clone());
     let policy_events = policy::run(ctx.clone());
     let fleet_controller = fleet::run(ctx.clone());
@@ -292,6 +288,18 @@ async fn run_controllers(
         },
     }
     Ok(())
+}
+
+/// Runs `tick` every `period`, the first at once, for as long as the future is polled.
+async fn periodically<F: Future<Output = ()>>(
+    period: std::time::Duration,
+    mut tick: impl FnMut() -> F,
+) {
+    let mut ticks = tokio::time::interval(period);
+    loop {
+        ticks.tick().await;
+        tick().await;
+    }
 }
 
 /// The offers' signing times recorded by earlier replicas, retried until they can be read: a
