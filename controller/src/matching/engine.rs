@@ -140,6 +140,9 @@ impl<'a> Market<'a> {
         let mut left_out = best.left_out();
         let mut starved = BTreeSet::new();
         for _ in 1..MAX_PASSES {
+            if left_out.is_empty() {
+                break; // the common case: nothing to pass again for
+            }
             self.reset(&start);
             let before = starved.len();
             let fits_alone =
