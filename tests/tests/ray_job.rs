@@ -46,21 +46,34 @@ const RAY_VERSION: &str = "2.41.0";
 const WAIT: Duration = Duration::from_secs(600);
 
 /// Every GPU of the node for one worker: in a `num_gpus=1` task per GPU, Ray hands each its own.
-const JOB: &str = r#"import json, os, ray
+/// The tasks wait for one another before they answer (and ask for no CPU, which the worker may
+/// have one of): a task that ended before the next began would hand its GPU on, and both would
+/// rightly report the same one.
+const JOB: &str = r#"import json, os, time, ray
 ray.init()
-@ray.remote(num_gpus=1)
-def gpu():
+@ray.remote(num_cpus=0)
+class Arrivals:
+    def __init__(self): self.count = 0
+    def arrive(self): self.count += 1
+    def all(self, n): return self.count >= n
+@ray.remote(num_gpus=1, num_cpus=0)
+def gpu(arrivals, n):
+    ray.get(arrivals.arrive.remote())
+    while not ray.get(arrivals.all.remote(n)): time.sleep(0.1)
     return {"rayGpuIds": [str(i) for i in ray.get_gpu_ids()],
             "uuids": os.environ.get("GPUMARKET_GPU_UUIDS", ""),
             "deviceNodes": sorted(d for d in os.listdir("/dev") if d.startswith("nvidia")),
             "driverLibrary": os.path.exists(DRIVER_LIBRARY)}
-print("GPUS " + json.dumps(ray.get([gpu.remote() for _ in range(int(ray.cluster_resources()["GPU"]))])))
+n = int(ray.cluster_resources()["GPU"])
+arrivals = Arrivals.remote()
+print("GPUS " + json.dumps(ray.get([gpu.remote(arrivals, n) for _ in range(n)])))
 "#;
 
-/// Every GPU held by a task for a minute: long enough to restart the kubelet under it.
+/// Every GPU held by a task for a minute, all at once: long enough to restart the kubelet under
+/// them.
 const HOLD_JOB: &str = r#"import time, ray
 ray.init()
-@ray.remote(num_gpus=1)
+@ray.remote(num_gpus=1, num_cpus=0)
 def hold():
     time.sleep(60)
     return ray.get_gpu_ids()
