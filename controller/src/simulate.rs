@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{StreamExt, stream};
 use gpumarket_crds::common::{GPU_RESOURCE, REGION_LABEL, ZONE_LABEL};
 use gpumarket_crds::{GpuOffer, GpuOfferSpec, HostResources, signature};
 use k8s_openapi::api::core::v1::Node;
@@ -19,6 +20,8 @@ pub const MODEL_LABEL: &str = "gpumarket.io/gpu-model";
 /// Label with the memory of each GPU, in MiB (80 GiB when absent).
 pub const MEMORY_LABEL: &str = "gpumarket.io/gpu-memory-mib";
 const FIELD_MANAGER: &str = "gpumarket-simulated-agent";
+/// How many simulated agents publish at the same moment.
+const PUBLISHING_AT_ONCE: usize = 32;
 
 /// What every simulated supplier asks, and the wallet it is paid to and signs its offers with.
 #[derive(Clone, Debug)]
@@ -87,10 +90,27 @@ pub async fn run(client: Client, sim: Simulation) {
                 continue;
             }
         };
-        for node in listed {
-            let name = node.name_any();
-            let Some(spec) = offer_for(&node, &sim, published.get(&name)) else { continue };
-            match publish(&offers, &name, &spec).await {
+        let due: Vec<(String, GpuOfferSpec)> = listed
+            .iter()
+            .filter_map(|node| {
+                let name = node.name_any();
+                let spec = offer_for(node, &sim, published.get(&name))?;
+                Some((name, spec))
+            })
+            .collect();
+        // Every simulated node is its own agent: thousands of them heartbeat side by side, not
+        // one after another.
+        let mut heartbeats = stream::iter(due)
+            .map(|(name, spec)| {
+                let offers = &offers;
+                async move {
+                    let result = publish(offers, &name, &spec).await;
+                    (name, spec, result)
+                }
+            })
+            .buffer_unordered(PUBLISHING_AT_ONCE);
+        while let Some((name, spec, result)) = heartbeats.next().await {
+            match result {
                 Ok(_) => {
                     published.insert(name, spec);
                 }
