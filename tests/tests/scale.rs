@@ -312,6 +312,9 @@ async fn bench_gpumarket_against_kube_scheduler() {
     // count pods: the nodes are whole for gpumarket) and nothing binds pods after it.
     let pods_ns = env.namespace("scale-pods").await.unwrap();
     let scheduled = place_with_kube_scheduler(env, &client, &pods_ns, &demand).await;
+    // Printed now: a run in which gpumarket does not finish still tells kube-scheduler's figures.
+    println!("{cluster_count} requests ({workers} workers, {gpus} GPUs) on {node_count} nodes:");
+    scheduled.print("kube-scheduler, plain pods", gpus, "create→all workers bound");
 
     let simulation = Simulation {
         price_per_gpu_hour: 2_000_000,
@@ -392,8 +395,6 @@ async fn bench_gpumarket_against_kube_scheduler() {
         peak_rss_mib: rss_mib(pid, "VmHWM"),
     };
 
-    println!("{cluster_count} requests ({workers} workers, {gpus} GPUs) on {node_count} nodes:");
-    scheduled.print("kube-scheduler, plain pods", gpus, "create→all workers bound");
     matched.print("gpumarket, GpuClusters", gpus, "apply→RayCluster");
     println!(
         "gpumarket places GPUs at {:.2}× kube-scheduler's rate",
