@@ -25,15 +25,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use futures::StreamExt;
 use gpumarket_crds::{GpuCluster, GpuFleet, GpuLease, GpuOffer, MarketPolicy};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::Api;
-use kube::runtime::reflector::Store;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::watcher;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+
+use crate::runtime::cache::cache;
 
 pub use error::Error;
 pub use runtime::context::Settings;
@@ -317,28 +316,6 @@ async fn recorded_signing_times(
             }
         }
     }
-}
-
-/// A cache of every `K` in the cluster that `config` selects, kept filled by its own task until
-/// dropped. Without managedFields, which nothing here reads and which can weigh as much as the
-/// object (every writer of an offer has its entry).
-fn cache<K>(client: &Client, config: watcher::Config) -> (Store<K>, AbortOnDropHandle<()>)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    let fill = watcher(Api::<K>::all(client.clone()), config)
-        .default_backoff()
-        .modify(|object| object.meta_mut().managed_fields = None)
-        .reflect(writer)
-        .for_each(|_| std::future::ready(()));
-    (store, AbortOnDropHandle::new(tokio::spawn(fill)))
 }
 
 #[cfg(test)]

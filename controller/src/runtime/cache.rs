@@ -1,0 +1,49 @@
+//! The controller's copies of the objects it reads: filled by watches, without managedFields,
+//! which nothing here reads and which can weigh as much as the object (every writer of an offer
+//! has its entry).
+
+use futures::{Stream, StreamExt};
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio_util::task::AbortOnDropHandle;
+
+/// The watch of every `K` that `config` selects, keeping `writer`'s store filled as it is
+/// polled.
+pub fn reflected<K>(
+    client: &Client,
+    config: watcher::Config,
+    writer: Writer<K>,
+) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + use<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(Api::<K>::all(client.clone()), config)
+        .default_backoff()
+        .modify(|object| object.meta_mut().managed_fields = None)
+        .reflect(writer)
+}
+
+/// A cache of every `K` that `config` selects, kept filled by its own task until dropped.
+pub fn cache<K>(client: &Client, config: watcher::Config) -> (Store<K>, AbortOnDropHandle<()>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let fill = reflected(client, config, writer).for_each(|_| std::future::ready(()));
+    (store, AbortOnDropHandle::new(tokio::spawn(fill)))
+}
