@@ -10,22 +10,30 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio_util::task::AbortOnDropHandle;
 
-/// The watch of every `K` that `config` selects, keeping `writer`'s store filled as it is
-/// polled.
-pub fn reflected<K>(
-    client: &Client,
-    config: watcher::Config,
-    writer: Writer<K>,
-) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + use<K>
-where
+/// What a watch can keep a copy of.
+pub trait Cached:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Cached for K where
     K: Resource<DynamicType = ()>
         + Clone
         + DeserializeOwned
         + std::fmt::Debug
         + Send
         + Sync
-        + 'static,
+        + 'static
 {
+}
+
+/// The watch of every `K` that `config` selects, keeping `writer`'s store filled as it is
+/// polled.
+pub fn reflected<K: Cached>(
+    client: &Client,
+    config: watcher::Config,
+    writer: Writer<K>,
+) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + use<K> {
     watcher(Api::<K>::all(client.clone()), config)
         .default_backoff()
         .modify(|object| object.meta_mut().managed_fields = None)
@@ -33,16 +41,10 @@ where
 }
 
 /// A cache of every `K` that `config` selects, kept filled by its own task until dropped.
-pub fn cache<K>(client: &Client, config: watcher::Config) -> (Store<K>, AbortOnDropHandle<()>)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
+pub fn cache<K: Cached>(
+    client: &Client,
+    config: watcher::Config,
+) -> (Store<K>, AbortOnDropHandle<()>) {
     let (store, writer) = reflector::store();
     let fill = reflected(client, config, writer).for_each(|_| std::future::ready(()));
     (store, AbortOnDropHandle::new(tokio::spawn(fill)))
