@@ -19,6 +19,7 @@ use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, watcher};
 
 use crate::market::supply::{free_gpus, placed_workers};
 use crate::raycluster;
+use crate::runtime::cache;
 use crate::runtime::context::Context;
 
 /// Events for one cluster closer together than this make one reconcile.
@@ -30,9 +31,8 @@ pub fn controller(ctx: &Arc<Context>) -> Controller<GpuCluster> {
     let client = ctx.client.clone();
     // Binding a cluster writes its leases (create, then status) and its RayCluster, each of
     // which triggers it again: a short debounce makes one reconcile of such a burst.
-    let controller =
-        Controller::new(Api::<GpuCluster>::all(client.clone()), watcher::Config::default())
-            .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
+    let controller = cache::controller::<GpuCluster>(&client, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
     let clusters = controller.store();
     let lease_store = ctx.leases.clone();
     let seen = Mutex::new(HashMap::new());

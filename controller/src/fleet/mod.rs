@@ -23,13 +23,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::cluster::status::{is_active, set_condition};
 use crate::error::{Error, Result};
 use crate::raycluster::ray_image;
+use crate::runtime::cache;
 use crate::runtime::context::{Context, MANAGER};
 
 pub const JOINED: &str = "Joined";
@@ -173,7 +174,7 @@ pub async fn run(ctx: Arc<Context>) {
         let offer = offers.get(&ObjectRef::new(&lease.spec.offer))?;
         offer_fleet(&offer).map(ObjectRef::new)
     };
-    Controller::new(Api::<GpuFleet>::all(ctx.client.clone()), watcher::Config::default())
+    cache::controller::<GpuFleet>(&ctx.client, watcher::Config::default())
         .watches(
             Api::<GpuLease>::all(ctx.client.clone()),
             watcher::Config::default(),

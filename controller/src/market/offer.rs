@@ -14,8 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -236,11 +236,7 @@ pub fn error_policy(offer: Arc<GpuOffer>, error: &Error, ctx: Arc<Context>) -> A
 }
 
 pub async fn run(ctx: Arc<Context>) {
-    // Its own copy of every offer (the trigger; ctx.offers is filled apart, see lib.rs), without
-    // managedFields like that one.
-    let (store, writer) = reflector::store();
-    let offers = cache::reflected(&ctx.client, watcher::Config::default(), writer);
-    Controller::for_stream(offers.applied_objects(), store)
+    cache::controller::<GpuOffer>(&ctx.client, watcher::Config::default())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {

@@ -1,11 +1,11 @@
-//! The controller's copies of the objects it reads: filled by watches, without managedFields,
-//! which nothing here reads and which can weigh as much as the object (every writer of an offer
-//! has its entry).
+//! The controller's copies of the objects it reads (its caches, and each controller's own):
+//! filled by watches, without managedFields, which nothing here reads and which can weigh as
+//! much as the object (every writer of an offer has its entry).
 
 use futures::{Stream, StreamExt};
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store, store::Writer};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio_util::task::AbortOnDropHandle;
@@ -29,7 +29,7 @@ impl<K> Cached for K where
 
 /// The watch of every `K` that `config` selects, keeping `writer`'s store filled as it is
 /// polled.
-pub fn reflected<K: Cached>(
+fn reflected<K: Cached>(
     client: &Client,
     config: watcher::Config,
     writer: Writer<K>,
@@ -38,6 +38,12 @@ pub fn reflected<K: Cached>(
         .default_backoff()
         .modify(|object| object.meta_mut().managed_fields = None)
         .reflect(writer)
+}
+
+/// A controller of every `K` that `config` selects, its own copies kept like the caches'.
+pub fn controller<K: Cached>(client: &Client, config: watcher::Config) -> Controller<K> {
+    let (store, writer) = reflector::store();
+    Controller::for_stream(reflected(client, config, writer).applied_objects(), store)
 }
 
 /// A cache of every `K` that `config` selects, kept filled by its own task until dropped.
