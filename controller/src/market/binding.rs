@@ -205,7 +205,9 @@ async fn replace_offer_status(
 
 /// Claim every planned lease's GPUs on its offer, all at once and all or nothing (the claims
 /// made are rolled back when one fails). `cached` gives the offer as last seen, which saves a
-/// read when it is current; a stale copy costs a 409 and one fresh read.
+/// read when it is current; a stale copy costs a 409 and one fresh read. Every rollback is
+/// tried even when one fails; a claim left behind that way has no lease, and the offer
+/// controller frees it after its grace (`reclaim_allocations`).
 pub async fn claim_all(
     offers: &Api<GpuOffer>,
     cached: impl Fn(&str) -> Option<Arc<GpuOffer>>,
@@ -224,7 +226,9 @@ pub async fn claim_all(
     }
     let Some(e) = failed else { return Ok(()) };
     for lease in claimed {
-        release_lease_claims(offers, lease).await?;
+        if let Err(release) = release_lease_claims(offers, lease).await {
+            tracing::warn!(lease = %lease.name_any(), %release, "rollback of a claim failed");
+        }
     }
     Err(e)
 }
@@ -407,7 +411,8 @@ mod tests {
         assert!(release(&taken, |l| l == "other").is_none());
     }
 
-    /// A gang whose second claim loses a race gives back its first claim: scripted API calls.
+    /// A gang whose last claim loses a race gives back the claims already made, each of them
+    /// even when giving back another fails: scripted API calls.
     #[tokio::test]
     async fn a_lost_claim_rolls_back_the_claims_already_made() {
         use http::{Request, Response};
@@ -416,15 +421,21 @@ mod tests {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = kube::Client::new(service, "default");
         let offers: Api<GpuOffer> = Api::all(client.clone());
-        let cluster = mk_cluster("train", 2, 1);
-        let a = crate::testing::mk_lease(&cluster, "a", &["a-gpu-0"], 1);
-        let b = crate::testing::mk_lease(&cluster, "b", &["b-gpu-0"], 1);
-        let mut offer_a = mk_offer("a", "H100", 1, now());
-        offer_a.metadata.resource_version = Some("1".into());
-        let mut offer_b = mk_offer("b", "H100", 1, now());
-        offer_b.metadata.resource_version = Some("7".into());
+        let cluster = mk_cluster("train", 3, 1);
+        let leases: Vec<GpuLease> = ["a", "b", "c"]
+            .into_iter()
+            .map(|node| crate::testing::mk_lease(&cluster, node, &[&format!("{node}-gpu-0")], 1))
+            .collect();
+        let cache: Vec<Arc<GpuOffer>> = ["a", "b", "c"]
+            .into_iter()
+            .map(|node| {
+                let mut offer = mk_offer(node, "H100", 1, now());
+                offer.metadata.resource_version = Some("1".into());
+                Arc::new(offer)
+            })
+            .collect();
+        let offer_c = (*cache[2]).clone();
 
-        let cache = [Arc::new(offer_a.clone()), Arc::new(offer_b.clone())];
         let server = tokio::spawn(async move {
             let respond = |code: u16, body: serde_json::Value| {
                 Response::builder()
@@ -432,63 +443,69 @@ mod tests {
                     .body(Body::from(serde_json::to_vec(&body).expect("json")))
                     .expect("response")
             };
-            // a: claimed from the cached copy.
-            let (req, send) = handle.next_request().await.expect("claim a");
-            assert_eq!(
-                (req.method().as_str(), req.uri().path()),
-                ("PUT", "/apis/gpumarket.io/v1alpha1/gpuoffers/a/status")
-            );
-            let body: GpuOffer =
-                serde_json::from_slice(&req.into_body().collect_bytes().await.expect("body"))
-                    .expect("offer");
-            assert_eq!(
-                body.metadata.resource_version.as_deref(),
-                Some("1"),
-                "conditional on what was read"
-            );
-            let claimed_a = body.clone();
-            send.send_response(respond(200, serde_json::to_value(&body).expect("json")));
-            // b: the cached copy is stale, the fresh one too (another replica won).
-            let (req, send) = handle.next_request().await.expect("claim b");
-            assert_eq!(req.uri().path(), "/apis/gpumarket.io/v1alpha1/gpuoffers/b/status");
+            let path = |node: &str| format!("/apis/gpumarket.io/v1alpha1/gpuoffers/{node}");
+            // a and b: claimed from the cached copies.
+            let mut claimed = BTreeMap::new();
+            for node in ["a", "b"] {
+                let (req, send) = handle.next_request().await.expect("claim");
+                assert_eq!(
+                    (req.method().as_str(), req.uri().path()),
+                    ("PUT", format!("{}/status", path(node)).as_str())
+                );
+                let body: GpuOffer =
+                    serde_json::from_slice(&req.into_body().collect_bytes().await.expect("body"))
+                        .expect("offer");
+                assert_eq!(
+                    body.metadata.resource_version.as_deref(),
+                    Some("1"),
+                    "conditional on what was read"
+                );
+                send.send_response(respond(200, serde_json::to_value(&body).expect("json")));
+                claimed.insert(node, body);
+            }
+            // c: the cached copy is stale, the fresh one too (another replica won).
+            let (req, send) = handle.next_request().await.expect("claim c");
+            assert_eq!(req.uri().path(), format!("{}/status", path("c")));
             send.send_response(respond(409, serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "modified"})));
-            let (req, send) = handle.next_request().await.expect("fresh read of b");
-            assert_eq!(
-                (req.method().as_str(), req.uri().path()),
-                ("GET", "/apis/gpumarket.io/v1alpha1/gpuoffers/b")
-            );
-            let mut taken = offer_b.clone();
+            let (req, send) = handle.next_request().await.expect("fresh read of c");
+            assert_eq!((req.method().as_str(), req.uri().path()), ("GET", path("c").as_str()));
+            let mut taken = offer_c;
             taken.status.get_or_insert_default().gpus = vec![GpuState {
-                uuid: "b-gpu-0".into(),
+                uuid: "c-gpu-0".into(),
                 health: None,
                 reason: None,
                 lease: Some("someone-else".into()),
             }];
             send.send_response(respond(200, serde_json::to_value(&taken).expect("json")));
-            // rollback of a: read, then write without the claim.
+            // rollback of a: the read fails.
             let (req, send) = handle.next_request().await.expect("read a for rollback");
+            assert_eq!((req.method().as_str(), req.uri().path()), ("GET", path("a").as_str()));
+            send.send_response(respond(500, serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd down"})));
+            // rollback of b all the same: read, then write without the claim.
+            let (req, send) = handle.next_request().await.expect("read b for rollback");
+            assert_eq!((req.method().as_str(), req.uri().path()), ("GET", path("b").as_str()));
+            send.send_response(respond(200, serde_json::to_value(&claimed["b"]).expect("json")));
+            let (req, send) = handle.next_request().await.expect("release b");
             assert_eq!(
                 (req.method().as_str(), req.uri().path()),
-                ("GET", "/apis/gpumarket.io/v1alpha1/gpuoffers/a")
+                ("PUT", format!("{}/status", path("b")).as_str())
             );
-            send.send_response(respond(200, serde_json::to_value(&claimed_a).expect("json")));
-            let (req, send) = handle.next_request().await.expect("release a");
             let body: GpuOffer =
                 serde_json::from_slice(&req.into_body().collect_bytes().await.expect("body"))
                     .expect("offer");
             assert!(
                 body.status.iter().flat_map(|s| &s.gpus).all(|g| g.lease.is_none()),
-                "claim on a released"
+                "claim on b released"
             );
             send.send_response(respond(200, serde_json::to_value(&body).expect("json")));
         });
 
         let cached =
             |name: &str| cache.iter().find(|o| o.metadata.name.as_deref() == Some(name)).cloned();
-        let result = claim_all(&offers, cached, &[a, b]).await;
+        let result = claim_all(&offers, cached, &leases).await;
         assert!(
-            matches!(result, Err(Error::AllocationConflict { ref offer }) if offer == "b"),
-            "{result:?}"
+            matches!(result, Err(Error::AllocationConflict { ref offer }) if offer == "c"),
+            "the lost claim is the error, not the failed rollback: {result:?}"
         );
         server.await.expect("scripted calls all made");
     }
