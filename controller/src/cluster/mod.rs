@@ -1,5 +1,6 @@
 //! The GpuCluster controller: owns the cluster's GpuLeases and its RayCluster.
 
+pub mod lease_view;
 pub mod pod_trouble;
 pub mod reconcile;
 pub mod status;

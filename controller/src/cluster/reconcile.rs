@@ -77,16 +77,32 @@ struct Read {
     ray_cluster: Option<DynamicObject>,
 }
 
-async fn read(cluster: &GpuCluster, ctx: &Context) -> Result<Read> {
-    // Leases come from the API, not the cache: a lease created by the previous reconcile may not
-    // have reached the cache yet, and matching again for it would over-provision the cluster.
-    let leases = Api::<GpuLease>::all(ctx.client.clone())
-        .list(
-            &ListParams::default()
-                .labels(&format!("{CLUSTER_UID_LABEL}={}", cluster.uid().unwrap_or_default())),
-        )
-        .await?
-        .items;
+/// Where the read step takes the cluster's leases from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LeaseSource {
+    /// The cache when it shows every write that matters (`lease_view`), else the API.
+    CacheWhenCurrent,
+    /// The API: a deleted cluster ends every lease it has, seen or not.
+    Api,
+}
+
+async fn read(cluster: &GpuCluster, ctx: &Context, source: LeaseSource) -> Result<Read> {
+    // A lease created by the previous reconcile and missed would be matched again and
+    // over-provision the cluster: a cache behind such a write is not read.
+    let cached =
+        (source == LeaseSource::CacheWhenCurrent).then(|| ctx.cached_leases_of(cluster)).flatten();
+    ctx.metrics
+        .lease_reads
+        .with_label_values(&[if cached.is_some() { "cache" } else { "api" }])
+        .inc();
+    let leases = match cached {
+        Some(leases) => leases,
+        None => {
+            let uid = cluster.uid().unwrap_or_default();
+            let params = ListParams::default().labels(&format!("{CLUSTER_UID_LABEL}={uid}"));
+            Api::<GpuLease>::all(ctx.client.clone()).list(&params).await?.items
+        }
+    };
     let ray_cluster = ray_api(cluster, ctx).get_opt(&ray_cluster_name(cluster)).await?;
     Ok(Read { leases, ray_cluster })
 }
@@ -110,7 +126,8 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
 
-    let Read { mut leases, ray_cluster } = read(cluster, ctx).await?;
+    let Read { mut leases, ray_cluster } =
+        read(cluster, ctx, LeaseSource::CacheWhenCurrent).await?;
 
     // validate: before any GPU is leased, what the schema cannot check (or checked only for
     // objects written after its rules) fails the cluster with a message that says what to change.
@@ -503,6 +520,7 @@ async fn match_and_bind(
         };
     }
     let bound = binding::create_leases(&Api::all(ctx.client.clone()), &planned).await?;
+    bound.iter().for_each(|lease| ctx.note_lease_write(lease));
     Ok((Bind::Bound(bound), funding))
 }
 
@@ -556,7 +574,10 @@ pub async fn end_lease(
         let Some(next) = super::status::ended_lease(&current, reason, now) else { break current };
         let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
         match api.replace_status(&lease.name_any(), &params, &next).await {
-            Ok(ended) => break ended,
+            Ok(ended) => {
+                ctx.note_lease_write(&ended);
+                break ended;
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 current = api.get_status(&lease.name_any()).await?;
             }
@@ -613,7 +634,7 @@ async fn finish(
 /// Finalizer: end every active lease (reason Deleted) before the GpuCluster and its RayCluster go.
 async fn cleanup(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     let now = Timestamp::now();
-    let Read { leases, ray_cluster } = read(cluster, ctx).await?;
+    let Read { leases, ray_cluster } = read(cluster, ctx, LeaseSource::Api).await?;
     let mut count = 0;
     for lease in leases.iter().filter(|l| is_active(l)) {
         end_lease(ctx, lease, EndReason::Deleted, now).await?;
@@ -624,6 +645,7 @@ async fn cleanup(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         delete_ray_cluster(cluster, ctx).await?;
     }
     close_gateway(cluster, ctx);
+    ctx.forget_lease_writes(cluster);
     ctx.event(
         cluster,
         EventType::Normal,
@@ -678,7 +700,10 @@ async fn record_service(
         };
         let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
         match api.replace_status(&lease.name_any(), &params, &next).await {
-            Ok(updated) => return Ok(updated),
+            Ok(updated) => {
+                ctx.note_lease_write(&updated);
+                return Ok(updated);
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 current = api.get_status(&lease.name_any()).await?;
             }

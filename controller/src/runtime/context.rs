@@ -10,6 +10,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::{Resource, ResourceExt};
 
+use crate::cluster::lease_view::{self, LastWrite};
+use crate::market::binding::CLUSTER_UID_LABEL;
 use crate::market::supply::{
     as_cached_now, gang_fleets, gpu_lease, matchable_supply, placed_workers, waiting_requests,
 };
@@ -100,6 +102,8 @@ pub struct Context {
     recent_claims: Mutex<HashMap<(String, String), Instant>>,
     /// Leases this replica creates, until the lease cache shows them: (cluster uid, workers).
     recent_leases: Mutex<HashMap<String, (String, u32, Instant)>>,
+    /// This replica's last write of a lease of each cluster, by cluster uid (see `lease_view`).
+    last_lease_writes: Mutex<HashMap<String, LastWrite>>,
     /// The admitted supply last read for a bind, and when.
     admitted: Mutex<Option<(jiff::Timestamp, Arc<Vec<Offer>>)>>,
 }
@@ -151,6 +155,7 @@ impl Context {
             tunnel: None,
             recent_claims: Mutex::new(HashMap::new()),
             recent_leases: Mutex::new(HashMap::new()),
+            last_lease_writes: Mutex::new(HashMap::new()),
             admitted: Mutex::new(None),
         }
     }
@@ -319,6 +324,44 @@ impl Context {
             let entry = (lease.spec.cluster.uid.clone(), lease.spec.workers, Instant::now());
             recent.insert(name, entry);
         }
+    }
+
+    /// Note a lease as written by this replica (created, ended, its service recorded), for
+    /// [`Context::cached_leases_of`].
+    pub fn note_lease_write(&self, lease: &GpuLease) {
+        let Some(written) = lease_view::version(lease) else { return };
+        let mut writes = lock(&self.last_lease_writes);
+        let last = writes.entry(lease.spec.cluster.uid.clone()).or_insert((lease.name_any(), 0));
+        if written >= last.1 {
+            *last = (lease.name_any(), written);
+        }
+    }
+
+    /// The cluster's leases from the cache, when the cache shows every write that matters (see
+    /// `lease_view`); else `None`, and they are read from the API.
+    pub fn cached_leases_of(&self, cluster: &GpuCluster) -> Option<Vec<GpuLease>> {
+        let uid = cluster.uid().unwrap_or_default();
+        let cached: Vec<GpuLease> = self
+            .leases
+            .state()
+            .iter()
+            .filter(|l| l.labels().get(CLUSTER_UID_LABEL) == Some(&uid))
+            .map(|l| GpuLease::clone(l))
+            .collect();
+        let named = cluster.status.as_ref().map(|s| s.leases.as_slice()).unwrap_or_default();
+        let created: Vec<String> = lock(&self.recent_leases)
+            .iter()
+            .filter(|(_, (of, _, at))| *of == uid && at.elapsed() < RECENT_CLAIM_TTL)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let last_write = lock(&self.last_lease_writes).get(&uid).cloned();
+        lease_view::cache_is_current(&cached, named, &created, last_write.as_ref())
+            .then_some(cached)
+    }
+
+    /// Forget what this replica wrote for a cluster that is gone.
+    pub fn forget_lease_writes(&self, cluster: &GpuCluster) {
+        lock(&self.last_lease_writes).remove(&cluster.uid().unwrap_or_default());
     }
 
     /// Forget the GPUs and workers of planned leases whose claims failed: free again.

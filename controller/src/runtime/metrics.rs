@@ -32,6 +32,9 @@ pub struct Metrics {
     pub match_latency: Histogram,
     pub active_leases: IntGauge,
     pub replacements: IntCounter,
+    /// Reads of a cluster's leases by a reconcile, by source: `cache` or `api` (see
+    /// `cluster::lease_view`).
+    pub lease_reads: IntCounterVec,
     /// Settlement rounds by outcome: `ok` or the error's stable label.
     pub settlement_rounds: IntCounterVec,
     /// What settlement rounds did, by action (payouts sent, confirmed, refunds sent, ...).
@@ -84,6 +87,11 @@ impl Metrics {
         registry.register(Box::new(match_latency.clone()))?;
         registry.register(Box::new(active_leases.clone()))?;
         registry.register(Box::new(replacements.clone()))?;
+        let lease_reads = IntCounterVec::new(
+            Opts::new("lease_reads_total", "Reads of a cluster's leases, by source"),
+            &["source"],
+        )?;
+        registry.register(Box::new(lease_reads.clone()))?;
         let settlement_rounds = IntCounterVec::new(
             Opts::new("settlement_rounds_total", "Settlement rounds, by outcome"),
             &["outcome"],
@@ -126,6 +134,7 @@ impl Metrics {
             match_latency,
             active_leases,
             replacements,
+            lease_reads,
             settlement_rounds,
             settlement_actions,
             settlement_lag,
