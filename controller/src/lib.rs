@@ -32,7 +32,7 @@ use kube::runtime::watcher;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::runtime::cache::cache;
+use crate::runtime::cache::{cache, watched};
 
 pub use error::Error;
 pub use runtime::context::Settings;
@@ -182,7 +182,7 @@ async fn run_controllers(
     // depending on the controller polling its trigger streams; the controllers have their own
     // watches as triggers.
     let every = watcher::Config::default;
-    let (offer_store, _offers) = cache::<GpuOffer>(&client, every());
+    let (offer_store, offer_changes, _offers) = watched::<GpuOffer>(&client, every());
     let (lease_store, _leases) = cache::<GpuLease>(&client, every());
     let (cluster_store, _clusters) = cache::<GpuCluster>(&client, every());
     let (pod_store, _pods) = cache::<Pod>(&client, every().labels(raycluster::CLUSTER_LABEL));
@@ -257,7 +257,7 @@ async fn run_controllers(
             }
         }
     });
-    let offer_controller = market::offer::run(ctx.clone());
+    let offer_controller = market::offer::run(ctx.clone(), offer_changes);
     let policy_events = policy::run(ctx.clone());
     let fleet_controller = fleet::run(ctx.clone());
     // Each its own task, polled from the runtime rather than through this function's frame

@@ -15,7 +15,6 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -235,8 +234,10 @@ pub fn error_policy(offer: Arc<GpuOffer>, error: &Error, ctx: Arc<Context>) -> A
     Action::requeue(Duration::from_secs(5))
 }
 
-pub async fn run(ctx: Arc<Context>) {
-    cache::controller::<GpuOffer>(&ctx.client, watcher::Config::default())
+/// Run the controller on the shared offer cache (`ctx.offers`), whose `changes` trigger it: the
+/// offers are the largest cache, and one copy of them is enough.
+pub async fn run(ctx: Arc<Context>, changes: Arc<cache::Changes<GpuOffer>>) {
+    cache::controller_on(ctx.offers.clone(), changes)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
