@@ -229,7 +229,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => kube::Config::infer().await.context("no kubeconfig and not in a cluster")?,
     };
-    let client = kube::Client::try_from(gpumarket_controller::identified(config))?;
+    let client = gpumarket_controller::client(config)?;
 
     let leader_election = args.leader_election.then(|| LeaderElection {
         namespace: args.namespace.clone(),

@@ -280,7 +280,7 @@ impl Fixture {
             let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
                 .await
                 .unwrap();
-            let client = Client::try_from(gpumarket_controller::identified(config)).unwrap();
+            let client = gpumarket_controller::client(config).unwrap();
             let config = Config { settings: Settings::default(), ..Config::default() };
             tokio::spawn(async move {
                 gpumarket_controller::run_settling(client, config, settler).await.unwrap();
