@@ -28,6 +28,11 @@ use crate::verification::{self, VERIFIED};
 
 pub const AVAILABLE: &str = "Available";
 const CONTROLLER: &str = "gpuoffer";
+/// Offers reconciled at once, at most. A start reconciles every offer: each reconcile in flight
+/// holds its status patch and task (about 10 KB), while the client sends only
+/// `REQUESTS_IN_FLIGHT` requests at a time; enough wait together at the signing-time lock to
+/// share its writes.
+const RECONCILES_AT_ONCE: u16 = 512;
 /// An offer with a fresh heartbeat is looked at again at least this often.
 const RECHECK: Duration = Duration::from_secs(60);
 
@@ -238,6 +243,7 @@ pub fn error_policy(offer: Arc<GpuOffer>, error: &Error, ctx: Arc<Context>) -> A
 /// offers are the largest cache, and one copy of them is enough.
 pub async fn run(ctx: Arc<Context>, changes: Arc<cache::Changes<GpuOffer>>) {
     cache::controller_on(ctx.offers.clone(), changes)
+        .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILES_AT_ONCE))
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
