@@ -189,7 +189,7 @@ async fn run_controllers(
 ) -> Result<(), RunError> {
     // The caches are filled by their own tasks, so a reconcile can wait for them without
     // depending on the controller polling its trigger streams; the controllers have their own
-    // watches as triggers.
+    // watches as triggers, except the offer controller, which the offer cache's changes trigger.
     let every = watcher::Config::default;
     let (offer_store, offer_changes, _offers) = watched::<GpuOffer>(&client, every());
     let (lease_store, _leases) = cache::<GpuLease>(&client, every());
