@@ -16,13 +16,16 @@
 //! costs in price, and what the moves win in requests served, is what the matching bench
 //! prints.
 //!
-//! Keeping GPUs free: moves are bounded and go one step (an older request moves only onto GPUs
-//! free at that point), so a request can stay left out that the supply could serve on its own:
-//! taking the cheapest GPUs oldest first spends the cheap ones on buyers who had other choices.
-//! Then the pass is done again with every older request keeping off the GPUs the left-out ones
-//! could use wherever it has a complete gang without them. The new pass is kept when it serves
-//! more requests and, of those the two passes differ on, the oldest: a request loses its match
-//! only to an older one, never to a younger one. At most [`MAX_PASSES`] passes are made.
+//! Filling first: moves are bounded and go one step (an older request moves only onto GPUs
+//! free at that point), so a request can stay left out that the supply could serve: taking the
+//! cheapest GPUs oldest first spends the cheap ones, which every buyer can afford, on buyers
+//! who could have paid for others. So when a pass leaves short a request that the supply could
+//! serve on its own, the pass is done again filling first: each request, oldest first, takes
+//! the dearest gang within its own price limit, which leaves the cheap GPUs to buyers who can
+//! afford nothing else; then every matched request settles onto its cheapest gang on what is
+//! free and its own, so no buyer pays for the order GPUs were handed out in. The fill pass is kept when it serves more requests and, of
+//! those the two passes differ on, the oldest: a request loses its match only to an older one,
+//! never to a younger one.
 //!
 //! Anti-starvation: backfill alone lets a stream of small requests take every GPU that frees up
 //! while an old large request waits for enough of them to be free at once. So the oldest
@@ -38,7 +41,7 @@ use std::collections::BTreeSet;
 use super::explain::{Constraint, Explanation, Outcome, Shortage};
 use super::index::{Entry, Index, Need};
 use super::model::{Assignment, Offer, Request, WorkerSlot};
-use super::select::{Gang, Pick, Selection, cheapest_slots};
+use super::select::{Gang, Pick, Selection, cheapest_slots, dearest_slots};
 
 /// When a waiting request may hold GPUs (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,13 +75,15 @@ const MAX_MOVED: usize = 32;
 /// Rounds of [`Market::settle`] at most; a request moves only onto a gang it prefers.
 const MAX_SETTLE_ROUNDS: usize = 4;
 
-/// How many requests left out of a first pass the second one keeps GPUs free for at most
-/// (see [`Market::match_all`]).
-const MAX_STARVED: usize = 32;
-
-/// Passes of [`Market::match_all`] at most: the first, and those keeping GPUs free for requests
-/// left out.
-const MAX_PASSES: usize = 3;
+/// Which gang each request takes in a pass, oldest first (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Way {
+    /// Its cheapest.
+    Cheapest,
+    /// Its dearest within its price limit; the matched requests settle onto their cheapest
+    /// after the pass.
+    Fill,
+}
 
 /// What one pass decided for each request, by position in the pass's order: its gang, or why
 /// it has none; and the market it leaves.
@@ -100,9 +105,9 @@ impl Pass {
     }
 
     /// Positions of the requests short of supply.
-    fn left_out(&self) -> Vec<usize> {
+    fn left_out(&self) -> impl Iterator<Item = usize> + '_ {
         let short = |at: &usize| matches!(self.unmatched[*at], Some(Explanation::Short(_)));
-        (0..self.unmatched.len()).filter(short).collect()
+        (0..self.unmatched.len()).filter(short)
     }
 }
 
@@ -134,29 +139,15 @@ impl<'a> Market<'a> {
         let mut order: Vec<&Request> = requests.iter().collect();
         order.sort_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)));
         let start = self.index.entries.clone();
-        let mut best = self.pass(&order, hold, &[]);
-        // Requests left out that the supply could serve on its own: another pass keeping GPUs
-        // free for them (see the module documentation).
-        let mut left_out = best.left_out();
-        let mut starved = BTreeSet::new();
-        for _ in 1..MAX_PASSES {
-            if left_out.is_empty() {
-                break; // the common case: nothing to pass again for
-            }
-            self.reset(&start);
-            let before = starved.len();
-            let fits_alone =
-                |&at: &usize| matches!(self.select(order[at]), Ok(Selection::Complete(_)));
-            let newly: Vec<usize> = left_out.into_iter().filter(fits_alone).collect();
-            starved.extend(newly.into_iter().take(MAX_STARVED - before));
-            if starved.len() == before {
-                break;
-            }
-            let kept_for = self.kept_for(&order, &starved);
-            let pass = self.pass(&order, hold, &kept_for);
-            left_out = pass.left_out();
-            if pass.serves_more_than(&best) {
-                best = pass;
+        let mut best = self.pass(&order, hold, Way::Cheapest);
+        // Filling first can serve more only if a request left short could be served on the
+        // supply alone (one that never can, waiting for more, costs no second pass).
+        self.reset(&start);
+        let fits_alone = |at: usize| matches!(self.select(order[at]), Ok(Selection::Complete(_)));
+        if best.left_out().any(fits_alone) {
+            let filled = self.pass(&order, hold, Way::Fill);
+            if filled.serves_more_than(&best) {
+                best = filled;
             }
         }
         self.index.entries = best.entries;
@@ -184,28 +175,13 @@ impl<'a> Market<'a> {
             .collect()
     }
 
-    /// For each offer (by position in the input), the position in `order` before which
-    /// requests keep off it: that of the youngest request of `starved` that could use it (0
-    /// for none).
-    fn kept_for(&self, order: &[&Request], starved: &BTreeSet<usize>) -> Vec<usize> {
-        let needs: Vec<(usize, Need)> =
-            starved.iter().map(|&at| (at, self.index.need(order[at]))).collect();
-        let mut kept_for = vec![0; self.index.entries.len()];
-        for e in &self.index.entries {
-            let users = needs.iter().filter(|(at, n)| self.could_use(n, order[*at], e));
-            kept_for[e.offer as usize] = users.map(|(at, _)| *at).max().unwrap_or(0);
-        }
-        kept_for
-    }
-
-    /// One pass of [`Market::match_all`] over `order`, each request keeping off the entries
-    /// kept for a younger one (`kept_for`) where it has a complete gang without them.
-    fn pass(&mut self, order: &[&Request], hold: HoldPolicy, kept_for: &[usize]) -> Pass {
+    /// One pass of [`Market::match_all`] over `order`, each request taking its gang `way`.
+    fn pass(&mut self, order: &[&Request], hold: HoldPolicy, way: Way) -> Pass {
         let mut gangs = vec![None; order.len()];
         let mut unmatched = Vec::with_capacity(order.len());
         let mut moved = false;
         for (at, request) in order.iter().enumerate() {
-            unmatched.push(match self.select_keeping_off(request, at, kept_for) {
+            unmatched.push(match self.select_by(request, way) {
                 Err(invalid) => Some(Explanation::Invalid(invalid)),
                 Ok(Selection::Complete(picks)) => {
                     self.take(request, &picks);
@@ -226,7 +202,7 @@ impl<'a> Market<'a> {
                 }
             });
         }
-        if moved {
+        if moved || way == Way::Fill {
             self.settle(order, &mut gangs);
             for (at, request) in order.iter().enumerate() {
                 if !matches!(unmatched[at], Some(Explanation::Short(_))) {
@@ -242,22 +218,18 @@ impl<'a> Market<'a> {
         Pass { gangs, unmatched, entries: self.index.entries.clone(), holder: self.holder.clone() }
     }
 
-    /// The cheapest gang of `request` (at position `at`) off the entries kept for younger
-    /// requests (none when `kept_for` is empty), when it has one there; else its cheapest gang.
-    fn select_keeping_off(
-        &self,
-        request: &Request,
-        at: usize,
-        kept_for: &[usize],
-    ) -> Result<Selection, String> {
-        if kept_for.is_empty() {
-            return self.select(request);
+    /// The request's gang taken `way`: its dearest within its price limit when filling and it
+    /// has one; else its cheapest slots (or all it could use, when they are too few).
+    fn select_by(&self, request: &Request, way: Way) -> Result<Selection, String> {
+        if way == Way::Fill && request.gpus_per_worker > 0 {
+            let need = self.index.need(request);
+            let usable = |e: &Entry| self.usable(e, request);
+            let gang = (request.workers, request.gpus_per_worker);
+            if let Some(picks) = dearest_slots(&self.index, &need, gang, usable) {
+                return Ok(Selection::Complete(picks));
+            }
         }
-        let off = |e: &Entry| kept_for[e.offer as usize] <= at;
-        match self.select_where(request, off) {
-            Ok(Selection::Partial(_)) => self.select(request),
-            selection => selection,
-        }
+        self.select(request)
     }
 
     /// Make room for `order[at]`, which does not fit on what the older requests took, by moving

@@ -1,7 +1,8 @@
 //! Gang matching of requests to supplier GPUs at minimum cost. Pure: no I/O.
 //!
 //! [`match_all`] serves every pending request (oldest first, with backfill, older requests
-//! moved to make room for one that fits only then, and an anti-starvation hold, see `engine`);
+//! moved to make room for one that fits only then, a pass filling the dearest GPUs first when
+//! one is left short, and an anti-starvation hold, see `engine`);
 //! [`match_in_turn`] answers for one request after the older ones (what the controller binds);
 //! [`quote`] and [`Market::quote`] answer for one request without taking anything. Both choose
 //! GPUs the same way (`select`): the cheapest complete gang, placement and reputation breaking

@@ -134,6 +134,39 @@ pub(super) fn cheapest_slots(
     Selection::Complete(best.map(|(_, picks)| picks).unwrap_or_default())
 }
 
+/// The dearest `workers` slots of `gpus_per_worker` GPUs in one site among entries that meet
+/// `need` (`usable` as in [`cheapest_slots`]), found scanning down from the dearest supply
+/// within the price limit: the first site to hold the gang wins. In entry order; `None` when no
+/// site holds it. What a fill pass takes (see `engine`).
+pub(super) fn dearest_slots(
+    index: &Index<'_>,
+    need: &Need,
+    (workers, gpus_per_worker): (u32, u32),
+    usable: impl Fn(&Entry) -> u32,
+) -> Option<Vec<Pick>> {
+    if workers == 0 {
+        return Some(Vec::new());
+    }
+    let mut sites: Vec<(u32, Vec<Pick>)> = vec![(0, Vec::new()); index.site_count()];
+    let within = index.entries.partition_point(|e| e.price <= need.max_price);
+    for (pos, entry) in index.entries[..within].iter().enumerate().rev() {
+        let slots = usable(entry) / gpus_per_worker;
+        if slots == 0 || need.failures(entry) != 0 {
+            continue;
+        }
+        let (found, picks) = &mut sites[entry.site as usize];
+        let taken = slots.min(workers - *found);
+        picks.push(Pick { entry: pos, workers: taken });
+        *found += taken;
+        if *found == workers {
+            let mut gang = std::mem::take(picks);
+            gang.reverse();
+            return Some(gang);
+        }
+    }
+    None
+}
+
 /// The cheapest `wanted` of one site's `candidates` (in price order, none dearer than
 /// `boundary`, at least `wanted` slots): all those cheaper than the boundary, and the rest at
 /// the boundary price as the placement wants; in entry order.

@@ -608,11 +608,11 @@ fn served(results: &[(String, Outcome)]) -> Vec<(&str, bool)> {
 }
 
 #[test]
-fn older_requests_keep_off_what_a_left_out_one_needs_when_moving_one_step_is_not_enough() {
+fn filling_the_dearest_gpus_first_serves_a_left_out_one_when_moving_one_step_is_not_enough() {
     // Cheapest first, the T4 goes to the first request and the RTX3090 to the second; the
     // T4-only request is left out with the A100 free. Moving the first request alone finds no
     // free GPU it can use: only a chain of moves (first to the RTX3090, second to the A100)
-    // frees the T4. The second pass, keeping the T4 free, finds that chain.
+    // frees the T4. The fill pass, each request on its dearest GPUs, finds that chain.
     let offers = three_models(1);
     let requests = [
         asking("ns/t4-or-rtx", 10, 1, &["T4", "RTX3090"]),
@@ -636,10 +636,10 @@ fn older_requests_keep_off_what_a_left_out_one_needs_when_moving_one_step_is_not
 }
 
 #[test]
-fn keeping_gpus_free_never_costs_an_older_request_its_match() {
-    // Nodes of two GPUs. Keeping the T4s free for the two youngest (T4-only) would move the
-    // first request to the RTX3090s and the second to the A100s, which leaves the A100-only
-    // request out: four served instead of three, but one of them at an older one's cost.
+fn filling_first_never_costs_an_older_request_its_match() {
+    // Nodes of two GPUs. Filling first puts the first request on the RTX3090s and the second on
+    // the A100s, which leaves the A100-only request out: four served instead of three (the
+    // T4-only ones), but at an older one's cost.
     let offers = three_models(2);
     let requests = [
         asking("ns/t4-or-rtx", 10, 2, &["T4", "RTX3090"]),
@@ -658,7 +658,7 @@ fn keeping_gpus_free_never_costs_an_older_request_its_match() {
             ("ns/t4-b", false)
         ]
     );
-    // Without the A100-only request, the same pass costs no one: the T4-only ones are served.
+    // Without the A100-only request, filling first costs no one: the T4-only ones are served.
     let without: Vec<Request> =
         requests.iter().filter(|r| r.key != "ns/a100-only").cloned().collect();
     assert!(served(&match_all(&offers, &without, no_hold())).iter().all(|(_, s)| *s));
