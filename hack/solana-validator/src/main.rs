@@ -148,6 +148,12 @@ fn main() -> Result<()> {
         thread::sleep(Duration::from_millis(200));
     }
     eprintln!("[gpumarket-validator] ready in {:.1} s", started.elapsed().as_secs_f64());
+    match lower_busy_polling_threads() {
+        Ok(lowered) => {
+            eprintln!("[gpumarket-validator] {lowered} busy-polling thread(s) at nice 19")
+        }
+        Err(e) => eprintln!("[gpumarket-validator] busy-polling threads keep their priority: {e}"),
+    }
     writeln!(ready_out, "READY rpc=http://127.0.0.1:{} faucet={}", args.rpc_port, mint.pubkey())?;
     ready_out.flush()?;
 
@@ -170,6 +176,32 @@ fn main() -> Result<()> {
     });
     drop(validator); // Validator::close(): stops services, flushes the ledger, joins threads
     Ok(())
+}
+
+/// Banking-stage threads that poll without ever sleeping while this validator is leader (on a
+/// one-node testbed, always): the transaction scheduler keeps a whole core busy with no
+/// transaction to schedule, which on a 2-core machine is half of what the control plane and
+/// the tests have. At the lowest priority it still gets a slice every few milliseconds when the
+/// machine is busy, and all it wants when it is not.
+const BUSY_POLLING_THREADS: [&str; 1] = ["solBnkTxSched"];
+
+/// Set the threads of [`BUSY_POLLING_THREADS`] to nice 19; returns how many there were.
+fn lower_busy_polling_threads() -> Result<usize> {
+    let mut lowered = 0;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let task = task?;
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !BUSY_POLLING_THREADS.contains(&name.trim_end()) {
+            continue;
+        }
+        let tid: libc::id_t = task.file_name().to_string_lossy().parse()?;
+        // On Linux a thread id given as PRIO_PROCESS sets that one thread's nice value.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) } != 0 {
+            bail!("setpriority({tid}): {}", std::io::Error::last_os_error());
+        }
+        lowered += 1;
+    }
+    Ok(lowered)
 }
 
 /// Store each `<address>.account` file of `dir` in the working bank when it is new or changed.
