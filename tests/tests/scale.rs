@@ -18,7 +18,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -82,17 +82,57 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0 // USER_HZ
 }
 
-/// Requests the API server has served, leaving out what runs beside either placer whatever it
-/// does: KWOK's node heartbeats (nodes, leases) and its pod status updates (a kubelet's work).
-async fn api_requests(client: &kube::Client) -> f64 {
+/// Requests the API server has served, by verb and resource (`"PATCH gpuoffers/status"`),
+/// leaving out what runs beside either placer whatever it does: KWOK's node heartbeats (nodes,
+/// leases) and its pod status updates (a kubelet's work).
+async fn api_requests(client: &kube::Client) -> BTreeMap<String, f64> {
     let metrics = http::Request::get("/metrics").body(Vec::new()).unwrap();
     let text = client.request_text(metrics).await.unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-        .filter(|l| !l.contains(",resource=\"nodes\"") && !l.contains(",resource=\"leases\""))
-        .filter(|l| !(l.contains(",resource=\"pods\"") && l.contains("subresource=\"status\"")))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+    let mut served = BTreeMap::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("apiserver_request_total{")) {
+        let Some((labels, count)) = line.rsplit_once("} ") else { continue };
+        let label = |name: &str| {
+            let start = labels.find(&format!("{name}=\"")).map(|at| at + name.len() + 2)?;
+            labels[start..].split('"').next()
+        };
+        let (Some(verb), Some(resource)) = (label("verb"), label("resource")) else { continue };
+        let subresource = label("subresource").unwrap_or_default();
+        if resource == "nodes"
+            || resource == "leases"
+            || (resource, subresource) == ("pods", "status")
+        {
+            continue;
+        }
+        let kind = match subresource {
+            "" => format!("{verb} {resource}"),
+            sub => format!("{verb} {resource}/{sub}"),
+        };
+        *served.entry(kind).or_default() += count.parse::<f64>().unwrap_or(0.0);
+    }
+    served
+}
+
+/// The requests served between two readings of [`api_requests`], by kind, most first, less
+/// the bench's own (`count` of kind `own`: its creates are not the placer's).
+fn served_since(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    (own, count): (&str, usize),
+) -> Vec<(String, f64)> {
+    let mut since: Vec<(String, f64)> = after
+        .iter()
+        .map(|(kind, n)| {
+            let bench = if kind == own { count as f64 } else { 0.0 };
+            (kind.clone(), n - before.get(kind).copied().unwrap_or(0.0) - bench)
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    since.sort_by(|a, b| b.1.total_cmp(&a.1));
+    since
+}
+
+fn total(served: &[(String, f64)]) -> f64 {
+    served.iter().map(|(_, n)| n).sum()
 }
 
 /// One buyer's demand: `workers` workers of `gpus` GPUs, H100 only or H100 or A100, in a
@@ -276,8 +316,11 @@ async fn place_with_kube_scheduler(
     Placed {
         total: last - first,
         latencies,
-        // The bench's own pod creates are not the scheduler's.
-        requests_per_gpu: (api_requests(client).await - requests - workers as f64) / gpus as f64,
+        requests_per_gpu: total(&served_since(
+            &requests,
+            &api_requests(client).await,
+            ("POST pods", workers),
+        )) / gpus as f64,
         cpu_seconds: cpu_seconds(pid) - cpu,
         peak_rss_mib: rss_mib(pid, "VmHWM"),
     }
@@ -385,17 +428,20 @@ async fn bench_gpumarket_against_kube_scheduler() {
         .collect();
     latencies.sort();
     let first_apply = applied_at.values().min().copied().unwrap();
+    let own = ("POST gpuclusters", cluster_count);
+    let served = served_since(&requests, &api_requests(&client).await, own);
     let matched = Placed {
         total: first_seen.values().max().copied().unwrap() - first_apply,
         latencies,
-        // The bench's own GpuCluster creates are not the controller's.
-        requests_per_gpu: (api_requests(&client).await - requests - cluster_count as f64)
-            / gpus as f64,
+        requests_per_gpu: total(&served) / gpus as f64,
         cpu_seconds: cpu_seconds(pid) - cpu,
         peak_rss_mib: rss_mib(pid, "VmHWM"),
     };
 
     matched.print("gpumarket, GpuClusters", gpus, "apply→RayCluster");
+    let per_cluster: Vec<String> =
+        served.iter().map(|(kind, n)| format!("{:.2} {kind}", n / cluster_count as f64)).collect();
+    println!("gpumarket's API requests per GpuCluster: {}", per_cluster.join(", "));
     println!(
         "gpumarket places GPUs at {:.2}× kube-scheduler's rate",
         matched.rate(gpus) / scheduled.rate(gpus)
