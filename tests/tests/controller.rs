@@ -4,9 +4,8 @@
 //! replicas never share a GPU; a silent supplier's workers are replaced (on its own GPUs again
 //! when it comes back); deletion ends the leases first; a restarted controller converges
 //! without duplicates; with settlement on the real validator, a cluster is bound only once
-//! funded, only to staked offers, and deleting it pays the supplier and refunds the buyer to
-//! the base unit. Only offers signed by their
-//! wallet are matched: forged, replayed (even after a controller restart) and re-walleted
+//! funded, only to offers staked as the MarketPolicy asks, and deleting it pays the supplier
+//! and refunds the buyer to the base unit. Only offers signed by their wallet are matched: forged, replayed (even after a controller restart) and re-walleted
 //! offers, and two offers claiming one GPU, are refused with the reason in their `Verified`
 //! condition and an Event; the record of signing times drops offers gone for a day for a floor,
 //! never over a concurrent write. A MarketPolicy change applies to the next lease and leaves running
@@ -29,7 +28,7 @@ use gpumarket_controller::settlement::{SettlementConfig, Settler};
 use gpumarket_controller::{Config, Settings};
 use gpumarket_crds::common::quantity_scaled;
 use gpumarket_crds::{
-    ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, GpuTier, HostResources, LeasePhase,
+    ClusterPhase, EndReason, GpuCluster, GpuLease, GpuOffer, HostResources, LeasePhase,
     MarketPolicy, PerWorker,
 };
 use gpumarket_tests::solana::read_keypair;
@@ -552,8 +551,18 @@ async fn a_settled_cluster_pays_its_staked_supplier_for_served_time_and_refunds_
     );
     config.poll_interval = Duration::from_secs(1);
     config.heartbeat_timeout = HEARTBEAT_TIMEOUT;
-    config.stake.min_per_gpu = [(GpuTier::H100, 500_000)].into();
     let settler = Arc::new(Settler::new(config).unwrap());
+    // The minimum stake comes from the MarketPolicy, read live (no flag sets one here).
+    let policies: Api<MarketPolicy> = Api::all(client.clone());
+    let policy = json!({
+        "apiVersion": "gpumarket.io/v1alpha1", "kind": "MarketPolicy",
+        "metadata": {"name": "default"},
+        "spec": {"minStakePerGpu": [{"tier": "H100", "amount": 500_000}]},
+    });
+    policies
+        .patch("default", &PatchParams::apply("market-admin"), &Patch::Apply(&policy))
+        .await
+        .unwrap();
 
     // 1000 base units per GPU-second; the cheaper supplier never bonded stake.
     let price = 3_600_000;
@@ -644,6 +653,7 @@ async fn a_settled_cluster_pays_its_staked_supplier_for_served_time_and_refunds_
     assert_eq!(buyer_before - sol.balance(&buyer.pubkey()).await.unwrap(), paid, "rest refunded");
     assert_eq!(sol.account_balance(&escrow).await.unwrap(), None, "the escrow is closed");
     assert_eq!(sol.account_balance(&stake_account).await.unwrap(), Some(stake), "stake intact");
+    policies.delete("default", &DeleteParams::default()).await.unwrap();
 }
 
 /// Issue 13, 5: a lease whose workers never get Ready is ended within the provisioning timeout
