@@ -347,10 +347,16 @@ pub struct GpuClusterStatus {
     pub ray_client: Option<String>,
 
     /// The fleet whose cluster runs the Ray head and workers, when a fleet does: the dashboard
-    /// and Ray client addresses are then those of the fleet's cluster network.
+    /// and Ray client addresses are then those of the fleet's cluster network, unless
+    /// `throughHub`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub fleet: Option<String>,
+
+    /// True when the dashboard and Ray client addresses are the hub's gateway to the head in
+    /// `fleet` (the hub's tunnel forwards them), reachable in the hub's cluster network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub through_hub: Option<bool>,
 
     /// Sum over leases of price × GPUs: what the cluster costs per hour, in base units.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -788,8 +788,10 @@ async fn runs_in(hub: &Client, ns: &str, name: &str, fleet: &Fleet) -> RayAccess
     if fleet.tunnel.is_some() {
         assert!(access.dashboard.starts_with("http://127.0.0.1:"), "{access:?}");
         assert!(access.ray_client.starts_with("ray://127.0.0.1:"), "{access:?}");
+        assert_eq!(status.through_hub, Some(true), "the hub's gateway, and the status says so");
     } else {
         assert_eq!(access, in_fleet);
+        assert_eq!(status.through_hub, None);
     }
     assert_eq!(status.ray_cluster, None);
     let ray_clusters: Api<DynamicObject> =

@@ -285,13 +285,13 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
             fleet_ray(ctx.fleets.get(&ObjectRef::new(&fleet)).as_deref(), &active);
         // The buyer reaches the head through the hub's tunnel, when it runs; else the fleet's
         // own address is shown (reachable from inside the fleet).
-        let access = match (&ctx.tunnel, in_fleet) {
+        let (access, through_hub) = match (&ctx.tunnel, in_fleet) {
             (Some(tunnel), Some(_)) => {
-                Some(tunnel.gateway(&uid, &fleet).await.map_err(Error::Gateway)?)
+                (Some(tunnel.gateway(&uid, &fleet).await.map_err(Error::Gateway)?), true)
             }
-            (_, in_fleet) => in_fleet,
+            (_, in_fleet) => (in_fleet, false),
         };
-        let ray = RaySite { ray_cluster: None, fleet: Some(fleet), access };
+        let ray = RaySite { ray_cluster: None, fleet: Some(fleet), access, through_hub };
         (Some(ready), ray)
     } else if active.is_empty() && ray_cluster.is_none() {
         close_gateway(cluster, ctx);
@@ -314,7 +314,9 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         }
         let ready = serde_json::to_value(&applied).map(|v| is_ready(&v)).unwrap_or(false);
         let access = Some(head_access(&name, &namespace));
-        (Some(ready), RaySite { ray_cluster: Some(name.clone()), fleet: None, access })
+        let ray =
+            RaySite { ray_cluster: Some(name.clone()), fleet: None, access, through_hub: false };
+        (Some(ready), ray)
     };
     let running = cluster.status.as_ref().and_then(|s| s.phase) == Some(ClusterPhase::Running);
     if ray_ready == Some(true) && !running {

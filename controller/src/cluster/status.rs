@@ -337,6 +337,8 @@ pub struct RaySite {
     pub ray_cluster: Option<String>,
     pub fleet: Option<String>,
     pub access: Option<RayAccess>,
+    /// `access` is the hub's gateway to the head in `fleet`, not the fleet's own address.
+    pub through_hub: bool,
 }
 
 impl RaySite {
@@ -449,6 +451,7 @@ pub fn build_status(obs: &Observation<'_>) -> GpuClusterStatus {
         dashboard: obs.ray.access.as_ref().map(|a| a.dashboard.clone()),
         ray_client: obs.ray.access.as_ref().map(|a| a.ray_client.clone()),
         fleet: obs.ray.fleet.clone(),
+        through_hub: obs.ray.through_hub.then_some(true),
         hourly_rate: Some(hourly_rate),
         start_time,
         cost_accrued: Some(cost),
@@ -487,6 +490,7 @@ pub fn ended_status(
         dashboard: None,
         ray_client: None,
         fleet: None,
+        through_hub: None,
         hourly_rate: Some(0),
         start_time: previous.start_time,
         cost_accrued: Some(cost),
@@ -767,8 +771,12 @@ mod tests {
             dashboard: "http://ray-head-u.market.svc:8265".into(),
             ray_client: "ray://ray-head-u.market.svc:10001".into(),
         };
-        let ray =
-            RaySite { ray_cluster: None, fleet: Some("fleet-a".into()), access: Some(access) };
+        let ray = RaySite {
+            ray_cluster: None,
+            fleet: Some("fleet-a".into()),
+            access: Some(access),
+            through_hub: false,
+        };
         let waiting =
             build_status(&Observation { ray: ray.clone(), ..obs(&cluster, &leases, Some(false)) });
         assert_eq!(waiting.phase, Some(ClusterPhase::Provisioning));
@@ -784,6 +792,7 @@ mod tests {
         assert_eq!(running.fleet.as_deref(), Some("fleet-a"));
         assert_eq!(running.dashboard.as_deref(), Some("http://ray-head-u.market.svc:8265"));
         assert_eq!(running.ray_client.as_deref(), Some("ray://ray-head-u.market.svc:10001"));
+        assert_eq!(running.through_hub, None, "the fleet's own address");
     }
 
     #[test]

@@ -46,9 +46,13 @@ pub struct Summary {
     pub dashboard: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ray_client: Option<String>,
-    /// The fleet whose cluster runs its Ray (the addresses are in that cluster's network).
+    /// The fleet whose cluster runs its Ray (the addresses are in that cluster's network,
+    /// unless `through_hub`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fleet: Option<String>,
+    /// The addresses are the hub's gateway to the head in `fleet`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub through_hub: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -120,6 +124,7 @@ pub fn summarize(
         dashboard: status.dashboard.clone(),
         ray_client: status.ray_client.clone(),
         fleet: status.fleet.clone(),
+        through_hub: status.through_hub == Some(true),
         leases: lines,
     }
 }
@@ -185,6 +190,9 @@ pub fn render(s: &Summary) -> String {
         let _ = writeln!(out, "  refunded:    {}", Amount::new(refunded));
     }
     let reached = match &s.fleet {
+        Some(fleet) if s.through_hub => {
+            format!("the hub's gateway to fleet {fleet}: open it from the hub's cluster network")
+        }
         Some(fleet) => format!("in fleet {fleet}'s cluster: ask its operator for a route"),
         None => "`kubectl gpumarket dashboard` forwards it here".into(),
     };
@@ -257,6 +265,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ray client:  ray://ray-head-u.ray.svc:10001"), "{text}");
+
+        // With the hub's tunnel, the addresses are the hub's gateway.
+        let status = cluster.status.as_mut().expect("set above");
+        status.dashboard = Some("http://10.0.0.5:31000".into());
+        status.through_hub = Some(true);
+        let text = render(&summarize(&cluster, &[], &Conversion::OneToOne, Timestamp::UNIX_EPOCH));
+        assert!(
+            text.contains(
+                "dashboard:   http://10.0.0.5:31000 (the hub's gateway to fleet fleet-a: open it from the hub's cluster network)"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
