@@ -573,6 +573,24 @@ async fn stake(
     })
 }
 
+/// Why `dashboard` cannot forward to the cluster's head, and where it is reached instead: the
+/// head runs in a fleet's own cluster.
+fn not_forwarded_here(cluster: &GpuCluster) -> Option<String> {
+    let status = cluster.status.clone().unwrap_or_default();
+    let fleet = status.fleet?;
+    let at = status.dashboard.unwrap_or_else(|| "not reported yet".into());
+    let reach = if status.through_hub == Some(true) {
+        format!(
+            "the hub's gateway forwards its dashboard at {at}, in the hub's cluster network: open it from there"
+        )
+    } else {
+        format!(
+            "the hub does not forward to it: its dashboard is {at} there; ask the fleet's operator for a route"
+        )
+    };
+    Some(format!("{} runs in fleet {fleet}'s own cluster; {reach}", cluster.name_any()))
+}
+
 /// Forward local `port` to the Ray head's dashboard port until interrupted.
 async fn dashboard(
     client: &Client,
@@ -582,14 +600,8 @@ async fn dashboard(
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::Pod;
-    let status = cluster.status.clone().unwrap_or_default();
-    if let Some(fleet) = status.fleet {
-        let at = status.dashboard.unwrap_or_else(|| "not reported yet".into());
-        anyhow::bail!(
-            "{} runs in fleet {fleet}'s own cluster, which the hub does not forward to: its \
-             dashboard is {at} there; ask the fleet's operator for a route",
-            cluster.name_any()
-        );
+    if let Some(why) = not_forwarded_here(cluster) {
+        anyhow::bail!(why);
     }
     let ray = crate::raycluster::ray_cluster_name(cluster);
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
@@ -639,5 +651,28 @@ async fn dashboard(
                 eprintln!("forwarding a connection: {e:#}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleets_dashboard_is_refused_with_where_it_is_reached() {
+        let mut cluster = crate::testing::mk_cluster("c", 1, 1);
+        assert_eq!(not_forwarded_here(&cluster), None, "on the hub's nodes: forwarded");
+        cluster.status = Some(gpumarket_crds::GpuClusterStatus {
+            dashboard: Some("http://ray-head-u.ray.svc:8265".into()),
+            fleet: Some("fleet-a".into()),
+            ..Default::default()
+        });
+        let why = not_forwarded_here(&cluster).expect("in a fleet");
+        assert!(why.contains("http://ray-head-u.ray.svc:8265 there; ask the fleet's operator"));
+        let status = cluster.status.as_mut().expect("set above");
+        status.dashboard = Some("http://10.0.0.5:31000".into());
+        status.through_hub = Some(true);
+        let why = not_forwarded_here(&cluster).expect("in a fleet");
+        assert!(why.contains("the hub's gateway forwards its dashboard at http://10.0.0.5:31000"));
     }
 }
