@@ -162,16 +162,17 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
     for lease in leases.iter_mut().filter(|l| is_active(l)) {
         let offer = ctx.offers.get(&ObjectRef::<GpuOffer>::new(&lease.spec.offer));
         let timeout = terms::heartbeat_timeout(lease, ctx.settings().heartbeat_timeout);
-        if let Some(why) = supplier_failure(lease, offer.as_deref(), now, timeout) {
-            *lease = end_lease(ctx, lease, EndReason::SupplierFailure, now).await?;
-            ctx.event(
-                cluster,
-                EventType::Warning,
-                "SupplierFailure",
-                "Recover",
-                format!("lease {} ended: {why}", lease.name_any()),
-            )
-            .await;
+        if let Some(failure) = supplier_failure(lease, offer.as_deref(), now, timeout) {
+            *lease =
+                end_lease(ctx, lease, EndReason::SupplierFailure, failure.served_until).await?;
+            let billed = lease.status.as_ref().and_then(|s| s.end_time.as_ref());
+            let note = format!(
+                "lease {} ended: {}; billed through {}",
+                lease.name_any(),
+                failure.why,
+                billed.map_or_else(|| "its end".into(), |t| t.0.to_string())
+            );
+            ctx.event(cluster, EventType::Warning, "SupplierFailure", "Recover", note).await;
         }
     }
 
@@ -560,20 +561,20 @@ async fn release_cluster_claims(cluster: &GpuCluster, ctx: &Context) -> Result<(
     Ok(())
 }
 
-/// Close a lease's meter (phase Ended) and return its GPUs to the offer. The end is written
-/// once, conditionally on the version read: a lease already ended (by settlement running out
-/// of funds, say) keeps its end and its reason. Metering is closed first: if the release fails,
-/// the offer controller reclaims allocations of ended leases.
+/// Close a lease's meter at `at` (phase Ended) and return its GPUs to the offer. The end is
+/// written once, conditionally on the version read: a lease already ended (by settlement
+/// running out of funds, say) keeps its end and its reason. Metering is closed first: if the
+/// release fails, the offer controller reclaims allocations of ended leases.
 pub async fn end_lease(
     ctx: &Context,
     lease: &GpuLease,
     reason: EndReason,
-    now: Timestamp,
+    at: Timestamp,
 ) -> Result<GpuLease> {
     let api: Api<GpuLease> = Api::all(ctx.client.clone());
     let mut current = lease.clone();
     let ended = loop {
-        let Some(next) = super::status::ended_lease(&current, reason, now) else { break current };
+        let Some(next) = super::status::ended_lease(&current, reason, at) else { break current };
         let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
         match api.replace_status(&lease.name_any(), &params, &next).await {
             Ok(ended) => {

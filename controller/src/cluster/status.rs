@@ -133,24 +133,40 @@ pub fn ending(
     })
 }
 
-/// Why an active lease can no longer serve: its offer is gone, its heartbeat is stale, or one of
-/// its GPUs is unhealthy. `None` while the lease is fine.
+/// Why an active lease can no longer serve, and until when it is known to have served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SupplierFailure {
+    pub why: String,
+    /// The end of its meter: the node's last heartbeat when it went silent (the buyer pays
+    /// nothing for the silence), else now.
+    pub served_until: Timestamp,
+}
+
+/// The lease's supplier failure: its offer is gone, its heartbeat is stale, or one of its GPUs
+/// is unhealthy. `None` while the lease is fine.
 pub fn supplier_failure(
     lease: &GpuLease,
     offer: Option<&GpuOffer>,
     now: Timestamp,
     heartbeat_timeout: Duration,
-) -> Option<String> {
+) -> Option<SupplierFailure> {
+    let failure = |why: String| Some(SupplierFailure { why, served_until: now });
     let Some(offer) = offer else {
-        return Some(format!("offer {} was withdrawn", lease.spec.offer));
+        return failure(format!("offer {} was withdrawn", lease.spec.offer));
     };
     if !heartbeat_fresh(offer, now, heartbeat_timeout) {
-        return Some(format!("node {} stopped heartbeating", lease.spec.offer));
+        let last = offer.status.as_ref().and_then(|s| s.last_heartbeat.as_ref()).map(|t| t.0);
+        return Some(SupplierFailure {
+            why: format!("node {} stopped heartbeating", lease.spec.offer),
+            served_until: last.map_or(now, |last| last.min(now)),
+        });
     }
     let sick: Vec<&str> =
         lease.spec.gpus.iter().filter(|g| !gpu_healthy(offer, g)).map(String::as_str).collect();
-    (!sick.is_empty())
-        .then(|| format!("GPU {} on node {} is unhealthy", sick.join(", "), lease.spec.offer))
+    if sick.is_empty() {
+        return None;
+    }
+    failure(format!("GPU {} on node {} is unhealthy", sick.join(", "), lease.spec.offer))
 }
 
 /// The worker pods serving `lease` among `pods` (the cluster's): those KubeRay made for it
@@ -290,22 +306,24 @@ pub fn surplus_leases<'a>(cluster: &GpuCluster, active: &[&'a GpuLease]) -> Vec<
         .collect()
 }
 
-/// The lease ended now for `reason`, with its meter closed (hired and served GPU-seconds), to
-/// be written; `None` when it has already ended (an ended meter never moves).
-pub fn ended_lease(lease: &GpuLease, reason: EndReason, now: Timestamp) -> Option<GpuLease> {
+/// The lease ended at `at` for `reason`, with its meter closed (hired and served GPU-seconds),
+/// to be written; never before what its payments, landed or in flight, already cover. `None`
+/// when it has already ended (an ended meter never moves).
+pub fn ended_lease(lease: &GpuLease, reason: EndReason, at: Timestamp) -> Option<GpuLease> {
     if lease.status.as_ref().is_some_and(|s| s.end_time.is_some()) {
         return None;
     }
+    let end = Paid::of(lease).committed_through().map_or(at, |paid| paid.max(at));
     let mut ended = lease.clone();
     ended.metadata.managed_fields = None;
     let status = ended.status.get_or_insert_default();
     status.phase = Some(LeasePhase::Ended);
-    status.end_time = Some(Time(now));
+    status.end_time = Some(Time(end));
     status.end_reason = Some(reason);
     let meter = Meter::of(&ended);
     let status = ended.status.get_or_insert_default();
-    status.served_gpu_seconds = Some(meter.gpu_seconds_through(now));
-    status.hired_gpu_seconds = Some(meter.hired_gpu_seconds_through(now));
+    status.served_gpu_seconds = Some(meter.gpu_seconds_through(end));
+    status.hired_gpu_seconds = Some(meter.hired_gpu_seconds_through(end));
     Some(ended)
 }
 
@@ -534,7 +552,7 @@ pub fn set_condition(
 mod tests {
     use super::*;
     use crate::testing::{mk_cluster, mk_lease, mk_offer, now};
-    use gpumarket_crds::{GpuHealth, GpuLeaseStatus, GpuState};
+    use gpumarket_crds::{GpuHealth, GpuLeaseStatus, GpuState, SettlementRecord, SettlementState};
 
     fn cond<'a>(s: &'a GpuClusterStatus, t: &str) -> &'a Condition {
         s.conditions.iter().find(|c| c.type_ == t).expect("condition present")
@@ -896,14 +914,17 @@ mod tests {
         let timeout = Duration::from_secs(30);
         let fresh = mk_offer("n", "H100", 4, now());
         assert_eq!(supplier_failure(&lease, Some(&fresh), now(), timeout), None);
-        let stale = mk_offer("n", "H100", 4, now() - jiff::SignedDuration::from_secs(31));
-        assert!(
-            supplier_failure(&lease, Some(&stale), now(), timeout)
-                .is_some_and(|m| m.contains("heartbeat"))
-        );
-        assert!(
-            supplier_failure(&lease, None, now(), timeout).is_some_and(|m| m.contains("withdrawn"))
-        );
+        let last_heartbeat = now() - jiff::SignedDuration::from_secs(31);
+        let stale = mk_offer("n", "H100", 4, last_heartbeat);
+        let silent = supplier_failure(&lease, Some(&stale), now(), timeout).expect("failed");
+        assert!(silent.why.contains("heartbeat"), "{}", silent.why);
+        assert_eq!(silent.served_until, last_heartbeat, "the silence is not billed");
+        let ahead = mk_offer("n", "H100", 4, now() + jiff::SignedDuration::from_secs(3600));
+        let lying = supplier_failure(&lease, Some(&ahead), now(), timeout).expect("failed");
+        assert_eq!(lying.served_until, now(), "never billed past now");
+        let withdrawn = supplier_failure(&lease, None, now(), timeout).expect("failed");
+        assert!(withdrawn.why.contains("withdrawn"), "{}", withdrawn.why);
+        assert_eq!(withdrawn.served_until, now());
         let mut sick = fresh.clone();
         sick.status.get_or_insert_default().gpus.push(GpuState {
             uuid: "n-gpu-1".into(),
@@ -911,10 +932,8 @@ mod tests {
             reason: Some("XID 79".into()),
             lease: None,
         });
-        assert!(
-            supplier_failure(&lease, Some(&sick), now(), timeout)
-                .is_some_and(|m| m.contains("n-gpu-1"))
-        );
+        let unhealthy = supplier_failure(&lease, Some(&sick), now(), timeout).expect("failed");
+        assert!(unhealthy.why.contains("n-gpu-1"), "{}", unhealthy.why);
         // An unhealthy GPU that the lease does not hold does not affect it.
         let other = mk_lease(&cluster, "n", &["n-gpu-2"], 1);
         assert_eq!(supplier_failure(&other, Some(&sick), now(), timeout), None);
@@ -993,6 +1012,25 @@ mod tests {
             ended_lease(&ended, EndReason::OutOfFunds, at(95)).is_none(),
             "an end is written once"
         );
+
+        // An end before what payments already cover (a payout in flight through 80 s) is
+        // moved to it: no payment ever exceeds the meter.
+        let mut paid = serving.clone();
+        paid.status.get_or_insert_default().settlements.push(SettlementRecord {
+            period: "0001".into(),
+            through: Time(at(80)),
+            amount: 50,
+            conversion: None,
+            signature: Some("sig".into()),
+            last_valid_block_height: Some(1),
+            signed_slot: None,
+            transaction: None,
+            state: SettlementState::Signed,
+        });
+        let ended = ended_lease(&paid, EndReason::SupplierFailure, at(70)).expect("ends");
+        let status = ended.status.expect("status");
+        assert_eq!(status.end_time, Some(Time(at(80))));
+        assert_eq!(status.served_gpu_seconds, Some(50));
     }
 
     #[test]

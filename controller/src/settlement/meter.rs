@@ -151,6 +151,13 @@ impl<'a> Paid<'a> {
         records.chain(self.compacted.map(|c| c.through.0)).max()
     }
 
+    /// The time payouts that landed or may still land (not expired) cover usage up to.
+    pub fn committed_through(&self) -> Option<Timestamp> {
+        let records =
+            self.payouts().filter(|r| r.state != SettlementState::Expired).map(|r| r.through.0);
+        records.chain(self.compacted.map(|c| c.through.0)).max()
+    }
+
     /// Usage confirmed paid up to this time (the start of service when nothing is); `None`
     /// while the lease has not served.
     pub fn through(&self, meter: &Meter) -> Option<Timestamp> {
