@@ -694,16 +694,16 @@ async fn a_lease_that_never_serves_ends_unbilled_and_its_worker_moves() {
     .await;
     assert_ne!(moved.spec.offer, first.spec.offer, "placed on the other supplier");
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
-    let notes: Vec<String> = events
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("NotServing"))
-        .filter_map(|e| e.note)
-        .collect();
-    assert!(notes.iter().any(|n| n.contains("not Ready within 3s")), "{notes:?}");
+    eventually("an Event saying why the lease ended", WAIT, || async {
+        let events = events.list(&Default::default()).await.ok()?.items;
+        events
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("NotServing"))
+            .filter_map(|e| e.note)
+            .any(|n| n.contains("not Ready within 3s"))
+            .then_some(())
+    })
+    .await;
 }
 
 /// Issue 13, 12: errors shown to buyers never carry the RPC URL (API keys live in it).

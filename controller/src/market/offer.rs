@@ -11,11 +11,11 @@ use gpumarket_crds::common::is_valid_wallet;
 use gpumarket_crds::{GpuLease, GpuOffer, LeasePhase};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::cluster::status::set_condition;
@@ -126,13 +126,13 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
         && previous_verdict
             .is_none_or(|c| c.reason != verdict.reason || c.message != verdict.message)
     {
-        publish_warning(&ctx, &offer, verdict.reason, verdict.message.clone(), "Verify").await;
+        ctx.event(&*offer, EventType::Warning, verdict.reason, "Verify", verdict.message.clone());
     }
     if changed {
         if !available && previous.is_some_and(|c| c.status == "True")
             || reason == "NoGpus" && previous.is_none()
         {
-            publish_warning(&ctx, &offer, reason, message, "Check").await;
+            ctx.event(&*offer, EventType::Warning, reason, "Check", message);
         }
         let patch = json!({
             "apiVersion": "gpumarket.io/v1alpha1",
@@ -161,26 +161,6 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
     };
     let next = proof_due.map_or(next, |due| due.min(next));
     Ok(Action::requeue(next))
-}
-
-/// A Warning Event on the offer. Best effort: a failure is logged, never fatal.
-async fn publish_warning(
-    ctx: &Context,
-    offer: &GpuOffer,
-    reason: &str,
-    note: String,
-    action: &str,
-) {
-    let event = Event {
-        type_: EventType::Warning,
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &offer.object_ref(&())).await {
-        tracing::warn!(error = %e, reason, "publishing event");
-    }
 }
 
 /// Release allocations to leases that ended, or that are missing for longer than the grace

@@ -18,9 +18,9 @@ use gpumarket_crds::proof::{
 use gpumarket_crds::{ComputeAnswer, ComputeChallenge, GpuOffer, ProofOfCompute};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
-use kube::{Resource, ResourceExt};
+use kube::runtime::events::EventType;
 use rand::Rng;
 use serde_json::json;
 
@@ -438,16 +438,9 @@ pub async fn advance(offer: &GpuOffer, available: bool, ctx: &Context) -> Result
         if let Step::Decide(verdict) = &step {
             tracing::info!(offer = %offer.name_any(), passed = verdict.passed, reason = verdict.reason, "proof of compute decided");
             if !verdict.passed {
-                let event = Event {
-                    type_: EventType::Warning,
-                    reason: format!("ComputeChallenge{}", verdict.reason),
-                    note: Some(verdict.message.clone()),
-                    action: "VerifyCompute".into(),
-                    secondary: None,
-                };
-                if let Err(e) = ctx.recorder.publish(&event, &offer.object_ref(&())).await {
-                    tracing::warn!(error = %e, "publishing event");
-                }
+                let reason = format!("ComputeChallenge{}", verdict.reason);
+                let note = verdict.message.clone();
+                ctx.event(offer, EventType::Warning, &reason, "VerifyCompute", note);
             }
         }
     }

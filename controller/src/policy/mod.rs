@@ -12,11 +12,11 @@ use futures::StreamExt;
 use gpumarket_crds::GpuTier;
 use gpumarket_crds::common::parse_duration;
 use gpumarket_crds::{MarketPolicy, MarketPolicySpec};
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
 
 use crate::market::proof::ProofSettings;
 use crate::runtime::context::{Context, MANAGER, Settings};
@@ -171,16 +171,7 @@ pub async fn run(ctx: Arc<Context>) {
         }
         let note = format!("by {}: {}", last_writer(&policy), changed.join("; "));
         tracing::info!(policy = %policy.name_any(), %note, "market policy changed");
-        let event = Event {
-            type_: EventType::Normal,
-            reason: "PolicyChanged".into(),
-            note: Some(note),
-            action: "Apply".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
-            tracing::warn!(error = %e, "publishing event");
-        }
+        ctx.event(&policy, EventType::Normal, "PolicyChanged", "Apply", note);
         let status = serde_json::json!({
             "apiVersion": "gpumarket.io/v1alpha1",
             "kind": "MarketPolicy",

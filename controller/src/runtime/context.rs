@@ -379,10 +379,12 @@ impl Context {
         }
     }
 
-    /// Publish an Event on the cluster. Events are best effort: a failure is logged, never fatal.
-    pub async fn event(
+    /// Publish an Event about `object` in the background. Events are best effort: a failure is
+    /// logged, and publishing never holds up a reconcile (client-go's recorder queues them
+    /// too): under load, the bind's Event would otherwise delay the RayCluster.
+    pub fn event<K: Resource<DynamicType = ()>>(
         &self,
-        cluster: &GpuCluster,
+        object: &K,
         type_: EventType,
         reason: &str,
         action: &str,
@@ -395,9 +397,12 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &cluster.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "publishing event");
-        }
+        let (recorder, reference) = (self.recorder.clone(), object.object_ref(&()));
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %e, reason = %event.reason, "publishing event");
+            }
+        });
     }
 }
 
