@@ -140,7 +140,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         Ok(_) => None,
     };
     if let Some(message) = invalid {
-        ctx.event(cluster, EventType::Warning, "InvalidSpec", "Validate", message.clone());
+        ctx.event(cluster, EventType::Warning, "InvalidSpec", "Validate", message.clone()).await;
         let refs: Vec<&GpuLease> = leases.iter().collect();
         write_status(
             cluster,
@@ -172,7 +172,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
                 failure.why,
                 billed.map_or_else(|| "its end".into(), |t| t.0.to_string())
             );
-            ctx.event(cluster, EventType::Warning, "SupplierFailure", "Recover", note);
+            ctx.event(cluster, EventType::Warning, "SupplierFailure", "Recover", note).await;
         }
     }
 
@@ -187,7 +187,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
                 lease.name_any(),
                 lease.spec.offer
             );
-            ctx.event(cluster, EventType::Warning, "WorkerPodLost", "Recover", note);
+            ctx.event(cluster, EventType::Warning, "WorkerPodLost", "Recover", note).await;
         }
         let timeout = terms::provisioning_timeout(lease, ctx.settings().provisioning_timeout);
         if not_serving(lease, now, timeout) {
@@ -198,7 +198,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
                 lease.spec.offer,
                 timeout.as_secs()
             );
-            ctx.event(cluster, EventType::Warning, "NotServing", "Recover", note);
+            ctx.event(cluster, EventType::Warning, "NotServing", "Recover", note).await;
         }
     }
 
@@ -212,7 +212,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         *lease = end_lease(ctx, lease, EndReason::Surplus, lease.spec.start_time.0).await?;
         let note =
             format!("lease {} ended: more workers were bound than requested", lease.name_any());
-        ctx.event(cluster, EventType::Warning, "SurplusLease", "Bind", note);
+        ctx.event(cluster, EventType::Warning, "SurplusLease", "Bind", note).await;
     }
 
     // match + bind
@@ -245,12 +245,12 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
                     .as_ref()
                     .and_then(|s| s.conditions.iter().find(|c| c.type_ == super::status::MATCHED));
                 if previous.is_none_or(|c| c.message != why) {
-                    ctx.event(cluster, EventType::Normal, "Unmatched", "Match", why.clone());
+                    ctx.event(cluster, EventType::Normal, "Unmatched", "Match", why.clone()).await;
                 }
                 unmatched = Some(why);
             }
             Bind::Unfunded(why) => {
-                ctx.event(cluster, EventType::Warning, "DepositShort", "Fund", why);
+                ctx.event(cluster, EventType::Warning, "DepositShort", "Fund", why).await;
             }
             Bind::Conflict(offer) => {
                 tracing::debug!(cluster = %cluster.name_any(), %offer, "lost a race for GPUs, matching again");
@@ -264,7 +264,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
                 } else {
                     ("Matched", format!("{missing} workers bound on {placed}"))
                 };
-                ctx.event(cluster, EventType::Normal, reason, "Bind", note);
+                ctx.event(cluster, EventType::Normal, reason, "Bind", note).await;
                 leases.extend(bound);
             }
         }
@@ -310,7 +310,8 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
                 "Provisioning",
                 "Apply",
                 format!("RayCluster {name} created with {} worker groups", active.len()),
-            );
+            )
+            .await;
         }
         let ready = serde_json::to_value(&applied).map(|v| is_ready(&v)).unwrap_or(false);
         let access = Some(head_access(&name, &namespace));
@@ -324,7 +325,7 @@ async fn apply(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
             Some(fleet) => format!("the Ray head in fleet {fleet} is ready"),
             None => format!("RayCluster {name} is ready"),
         };
-        ctx.event(cluster, EventType::Normal, "Running", "Status", note);
+        ctx.event(cluster, EventType::Normal, "Running", "Status", note).await;
     }
 
     // The pods of ended leases go (KubeRay leaves them when their worker group is removed).
@@ -623,7 +624,7 @@ async fn finish(
     let event_type =
         if end.phase == ClusterPhase::Failed { EventType::Warning } else { EventType::Normal };
     let note = format!("{}: RayCluster deleted, {ended_now} leases ended", end.message);
-    ctx.event(cluster, event_type, end.reason, "End", note);
+    ctx.event(cluster, event_type, end.reason, "End", note).await;
     write_status(
         cluster,
         ctx,
@@ -654,7 +655,8 @@ async fn cleanup(cluster: &GpuCluster, ctx: &Context) -> Result<Action> {
         "Deleted",
         "Cleanup",
         format!("{count} leases ended before deletion"),
-    );
+    )
+    .await;
     Ok(Action::await_change())
 }
 

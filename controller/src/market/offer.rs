@@ -126,13 +126,14 @@ pub async fn reconcile(offer: Arc<GpuOffer>, ctx: Arc<Context>) -> Result<Action
         && previous_verdict
             .is_none_or(|c| c.reason != verdict.reason || c.message != verdict.message)
     {
-        ctx.event(&*offer, EventType::Warning, verdict.reason, "Verify", verdict.message.clone());
+        ctx.event(&*offer, EventType::Warning, verdict.reason, "Verify", verdict.message.clone())
+            .await;
     }
     if changed {
         if !available && previous.is_some_and(|c| c.status == "True")
             || reason == "NoGpus" && previous.is_none()
         {
-            ctx.event(&*offer, EventType::Warning, reason, "Check", message);
+            ctx.event(&*offer, EventType::Warning, reason, "Check", message).await;
         }
         let patch = json!({
             "apiVersion": "gpumarket.io/v1alpha1",

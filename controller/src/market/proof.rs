@@ -440,7 +440,7 @@ pub async fn advance(offer: &GpuOffer, available: bool, ctx: &Context) -> Result
             if !verdict.passed {
                 let reason = format!("ComputeChallenge{}", verdict.reason);
                 let note = verdict.message.clone();
-                ctx.event(offer, EventType::Warning, &reason, "VerifyCompute", note);
+                ctx.event(offer, EventType::Warning, &reason, "VerifyCompute", note).await;
             }
         }
     }

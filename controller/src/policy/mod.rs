@@ -171,7 +171,7 @@ pub async fn run(ctx: Arc<Context>) {
         }
         let note = format!("by {}: {}", last_writer(&policy), changed.join("; "));
         tracing::info!(policy = %policy.name_any(), %note, "market policy changed");
-        ctx.event(&policy, EventType::Normal, "PolicyChanged", "Apply", note);
+        ctx.event(&policy, EventType::Normal, "PolicyChanged", "Apply", note).await;
         let status = serde_json::json!({
             "apiVersion": "gpumarket.io/v1alpha1",
             "kind": "MarketPolicy",

@@ -379,10 +379,10 @@ impl Context {
         }
     }
 
-    /// Publish an Event about `object` in the background. Events are best effort: a failure is
-    /// logged, and publishing never holds up a reconcile (client-go's recorder queues them
-    /// too): under load, the bind's Event would otherwise delay the RayCluster.
-    pub fn event<K: Resource<DynamicType = ()>>(
+    /// Publish an Event about `object`. Events are best effort: a failure is logged, never
+    /// fatal. Awaited, not sent in the background: reconciles that do not wait for their Events
+    /// run more often and write more, and the scale bench's burst got slower.
+    pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         object: &K,
         type_: EventType,
@@ -397,12 +397,9 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        let (recorder, reference) = (self.recorder.clone(), object.object_ref(&()));
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&event, &reference).await {
-                tracing::warn!(error = %e, reason = %event.reason, "publishing event");
-            }
-        });
+        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "publishing event");
+        }
     }
 }
 
