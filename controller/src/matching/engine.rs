@@ -23,9 +23,9 @@
 //! serve on its own, the pass is done again filling first: each request, oldest first, takes
 //! the dearest gang within its own price limit, which leaves the cheap GPUs to buyers who can
 //! afford nothing else; then every matched request settles onto its cheapest gang on what is
-//! free and its own, so no buyer pays for the order GPUs were handed out in. The fill pass is kept when it serves more requests and, of
-//! those the two passes differ on, the oldest: a request loses its match only to an older one,
-//! never to a younger one.
+//! free and its own, so no buyer pays for the order GPUs were handed out in. The fill pass is
+//! kept when it serves more requests and, of those the two passes differ on, the oldest: a
+//! request loses its match only to an older one, never to a younger one.
 //!
 //! Anti-starvation: backfill alone lets a stream of small requests take every GPU that frees up
 //! while an old large request waits for enough of them to be free at once. So the oldest

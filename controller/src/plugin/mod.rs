@@ -579,16 +579,11 @@ fn not_forwarded_here(cluster: &GpuCluster) -> Option<String> {
     let status = cluster.status.clone().unwrap_or_default();
     let fleet = status.fleet?;
     let at = status.dashboard.unwrap_or_else(|| "not reported yet".into());
-    let reach = if status.through_hub == Some(true) {
-        format!(
-            "the hub's gateway forwards its dashboard at {at}, in the hub's cluster network: open it from there"
-        )
-    } else {
-        format!(
-            "the hub does not forward to it: its dashboard is {at} there; ask the fleet's operator for a route"
-        )
-    };
-    Some(format!("{} runs in fleet {fleet}'s own cluster; {reach}", cluster.name_any()))
+    let reached = status::reached_in_fleet(&fleet, status.through_hub == Some(true));
+    Some(format!(
+        "{} runs in fleet {fleet}'s own cluster, not forwarded from here: its dashboard is {at} ({reached})",
+        cluster.name_any()
+    ))
 }
 
 /// Forward local `port` to the Ray head's dashboard port until interrupted.
@@ -668,11 +663,15 @@ mod tests {
             ..Default::default()
         });
         let why = not_forwarded_here(&cluster).expect("in a fleet");
-        assert!(why.contains("http://ray-head-u.ray.svc:8265 there; ask the fleet's operator"));
+        assert!(why.contains(
+            "dashboard is http://ray-head-u.ray.svc:8265 (in fleet fleet-a's cluster: ask its operator"
+        ));
         let status = cluster.status.as_mut().expect("set above");
         status.dashboard = Some("http://10.0.0.5:31000".into());
         status.through_hub = Some(true);
         let why = not_forwarded_here(&cluster).expect("in a fleet");
-        assert!(why.contains("the hub's gateway forwards its dashboard at http://10.0.0.5:31000"));
+        assert!(
+            why.contains("dashboard is http://10.0.0.5:31000 (the hub's gateway to fleet fleet-a")
+        );
     }
 }

@@ -190,10 +190,7 @@ pub fn render(s: &Summary) -> String {
         let _ = writeln!(out, "  refunded:    {}", Amount::new(refunded));
     }
     let reached = match &s.fleet {
-        Some(fleet) if s.through_hub => {
-            format!("the hub's gateway to fleet {fleet}: open it from the hub's cluster network")
-        }
-        Some(fleet) => format!("in fleet {fleet}'s cluster: ask its operator for a route"),
+        Some(fleet) => reached_in_fleet(fleet, s.through_hub),
         None => "`kubectl gpumarket dashboard` forwards it here".into(),
     };
     if let Some(dashboard) = &s.dashboard {
@@ -203,6 +200,16 @@ pub fn render(s: &Summary) -> String {
         let _ = writeln!(out, "  ray client:  {client}");
     }
     out
+}
+
+/// Where a buyer reaches the head of a cluster that runs in `fleet`'s own cluster: through the
+/// hub's gateway (`through_hub`), else only from inside the fleet.
+pub fn reached_in_fleet(fleet: &str, through_hub: bool) -> String {
+    if through_hub {
+        format!("the hub's gateway to fleet {fleet}: open it from the hub's cluster network")
+    } else {
+        format!("in fleet {fleet}'s cluster: ask its operator for a route")
+    }
 }
 
 /// GPU-seconds as GPU-hours and minutes, the way served time is read.
