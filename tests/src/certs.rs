@@ -53,32 +53,11 @@ impl Pki {
             Ok(path)
         };
 
-        let ca_key = KeyPair::generate()?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.distinguished_name.push(DnType::CommonName, "gpumarket-env-ca");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca.self_signed(&ca_key)?;
-        let ca_cert_path = write("ca.crt", ca_cert.pem())?;
-        let ca_key_path = write("ca.key", ca_key.serialize_pem())?;
-        let issuer = Issuer::new(ca, ca_key);
-
-        let serving_key = KeyPair::generate()?;
-        let mut serving = CertificateParams::new(Vec::<String>::new())?;
-        serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
-        serving.subject_alt_names = SERVING_NAMES
-            .iter()
-            .map(|name| match name.parse() {
-                Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => Ok(SanType::DnsName((*name).try_into()?)),
-            })
-            .collect::<Result<_, rcgen::Error>>()?;
-        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let serving_cert = serving.signed_by(&serving_key, &issuer)?;
+        let ca = new_ca("gpumarket-env-ca")?;
+        let ca_cert_path = write("ca.crt", ca.cert)?;
+        let ca_key_path = write("ca.key", ca.key)?;
+        let issuer = ca.issuer;
+        let (serving_cert, serving_key) = serving("kube-apiserver", SERVING_NAMES, &issuer)?;
 
         let client = |name: &str, organization: &str| -> Result<(String, String)> {
             let key = KeyPair::generate()?;
@@ -97,8 +76,8 @@ impl Pki {
         Ok(Pki {
             ca_cert: ca_cert_path,
             ca_key: ca_key_path,
-            serving_cert: write("apiserver.crt", serving_cert.pem())?,
-            serving_key: write("apiserver.key", serving_key.serialize_pem())?,
+            serving_cert: write("apiserver.crt", serving_cert)?,
+            serving_key: write("apiserver.key", serving_key)?,
             admin_cert: write("admin.crt", admin_cert)?,
             admin_key: write("admin.key", admin_key)?,
             node_cert: write("node.crt", node_cert)?,
@@ -111,5 +90,65 @@ impl Pki {
                 service_account.public_key_pem(),
             )?,
         })
+    }
+}
+
+/// A CA: its certificate and key (PEM), and what signs with it.
+struct Ca {
+    cert: String,
+    key: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn new_ca(name: &str) -> Result<Ca> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key)?.pem();
+    Ok(Ca { cert, key: key.serialize_pem(), issuer: Issuer::new(params, key) })
+}
+
+/// A serving certificate of `common_name` for `names` (IP addresses or DNS names), signed by
+/// `issuer`, and its key (PEM).
+fn serving(
+    common_name: &str,
+    names: &[&str],
+    issuer: &Issuer<'_, KeyPair>,
+) -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    params.subject_alt_names = names
+        .iter()
+        .map(|name| match name.parse() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => Ok(SanType::DnsName((*name).try_into()?)),
+        })
+        .collect::<Result<_, rcgen::Error>>()?;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    Ok((params.signed_by(&key, issuer)?.pem(), key.serialize_pem()))
+}
+
+/// A TLS identity of its own for a server that clients reach at `address`, which the API
+/// server's certificate does not name: a new CA, and a serving certificate signed by it.
+pub struct ServingIdentity {
+    /// What clients trust (PEM).
+    pub ca_cert: String,
+    /// The server's certificate and key (PEM).
+    pub cert: String,
+    pub key: String,
+}
+
+impl ServingIdentity {
+    pub fn generate(common_name: &str, address: &str) -> Result<ServingIdentity> {
+        let ca = new_ca(&format!("{common_name}-ca"))?;
+        let (cert, key) = serving(common_name, &[address], &ca.issuer)?;
+        Ok(ServingIdentity { ca_cert: ca.cert, cert, key })
     }
 }

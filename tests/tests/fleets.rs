@@ -8,7 +8,9 @@
 //! never gets a client of a fleet.
 //!
 //! The controller and the fleet agents run in-process (`gpumarket_controller::run`,
-//! `gpumarket_device_plugin::fleet::run`); stopping a fleet is dropping its task.
+//! `gpumarket_device_plugin::fleet::run`); stopping a fleet is dropping its task. One more
+//! fleet is installed as an operator would: the chart's fleet mode from the agent image, on a
+//! fleet whose node is a real one, where a buyer's Ray job runs, submitted through the hub.
 // A failing expectation is meant to panic, in helpers as in tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -37,11 +39,15 @@ use gpumarket_device_plugin::fleet::tunnel::TunnelSettings;
 use gpumarket_device_plugin::fleet::workload::{head_access, head_name};
 use gpumarket_device_plugin::fleet::{self, FleetConfig, join::join_objects};
 use gpumarket_device_plugin::offer::Reserve;
+use gpumarket_tests::certs::ServingIdentity;
 use gpumarket_tests::kwok::GpuNode;
+use gpumarket_tests::ray::{Dashboard, python_entrypoint};
+use gpumarket_tests::real_node::NODE_NAME;
 use gpumarket_tests::solana::read_keypair;
-use gpumarket_tests::{Env, EnvOptions, eventually};
+use gpumarket_tests::{Env, EnvOptions, chart, eventually};
+use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Pod, ResourceQuota, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota, ServiceAccount};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
@@ -865,4 +871,157 @@ async fn hub_events(hub: &Env, ns: &str) -> Vec<String> {
         .into_iter()
         .map(|e| format!("{}: {}", e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
+}
+
+/// The chart's fleet mode for real: a fleet whose GPU node is a real node (containerd, kubelet,
+/// Ray's image), its agent installed with `helm install` from the agent image as a fleet's
+/// operator does and dialing the hub from its pod with nothing but the join credential. A
+/// buyer's GpuCluster on the hub runs there as Ray pods, and a Ray job submitted through the
+/// hub's gateway (the tunnel) runs on the fleet's GPUs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_fleet_mode_joins_from_a_real_node_and_runs_a_buyers_ray_job_through_the_hub() {
+    const NAME: &str = "fleet-real";
+    const REGION: &str = "real-fleet";
+    const RAY_WAIT: Duration = Duration::from_secs(600);
+    let _turn = TURN.lock().await;
+    let hub = Env::shared().await;
+    let admin = hub.client().await.unwrap();
+    install_fleet_isolation(hub);
+
+    // The fleet: its own control plane and a real node, whose GPUs the fleet's own device
+    // plugin would advertise; here they are on the Node's status (Kubernetes' way of advertising
+    // an extended resource by hand), described by GPU feature discovery's labels.
+    let keep_dir = std::env::var_os("GPUMARKET_KEEP_ENV").is_some_and(|v| v == "1");
+    let options = EnvOptions { keep_dir, real_node: true, ..EnvOptions::default() };
+    let fleet = Env::start(options).await.expect("a fleet control plane with a real node");
+    eprintln!("{NAME}: control plane in {}", fleet.dir().display());
+    let node = fleet.real_node().unwrap();
+    let nodes: Api<Node> = Api::all(fleet.client().await.unwrap());
+    let gpus = json!({"nvidia.com/gpu": "4"});
+    let status = json!({"status": {"capacity": gpus, "allocatable": gpus}});
+    nodes.patch_status(NODE_NAME, &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
+    let labels = json!({"metadata": {"labels": {
+        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+        "nvidia.com/gpu.memory": "81559",
+    }}});
+    nodes.patch(NODE_NAME, &PatchParams::default(), &Patch::Merge(labels)).await.unwrap();
+
+    // The hub admin's part: the fleet's join objects, its credential, and the tunnel. The
+    // fleet's pods reach the hub's API server and tunnel at the fleet's bridge address (relays
+    // to the hub's loopback ports), as they would reach a hub's public address.
+    let wallet = Keypair::new();
+    apply(hub, &join_objects(NAME, &wallet.pubkey().to_string()).unwrap());
+    let (_, token) = join_credential(hub, NAME, None).await;
+    let hub_config = Kubeconfig::read_from(hub.kubeconfig()).unwrap();
+    let hub_cluster = hub_config.clusters[0].cluster.clone().unwrap();
+    let hub_port: u16 =
+        hub_cluster.server.as_deref().unwrap().rsplit(':').next().unwrap().parse().unwrap();
+    let _hub_api = node.expose(hub_port).await.unwrap();
+    let tunnel_port = gpumarket_tests::ports::free_tcp_ports(1).unwrap()[0];
+    let _hub_tunnel = node.expose(tunnel_port).await.unwrap();
+    let bridge = node.host_address.to_string();
+    let identity = ServingIdentity::generate("gpumarket-tunnel", &bridge).unwrap();
+    let tunnel = TunnelConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], tunnel_port)),
+        tls: Some(Identity::from_pem(&identity.cert, &identity.key)),
+        gateway_address: Ipv4Addr::LOCALHOST,
+        gateway_ports: None,
+    };
+    let _controller = start_hub_controller(&admin, None, RAY_WAIT, Some(tunnel));
+    let hub_kubeconfig = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "hub", "cluster": {
+            "server": format!("https://{bridge}:{hub_port}"),
+            "certificate-authority-data": ByteString(std::fs::read(hub.dir().join("pki/ca.crt")).unwrap()),
+            // The hub's certificate names its loopback address, not the bridge's.
+            "tls-server-name": "127.0.0.1",
+        }}],
+        "users": [{"name": NAME, "user": {"token": token}}],
+        "contexts": [{"name": "hub", "context": {"cluster": "hub", "user": NAME}}],
+        "current-context": "hub",
+    });
+    let keys = tempfile::tempdir().unwrap();
+    let wallet_file = keys.path().join("wallet.json");
+    std::fs::write(&wallet_file, serde_json::to_string(&wallet.to_bytes().to_vec()).unwrap())
+        .unwrap();
+
+    // The fleet operator's part: `helm install` in fleet mode.
+    let join = chart::FleetJoin {
+        name: NAME.into(),
+        hub_kubeconfig: serde_yaml::to_string(&hub_kubeconfig).unwrap(),
+        wallet: wallet_file,
+        hub_tunnel: (format!("https://{bridge}:{tunnel_port}"), identity.ca_cert),
+        price: 2_000_000,
+        region: REGION.into(),
+    };
+    let installing = chart::install_fleet_on_real_node(&fleet, &join).await.unwrap();
+    let installed = installing.elapsed();
+    let offers: Api<GpuOffer> = Api::all(admin.clone());
+    let offer = fleet_offer_name(NAME, NODE_NAME);
+    let to_offer = offer_available(&offers, &offer, &wallet.pubkey().to_string(), installing).await;
+
+    // A buyer's GpuCluster on the hub, with Ray's image: its head and worker run on the
+    // fleet's real node.
+    let ns = hub.namespace("fleet-chart-buyer").await.unwrap();
+    let clusters: Api<GpuCluster> = Api::namespaced(admin.clone(), &ns);
+    let mut cluster = gpu_cluster("train", REGION, 4, BUYER_WALLET);
+    cluster.spec.ray = serde_json::from_value(
+        json!({"version": "2.41.0", "image": "ghcr.io/gpumarket/ray:2.41.0"}),
+    )
+    .unwrap();
+    let applied = Instant::now();
+    clusters.create(&PostParams::default(), &cluster).await.unwrap();
+    let status = eventually("the GpuCluster Running in the fleet", RAY_WAIT, || async {
+        let status = clusters.get("train").await.unwrap().status?;
+        (status.phase == Some(ClusterPhase::Running)).then_some(status)
+    })
+    .await;
+    let to_running = applied.elapsed();
+    assert_eq!(status.fleet.as_deref(), Some(NAME));
+    assert_eq!(status.through_hub, Some(true), "{status:?}");
+    let fleet_pods: Api<Pod> = Api::namespaced(fleet.client().await.unwrap(), chart::NAMESPACE);
+    let workers = fleet_pods.list(&ListParams::default().labels("gpumarket.io/lease")).await;
+    let workers = workers.unwrap().items;
+    assert_eq!(workers.len(), 1, "one worker");
+    let on = workers[0].spec.as_ref().and_then(|s| s.node_name.as_deref());
+    assert_eq!(on, Some(NODE_NAME), "on the fleet's real node");
+
+    // The buyer's Ray job, through the hub's gateway: the bytes go hub → tunnel → the fleet's
+    // agent pod → the head's pod, and its tasks run on the fleet's worker and its GPUs.
+    let dashboard = Dashboard { address: status.dashboard.clone().unwrap() };
+    assert!(dashboard.address.starts_with("http://127.0.0.1:"), "{}", dashboard.address);
+    let job = python_entrypoint(
+        r#"import ray
+ray.init()
+@ray.remote(num_gpus=1, num_cpus=0)
+def gpu(): return ray.get_gpu_ids()
+print("GPUS", int(ray.cluster_resources()["GPU"]), "TASK", ray.get(gpu.remote()))
+"#,
+    );
+    let run = dashboard.run("gpus", &job, RAY_WAIT).await.unwrap();
+    let job_done = applied.elapsed();
+    assert_eq!(run.status, "SUCCEEDED", "{}", run.logs);
+    assert!(run.logs.contains("GPUS 4 TASK ["), "{}", run.logs);
+
+    // The buyer deletes the cluster: its lease ends and the fleet removes its pods.
+    clusters.delete("train", &DeleteParams::default()).await.unwrap();
+    eventually("the fleet's Ray pods removed", WAIT, || async {
+        fleet_pods
+            .list(&ListParams::default().labels("gpumarket.io/fleet-workload"))
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+
+    println!(
+        "\nfleet mode from the chart (a real node, Ray's image, 2 cores):\n\
+         - helm install (images imported) until the fleet's agent is Ready: {installed:.1?}\n\
+         - helm install to the fleet's offer Available on the hub: {to_offer:.1?}\n\
+         - GpuCluster apply on the hub to Running in the fleet (Ray head and worker Ready): {to_running:.1?}\n\
+         - GpuCluster apply to a Ray job succeeded through the hub's gateway: {job_done:.1?}"
+    );
 }
