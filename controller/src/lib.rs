@@ -240,7 +240,7 @@ async fn run_controllers(
     let tunnel = tunnel.map(|config| {
         let hub = fleet::tunnel::TunnelHub::new(ctx.client.clone(), &config);
         ctx.tunnel = Some(hub.clone());
-        hub.serve(config)
+        hub.serve(config, ctx.namespace.clone())
     });
     let ctx = Arc::new(ctx);
     let clusters = cluster::controller(&ctx);

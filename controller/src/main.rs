@@ -153,6 +153,11 @@ struct Args {
     #[arg(long, env = "GPUMARKET_TUNNEL_GATEWAY_PORTS", value_parser = port_range)]
     tunnel_gateway_ports: Option<std::ops::RangeInclusive<u16>>,
 
+    /// The selector-less Service (of --namespace) fleets reach the tunnel through: the leader
+    /// points its EndpointSlice at --tunnel-gateway-address, so that no fleet reaches a standby.
+    #[arg(long, env = "GPUMARKET_TUNNEL_SERVICE", requires = "tunnel_listen")]
+    tunnel_service: Option<String>,
+
     /// Also act as the agent of every node labelled gpumarket.io/gpu-model (KWOK nodes in the
     /// local environment): publish and heartbeat its GpuOffer.
     #[arg(long, env = "GPUMARKET_SIMULATE_SUPPLIERS")]
@@ -208,6 +213,7 @@ fn tunnel_config(args: &Args) -> anyhow::Result<Option<TunnelConfig>> {
         tls,
         gateway_address: args.tunnel_gateway_address,
         gateway_ports: args.tunnel_gateway_ports.clone(),
+        service: args.tunnel_service.clone(),
     }))
 }
 

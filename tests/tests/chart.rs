@@ -18,6 +18,7 @@ use clap::Parser as _;
 use gpumarket_controller::cluster::status::{
     DEGRADED, FUNDED, MATCHED, RAY_READY, ended_status, set_condition,
 };
+use gpumarket_controller::fleet::tunnel::TunnelConfig;
 use gpumarket_controller::market::offer::{AVAILABLE, availability};
 use gpumarket_controller::settlement::FINALIZER;
 use gpumarket_crds::{
@@ -28,6 +29,7 @@ use gpumarket_tests::{Env, GpuNode, eventually};
 use jiff::Timestamp;
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -454,12 +456,23 @@ fn the_tunnel_is_opt_in_and_opens_its_endpoint_its_gateway_ports_and_token_revie
     assert_eq!(reviews(&on), [["create"]]);
     let service = find(&on, "Service", "gpumarket-controller-tunnel");
     assert_eq!(service["spec"]["type"], "LoadBalancer");
-    assert_eq!(service["spec"]["ports"][0]["targetPort"], "tunnel");
+    assert_eq!(service["spec"]["ports"][0]["name"], "tunnel");
+    // The leader points it at itself: no selector, which would reach standbys too.
+    assert!(service["spec"]["selector"].is_null(), "{service}");
+    let role = find(&on, "Role", "gpumarket-controller-tunnel");
+    let slices = json!({"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"]});
+    let (mut create, mut patch) = (slices.clone(), slices);
+    create["verbs"] = json!(["create"]);
+    patch["verbs"] = json!(["patch"]);
+    patch["resourceNames"] = json!(["gpumarket-controller-tunnel"]);
+    assert_eq!(role["rules"], json!([create, patch]), "its own EndpointSlice only");
+    assert!(!off.iter().any(|o| o["metadata"]["name"] == "gpumarket-controller-tunnel"));
     let args = args_of(find(&on, "Deployment", "gpumarket-controller"));
     for expected in [
         "--tunnel-listen=0.0.0.0:9444",
         "--tunnel-tls-cert=/var/run/secrets/gpumarket/tunnel/tls.crt",
         "--tunnel-gateway-ports=30000-30999",
+        "--tunnel-service=gpumarket-controller-tunnel",
     ] {
         assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
     }
@@ -1274,13 +1287,18 @@ fn refusal<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> String {
 /// of its object names. The release is named after the namespace so that its cluster-scoped
 /// objects are unique too. The environment has installed the CRDs already (the same files, see
 /// crds/tests/generated.rs).
-async fn install_chart(env: &Env, admin: &kube::Client, ns: &str) -> anyhow::Result<String> {
+async fn install_chart(
+    env: &Env,
+    admin: &kube::Client,
+    ns: &str,
+    sets: &[&str],
+) -> anyhow::Result<String> {
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": "gpumarket-settlement"},
         "stringData": {"keypair.json": "[]", "rpc-url": "http://127.0.0.1:1"}
     }))?;
     Api::<Secret>::namespaced(admin.clone(), ns).create(&PostParams::default(), &secret).await?;
-    Ok(helm_install(env, ns, &["values-local.yaml"], &[]))
+    Ok(helm_install(env, ns, &["values-local.yaml"], sets))
 }
 
 /// `helm install` of the chart into `ns` (the release named after it, CRDs skipped); returns
@@ -1317,7 +1335,7 @@ async fn installed_chart_confines_each_agent_to_its_node_and_keeps_the_controlle
         .await?;
     let admin = env.client().await?;
 
-    let fullname = install_chart(env, &admin, &ns).await?;
+    let fullname = install_chart(env, &admin, &ns, &[]).await?;
     let other: Secret = serde_json::from_value(json!({"metadata": {"name": "buyer-credentials"}}))?;
     Api::<Secret>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &other).await?;
 
@@ -1580,16 +1598,20 @@ async fn agent_marks_its_node_but_cannot_unmark_or_relabel_it(
 /// The controller and the supplier agent, run in-process with exactly the permissions the chart
 /// gives their service accounts (impersonated; the agent with its node's token, so through the
 /// supplier-isolation policy), and the controller with leader election on the chart's Lease,
-/// take a GpuCluster from Pending to a created RayCluster. A missing permission stalls them.
+/// take a GpuCluster from Pending to a created RayCluster; the leader points the tunnel's
+/// Service at itself. A missing permission stalls them.
 #[tokio::test]
 async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyhow::Result<()> {
     let _turn = TURN.lock().await;
+    gpumarket_tests::log_to_test_output();
     let env = Env::shared().await;
     let ns = env.namespace("chart-rbac").await?;
     let (node, region) = ("chart-rbac-h100", "chart-rbac");
     env.add_gpu_nodes(&[GpuNode::new(node, "H100", 2).region(region)]).await?;
     let admin = env.client().await?;
-    let fullname = install_chart(env, &admin, &ns).await?;
+    // With the tunnel, whose permissions are exercised too.
+    let tunnel = ["controller.tunnel.enabled=true", "controller.tunnel.tlsSecret=tunnel-tls"];
+    let fullname = install_chart(env, &admin, &ns, &tunnel).await?;
 
     // The real agent (offer-only, a fake device file), as the chart's agent service account
     // with its node's token: it taints its node and publishes and heartbeats the node's offer.
@@ -1639,6 +1661,8 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
     let as_controller =
         impersonating(env, &format!("system:serviceaccount:{ns}:{fullname}-controller"), None)
             .await?;
+    let tunnel_port = gpumarket_tests::ports::free_tcp_ports(1)?[0];
+    const POD_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 244, 0, 99);
     let config = gpumarket_controller::Config {
         settings: gpumarket_controller::Settings {
             heartbeat_timeout: Duration::from_secs(10),
@@ -1651,6 +1675,15 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
             lease_name: format!("{fullname}-controller"),
             identity: "chart-test".into(),
             lease_duration: Duration::from_secs(15),
+        }),
+        tunnel: Some(TunnelConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], tunnel_port)),
+            tls: None,
+            // The pod IP the Service is pointed at (no cluster runs in a fleet here, so no
+            // gateway listens on it; Kubernetes refuses loopback endpoints).
+            gateway_address: POD_IP,
+            gateway_ports: None,
+            service: Some(format!("{fullname}-controller-tunnel")),
         }),
         ..Default::default()
     };
@@ -1699,6 +1732,23 @@ async fn controller_and_agent_work_with_exactly_the_charts_permissions() -> anyh
     let lease: k8s_openapi::api::coordination::v1::Lease =
         Api::namespaced(admin.clone(), &ns).get(&format!("{fullname}-controller")).await?;
     assert_eq!(lease.spec.and_then(|s| s.holder_identity).as_deref(), Some("chart-test"));
+    // Leading, it serves the tunnel and points the tunnel's Service at itself.
+    let slices: Api<EndpointSlice> = Api::namespaced(admin.clone(), &ns);
+    let slice = eventually("the tunnel's EndpointSlice", Duration::from_secs(30), || async {
+        slices.get_opt(&format!("{fullname}-controller-tunnel")).await.ok()?
+    })
+    .await;
+    let labels = slice.metadata.labels.unwrap_or_default();
+    let service = format!("{fullname}-controller-tunnel");
+    assert_eq!(labels.get("kubernetes.io/service-name"), Some(&service));
+    let endpoints = slice.endpoints.unwrap_or_default();
+    let addresses: Vec<Vec<String>> = endpoints.iter().map(|e| e.addresses.clone()).collect();
+    assert_eq!(addresses, [[POD_IP.to_string()]]);
+    let ports = slice.ports.unwrap_or_default();
+    assert_eq!(
+        (ports[0].name.as_deref(), ports[0].port),
+        (Some("tunnel"), Some(tunnel_port.into()))
+    );
     let taints = Api::<Node>::all(admin.clone()).get(node).await?.spec.and_then(|s| s.taints);
     assert!(
         taints.unwrap_or_default().iter().any(|t| t.key == "gpumarket.io/supplier"),

@@ -337,6 +337,7 @@ fn hub_tunnel(hub: &Env) -> (TunnelConfig, (String, Vec<u8>)) {
         tls: Some(Identity::from_pem(read("apiserver.crt"), read("apiserver.key"))),
         gateway_address: Ipv4Addr::LOCALHOST,
         gateway_ports: None,
+        service: None,
     };
     (config, (format!("https://127.0.0.1:{port}"), read("ca.crt")))
 }
@@ -926,6 +927,7 @@ async fn the_charts_fleet_mode_joins_from_a_real_node_and_runs_a_buyers_ray_job_
         tls: Some(Identity::from_pem(&identity.cert, &identity.key)),
         gateway_address: Ipv4Addr::LOCALHOST,
         gateway_ports: None,
+        service: None,
     };
     let _controller = start_hub_controller(&admin, None, RAY_WAIT, Some(tunnel));
     let hub_kubeconfig = json!({

@@ -17,7 +17,7 @@
 //! the connection of that id alone: a fleet can never reach another's buyers, nor a buyer a
 //! cluster that is not its gateway's. Runs on the leader, with the controllers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex, Weak};
@@ -27,8 +27,12 @@ use gpumarket_crds::tunnel::api::tunnel_server::{Tunnel, TunnelServer};
 use gpumarket_crds::tunnel::{Chunk, Hello, Open, pipe};
 use gpumarket_crds::{FLEET_NAMESPACE, RayAccess};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+use crate::runtime::context::MANAGER;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -54,6 +58,10 @@ pub struct TunnelConfig {
     /// The ports the gateways take theirs from (what a NetworkPolicy opens); any free port
     /// when `None`.
     pub gateway_ports: Option<RangeInclusive<u16>>,
+    /// The selector-less Service of the controller's namespace that fleets dial: serving, this
+    /// replica (the leader) points its EndpointSlice at `gateway_address`, so that fleets reach
+    /// the leader alone, never a standby. None outside a cluster.
+    pub service: Option<String>,
 }
 
 /// Why the tunnel could not start.
@@ -65,6 +73,57 @@ pub enum TunnelError {
     Cleartext(SocketAddr),
     #[error("serving the tunnel: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(
+        "the tunnel's Service cannot lead to {0}, a loopback address: give the pod's IP as the gateway address (--tunnel-gateway-address), or no Service"
+    )]
+    LoopbackService(Ipv4Addr),
+    #[error("listening on {0} for the tunnel: {1}")]
+    Listen(SocketAddr, std::io::Error),
+}
+
+/// The EndpointSlice of the tunnel's Service `service` that sends fleets to this replica alone:
+/// `address` (its pod IP), the tunnel's `port`.
+pub fn endpoint_slice(service: &str, address: Ipv4Addr, port: u16) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(service.to_owned()),
+            labels: Some(BTreeMap::from([
+                ("kubernetes.io/service-name".to_owned(), service.to_owned()),
+                ("endpointslice.kubernetes.io/managed-by".to_owned(), "gpumarket.io".to_owned()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: Some(vec![Endpoint {
+            addresses: vec![address.to_string()],
+            conditions: Some(EndpointConditions { ready: Some(true), ..Default::default() }),
+            ..Endpoint::default()
+        }]),
+        ports: Some(vec![EndpointPort {
+            name: Some("tunnel".into()),
+            port: Some(port.into()),
+            protocol: Some("TCP".into()),
+            ..EndpointPort::default()
+        }]),
+    }
+}
+
+/// Applies `slice` until it is written: fleets reach no replica through the Service until then.
+async fn point_at_self(api: Api<EndpointSlice>, slice: EndpointSlice) {
+    let name = slice.metadata.name.clone().unwrap_or_default();
+    let params = PatchParams::apply(MANAGER).force();
+    loop {
+        match api.patch(&name, &params, &Patch::Apply(&slice)).await {
+            Ok(_) => {
+                tracing::info!(service = %name, "the tunnel's Service leads here");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, service = %name, "pointing the tunnel's Service here; retrying")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// A buyer's connection and the Relay call that serves it, paired.
@@ -123,8 +182,13 @@ impl TunnelHub {
         })
     }
 
-    /// Serves the fleets' calls on `config.listen` until dropped.
-    pub async fn serve(self: Arc<Self>, config: TunnelConfig) -> Result<(), TunnelError> {
+    /// Serves the fleets' calls on `config.listen` until dropped; once listening, leads the
+    /// Service `config.service` of `namespace` here.
+    pub async fn serve(
+        self: Arc<Self>,
+        config: TunnelConfig,
+        namespace: String,
+    ) -> Result<(), TunnelError> {
         let mut server = Server::builder();
         match config.tls {
             Some(identity) => {
@@ -133,8 +197,20 @@ impl TunnelHub {
             None if config.listen.ip().is_loopback() => {}
             None => return Err(TunnelError::Cleartext(config.listen)),
         }
+        if config.service.is_some() && config.gateway_address.is_loopback() {
+            return Err(TunnelError::LoopbackService(config.gateway_address));
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| TunnelError::Listen(config.listen, e))?;
         tracing::info!(listen = %config.listen, "serving the fleets' tunnel");
-        server.add_service(TunnelServer::from_arc(self)).serve(config.listen).await?;
+        let _endpoint = config.service.map(|service| {
+            let slice = endpoint_slice(&service, config.gateway_address, config.listen.port());
+            let api = Api::namespaced(self.client.clone(), &namespace);
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(point_at_self(api, slice)))
+        });
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        server.add_service(TunnelServer::from_arc(self)).serve_with_incoming(incoming).await?;
         Ok(())
     }
 
@@ -338,6 +414,7 @@ mod tests {
             tls: None,
             gateway_address: Ipv4Addr::LOCALHOST,
             gateway_ports,
+            service: None,
         };
         TunnelHub::new(Client::new(service, "default"), &config)
     }
@@ -370,6 +447,18 @@ mod tests {
             }
         };
         tokio::time::timeout(Duration::from_secs(5), refused).await.expect("the ports closed");
+    }
+
+    #[test]
+    fn the_tunnels_service_is_pointed_at_this_replica_alone() {
+        let slice = endpoint_slice("hub-tunnel", Ipv4Addr::new(10, 1, 2, 3), 9444);
+        let labels = slice.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels["kubernetes.io/service-name"], "hub-tunnel");
+        let endpoints = slice.endpoints.unwrap_or_default();
+        assert_eq!(endpoints.len(), 1);
+        assert_eq!(endpoints[0].addresses, ["10.1.2.3"]);
+        let ports = slice.ports.unwrap_or_default();
+        assert_eq!((ports[0].name.as_deref(), ports[0].port), (Some("tunnel"), Some(9444)));
     }
 
     #[tokio::test]
