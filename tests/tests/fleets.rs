@@ -945,8 +945,7 @@ async fn the_charts_fleet_mode_joins_from_a_real_node_and_runs_a_buyers_ray_job_
     });
     let keys = tempfile::tempdir().unwrap();
     let wallet_file = keys.path().join("wallet.json");
-    std::fs::write(&wallet_file, serde_json::to_string(&wallet.to_bytes().to_vec()).unwrap())
-        .unwrap();
+    solana_sdk::signer::keypair::write_keypair_file(&wallet, &wallet_file).unwrap();
 
     // The fleet operator's part: `helm install` in fleet mode.
     let join = chart::FleetJoin {

@@ -31,13 +31,13 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-
-use crate::runtime::context::MANAGER;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::runtime::context::MANAGER;
 
 /// The Ray head's ports a gateway forwards: the dashboard (and job API), the Ray client server.
 pub const DASHBOARD_PORT: u32 = 8265;
